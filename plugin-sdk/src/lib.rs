@@ -1,0 +1,171 @@
+//! Write Patchbay call flows in Rust.
+//!
+//! A flow is ordinary sequential code that handles one phone call. It compiles to a
+//! WebAssembly component (target `wasm32-wasip2`) that Patchbay loads per tenant; every call
+//! gets its own instance. Operations that take time — [`Call::play`], [`Call::collect_digits`],
+//! [`Call::dial`], [`Call::agent`] — simply block: the host suspends the flow while it keeps the
+//! call's audio flowing. When the caller hangs up, the pending operation returns
+//! [`CallError::Hangup`]; with `?` the flow unwinds and returns.
+//!
+//! # Example
+//!
+//! A complete flow (the crate type must be `cdylib`; build with
+//! `cargo build --release --target wasm32-wasip2`):
+//!
+//! ```no_run
+//! use patchbay_plugin_sdk::{menu, Call, Flow, FlowError, MenuOptions, DialOptions, HangupCause};
+//!
+//! struct Reception;
+//!
+//! impl Flow for Reception {
+//!     fn run(call: &Call) -> Result<(), FlowError> {
+//!         call.answer()?;
+//!         let options = MenuOptions { valid: "12", ..MenuOptions::new("welcome.wav") };
+//!         match menu(call, &options)? {
+//!             Some('1') => {
+//!                 call.dial("sip:sales@pbx.example.com", &DialOptions::ringing_for(30_000))?;
+//!             }
+//!             Some(_) => {
+//!                 call.agent("wss://agent.example.com/voice", &[("lang".into(), "en".into())])?;
+//!             }
+//!             None => call.hangup(HangupCause::Normal)?,
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! patchbay_plugin_sdk::export_flow!(Reception);
+//! ```
+//!
+//! The WIT this crate binds is `wit/patchbay.wit` (package `patchbay:voice@0.1.0`); every type
+//! and function there is documented.
+
+/// The raw bindings generated from `wit/patchbay.wit`.
+#[allow(missing_docs, clippy::all)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "flow",
+        pub_export_macro: true,
+        export_macro_name: "__export_flow_world",
+        default_bindings_module: "patchbay_plugin_sdk::bindings",
+    });
+}
+
+pub use bindings::Guest as Flow;
+pub use bindings::patchbay::voice::call::{
+    AgentEnd, BridgeEnd, Call, CallInfo, CollectEnd, CollectOptions, Collected, DialOptions, DialOutcome, HangupCause,
+    PlayOptions, PlayOutcome, RecordEnd, RecordOptions, Recording,
+};
+pub use bindings::patchbay::voice::kv;
+pub use bindings::patchbay::voice::log::{Level, log};
+pub use bindings::patchbay::voice::media::{AudioFormat, AudioStream, Dtmf, Encoding, Frame, StreamEvent};
+pub use bindings::patchbay::voice::types::{CallError, Direction, FlowError, Header};
+
+/// Exports a type implementing [`Flow`] as the component's `run` function.
+#[macro_export]
+macro_rules! export_flow {
+    ($flow:ident) => {
+        $crate::bindings::__export_flow_world!($flow with_types_in $crate::bindings);
+    };
+}
+
+impl From<CallError> for FlowError {
+    fn from(error: CallError) -> Self {
+        FlowError::Call(error)
+    }
+}
+
+impl PlayOptions {
+    /// Play once; a key press interrupts the prompt.
+    pub fn barge_in() -> Self {
+        Self { barge_in: true, repeat: 1 }
+    }
+
+    /// Play once, ignoring key presses.
+    pub fn uninterruptible() -> Self {
+        Self { barge_in: false, repeat: 1 }
+    }
+}
+
+impl CollectOptions {
+    /// Up to `max` digits ended by `#`, 5 s for the first and 3 s between digits.
+    pub fn digits(max: u32) -> Self {
+        Self {
+            max_digits: max,
+            terminators: "#".into(),
+            first_digit_timeout_ms: 5_000,
+            inter_digit_timeout_ms: 3_000,
+            prompt: None,
+            barge_in: true,
+        }
+    }
+}
+
+impl DialOptions {
+    /// Ring for `timeout_ms`, with the tenant's default caller ID and no extra headers.
+    pub fn ringing_for(timeout_ms: u32) -> Self {
+        Self { caller_id: None, timeout_ms, headers: Vec::new() }
+    }
+}
+
+/// Options for [`menu`].
+#[derive(Debug, Clone)]
+pub struct MenuOptions<'a> {
+    /// The menu prompt, played with barge-in.
+    pub prompt: &'a str,
+    /// The keys that are valid choices.
+    pub valid: &'a str,
+    /// How many times to ask again after no input or an invalid key.
+    pub retries: u32,
+    /// Played after an invalid key (none: just ask again).
+    pub invalid_prompt: Option<&'a str>,
+    /// Played when nobody pressed anything (none: just ask again).
+    pub timeout_prompt: Option<&'a str>,
+    /// Time to wait for a key after the prompt.
+    pub timeout_ms: u32,
+}
+
+impl<'a> MenuOptions<'a> {
+    /// A menu with the digits 0–9 valid, two retries and a 5 s timeout.
+    pub fn new(prompt: &'a str) -> Self {
+        Self { prompt, valid: "0123456789", retries: 2, invalid_prompt: None, timeout_prompt: None, timeout_ms: 5_000 }
+    }
+}
+
+/// Plays a menu and returns the caller's choice: a key from `valid`, or `None` when the
+/// retries ran out. A key pressed during the prompt counts at once (barge-in).
+pub fn menu(call: &Call, options: &MenuOptions<'_>) -> Result<Option<char>, CallError> {
+    for _attempt in 0..=options.retries {
+        let key = match call.play(options.prompt, PlayOptions::barge_in())? {
+            PlayOutcome::Interrupted(key) => Some(key),
+            PlayOutcome::Completed => {
+                let collected = call.collect_digits(&CollectOptions {
+                    terminators: String::new(),
+                    first_digit_timeout_ms: options.timeout_ms,
+                    ..CollectOptions::digits(1)
+                })?;
+                collected.digits.chars().next()
+            }
+        };
+        let reprompt = match key {
+            Some(key) if options.valid.contains(key) => return Ok(Some(key)),
+            Some(_) => options.invalid_prompt,
+            None => options.timeout_prompt,
+        };
+        if let Some(prompt) = reprompt {
+            call.play(prompt, PlayOptions::uninterruptible())?;
+        }
+    }
+    Ok(None)
+}
+
+/// Writes a line to Patchbay's log, tagged with the call and tenant.
+pub fn info(message: &str) {
+    log(Level::Info, message);
+}
+
+/// Writes a warning to Patchbay's log.
+pub fn warn(message: &str) {
+    log(Level::Warn, message);
+}

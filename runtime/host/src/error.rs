@@ -1,0 +1,57 @@
+//! Errors of the flow host.
+
+use std::path::PathBuf;
+
+/// What went wrong loading or starting a flow. Who caused it is in the variant: the flow's
+/// author (`Compile`, `WorldMismatch`), the local side (`Config`, `PoolExhausted`, `Cache`) or
+/// the engine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostError {
+    /// The engine configuration was refused.
+    #[error("engine configuration: {0}")]
+    Config(String),
+    /// The bytes are not a valid WebAssembly component.
+    #[error("flow {flow:?} does not compile: {detail}")]
+    Compile {
+        /// Flow name.
+        flow: String,
+        /// Compiler message.
+        detail: String,
+    },
+    /// The component does not match the `patchbay:voice/flow` world.
+    #[error("flow {flow:?} does not match world patchbay:voice/flow: {detail}")]
+    WorldMismatch {
+        /// Flow name.
+        flow: String,
+        /// What is missing or mistyped, as the linker reported it.
+        detail: String,
+    },
+    /// Every instance slot is in use.
+    #[error("all {0} flow instance slots are in use")]
+    PoolExhausted(u32),
+    /// The precompiled-flow cache could not be read or written.
+    #[error("flow cache {path}: {source}")]
+    Cache {
+        /// File or directory involved.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// No flow is installed under this name for this tenant.
+    #[error("tenant {tenant:?} has no flow {flow:?}")]
+    UnknownFlow {
+        /// Tenant.
+        tenant: String,
+        /// Flow name.
+        flow: String,
+    },
+    /// The flow could not be instantiated (for example its memory does not fit the limit).
+    #[error("flow {flow:?} could not start: {detail}")]
+    Instantiate {
+        /// Flow name.
+        flow: String,
+        /// Engine message.
+        detail: String,
+    },
+}

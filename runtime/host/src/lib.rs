@@ -1,0 +1,39 @@
+//! Patchbay's WebAssembly flow host.
+//!
+//! A flow is a WebAssembly component of the world `patchbay:voice/flow` (see `wit/`). This
+//! crate runs one instance of it per call:
+//!
+//! - [`FlowEngine`]: one long-lived wasmtime engine with the pooling allocator (a semaphore
+//!   below the pool size, an address-space fallback), epoch interruption driven by one ticker
+//!   thread, and the linker with Patchbay's host functions.
+//! - [`FlowRegistry`]: compiled flows keyed by (tenant, flow name); a version is the SHA-256 of
+//!   the component; precompiled artifacts are cached on disk by content hash and engine
+//!   fingerprint.
+//! - [`FlowEngine::run`]: one `Store` + instance per call from the cached pre-instance, with a
+//!   memory cap, a handle-table cap, a guest CPU budget and a yield every epoch tick.
+//! - [`CallControl`]: what host functions call into. The call layer (SIP dialog + media session)
+//!   implements it; tests use a scripted fake.
+//!
+//! The run future is cancel-safe in the sense that dropping it drops the store and frees the
+//! instance slot; a call layer that wants a clean end should make pending `CallControl`
+//! operations return `hangup` instead, so the flow unwinds on its own.
+
+mod bindings;
+mod config;
+mod control;
+mod engine;
+mod error;
+mod registry;
+mod state;
+
+pub use bindings::{
+    AgentEnd, AudioFormat, BridgeEnd, CallError, CallInfo, CollectEnd, CollectOptions, Collected, DialOptions,
+    DialOutcome, Direction, Dtmf, Encoding, FlowError, HangupCause, Header, Level, PlayOptions, PlayOutcome, RecordEnd,
+    RecordOptions, Recording,
+};
+pub use config::{FlowLimits, HostConfig};
+pub use control::{CallControl, KvStore, MAX_KV_KEY, MediaEvent, MemoryKv};
+pub use engine::{FlowCall, FlowEngine, FlowExit, FlowOutcome};
+pub use error::HostError;
+pub use registry::{CompiledFlow, FlowKey, FlowRegistry, default_cache_dir};
+pub use state::{AudioStreamHandle, CallHandle, FlowState};

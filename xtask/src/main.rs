@@ -1,0 +1,108 @@
+//! Project commands, run as `cargo xtask <command>` (an alias in `.cargo/config.toml`).
+//!
+//! - `cargo xtask run [ARGS…]`: builds and starts Patchbay with its embedded default config
+//!   (extra arguments go to `patchbay run`).
+//! - `cargo xtask test`: everything CI checks — formatting, clippy with warnings as errors
+//!   (host crates and the wasm flows), and the whole test suite.
+//! - `cargo xtask bench`: the benchmarks whose figures go into `BENCHMARKS.md`.
+//!
+//! Each command first installs what it needs and can install itself (the `wasm32-wasip2`
+//! target through rustup), so that both work on a fresh machine with only rustup and cargo.
+//! This crate has no dependencies so that it builds in seconds.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+const WASM_TARGET: &str = "wasm32-wasip2";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let command = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    let result = match command.as_str() {
+        "run" => run(&rest),
+        "test" => test(&rest),
+        "bench" => bench(&rest),
+        _ => {
+            eprintln!("usage: cargo xtask <run [ARGS…] | test | bench>");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    // xtask lives one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn step(description: &str, cmd: &mut Command) -> Result<(), String> {
+    eprintln!("xtask: {description}: {cmd:?}");
+    let status = cmd.status().map_err(|e| format!("{description}: could not start: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("{description} failed ({status})")) }
+}
+
+/// `rustup target add` is idempotent and fast when the target is there. Machines that set
+/// `RUSTUP_AUTO_INSTALL=0` do not install the targets listed in `rust-toolchain.toml` on
+/// their own, so this is not left to the toolchain file.
+fn ensure_wasm_target() -> Result<(), String> {
+    match Command::new("rustup").current_dir(root()).args(["target", "add", WASM_TARGET]).status() {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(format!("`rustup target add {WASM_TARGET}` failed ({status})")),
+        Err(_) => {
+            eprintln!("xtask: rustup not found; assuming the {WASM_TARGET} target is installed");
+            Ok(())
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    ensure_wasm_target()?;
+    let mut cmd = cargo();
+    cmd.args(["run", "--release", "--package", "patchbay", "--", "run"]).args(args);
+    step("patchbay run", &mut cmd)
+}
+
+fn test(args: &[String]) -> Result<(), String> {
+    ensure_wasm_target()?;
+    step("formatting", cargo().args(["fmt", "--all", "--check"]))?;
+    step(
+        "clippy (runtime)",
+        cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]),
+    )?;
+    let plugins = root().join("plugins/Cargo.toml");
+    step(
+        "clippy (flows)",
+        cargo()
+            .args([
+                "clippy",
+                "--locked",
+                "--target",
+                WASM_TARGET,
+                "--target-dir",
+                "target/wasm-flows-clippy",
+                "--manifest-path",
+            ])
+            .arg(&plugins)
+            .args(["--", "-D", "warnings"]),
+    )?;
+    step("fmt (flows)", cargo().args(["fmt", "--check", "--manifest-path"]).arg(&plugins))?;
+    step("tests", cargo().args(["test", "--workspace", "--locked"]).args(args))
+}
+
+fn bench(args: &[String]) -> Result<(), String> {
+    ensure_wasm_target()?;
+    step("benchmarks", cargo().args(["bench", "--workspace", "--locked"]).args(args))
+}
