@@ -98,7 +98,7 @@ fn test(args: &[String]) -> Result<(), String> {
             .arg(&plugins)
             .args(["--", "-D", "warnings"]),
     )?;
-    step("fmt (flows)", cargo().args(["fmt", "--check", "--manifest-path"]).arg(&plugins))?;
+    step("formatting (flows)", cargo().current_dir(root().join("plugins")).args(["fmt", "--all", "--check"]))?;
     step("tests", cargo().args(["test", "--workspace", "--locked"]).args(args))
 }
 

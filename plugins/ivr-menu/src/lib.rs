@@ -11,16 +11,12 @@
 //! | `menu.<key>` | `dial:<sip-uri>`, `agent:<ws-url>` or `hangup` | see [`DEFAULT_ROUTES`] |
 
 use patchbay_plugin_sdk::{
-    AgentEnd, Call, DialOptions, Flow, FlowError, HangupCause, MenuOptions, export_flow, info,
-    menu, warn,
+    AgentEnd, Call, DialOptions, Flow, FlowError, HangupCause, MenuOptions, export_flow, info, menu, warn,
 };
 
 /// Routes used when the call has no `menu.<key>` variables.
-pub const DEFAULT_ROUTES: &[(char, &str)] = &[
-    ('1', "dial:sip:sales@127.0.0.1"),
-    ('2', "agent:ws://127.0.0.1:8765/agent"),
-    ('0', "hangup"),
-];
+pub const DEFAULT_ROUTES: &[(char, &str)] =
+    &[('1', "dial:sip:sales@127.0.0.1"), ('2', "agent:ws://127.0.0.1:8765/agent"), ('0', "hangup")];
 
 /// What pressing a key does.
 #[derive(Debug, PartialEq, Eq)]

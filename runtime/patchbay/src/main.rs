@@ -1,1 +1,208 @@
-fn main() {}
+//! The `patchbay` binary: loads the configuration, compiles the tenants' flows into the flow
+//! registry and serves calls.
+//!
+//! **Status:** SIP signalling and media are not wired in yet (they arrive with the SIP and
+//! media issues). `patchbay run` loads and checks every flow, reports where each would be
+//! reached, says plainly that nothing listens for SIP yet, and waits for Ctrl-C.
+
+mod config;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use patchbay_host::{CompiledFlow, FlowEngine, FlowKey, FlowLimits, FlowRegistry, HostConfig};
+
+use crate::config::{Config, FlowSource, parse_listen};
+
+/// Patchbay: a programmable voice runtime. Call flows are WebAssembly components.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start Patchbay (without --config: the embedded default, loopback only, stock flows).
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Load the configuration and compile every flow, report, and exit (non-zero on any error).
+    Check {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print the embedded default configuration (a starting point for your own).
+    DefaultConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::DefaultConfig => {
+            print!("{}", config::DEFAULT);
+            Ok(true)
+        }
+        Command::Check { config } => run(config, false),
+        Command::Run { config } => run(config, true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("patchbay: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Loads everything; with `serve`, waits for a shutdown signal. Returns whether every flow loaded.
+fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
+    let config = match &config_path {
+        Some(path) => Config::load(path)?,
+        None => Config::embedded()?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    runtime.block_on(async move {
+        let host = HostConfig {
+            max_instances: config.flows.max_instances,
+            max_memory_bytes: (config.flows.max_memory_mb as usize) << 20,
+            cache_dir: config.flows.cache_dir.clone().or_else(patchbay_host::default_cache_dir),
+            ..HostConfig::default()
+        };
+        let engine = Arc::new(FlowEngine::new(host).context("starting the flow engine")?);
+        let registry = Arc::new(FlowRegistry::new());
+        let all_loaded = load_flows(&config, &engine, &registry).await;
+        report(&config, &engine, &registry);
+        if serve {
+            wait_for_shutdown().await;
+        }
+        Ok(all_loaded)
+    })
+}
+
+/// Compiles every configured flow off the async workers. A flow that fails is reported and
+/// skipped; the others are served.
+async fn load_flows(config: &Config, engine: &Arc<FlowEngine>, registry: &Arc<FlowRegistry>) -> bool {
+    let mut all_loaded = true;
+    for tenant in &config.tenants {
+        for flow in &tenant.flows {
+            let flow = flow.get_ref();
+            let key = FlowKey::new(&tenant.id, &flow.name);
+            let Some(source) = flow.source(&config.base_dir) else { continue };
+            let (engine, registry) = (Arc::clone(engine), Arc::clone(registry));
+            let started = Instant::now();
+            let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<Arc<CompiledFlow>> {
+                let bytes: std::borrow::Cow<'static, [u8]> = match &source {
+                    FlowSource::Stock(stock) => stock.component.into(),
+                    FlowSource::File(path) => {
+                        std::fs::read(path).with_context(|| format!("reading {}", path.display()))?.into()
+                    }
+                };
+                Ok(registry.compile_and_insert(&engine, key, &bytes)?)
+            })
+            .await;
+            match loaded {
+                Ok(Ok(compiled)) => tracing::info!(
+                    tenant = %tenant.id,
+                    flow = %flow.name,
+                    version = &compiled.version()[..12],
+                    ms = started.elapsed().as_millis() as u64,
+                    "flow loaded"
+                ),
+                Ok(Err(e)) => {
+                    all_loaded = false;
+                    tracing::error!(tenant = %tenant.id, flow = %flow.name, "flow not loaded: {e:#}");
+                }
+                Err(e) => {
+                    all_loaded = false;
+                    tracing::error!(tenant = %tenant.id, flow = %flow.name, "flow compiler crashed: {e}");
+                }
+            }
+        }
+    }
+    all_loaded
+}
+
+fn report(config: &Config, engine: &FlowEngine, registry: &FlowRegistry) {
+    println!("Patchbay {}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "flow engine: {} instance slots ({} allocator), up to {} MiB per flow",
+        engine.config().max_instances,
+        if engine.pooling() { "pooling" } else { "on-demand" },
+        engine.config().max_memory_bytes >> 20
+    );
+    let listeners: Vec<_> = config.sip.listen.iter().filter_map(|l| parse_listen(l.get_ref()).ok()).collect();
+    let port = listeners.first().map(|l| l.addr.port()).unwrap_or(5060);
+    for (key, flow) in registry.list() {
+        let tenant = config.tenants.iter().find(|t| t.id == key.tenant);
+        let domain = tenant.and_then(|t| t.domains.first()).map_or("127.0.0.1", String::as_str);
+        let limits = tenant.map(tenant_limits).unwrap_or_default();
+        println!(
+            "  tenant {:<8} flow {:<8} version {}  ->  sip:{}@{}:{}  (memory {} MiB, cpu budget {:?})",
+            key.tenant,
+            key.flow,
+            &flow.version()[..12],
+            key.flow,
+            domain,
+            port,
+            limits.memory_bytes >> 20,
+            limits.cpu_budget
+        );
+    }
+    if let Some(ip) = config.sip.external_ip {
+        println!("external address for SDP and Contact: {ip}");
+    }
+    let listen: Vec<_> = listeners.iter().map(|l| format!("{}:{}", l.transport, l.addr)).collect();
+    println!(
+        "NOT YET SERVING CALLS: SIP signalling and media are not implemented in this build, so nothing \
+         listens on {} yet. The flows above are compiled, linked and checked against the \
+         patchbay:voice@0.1.0 world; calls arrive when the SIP and media layers land.",
+        listen.join(", ")
+    );
+}
+
+/// The per-call limits a tenant's configuration asks for.
+fn tenant_limits(tenant: &config::TenantConfig) -> FlowLimits {
+    let defaults = FlowLimits::default();
+    FlowLimits {
+        memory_bytes: tenant.memory_mb.map_or(defaults.memory_bytes, |mb| (mb as usize) << 20),
+        cpu_budget: tenant.cpu_budget_ms.map_or(defaults.cpu_budget, Duration::from_millis),
+        ..defaults
+    }
+}
+
+async fn wait_for_shutdown() {
+    println!("Press Ctrl-C to stop.");
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot watch SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
+}

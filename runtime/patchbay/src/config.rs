@@ -1,0 +1,255 @@
+//! Patchbay's configuration file (TOML). Every error names the line and the field.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The configuration compiled into the binary.
+pub const DEFAULT: &str = include_str!("default.toml");
+
+/// A configuration error, located in its file.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {message}")]
+pub struct ConfigError {
+    origin: String,
+    message: String,
+}
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// SIP listeners.
+    pub sip: SipConfig,
+    /// The flow host.
+    #[serde(default)]
+    pub flows: FlowsConfig,
+    /// Tenants; at least one.
+    #[serde(rename = "tenant")]
+    pub tenants: Vec<TenantConfig>,
+    /// Directory relative paths are resolved against (the config file's directory).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// `[sip]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SipConfig {
+    /// `udp:ADDR:PORT`, `tcp:ADDR:PORT` or `tls:ADDR:PORT`.
+    pub listen: Vec<Spanned<String>>,
+    /// Public address for SDP and Contact behind NAT.
+    pub external_ip: Option<std::net::IpAddr>,
+}
+
+/// `[flows]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowsConfig {
+    /// Flow instances that may run at once.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: u32,
+    /// Largest flow memory in MiB.
+    #[serde(default = "default_max_memory_mb")]
+    pub max_memory_mb: u32,
+    /// Precompiled flow cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+fn default_max_instances() -> u32 {
+    1_024
+}
+
+fn default_max_memory_mb() -> u32 {
+    64
+}
+
+impl Default for FlowsConfig {
+    fn default() -> Self {
+        Self { max_instances: default_max_instances(), max_memory_mb: default_max_memory_mb(), cache_dir: None }
+    }
+}
+
+/// `[[tenant]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Tenant id.
+    pub id: String,
+    /// Domains routed to this tenant.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// Per-call flow memory in MiB.
+    pub memory_mb: Option<u32>,
+    /// Per-call guest CPU budget in ms.
+    pub cpu_budget_ms: Option<u64>,
+    /// The tenant's flows.
+    #[serde(rename = "flow", default)]
+    pub flows: Vec<Spanned<FlowConfig>>,
+}
+
+/// `[[tenant.flow]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowConfig {
+    /// Name calls are routed by.
+    pub name: String,
+    /// A stock flow built into the binary.
+    pub stock: Option<Spanned<String>>,
+    /// A component file.
+    pub path: Option<PathBuf>,
+}
+
+/// Where a flow's component comes from.
+#[derive(Debug, Clone)]
+pub enum FlowSource {
+    /// Built into the binary.
+    Stock(&'static patchbay_stock_flows::StockFlow),
+    /// A file.
+    File(PathBuf),
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { origin: path.display().to_string(), message: e.to_string() })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::parse(&text, &path.display().to_string(), base)
+    }
+
+    /// The embedded default.
+    pub fn embedded() -> Result<Self, ConfigError> {
+        Self::parse(DEFAULT, "embedded default config", PathBuf::from("."))
+    }
+
+    /// Parses and checks configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str, base_dir: PathBuf) -> Result<Self, ConfigError> {
+        let error = |span: Option<std::ops::Range<usize>>, message: String| ConfigError {
+            origin: match span {
+                Some(span) => format!("{origin}:{}", line_of(text, span.start)),
+                None => origin.to_owned(),
+            },
+            message,
+        };
+        // toml's own message already says "line N, column M" and names the field.
+        let mut config: Config = toml::from_str(text).map_err(|e| error(e.span(), e.message().to_owned()))?;
+        config.base_dir = base_dir;
+        for listen in &config.sip.listen {
+            parse_listen(listen.get_ref()).map_err(|m| error(Some(listen.span()), format!("sip.listen: {m}")))?;
+        }
+        if config.tenants.is_empty() {
+            return Err(error(None, "at least one [[tenant]] is required".into()));
+        }
+        for tenant in &config.tenants {
+            for flow in &tenant.flows {
+                let span = Some(flow.span());
+                let f = flow.get_ref();
+                match (&f.stock, &f.path) {
+                    (Some(stock), None) => {
+                        if stock_flow(stock.get_ref()).is_none() {
+                            let known: Vec<_> = patchbay_stock_flows::ALL.iter().map(|s| s.name).collect();
+                            return Err(error(
+                                Some(stock.span()),
+                                format!(
+                                    "tenant.flow.stock: no stock flow {:?} (known: {})",
+                                    stock.get_ref(),
+                                    known.join(", ")
+                                ),
+                            ));
+                        }
+                    }
+                    (None, Some(_)) => {}
+                    _ => {
+                        return Err(error(
+                            span,
+                            format!("tenant.flow {:?}: set exactly one of `stock` and `path`", f.name),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(config)
+    }
+}
+
+impl FlowConfig {
+    /// Where this flow's component comes from (valid after [`Config::parse`]).
+    pub fn source(&self, base_dir: &Path) -> Option<FlowSource> {
+        match (&self.stock, &self.path) {
+            (Some(stock), None) => stock_flow(stock.get_ref()).map(FlowSource::Stock),
+            (None, Some(path)) => Some(FlowSource::File(base_dir.join(path))),
+            _ => None,
+        }
+    }
+}
+
+fn stock_flow(name: &str) -> Option<&'static patchbay_stock_flows::StockFlow> {
+    patchbay_stock_flows::ALL.iter().find(|s| s.name == name)
+}
+
+/// A SIP listener: transport and socket address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    /// `udp`, `tcp` or `tls`.
+    pub transport: &'static str,
+    /// Socket address.
+    pub addr: std::net::SocketAddr,
+}
+
+/// Parses `udp:127.0.0.1:5060`.
+pub fn parse_listen(spec: &str) -> Result<Listen, String> {
+    let (transport, addr) = spec.split_once(':').ok_or_else(|| format!("{spec:?} is not TRANSPORT:ADDR:PORT"))?;
+    let transport = match transport {
+        "udp" => "udp",
+        "tcp" => "tcp",
+        "tls" => "tls",
+        other => return Err(format!("unknown transport {other:?} (udp, tcp or tls)")),
+    };
+    let addr = addr.parse().map_err(|e| format!("{addr:?}: {e}"))?;
+    Ok(Listen { transport, addr })
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset).map_or(0, |before| before.matches('\n').count()) + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        let config = Config::embedded().expect("embedded config parses");
+        assert_eq!(config.tenants[0].id, "demo");
+        assert_eq!(config.tenants[0].flows.len(), 2);
+        let listen = parse_listen(config.sip.listen[0].get_ref()).expect("listen");
+        assert_eq!(listen.addr, "127.0.0.1:5060".parse().expect("addr"));
+    }
+
+    #[test]
+    fn an_unknown_field_names_its_line_and_field() {
+        let text = "[sip]\nlisten = []\n\n[flows]\nmax_instance = 3\n";
+        let err = Config::parse(text, "test.toml", PathBuf::new()).expect_err("unknown field").to_string();
+        assert!(err.starts_with("test.toml:5: "), "{err}");
+        assert!(err.contains("max_instance"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_stock_flow_names_its_line() {
+        let text = "[sip]\nlisten = []\n[[tenant]]\nid = \"t\"\n[[tenant.flow]]\nname = \"x\"\nstock = \"nope\"\n";
+        let err = Config::parse(text, "t.toml", PathBuf::new()).expect_err("unknown stock").to_string();
+        assert!(err.starts_with("t.toml:7: tenant.flow.stock"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_listener_and_a_wrong_type_are_located() {
+        let text = "[sip]\nlisten = [\n  \"sctp:1.2.3.4:5060\",\n]\n[[tenant]]\nid = \"t\"\n";
+        let err = Config::parse(text, "t.toml", PathBuf::new()).expect_err("bad transport").to_string();
+        assert!(err.starts_with("t.toml:3: sip.listen: unknown transport"), "{err}");
+        let text = "[sip]\nlisten = []\n[flows]\nmax_memory_mb = \"lots\"\n[[tenant]]\nid = \"t\"\n";
+        let err = Config::parse(text, "t.toml", PathBuf::new()).expect_err("wrong type").to_string();
+        assert!(err.starts_with("t.toml:4: "), "{err}");
+    }
+}
