@@ -7,7 +7,7 @@
 //! - `cargo xtask bench`: the benchmarks whose figures go into `BENCHMARKS.md`.
 //!
 //! Each command first installs what it needs and can install itself (the `wasm32-wasip2`
-//! target through rustup), so that both work on a fresh machine with only rustup and cargo.
+//! target through rustup), so that they work on a fresh machine with only rustup and cargo.
 //! This crate has no dependencies so that it builds in seconds.
 
 use std::path::{Path, PathBuf};

@@ -9,8 +9,8 @@ pub struct HostConfig {
     /// Flows that may run at once (the pool's semaphore). The pool itself is sized a little
     /// larger so that a full semaphore, not a failed allocation, is what callers meet.
     pub max_instances: u32,
-    /// Largest linear memory any flow may have (the pool's slot size). Per-call limits may be
-    /// lower, never higher.
+    /// Largest linear memory any flow may have (the pool's slot size). A call's
+    /// [`FlowLimits::memory_bytes`] is clamped to it.
     pub max_memory_bytes: usize,
     /// Stack for a flow's fiber (its WebAssembly stack lives inside it).
     pub async_stack_size: usize,
@@ -21,7 +21,8 @@ pub struct HostConfig {
     /// Use the pooling allocator (falls back to on-demand, with a warning, when the address
     /// space is too small).
     pub pooling: bool,
-    /// Limits applied to a call unless its tenant sets lower ones.
+    /// Limits applied to a call whose tenant sets none. A tenant's limits replace these
+    /// (they may be higher or lower); only memory is capped, by `max_memory_bytes`.
     pub default_limits: FlowLimits,
 }
 
@@ -47,8 +48,10 @@ pub struct FlowLimits {
     /// Guest CPU time allowed over the whole call (time spent waiting in host calls such as
     /// `play` does not count).
     pub cpu_budget: Duration,
-    /// Longest the guest may compute without calling into the host. Stops busy loops quickly
-    /// even when the total budget is generous.
+    /// Longest the guest may compute without waiting in a blocking host call (`play`,
+    /// `collect-digits`, `read`, `sleep`, ...). Quick synchronous calls such as `log` or
+    /// `get-var` do not end a slice. Stops busy loops quickly even when the total budget is
+    /// generous.
     pub max_slice: Duration,
     /// Live resource handles (frames, streams) a flow may hold.
     pub max_handles: usize,

@@ -56,6 +56,9 @@ pub trait CallControl: Send + Sync + 'static {
     /// Switches the call's audio to the flow's stream (frames and key presses go to
     /// [`CallControl::read_media`] from now on).
     fn open_audio_stream(&self) -> Result<(), CallError>;
+    /// Switches the call's audio back from the flow's stream (the flow dropped it): key presses
+    /// go to `collect-digits` / `next-dtmf` again.
+    fn close_audio_stream(&self);
     /// Waits for the next frame or key press on the flow's stream.
     async fn read_media(&self) -> Result<MediaEvent, CallError>;
     /// Queues a frame to be played to the caller. Must not block: a full queue is

@@ -58,7 +58,7 @@ fn pooling_config(config: &HostConfig) -> PoolingAllocationConfig {
     let slots = config.max_instances + POOL_HEADROOM;
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(slots)
-        .total_core_instances(slots * 4)
+        .total_core_instances(slots * 8)
         .max_core_instances_per_component(CORE_INSTANCES_PER_FLOW)
         .total_memories(slots * 2)
         .max_memories_per_component(4)
@@ -191,6 +191,7 @@ impl FlowEngine {
                 );
             }
         };
+        let mut startup = Duration::ZERO;
         let outcome = match flow.pre().instantiate_async(&mut store).await {
             Err(e) => {
                 let outcome = classify_trap(store.data(), &e);
@@ -202,6 +203,7 @@ impl FlowEngine {
                 }
             }
             Ok(instance) => {
+                startup = started.elapsed();
                 store.data_mut().clock.enter(Instant::now());
                 let borrow = Resource::<CallHandle>::new_borrow(call_handle.rep());
                 match instance.call_run(&mut store, borrow).await {
@@ -220,7 +222,13 @@ impl FlowEngine {
                 "flow log lines dropped by the rate limit"
             );
         }
-        FlowExit { outcome, vars: std::mem::take(&mut store.data_mut().vars), guest_time, wall_time: started.elapsed() }
+        FlowExit {
+            outcome,
+            vars: std::mem::take(&mut store.data_mut().vars),
+            guest_time,
+            startup,
+            wall_time: started.elapsed(),
+        }
     }
 }
 
@@ -311,6 +319,9 @@ pub struct FlowExit {
     pub vars: BTreeMap<String, String>,
     /// Guest CPU time (wall time inside the guest).
     pub guest_time: Duration,
+    /// Time from the start of the run to the guest's `run` being entered: taking a slot,
+    /// building the store and instantiating from the pre-instance.
+    pub startup: Duration,
     /// Time from start to end of the run.
     pub wall_time: Duration,
 }
@@ -321,6 +332,7 @@ impl FlowExit {
             outcome: FlowOutcome::Refused(error),
             vars: BTreeMap::new(),
             guest_time: Duration::ZERO,
+            startup: Duration::ZERO,
             wall_time: started.elapsed(),
         }
     }

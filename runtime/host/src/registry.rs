@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
@@ -123,15 +124,29 @@ fn load_cached(
         .engine()
         .precompile_component(bytes)
         .map_err(|e| HostError::Compile { flow: name.into(), detail: format!("{e:#}") })?;
-    let cache_err = |path: &Path, source| HostError::Cache { path: path.to_owned(), source };
-    std::fs::create_dir_all(dir).map_err(|e| cache_err(dir, e))?;
-    // Write then rename, so a crash never leaves a half-written artifact under the real name.
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, &artifact).map_err(|e| cache_err(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| cache_err(&path, e))?;
+    if let Err(e) = write_artifact(dir, &path, &artifact) {
+        // The compiled code is in memory: a cache that cannot be written only costs the next
+        // start a compile, so it is no reason to refuse the flow.
+        tracing::warn!(error = %e, "could not cache a compiled flow");
+    }
     // SAFETY: `artifact` was produced just now by this engine's `precompile_component`.
     unsafe { Component::deserialize(engine.engine(), &artifact) }
         .map_err(|e| HostError::Compile { flow: name.into(), detail: format!("{e:#}") })
+}
+
+/// Writes an artifact under a unique temporary name, then renames it into place, so a crash or
+/// a concurrent writer never leaves a half-written file under the real name.
+fn write_artifact(dir: &Path, path: &Path, artifact: &[u8]) -> Result<(), HostError> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let cache_err = |path: &Path, source| HostError::Cache { path: path.to_owned(), source };
+    std::fs::create_dir_all(dir).map_err(|e| cache_err(dir, e))?;
+    let unique = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{unique}", std::process::id()));
+    std::fs::write(&tmp, artifact).map_err(|e| cache_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        cache_err(path, e)
+    })
 }
 
 /// The flows every tenant has, swapped atomically: new calls take the current entry, live

@@ -315,6 +315,7 @@ impl media::HostAudioStream for FlowState {
     fn drop(&mut self, stream: Resource<AudioStreamHandle>) -> wasmtime::Result<()> {
         self.table.delete(stream)?;
         self.stream_open = false;
+        self.control.close_audio_stream();
         Ok(())
     }
 }
@@ -422,12 +423,18 @@ impl call::HostCall for FlowState {
         if self.stream_open {
             return Ok(Err(CallError::NotAllowed("the call's audio stream is already open".into())));
         }
+        // Take the handle slot first: switching the call's audio to a stream the flow never
+        // receives would swallow its key presses.
+        let stream = match push_limited(&mut self.table, AudioStreamHandle) {
+            Ok(stream) => stream,
+            Err(e) => return Ok(Err(e)),
+        };
         if let Err(e) = self.control.open_audio_stream() {
+            self.table.delete(stream)?;
             return Ok(Err(e));
         }
-        let stream = push_limited(&mut self.table, AudioStreamHandle);
-        self.stream_open = stream.is_ok();
-        Ok(stream)
+        self.stream_open = true;
+        Ok(Ok(stream))
     }
 
     fn get_var(&mut self, _call: Resource<CallHandle>, name: String) -> wasmtime::Result<Option<String>> {

@@ -129,6 +129,7 @@ async fn echo_returns_the_same_frame_buffers_and_repeats_digits() {
             Cmd::SendDtmf("5".into()),
             Cmd::WriteFrame { echoed: true },
             Cmd::SendDtmf("#".into()),
+            Cmd::CloseStream,
         ]
     );
 }

@@ -56,7 +56,7 @@ struct FrameData {
 /// One packetisation interval of audio, immutable once built and shared by reference count.
 ///
 /// Cloning a `Frame` clones a handle, not the samples: the echo flow, a bridge or a recorder
-/// pass the same buffer along. Samples are copied only by [`Frame::samples`], which is what a
+/// pass the same buffer along. Samples are copied only out of [`Frame::linear`], which is what a
 /// flow's explicit `samples()` call uses.
 ///
 /// The buffer comes from the global allocator for now; the media engine issue replaces it with a
@@ -71,7 +71,7 @@ impl Frame {
             return Err(FrameError::UnsupportedRate(sample_rate));
         }
         let per_10ms = (sample_rate / 100) as usize;
-        let whole = samples.len() % per_10ms == 0 && (1..=4).contains(&(samples.len() / per_10ms));
+        let whole = samples.len().is_multiple_of(per_10ms) && (1..=4).contains(&(samples.len() / per_10ms));
         if !whole {
             return Err(FrameError::NotAWholeFrame { samples: samples.len(), rate: sample_rate });
         }

@@ -26,7 +26,7 @@ pub struct Config {
     #[serde(default)]
     pub flows: FlowsConfig,
     /// Tenants; at least one.
-    #[serde(rename = "tenant")]
+    #[serde(rename = "tenant", default)]
     pub tenants: Vec<TenantConfig>,
     /// Directory relative paths are resolved against (the config file's directory).
     #[serde(skip)]
@@ -133,7 +133,7 @@ impl Config {
             },
             message,
         };
-        // toml's own message already says "line N, column M" and names the field.
+        // toml's message names the field; its span gives the line.
         let mut config: Config = toml::from_str(text).map_err(|e| error(e.span(), e.message().to_owned()))?;
         config.base_dir = base_dir;
         for listen in &config.sip.listen {
@@ -142,8 +142,23 @@ impl Config {
         if config.tenants.is_empty() {
             return Err(error(None, "at least one [[tenant]] is required".into()));
         }
+        let mut tenant_ids = std::collections::HashSet::new();
         for tenant in &config.tenants {
+            if !tenant_ids.insert(tenant.id.as_str()) {
+                return Err(error(None, format!("tenant.id: tenant {:?} is defined twice", tenant.id)));
+            }
+            let mut flow_names = std::collections::HashSet::new();
             for flow in &tenant.flows {
+                if !flow_names.insert(flow.get_ref().name.as_str()) {
+                    return Err(error(
+                        Some(flow.span()),
+                        format!(
+                            "tenant.flow.name: tenant {:?} has two flows named {:?}",
+                            tenant.id,
+                            flow.get_ref().name
+                        ),
+                    ));
+                }
                 let span = Some(flow.span());
                 let f = flow.get_ref();
                 match (&f.stock, &f.path) {
@@ -241,6 +256,15 @@ mod tests {
         let text = "[sip]\nlisten = []\n[[tenant]]\nid = \"t\"\n[[tenant.flow]]\nname = \"x\"\nstock = \"nope\"\n";
         let err = Config::parse(text, "t.toml", PathBuf::new()).expect_err("unknown stock").to_string();
         assert!(err.starts_with("t.toml:7: tenant.flow.stock"), "{err}");
+    }
+
+    #[test]
+    fn duplicates_and_a_missing_tenant_are_refused() {
+        let text = "[sip]\nlisten = []\n[[tenant]]\nid = \"t\"\n[[tenant.flow]]\nname = \"x\"\nstock = \"echo\"\n[[tenant.flow]]\nname = \"x\"\nstock = \"menu\"\n";
+        let err = Config::parse(text, "t.toml", PathBuf::new()).expect_err("duplicate flow").to_string();
+        assert!(err.starts_with("t.toml:8: tenant.flow.name"), "{err}");
+        let err = Config::parse("[sip]\nlisten = []\n", "t.toml", PathBuf::new()).expect_err("no tenant").to_string();
+        assert!(err.contains("at least one [[tenant]]"), "{err}");
     }
 
     #[test]

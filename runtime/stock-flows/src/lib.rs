@@ -6,7 +6,7 @@
 pub struct StockFlow {
     /// The name calls are routed by (for example `sip:echo@127.0.0.1` reaches `echo`).
     pub name: &'static str,
-    /// What it does, for `patchbay run`'s listing.
+    /// What it does, in one line (for listings and docs).
     pub summary: &'static str,
     /// The component bytes.
     pub component: &'static [u8],
@@ -26,7 +26,7 @@ pub const IVR_MENU: StockFlow = StockFlow {
     component: include_bytes!(concat!(env!("OUT_DIR"), "/ivr_menu.wasm")),
 };
 
-/// Every stock flow, in the order `patchbay run` lists them.
+/// Every stock flow.
 pub const ALL: &[StockFlow] = &[ECHO, IVR_MENU];
 
 /// Test fixtures: flows that misbehave on purpose. Not served by the binary.

@@ -1,6 +1,6 @@
 //! A scripted fake call for driving flows without a network.
 
-#![allow(dead_code, missing_docs)]
+#![allow(dead_code, missing_docs, clippy::unwrap_used)]
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -30,6 +30,7 @@ pub enum Cmd {
     Record,
     SendDtmf(String),
     OpenStream,
+    CloseStream,
     /// A frame came back; `echoed` tells whether it is the very buffer the call handed out.
     WriteFrame {
         echoed: bool,
@@ -181,6 +182,10 @@ impl CallControl for FakeCall {
     fn open_audio_stream(&self) -> Result<(), CallError> {
         self.push(Cmd::OpenStream);
         Ok(())
+    }
+
+    fn close_audio_stream(&self) {
+        self.push(Cmd::CloseStream);
     }
 
     async fn read_media(&self) -> Result<MediaEvent, CallError> {
