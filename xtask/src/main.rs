@@ -3,11 +3,12 @@
 //! - `cargo xtask run [ARGS…]`: builds and starts Patchbay with its embedded default config
 //!   (extra arguments go to `patchbay run`).
 //! - `cargo xtask test`: everything CI checks — formatting, clippy with warnings as errors
-//!   (host crates and the wasm flows), and the whole test suite.
+//!   (host crates and the wasm flows), and the whole test suite, including the sipp interop
+//!   tests (sipp is installed from Debian's `sip-tester` when missing).
 //! - `cargo xtask bench`: the benchmarks whose figures go into `BENCHMARKS.md`.
 //!
 //! Each command first installs what it needs and can install itself (the `wasm32-wasip2`
-//! target through rustup), so that they work on a fresh machine with only rustup and cargo.
+//! target through rustup, sipp through apt-get), so that they work on a fresh machine with only rustup and cargo.
 //! This crate has no dependencies so that it builds in seconds.
 
 use std::path::{Path, PathBuf};
@@ -68,6 +69,22 @@ fn ensure_wasm_target() -> Result<(), String> {
     }
 }
 
+/// The interop tests drive Patchbay with sipp (Debian package `sip-tester`). Install it when it
+/// is missing and this is a Debian machine we may install on (root, apt-get present).
+fn ensure_sipp() -> Result<(), String> {
+    let found = Command::new("sipp").arg("-v").stdout(std::process::Stdio::null()).status().is_ok();
+    if found {
+        return Ok(());
+    }
+    eprintln!("xtask: sipp not found; installing Debian package sip-tester");
+    step("apt-get update", Command::new("apt-get").args(["update", "-qq"]))?;
+    step(
+        "apt-get install sip-tester",
+        Command::new("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-qq", "sip-tester"]),
+    )
+    .map_err(|e| format!("{e}: the SIP interop tests need sipp (apt-get install sip-tester)"))
+}
+
 fn run(args: &[String]) -> Result<(), String> {
     ensure_wasm_target()?;
     let mut cmd = cargo();
@@ -77,6 +94,7 @@ fn run(args: &[String]) -> Result<(), String> {
 
 fn test(args: &[String]) -> Result<(), String> {
     ensure_wasm_target()?;
+    ensure_sipp()?;
     step("formatting", cargo().args(["fmt", "--all", "--check"]))?;
     step(
         "clippy (runtime)",
@@ -99,6 +117,9 @@ fn test(args: &[String]) -> Result<(), String> {
             .args(["--", "-D", "warnings"]),
     )?;
     step("formatting (flows)", cargo().current_dir(root().join("plugins")).args(["fmt", "--all", "--check"]))?;
+    // The end-to-end tests start the real binary from target/debug; build it first so they
+    // never have to build it themselves while the test run is under way.
+    step("patchbay binary", cargo().args(["build", "--package", "patchbay", "--locked"]))?;
     step("tests", cargo().args(["test", "--workspace", "--locked"]).args(args))
 }
 

@@ -1,11 +1,11 @@
 //! The `patchbay` binary: loads the configuration, compiles the tenants' flows into the flow
 //! registry and serves calls.
 //!
-//! **Status:** SIP signalling and media are not wired in yet (they arrive with the SIP and
-//! media issues). `patchbay run` loads and checks every flow, reports where each would be
-//! reached, says plainly that nothing listens for SIP yet, and waits for Ctrl-C.
+//! **Status:** SIP over UDP is served (OPTIONS, inbound calls routed to flows, BYE, CANCEL);
+//! TCP/TLS and the media engine are not implemented yet, and `patchbay run` says so.
 
 mod config;
+mod sip_server;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -90,6 +90,29 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
         let all_loaded = load_flows(&config, &engine, &registry).await;
         report(&config, &engine, &registry);
         if serve {
+            let routing = Arc::new(sip_server::Routing {
+                tenants: config
+                    .tenants
+                    .iter()
+                    .map(|t| (t.id.clone(), t.domains.clone(), tenant_limits(t)))
+                    .collect(),
+                external_ip: config.sip.external_ip,
+            });
+            for listen in config.sip.listen.iter().filter_map(|l| parse_listen(l.get_ref()).ok()) {
+                if listen.transport != "udp" {
+                    tracing::warn!(transport = listen.transport, addr = %listen.addr, "transport not implemented yet; not listening");
+                    continue;
+                }
+                let (engine, registry, routing) = (Arc::clone(&engine), Arc::clone(&registry), Arc::clone(&routing));
+                // Bind before announcing readiness so a caller never races the socket.
+                let socket = std::net::UdpSocket::bind(listen.addr).with_context(|| format!("binding udp:{}", listen.addr))?;
+                drop(socket);
+                tokio::spawn(async move {
+                    if let Err(e) = sip_server::serve_udp(listen.addr, engine, registry, routing).await {
+                        tracing::error!(addr = %listen.addr, "SIP over UDP stopped: {e:#}");
+                    }
+                });
+            }
             wait_for_shutdown().await;
         }
         Ok(all_loaded)
@@ -168,13 +191,13 @@ fn report(config: &Config, engine: &FlowEngine, registry: &FlowRegistry) {
     if let Some(ip) = config.sip.external_ip {
         println!("external address for SDP and Contact: {ip}");
     }
-    let listen: Vec<_> = listeners.iter().map(|l| format!("{}:{}", l.transport, l.addr)).collect();
+    let udp: Vec<_> = listeners.iter().filter(|l| l.transport == "udp").map(|l| format!("udp:{}", l.addr)).collect();
+    println!("SIP over {} (TCP and TLS are not implemented yet).", udp.join(", "));
     println!(
-        "NOT YET SERVING CALLS: SIP signalling and media are not implemented in this build, so nothing \
-         listens on {} yet. The flows above are compiled, linked and checked against the \
-         patchbay:voice@0.1.0 world; calls arrive when the SIP and media layers land.",
-        listen.join(", ")
+        "NOT YET: the media engine (RTP, G.711, DTMF over RTP, prompts) is not implemented in this build: calls are \
+         answered and released properly, but no audio flows, so play/collect/record/agent return `unavailable` to flows."
     );
+    println!("Try: sipp -sn uac -s echo 127.0.0.1:{port} -m 1   (or point a softphone at sip:echo@127.0.0.1:{port})");
 }
 
 /// The per-call limits a tenant's configuration asks for.

@@ -1,0 +1,408 @@
+//! The SIP shell: the UDP transport, the user agent core driven on tokio time, and one task
+//! per call that runs the call's flow.
+//!
+//! One endpoint task owns the sans-IO [`UserAgent`]; sockets, timers and call tasks talk to it
+//! through a channel, so the protocol state is never shared or locked.
+//!
+//! **Not implemented yet:** TCP and TLS transports, the media engine (calls are answered with a
+//! real SDP answer and an RTP port is reserved, but no RTP is sent or received: `play`,
+//! `collect-digits`, `record`, `dial`, `agent` and `send-dtmf` return `unavailable`), and
+//! outbound calls.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use patchbay_host::{
+    AgentEnd, CallControl, CallError, CallInfo, CollectOptions, Collected, DialOptions, DialOutcome, Direction, Dtmf,
+    FlowCall, FlowEngine, FlowOutcome, FlowRegistry, HangupCause, Header, MediaEvent, MemoryKv, PlayOptions,
+    PlayOutcome, RecordOptions, Recording,
+};
+use patchbay_media::Frame;
+use patchbay_sip::message::{Limits, Parsed, parse_datagram};
+use patchbay_sip::transaction::{Peer, TimerConfig, Transport};
+use patchbay_sip::ua::{CallRef, EndCause, UaConfig, UaEvent, UaOutput, UserAgent};
+use rsip::headers::UntypedHeader;
+use rsip::prelude::HeadersExt;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Where calls are routed: tenant by request-URI host, flow by request-URI user.
+pub struct Routing {
+    /// (tenant id, domains, limits).
+    pub tenants: Vec<(String, Vec<String>, patchbay_host::FlowLimits)>,
+    /// Address put in SDP and Contact instead of the bound one (NAT).
+    pub external_ip: Option<std::net::IpAddr>,
+}
+
+enum Command {
+    Answer { call: CallRef, reply: oneshot::Sender<Result<(), CallError>> },
+    Hangup { call: CallRef, cause: HangupCause },
+    FlowDone { call: CallRef },
+}
+
+struct LiveCall {
+    ended: watch::Sender<bool>,
+    dtmf: mpsc::UnboundedSender<Dtmf>,
+    invite: rsip::Request,
+    rtp: Option<std::net::UdpSocket>,
+}
+
+/// Serves SIP over UDP on `addr` until the future is dropped.
+pub async fn serve_udp(
+    addr: SocketAddr,
+    engine: Arc<FlowEngine>,
+    registry: Arc<FlowRegistry>,
+    routing: Arc<Routing>,
+) -> anyhow::Result<()> {
+    let socket = Arc::new(UdpSocket::bind(addr).await?);
+    let local = socket.local_addr()?;
+    let contact_host = match routing.external_ip {
+        Some(ip) => SocketAddr::new(ip, local.port()).to_string(),
+        None => local.to_string(),
+    };
+    let seed = std::collections::hash_map::RandomState::new().hash_one(local);
+    let mut ua = UserAgent::new(UaConfig {
+        contact_host,
+        user_agent: format!("Patchbay/{}", env!("CARGO_PKG_VERSION")),
+        timers: TimerConfig::default(),
+        seed,
+    });
+    let (commands, mut command_rx) = mpsc::unbounded_channel::<Command>();
+    let mut calls: HashMap<CallRef, LiveCall> = HashMap::new();
+    let limits = Limits::default();
+    let mut buf = vec![0u8; limits.max_message_bytes + 1];
+    let mut out = Vec::with_capacity(2048);
+    tracing::info!(%local, "SIP over UDP listening");
+    loop {
+        let deadline = ua.poll_timeout().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            received = socket.recv_from(&mut buf) => {
+                let (len, from) = match received {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // ICMP port unreachable from an earlier send surfaces here on Linux.
+                        tracing::debug!("udp receive: {e}");
+                        continue;
+                    }
+                };
+                let peer = Peer { transport: Transport::Udp, addr: from };
+                match parse_datagram(&buf[..len], &limits) {
+                    Ok(Parsed::Sip(message)) => ua.handle_receive(std::time::Instant::now(), peer, message),
+                    Ok(Parsed::KeepAlive) => {}
+                    Ok(Parsed::ExtensionRequest(request)) => {
+                        // §8.2.1: a method we do not know at all.
+                        out.clear();
+                        request.write_response(501, "Not Implemented", None, &mut out);
+                        let _ = socket.send_to(&out, from).await;
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::debug!(%from, "bad SIP message: {error}");
+                        out.clear();
+                        if error.write_response(None, &mut out) {
+                            let _ = socket.send_to(&out, from).await;
+                        }
+                    }
+                }
+            }
+            Some(command) = command_rx.recv() => {
+                let now = std::time::Instant::now();
+                match command {
+                    Command::Answer { call, reply } => {
+                        let result = answer(&mut ua, &mut calls, call, now, &routing);
+                        let _ = reply.send(result);
+                    }
+                    Command::Hangup { call, cause } => {
+                        let result = match cause {
+                            HangupCause::SipCode(code) => ua.reject(now, call, code).or_else(|_| ua.hangup(now, call)),
+                            HangupCause::Busy => ua.reject(now, call, 486).or_else(|_| ua.hangup(now, call)),
+                            HangupCause::Rejected => ua.reject(now, call, 603).or_else(|_| ua.hangup(now, call)),
+                            HangupCause::Normal => ua.hangup(now, call),
+                        };
+                        if let Err(e) = result {
+                            tracing::debug!(?call, "hangup: {e}");
+                        }
+                    }
+                    Command::FlowDone { call } => {
+                        // The flow returned: hang up whatever is still up (§15).
+                        let _ = ua.hangup(now, call);
+                    }
+                }
+            }
+            () = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } else { std::future::pending().await } } => {
+                ua.handle_timeout(std::time::Instant::now());
+            }
+        }
+        while let Some(output) = ua.poll_output() {
+            match output {
+                UaOutput::Transmit { peer, message } => {
+                    let bytes = message.to_string();
+                    if let Err(e) = socket.send_to(bytes.as_bytes(), peer.addr).await {
+                        tracing::warn!(to = %peer.addr, "udp send: {e}");
+                    }
+                }
+                UaOutput::Event(event) => {
+                    on_event(&mut ua, &mut calls, event, &engine, &registry, &routing, &commands);
+                }
+            }
+        }
+    }
+}
+
+fn answer(
+    ua: &mut UserAgent,
+    calls: &mut HashMap<CallRef, LiveCall>,
+    call: CallRef,
+    now: std::time::Instant,
+    routing: &Routing,
+) -> Result<(), CallError> {
+    let live = calls.get_mut(&call).ok_or(CallError::Hangup)?;
+    let offer = String::from_utf8_lossy(&live.invite.body).into_owned();
+    if offer.trim().is_empty() {
+        // A late-offer INVITE (offer in our 200, answer in the ACK) needs the UAC side of
+        // offer/answer wired into the call; refuse clearly until then.
+        let _ = ua.reject(now, call, 488);
+        return Err(CallError::Unavailable("INVITE without SDP offer is not supported yet".into()));
+    }
+    // Reserve the RTP port advertised in the answer (RTCP on port + 1 is not reserved yet).
+    let rtp = std::net::UdpSocket::bind(SocketAddr::new(std::net::IpAddr::from([127, 0, 0, 1]), 0))
+        .map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
+    let bind = rtp.local_addr().map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
+    let local = patchbay_sip::sdp::LocalMedia::new(bind, routing.external_ip, call.0, 1);
+    match patchbay_sip::sdp::answer(&offer, &local) {
+        Ok(negotiated) => {
+            tracing::info!(?call, codec = negotiated.codec.name(), remote = %negotiated.remote_rtp, "answering");
+            live.rtp = Some(rtp);
+            ua.answer(now, call, negotiated.local_sdp.into_bytes()).map_err(|_| CallError::Hangup)
+        }
+        Err(e) => {
+            tracing::info!(?call, "offer not acceptable: {e}");
+            let _ = ua.reject(now, call, e.sip_status());
+            Err(CallError::NotAllowed(format!("offer not acceptable: {e}")))
+        }
+    }
+}
+
+fn on_event(
+    ua: &mut UserAgent,
+    calls: &mut HashMap<CallRef, LiveCall>,
+    event: UaEvent,
+    engine: &Arc<FlowEngine>,
+    registry: &Arc<FlowRegistry>,
+    routing: &Arc<Routing>,
+    commands: &mpsc::UnboundedSender<Command>,
+) {
+    let now = std::time::Instant::now();
+    match event {
+        UaEvent::IncomingCall { call, peer, request } => {
+            let host = request.uri.host_with_port.host.to_string();
+            let user = request.uri.auth.as_ref().map(|a| a.user.clone()).unwrap_or_default();
+            let tenant =
+                routing.tenants.iter().find(|(_, domains, _)| domains.iter().any(|d| d.eq_ignore_ascii_case(&host)));
+            let Some((tenant, _, limits)) = tenant else {
+                tracing::info!(?call, %host, "no tenant serves this domain");
+                let _ = ua.reject(now, call, 404);
+                return;
+            };
+            let flow = match registry.get(tenant, &user) {
+                Ok(flow) => flow,
+                Err(e) => {
+                    tracing::info!(?call, "{e}");
+                    let _ = ua.reject(now, call, 404);
+                    return;
+                }
+            };
+            let _ = ua.ring(now, call);
+            let (ended, ended_rx) = watch::channel(false);
+            let (dtmf, dtmf_rx) = mpsc::unbounded_channel();
+            let info = CallInfo {
+                call_id: request.call_id_header().map(|h| h.value().to_owned()).unwrap_or_default(),
+                tenant: tenant.clone(),
+                flow: user.clone(),
+                from: request.from_header().ok().and_then(|f| f.uri().ok()).map(|u| u.to_string()).unwrap_or_default(),
+                to: request.uri.to_string(),
+                direction: Direction::Inbound,
+                headers: request
+                    .headers
+                    .iter()
+                    .filter_map(|h| match h {
+                        rsip::Header::Other(name, value) if name.to_ascii_lowercase().starts_with("x-") => {
+                            Some(Header { name: name.clone(), value: value.clone() })
+                        }
+                        _ => None,
+                    })
+                    .collect(),
+            };
+            tracing::info!(?call, from = %peer.addr, tenant = %info.tenant, flow = %info.flow, version = &flow.version()[..12], "call started");
+            calls.insert(call, LiveCall { ended, dtmf, invite: *request, rtp: None });
+            let control = Arc::new(SipCall {
+                call,
+                info,
+                commands: commands.clone(),
+                ended: ended_rx,
+                dtmf: tokio::sync::Mutex::new(dtmf_rx),
+            });
+            let (engine, commands, limits) = (Arc::clone(engine), commands.clone(), *limits);
+            tokio::spawn(async move {
+                let flow_call = FlowCall {
+                    control,
+                    kv: Arc::new(MemoryKv::new(1 << 20)),
+                    vars: Default::default(),
+                    limits: Some(limits),
+                };
+                let exit = engine.run(&flow, flow_call).await;
+                match &exit.outcome {
+                    FlowOutcome::Completed => tracing::info!(?call, cause = exit.outcome.cause(), "flow ended"),
+                    other => tracing::info!(?call, cause = other.cause(), "flow ended: {other:?}"),
+                }
+                let _ = commands.send(Command::FlowDone { call });
+            });
+        }
+        UaEvent::Confirmed { call } => tracing::debug!(?call, "call confirmed (ACK)"),
+        UaEvent::InfoDtmf { call, digit, duration_ms } => {
+            if let Some(live) = calls.get(&call) {
+                let _ = live.dtmf.send(Dtmf { digit, duration_ms });
+            }
+        }
+        UaEvent::Ended { call, cause } => {
+            if let Some(live) = calls.remove(&call) {
+                let _ = live.ended.send(true);
+            }
+            let who = match cause {
+                EndCause::RemoteBye | EndCause::Cancelled => "caller",
+                EndCause::LocalBye | EndCause::Rejected(_) => "patchbay",
+                EndCause::AckTimeout => "network",
+            };
+            if cause == EndCause::AckTimeout {
+                tracing::warn!(?call, "our 200 OK was never ACKed (wrong Contact/Record-Route or NAT?); sent BYE");
+            }
+            tracing::info!(?call, ?cause, hung_up_by = who, "call ended");
+        }
+    }
+}
+
+/// A call as its flow sees it. Waiting operations end with `hangup` as soon as the call ends.
+struct SipCall {
+    call: CallRef,
+    info: CallInfo,
+    commands: mpsc::UnboundedSender<Command>,
+    ended: watch::Receiver<bool>,
+    dtmf: tokio::sync::Mutex<mpsc::UnboundedReceiver<Dtmf>>,
+}
+
+const NO_MEDIA: &str = "the media engine is not implemented yet";
+
+impl SipCall {
+    async fn until_hangup(&self) {
+        let mut ended = self.ended.clone();
+        let _ = ended.wait_for(|e| *e).await;
+    }
+
+    fn is_over(&self) -> bool {
+        *self.ended.borrow()
+    }
+
+    fn live(&self) -> Result<(), CallError> {
+        if self.is_over() { Err(CallError::Hangup) } else { Ok(()) }
+    }
+}
+
+#[async_trait]
+impl CallControl for SipCall {
+    fn info(&self) -> CallInfo {
+        self.info.clone()
+    }
+
+    async fn answer(&self) -> Result<(), CallError> {
+        self.live()?;
+        let (reply, result) = oneshot::channel();
+        self.commands.send(Command::Answer { call: self.call, reply }).map_err(|_| CallError::Hangup)?;
+        result.await.unwrap_or(Err(CallError::Hangup))
+    }
+
+    async fn hangup(&self, cause: HangupCause) -> Result<(), CallError> {
+        self.live()?;
+        self.commands.send(Command::Hangup { call: self.call, cause }).map_err(|_| CallError::Hangup)?;
+        self.until_hangup().await;
+        Ok(())
+    }
+
+    async fn play(&self, _prompt: &str, _options: PlayOptions) -> Result<PlayOutcome, CallError> {
+        self.live()?;
+        Err(CallError::Unavailable(NO_MEDIA.into()))
+    }
+
+    async fn collect_digits(&self, _options: CollectOptions) -> Result<Collected, CallError> {
+        self.live()?;
+        Err(CallError::Unavailable(NO_MEDIA.into()))
+    }
+
+    async fn sleep(&self, ms: u32) -> Result<(), CallError> {
+        self.live()?;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(u64::from(ms))) => Ok(()),
+            () = self.until_hangup() => Err(CallError::Hangup),
+        }
+    }
+
+    async fn dial(&self, _target: &str, _options: DialOptions) -> Result<DialOutcome, CallError> {
+        self.live()?;
+        Err(CallError::Unavailable("outbound calls are not implemented yet".into()))
+    }
+
+    async fn transfer(&self, _target: &str) -> Result<(), CallError> {
+        self.live()?;
+        Err(CallError::Unavailable("transfer is not implemented yet".into()))
+    }
+
+    async fn agent(&self, _endpoint: &str, _params: &[(String, String)]) -> Result<AgentEnd, CallError> {
+        self.live()?;
+        Err(CallError::Unavailable(NO_MEDIA.into()))
+    }
+
+    async fn record(&self, _options: RecordOptions) -> Result<Recording, CallError> {
+        self.live()?;
+        Err(CallError::Unavailable(NO_MEDIA.into()))
+    }
+
+    async fn send_dtmf(&self, _digits: &str) -> Result<(), CallError> {
+        self.live()?;
+        Err(CallError::Unavailable(NO_MEDIA.into()))
+    }
+
+    async fn next_dtmf(&self, timeout_ms: u32) -> Result<Dtmf, CallError> {
+        self.live()?;
+        let mut dtmf = self.dtmf.lock().await;
+        tokio::select! {
+            digit = dtmf.recv() => digit.ok_or(CallError::Hangup),
+            () = tokio::time::sleep(Duration::from_millis(u64::from(timeout_ms))) => Err(CallError::Timeout),
+            () = self.until_hangup() => Err(CallError::Hangup),
+        }
+    }
+
+    fn open_audio_stream(&self) -> Result<(), CallError> {
+        self.live()
+    }
+
+    fn close_audio_stream(&self) {}
+
+    async fn read_media(&self) -> Result<MediaEvent, CallError> {
+        // No RTP yet, so no frames: the stream delivers SIP INFO key presses until the call ends.
+        self.live()?;
+        let mut dtmf = self.dtmf.lock().await;
+        tokio::select! {
+            digit = dtmf.recv() => digit.map(MediaEvent::Dtmf).ok_or(CallError::Hangup),
+            () = self.until_hangup() => Err(CallError::Hangup),
+        }
+    }
+
+    fn write_frame(&self, _frame: Frame) -> Result<(), CallError> {
+        // Frames have nowhere to go until the media engine lands; dropping them keeps an echo
+        // flow's loop running.
+        self.live()
+    }
+}

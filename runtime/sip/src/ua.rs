@@ -1,0 +1,634 @@
+//! The user agent core (RFC 3261 §8.2, §12, §13.3, §15), sans-IO: the part of an endpoint
+//! above the transactions that answers OPTIONS, turns INVITEs into calls, keeps each call's
+//! dialog (tags, route set, remote target, CSeq numbers) and ends calls with BYE or CANCEL.
+//!
+//! Driven like the transaction layer: feed it messages and time, drain [`UaOutput`]s.
+//!
+//! **Scope today:** UAS calls (inbound INVITE → ring/answer/reject, ACK, BYE both ways,
+//! CANCEL with 487, in-dialog OPTIONS/INFO, 481 for unknown dialogs, a re-INVITE answered with
+//! the current session description). **Not yet:** UAC calls (dial), REFER, UPDATE, session
+//! timers, 491 glare handling and SDP changes on re-INVITE, digest challenges.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use rsip::headers::{ToTypedHeader, UntypedHeader};
+use rsip::prelude::HeadersExt;
+use rsip::{Header, Method, SipMessage};
+
+use crate::transaction::{Event, Output, Peer, TimerConfig, TransactionId, TransactionLayer, Transport};
+
+/// Methods this user agent handles (for Allow, RFC 3261 §20.5).
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO";
+
+/// Identifies a call within one [`UserAgent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CallRef(pub u64);
+
+/// Static settings of a user agent.
+#[derive(Debug, Clone)]
+pub struct UaConfig {
+    /// `host:port` for Contact and Via (the external address when behind NAT).
+    pub contact_host: String,
+    /// Sent as User-Agent / Server.
+    pub user_agent: String,
+    /// Transaction timers.
+    pub timers: TimerConfig,
+    /// Seed mixed into tags and branches so that two processes do not collide; the shell
+    /// draws it from a random source (this crate has none).
+    pub seed: u64,
+}
+
+/// Why a call ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndCause {
+    /// The peer sent BYE.
+    RemoteBye,
+    /// The caller cancelled before the call was answered (487 sent).
+    Cancelled,
+    /// We sent BYE (and it completed or timed out).
+    LocalBye,
+    /// We rejected the call with this status.
+    Rejected(u16),
+    /// Our 2xx was never acknowledged (§13.3.1.4); a BYE was sent.
+    AckTimeout,
+}
+
+/// What the user agent tells the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UaEvent {
+    /// A new call; the application must ring, answer or reject it.
+    IncomingCall {
+        /// The call.
+        call: CallRef,
+        /// Where the INVITE came from.
+        peer: Peer,
+        /// The INVITE.
+        request: Box<rsip::Request>,
+    },
+    /// The ACK for our 2xx arrived: media may flow both ways.
+    Confirmed {
+        /// The call.
+        call: CallRef,
+    },
+    /// A DTMF digit signalled with SIP INFO (`application/dtmf-relay` or `application/dtmf`).
+    InfoDtmf {
+        /// The call.
+        call: CallRef,
+        /// The key.
+        digit: char,
+        /// Duration in ms (160 when the body gives none).
+        duration_ms: u32,
+    },
+    /// The call is over; the application releases everything it holds for it.
+    Ended {
+        /// The call.
+        call: CallRef,
+        /// Why.
+        cause: EndCause,
+    },
+}
+
+/// What the user agent wants done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UaOutput {
+    /// Send a message.
+    Transmit {
+        /// Destination.
+        peer: Peer,
+        /// Message.
+        message: SipMessage,
+    },
+    /// Tell the application.
+    Event(UaEvent),
+}
+
+/// Why the application's request could not be carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UaError {
+    /// The call is unknown or already over.
+    #[error("no call {0:?}")]
+    UnknownCall(CallRef),
+    /// The call is in a state where this is not possible (answering twice, ringing after answer).
+    #[error("call {0:?} cannot do that now: {1}")]
+    WrongState(CallRef, &'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// INVITE received, no final response yet.
+    Early,
+    /// 2xx sent, waiting for the ACK.
+    Answered,
+    /// ACK received.
+    Confirmed,
+    /// BYE sent, waiting for its response.
+    Ending,
+}
+
+/// A UAS dialog (§12.1.1) plus what the call needs to answer and end it.
+#[derive(Debug)]
+struct Call {
+    phase: Phase,
+    peer: Peer,
+    invite: rsip::Request,
+    invite_tx: TransactionId,
+    call_id: String,
+    local_tag: String,
+    remote_tag: String,
+    /// Remote target: the Contact of the INVITE (§12.1.1).
+    remote_target: rsip::Uri,
+    /// Route set: the INVITE's Record-Route, in order (§12.1.1).
+    route_set: Vec<Header>,
+    local_cseq: u32,
+    remote_cseq: u32,
+    /// The session description we answered with (re-sent on a re-INVITE we do not renegotiate).
+    local_sdp: Option<Vec<u8>>,
+    bye_tx: Option<TransactionId>,
+    ended_by_ack_timeout: bool,
+}
+
+/// The user agent core. See the module docs.
+#[derive(Debug)]
+pub struct UserAgent {
+    config: UaConfig,
+    layer: TransactionLayer,
+    calls: HashMap<CallRef, Call>,
+    /// (Call-ID, local tag) → call, for in-dialog requests.
+    dialogs: HashMap<(String, String), CallRef>,
+    /// Server transaction of an INVITE → call, for CANCEL and ACK timeouts.
+    by_invite_tx: HashMap<TransactionId, CallRef>,
+    /// Client transaction of our BYE → call.
+    by_bye_tx: HashMap<TransactionId, CallRef>,
+    counter: u64,
+    outputs: VecDeque<UaOutput>,
+}
+
+fn reason_phrase(code: u16) -> rsip::StatusCode {
+    rsip::StatusCode::from(code)
+}
+
+impl UserAgent {
+    /// A user agent with no calls.
+    pub fn new(config: UaConfig) -> Self {
+        Self {
+            layer: TransactionLayer::new(config.timers),
+            config,
+            calls: HashMap::new(),
+            dialogs: HashMap::new(),
+            by_invite_tx: HashMap::new(),
+            by_bye_tx: HashMap::new(),
+            counter: 0,
+            outputs: VecDeque::new(),
+        }
+    }
+
+    /// Calls in progress.
+    pub fn calls(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// The next output, if any.
+    pub fn poll_output(&mut self) -> Option<UaOutput> {
+        self.outputs.pop_front()
+    }
+
+    /// When [`UserAgent::handle_timeout`] must next run.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        self.layer.poll_timeout()
+    }
+
+    /// Fires due timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.layer.handle_timeout(now);
+        self.pump(now);
+    }
+
+    /// A message arrived (parsed and validated by [`crate::message`]).
+    pub fn handle_receive(&mut self, now: Instant, peer: Peer, message: SipMessage) {
+        self.layer.handle_receive(now, peer, message);
+        self.pump(now);
+    }
+
+    fn unique(&mut self) -> String {
+        self.counter += 1;
+        format!("{:x}{:x}", self.config.seed & 0xffff_ffff, self.counter)
+    }
+
+    /// Moves the transaction layer's outputs up, acting on its events.
+    fn pump(&mut self, now: Instant) {
+        while let Some(output) = self.layer.poll_output() {
+            match output {
+                Output::Transmit { peer, message } => self.outputs.push_back(UaOutput::Transmit { peer, message }),
+                Output::Event(event) => self.on_event(now, event),
+            }
+        }
+    }
+
+    fn emit(&mut self, event: UaEvent) {
+        self.outputs.push_back(UaOutput::Event(event));
+    }
+
+    fn on_event(&mut self, now: Instant, event: Event) {
+        match event {
+            Event::Request { id, peer, request, cancels } => self.on_request(now, id, peer, request, cancels),
+            Event::Ack { request, .. } => {
+                if let Some(call) = self.dialog_of(&request) {
+                    let confirmed = match self.calls.get_mut(&call) {
+                        Some(c) if c.phase == Phase::Answered => {
+                            c.phase = Phase::Confirmed;
+                            true
+                        }
+                        _ => false,
+                    };
+                    if confirmed {
+                        self.emit(UaEvent::Confirmed { call });
+                    }
+                }
+            }
+            Event::Response { id, response } => {
+                // Only our BYEs are client transactions today; any final response ends the call.
+                if response.status_code.code() >= 200
+                    && let Some(call) = self.by_bye_tx.remove(&id)
+                {
+                    self.finish(call, EndCause::LocalBye);
+                }
+            }
+            Event::Timeout { id } => {
+                if let Some(call) = self.by_bye_tx.remove(&id) {
+                    self.finish(call, EndCause::LocalBye);
+                }
+            }
+            Event::AckTimeout { id } => {
+                let Some(&call) = self.by_invite_tx.get(&id) else { return };
+                let answered = self.calls.get(&call).is_some_and(|c| c.phase == Phase::Answered);
+                if answered {
+                    // §13.3.1.4: the dialog is confirmed but the session should end with BYE.
+                    if let Some(c) = self.calls.get_mut(&call) {
+                        c.ended_by_ack_timeout = true;
+                        c.phase = Phase::Confirmed;
+                    }
+                    let _ = self.hangup(now, call);
+                }
+            }
+            Event::StrayResponse { .. } => {}
+            Event::Terminated { id } => {
+                if let Some(call) = self.by_invite_tx.remove(&id) {
+                    // A call rejected or cancelled before answer is over once its INVITE
+                    // transaction is gone; answered calls live on in their dialog.
+                    if self.calls.get(&call).is_some_and(|c| c.phase == Phase::Early) {
+                        self.finish(call, EndCause::Rejected(0));
+                    }
+                }
+            }
+        }
+    }
+
+    fn dialog_of(&self, request: &rsip::Request) -> Option<CallRef> {
+        let call_id = request.call_id_header().ok()?.value().to_owned();
+        let local_tag = request.to_header().ok()?.tag().ok()??.to_string();
+        self.dialogs.get(&(call_id, local_tag)).copied()
+    }
+
+    fn on_request(
+        &mut self,
+        now: Instant,
+        id: TransactionId,
+        peer: Peer,
+        request: rsip::Request,
+        cancels: Option<TransactionId>,
+    ) {
+        let has_to_tag = request.to_header().ok().and_then(|t| t.tag().ok().flatten()).is_some();
+        if has_to_tag {
+            self.in_dialog(now, id, request);
+            return;
+        }
+        match request.method {
+            Method::Invite => self.new_call(id, peer, request),
+            Method::Options => {
+                let response = self.response(&request, 200, None, &[]);
+                let _ = self.layer.send_response(now, id, response);
+            }
+            Method::Cancel => {
+                let call = cancels.and_then(|tx| self.by_invite_tx.get(&tx).copied());
+                match call {
+                    Some(call) if self.calls.get(&call).is_some_and(|c| c.phase == Phase::Early) => {
+                        // §9.2: 200 for the CANCEL, then 487 for the INVITE.
+                        let ok = self.response(&request, 200, None, &[]);
+                        let _ = self.layer.send_response(now, id, ok);
+                        if let Some(c) = self.calls.get(&call) {
+                            let (invite, tx, tag) = (c.invite.clone(), c.invite_tx, c.local_tag.clone());
+                            let terminated = self.response(&invite, 487, Some(&tag), &[]);
+                            let _ = self.layer.send_response(now, tx, terminated);
+                        }
+                        self.finish(call, EndCause::Cancelled);
+                    }
+                    // Already answered: the CANCEL has no effect on the INVITE (§9.2), but it
+                    // matched a transaction, so it gets its 200.
+                    Some(_) => {
+                        let ok = self.response(&request, 200, None, &[]);
+                        let _ = self.layer.send_response(now, id, ok);
+                    }
+                    None => {
+                        let response = self.response(&request, 481, None, &[]);
+                        let _ = self.layer.send_response(now, id, response);
+                    }
+                }
+            }
+            // BYE, INFO … outside a dialog: §12.2.2 / §15.1.2.
+            Method::Bye | Method::Info | Method::Update | Method::PRack => {
+                let response = self.response(&request, 481, None, &[]);
+                let _ = self.layer.send_response(now, id, response);
+            }
+            _ => {
+                // §8.2.1: a method we understand but do not serve here.
+                let allow = Header::Allow(ALLOW.into());
+                let response = self.response(&request, 405, None, &[allow]);
+                let _ = self.layer.send_response(now, id, response);
+            }
+        }
+    }
+
+    fn new_call(&mut self, id: TransactionId, peer: Peer, request: rsip::Request) {
+        let call_id = request.call_id_header().map(|h| h.value().to_owned()).unwrap_or_default();
+        let remote_tag =
+            request.from_header().ok().and_then(|f| f.tag().ok().flatten()).map(|t| t.to_string()).unwrap_or_default();
+        let remote_target = request
+            .contact_header()
+            .ok()
+            .and_then(|c| c.typed().ok())
+            .map(|c| c.uri)
+            .unwrap_or_else(|| request.uri.clone());
+        let route_set = request.headers.iter().filter(|h| matches!(h, Header::RecordRoute(_))).cloned().collect();
+        let remote_cseq = request.cseq_header().ok().and_then(|c| c.typed().ok()).map_or(0, |c| c.seq);
+        let local_tag = self.unique();
+        self.counter += 1;
+        let call = CallRef(self.counter);
+        self.dialogs.insert((call_id.clone(), local_tag.clone()), call);
+        self.by_invite_tx.insert(id, call);
+        self.calls.insert(
+            call,
+            Call {
+                phase: Phase::Early,
+                peer,
+                invite: request.clone(),
+                invite_tx: id,
+                call_id,
+                local_tag,
+                remote_tag,
+                remote_target,
+                route_set,
+                local_cseq: 0,
+                remote_cseq,
+                local_sdp: None,
+                bye_tx: None,
+                ended_by_ack_timeout: false,
+            },
+        );
+        self.emit(UaEvent::IncomingCall { call, peer, request: Box::new(request) });
+    }
+
+    fn in_dialog(&mut self, now: Instant, id: TransactionId, request: rsip::Request) {
+        let Some(call) = self.dialog_of(&request) else {
+            // §12.2.2: a request for a dialog we do not have.
+            let response = self.response(&request, 481, None, &[]);
+            let _ = self.layer.send_response(now, id, response);
+            return;
+        };
+        let cseq = request.cseq_header().ok().and_then(|c| c.typed().ok()).map_or(0, |c| c.seq);
+        let Some(c) = self.calls.get_mut(&call) else { return };
+        // §12.2.2: a lower CSeq than the last one is out of order: 500.
+        if cseq < c.remote_cseq {
+            let response = self.response(&request, 500, None, &[]);
+            let _ = self.layer.send_response(now, id, response);
+            return;
+        }
+        c.remote_cseq = cseq;
+        match request.method {
+            Method::Bye => {
+                let response = self.response(&request, 200, None, &[]);
+                let _ = self.layer.send_response(now, id, response);
+                self.finish(call, EndCause::RemoteBye);
+            }
+            Method::Invite => {
+                // A re-INVITE (hold, resume, refresh). Until SDP renegotiation lands we answer
+                // with the session we have, which keeps the call up (RFC 3264 §8 allows an
+                // unchanged answer only when the offer is unchanged; say so in the log).
+                let sdp = c.local_sdp.clone();
+                let extra = self.contact_and_sdp_headers(sdp.is_some());
+                let mut response = self.response(&request, 200, None, &extra);
+                response.body = sdp.unwrap_or_default();
+                set_content_length(&mut response.headers, response.body.len());
+                let _ = self.layer.send_response(now, id, response);
+            }
+            Method::Info => {
+                let dtmf = parse_info_dtmf(&request);
+                let response = self.response(&request, if dtmf.is_some() { 200 } else { 415 }, None, &[]);
+                let _ = self.layer.send_response(now, id, response);
+                if let Some((digit, duration_ms)) = dtmf {
+                    self.emit(UaEvent::InfoDtmf { call, digit, duration_ms });
+                }
+            }
+            Method::Options => {
+                let response = self.response(&request, 200, None, &[]);
+                let _ = self.layer.send_response(now, id, response);
+            }
+            _ => {
+                let allow = Header::Allow(ALLOW.into());
+                let response = self.response(&request, 405, None, &[allow]);
+                let _ = self.layer.send_response(now, id, response);
+            }
+        }
+    }
+
+    fn finish(&mut self, call: CallRef, cause: EndCause) {
+        if let Some(c) = self.calls.remove(&call) {
+            self.dialogs.remove(&(c.call_id, c.local_tag));
+            let cause = if c.ended_by_ack_timeout { EndCause::AckTimeout } else { cause };
+            self.emit(UaEvent::Ended { call, cause });
+        }
+    }
+
+    fn contact_and_sdp_headers(&self, sdp: bool) -> Vec<Header> {
+        let mut headers = vec![Header::Contact(format!("<sip:{}>", self.config.contact_host).into())];
+        if sdp {
+            headers.push(Header::ContentType("application/sdp".into()));
+        }
+        headers
+    }
+
+    /// A response to `request` (§8.2.6.2): its Via, From, To (with `to_tag` added), Call-ID and
+    /// CSeq, our Server header, `extra`, and Content-Length 0 (callers with a body reset it).
+    fn response(&self, request: &rsip::Request, code: u16, to_tag: Option<&str>, extra: &[Header]) -> rsip::Response {
+        let mut headers: Vec<Header> = Vec::with_capacity(8 + extra.len());
+        for header in request.headers.iter() {
+            match header {
+                Header::Via(_) | Header::From(_) | Header::CallId(_) | Header::CSeq(_) => headers.push(header.clone()),
+                Header::RecordRoute(_) if (200..300).contains(&code) => headers.push(header.clone()),
+                Header::To(to) => match to_tag {
+                    Some(tag) if to.tag().ok().flatten().is_none() => {
+                        headers.push(Header::To(format!("{};tag={tag}", to.value()).into()));
+                    }
+                    _ => headers.push(header.clone()),
+                },
+                _ => {}
+            }
+        }
+        headers.push(Header::Server(self.config.user_agent.clone().into()));
+        if (code == 405 || (200..300).contains(&code)) && !extra.iter().any(|h| matches!(h, Header::Allow(_))) {
+            headers.push(Header::Allow(ALLOW.into()));
+        }
+        headers.extend(extra.iter().cloned());
+        headers.push(Header::ContentLength(0u32.into()));
+        rsip::Response {
+            status_code: reason_phrase(code),
+            version: rsip::Version::V2,
+            headers: headers.into(),
+            body: Vec::new(),
+        }
+    }
+
+    /// Sends 180 Ringing (with our To tag, so the dialog is early on the caller's side).
+    pub fn ring(&mut self, now: Instant, call: CallRef) -> Result<(), UaError> {
+        let c = self.calls.get(&call).ok_or(UaError::UnknownCall(call))?;
+        if c.phase != Phase::Early {
+            return Err(UaError::WrongState(call, "ringing after the final response"));
+        }
+        let (invite, tx, tag) = (c.invite.clone(), c.invite_tx, c.local_tag.clone());
+        let contact = self.contact_and_sdp_headers(false);
+        let ringing = self.response(&invite, 180, Some(&tag), &contact);
+        let _ = self.layer.send_response(now, tx, ringing);
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Answers with 200 OK carrying `sdp` (the answer to the INVITE's offer).
+    pub fn answer(&mut self, now: Instant, call: CallRef, sdp: Vec<u8>) -> Result<(), UaError> {
+        let c = self.calls.get_mut(&call).ok_or(UaError::UnknownCall(call))?;
+        if c.phase != Phase::Early {
+            return Err(UaError::WrongState(call, "answering an answered call"));
+        }
+        c.phase = Phase::Answered;
+        c.local_sdp = Some(sdp.clone());
+        let (invite, tx, tag) = (c.invite.clone(), c.invite_tx, c.local_tag.clone());
+        let extra = self.contact_and_sdp_headers(true);
+        let mut ok = self.response(&invite, 200, Some(&tag), &extra);
+        set_content_length(&mut ok.headers, sdp.len());
+        ok.body = sdp;
+        let _ = self.layer.send_response(now, tx, ok);
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Rejects an unanswered call with a final status (≥ 300).
+    pub fn reject(&mut self, now: Instant, call: CallRef, code: u16) -> Result<(), UaError> {
+        let c = self.calls.get(&call).ok_or(UaError::UnknownCall(call))?;
+        if c.phase != Phase::Early {
+            return Err(UaError::WrongState(call, "rejecting an answered call"));
+        }
+        let (invite, tx, tag) = (c.invite.clone(), c.invite_tx, c.local_tag.clone());
+        let response = self.response(&invite, code.clamp(300, 699), Some(&tag), &[]);
+        let _ = self.layer.send_response(now, tx, response);
+        self.finish(call, EndCause::Rejected(code));
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Ends a call: BYE once answered (§15.1.1), 480 before.
+    pub fn hangup(&mut self, now: Instant, call: CallRef) -> Result<(), UaError> {
+        let c = self.calls.get_mut(&call).ok_or(UaError::UnknownCall(call))?;
+        match c.phase {
+            Phase::Early => return self.reject(now, call, 480),
+            Phase::Ending => return Ok(()),
+            Phase::Answered | Phase::Confirmed => {}
+        }
+        c.phase = Phase::Ending;
+        c.local_cseq = c.local_cseq.max(1) + 1;
+        let bye = self.in_dialog_request(call, Method::Bye);
+        let Some((peer, bye)) = bye else { return Err(UaError::UnknownCall(call)) };
+        if let Ok(tx) = self.layer.send_request(now, peer, bye) {
+            self.by_bye_tx.insert(tx, call);
+            if let Some(c) = self.calls.get_mut(&call) {
+                c.bye_tx = Some(tx);
+            }
+        }
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Builds an in-dialog request (§12.2.1.1): Request-URI = remote target (or the first
+    /// route when it is a strict router — not supported: loose routing assumed), Route = the
+    /// route set, From = local URI with our tag, To = remote URI with their tag.
+    fn in_dialog_request(&mut self, call: CallRef, method: Method) -> Option<(Peer, rsip::Request)> {
+        let branch = format!("z9hG4bK{}", self.unique());
+        let c = self.calls.get(&call)?;
+        let invite = &c.invite;
+        let from = invite.to_header().ok()?.value().to_owned();
+        let to = invite.from_header().ok()?.value().to_owned();
+        let local = if from.contains(";tag=") { from } else { format!("{from};tag={}", c.local_tag) };
+        let transport = match c.peer.transport {
+            Transport::Udp => "UDP",
+            Transport::Tcp => "TCP",
+            Transport::Tls => "TLS",
+        };
+        let mut headers: Vec<Header> = vec![
+            Header::Via(format!("SIP/2.0/{transport} {};branch={branch};rport", self.config.contact_host).into()),
+            Header::MaxForwards(70u32.into()),
+            Header::From(local.into()),
+            Header::To(to.into()),
+            Header::CallId(c.call_id.clone().into()),
+            Header::CSeq(format!("{} {method}", c.local_cseq).into()),
+        ];
+        // The route set from Record-Route is used in reverse order by the UAS (§12.1.1).
+        for rr in c.route_set.iter().rev() {
+            if let Header::RecordRoute(rr) = rr {
+                headers.push(Header::Route(rr.value().to_owned().into()));
+            }
+        }
+        headers.push(Header::UserAgent(self.config.user_agent.clone().into()));
+        headers.push(Header::ContentLength(0u32.into()));
+        let _ = &c.remote_tag;
+        let request = rsip::Request {
+            method,
+            uri: c.remote_target.clone(),
+            version: rsip::Version::V2,
+            headers: headers.into(),
+            body: Vec::new(),
+        };
+        Some((c.peer, request))
+    }
+}
+
+fn set_content_length(headers: &mut rsip::Headers, len: usize) {
+    headers.retain(|h| !matches!(h, Header::ContentLength(_)));
+    headers.push(Header::ContentLength((len as u32).into()));
+}
+
+/// Parses DTMF from an INFO body: `application/dtmf-relay` (`Signal=5\r\nDuration=160`) or
+/// `application/dtmf` (the bare key).
+fn parse_info_dtmf(request: &rsip::Request) -> Option<(char, u32)> {
+    let content_type = request.headers.iter().find_map(|h| match h {
+        Header::ContentType(ct) => Some(ct.value().to_ascii_lowercase()),
+        _ => None,
+    })?;
+    let body = std::str::from_utf8(&request.body).ok()?;
+    let valid = |c: char| matches!(c, '0'..='9' | '*' | '#' | 'A'..='D');
+    if content_type.starts_with("application/dtmf-relay") {
+        let mut digit = None;
+        let mut duration = 160;
+        for line in body.lines() {
+            let Some((key, value)) = line.split_once('=') else { continue };
+            match key.trim().to_ascii_lowercase().as_str() {
+                "signal" => digit = value.trim().chars().next().map(|c| c.to_ascii_uppercase()),
+                "duration" => duration = value.trim().parse().unwrap_or(160),
+                _ => {}
+            }
+        }
+        digit.filter(|d| valid(*d)).map(|d| (d, duration))
+    } else if content_type.starts_with("application/dtmf") {
+        body.trim().chars().next().map(|c| c.to_ascii_uppercase()).filter(|d| valid(*d)).map(|d| (d, 160))
+    } else {
+        None
+    }
+}
