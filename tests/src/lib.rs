@@ -1,8 +1,11 @@
 //! Helpers for Patchbay's end-to-end tests: they start the real `patchbay` binary and drive it
 //! from outside, as a user or a SIP peer would.
 
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Path of the `patchbay` binary of this build, building it first if needed.
 ///
@@ -24,6 +27,111 @@ pub fn patchbay_bin() -> PathBuf {
 /// A `patchbay` command with its flow cache in a private directory.
 pub fn patchbay(cache: &std::path::Path) -> Command {
     let mut cmd = Command::new(patchbay_bin());
-    cmd.env("XDG_CACHE_HOME", cache).env("RUST_LOG", "info");
+    cmd.env("XDG_CACHE_HOME", cache).env("RUST_LOG", "warn");
     cmd
+}
+
+/// A port free for both UDP and TCP on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let port = tcp.local_addr().expect("local addr").port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A running Patchbay; killed on drop.
+pub struct Patchbay {
+    child: Child,
+    /// The port it serves SIP on (UDP, and TCP when configured).
+    pub port: u16,
+    /// Its working directory (config, flow files, certificates).
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Patchbay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts Patchbay with `config` (TOML text) written into `dir`, serving on `port`, and waits
+/// until it is ready.
+pub fn launch(dir: tempfile::TempDir, port: u16, config: &str) -> Patchbay {
+    let path = dir.path().join("patchbay.toml");
+    std::fs::write(&path, config).expect("write config");
+    let mut child = patchbay(dir.path())
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start patchbay");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let started = Instant::now();
+    loop {
+        assert!(started.elapsed() < Duration::from_secs(60), "patchbay did not start");
+        match lines.next() {
+            Some(Ok(line)) if line.contains("Press Ctrl-C") => break,
+            Some(Ok(_)) => {}
+            _ => panic!("patchbay exited before it was ready"),
+        }
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Patchbay { child, port, dir }
+}
+
+/// Starts Patchbay on a free UDP port serving `echo`, `menu` (stock) and `ring` (the chaos
+/// fixture, which rings 30 s before answering) to tenant `test` on 127.0.0.1.
+pub fn start_patchbay() -> Patchbay {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("chaos.wasm"), patchbay_stock_flows::fixtures::CHAOS).expect("write fixture");
+    let port = free_port();
+    let config = format!(
+        "[sip]\nlisten = [\"udp:127.0.0.1:{port}\"]\n\
+         [[tenant]]\nid = \"test\"\ndomains = [\"127.0.0.1\"]\n\
+         [[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n\
+         [[tenant.flow]]\nname = \"menu\"\nstock = \"menu\"\n\
+         [[tenant.flow]]\nname = \"ring\"\npath = \"chaos.wasm\"\n"
+    );
+    launch(dir, port, &config)
+}
+
+/// Runs sipp against `port`: `scenario_args` pick the scenario (`-sf FILE` or `-sn NAME`),
+/// `extra` adds options (transport, rate, loss). Returns whether sipp reported success, and
+/// its output and error log for the assertion message.
+pub fn run_sipp(port: u16, service: &str, scenario_args: &[&str], calls: u32, extra: &[&str]) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new("sipp")
+        .current_dir(dir.path())
+        .args(scenario_args)
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["-s", service, "-i", "127.0.0.1", "-p"])
+        .arg(free_port().to_string())
+        .arg("-mp")
+        .arg(free_port().to_string())
+        .args(["-m", &calls.to_string(), "-l", "5", "-timeout", "60", "-timeout_error", "-nostdin", "-trace_err"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sipp (Debian package sip-tester; `cargo xtask test` installs it)");
+    let mut log = String::from_utf8_lossy(&out.stdout).into_owned();
+    log.push_str(&String::from_utf8_lossy(&out.stderr));
+    for entry in std::fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+        if entry.path().to_string_lossy().ends_with("_errors.log") {
+            log.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+        }
+    }
+    (out.status.success(), log)
+}
+
+/// Path of a sipp scenario in `tests/sipp/`.
+pub fn scenario(name: &str) -> String {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sipp").join(name).to_string_lossy().into_owned()
 }

@@ -1,6 +1,7 @@
 //! Patchbay's configuration file (TOML). Every error names the line and the field.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -41,6 +42,51 @@ pub struct SipConfig {
     pub listen: Vec<Spanned<String>>,
     /// Public address for SDP and Contact behind NAT.
     pub external_ip: Option<std::net::IpAddr>,
+    /// Messages per second accepted from one source address (bursts up to twice that);
+    /// 0 turns the limit off.
+    #[serde(default = "default_max_messages_per_source")]
+    pub max_messages_per_source: u32,
+    /// Valid messages queued for the endpoint before UDP input is dropped (TCP/TLS
+    /// connections stop reading instead).
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth: usize,
+    /// Seconds after which a TCP/TLS connection that carried nothing is closed; 0 = never.
+    #[serde(default = "default_tcp_idle_timeout_secs")]
+    pub tcp_idle_timeout_secs: u64,
+    /// TCP/TLS connections open at once (inbound and outbound); more are refused.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// `[sip.tls]`: the certificate `tls:` listeners present.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[sip.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain, leaf first (relative to the config file).
+    pub cert: Spanned<PathBuf>,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1; relative to the config file).
+    pub key: Spanned<PathBuf>,
+    /// The loaded server configuration (set by [`Config::parse`]).
+    #[serde(skip)]
+    pub server: Option<Arc<rustls::ServerConfig>>,
+}
+
+fn default_tcp_idle_timeout_secs() -> u64 {
+    120
+}
+
+fn default_max_connections() -> usize {
+    10_000
+}
+
+fn default_max_messages_per_source() -> u32 {
+    10_000
+}
+
+fn default_queue_depth() -> usize {
+    4_096
 }
 
 /// `[flows]`.
@@ -136,8 +182,26 @@ impl Config {
         // toml's message names the field; its span gives the line.
         let mut config: Config = toml::from_str(text).map_err(|e| error(e.span(), e.message().to_owned()))?;
         config.base_dir = base_dir;
+        let mut tls_listener = None;
         for listen in &config.sip.listen {
-            parse_listen(listen.get_ref()).map_err(|m| error(Some(listen.span()), format!("sip.listen: {m}")))?;
+            let parsed =
+                parse_listen(listen.get_ref()).map_err(|m| error(Some(listen.span()), format!("sip.listen: {m}")))?;
+            if parsed.transport == "tls" {
+                tls_listener.get_or_insert(listen.span());
+            }
+        }
+        match (&mut config.sip.tls, tls_listener) {
+            (Some(tls), _) => {
+                let server = load_tls(tls, &config.base_dir).map_err(|(span, m)| error(Some(span), m))?;
+                tls.server = Some(server);
+            }
+            (None, Some(span)) => {
+                return Err(error(
+                    Some(span),
+                    "sip.listen: a tls: listener needs [sip.tls] with `cert` and `key`".into(),
+                ));
+            }
+            (None, None) => {}
         }
         if config.tenants.is_empty() {
             return Err(error(None, "at least one [[tenant]] is required".into()));
@@ -198,6 +262,38 @@ impl FlowConfig {
             _ => None,
         }
     }
+}
+
+/// Reads `[sip.tls]`'s PEM files and builds the TLS server configuration (ring provider).
+/// An error names the field and the file.
+fn load_tls(tls: &TlsConfig, base_dir: &Path) -> Result<Arc<rustls::ServerConfig>, (std::ops::Range<usize>, String)> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let read = |field: &str, spanned: &Spanned<PathBuf>| {
+        let path = base_dir.join(spanned.get_ref());
+        let fail = |m: String| (spanned.span(), format!("sip.tls.{field}: {}: {m}", path.display()));
+        std::fs::read(&path).map(|bytes| (bytes, path.clone())).map_err(|e| fail(e.to_string()))
+    };
+    let (cert_pem, cert_path) = read("cert", &tls.cert)?;
+    let cert_error = |m: String| (tls.cert.span(), format!("sip.tls.cert: {}: {m}", cert_path.display()));
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_error(format!("not a PEM certificate chain: {e}")))?;
+    if certs.is_empty() {
+        return Err(cert_error("no CERTIFICATE block".into()));
+    }
+    let (key_pem, key_path) = read("key", &tls.key)?;
+    let key_error = |m: String| (tls.key.span(), format!("sip.tls.key: {}: {m}", key_path.display()));
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| key_error(format!("no PEM private key: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| key_error(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| key_error(format!("unusable with the certificate: {e}")))?;
+    Ok(Arc::new(server))
 }
 
 fn stock_flow(name: &str) -> Option<&'static patchbay_stock_flows::StockFlow> {
@@ -265,6 +361,27 @@ mod tests {
         assert!(err.starts_with("t.toml:8: tenant.flow.name"), "{err}");
         let err = Config::parse("[sip]\nlisten = []\n", "t.toml", PathBuf::new()).expect_err("no tenant").to_string();
         assert!(err.contains("at least one [[tenant]]"), "{err}");
+    }
+
+    #[test]
+    fn tls_needs_readable_pem_files_and_errors_name_the_field_and_file() {
+        let text = "[sip]\nlisten = [\"tls:127.0.0.1:5061\"]\n[[tenant]]\nid = \"t\"\n";
+        let err = Config::parse(text, "t.toml", PathBuf::new()).expect_err("no [sip.tls]").to_string();
+        assert!(err.starts_with("t.toml:2: sip.listen: a tls: listener needs [sip.tls]"), "{err}");
+
+        let dir = std::env::temp_dir().join(format!("patchbay-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let text = "[sip]\nlisten = []\n[sip.tls]\ncert = \"missing.pem\"\nkey = \"k.pem\"\n[[tenant]]\nid = \"t\"\n";
+        let err = Config::parse(text, "t.toml", dir.clone()).expect_err("missing cert").to_string();
+        assert!(err.starts_with("t.toml:4: sip.tls.cert: "), "{err}");
+        assert!(err.contains("missing.pem"), "{err}");
+
+        std::fs::write(dir.join("c.pem"), "not pem at all\n").expect("write");
+        let text = "[sip]\nlisten = []\n[sip.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n[[tenant]]\nid = \"t\"\n";
+        let err = Config::parse(text, "t.toml", dir.clone()).expect_err("bad cert").to_string();
+        assert!(err.starts_with("t.toml:4: sip.tls.cert: "), "{err}");
+        assert!(err.contains("no CERTIFICATE"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

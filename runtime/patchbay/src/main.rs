@@ -1,11 +1,13 @@
 //! The `patchbay` binary: loads the configuration, compiles the tenants' flows into the flow
 //! registry and serves calls.
 //!
-//! **Status:** SIP over UDP is served (OPTIONS, inbound calls routed to flows, BYE, CANCEL);
-//! TCP/TLS and the media engine are not implemented yet, and `patchbay run` says so.
+//! **Status:** SIP over UDP, TCP and TLS is served (OPTIONS, inbound calls routed to flows, BYE,
+//! CANCEL); the media engine and outbound TLS connections are not implemented yet, and
+//! `patchbay run` says so.
 
 mod config;
 mod sip_server;
+mod transport;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -91,27 +93,47 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
         report(&config, &engine, &registry);
         if serve {
             let routing = Arc::new(sip_server::Routing {
-                tenants: config
-                    .tenants
-                    .iter()
-                    .map(|t| (t.id.clone(), t.domains.clone(), tenant_limits(t)))
-                    .collect(),
+                tenants: config.tenants.iter().map(|t| (t.id.clone(), t.domains.clone(), tenant_limits(t))).collect(),
                 external_ip: config.sip.external_ip,
             });
+            let (inbound, inbound_rx) = tokio::sync::mpsc::channel(config.sip.queue_depth);
+            let streams = transport::Streams::new(
+                transport::StreamSettings {
+                    limits: patchbay_sip::message::Limits::default(),
+                    idle_timeout: (config.sip.tcp_idle_timeout_secs > 0)
+                        .then(|| Duration::from_secs(config.sip.tcp_idle_timeout_secs)),
+                    max_connections: config.sip.max_connections,
+                    max_messages_per_source: config.sip.max_messages_per_source,
+                },
+                inbound.clone(),
+            );
+            let mut outbound = transport::Outbound::default().with_streams(Arc::clone(&streams));
+            let mut contact = None;
             for listen in config.sip.listen.iter().filter_map(|l| parse_listen(l.get_ref()).ok()) {
-                if listen.transport != "udp" {
-                    tracing::warn!(transport = listen.transport, addr = %listen.addr, "transport not implemented yet; not listening");
+                let name = format!("{}:{}", listen.transport, listen.addr);
+                if listen.transport == "udp" {
+                    let socket =
+                        tokio::net::UdpSocket::bind(listen.addr).await.with_context(|| format!("binding {name}"))?;
+                    let socket = Arc::new(socket);
+                    contact.get_or_insert(socket.local_addr().context("udp local address")?);
+                    outbound = outbound.with_udp(Arc::clone(&socket));
+                    tokio::spawn(transport::udp_receiver(socket, inbound.clone(), config.sip.max_messages_per_source));
                     continue;
                 }
-                let (engine, registry, routing) = (Arc::clone(&engine), Arc::clone(&registry), Arc::clone(&routing));
-                // Bind before announcing readiness so a caller never races the socket.
-                let socket = std::net::UdpSocket::bind(listen.addr).with_context(|| format!("binding udp:{}", listen.addr))?;
-                drop(socket);
-                tokio::spawn(async move {
-                    if let Err(e) = sip_server::serve_udp(listen.addr, engine, registry, routing).await {
-                        tracing::error!(addr = %listen.addr, "SIP over UDP stopped: {e:#}");
-                    }
-                });
+                let listener =
+                    tokio::net::TcpListener::bind(listen.addr).await.with_context(|| format!("binding {name}"))?;
+                contact.get_or_insert(listener.local_addr().with_context(|| format!("{name} local address"))?);
+                if listen.transport == "tls" {
+                    // Config::parse refuses a tls: listener without a loaded [sip.tls].
+                    let server = config.sip.tls.as_ref().and_then(|t| t.server.clone()).context("[sip.tls] missing")?;
+                    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+                    tokio::spawn(transport::tls_listener(listener, acceptor, Arc::clone(&streams)));
+                } else {
+                    tokio::spawn(transport::tcp_listener(listener, Arc::clone(&streams)));
+                }
+            }
+            if let Some(contact) = contact {
+                tokio::spawn(sip_server::run_endpoint(contact, inbound_rx, outbound, engine, registry, routing));
             }
             wait_for_shutdown().await;
         }
@@ -191,8 +213,8 @@ fn report(config: &Config, engine: &FlowEngine, registry: &FlowRegistry) {
     if let Some(ip) = config.sip.external_ip {
         println!("external address for SDP and Contact: {ip}");
     }
-    let udp: Vec<_> = listeners.iter().filter(|l| l.transport == "udp").map(|l| format!("udp:{}", l.addr)).collect();
-    println!("SIP over {} (TCP and TLS are not implemented yet).", udp.join(", "));
+    let served: Vec<_> = listeners.iter().map(|l| format!("{}:{}", l.transport, l.addr)).collect();
+    println!("SIP on {} (outbound TLS connections are not implemented yet).", served.join(", "));
     println!(
         "NOT YET: the media engine (RTP, G.711, DTMF over RTP, prompts) is not implemented in this build: calls are \
          answered and released properly, but no audio flows, so play/collect/record/agent return `unavailable` to flows."

@@ -1,10 +1,11 @@
-//! The SIP shell: the UDP transport, the user agent core driven on tokio time, and one task
-//! per call that runs the call's flow.
+//! The SIP endpoint: the user agent core driven on tokio time, and one task per call that runs
+//! the call's flow.
 //!
-//! One endpoint task owns the sans-IO [`UserAgent`]; sockets, timers and call tasks talk to it
-//! through a channel, so the protocol state is never shared or locked.
+//! One endpoint task owns the sans-IO [`UserAgent`]; transports (see [`crate::transport`]),
+//! timers and call tasks talk to it through channels, so the protocol state is never shared
+//! or locked.
 //!
-//! **Not implemented yet:** TCP and TLS transports, the media engine (calls are answered with a
+//! **Not implemented yet:** the media engine (calls are answered with a
 //! real SDP answer and an RTP port is reserved, but no RTP is sent or received: `play`,
 //! `collect-digits`, `record`, `dial`, `agent` and `send-dtmf` return `unavailable`), and
 //! outbound calls.
@@ -22,13 +23,13 @@ use patchbay_host::{
     PlayOutcome, RecordOptions, Recording,
 };
 use patchbay_media::Frame;
-use patchbay_sip::message::{Limits, Parsed, parse_datagram};
-use patchbay_sip::transaction::{Peer, TimerConfig, Transport};
+use patchbay_sip::transaction::TimerConfig;
 use patchbay_sip::ua::{CallRef, EndCause, UaConfig, UaEvent, UaOutput, UserAgent};
 use rsip::headers::UntypedHeader;
 use rsip::prelude::HeadersExt;
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::transport::{Inbound, Outbound};
 
 /// Where calls are routed: tenant by request-URI host, flow by request-URI user.
 pub struct Routing {
@@ -49,22 +50,51 @@ struct LiveCall {
     dtmf: mpsc::UnboundedSender<Dtmf>,
     invite: rsip::Request,
     rtp: Option<std::net::UdpSocket>,
+    /// Our side of the session and what was last agreed (kept for re-INVITEs, RFC 3264 §8).
+    media: Option<(patchbay_sip::sdp::LocalMedia, patchbay_sip::sdp::Negotiated)>,
 }
 
-/// Serves SIP over UDP on `addr` until the future is dropped.
-pub async fn serve_udp(
-    addr: SocketAddr,
+impl LiveCall {
+    /// Answers a re-INVITE's offer with the same local media and a bumped `o=` version.
+    fn reinvite(&mut self, call: CallRef, offer: &[u8]) -> Result<Vec<u8>, u16> {
+        let Some((local, current)) = self.media.as_mut() else { return Err(488) };
+        if offer.iter().all(u8::is_ascii_whitespace) {
+            // An offer-less re-INVITE asks us to offer: offer the session we have.
+            return Ok(current.local_sdp.clone().into_bytes());
+        }
+        local.bump_version();
+        match patchbay_sip::sdp::answer(&String::from_utf8_lossy(offer), local) {
+            Ok(negotiated) => {
+                if negotiated.direction != current.direction {
+                    tracing::info!(?call, from = ?current.direction, to = ?negotiated.direction, "media direction changed (hold/resume)");
+                }
+                let sdp = negotiated.local_sdp.clone().into_bytes();
+                *current = negotiated;
+                Ok(sdp)
+            }
+            Err(e) => {
+                tracing::info!(?call, "re-INVITE offer not acceptable: {e}");
+                Err(e.sip_status())
+            }
+        }
+    }
+}
+
+/// Runs the endpoint: the user agent core fed by every transport's [`Inbound`] messages,
+/// sending through [`Outbound`]. `contact` is the `host:port` put in Contact and Via.
+pub async fn run_endpoint(
+    contact: SocketAddr,
+    mut inbound: mpsc::Receiver<Inbound>,
+    outbound: Outbound,
     engine: Arc<FlowEngine>,
     registry: Arc<FlowRegistry>,
     routing: Arc<Routing>,
-) -> anyhow::Result<()> {
-    let socket = Arc::new(UdpSocket::bind(addr).await?);
-    let local = socket.local_addr()?;
+) {
     let contact_host = match routing.external_ip {
-        Some(ip) => SocketAddr::new(ip, local.port()).to_string(),
-        None => local.to_string(),
+        Some(ip) => SocketAddr::new(ip, contact.port()).to_string(),
+        None => contact.to_string(),
     };
-    let seed = std::collections::hash_map::RandomState::new().hash_one(local);
+    let seed = std::collections::hash_map::RandomState::new().hash_one(contact);
     let mut ua = UserAgent::new(UaConfig {
         contact_host,
         user_agent: format!("Patchbay/{}", env!("CARGO_PKG_VERSION")),
@@ -73,41 +103,12 @@ pub async fn serve_udp(
     });
     let (commands, mut command_rx) = mpsc::unbounded_channel::<Command>();
     let mut calls: HashMap<CallRef, LiveCall> = HashMap::new();
-    let limits = Limits::default();
-    let mut buf = vec![0u8; limits.max_message_bytes + 1];
-    let mut out = Vec::with_capacity(2048);
-    tracing::info!(%local, "SIP over UDP listening");
     loop {
         let deadline = ua.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
-            received = socket.recv_from(&mut buf) => {
-                let (len, from) = match received {
-                    Ok(r) => r,
-                    Err(e) => {
-                        // ICMP port unreachable from an earlier send surfaces here on Linux.
-                        tracing::debug!("udp receive: {e}");
-                        continue;
-                    }
-                };
-                let peer = Peer { transport: Transport::Udp, addr: from };
-                match parse_datagram(&buf[..len], &limits) {
-                    Ok(Parsed::Sip(message)) => ua.handle_receive(std::time::Instant::now(), peer, message),
-                    Ok(Parsed::KeepAlive) => {}
-                    Ok(Parsed::ExtensionRequest(request)) => {
-                        // §8.2.1: a method we do not know at all.
-                        out.clear();
-                        request.write_response(501, "Not Implemented", None, &mut out);
-                        let _ = socket.send_to(&out, from).await;
-                    }
-                    Ok(_) => {}
-                    Err(error) => {
-                        tracing::debug!(%from, "bad SIP message: {error}");
-                        out.clear();
-                        if error.write_response(None, &mut out) {
-                            let _ = socket.send_to(&out, from).await;
-                        }
-                    }
-                }
+            received = inbound.recv() => {
+                let Some(Inbound { peer, message }) = received else { return };
+                ua.handle_receive(std::time::Instant::now(), peer, message);
             }
             Some(command) = command_rx.recv() => {
                 let now = std::time::Instant::now();
@@ -139,12 +140,7 @@ pub async fn serve_udp(
         }
         while let Some(output) = ua.poll_output() {
             match output {
-                UaOutput::Transmit { peer, message } => {
-                    let bytes = message.to_string();
-                    if let Err(e) = socket.send_to(bytes.as_bytes(), peer.addr).await {
-                        tracing::warn!(to = %peer.addr, "udp send: {e}");
-                    }
-                }
+                UaOutput::Transmit { peer, message } => outbound.send(peer, message.to_string().into_bytes()).await,
                 UaOutput::Event(event) => {
                     on_event(&mut ua, &mut calls, event, &engine, &registry, &routing, &commands);
                 }
@@ -177,7 +173,9 @@ fn answer(
         Ok(negotiated) => {
             tracing::info!(?call, codec = negotiated.codec.name(), remote = %negotiated.remote_rtp, "answering");
             live.rtp = Some(rtp);
-            ua.answer(now, call, negotiated.local_sdp.into_bytes()).map_err(|_| CallError::Hangup)
+            let sdp = negotiated.local_sdp.clone().into_bytes();
+            live.media = Some((local, negotiated));
+            ua.answer(now, call, sdp).map_err(|_| CallError::Hangup)
         }
         Err(e) => {
             tracing::info!(?call, "offer not acceptable: {e}");
@@ -238,7 +236,7 @@ fn on_event(
                     .collect(),
             };
             tracing::info!(?call, from = %peer.addr, tenant = %info.tenant, flow = %info.flow, version = &flow.version()[..12], "call started");
-            calls.insert(call, LiveCall { ended, dtmf, invite: *request, rtp: None });
+            calls.insert(call, LiveCall { ended, dtmf, invite: *request, rtp: None, media: None });
             let control = Arc::new(SipCall {
                 call,
                 info,
@@ -263,6 +261,12 @@ fn on_event(
             });
         }
         UaEvent::Confirmed { call } => tracing::debug!(?call, "call confirmed (ACK)"),
+        UaEvent::ReInvite { call, offer } => {
+            let answer = calls.get_mut(&call).map_or(Err(481), |live| live.reinvite(call, &offer));
+            if let Err(e) = ua.answer_reinvite(now, call, answer) {
+                tracing::debug!(?call, "re-INVITE: {e}");
+            }
+        }
         UaEvent::InfoDtmf { call, digit, duration_ms } => {
             if let Some(live) = calls.get(&call) {
                 let _ = live.dtmf.send(Dtmf { digit, duration_ms });
@@ -275,7 +279,7 @@ fn on_event(
             let who = match cause {
                 EndCause::RemoteBye | EndCause::Cancelled => "caller",
                 EndCause::LocalBye | EndCause::Rejected(_) => "patchbay",
-                EndCause::AckTimeout => "network",
+                EndCause::AckTimeout | EndCause::SessionExpired => "network",
             };
             if cause == EndCause::AckTimeout {
                 tracing::warn!(?call, "our 200 OK was never ACKed (wrong Contact/Record-Route or NAT?); sent BYE");

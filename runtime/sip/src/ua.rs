@@ -5,12 +5,14 @@
 //! Driven like the transaction layer: feed it messages and time, drain [`UaOutput`]s.
 //!
 //! **Scope today:** UAS calls (inbound INVITE → ring/answer/reject, ACK, BYE both ways,
-//! CANCEL with 487, in-dialog OPTIONS/INFO, 481 for unknown dialogs, a re-INVITE answered with
-//! the current session description). **Not yet:** UAC calls (dial), REFER, UPDATE, session
-//! timers, 491 glare handling and SDP changes on re-INVITE, digest challenges.
+//! CANCEL with 487, in-dialog OPTIONS/INFO, 481 for unknown dialogs, re-INVITEs handed to the
+//! application for a new SDP answer (hold/resume), 500 for an overlapping re-INVITE).
+//! **Not yet:** UAC calls (dial), REFER, UPDATE, session timers, 491 glare (we never send a
+//! re-INVITE ourselves yet), digest challenges.
 
-use std::collections::{HashMap, VecDeque};
-use std::time::Instant;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use rsip::headers::{ToTypedHeader, UntypedHeader};
 use rsip::prelude::HeadersExt;
@@ -19,7 +21,13 @@ use rsip::{Header, Method, SipMessage};
 use crate::transaction::{Event, Output, Peer, TimerConfig, TransactionId, TransactionLayer, Transport};
 
 /// Methods this user agent handles (for Allow, RFC 3261 §20.5).
-pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO";
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE";
+
+/// Option tags we support (RFC 3261 §20.37): session timers (RFC 4028).
+pub const SUPPORTED: &str = "timer";
+
+/// Smallest session interval we accept (RFC 4028 §5: at least 90 s).
+pub const MIN_SE: u32 = 90;
 
 /// Identifies a call within one [`UserAgent`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -52,6 +60,9 @@ pub enum EndCause {
     Rejected(u16),
     /// Our 2xx was never acknowledged (§13.3.1.4); a BYE was sent.
     AckTimeout,
+    /// The peer, the session refresher, did not refresh the session in time (RFC 4028 §10);
+    /// a BYE was sent.
+    SessionExpired,
 }
 
 /// What the user agent tells the application.
@@ -70,6 +81,14 @@ pub enum UaEvent {
     Confirmed {
         /// The call.
         call: CallRef,
+    },
+    /// A re-INVITE arrived (hold, resume, media change, refresh). The application answers it
+    /// with [`UserAgent::answer_reinvite`]; `offer` is empty when the peer asks us to offer.
+    ReInvite {
+        /// The call.
+        call: CallRef,
+        /// The SDP offer in the re-INVITE (may be empty).
+        offer: Vec<u8>,
     },
     /// A DTMF digit signalled with SIP INFO (`application/dtmf-relay` or `application/dtmf`).
     InfoDtmf {
@@ -147,6 +166,12 @@ struct Call {
     local_sdp: Option<Vec<u8>>,
     bye_tx: Option<TransactionId>,
     ended_by_ack_timeout: bool,
+    /// A re-INVITE or UPDATE waiting for the application's answer.
+    pending_reinvite: Option<(TransactionId, rsip::Request)>,
+    /// Session timer (RFC 4028) the caller asked for, with the caller as refresher: the
+    /// interval and when the session expires without a refresh.
+    session_timer: Option<(Duration, Instant)>,
+    ended_by_session_timer: bool,
 }
 
 /// The user agent core. See the module docs.
@@ -161,6 +186,8 @@ pub struct UserAgent {
     by_invite_tx: HashMap<TransactionId, CallRef>,
     /// Client transaction of our BYE → call.
     by_bye_tx: HashMap<TransactionId, CallRef>,
+    /// Session-timer deadlines (RFC 4028); stale entries are skipped.
+    session_deadlines: BinaryHeap<Reverse<(Instant, CallRef)>>,
     counter: u64,
     outputs: VecDeque<UaOutput>,
 }
@@ -179,6 +206,7 @@ impl UserAgent {
             dialogs: HashMap::new(),
             by_invite_tx: HashMap::new(),
             by_bye_tx: HashMap::new(),
+            session_deadlines: BinaryHeap::new(),
             counter: 0,
             outputs: VecDeque::new(),
         }
@@ -196,13 +224,50 @@ impl UserAgent {
 
     /// When [`UserAgent::handle_timeout`] must next run.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        self.layer.poll_timeout()
+        let session = loop {
+            let Some(Reverse((at, call))) = self.session_deadlines.peek().copied() else { break None };
+            if self.calls.get(&call).and_then(|c| c.session_timer).is_some_and(|(_, deadline)| deadline == at) {
+                break Some(at);
+            }
+            self.session_deadlines.pop();
+        };
+        match (self.layer.poll_timeout(), session) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Fires due timers.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.layer.handle_timeout(now);
         self.pump(now);
+        while let Some(Reverse((at, call))) = self.session_deadlines.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.session_deadlines.pop();
+            let expired =
+                self.calls.get(&call).and_then(|c| c.session_timer).is_some_and(|(_, deadline)| deadline == at);
+            if expired {
+                // RFC 4028 §10: no refresh arrived in time; end the session with BYE.
+                if let Some(c) = self.calls.get_mut(&call) {
+                    c.ended_by_session_timer = true;
+                    c.session_timer = None;
+                }
+                let _ = self.hangup(now, call);
+            }
+        }
+    }
+
+    /// (Re)starts a call's session timer at `now`. RFC 4028 §10: the refresher refreshes
+    /// halfway; the other side sends BYE when the interval minus min(32 s, interval/3) passes
+    /// without one.
+    fn arm_session_timer(&mut self, now: Instant, call: CallRef) {
+        let Some(c) = self.calls.get_mut(&call) else { return };
+        let Some((interval, _)) = c.session_timer else { return };
+        let deadline = now + interval - (interval / 3).min(Duration::from_secs(32));
+        c.session_timer = Some((interval, deadline));
+        self.session_deadlines.push(Reverse((deadline, call)));
     }
 
     /// A message arrived (parsed and validated by [`crate::message`]).
@@ -362,6 +427,17 @@ impl UserAgent {
             .unwrap_or_else(|| request.uri.clone());
         let route_set = request.headers.iter().filter(|h| matches!(h, Header::RecordRoute(_))).cloned().collect();
         let remote_cseq = request.cseq_header().ok().and_then(|c| c.typed().ok()).map_or(0, |c| c.seq);
+        let session_timer = match session_timer_request(&request) {
+            SessionTimer::None => None,
+            SessionTimer::TooSmall => {
+                // RFC 4028 §8.1: 422 with our Min-SE.
+                let min_se = Header::Other("Min-SE".into(), MIN_SE.to_string());
+                let response = self.response(&request, 422, None, &[min_se]);
+                let _ = self.layer.send_response(Instant::now(), id, response);
+                return;
+            }
+            SessionTimer::Uac(interval) => Some((interval, Instant::now())),
+        };
         let local_tag = self.unique();
         self.counter += 1;
         let call = CallRef(self.counter);
@@ -384,6 +460,9 @@ impl UserAgent {
                 local_sdp: None,
                 bye_tx: None,
                 ended_by_ack_timeout: false,
+                pending_reinvite: None,
+                session_timer,
+                ended_by_session_timer: false,
             },
         );
         self.emit(UaEvent::IncomingCall { call, peer, request: Box::new(request) });
@@ -411,16 +490,26 @@ impl UserAgent {
                 let _ = self.layer.send_response(now, id, response);
                 self.finish(call, EndCause::RemoteBye);
             }
-            Method::Invite => {
-                // A re-INVITE (hold, resume, refresh). Until SDP renegotiation lands we answer
-                // with the session we have, which keeps the call up (RFC 3264 §8 allows an
-                // unchanged answer only when the offer is unchanged; say so in the log).
-                let sdp = c.local_sdp.clone();
-                let extra = self.contact_and_sdp_headers(sdp.is_some());
-                let mut response = self.response(&request, 200, None, &extra);
-                response.body = sdp.unwrap_or_default();
-                set_content_length(&mut response.headers, response.body.len());
+            Method::Update if request.body.iter().all(u8::is_ascii_whitespace) => {
+                // A session refresh or a target refresh without SDP (RFC 3311 §5.2,
+                // RFC 4028 §9): 200 OK without a body.
+                let contact = self.contact_and_sdp_headers(false);
+                let response = self.response(&request, 200, None, &contact);
                 let _ = self.layer.send_response(now, id, response);
+                self.arm_session_timer(now, call);
+            }
+            Method::Invite | Method::Update => {
+                if c.pending_reinvite.is_some() {
+                    // §14.2: a re-INVITE while another is in progress gets 500 with a
+                    // Retry-After between 0 and 10 s.
+                    let retry = Header::RetryAfter("2".into());
+                    let response = self.response(&request, 500, None, &[retry]);
+                    let _ = self.layer.send_response(now, id, response);
+                    return;
+                }
+                let offer = request.body.clone();
+                c.pending_reinvite = Some((id, request));
+                self.emit(UaEvent::ReInvite { call, offer });
             }
             Method::Info => {
                 let dtmf = parse_info_dtmf(&request);
@@ -445,7 +534,13 @@ impl UserAgent {
     fn finish(&mut self, call: CallRef, cause: EndCause) {
         if let Some(c) = self.calls.remove(&call) {
             self.dialogs.remove(&(c.call_id, c.local_tag));
-            let cause = if c.ended_by_ack_timeout { EndCause::AckTimeout } else { cause };
+            let cause = if c.ended_by_ack_timeout {
+                EndCause::AckTimeout
+            } else if c.ended_by_session_timer {
+                EndCause::SessionExpired
+            } else {
+                cause
+            };
             self.emit(UaEvent::Ended { call, cause });
         }
     }
@@ -478,6 +573,7 @@ impl UserAgent {
         headers.push(Header::Server(self.config.user_agent.clone().into()));
         if (code == 405 || (200..300).contains(&code)) && !extra.iter().any(|h| matches!(h, Header::Allow(_))) {
             headers.push(Header::Allow(ALLOW.into()));
+            headers.push(Header::Supported(SUPPORTED.into()));
         }
         headers.extend(extra.iter().cloned());
         headers.push(Header::ContentLength(0u32.into()));
@@ -512,13 +608,54 @@ impl UserAgent {
         c.phase = Phase::Answered;
         c.local_sdp = Some(sdp.clone());
         let (invite, tx, tag) = (c.invite.clone(), c.invite_tx, c.local_tag.clone());
-        let extra = self.contact_and_sdp_headers(true);
+        let session_interval = c.session_timer.map(|(interval, _)| interval);
+        let mut extra = self.contact_and_sdp_headers(true);
+        if let Some(interval) = session_interval {
+            // RFC 4028 §9: the caller supports timers and refreshes (refresher=uac).
+            extra.push(Header::Other("Session-Expires".into(), format!("{};refresher=uac", interval.as_secs())));
+            extra.push(Header::Require("timer".into()));
+        }
         let mut ok = self.response(&invite, 200, Some(&tag), &extra);
         set_content_length(&mut ok.headers, sdp.len());
         ok.body = sdp;
         let _ = self.layer.send_response(now, tx, ok);
+        self.arm_session_timer(now, call);
         self.pump(now);
         Ok(())
+    }
+
+    /// Answers the pending re-INVITE: `Ok(sdp)` sends 200 OK with that session description,
+    /// `Err(status)` rejects it (488 for an unacceptable offer, RFC 3261 §14.2; the call
+    /// continues with the session it had).
+    pub fn answer_reinvite(
+        &mut self,
+        now: Instant,
+        call: CallRef,
+        answer: Result<Vec<u8>, u16>,
+    ) -> Result<(), UaError> {
+        let c = self.calls.get_mut(&call).ok_or(UaError::UnknownCall(call))?;
+        let (tx, request) = c.pending_reinvite.take().ok_or(UaError::WrongState(call, "no re-INVITE pending"))?;
+        let response = match answer {
+            Ok(sdp) => {
+                c.local_sdp = Some(sdp.clone());
+                let extra = self.contact_and_sdp_headers(true);
+                let mut ok = self.response(&request, 200, None, &extra);
+                set_content_length(&mut ok.headers, sdp.len());
+                ok.body = sdp;
+                ok
+            }
+            Err(status) => self.response(&request, status.clamp(300, 699), None, &[]),
+        };
+        let _ = self.layer.send_response(now, tx, response);
+        // A successful refresh restarts the session timer (RFC 4028 §10).
+        self.arm_session_timer(now, call);
+        self.pump(now);
+        Ok(())
+    }
+
+    /// The session description we last sent on this call.
+    pub fn local_sdp(&self, call: CallRef) -> Option<&[u8]> {
+        self.calls.get(&call).and_then(|c| c.local_sdp.as_deref())
     }
 
     /// Rejects an unanswered call with a final status (≥ 300).
@@ -632,3 +769,43 @@ fn parse_info_dtmf(request: &rsip::Request) -> Option<(char, u32)> {
         None
     }
 }
+
+/// What a caller asked for in `Session-Expires` (RFC 4028).
+enum SessionTimer {
+    /// No session timer, or one we cannot serve: the caller does not support `timer`, so we
+    /// would have to refresh, and Patchbay does not send refreshes yet.
+    None,
+    /// Below our Min-SE.
+    TooSmall,
+    /// A timer with the caller refreshing.
+    Uac(Duration),
+}
+
+fn header_values<'a>(request: &'a rsip::Request, name: &str) -> impl Iterator<Item = &'a str> {
+    request.headers.iter().filter_map(move |h| match h {
+        Header::Other(n, v) if n.eq_ignore_ascii_case(name) => Some(v.as_str()),
+        Header::Supported(v) if name.eq_ignore_ascii_case("Supported") => Some(v.value()),
+        _ => None,
+    })
+}
+
+fn session_timer_request(request: &rsip::Request) -> SessionTimer {
+    let Some(value) = header_values(request, "Session-Expires").next() else { return SessionTimer::None };
+    let mut parts = value.split(';');
+    let Some(interval) = parts.next().and_then(|v| v.trim().parse::<u32>().ok()) else { return SessionTimer::None };
+    if interval < MIN_SE {
+        return SessionTimer::TooSmall;
+    }
+    let refresher_uas = parts.any(|p| p.trim().eq_ignore_ascii_case("refresher=uas"));
+    let uac_supports_timer =
+        header_values(request, "Supported").any(|v| v.split(',').any(|tag| tag.trim().eq_ignore_ascii_case("timer")));
+    if !uac_supports_timer || refresher_uas {
+        SessionTimer::None
+    } else {
+        SessionTimer::Uac(Duration::from_secs(u64::from(interval)))
+    }
+}
+
+#[cfg(test)]
+#[path = "ua_tests.rs"]
+mod tests;

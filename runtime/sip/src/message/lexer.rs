@@ -117,18 +117,21 @@ impl<'a> Iterator for Lines<'a> {
         if self.rest.is_empty() {
             return None;
         }
-        match memchr::memmem::find(self.rest, b"\r\n") {
-            Some(end) => {
-                let line = &self.rest[..end];
-                self.rest = &self.rest[end + 2..];
-                Some(line)
+        // Find LF with memchr and check the CR before it: cheaper than building a two-byte
+        // substring searcher for every line. A bare LF stays inside the line (see above).
+        let mut from = 0;
+        while let Some(offset) = memchr::memchr(b'\n', &self.rest[from..]) {
+            let lf = from + offset;
+            if lf > 0 && self.rest[lf - 1] == b'\r' {
+                let line = &self.rest[..lf - 1];
+                self.rest = &self.rest[lf + 1..];
+                return Some(line);
             }
-            None => {
-                let line = self.rest;
-                self.rest = &[];
-                Some(line)
-            }
+            from = lf + 1;
         }
+        let line = self.rest;
+        self.rest = &[];
+        Some(line)
     }
 }
 

@@ -302,7 +302,26 @@ fn build(start: StartLine<'_>, fields: Vec<Field>, body: Vec<u8>) -> Parsed {
 /// rsip's Method enum is closed and compares case-insensitively; SIP methods are
 /// case-sensitive (§7.1), so only the exact upper-case spelling maps to it.
 fn known_method(method: &str) -> Option<rsip::Method> {
-    rsip::Method::all().into_iter().find(|m| m.to_string() == method)
+    use rsip::Method::*;
+    // Methods are case-sensitive (§7.1): `invite` is an extension method, not INVITE. A match
+    // on the bytes instead of formatting every rsip method: this runs once per message.
+    Some(match method {
+        "INVITE" => Invite,
+        "ACK" => Ack,
+        "BYE" => Bye,
+        "CANCEL" => Cancel,
+        "OPTIONS" => Options,
+        "REGISTER" => Register,
+        "INFO" => Info,
+        "UPDATE" => Update,
+        "PRACK" => PRack,
+        "REFER" => Refer,
+        "NOTIFY" => Notify,
+        "SUBSCRIBE" => Subscribe,
+        "MESSAGE" => Message,
+        "PUBLISH" => Publish,
+        _ => return None,
+    })
 }
 
 /// Builds the rsip URI from the already validated parts. An IPv6 reference is kept as a

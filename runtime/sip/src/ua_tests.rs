@@ -1,0 +1,239 @@
+//! The user agent core on a virtual clock.
+
+use std::time::{Duration, Instant};
+
+use rsip::prelude::HeadersExt;
+use rsip::{Header, Method, SipMessage};
+
+use super::*;
+use crate::transaction::{Peer, TimerConfig, Transport};
+
+fn peer() -> Peer {
+    Peer { transport: Transport::Udp, addr: "192.0.2.10:5060".parse().unwrap() }
+}
+
+fn ua() -> UserAgent {
+    UserAgent::new(UaConfig {
+        contact_host: "192.0.2.1:5060".into(),
+        user_agent: "Patchbay/test".into(),
+        timers: TimerConfig::default(),
+        seed: 7,
+    })
+}
+
+fn invite(extra: &str) -> SipMessage {
+    let sdp = "v=0\r\no=- 1 1 IN IP4 192.0.2.10\r\ns=-\r\nc=IN IP4 192.0.2.10\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+    let text = format!(
+        "INVITE sip:echo@192.0.2.1 SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKinv\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:alice@192.0.2.10>;tag=a1\r\n\
+         To: <sip:echo@192.0.2.1>\r\n\
+         Call-ID: c1@192.0.2.10\r\n\
+         CSeq: 1 INVITE\r\n\
+         Contact: <sip:alice@192.0.2.10:5060>\r\n\
+         {extra}\
+         Content-Type: application/sdp\r\n\
+         Content-Length: {}\r\n\r\n{sdp}",
+        sdp.len()
+    );
+    SipMessage::try_from(text.as_str()).unwrap()
+}
+
+fn in_dialog(method: &str, cseq: u32, branch: &str, to_tag: &str) -> SipMessage {
+    let text = format!(
+        "{method} sip:192.0.2.1:5060 SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 192.0.2.10:5060;branch={branch}\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:alice@192.0.2.10>;tag=a1\r\n\
+         To: <sip:echo@192.0.2.1>;tag={to_tag}\r\n\
+         Call-ID: c1@192.0.2.10\r\n\
+         CSeq: {cseq} {method}\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    SipMessage::try_from(text.as_str()).unwrap()
+}
+
+fn drain(ua: &mut UserAgent) -> (Vec<SipMessage>, Vec<UaEvent>) {
+    let (mut sent, mut events) = (Vec::new(), Vec::new());
+    while let Some(out) = ua.poll_output() {
+        match out {
+            UaOutput::Transmit { message, .. } => sent.push(message),
+            UaOutput::Event(e) => events.push(e),
+        }
+    }
+    (sent, events)
+}
+
+fn status(message: &SipMessage) -> u16 {
+    match message {
+        SipMessage::Response(r) => r.status_code.code(),
+        SipMessage::Request(_) => 0,
+    }
+}
+
+/// Starts a call and answers it; returns the call and our To tag.
+fn answered(ua: &mut UserAgent, t0: Instant, extra: &str) -> (CallRef, String, rsip::Response) {
+    ua.handle_receive(t0, peer(), invite(extra));
+    let (sent, events) = drain(ua);
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![100]);
+    let Some(UaEvent::IncomingCall { call, .. }) = events.into_iter().next() else { panic!("no call") };
+    ua.ring(t0, call).unwrap();
+    ua.answer(t0, call, b"v=0\r\n".to_vec()).unwrap();
+    let (sent, _) = drain(ua);
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![180, 200]);
+    let SipMessage::Response(ok) = sent[1].clone() else { panic!() };
+    let tag = ok.to_header().unwrap().tag().unwrap().unwrap().to_string();
+    (call, tag, ok)
+}
+
+#[test]
+fn a_call_is_answered_confirmed_and_ended_by_the_callers_bye() {
+    let mut ua = ua();
+    let t0 = Instant::now();
+    let (call, tag, ok) = answered(&mut ua, t0, "");
+    assert!(ok.headers.iter().any(|h| matches!(h, Header::Contact(_))), "a 2xx to INVITE carries Contact");
+    ua.handle_receive(t0, peer(), in_dialog("ACK", 1, "z9hG4bKack", &tag));
+    assert_eq!(drain(&mut ua).1, vec![UaEvent::Confirmed { call }]);
+    ua.handle_receive(t0, peer(), in_dialog("BYE", 2, "z9hG4bKbye", &tag));
+    let (sent, events) = drain(&mut ua);
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![200]);
+    assert_eq!(events, vec![UaEvent::Ended { call, cause: EndCause::RemoteBye }]);
+    assert_eq!(ua.calls(), 0);
+}
+
+#[test]
+fn requests_for_unknown_dialogs_get_481_and_unknown_methods_405() {
+    let mut ua = ua();
+    let t0 = Instant::now();
+    ua.handle_receive(t0, peer(), in_dialog("BYE", 2, "z9hG4bKx", "nobody"));
+    assert_eq!(drain(&mut ua).0.iter().map(status).collect::<Vec<_>>(), vec![481]);
+    let text = "MESSAGE sip:echo@192.0.2.1 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.10;branch=z9hG4bKm\r\n\
+                From: <sip:a@b>;tag=1\r\nTo: <sip:echo@192.0.2.1>\r\nCall-ID: m1\r\nCSeq: 1 MESSAGE\r\n\
+                Content-Length: 0\r\n\r\n";
+    ua.handle_receive(t0, peer(), SipMessage::try_from(text).unwrap());
+    let (sent, _) = drain(&mut ua);
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![405]);
+    let SipMessage::Response(r) = &sent[0] else { panic!() };
+    assert!(r.headers.iter().any(|h| matches!(h, Header::Allow(_))), "405 lists Allow (§21.4.6)");
+}
+
+#[test]
+fn our_hangup_sends_a_bye_built_from_the_dialog() {
+    let mut ua = ua();
+    let t0 = Instant::now();
+    let (call, tag, _) = answered(&mut ua, t0, "Record-Route: <sip:proxy.example.com;lr>\r\n");
+    ua.handle_receive(t0, peer(), in_dialog("ACK", 1, "z9hG4bKack", &tag));
+    drain(&mut ua);
+    ua.hangup(t0, call).unwrap();
+    let (sent, _) = drain(&mut ua);
+    let [SipMessage::Request(bye)] = &sent[..] else { panic!("{sent:?}") };
+    assert_eq!(bye.method, Method::Bye);
+    // §12.2.1.1: Request-URI = remote target (the INVITE's Contact), Route = route set.
+    assert_eq!(bye.uri.to_string(), "sip:alice@192.0.2.10:5060");
+    assert!(bye.headers.iter().any(|h| matches!(h, Header::Route(r) if r.to_string().contains("proxy.example.com"))));
+    assert_eq!(bye.from_header().unwrap().tag().unwrap().unwrap().to_string(), tag);
+    assert_eq!(bye.to_header().unwrap().tag().unwrap().unwrap().to_string(), "a1");
+    assert_eq!(bye.cseq_header().unwrap().typed().unwrap().method, Method::Bye);
+}
+
+#[test]
+fn a_session_interval_below_min_se_gets_422() {
+    let mut ua = ua();
+    ua.handle_receive(Instant::now(), peer(), invite("Session-Expires: 30\r\nSupported: timer\r\n"));
+    let (sent, events) = drain(&mut ua);
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![100, 422]);
+    assert!(events.is_empty());
+}
+
+#[test]
+fn a_session_timer_the_caller_refreshes_is_accepted_and_its_expiry_ends_the_call() {
+    let mut ua = ua();
+    let t0 = Instant::now();
+    let (call, tag, ok) = answered(&mut ua, t0, "Session-Expires: 120\r\nSupported: timer\r\n");
+    let se = ok.headers.iter().find_map(|h| match h {
+        Header::Other(name, value) if name == "Session-Expires" => Some(value.clone()),
+        _ => None,
+    });
+    assert_eq!(se.as_deref(), Some("120;refresher=uac"));
+    assert!(ok.headers.iter().any(|h| matches!(h, Header::Require(r) if r.to_string().contains("timer"))));
+    ua.handle_receive(t0, peer(), in_dialog("ACK", 1, "z9hG4bKack", &tag));
+    drain(&mut ua);
+    // A refresh by UPDATE at 60 s restarts the timer.
+    ua.handle_receive(t0 + Duration::from_secs(60), peer(), in_dialog("UPDATE", 2, "z9hG4bKupd", &tag));
+    assert_eq!(drain(&mut ua).0.iter().map(status).collect::<Vec<_>>(), vec![200]);
+    // RFC 4028 §10: BYE at interval - min(32, interval/3) = 120 - 32 = 88 s after the last refresh.
+    let (expiry, sent) = loop {
+        let at = ua.poll_timeout().unwrap();
+        ua.handle_timeout(at);
+        let (sent, _) = drain(&mut ua);
+        if !sent.is_empty() {
+            break (at, sent);
+        }
+    };
+    assert_eq!(expiry, t0 + Duration::from_secs(60 + 88));
+    assert!(matches!(&sent[..], [SipMessage::Request(r)] if r.method == Method::Bye), "{sent:?}");
+    // The BYE's 200 ends the call with the session-timer cause.
+    let SipMessage::Request(bye) = &sent[0] else { panic!() };
+    let mut ok = format!(
+        "SIP/2.0 200 OK\r\n{}\r\n{}\r\n{}\r\n{}\r\n{}\r\nContent-Length: 0\r\n\r\n",
+        bye.via_header().unwrap(),
+        bye.from_header().unwrap(),
+        bye.to_header().unwrap(),
+        bye.call_id_header().unwrap(),
+        bye.cseq_header().unwrap()
+    );
+    ok = ok.replace("\r\n\r\n\r\n", "\r\n\r\n");
+    ua.handle_receive(expiry, peer(), SipMessage::try_from(ok.as_str()).unwrap());
+    assert_eq!(drain(&mut ua).1, vec![UaEvent::Ended { call, cause: EndCause::SessionExpired }]);
+}
+
+#[test]
+fn a_reinvite_goes_to_the_application_and_an_overlapping_one_gets_500() {
+    let mut ua = ua();
+    let t0 = Instant::now();
+    let (call, tag, _) = answered(&mut ua, t0, "");
+    ua.handle_receive(t0, peer(), in_dialog("ACK", 1, "z9hG4bKack", &tag));
+    drain(&mut ua);
+    ua.handle_receive(t0, peer(), in_dialog("INVITE", 2, "z9hG4bKre1", &tag));
+    let (sent, events) = drain(&mut ua);
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![100]);
+    assert!(matches!(&events[..], [UaEvent::ReInvite { call: c, .. }] if *c == call));
+    ua.handle_receive(t0, peer(), in_dialog("INVITE", 3, "z9hG4bKre2", &tag));
+    assert_eq!(drain(&mut ua).0.iter().map(status).collect::<Vec<_>>(), vec![100, 500]);
+    ua.answer_reinvite(t0, call, Ok(b"v=0\r\n".to_vec())).unwrap();
+    assert_eq!(drain(&mut ua).0.iter().map(status).collect::<Vec<_>>(), vec![200]);
+}
+
+#[test]
+fn cancel_before_answer_gets_200_and_the_invite_487() {
+    let mut ua = ua();
+    let t0 = Instant::now();
+    ua.handle_receive(t0, peer(), invite(""));
+    let Some(UaEvent::IncomingCall { call, .. }) = drain(&mut ua).1.into_iter().next() else { panic!() };
+    let cancel = "CANCEL sip:echo@192.0.2.1 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKinv\r\n\
+                  Max-Forwards: 70\r\nFrom: <sip:alice@192.0.2.10>;tag=a1\r\nTo: <sip:echo@192.0.2.1>\r\n\
+                  Call-ID: c1@192.0.2.10\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n";
+    ua.handle_receive(t0, peer(), SipMessage::try_from(cancel).unwrap());
+    let (sent, events) = drain(&mut ua);
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![200, 487]);
+    assert_eq!(events, vec![UaEvent::Ended { call, cause: EndCause::Cancelled }]);
+}
+
+#[test]
+fn sip_info_dtmf_is_reported() {
+    let mut ua = ua();
+    let t0 = Instant::now();
+    let (call, tag, _) = answered(&mut ua, t0, "");
+    let body = "Signal=5\r\nDuration=250\r\n";
+    let text = format!(
+        "INFO sip:192.0.2.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKinfo\r\n\
+         From: <sip:alice@192.0.2.10>;tag=a1\r\nTo: <sip:echo@192.0.2.1>;tag={tag}\r\nCall-ID: c1@192.0.2.10\r\n\
+         CSeq: 2 INFO\r\nContent-Type: application/dtmf-relay\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    ua.handle_receive(t0, peer(), SipMessage::try_from(text.as_str()).unwrap());
+    let (sent, events) = drain(&mut ua);
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![200]);
+    assert_eq!(events, vec![UaEvent::InfoDtmf { call, digit: '5', duration_ms: 250 }]);
+}

@@ -1,0 +1,63 @@
+//! Every RFC 4475 torture message, sent over UDP to the running binary: after each one Patchbay
+//! must still answer an OPTIONS ping. Malformed requests must be answered (400/505/416…) or
+//! dropped, never crash or wedge the endpoint.
+
+use std::net::UdpSocket;
+use std::path::Path;
+use std::time::Duration;
+
+use patchbay_e2e::start_patchbay;
+
+fn options(port: u16, n: usize) -> Vec<u8> {
+    format!(
+        "OPTIONS sip:echo@127.0.0.1:{port} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 127.0.0.1:{{local}};branch=z9hG4bK-ping-{n};rport\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:probe@127.0.0.1>;tag=probe{n}\r\n\
+         To: <sip:echo@127.0.0.1>\r\n\
+         Call-ID: ping-{n}@127.0.0.1\r\n\
+         CSeq: {n} OPTIONS\r\n\
+         Content-Length: 0\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+#[test]
+fn every_torture_message_leaves_the_endpoint_answering() {
+    let pb = start_patchbay();
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+    let local = socket.local_addr().expect("addr").port();
+    let target = format!("127.0.0.1:{}", pb.port);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/sip/tests/rfc4475");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("RFC 4475 test data")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "dat"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 40, "expected the RFC 4475 messages in {}", dir.display());
+    let mut buf = [0u8; 65_536];
+    for (n, file) in files.iter().enumerate() {
+        let message = std::fs::read(file).expect("read message");
+        socket.send_to(&message, &target).expect("send torture message");
+        // Drain whatever it answered (a 400, a 404 for a call to nobody, …).
+        while socket.recv_from(&mut buf).is_ok() {}
+        let ping = String::from_utf8(options(pb.port, n)).expect("utf-8").replace("{local}", &local.to_string());
+        let mut answered = false;
+        for _attempt in 0..5 {
+            socket.send_to(ping.as_bytes(), &target).expect("send OPTIONS");
+            while let Ok((len, _)) = socket.recv_from(&mut buf) {
+                let reply = String::from_utf8_lossy(&buf[..len]);
+                if reply.starts_with("SIP/2.0 200") && reply.contains(&format!("ping-{n}@127.0.0.1")) {
+                    answered = true;
+                }
+            }
+            if answered {
+                break;
+            }
+        }
+        assert!(answered, "no 200 to OPTIONS after {}", file.display());
+    }
+}
