@@ -133,6 +133,26 @@ pub struct TenantConfig {
     /// The tenant's flows.
     #[serde(rename = "flow", default)]
     pub flows: Vec<Spanned<FlowConfig>>,
+    /// Digest authentication of inbound calls.
+    pub auth: Option<AuthConfig>,
+}
+
+/// `[tenant.auth]`: challenge INVITEs from untrusted sources (RFC 3261 §22, 407 with
+/// `Proxy-Authenticate`, RFC 7616 SHA-256 and MD5).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Realm in the challenge (default: the tenant id).
+    pub realm: Option<String>,
+    /// User name → password.
+    pub users: std::collections::BTreeMap<String, String>,
+    /// Source addresses whose calls are not challenged (a carrier's signalling IPs).
+    #[serde(default)]
+    pub trusted: Vec<std::net::IpAddr>,
+    /// Algorithms offered, one challenge each, in this order (`SHA-256`, `MD5`, and their
+    /// `-sess` forms). Default `["SHA-256", "MD5"]` (RFC 7616 §3.7 / RFC 8760). Many SIP
+    /// devices answer only the first challenge and know only MD5: list `MD5` alone for them.
+    pub algorithms: Option<Vec<Spanned<String>>>,
 }
 
 /// `[[tenant.flow]]`.
@@ -208,6 +228,17 @@ impl Config {
         }
         let mut tenant_ids = std::collections::HashSet::new();
         for tenant in &config.tenants {
+            for algorithm in tenant.auth.iter().flat_map(|a| a.algorithms.iter().flatten()) {
+                if patchbay_sip::auth::Algorithm::from_token(algorithm.get_ref()).is_err() {
+                    return Err(error(
+                        Some(algorithm.span()),
+                        format!(
+                            "tenant.auth.algorithms: unknown algorithm {:?} (SHA-256, MD5, SHA-256-sess, MD5-sess)",
+                            algorithm.get_ref()
+                        ),
+                    ));
+                }
+            }
             if !tenant_ids.insert(tenant.id.as_str()) {
                 return Err(error(None, format!("tenant.id: tenant {:?} is defined twice", tenant.id)));
             }
@@ -382,6 +413,19 @@ mod tests {
         assert!(err.starts_with("t.toml:4: sip.tls.cert: "), "{err}");
         assert!(err.contains("no CERTIFICATE"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tenant_auth_parses_and_an_unknown_algorithm_is_located() {
+        let good = "[sip]\nlisten = []\n[[tenant]]\nid = \"t\"\n[tenant.auth]\nusers = { alice = \"pw\" }\n\
+                    trusted = [\"192.0.2.1\"]\nalgorithms = [\"MD5\"]\n";
+        let config = Config::parse(good, "t.toml", PathBuf::new()).expect("valid auth");
+        let auth = config.tenants[0].auth.as_ref().expect("auth");
+        assert_eq!(auth.users.get("alice").map(String::as_str), Some("pw"));
+        assert_eq!(auth.trusted, vec!["192.0.2.1".parse::<std::net::IpAddr>().expect("ip")]);
+        let bad = good.replace("[\"MD5\"]", "[\"MD4\"]");
+        let err = Config::parse(&bad, "t.toml", PathBuf::new()).expect_err("unknown algorithm").to_string();
+        assert!(err.starts_with("t.toml:8: tenant.auth.algorithms: unknown algorithm \"MD4\""), "{err}");
     }
 
     #[test]

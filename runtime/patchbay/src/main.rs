@@ -95,6 +95,29 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
             let routing = Arc::new(sip_server::Routing {
                 tenants: config.tenants.iter().map(|t| (t.id.clone(), t.domains.clone(), tenant_limits(t))).collect(),
                 external_ip: config.sip.external_ip,
+                auth: config
+                    .tenants
+                    .iter()
+                    .filter_map(|t| {
+                        let auth = t.auth.as_ref()?;
+                        let realm = auth.realm.clone().unwrap_or_else(|| t.id.clone());
+                        Some((
+                            t.id.clone(),
+                            sip_server::TenantAuth {
+                                realm,
+                                users: auth.users.clone(),
+                                trusted: auth.trusted.clone(),
+                                // Checked when the config was parsed.
+                                algorithms: auth
+                                    .algorithms
+                                    .iter()
+                                    .flatten()
+                                    .filter_map(|a| patchbay_sip::auth::Algorithm::from_token(a.get_ref()).ok())
+                                    .collect(),
+                            },
+                        ))
+                    })
+                    .collect(),
             });
             let (inbound, inbound_rx) = tokio::sync::mpsc::channel(config.sip.queue_depth);
             let streams = transport::Streams::new(

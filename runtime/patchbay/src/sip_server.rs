@@ -23,6 +23,7 @@ use patchbay_host::{
     PlayOutcome, RecordOptions, Recording,
 };
 use patchbay_media::Frame;
+use patchbay_sip::auth::{AuthKind, DigestRequest, DigestServer, Outcome, ServerConfig, StoredSecret};
 use patchbay_sip::transaction::TimerConfig;
 use patchbay_sip::ua::{CallRef, EndCause, UaConfig, UaEvent, UaOutput, UserAgent};
 use rsip::headers::UntypedHeader;
@@ -35,8 +36,90 @@ use crate::transport::{Inbound, Outbound};
 pub struct Routing {
     /// (tenant id, domains, limits).
     pub tenants: Vec<(String, Vec<String>, patchbay_host::FlowLimits)>,
+    /// Tenants that challenge inbound calls.
+    pub auth: HashMap<String, TenantAuth>,
     /// Address put in SDP and Contact instead of the bound one (NAT).
     pub external_ip: Option<std::net::IpAddr>,
+}
+
+/// A tenant's inbound-call credentials.
+pub struct TenantAuth {
+    /// Realm in challenges.
+    pub realm: String,
+    /// User name → password.
+    pub users: std::collections::BTreeMap<String, String>,
+    /// Sources not challenged.
+    pub trusted: Vec<std::net::IpAddr>,
+    /// Algorithms offered, in order (empty: the digest server's default).
+    pub algorithms: Vec<patchbay_sip::auth::Algorithm>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A nonce key drawn from the OS's randomness (through `RandomState`'s per-process keys).
+fn random_secret() -> Vec<u8> {
+    (0..4u64).flat_map(|i| std::collections::hash_map::RandomState::new().hash_one(i).to_le_bytes()).collect()
+}
+
+/// Checks an INVITE against its tenant's credentials. `Ok(())` lets the call in; `Err` carries
+/// the status and headers to reject it with (407 + challenge, or 403).
+fn authenticate(
+    servers: &mut HashMap<String, DigestServer>,
+    auth: &TenantAuth,
+    tenant: &str,
+    peer: std::net::SocketAddr,
+    request: &rsip::Request,
+) -> Result<(), (u16, Vec<rsip::Header>)> {
+    if auth.trusted.contains(&peer.ip()) {
+        return Ok(());
+    }
+    let now = unix_now();
+    let server = match servers.entry(tenant.to_owned()) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            let mut config = ServerConfig::new(auth.realm.clone(), random_secret());
+            config.kind = AuthKind::Proxy;
+            if !auth.algorithms.is_empty() {
+                config.algorithms = auth.algorithms.clone();
+            }
+            match DigestServer::new(config, now) {
+                Ok(server) => e.insert(server),
+                Err(err) => {
+                    tracing::error!(%tenant, "digest server: {err}");
+                    return Err((500, Vec::new()));
+                }
+            }
+        }
+    };
+    let credentials: Vec<&str> = request
+        .headers
+        .iter()
+        .filter_map(|h| match h {
+            rsip::Header::ProxyAuthorization(v) => Some(v.value()),
+            _ => None,
+        })
+        .collect();
+    let uri = request.uri.to_string();
+    let method = request.method.to_string();
+    let digest_request = DigestRequest::new(&method, &uri, &request.body);
+    let store = |user: &str, _realm: &str, _alg: patchbay_sip::auth::Algorithm| {
+        auth.users.get(user).map(|password| StoredSecret::Password(password.clone()))
+    };
+    match server.verify(now, &digest_request, &credentials, &store) {
+        Outcome::Authorized { username } => {
+            tracing::debug!(%tenant, %username, "caller authenticated");
+            Ok(())
+        }
+        Outcome::Challenge { challenges, .. } => {
+            Err((407, challenges.iter().map(|c| rsip::Header::ProxyAuthenticate(c.to_string().into())).collect()))
+        }
+        Outcome::Rejected(reason) => {
+            tracing::info!(%tenant, from = %peer, ?reason, "caller failed digest authentication");
+            Err((403, Vec::new()))
+        }
+    }
 }
 
 enum Command {
@@ -103,6 +186,7 @@ pub async fn run_endpoint(
     });
     let (commands, mut command_rx) = mpsc::unbounded_channel::<Command>();
     let mut calls: HashMap<CallRef, LiveCall> = HashMap::new();
+    let mut digest: HashMap<String, DigestServer> = HashMap::new();
     loop {
         let deadline = ua.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
@@ -142,7 +226,7 @@ pub async fn run_endpoint(
             match output {
                 UaOutput::Transmit { peer, message } => outbound.send(peer, message.to_string().into_bytes()).await,
                 UaOutput::Event(event) => {
-                    on_event(&mut ua, &mut calls, event, &engine, &registry, &routing, &commands);
+                    on_event(&mut ua, &mut calls, &mut digest, event, &engine, &registry, &routing, &commands);
                 }
             }
         }
@@ -185,9 +269,11 @@ fn answer(
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the endpoint's state, passed apart to keep borrows simple
 fn on_event(
     ua: &mut UserAgent,
     calls: &mut HashMap<CallRef, LiveCall>,
+    digest: &mut HashMap<String, DigestServer>,
     event: UaEvent,
     engine: &Arc<FlowEngine>,
     registry: &Arc<FlowRegistry>,
@@ -206,6 +292,12 @@ fn on_event(
                 let _ = ua.reject(now, call, 404);
                 return;
             };
+            if let Some(auth) = routing.auth.get(tenant)
+                && let Err((status, headers)) = authenticate(digest, auth, tenant, peer.addr, &request)
+            {
+                let _ = ua.reject_with(now, call, status, &headers);
+                return;
+            }
             let flow = match registry.get(tenant, &user) {
                 Ok(flow) => flow,
                 Err(e) => {

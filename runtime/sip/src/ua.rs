@@ -660,12 +660,18 @@ impl UserAgent {
 
     /// Rejects an unanswered call with a final status (≥ 300).
     pub fn reject(&mut self, now: Instant, call: CallRef, code: u16) -> Result<(), UaError> {
+        self.reject_with(now, call, code, &[])
+    }
+
+    /// Rejects an unanswered call with a final status and extra headers (a digest challenge
+    /// with 401/407, Retry-After with 503, Warning with 488).
+    pub fn reject_with(&mut self, now: Instant, call: CallRef, code: u16, extra: &[Header]) -> Result<(), UaError> {
         let c = self.calls.get(&call).ok_or(UaError::UnknownCall(call))?;
         if c.phase != Phase::Early {
             return Err(UaError::WrongState(call, "rejecting an answered call"));
         }
         let (invite, tx, tag) = (c.invite.clone(), c.invite_tx, c.local_tag.clone());
-        let response = self.response(&invite, code.clamp(300, 699), Some(&tag), &[]);
+        let response = self.response(&invite, code.clamp(300, 699), Some(&tag), extra);
         let _ = self.layer.send_response(now, tx, response);
         self.finish(call, EndCause::Rejected(code));
         self.pump(now);
