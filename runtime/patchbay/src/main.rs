@@ -93,6 +93,11 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
         report(&config, &engine, &registry);
         if serve {
             let routing = Arc::new(sip_server::Routing {
+                kv: config
+                    .tenants
+                    .iter()
+                    .map(|t| (t.id.clone(), Arc::new(patchbay_host::MemoryKv::new(sip_server::TENANT_KV_QUOTA))))
+                    .collect(),
                 tenants: config.tenants.iter().map(|t| (t.id.clone(), t.domains.clone(), tenant_limits(t))).collect(),
                 external_ip: config.sip.external_ip,
                 auth: config

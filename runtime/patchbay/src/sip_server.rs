@@ -36,11 +36,16 @@ use crate::transport::{Inbound, Outbound};
 pub struct Routing {
     /// (tenant id, domains, limits).
     pub tenants: Vec<(String, Vec<String>, patchbay_host::FlowLimits)>,
+    /// Each tenant's key-value space, shared by all its calls (the WIT `kv` interface).
+    pub kv: HashMap<String, Arc<MemoryKv>>,
     /// Tenants that challenge inbound calls.
     pub auth: HashMap<String, TenantAuth>,
     /// Address put in SDP and Contact instead of the bound one (NAT).
     pub external_ip: Option<std::net::IpAddr>,
 }
+
+/// Bytes of keys and values a tenant's kv space may hold.
+pub const TENANT_KV_QUOTA: usize = 1 << 20;
 
 /// A tenant's inbound-call credentials.
 pub struct TenantAuth {
@@ -337,13 +342,12 @@ fn on_event(
                 dtmf: tokio::sync::Mutex::new(dtmf_rx),
             });
             let (engine, commands, limits) = (Arc::clone(engine), commands.clone(), *limits);
+            let kv: Arc<dyn patchbay_host::KvStore> = match routing.kv.get(tenant) {
+                Some(kv) => Arc::clone(kv) as Arc<dyn patchbay_host::KvStore>,
+                None => Arc::new(MemoryKv::new(TENANT_KV_QUOTA)),
+            };
             tokio::spawn(async move {
-                let flow_call = FlowCall {
-                    control,
-                    kv: Arc::new(MemoryKv::new(1 << 20)),
-                    vars: Default::default(),
-                    limits: Some(limits),
-                };
+                let flow_call = FlowCall { control, kv, vars: Default::default(), limits: Some(limits) };
                 let exit = engine.run(&flow, flow_call).await;
                 match &exit.outcome {
                     FlowOutcome::Completed => tracing::info!(?call, cause = exit.outcome.cause(), "flow ended"),
