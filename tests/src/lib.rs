@@ -87,8 +87,9 @@ pub fn launch(dir: tempfile::TempDir, port: u16, config: &str) -> Patchbay {
     Patchbay { child, port, dir }
 }
 
-/// Starts Patchbay on a free UDP port serving `echo`, `menu` (stock) and `ring` (the chaos
-/// fixture, which rings 30 s before answering) to tenant `test` on 127.0.0.1.
+/// Starts Patchbay on a free UDP port serving `echo`, `menu` (stock), and `ring` and `transfer`
+/// (the chaos fixture: rings 30 s before answering; answers and REFERs to bob) to tenant `test`
+/// on 127.0.0.1.
 pub fn start_patchbay() -> Patchbay {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("chaos.wasm"), patchbay_stock_flows::fixtures::CHAOS).expect("write fixture");
@@ -98,7 +99,8 @@ pub fn start_patchbay() -> Patchbay {
          [[tenant]]\nid = \"test\"\ndomains = [\"127.0.0.1\"]\n\
          [[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n\
          [[tenant.flow]]\nname = \"menu\"\nstock = \"menu\"\n\
-         [[tenant.flow]]\nname = \"ring\"\npath = \"chaos.wasm\"\n"
+         [[tenant.flow]]\nname = \"ring\"\npath = \"chaos.wasm\"\n\
+         [[tenant.flow]]\nname = \"transfer\"\npath = \"chaos.wasm\"\n"
     );
     launch(dir, port, &config)
 }

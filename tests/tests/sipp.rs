@@ -97,3 +97,11 @@ fn a_wrong_password_is_refused() {
     assert!(!ok, "a wrong password must not get the call through:\n{log}");
     assert!(log.contains("403 Forbidden"), "{log}");
 }
+
+#[test]
+fn blind_transfer_by_refer_and_notify() {
+    let pb = start_patchbay();
+    let xml = scenario("uac_transferred.xml");
+    let (ok, log) = sipp(&pb, "transfer", &["-sf", &xml], 1, &[]);
+    assert!(ok, "{log}");
+}

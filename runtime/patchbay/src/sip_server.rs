@@ -131,6 +131,7 @@ enum Command {
     Answer { call: CallRef, reply: oneshot::Sender<Result<(), CallError>> },
     Hangup { call: CallRef, cause: HangupCause },
     FlowDone { call: CallRef },
+    Transfer { call: CallRef, target: String, reply: oneshot::Sender<Result<(), CallError>> },
 }
 
 struct LiveCall {
@@ -138,6 +139,8 @@ struct LiveCall {
     dtmf: mpsc::UnboundedSender<Dtmf>,
     invite: rsip::Request,
     rtp: Option<std::net::UdpSocket>,
+    /// The flow waiting in `transfer` for the REFER's outcome.
+    transfer: Option<oneshot::Sender<Result<(), CallError>>>,
     /// Our side of the session and what was last agreed (kept for re-INVITEs, RFC 3264 §8).
     media: Option<(patchbay_sip::sdp::LocalMedia, patchbay_sip::sdp::Negotiated)>,
 }
@@ -217,6 +220,16 @@ pub async fn run_endpoint(
                             tracing::debug!(?call, "hangup: {e}");
                         }
                     }
+                    Command::Transfer { call, target, reply } => match ua.refer(now, call, &target) {
+                        Ok(()) => {
+                            if let Some(live) = calls.get_mut(&call) {
+                                live.transfer = Some(reply);
+                            }
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(CallError::NotAllowed(e.to_string())));
+                        }
+                    },
                     Command::FlowDone { call } => {
                         // The flow returned: hang up whatever is still up (§15).
                         let _ = ua.hangup(now, call);
@@ -333,7 +346,7 @@ fn on_event(
                     .collect(),
             };
             tracing::info!(?call, from = %peer.addr, tenant = %info.tenant, flow = %info.flow, version = &flow.version()[..12], "call started");
-            calls.insert(call, LiveCall { ended, dtmf, invite: *request, rtp: None, media: None });
+            calls.insert(call, LiveCall { ended, dtmf, invite: *request, rtp: None, media: None, transfer: None });
             let control = Arc::new(SipCall {
                 call,
                 info,
@@ -357,6 +370,18 @@ fn on_event(
             });
         }
         UaEvent::Confirmed { call } => tracing::debug!(?call, "call confirmed (ACK)"),
+        UaEvent::Transfer { call, status, final_ } => {
+            tracing::info!(?call, status, final_, "transfer progress");
+            if final_ && let Some(reply) = calls.get_mut(&call).and_then(|live| live.transfer.take()) {
+                if (200..300).contains(&status) {
+                    let _ = reply.send(Ok(()));
+                    // RFC 5589 §6.1: the transferor ends its call once the transfer succeeded.
+                    let _ = ua.hangup(now, call);
+                } else {
+                    let _ = reply.send(Err(CallError::Unavailable(format!("transfer failed with SIP {status}"))));
+                }
+            }
+        }
         UaEvent::ReInvite { call, offer } => {
             let answer = calls.get_mut(&call).map_or(Err(481), |live| live.reinvite(call, &offer));
             if let Err(e) = ua.answer_reinvite(now, call, answer) {
@@ -454,9 +479,21 @@ impl CallControl for SipCall {
         Err(CallError::Unavailable("outbound calls are not implemented yet".into()))
     }
 
-    async fn transfer(&self, _target: &str) -> Result<(), CallError> {
+    async fn transfer(&self, target: &str) -> Result<(), CallError> {
         self.live()?;
-        Err(CallError::Unavailable("transfer is not implemented yet".into()))
+        if !(target.starts_with("sip:") || target.starts_with("sips:") || target.starts_with("tel:")) {
+            return Err(CallError::InvalidArgument(format!(
+                "transfer target {target:?} is not a sip:, sips: or tel: URI"
+            )));
+        }
+        let (reply, outcome) = oneshot::channel();
+        self.commands
+            .send(Command::Transfer { call: self.call, target: target.to_owned(), reply })
+            .map_err(|_| CallError::Hangup)?;
+        tokio::select! {
+            result = outcome => result.unwrap_or(Err(CallError::Hangup)),
+            () = self.until_hangup() => Err(CallError::Hangup),
+        }
     }
 
     async fn agent(&self, _endpoint: &str, _params: &[(String, String)]) -> Result<AgentEnd, CallError> {

@@ -7,8 +7,9 @@
 //! **Scope today:** UAS calls (inbound INVITE → ring/answer/reject, ACK, BYE both ways,
 //! CANCEL with 487, in-dialog OPTIONS/INFO, 481 for unknown dialogs, re-INVITEs handed to the
 //! application for a new SDP answer (hold/resume), 500 for an overlapping re-INVITE).
-//! **Not yet:** UAC calls (dial), REFER, UPDATE, session timers, 491 glare (we never send a
-//! re-INVITE ourselves yet), digest challenges.
+//! Blind transfer: REFER with Refer-To, progress from the NOTIFY sipfrag (RFC 3515).
+//! **Not yet:** UAC calls (dial), receiving REFER, 491 glare (we never send a re-INVITE
+//! ourselves yet), answering digest challenges.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -21,7 +22,7 @@ use rsip::{Header, Method, SipMessage};
 use crate::transaction::{Event, Output, Peer, TimerConfig, TransactionId, TransactionLayer, Transport};
 
 /// Methods this user agent handles (for Allow, RFC 3261 §20.5).
-pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE";
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY";
 
 /// Option tags we support (RFC 3261 §20.37): session timers (RFC 4028).
 pub const SUPPORTED: &str = "timer";
@@ -89,6 +90,17 @@ pub enum UaEvent {
         call: CallRef,
         /// The SDP offer in the re-INVITE (may be empty).
         offer: Vec<u8>,
+    },
+    /// How a transfer we asked for with REFER is going (RFC 3515): `status` is the peer's answer
+    /// to the REFER when it fails (≥ 300), or the status line of a NOTIFY's `message/sipfrag`
+    /// body (the transfer target's response). `final_` is set when no more news will come.
+    Transfer {
+        /// The call.
+        call: CallRef,
+        /// SIP status code.
+        status: u16,
+        /// Whether this is the last report.
+        final_: bool,
     },
     /// A DTMF digit signalled with SIP INFO (`application/dtmf-relay` or `application/dtmf`).
     InfoDtmf {
@@ -166,6 +178,8 @@ struct Call {
     local_sdp: Option<Vec<u8>>,
     bye_tx: Option<TransactionId>,
     ended_by_ack_timeout: bool,
+    /// Our REFER, while its transaction runs.
+    refer_tx: Option<TransactionId>,
     /// A re-INVITE or UPDATE waiting for the application's answer.
     pending_reinvite: Option<(TransactionId, rsip::Request)>,
     /// Session timer (RFC 4028) the caller asked for, with the caller as refresher: the
@@ -186,6 +200,8 @@ pub struct UserAgent {
     by_invite_tx: HashMap<TransactionId, CallRef>,
     /// Client transaction of our BYE → call.
     by_bye_tx: HashMap<TransactionId, CallRef>,
+    /// Client transaction of our REFER → call.
+    by_refer_tx: HashMap<TransactionId, CallRef>,
     /// Session-timer deadlines (RFC 4028); stale entries are skipped.
     session_deadlines: BinaryHeap<Reverse<(Instant, CallRef)>>,
     counter: u64,
@@ -206,6 +222,7 @@ impl UserAgent {
             dialogs: HashMap::new(),
             by_invite_tx: HashMap::new(),
             by_bye_tx: HashMap::new(),
+            by_refer_tx: HashMap::new(),
             session_deadlines: BinaryHeap::new(),
             counter: 0,
             outputs: VecDeque::new(),
@@ -313,16 +330,30 @@ impl UserAgent {
                 }
             }
             Event::Response { id, response } => {
-                // Only our BYEs are client transactions today; any final response ends the call.
-                if response.status_code.code() >= 200
-                    && let Some(call) = self.by_bye_tx.remove(&id)
-                {
+                let status = response.status_code.code();
+                if status < 200 {
+                    return;
+                }
+                // Any final response to our BYE ends the call.
+                if let Some(call) = self.by_bye_tx.remove(&id) {
                     self.finish(call, EndCause::LocalBye);
+                }
+                if let Some(call) = self.by_refer_tx.remove(&id) {
+                    if let Some(c) = self.calls.get_mut(&call) {
+                        c.refer_tx = None;
+                    }
+                    // 2xx: accepted, progress follows in NOTIFYs (RFC 3515 §2.4.4).
+                    if status >= 300 {
+                        self.emit(UaEvent::Transfer { call, status, final_: true });
+                    }
                 }
             }
             Event::Timeout { id } => {
                 if let Some(call) = self.by_bye_tx.remove(&id) {
                     self.finish(call, EndCause::LocalBye);
+                }
+                if let Some(call) = self.by_refer_tx.remove(&id) {
+                    self.emit(UaEvent::Transfer { call, status: 408, final_: true });
                 }
             }
             Event::AckTimeout { id } => {
@@ -461,6 +492,7 @@ impl UserAgent {
                 bye_tx: None,
                 ended_by_ack_timeout: false,
                 pending_reinvite: None,
+                refer_tx: None,
                 session_timer,
                 ended_by_session_timer: false,
             },
@@ -522,6 +554,19 @@ impl UserAgent {
             Method::Options => {
                 let response = self.response(&request, 200, None, &[]);
                 let _ = self.layer.send_response(now, id, response);
+            }
+            Method::Notify => {
+                // The implicit subscription of our REFER (RFC 3515 §2.4.4): the body is a
+                // `message/sipfrag` whose status line is the transfer target's answer.
+                let is_refer =
+                    header_values(&request, "Event").any(|e| e.trim().to_ascii_lowercase().starts_with("refer"));
+                let response = self.response(&request, if is_refer { 200 } else { 489 }, None, &[]);
+                let _ = self.layer.send_response(now, id, response);
+                if is_refer && let Some(status) = sipfrag_status(&request.body) {
+                    let terminated = header_values(&request, "Subscription-State")
+                        .any(|s| s.trim().to_ascii_lowercase().starts_with("terminated"));
+                    self.emit(UaEvent::Transfer { call, status, final_: status >= 200 || terminated });
+                }
             }
             _ => {
                 let allow = Header::Allow(ALLOW.into());
@@ -678,6 +723,39 @@ impl UserAgent {
         Ok(())
     }
 
+    /// Asks the caller to call `target` instead (blind transfer, RFC 3515 / RFC 5589): sends
+    /// REFER with `Refer-To`. Progress arrives as [`UaEvent::Transfer`]; the application hangs
+    /// up once the transfer succeeded.
+    pub fn refer(&mut self, now: Instant, call: CallRef, target: &str) -> Result<(), UaError> {
+        let c = self.calls.get_mut(&call).ok_or(UaError::UnknownCall(call))?;
+        if !matches!(c.phase, Phase::Answered | Phase::Confirmed) {
+            return Err(UaError::WrongState(call, "transfer needs an answered call"));
+        }
+        if c.refer_tx.is_some() {
+            return Err(UaError::WrongState(call, "a transfer is already in progress"));
+        }
+        c.local_cseq = c.local_cseq.max(1) + 1;
+        let Some((peer, mut refer)) = self.in_dialog_request(call, Method::Refer) else {
+            return Err(UaError::UnknownCall(call));
+        };
+        let contact = format!("<sip:{}>", self.config.contact_host);
+        let mut headers: Vec<Header> =
+            refer.headers.iter().filter(|h| !matches!(h, Header::ContentLength(_))).cloned().collect();
+        headers.push(Header::Other("Refer-To".into(), format!("<{target}>")));
+        headers.push(Header::Other("Referred-By".into(), contact.clone()));
+        headers.push(Header::Contact(contact.into()));
+        headers.push(Header::ContentLength(0u32.into()));
+        refer.headers = headers.into();
+        if let Ok(tx) = self.layer.send_request(now, peer, refer) {
+            self.by_refer_tx.insert(tx, call);
+            if let Some(c) = self.calls.get_mut(&call) {
+                c.refer_tx = Some(tx);
+            }
+        }
+        self.pump(now);
+        Ok(())
+    }
+
     /// Ends a call: BYE once answered (§15.1.1), 480 before.
     pub fn hangup(&mut self, now: Instant, call: CallRef) -> Result<(), UaError> {
         let c = self.calls.get_mut(&call).ok_or(UaError::UnknownCall(call))?;
@@ -776,6 +854,14 @@ fn parse_info_dtmf(request: &rsip::Request) -> Option<(char, u32)> {
     }
 }
 
+/// The status code of a `message/sipfrag` body's status line (`SIP/2.0 200 OK`).
+fn sipfrag_status(body: &[u8]) -> Option<u16> {
+    let text = std::str::from_utf8(body).ok()?;
+    let mut parts = text.lines().next()?.split_whitespace();
+    (parts.next()? == "SIP/2.0").then_some(())?;
+    parts.next()?.parse().ok().filter(|code| (100..700).contains(code))
+}
+
 /// What a caller asked for in `Session-Expires` (RFC 4028).
 enum SessionTimer {
     /// No session timer, or one we cannot serve: the caller does not support `timer`, so we
@@ -791,6 +877,8 @@ fn header_values<'a>(request: &'a rsip::Request, name: &str) -> impl Iterator<It
     request.headers.iter().filter_map(move |h| match h {
         Header::Other(n, v) if n.eq_ignore_ascii_case(name) => Some(v.as_str()),
         Header::Supported(v) if name.eq_ignore_ascii_case("Supported") => Some(v.value()),
+        Header::Event(v) if name.eq_ignore_ascii_case("Event") => Some(v.value()),
+        Header::SubscriptionState(v) if name.eq_ignore_ascii_case("Subscription-State") => Some(v.value()),
         _ => None,
     })
 }

@@ -72,6 +72,19 @@ fn status(message: &SipMessage) -> u16 {
     }
 }
 
+/// A response to one of our requests, as the peer would send it.
+fn reply_to(request: &rsip::Request, status_line: &str) -> SipMessage {
+    let text = format!(
+        "SIP/2.0 {status_line}\r\n{}\r\n{}\r\n{}\r\n{}\r\n{}\r\nContent-Length: 0\r\n\r\n",
+        request.via_header().unwrap(),
+        request.from_header().unwrap(),
+        request.to_header().unwrap(),
+        request.call_id_header().unwrap(),
+        request.cseq_header().unwrap()
+    );
+    SipMessage::try_from(text.as_str()).unwrap()
+}
+
 /// Starts a call and answers it; returns the call and our To tag.
 fn answered(ua: &mut UserAgent, t0: Instant, extra: &str) -> (CallRef, String, rsip::Response) {
     ua.handle_receive(t0, peer(), invite(extra));
@@ -175,16 +188,7 @@ fn a_session_timer_the_caller_refreshes_is_accepted_and_its_expiry_ends_the_call
     assert!(matches!(&sent[..], [SipMessage::Request(r)] if r.method == Method::Bye), "{sent:?}");
     // The BYE's 200 ends the call with the session-timer cause.
     let SipMessage::Request(bye) = &sent[0] else { panic!() };
-    let mut ok = format!(
-        "SIP/2.0 200 OK\r\n{}\r\n{}\r\n{}\r\n{}\r\n{}\r\nContent-Length: 0\r\n\r\n",
-        bye.via_header().unwrap(),
-        bye.from_header().unwrap(),
-        bye.to_header().unwrap(),
-        bye.call_id_header().unwrap(),
-        bye.cseq_header().unwrap()
-    );
-    ok = ok.replace("\r\n\r\n\r\n", "\r\n\r\n");
-    ua.handle_receive(expiry, peer(), SipMessage::try_from(ok.as_str()).unwrap());
+    ua.handle_receive(expiry, peer(), reply_to(bye, "200 OK"));
     assert_eq!(drain(&mut ua).1, vec![UaEvent::Ended { call, cause: EndCause::SessionExpired }]);
 }
 
@@ -236,4 +240,43 @@ fn sip_info_dtmf_is_reported() {
     let (sent, events) = drain(&mut ua);
     assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![200]);
     assert_eq!(events, vec![UaEvent::InfoDtmf { call, digit: '5', duration_ms: 250 }]);
+}
+
+#[test]
+fn refer_reports_notify_progress_and_a_refused_refer() {
+    let mut ua = ua();
+    let t0 = Instant::now();
+    let (call, tag, _) = answered(&mut ua, t0, "");
+    ua.handle_receive(t0, peer(), in_dialog("ACK", 1, "z9hG4bKack", &tag));
+    drain(&mut ua);
+    ua.refer(t0, call, "sip:bob@192.0.2.20").unwrap();
+    let (sent, _) = drain(&mut ua);
+    let [SipMessage::Request(refer)] = &sent[..] else { panic!("{sent:?}") };
+    assert_eq!(refer.method, Method::Refer);
+    assert!(refer.to_string().contains("Refer-To: <sip:bob@192.0.2.20>"), "{refer}");
+    assert!(matches!(ua.refer(t0, call, "sip:carol@192.0.2.21"), Err(UaError::WrongState(..))), "one at a time");
+    // A NOTIFY with a provisional sipfrag is progress; 200 OK is the final word.
+    for (n, (frag, state, final_)) in
+        [("SIP/2.0 100 Trying", "active;expires=60", false), ("SIP/2.0 200 OK", "terminated;reason=noresource", true)]
+            .into_iter()
+            .enumerate()
+    {
+        let text = format!(
+            "NOTIFY sip:192.0.2.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKn{n}\r\n\
+             From: <sip:alice@192.0.2.10>;tag=a1\r\nTo: <sip:echo@192.0.2.1>;tag={tag}\r\nCall-ID: c1@192.0.2.10\r\n\
+             CSeq: {} NOTIFY\r\nEvent: refer\r\nSubscription-State: {state}\r\n\
+             Content-Type: message/sipfrag\r\nContent-Length: {}\r\n\r\n{frag}\r\n",
+            n + 2,
+            frag.len() + 2
+        );
+        ua.handle_receive(t0, peer(), SipMessage::try_from(text.as_str()).unwrap());
+        let (sent, events) = drain(&mut ua);
+        assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![200]);
+        let code = if final_ { 200 } else { 100 };
+        assert_eq!(events, vec![UaEvent::Transfer { call, status: code, final_ }]);
+    }
+    // The REFER itself refused (603): reported as a final failure.
+    let SipMessage::Request(refer) = &sent[0] else { panic!() };
+    ua.handle_receive(t0, peer(), reply_to(refer, "603 Decline"));
+    assert_eq!(drain(&mut ua).1, vec![UaEvent::Transfer { call, status: 603, final_: true }]);
 }
