@@ -44,6 +44,9 @@ pub struct Routing {
     pub external_ip: Option<std::net::IpAddr>,
 }
 
+/// Key presses (SIP INFO) queued for a flow that has not read them yet; more are dropped.
+const DTMF_QUEUE: usize = 64;
+
 /// Bytes of keys and values a tenant's kv space may hold.
 pub const TENANT_KV_QUOTA: usize = 1 << 20;
 
@@ -136,7 +139,7 @@ enum Command {
 
 struct LiveCall {
     ended: watch::Sender<bool>,
-    dtmf: mpsc::UnboundedSender<Dtmf>,
+    dtmf: mpsc::Sender<Dtmf>,
     invite: rsip::Request,
     rtp: Option<std::net::UdpSocket>,
     /// The flow waiting in `transfer` for the REFER's outcome.
@@ -259,6 +262,10 @@ fn answer(
     routing: &Routing,
 ) -> Result<(), CallError> {
     let live = calls.get_mut(&call).ok_or(CallError::Hangup)?;
+    if live.media.is_some() {
+        // Answering an answered call does nothing (WIT `answer`).
+        return Ok(());
+    }
     let offer = String::from_utf8_lossy(&live.invite.body).into_owned();
     if offer.trim().is_empty() {
         // A late-offer INVITE (offer in our 200, answer in the ACK) needs the UAC side of
@@ -326,7 +333,8 @@ fn on_event(
             };
             let _ = ua.ring(now, call);
             let (ended, ended_rx) = watch::channel(false);
-            let (dtmf, dtmf_rx) = mpsc::unbounded_channel();
+            // Bounded: a flow that never reads key presses must not let a peer grow this queue.
+            let (dtmf, dtmf_rx) = mpsc::channel(DTMF_QUEUE);
             let info = CallInfo {
                 call_id: request.call_id_header().map(|h| h.value().to_owned()).unwrap_or_default(),
                 tenant: tenant.clone(),
@@ -390,7 +398,7 @@ fn on_event(
         }
         UaEvent::InfoDtmf { call, digit, duration_ms } => {
             if let Some(live) = calls.get(&call) {
-                let _ = live.dtmf.send(Dtmf { digit, duration_ms });
+                let _ = live.dtmf.try_send(Dtmf { digit, duration_ms });
             }
         }
         UaEvent::Ended { call, cause } => {
@@ -416,7 +424,7 @@ struct SipCall {
     info: CallInfo,
     commands: mpsc::UnboundedSender<Command>,
     ended: watch::Receiver<bool>,
-    dtmf: tokio::sync::Mutex<mpsc::UnboundedReceiver<Dtmf>>,
+    dtmf: tokio::sync::Mutex<mpsc::Receiver<Dtmf>>,
 }
 
 const NO_MEDIA: &str = "the media engine is not implemented yet";
@@ -481,9 +489,12 @@ impl CallControl for SipCall {
 
     async fn transfer(&self, target: &str) -> Result<(), CallError> {
         self.live()?;
-        if !(target.starts_with("sip:") || target.starts_with("sips:") || target.starts_with("tel:")) {
+        let scheme_ok = target.starts_with("sip:") || target.starts_with("sips:") || target.starts_with("tel:");
+        // The target goes into a Refer-To header: nothing that could end or break out of it.
+        let clean = !target.chars().any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"'));
+        if !scheme_ok || !clean {
             return Err(CallError::InvalidArgument(format!(
-                "transfer target {target:?} is not a sip:, sips: or tel: URI"
+                "transfer target {target:?} is not a plain sip:, sips: or tel: URI"
             )));
         }
         let (reply, outcome) = oneshot::channel();

@@ -30,6 +30,9 @@ pub const SUPPORTED: &str = "timer";
 /// Smallest session interval we accept (RFC 4028 §5: at least 90 s).
 pub const MIN_SE: u32 = 90;
 
+/// Longest session interval we keep; a caller asking for more gets this (we answer with it).
+pub const MAX_SE: u32 = 86_400;
+
 /// Identifies a call within one [`UserAgent`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CallRef(pub u64);
@@ -353,6 +356,9 @@ impl UserAgent {
                     self.finish(call, EndCause::LocalBye);
                 }
                 if let Some(call) = self.by_refer_tx.remove(&id) {
+                    if let Some(c) = self.calls.get_mut(&call) {
+                        c.refer_tx = None;
+                    }
                     self.emit(UaEvent::Transfer { call, status: 408, final_: true });
                 }
             }
@@ -518,8 +524,14 @@ impl UserAgent {
         c.remote_cseq = cseq;
         match request.method {
             Method::Bye => {
+                // §15.1.2: a BYE in an early dialog also ends the INVITE, with 487.
+                let early = (c.phase == Phase::Early).then(|| (c.invite.clone(), c.invite_tx, c.local_tag.clone()));
                 let response = self.response(&request, 200, None, &[]);
                 let _ = self.layer.send_response(now, id, response);
+                if let Some((invite, tx, tag)) = early {
+                    let terminated = self.response(&invite, 487, Some(&tag), &[]);
+                    let _ = self.layer.send_response(now, tx, terminated);
+                }
                 self.finish(call, EndCause::RemoteBye);
             }
             Method::Update if request.body.iter().all(u8::is_ascii_whitespace) => {
@@ -562,10 +574,17 @@ impl UserAgent {
                     header_values(&request, "Event").any(|e| e.trim().to_ascii_lowercase().starts_with("refer"));
                 let response = self.response(&request, if is_refer { 200 } else { 489 }, None, &[]);
                 let _ = self.layer.send_response(now, id, response);
-                if is_refer && let Some(status) = sipfrag_status(&request.body) {
+                if is_refer {
                     let terminated = header_values(&request, "Subscription-State")
                         .any(|s| s.trim().to_ascii_lowercase().starts_with("terminated"));
-                    self.emit(UaEvent::Transfer { call, status, final_: status >= 200 || terminated });
+                    match sipfrag_status(&request.body) {
+                        Some(status) => {
+                            self.emit(UaEvent::Transfer { call, status, final_: status >= 200 || terminated })
+                        }
+                        // The subscription ended without telling us how: a failure for the flow.
+                        None if terminated => self.emit(UaEvent::Transfer { call, status: 500, final_: true }),
+                        None => {}
+                    }
                 }
             }
             _ => {
@@ -680,8 +699,10 @@ impl UserAgent {
     ) -> Result<(), UaError> {
         let c = self.calls.get_mut(&call).ok_or(UaError::UnknownCall(call))?;
         let (tx, request) = c.pending_reinvite.take().ok_or(UaError::WrongState(call, "no re-INVITE pending"))?;
+        let mut refreshed = false;
         let response = match answer {
             Ok(sdp) => {
+                refreshed = true;
                 c.local_sdp = Some(sdp.clone());
                 let extra = self.contact_and_sdp_headers(true);
                 let mut ok = self.response(&request, 200, None, &extra);
@@ -692,8 +713,10 @@ impl UserAgent {
             Err(status) => self.response(&request, status.clamp(300, 699), None, &[]),
         };
         let _ = self.layer.send_response(now, tx, response);
-        // A successful refresh restarts the session timer (RFC 4028 §10).
-        self.arm_session_timer(now, call);
+        // Only a 2xx refreshes the session (RFC 4028 §10).
+        if refreshed {
+            self.arm_session_timer(now, call);
+        }
         self.pump(now);
         Ok(())
     }
@@ -801,8 +824,8 @@ impl UserAgent {
             Header::CallId(c.call_id.clone().into()),
             Header::CSeq(format!("{} {method}", c.local_cseq).into()),
         ];
-        // The route set from Record-Route is used in reverse order by the UAS (§12.1.1).
-        for rr in c.route_set.iter().rev() {
+        // The UAS takes the route set in Record-Route order (§12.1.1; only the UAC reverses it).
+        for rr in &c.route_set {
             if let Header::RecordRoute(rr) = rr {
                 headers.push(Header::Route(rr.value().to_owned().into()));
             }
@@ -890,6 +913,8 @@ fn session_timer_request(request: &rsip::Request) -> SessionTimer {
     if interval < MIN_SE {
         return SessionTimer::TooSmall;
     }
+    // Longer intervals than a day buy nothing and keep stale timer entries around for ages.
+    let interval = interval.min(MAX_SE);
     let refresher_uas = parts.any(|p| p.trim().eq_ignore_ascii_case("refresher=uas"));
     let uac_supports_timer =
         header_values(request, "Supported").any(|v| v.split(',').any(|tag| tag.trim().eq_ignore_ascii_case("timer")));

@@ -135,7 +135,8 @@ fn requests_for_unknown_dialogs_get_481_and_unknown_methods_405() {
 fn our_hangup_sends_a_bye_built_from_the_dialog() {
     let mut ua = ua();
     let t0 = Instant::now();
-    let (call, tag, _) = answered(&mut ua, t0, "Record-Route: <sip:proxy.example.com;lr>\r\n");
+    let (call, tag, _) =
+        answered(&mut ua, t0, "Record-Route: <sip:p1.example.com;lr>\r\nRecord-Route: <sip:p2.example.com;lr>\r\n");
     ua.handle_receive(t0, peer(), in_dialog("ACK", 1, "z9hG4bKack", &tag));
     drain(&mut ua);
     ua.hangup(t0, call).unwrap();
@@ -144,7 +145,11 @@ fn our_hangup_sends_a_bye_built_from_the_dialog() {
     assert_eq!(bye.method, Method::Bye);
     // §12.2.1.1: Request-URI = remote target (the INVITE's Contact), Route = route set.
     assert_eq!(bye.uri.to_string(), "sip:alice@192.0.2.10:5060");
-    assert!(bye.headers.iter().any(|h| matches!(h, Header::Route(r) if r.to_string().contains("proxy.example.com"))));
+    // §12.1.1: the UAS keeps the Record-Route order (p1 is the proxy nearest to us).
+    let routes: Vec<String> =
+        bye.headers.iter().filter(|&h| matches!(h, Header::Route(_))).map(|h| h.to_string()).collect();
+    assert_eq!(routes.len(), 2, "{routes:?}");
+    assert!(routes[0].contains("p1.example.com") && routes[1].contains("p2.example.com"), "{routes:?}");
     assert_eq!(bye.from_header().unwrap().tag().unwrap().unwrap().to_string(), tag);
     assert_eq!(bye.to_header().unwrap().tag().unwrap().unwrap().to_string(), "a1");
     assert_eq!(bye.cseq_header().unwrap().typed().unwrap().method, Method::Bye);
@@ -279,4 +284,20 @@ fn refer_reports_notify_progress_and_a_refused_refer() {
     let SipMessage::Request(refer) = &sent[0] else { panic!() };
     ua.handle_receive(t0, peer(), reply_to(refer, "603 Decline"));
     assert_eq!(drain(&mut ua).1, vec![UaEvent::Transfer { call, status: 603, final_: true }]);
+}
+
+#[test]
+fn a_bye_in_the_early_dialog_ends_the_invite_with_487() {
+    let mut ua = ua();
+    let t0 = Instant::now();
+    ua.handle_receive(t0, peer(), invite(""));
+    let Some(UaEvent::IncomingCall { call, .. }) = drain(&mut ua).1.into_iter().next() else { panic!() };
+    ua.ring(t0, call).unwrap();
+    let (sent, _) = drain(&mut ua);
+    let SipMessage::Response(ringing) = &sent[0] else { panic!() };
+    let tag = ringing.to_header().unwrap().tag().unwrap().unwrap().to_string();
+    ua.handle_receive(t0, peer(), in_dialog("BYE", 2, "z9hG4bKearly", &tag));
+    let (sent, events) = drain(&mut ua);
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![200, 487]);
+    assert_eq!(events, vec![UaEvent::Ended { call, cause: EndCause::RemoteBye }]);
 }

@@ -414,6 +414,20 @@ impl TransactionLayer {
                 let i = if tx.peer.transport.is_reliable() { Duration::ZERO } else { self.timers.t4 };
                 tx.deadline = Some((now + i, Deadline::End));
             }
+            State::InviteServer(InviteServerState::Accepted) if request.method == Method::Ack => {
+                // An RFC 2543 peer's ACK for our 2xx matches the INVITE's key (no branch to tell
+                // them apart): stop the 2xx retransmissions and pass it up (RFC 6026 §8.7).
+                tx.retransmit_at = None;
+                if let Some((at, _)) = tx.deadline {
+                    tx.deadline = Some((at, Deadline::End));
+                }
+                if let Some(key) = tx.ack_key.take()
+                    && self.awaiting_ack.get(&key) == Some(&id)
+                {
+                    self.awaiting_ack.remove(&key);
+                }
+                self.outputs.push_back(Output::Event(Event::Ack { peer, request }));
+            }
             State::InviteServer(InviteServerState::Proceeding | InviteServerState::Completed)
                 if request.method == Method::Invite =>
             {
@@ -558,7 +572,9 @@ impl TransactionLayer {
             if let Some(key) = tx.server_key {
                 self.servers.remove(&key);
             }
-            if let Some(key) = tx.ack_key {
+            if let Some(key) = tx.ack_key
+                && self.awaiting_ack.get(&key) == Some(&id)
+            {
                 self.awaiting_ack.remove(&key);
             }
             self.event(Event::Terminated { id });
