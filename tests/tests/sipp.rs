@@ -11,12 +11,16 @@ fn sipp(pb: &Patchbay, service: &str, scenario_args: &[&str], calls: u32, extra:
     run_sipp(pb.port, service, scenario_args, calls, extra)
 }
 
+/// One call of the scenario file `xml` against a fresh Patchbay's `service`; it must succeed.
+fn assert_scenario(service: &str, xml: &str) {
+    let pb = start_patchbay();
+    let (ok, log) = sipp(&pb, service, &["-sf", &scenario(xml)], 1, &[]);
+    assert!(ok, "{log}");
+}
+
 #[test]
 fn options_ping_gets_200() {
-    let pb = start_patchbay();
-    let xml = scenario("options.xml");
-    let (ok, log) = sipp(&pb, "echo", &["-sf", &xml], 1, &[]);
-    assert!(ok, "{log}");
+    assert_scenario("echo", "options.xml");
 }
 
 #[test]
@@ -30,18 +34,12 @@ fn call_answered_and_released_by_the_caller() {
 #[test]
 fn call_answered_and_released_by_patchbay() {
     // The menu flow answers, then ends the call (no media yet, so its prompt is unavailable).
-    let pb = start_patchbay();
-    let xml = scenario("uac_callee_hangs_up.xml");
-    let (ok, log) = sipp(&pb, "menu", &["-sf", &xml], 1, &[]);
-    assert!(ok, "{log}");
+    assert_scenario("menu", "uac_callee_hangs_up.xml");
 }
 
 #[test]
 fn cancel_while_ringing_gets_487() {
-    let pb = start_patchbay();
-    let xml = scenario("uac_cancel.xml");
-    let (ok, log) = sipp(&pb, "ring", &["-sf", &xml], 1, &[]);
-    assert!(ok, "{log}");
+    assert_scenario("ring", "uac_cancel.xml");
 }
 
 #[test]
@@ -55,10 +53,7 @@ fn calls_complete_under_10_percent_packet_loss() {
 
 #[test]
 fn hold_and_resume_by_reinvite() {
-    let pb = start_patchbay();
-    let xml = scenario("uac_hold_resume.xml");
-    let (ok, log) = sipp(&pb, "echo", &["-sf", &xml], 1, &[]);
-    assert!(ok, "{log}");
+    assert_scenario("echo", "uac_hold_resume.xml");
 }
 
 /// Patchbay serving `echo` to a tenant that challenges every caller (no trusted sources).
@@ -100,8 +95,5 @@ fn a_wrong_password_is_refused() {
 
 #[test]
 fn blind_transfer_by_refer_and_notify() {
-    let pb = start_patchbay();
-    let xml = scenario("uac_transferred.xml");
-    let (ok, log) = sipp(&pb, "transfer", &["-sf", &xml], 1, &[]);
-    assert!(ok, "{log}");
+    assert_scenario("transfer", "uac_transferred.xml");
 }

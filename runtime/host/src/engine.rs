@@ -66,8 +66,8 @@ fn pooling_config(config: &HostConfig) -> PoolingAllocationConfig {
         .max_tables_per_component(8)
         .total_stacks(slots)
         .max_memory_size(config.max_memory_bytes)
-        // Keep a freed slot's first pages resident: a new call's flow reuses them without
-        // page faults, which is most of the difference between 5 µs and 50 µs instantiation.
+        // Keep a freed slot's first pages resident: a new call's flow reuses them without page
+        // faults or a fresh madvise (measured start-up with this setting: BENCHMARKS.md).
         .linear_memory_keep_resident(64 << 10)
         .table_keep_resident(16 << 10)
         .async_stack_keep_resident(16 << 10);

@@ -169,8 +169,8 @@ struct Call {
     invite: rsip::Request,
     invite_tx: TransactionId,
     call_id: String,
+    /// Our tag; the remote tag is the INVITE's From tag, read from `invite` when needed.
     local_tag: String,
-    remote_tag: String,
     /// Remote target: the Contact of the INVITE (§12.1.1).
     remote_target: rsip::Uri,
     /// Route set: the INVITE's Record-Route, in order (§12.1.1).
@@ -179,7 +179,6 @@ struct Call {
     remote_cseq: u32,
     /// The session description we answered with (re-sent on a re-INVITE we do not renegotiate).
     local_sdp: Option<Vec<u8>>,
-    bye_tx: Option<TransactionId>,
     ended_by_ack_timeout: bool,
     /// Our REFER, while its transaction runs.
     refer_tx: Option<TransactionId>,
@@ -454,8 +453,6 @@ impl UserAgent {
 
     fn new_call(&mut self, id: TransactionId, peer: Peer, request: rsip::Request) {
         let call_id = request.call_id_header().map(|h| h.value().to_owned()).unwrap_or_default();
-        let remote_tag =
-            request.from_header().ok().and_then(|f| f.tag().ok().flatten()).map(|t| t.to_string()).unwrap_or_default();
         let remote_target = request
             .contact_header()
             .ok()
@@ -489,13 +486,11 @@ impl UserAgent {
                 invite_tx: id,
                 call_id,
                 local_tag,
-                remote_tag,
                 remote_target,
                 route_set,
                 local_cseq: 0,
                 remote_cseq,
                 local_sdp: None,
-                bye_tx: None,
                 ended_by_ack_timeout: false,
                 pending_reinvite: None,
                 refer_tx: None,
@@ -793,9 +788,6 @@ impl UserAgent {
         let Some((peer, bye)) = bye else { return Err(UaError::UnknownCall(call)) };
         if let Ok(tx) = self.layer.send_request(now, peer, bye) {
             self.by_bye_tx.insert(tx, call);
-            if let Some(c) = self.calls.get_mut(&call) {
-                c.bye_tx = Some(tx);
-            }
         }
         self.pump(now);
         Ok(())
@@ -832,7 +824,6 @@ impl UserAgent {
         }
         headers.push(Header::UserAgent(self.config.user_agent.clone().into()));
         headers.push(Header::ContentLength(0u32.into()));
-        let _ = &c.remote_tag;
         let request = rsip::Request {
             method,
             uri: c.remote_target.clone(),

@@ -78,6 +78,14 @@ fn events(outputs: &[Output]) -> Vec<Event> {
         .collect()
 }
 
+/// The id of the server transaction the last received request started.
+fn request_id(layer: &mut TransactionLayer) -> TransactionId {
+    match events(&drain(layer)).into_iter().next() {
+        Some(Event::Request { id, .. }) => id,
+        other => panic!("expected a new server transaction, got {other:?}"),
+    }
+}
+
 /// Runs the layer's timers until `until`, returning when each transmit happened (relative to
 /// `t0`) and every event.
 fn run_until(layer: &mut TransactionLayer, t0: Instant, until: Duration) -> (Vec<Duration>, Vec<Event>) {
@@ -272,7 +280,7 @@ fn timer_g_retransmits_a_final_response_until_the_ack_and_timer_i_ends_it() {
     let t0 = Instant::now();
     let invite = request("INVITE", "z9hG4bKs", 1);
     layer.handle_receive(t0, udp(), invite.clone().into());
-    let Some(Event::Request { id, .. }) = events(&drain(&mut layer)).into_iter().next() else { panic!() };
+    let id = request_id(&mut layer);
     layer.send_response(t0, id, response_to(&invite, 486)).unwrap();
     drain(&mut layer);
     let (sent, evs) = run_until(&mut layer, t0, ms(12_000));
@@ -294,7 +302,7 @@ fn timer_h_reports_a_final_response_that_was_never_acked() {
     let t0 = Instant::now();
     let invite = request("INVITE", "z9hG4bKs", 1);
     layer.handle_receive(t0, tcp(), invite.clone().into());
-    let Some(Event::Request { id, .. }) = events(&drain(&mut layer)).into_iter().next() else { panic!() };
+    let id = request_id(&mut layer);
     layer.send_response(t0, id, response_to(&invite, 486)).unwrap();
     drain(&mut layer);
     let (sent, evs) = run_until(&mut layer, t0, secs(40));
@@ -308,7 +316,7 @@ fn a_2xx_is_retransmitted_until_its_ack_which_goes_to_the_tu() {
     let t0 = Instant::now();
     let invite = request("INVITE", "z9hG4bKs", 5);
     layer.handle_receive(t0, udp(), invite.clone().into());
-    let Some(Event::Request { id, .. }) = events(&drain(&mut layer)).into_iter().next() else { panic!() };
+    let id = request_id(&mut layer);
     layer.send_response(t0, id, response_to(&invite, 200)).unwrap();
     assert_eq!(transmits(&drain(&mut layer)).len(), 1);
     let (sent, _) = run_until(&mut layer, t0, ms(2_000));
@@ -330,7 +338,7 @@ fn a_2xx_never_acked_is_reported_after_64_t1() {
     let t0 = Instant::now();
     let invite = request("INVITE", "z9hG4bKs", 5);
     layer.handle_receive(t0, udp(), invite.clone().into());
-    let Some(Event::Request { id, .. }) = events(&drain(&mut layer)).into_iter().next() else { panic!() };
+    let id = request_id(&mut layer);
     layer.send_response(t0, id, response_to(&invite, 200)).unwrap();
     drain(&mut layer);
     let (sent, evs) = run_until(&mut layer, t0, secs(40));
@@ -369,7 +377,7 @@ fn timer_j_is_zero_over_tcp() {
     let t0 = Instant::now();
     let options = request("OPTIONS", "z9hG4bKq", 1);
     layer.handle_receive(t0, tcp(), options.clone().into());
-    let Some(Event::Request { id, .. }) = events(&drain(&mut layer)).into_iter().next() else { panic!() };
+    let id = request_id(&mut layer);
     layer.send_response(t0, id, response_to(&options, 200)).unwrap();
     drain(&mut layer);
     assert_eq!(layer.poll_timeout(), Some(t0));
@@ -380,7 +388,7 @@ fn a_cancel_finds_the_invite_it_cancels() {
     let mut layer = TransactionLayer::new(TimerConfig::default());
     let t0 = Instant::now();
     layer.handle_receive(t0, udp(), request("INVITE", "z9hG4bKc", 1).into());
-    let Some(Event::Request { id: invite_id, .. }) = events(&drain(&mut layer)).into_iter().next() else { panic!() };
+    let invite_id = request_id(&mut layer);
     layer.handle_receive(t0 + ms(10), udp(), request("CANCEL", "z9hG4bKc", 1).into());
     let evs = events(&drain(&mut layer));
     let [Event::Request { id, cancels, .. }] = &evs[..] else { panic!("{evs:?}") };
