@@ -5,6 +5,7 @@
 //! CANCEL); the media engine and outbound TLS connections are not implemented yet, and
 //! `patchbay run` says so.
 
+mod caller;
 mod config;
 mod sip_server;
 mod transport;
@@ -44,6 +45,8 @@ enum Command {
     },
     /// Print the embedded default configuration (a starting point for your own).
     DefaultConfig,
+    /// Place a test call: dial a SIP URI, wait, hang up, report (exit 0 when it was answered).
+    Call(caller::CallArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +65,11 @@ fn main() -> ExitCode {
         }
         Command::Check { config } => run(config, false),
         Command::Run { config } => run(config, true),
+        Command::Call(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting tokio")
+            .and_then(|runtime| runtime.block_on(caller::call(args))),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

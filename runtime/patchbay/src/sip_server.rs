@@ -378,6 +378,13 @@ fn on_event(
             });
         }
         UaEvent::Confirmed { call } => tracing::debug!(?call, "call confirmed (ACK)"),
+        // Outbound legs and our own re-INVITEs are not started by the server yet (flows'
+        // `dial` arrives with the media engine); log anything that shows up regardless.
+        UaEvent::Progress { call, status, .. } => tracing::debug!(?call, status, "outbound call progress"),
+        UaEvent::Answered { call, .. } => tracing::debug!(?call, "outbound call answered"),
+        UaEvent::ReInviteAnswered { call, result } => {
+            tracing::debug!(?call, ok = result.is_ok(), "our re-INVITE answered")
+        }
         UaEvent::Transfer { call, status, final_ } => {
             tracing::info!(?call, status, final_, "transfer progress");
             if final_ && let Some(reply) = calls.get_mut(&call).and_then(|live| live.transfer.take()) {
@@ -408,6 +415,7 @@ fn on_event(
             let who = match cause {
                 EndCause::RemoteBye | EndCause::Cancelled => "caller",
                 EndCause::LocalBye | EndCause::Rejected(_) => "patchbay",
+                EndCause::Failed(_) => "callee",
                 EndCause::AckTimeout | EndCause::SessionExpired => "network",
             };
             if cause == EndCause::AckTimeout {

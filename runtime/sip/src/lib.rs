@@ -5,12 +5,13 @@
 //!   the problem (or is dropped when no response is possible).
 //! - [`transaction`]: RFC 3261 §17 client and server transactions driven as
 //!   `handle(now, input)` / `poll_output()` / `poll_timeout()`.
-//! - [`ua`]: the user agent core: OPTIONS, inbound calls and their dialogs, BYE, CANCEL.
+//! - [`ua`]: the user agent core: OPTIONS, inbound and outbound calls and their dialogs, BYE,
+//!   CANCEL, re-INVITE (with glare handling), REFER, session timers, digest answers.
 //! - [`auth`]: digest authentication (RFC 2617/7616), client and server side.
 //! - [`sdp`]: SDP offer/answer (RFC 3264/4566) for G.711, telephone-event and SDES crypto.
 //!
-//! **Not implemented yet** (tracked by the SIP signalling issue): outbound calls (UAC
-//! dialogs), REFER, UPDATE, session timers; the transports live in the `patchbay` binary.
+//! **Not implemented yet:** receiving REFER, PRACK (RFC 3262); the transports live in the
+//! `patchbay` binary.
 //!
 //! This crate must never depend on tokio or wasmtime: time and packets are inputs, and the
 //! `patchbay` binary owns the sockets and the clock (a test in `tests/` checks it).

@@ -4,12 +4,17 @@
 //!
 //! Driven like the transaction layer: feed it messages and time, drain [`UaOutput`]s.
 //!
-//! **Scope today:** UAS calls (inbound INVITE → ring/answer/reject, ACK, BYE both ways,
-//! CANCEL with 487, in-dialog OPTIONS/INFO, 481 for unknown dialogs, re-INVITEs handed to the
-//! application for a new SDP answer (hold/resume), 500 for an overlapping re-INVITE).
-//! Blind transfer: REFER with Refer-To, progress from the NOTIFY sipfrag (RFC 3515).
-//! **Not yet:** UAC calls (dial), receiving REFER, 491 glare (we never send a re-INVITE
-//! ourselves yet), answering digest challenges.
+//! **Scope:** UAS calls (inbound INVITE → ring/answer/reject, ACK, BYE both ways, CANCEL with
+//! 487, 482 for merged requests, in-dialog OPTIONS/INFO, 481 for unknown dialogs, re-INVITEs
+//! handed to the application for a new SDP answer (hold/resume), 500 for an overlapping
+//! re-INVITE). UAC calls ([`UserAgent::dial`], in `ua_client.rs`): early and confirmed dialogs,
+//! the ACK for every 2xx, CANCEL only after a provisional response (§9.1) and the CANCEL/200
+//! race (ACK, then BYE), digest challenges (401/407) answered on INVITE, re-INVITE, BYE and
+//! REFER with credentials reused preemptively. Re-INVITEs we send ([`UserAgent::reinvite`])
+//! with 491 glare handling (§14.1/§14.2). Blind transfer: REFER with Refer-To, progress from the
+//! NOTIFY sipfrag (RFC 3515).
+//! **Not yet:** receiving REFER (405), forked early dialogs beyond the first (later 2xx from
+//! other forks are acknowledged and released with BYE), PRACK (RFC 3262).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -56,12 +61,15 @@ pub struct UaConfig {
 pub enum EndCause {
     /// The peer sent BYE.
     RemoteBye,
-    /// The caller cancelled before the call was answered (487 sent).
+    /// The call was cancelled before it was answered: by the caller on an inbound call (487
+    /// sent), by us on an outbound one (487 received).
     Cancelled,
     /// We sent BYE (and it completed or timed out).
     LocalBye,
     /// We rejected the call with this status.
     Rejected(u16),
+    /// An outbound call failed with this final status (408 when nothing answered in time).
+    Failed(u16),
     /// Our 2xx was never acknowledged (§13.3.1.4); a BYE was sent.
     AckTimeout,
     /// The peer, the session refresher, did not refresh the session in time (RFC 4028 §10);
@@ -80,6 +88,33 @@ pub enum UaEvent {
         peer: Peer,
         /// The INVITE.
         request: Box<rsip::Request>,
+    },
+    /// An outbound call made progress: a provisional response above 100 (180 Ringing, 183
+    /// Session Progress), with its SDP answer when it brings early media.
+    Progress {
+        /// The call.
+        call: CallRef,
+        /// SIP status code.
+        status: u16,
+        /// The SDP answer in the provisional response, if any.
+        sdp: Option<Vec<u8>>,
+    },
+    /// An outbound call was answered (2xx, already acknowledged): `sdp` is the answer to our
+    /// offer.
+    Answered {
+        /// The call.
+        call: CallRef,
+        /// The SDP answer.
+        sdp: Vec<u8>,
+    },
+    /// How our re-INVITE ([`UserAgent::reinvite`]) ended: the peer's SDP answer, or the final
+    /// status when it was refused (the session stays as it was, RFC 3261 §14.1). A 491 is not
+    /// reported: the re-INVITE is retried after the random wait of §14.1.
+    ReInviteAnswered {
+        /// The call.
+        call: CallRef,
+        /// The answer or the refusal.
+        result: Result<Vec<u8>, u16>,
     },
     /// The ACK for our 2xx arrived: media may flow both ways.
     Confirmed {
@@ -150,8 +185,41 @@ pub enum UaError {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// We answered the INVITE.
+    Uas,
+    /// We sent the INVITE.
+    Uac,
+}
+
+/// Why we run a client transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Invite,
+    ReInvite,
+    Bye,
+    Refer,
+    Cancel,
+    /// A BYE for a forked 2xx we do not keep; its answer does not matter.
+    Release,
+}
+
+/// One of our client transactions and what to do with its answer.
+#[derive(Debug)]
+struct ClientTx {
+    call: CallRef,
+    purpose: Purpose,
+    peer: Peer,
+    request: rsip::Request,
+    /// Digest challenges answered for this request so far (a second refusal ends the retries).
+    auth_rounds: u8,
+    /// The ACK sent for its 2xx (INVITE and re-INVITE), re-sent on 2xx retransmissions.
+    ack: Option<rsip::Request>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// INVITE received, no final response yet.
+    /// INVITE received (UAS) or sent (UAC), no final response yet.
     Early,
     /// 2xx sent, waiting for the ACK.
     Answered,
@@ -161,19 +229,27 @@ enum Phase {
     Ending,
 }
 
-/// A UAS dialog (§12.1.1) plus what the call needs to answer and end it.
+/// A dialog (§12.1) plus what the call needs to answer and end it.
 #[derive(Debug)]
 struct Call {
+    role: Role,
     phase: Phase,
+    /// Where in-dialog requests go: the INVITE's source (UAS) or the next hop we dialled (UAC).
     peer: Peer,
+    /// The initial INVITE: received (UAS), or the last one sent (UAC, after auth retries).
     invite: rsip::Request,
     invite_tx: TransactionId,
     call_id: String,
-    /// Our tag; the remote tag is the INVITE's From tag, read from `invite` when needed.
+    /// Our tag (the To tag of a UAS, the From tag of a UAC).
     local_tag: String,
-    /// Remote target: the Contact of the INVITE (§12.1.1).
+    /// Our end as a From/To header value, with our tag.
+    local_uri: String,
+    /// The peer's end as a From/To header value, with its tag once known.
+    remote_uri: String,
+    /// Remote target: the peer's Contact (§12.1.1, §12.1.2), refreshed by re-INVITEs.
     remote_target: rsip::Uri,
-    /// Route set: the INVITE's Record-Route, in order (§12.1.1).
+    /// Route set as Record-Route headers in the order Route takes them: the INVITE's order for
+    /// a UAS (§12.1.1), the 2xx's reversed for a UAC (§12.1.2).
     route_set: Vec<Header>,
     local_cseq: u32,
     remote_cseq: u32,
@@ -188,6 +264,19 @@ struct Call {
     /// interval and when the session expires without a refresh.
     session_timer: Option<(Duration, Instant)>,
     ended_by_session_timer: bool,
+    /// Credentials for challenges to our requests on this call (UAC, or a UAS the peer
+    /// challenges on BYE).
+    digest: Option<crate::auth::DigestClient>,
+    /// UAC: a provisional response arrived, so CANCEL may be sent (§9.1).
+    provisional: bool,
+    /// UAC: the application hung up before the final response; CANCEL is sent (or will be, once
+    /// a provisional response arrives), and a 2xx that crosses it is acknowledged and ended.
+    cancel_wanted: bool,
+    cancel_sent: bool,
+    /// Our re-INVITE while its transaction runs, and the offer it carries.
+    reinvite_tx: Option<TransactionId>,
+    /// A re-INVITE refused with 491, to send again at this time with this offer (§14.1).
+    reinvite_retry: Option<(Instant, Vec<u8>)>,
 }
 
 /// The user agent core. See the module docs.
@@ -200,12 +289,16 @@ pub struct UserAgent {
     dialogs: HashMap<(String, String), CallRef>,
     /// Server transaction of an INVITE → call, for CANCEL and ACK timeouts.
     by_invite_tx: HashMap<TransactionId, CallRef>,
-    /// Client transaction of our BYE → call.
-    by_bye_tx: HashMap<TransactionId, CallRef>,
-    /// Client transaction of our REFER → call.
-    by_refer_tx: HashMap<TransactionId, CallRef>,
+    /// Our client transactions (INVITE, re-INVITE, BYE, REFER, CANCEL).
+    client_txs: HashMap<TransactionId, ClientTx>,
+    /// (Call-ID, From tag, CSeq) of INVITE server transactions, to spot a request that reached
+    /// us twice over different paths (§8.2.2.2, 482 Loop Detected).
+    merge_keys: HashMap<(String, String, u32), TransactionId>,
+    merge_key_of: HashMap<TransactionId, (String, String, u32)>,
     /// Session-timer deadlines (RFC 4028); stale entries are skipped.
     session_deadlines: BinaryHeap<Reverse<(Instant, CallRef)>>,
+    /// Re-INVITE retries after 491 (§14.1); stale entries are skipped.
+    retry_deadlines: BinaryHeap<Reverse<(Instant, CallRef)>>,
     counter: u64,
     outputs: VecDeque<UaOutput>,
 }
@@ -223,9 +316,11 @@ impl UserAgent {
             calls: HashMap::new(),
             dialogs: HashMap::new(),
             by_invite_tx: HashMap::new(),
-            by_bye_tx: HashMap::new(),
-            by_refer_tx: HashMap::new(),
+            client_txs: HashMap::new(),
+            merge_keys: HashMap::new(),
+            merge_key_of: HashMap::new(),
             session_deadlines: BinaryHeap::new(),
+            retry_deadlines: BinaryHeap::new(),
             counter: 0,
             outputs: VecDeque::new(),
         }
@@ -250,10 +345,14 @@ impl UserAgent {
             }
             self.session_deadlines.pop();
         };
-        match (self.layer.poll_timeout(), session) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let retry = loop {
+            let Some(Reverse((at, call))) = self.retry_deadlines.peek().copied() else { break None };
+            if self.calls.get(&call).and_then(|c| c.reinvite_retry.as_ref()).is_some_and(|(when, _)| *when == at) {
+                break Some(at);
+            }
+            self.retry_deadlines.pop();
+        };
+        [self.layer.poll_timeout(), session, retry].into_iter().flatten().min()
     }
 
     /// Fires due timers.
@@ -276,6 +375,14 @@ impl UserAgent {
                 let _ = self.hangup(now, call);
             }
         }
+        while let Some(Reverse((at, call))) = self.retry_deadlines.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.retry_deadlines.pop();
+            self.retry_reinvite(now, call, at);
+        }
+        self.pump(now);
     }
 
     /// (Re)starts a call's session timer at `now`. RFC 4028 §10: the refresher refreshes
@@ -331,36 +438,8 @@ impl UserAgent {
                     }
                 }
             }
-            Event::Response { id, response } => {
-                let status = response.status_code.code();
-                if status < 200 {
-                    return;
-                }
-                // Any final response to our BYE ends the call.
-                if let Some(call) = self.by_bye_tx.remove(&id) {
-                    self.finish(call, EndCause::LocalBye);
-                }
-                if let Some(call) = self.by_refer_tx.remove(&id) {
-                    if let Some(c) = self.calls.get_mut(&call) {
-                        c.refer_tx = None;
-                    }
-                    // 2xx: accepted, progress follows in NOTIFYs (RFC 3515 §2.4.4).
-                    if status >= 300 {
-                        self.emit(UaEvent::Transfer { call, status, final_: true });
-                    }
-                }
-            }
-            Event::Timeout { id } => {
-                if let Some(call) = self.by_bye_tx.remove(&id) {
-                    self.finish(call, EndCause::LocalBye);
-                }
-                if let Some(call) = self.by_refer_tx.remove(&id) {
-                    if let Some(c) = self.calls.get_mut(&call) {
-                        c.refer_tx = None;
-                    }
-                    self.emit(UaEvent::Transfer { call, status: 408, final_: true });
-                }
-            }
+            Event::Response { id, response } => self.on_response(now, id, response),
+            Event::Timeout { id } => self.on_client_timeout(now, id),
             Event::AckTimeout { id } => {
                 let Some(&call) = self.by_invite_tx.get(&id) else { return };
                 let answered = self.calls.get(&call).is_some_and(|c| c.phase == Phase::Answered);
@@ -375,6 +454,10 @@ impl UserAgent {
             }
             Event::StrayResponse { .. } => {}
             Event::Terminated { id } => {
+                self.client_txs.remove(&id);
+                if let Some(key) = self.merge_key_of.remove(&id) {
+                    self.merge_keys.remove(&key);
+                }
                 if let Some(call) = self.by_invite_tx.remove(&id) {
                     // A call rejected or cancelled before answer is over once its INVITE
                     // transaction is gone; answered calls live on in their dialog.
@@ -472,7 +555,22 @@ impl UserAgent {
             }
             SessionTimer::Uac(interval) => Some((interval, Instant::now())),
         };
+        // §8.2.2.2: the same request (From tag, Call-ID, CSeq) arriving again under another
+        // branch reached us over two paths (a forking proxy); answer the copy 482.
+        let from_tag =
+            request.from_header().ok().and_then(|f| f.tag().ok().flatten()).map(|t| t.to_string()).unwrap_or_default();
+        let merge_key = (call_id.clone(), from_tag, remote_cseq);
+        if self.merge_keys.contains_key(&merge_key) {
+            let response = self.response(&request, 482, None, &[]);
+            let _ = self.layer.send_response(Instant::now(), id, response);
+            return;
+        }
+        self.merge_keys.insert(merge_key.clone(), id);
+        self.merge_key_of.insert(id, merge_key);
         let local_tag = self.unique();
+        let to = request.to_header().map(|h| h.value().to_owned()).unwrap_or_default();
+        let local_uri = if to.contains(";tag=") { to } else { format!("{to};tag={local_tag}") };
+        let remote_uri = request.from_header().map(|h| h.value().to_owned()).unwrap_or_default();
         self.counter += 1;
         let call = CallRef(self.counter);
         self.dialogs.insert((call_id.clone(), local_tag.clone()), call);
@@ -480,12 +578,15 @@ impl UserAgent {
         self.calls.insert(
             call,
             Call {
+                role: Role::Uas,
                 phase: Phase::Early,
                 peer,
                 invite: request.clone(),
                 invite_tx: id,
                 call_id,
                 local_tag,
+                local_uri,
+                remote_uri,
                 remote_target,
                 route_set,
                 local_cseq: 0,
@@ -496,6 +597,12 @@ impl UserAgent {
                 refer_tx: None,
                 session_timer,
                 ended_by_session_timer: false,
+                digest: None,
+                provisional: false,
+                cancel_wanted: false,
+                cancel_sent: false,
+                reinvite_tx: None,
+                reinvite_retry: None,
             },
         );
         self.emit(UaEvent::IncomingCall { call, peer, request: Box::new(request) });
@@ -520,7 +627,8 @@ impl UserAgent {
         match request.method {
             Method::Bye => {
                 // §15.1.2: a BYE in an early dialog also ends the INVITE, with 487.
-                let early = (c.phase == Phase::Early).then(|| (c.invite.clone(), c.invite_tx, c.local_tag.clone()));
+                let early = (c.phase == Phase::Early && c.role == Role::Uas)
+                    .then(|| (c.invite.clone(), c.invite_tx, c.local_tag.clone()));
                 let response = self.response(&request, 200, None, &[]);
                 let _ = self.layer.send_response(now, id, response);
                 if let Some((invite, tx, tag)) = early {
@@ -536,6 +644,12 @@ impl UserAgent {
                 let response = self.response(&request, 200, None, &contact);
                 let _ = self.layer.send_response(now, id, response);
                 self.arm_session_timer(now, call);
+            }
+            Method::Invite | Method::Update if c.reinvite_tx.is_some() => {
+                // §14.2: our own re-INVITE is in progress (glare): 491, and each side retries
+                // after a random wait (§14.1). RFC 3311 §5.2 says the same for UPDATE.
+                let response = self.response(&request, 491, None, &[]);
+                let _ = self.layer.send_response(now, id, response);
             }
             Method::Invite | Method::Update => {
                 if c.pending_reinvite.is_some() {
@@ -619,13 +733,18 @@ impl UserAgent {
         for header in request.headers.iter() {
             match header {
                 Header::Via(_) | Header::From(_) | Header::CallId(_) | Header::CSeq(_) => headers.push(header.clone()),
-                Header::RecordRoute(_) if (200..300).contains(&code) => headers.push(header.clone()),
-                Header::To(to) => match to_tag {
-                    Some(tag) if to.tag().ok().flatten().is_none() => {
-                        headers.push(Header::To(format!("{};tag={tag}", to.value()).into()));
-                    }
-                    _ => headers.push(header.clone()),
-                },
+                // §12.1.1: copied into every response that can create a dialog (101–299).
+                Header::RecordRoute(_) if (101..300).contains(&code) => headers.push(header.clone()),
+                Header::To(to) if code > 100 && to.tag().ok().flatten().is_none() => {
+                    // §8.2.6.2: a UAS adds a To tag to every response but 100. Out of a dialog
+                    // the tag only needs to be stable across retransmissions of the request.
+                    let tag = match to_tag {
+                        Some(tag) => tag.to_owned(),
+                        None => self.stateless_tag(request),
+                    };
+                    headers.push(Header::To(format!("{};tag={tag}", to.value()).into()));
+                }
+                Header::To(_) => headers.push(header.clone()),
                 _ => {}
             }
         }
@@ -642,6 +761,18 @@ impl UserAgent {
             headers: headers.into(),
             body: Vec::new(),
         }
+    }
+
+    /// A To tag for a response outside a dialog: a hash of the request's identity, so that a
+    /// retransmitted request gets the same tag.
+    fn stateless_tag(&self, request: &rsip::Request) -> String {
+        let mut hash = 0xcbf2_9ce4_8422_2325u64 ^ self.config.seed;
+        let call_id = request.call_id_header().map(|h| h.value().to_owned()).unwrap_or_default();
+        let cseq = request.cseq_header().map(|h| h.value().to_owned()).unwrap_or_default();
+        for byte in call_id.bytes().chain(cseq.bytes()) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{hash:x}")
     }
 
     /// Sends 180 Ringing (with our To tag, so the dialog is early on the caller's side).
@@ -753,7 +884,8 @@ impl UserAgent {
             return Err(UaError::WrongState(call, "a transfer is already in progress"));
         }
         c.local_cseq = c.local_cseq.max(1) + 1;
-        let Some((peer, mut refer)) = self.in_dialog_request(call, Method::Refer) else {
+        let cseq = c.local_cseq;
+        let Some((peer, mut refer)) = self.in_dialog_request(call, Method::Refer, cseq) else {
             return Err(UaError::UnknownCall(call));
         };
         let contact = format!("<sip:{}>", self.config.contact_host);
@@ -764,59 +896,75 @@ impl UserAgent {
         headers.push(Header::Contact(contact.into()));
         headers.push(Header::ContentLength(0u32.into()));
         refer.headers = headers.into();
-        if let Ok(tx) = self.layer.send_request(now, peer, refer) {
-            self.by_refer_tx.insert(tx, call);
-            if let Some(c) = self.calls.get_mut(&call) {
-                c.refer_tx = Some(tx);
-            }
+        self.add_credentials(call, &mut refer);
+        if let Some(tx) = self.send_client(now, call, Purpose::Refer, peer, refer, 0)
+            && let Some(c) = self.calls.get_mut(&call)
+        {
+            c.refer_tx = Some(tx);
         }
         self.pump(now);
         Ok(())
     }
 
-    /// Ends a call: BYE once answered (§15.1.1), 480 before.
+    /// Ends a call: BYE once answered (§15.1.1); before that, 480 for an inbound call and
+    /// CANCEL for an outbound one (sent once the callee has answered provisionally, §9.1).
     pub fn hangup(&mut self, now: Instant, call: CallRef) -> Result<(), UaError> {
         let c = self.calls.get_mut(&call).ok_or(UaError::UnknownCall(call))?;
         match c.phase {
+            Phase::Early if c.role == Role::Uac => {
+                c.cancel_wanted = true;
+                self.send_cancel(now, call);
+                self.pump(now);
+                return Ok(());
+            }
             Phase::Early => return self.reject(now, call, 480),
             Phase::Ending => return Ok(()),
             Phase::Answered | Phase::Confirmed => {}
         }
         c.phase = Phase::Ending;
         c.local_cseq = c.local_cseq.max(1) + 1;
-        let bye = self.in_dialog_request(call, Method::Bye);
-        let Some((peer, bye)) = bye else { return Err(UaError::UnknownCall(call)) };
-        if let Ok(tx) = self.layer.send_request(now, peer, bye) {
-            self.by_bye_tx.insert(tx, call);
+        let cseq = c.local_cseq;
+        let Some((peer, mut bye)) = self.in_dialog_request(call, Method::Bye, cseq) else {
+            return Err(UaError::UnknownCall(call));
+        };
+        self.add_credentials(call, &mut bye);
+        if self.send_client(now, call, Purpose::Bye, peer, bye, 0).is_none() {
+            self.finish(call, EndCause::LocalBye);
         }
         self.pump(now);
         Ok(())
     }
 
+    /// Starts a client transaction for one of a call's requests and remembers why.
+    fn send_client(
+        &mut self,
+        now: Instant,
+        call: CallRef,
+        purpose: Purpose,
+        peer: Peer,
+        request: rsip::Request,
+        auth_rounds: u8,
+    ) -> Option<TransactionId> {
+        let tx = self.layer.send_request(now, peer, request.clone()).ok()?;
+        self.client_txs.insert(tx, ClientTx { call, purpose, peer, request, auth_rounds, ack: None });
+        Some(tx)
+    }
+
     /// Builds an in-dialog request (§12.2.1.1): Request-URI = remote target (or the first
     /// route when it is a strict router — not supported: loose routing assumed), Route = the
     /// route set, From = local URI with our tag, To = remote URI with their tag.
-    fn in_dialog_request(&mut self, call: CallRef, method: Method) -> Option<(Peer, rsip::Request)> {
-        let branch = format!("z9hG4bK{}", self.unique());
+    fn in_dialog_request(&mut self, call: CallRef, method: Method, cseq: u32) -> Option<(Peer, rsip::Request)> {
+        let via = self.new_via(self.calls.get(&call)?.peer.transport);
         let c = self.calls.get(&call)?;
-        let invite = &c.invite;
-        let from = invite.to_header().ok()?.value().to_owned();
-        let to = invite.from_header().ok()?.value().to_owned();
-        let local = if from.contains(";tag=") { from } else { format!("{from};tag={}", c.local_tag) };
-        let transport = match c.peer.transport {
-            Transport::Udp => "UDP",
-            Transport::Tcp => "TCP",
-            Transport::Tls => "TLS",
-        };
         let mut headers: Vec<Header> = vec![
-            Header::Via(format!("SIP/2.0/{transport} {};branch={branch};rport", self.config.contact_host).into()),
+            via,
             Header::MaxForwards(70u32.into()),
-            Header::From(local.into()),
-            Header::To(to.into()),
+            Header::From(c.local_uri.clone().into()),
+            Header::To(c.remote_uri.clone().into()),
             Header::CallId(c.call_id.clone().into()),
-            Header::CSeq(format!("{} {method}", c.local_cseq).into()),
+            Header::CSeq(format!("{cseq} {method}").into()),
         ];
-        // The UAS takes the route set in Record-Route order (§12.1.1; only the UAC reverses it).
+        // `route_set` is already in Route order (reversed for a UAC when the dialog was made).
         for rr in &c.route_set {
             if let Header::RecordRoute(rr) = rr {
                 headers.push(Header::Route(rr.value().to_owned().into()));
@@ -832,6 +980,15 @@ impl UserAgent {
             body: Vec::new(),
         };
         Some((c.peer, request))
+    }
+}
+
+/// The transport token of a Via header (§18.2.1).
+fn via_transport(transport: Transport) -> &'static str {
+    match transport {
+        Transport::Udp => "UDP",
+        Transport::Tcp => "TCP",
+        Transport::Tls => "TLS",
     }
 }
 
@@ -915,6 +1072,11 @@ fn session_timer_request(request: &rsip::Request) -> SessionTimer {
         SessionTimer::Uac(Duration::from_secs(u64::from(interval)))
     }
 }
+
+#[path = "ua_client.rs"]
+mod client;
+
+pub use client::Dial;
 
 #[cfg(test)]
 #[path = "ua_tests.rs"]

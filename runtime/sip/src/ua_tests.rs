@@ -301,3 +301,35 @@ fn a_bye_in_the_early_dialog_ends_the_invite_with_487() {
     assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![200, 487]);
     assert_eq!(events, vec![UaEvent::Ended { call, cause: EndCause::RemoteBye }]);
 }
+
+#[test]
+fn a_merged_invite_gets_482_and_out_of_dialog_answers_carry_a_stable_to_tag() {
+    let mut ua = ua();
+    let t0 = Instant::now();
+    ua.handle_receive(t0, peer(), invite(""));
+    drain(&mut ua);
+    // The same INVITE (Call-ID, From tag, CSeq) under another branch: it forked and came back
+    // to us by a second path (§8.2.2.2).
+    let SipMessage::Request(mut copy) = invite("") else { panic!() };
+    let mut headers: Vec<Header> = copy.headers.iter().cloned().collect();
+    headers[0] = Header::Via("SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKother".into());
+    copy.headers = headers.into();
+    ua.handle_receive(t0, peer(), SipMessage::Request(copy));
+    let (sent, events) = drain(&mut ua);
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![100, 482]);
+    assert!(events.is_empty());
+
+    // §8.2.6.2: OPTIONS 200 carries a To tag, the same for a retransmission.
+    let options = "OPTIONS sip:echo@192.0.2.1 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.10;branch=z9hG4bKo\r\n\
+                   From: <sip:a@b>;tag=1\r\nTo: <sip:echo@192.0.2.1>\r\nCall-ID: o1\r\nCSeq: 1 OPTIONS\r\n\
+                   Content-Length: 0\r\n\r\n";
+    let tag_of = |ua: &mut UserAgent| {
+        ua.handle_receive(t0, peer(), SipMessage::try_from(options).unwrap());
+        let (sent, _) = drain(ua);
+        let SipMessage::Response(r) = &sent[0] else { panic!() };
+        r.to_header().unwrap().tag().unwrap().map(|t| t.to_string())
+    };
+    let first = tag_of(&mut ua);
+    assert!(first.is_some());
+    assert_eq!(tag_of(&mut ua), first);
+}
