@@ -17,7 +17,9 @@
 //!
 //! Where responses go (§18.2.2): over UDP to the source address and the `rport` (RFC 3581) or
 //! sent-by port; over TCP/TLS back over the connection the request came on, which is what the
-//! [`Peer`] of a stream message names (its remote address).
+//! [`Peer`] of a stream message names (its remote address). When that TCP connection has closed,
+//! a new one is opened to the source address at the Via sent-by port (the same for our
+//! in-dialog requests to that peer).
 
 mod stream;
 mod udp;

@@ -13,6 +13,7 @@
 //! `Mutex` held only to look up, insert or remove an entry, never across an `.await`.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -66,7 +67,13 @@ pub struct Streams {
 struct Table {
     next_id: u64,
     by_peer: HashMap<Peer, Writer>,
+    /// Where to reconnect to a peer whose connection closed (§18.2.2): its address with the
+    /// port of its top Via's sent-by, learnt from the requests it sent.
+    reopen_at: HashMap<Peer, SocketAddr>,
 }
+
+/// Most peers whose reconnection address is remembered; beyond it the map starts over.
+const MAX_REOPEN_ENTRIES: usize = 65_536;
 
 /// The send side of one connection, as kept in the table.
 #[derive(Debug, Clone)]
@@ -139,14 +146,18 @@ impl Streams {
             tracing::warn!(to = %peer.addr, "SIP connection limit reached: message dropped");
             return;
         };
+        // §18.2.2: when the connection a request came on is gone, the response (and, the same
+        // way, an in-dialog request) goes to the source address at the port the peer listens
+        // on (its sent-by), not to the ephemeral port it connected from.
+        let addr = self.table().reopen_at.get(&peer).copied().unwrap_or(peer.addr);
         let registered = self.register(peer);
         let _ = registered.replies.try_send(first);
         let streams = Arc::clone(self);
         tokio::spawn(async move {
-            match tokio::time::timeout(SETUP_TIMEOUT, TcpStream::connect(peer.addr)).await {
+            match tokio::time::timeout(SETUP_TIMEOUT, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
-                    tracing::debug!(to = %peer.addr, "SIP connection opened");
+                    tracing::debug!(to = %addr, "SIP connection opened");
                     streams.serve(stream, peer, registered, slot).await;
                 }
                 Ok(Err(e)) => {
@@ -326,6 +337,13 @@ impl Streams {
                 // received/rport are noted as on UDP, but §18.2.2 sends responses back over this
                 // connection, so `peer` stays the connection's remote address.
                 let _ = stamp_via(&mut request, peer.addr);
+                if let Some(port) = sent_by_port(&request) {
+                    let mut table = self.table();
+                    if table.reopen_at.len() >= MAX_REOPEN_ENTRIES {
+                        table.reopen_at.clear();
+                    }
+                    table.reopen_at.insert(peer, SocketAddr::new(peer.addr.ip(), port));
+                }
                 request.into()
             }
             response @ SipMessage::Response(_) => response,
@@ -333,6 +351,15 @@ impl Streams {
         // Waiting here is the backpressure: the peer's TCP window fills while the endpoint is busy.
         self.endpoint.send(Inbound { peer, message }).await.is_ok()
     }
+}
+
+/// The port of a request's top Via sent-by, or the transport's default (§18.2.2: 5060 for TCP;
+/// 5061 for TLS, which is not reopened yet).
+fn sent_by_port(request: &rsip::Request) -> Option<u16> {
+    use rsip::headers::ToTypedHeader;
+    use rsip::prelude::HeadersExt;
+    let via = request.via_header().ok()?.typed().ok()?;
+    Some(via.uri.host_with_port.port.map_or(5060, |p| *p.value()))
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(
@@ -513,6 +540,35 @@ mod tests {
         client.read_to_end(&mut answer).await.expect("closed");
         assert!(answer.starts_with(b"SIP/2.0 413"), "{}", String::from_utf8_lossy(&answer));
         assert!(inbound.try_recv().is_err(), "nothing reaches the endpoint");
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_is_reopened_to_the_via_sent_by_port() {
+        // The peer listens on `listener`'s port and says so in its Via; it connected from
+        // another (ephemeral) port and then closed that connection (§18.2.2).
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (streams, mut inbound) = streams(10);
+        let ephemeral = Peer { transport: Transport::Tcp, addr: "127.0.0.1:1".parse().expect("addr") };
+        let mut client = connect(&streams, ephemeral);
+        let options = OPTIONS.replace("127.0.0.1:5070", &format!("127.0.0.1:{port}"));
+        client.write_all(options.as_bytes()).await.expect("write");
+        inbound.recv().await.expect("the request");
+        drop(client);
+        // Wait until the closed connection has left the table, then answer.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while streams.table().by_peer.contains_key(&ephemeral) {
+            assert!(Instant::now() < deadline, "the connection never closed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        streams.send(ephemeral, b"SIP/2.0 200 OK\r\n".to_vec());
+        let (mut reopened, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("a connection to the sent-by port")
+            .expect("accept");
+        let mut reply = [0u8; 16];
+        reopened.read_exact(&mut reply).await.expect("the response");
+        assert_eq!(&reply, b"SIP/2.0 200 OK\r\n");
     }
 
     #[tokio::test]
