@@ -4,11 +4,11 @@
 //!   (extra arguments go to `patchbay run`).
 //! - `cargo xtask test`: everything CI checks — formatting, clippy with warnings as errors
 //!   (host crates and the wasm flows), and the whole test suite, including the sipp interop
-//!   tests (sipp is installed from Debian's `sip-tester` when missing).
+//!   tests (sipp, sox and espeak-ng are installed from Debian when missing).
 //! - `cargo xtask bench`: the benchmarks whose figures go into `BENCHMARKS.md`.
 //!
 //! Each command first installs what it needs and can install itself (the `wasm32-wasip2`
-//! target through rustup, sipp through apt-get), so that they work on a fresh machine with only rustup and cargo.
+//! target through rustup, sipp/sox/espeak-ng through apt-get), so that they work on a fresh machine with only rustup and cargo.
 //! This crate has no dependencies so that it builds in seconds.
 
 use std::path::{Path, PathBuf};
@@ -69,20 +69,40 @@ fn ensure_wasm_target() -> Result<(), String> {
     }
 }
 
-/// The interop tests drive Patchbay with sipp (Debian package `sip-tester`). Install it when it
-/// is missing and this is a Debian machine we may install on (root, apt-get present).
-fn ensure_sipp() -> Result<(), String> {
-    let found = Command::new("sipp").arg("-v").stdout(std::process::Stdio::null()).status().is_ok();
-    if found {
+/// Programs the tests drive, with the Debian package that provides each: sipp for the SIP and
+/// RTP interop tests, sox and espeak-ng for the G.711 conformance test (speech, and a reference
+/// encoder).
+const TEST_TOOLS: [(&str, &str, &str); 3] =
+    [("sipp", "-v", "sip-tester"), ("sox", "--version", "sox"), ("espeak-ng", "--version", "espeak-ng")];
+
+/// Installs the tools the tests need when they are missing and this is a Debian machine we may
+/// install on (root, apt-get present).
+fn ensure_test_tools() -> Result<(), String> {
+    let missing: Vec<&str> = TEST_TOOLS
+        .iter()
+        .filter(|(program, arg, _)| {
+            Command::new(program)
+                .arg(arg)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_err()
+        })
+        .map(|(_, _, package)| *package)
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask: sipp not found; installing Debian package sip-tester");
+    eprintln!("xtask: installing Debian packages {}", missing.join(" "));
     step("apt-get update", Command::new("apt-get").args(["update", "-qq"]))?;
     step(
-        "apt-get install sip-tester",
-        Command::new("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-qq", "sip-tester"]),
+        "apt-get install",
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing),
     )
-    .map_err(|e| format!("{e}: the SIP interop tests need sipp (apt-get install sip-tester)"))
+    .map_err(|e| format!("{e}: the tests need {} (apt-get install them)", missing.join(", ")))
 }
 
 fn run(args: &[String]) -> Result<(), String> {
@@ -94,7 +114,7 @@ fn run(args: &[String]) -> Result<(), String> {
 
 fn test(args: &[String]) -> Result<(), String> {
     ensure_wasm_target()?;
-    ensure_sipp()?;
+    ensure_test_tools()?;
     step("formatting", cargo().args(["fmt", "--all", "--check"]))?;
     step(
         "clippy (runtime)",

@@ -1,6 +1,9 @@
-//! Host-owned audio frames passed by handle.
+//! Host-owned audio frames passed by handle, and the pool that recycles them.
 
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use crate::g711;
 
 /// How a frame's samples are held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -50,45 +53,114 @@ pub enum FrameError {
 struct FrameData {
     format: AudioFormat,
     timestamp: u64,
-    samples: Box<[i16]>,
+    /// The samples when the encoding is [`AudioEncoding::Linear16`].
+    linear: Vec<i16>,
+    /// The octets when the encoding is G.711.
+    octets: Vec<u8>,
+    /// Where the buffers go back to when the last handle is dropped.
+    pool: Weak<PoolInner>,
 }
 
 /// One packetisation interval of audio, immutable once built and shared by reference count.
 ///
 /// Cloning a `Frame` clones a handle, not the samples: the echo flow, a bridge or a recorder
-/// pass the same buffer along. Samples are copied only out of [`Frame::linear`], which is what a
-/// flow's explicit `samples()` call uses.
+/// pass the same buffer along. A frame received as G.711 stays G.711 until someone asks for
+/// samples ([`Frame::linear`], what a flow's explicit `samples()` call uses) or the call it is
+/// sent to uses the other law ([`Frame::encode_into`]); sent back out in its own law it is
+/// copied octet for octet, with no transcoding.
 ///
-/// The buffer comes from the global allocator for now; the media engine issue replaces it with a
-/// fixed-size pool so that the per-packet path never allocates.
-#[derive(Debug, Clone)]
+/// Frames built through a [`FramePool`] return their buffers to it when the last handle is
+/// dropped, so the per-packet path does not touch the allocator once the pool is warm.
+#[derive(Debug)]
 pub struct Frame(Arc<FrameData>);
+
+impl Clone for Frame {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+}
+
+impl Drop for Frame {
+    fn drop(&mut self) {
+        // The last handle: give the buffers back instead of freeing them. `strong_count` is
+        // exact here — no weak references to frame data exist, and another handle would have
+        // to be cloned from this one, which we own.
+        if Arc::strong_count(&self.0) == 1
+            && let Some(pool) = self.0.pool.upgrade()
+        {
+            pool.put(Arc::clone(&self.0));
+        }
+    }
+}
+
+fn check_linear(len: usize, sample_rate: u32) -> Result<(), FrameError> {
+    if sample_rate != 8_000 && sample_rate != 16_000 {
+        return Err(FrameError::UnsupportedRate(sample_rate));
+    }
+    let per_10ms = (sample_rate / 100) as usize;
+    if !(len.is_multiple_of(per_10ms) && (1..=4).contains(&(len / per_10ms))) {
+        return Err(FrameError::NotAWholeFrame { samples: len, rate: sample_rate });
+    }
+    Ok(())
+}
+
+fn check_g711(len: usize) -> Result<(), FrameError> {
+    if !(len.is_multiple_of(80) && (1..=4).contains(&(len / 80))) {
+        return Err(FrameError::NotAWholeFrame { samples: len, rate: 8_000 });
+    }
+    Ok(())
+}
 
 impl Frame {
     /// Builds a linear PCM frame, checking that it is a whole 10–40 ms frame.
     pub fn from_linear(samples: &[i16], sample_rate: u32, timestamp: u64) -> Result<Self, FrameError> {
-        if sample_rate != 8_000 && sample_rate != 16_000 {
-            return Err(FrameError::UnsupportedRate(sample_rate));
-        }
-        let per_10ms = (sample_rate / 100) as usize;
-        let whole = samples.len().is_multiple_of(per_10ms) && (1..=4).contains(&(samples.len() / per_10ms));
-        if !whole {
-            return Err(FrameError::NotAWholeFrame { samples: samples.len(), rate: sample_rate });
-        }
-        let format = AudioFormat {
-            encoding: AudioEncoding::Linear16,
-            sample_rate,
-            // Bounded above by 4 × 160 by the check above.
-            samples: samples.len() as u32,
-        };
-        Ok(Self(Arc::new(FrameData { format, timestamp, samples: samples.into() })))
+        check_linear(samples.len(), sample_rate)?;
+        Ok(Self::new_linear(samples, sample_rate, timestamp, Weak::new(), Vec::new(), Vec::new()))
+    }
+
+    /// Builds a G.711 frame (8 kHz, one octet per sample), checking that it is a whole 10–40 ms
+    /// frame. `encoding` must be [`AudioEncoding::Pcmu`] or [`AudioEncoding::Pcma`]; linear
+    /// audio goes through [`Frame::from_linear`].
+    pub fn from_g711(encoding: AudioEncoding, octets: &[u8], timestamp: u64) -> Result<Self, FrameError> {
+        check_g711(octets.len())?;
+        Ok(Self::new_g711(encoding, octets, timestamp, Weak::new(), Vec::new(), Vec::new()))
+    }
+
+    fn new_linear(
+        samples: &[i16],
+        sample_rate: u32,
+        timestamp: u64,
+        pool: Weak<PoolInner>,
+        mut linear: Vec<i16>,
+        octets: Vec<u8>,
+    ) -> Self {
+        linear.clear();
+        linear.extend_from_slice(samples);
+        // Bounded above by 4 × 160 by the checks of the callers.
+        let format = AudioFormat { encoding: AudioEncoding::Linear16, sample_rate, samples: samples.len() as u32 };
+        Self(Arc::new(FrameData { format, timestamp, linear, octets, pool }))
+    }
+
+    fn new_g711(
+        encoding: AudioEncoding,
+        bytes: &[u8],
+        timestamp: u64,
+        pool: Weak<PoolInner>,
+        linear: Vec<i16>,
+        mut octets: Vec<u8>,
+    ) -> Self {
+        octets.clear();
+        octets.extend_from_slice(bytes);
+        let encoding = if encoding == AudioEncoding::Linear16 { AudioEncoding::Pcmu } else { encoding };
+        let format = AudioFormat { encoding, sample_rate: 8_000, samples: bytes.len() as u32 };
+        Self(Arc::new(FrameData { format, timestamp, linear, octets, pool }))
     }
 
     /// A frame of silence in the given format.
     pub fn silence(format: AudioFormat, timestamp: u64) -> Self {
-        let samples = vec![0_i16; format.samples as usize].into_boxed_slice();
+        let samples = vec![0_i16; format.samples as usize];
         let format = AudioFormat { encoding: AudioEncoding::Linear16, ..format };
-        Self(Arc::new(FrameData { format, timestamp, samples }))
+        Self(Arc::new(FrameData { format, timestamp, linear: samples, octets: Vec::new(), pool: Weak::new() }))
     }
 
     /// The frame's format.
@@ -101,14 +173,131 @@ impl Frame {
         self.0.timestamp
     }
 
-    /// The samples as linear PCM, borrowed from the shared buffer.
-    pub fn linear(&self) -> &[i16] {
-        &self.0.samples
+    /// The samples as linear PCM: borrowed from a linear frame, decoded from a G.711 one.
+    pub fn linear(&self) -> Cow<'_, [i16]> {
+        match self.0.format.encoding {
+            AudioEncoding::Linear16 => Cow::Borrowed(&self.0.linear),
+            AudioEncoding::Pcmu => Cow::Owned(self.0.octets.iter().map(|&b| g711::ulaw_decode(b)).collect()),
+            AudioEncoding::Pcma => Cow::Owned(self.0.octets.iter().map(|&b| g711::alaw_decode(b)).collect()),
+        }
+    }
+
+    /// The G.711 octets of a G.711 frame (empty for a linear one).
+    pub fn octets(&self) -> &[u8] {
+        &self.0.octets
+    }
+
+    /// Writes the frame in `encoding` (G.711) into `out` and returns the octets written: a copy
+    /// when the frame already is in that law, a transcode otherwise. A 16 kHz linear frame is
+    /// written at 8 kHz by keeping every second sample — flows that produce 16 kHz audio should
+    /// filter it first (prompts are filtered when they are loaded).
+    pub fn encode_into(&self, encoding: AudioEncoding, out: &mut [u8]) -> usize {
+        let data = &self.0;
+        match (data.format.encoding, encoding) {
+            (from, to) if from == to && from != AudioEncoding::Linear16 => {
+                let n = data.octets.len().min(out.len());
+                out[..n].copy_from_slice(&data.octets[..n]);
+                n
+            }
+            (AudioEncoding::Linear16, to) => {
+                let step = if data.format.sample_rate == 16_000 { 2 } else { 1 };
+                let mut n = 0;
+                for (slot, &sample) in out.iter_mut().zip(data.linear.iter().step_by(step)) {
+                    *slot = match to {
+                        AudioEncoding::Pcma => g711::alaw_encode(sample),
+                        _ => g711::ulaw_encode(sample),
+                    };
+                    n += 1;
+                }
+                n
+            }
+            (from, to) => {
+                let n = data.octets.len().min(out.len());
+                for (slot, &octet) in out.iter_mut().zip(data.octets.iter()) {
+                    let sample =
+                        if from == AudioEncoding::Pcmu { g711::ulaw_decode(octet) } else { g711::alaw_decode(octet) };
+                    *slot =
+                        if to == AudioEncoding::Pcma { g711::alaw_encode(sample) } else { g711::ulaw_encode(sample) };
+                }
+                n
+            }
+        }
     }
 
     /// Whether two handles refer to the same buffer (no copy was made between them).
     pub fn same_buffer(&self, other: &Frame) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+#[derive(Debug)]
+struct PoolInner {
+    free: Mutex<Vec<Arc<FrameData>>>,
+    capacity: usize,
+}
+
+impl PoolInner {
+    fn put(&self, data: Arc<FrameData>) {
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        if free.len() < self.capacity {
+            free.push(data);
+        }
+    }
+}
+
+/// Counters of a [`FramePool`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStats {
+    /// Frames waiting for reuse.
+    pub free: usize,
+}
+
+/// A pool of frame buffers shared by every call of a host.
+///
+/// Taking a frame reuses a returned buffer when there is one (a short, uncontended lock, never
+/// held across I/O) and allocates otherwise; the pool keeps at most `capacity` idle buffers.
+/// A buffer comes back when the last handle to its frame is dropped, wherever that happens
+/// (the media clock, a flow's store, a recorder).
+#[derive(Debug, Clone)]
+pub struct FramePool(Arc<PoolInner>);
+
+impl FramePool {
+    /// A pool keeping up to `capacity` idle buffers (size it for the frames in flight: about
+    /// four per call — jitter buffer, flow queue, playout queue, on the wire).
+    pub fn new(capacity: usize) -> Self {
+        Self(Arc::new(PoolInner { free: Mutex::new(Vec::with_capacity(capacity)), capacity }))
+    }
+
+    fn take(&self) -> (Vec<i16>, Vec<u8>) {
+        let reused = self.0.free.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        match reused.and_then(|data| Arc::try_unwrap(data).ok()) {
+            Some(mut data) => {
+                // The frame data is dropped here without its buffers; detach the pool so
+                // dropping it does nothing.
+                data.pool = Weak::new();
+                (std::mem::take(&mut data.linear), std::mem::take(&mut data.octets))
+            }
+            None => (Vec::with_capacity(320), Vec::with_capacity(320)),
+        }
+    }
+
+    /// A linear frame from the pool (see [`Frame::from_linear`]).
+    pub fn linear(&self, samples: &[i16], sample_rate: u32, timestamp: u64) -> Result<Frame, FrameError> {
+        check_linear(samples.len(), sample_rate)?;
+        let (linear, octets) = self.take();
+        Ok(Frame::new_linear(samples, sample_rate, timestamp, Arc::downgrade(&self.0), linear, octets))
+    }
+
+    /// A G.711 frame from the pool (see [`Frame::from_g711`]).
+    pub fn g711(&self, encoding: AudioEncoding, octets: &[u8], timestamp: u64) -> Result<Frame, FrameError> {
+        check_g711(octets.len())?;
+        let (linear, buf) = self.take();
+        Ok(Frame::new_g711(encoding, octets, timestamp, Arc::downgrade(&self.0), linear, buf))
+    }
+
+    /// The pool's counters.
+    pub fn stats(&self) -> PoolStats {
+        PoolStats { free: self.0.free.lock().unwrap_or_else(PoisonError::into_inner).len() }
     }
 }
 
@@ -136,5 +325,45 @@ mod tests {
             "800 samples at 8000 Hz is not a whole 10/20/30/40 ms frame"
         );
         assert!(Frame::from_linear(&[0; 320], 16_000, 0).is_ok());
+        assert!(Frame::from_g711(AudioEncoding::Pcmu, &[0; 100], 0).is_err());
+    }
+
+    #[test]
+    fn g711_frames_go_out_in_their_own_law_unchanged_and_transcode_otherwise() {
+        let octets: Vec<u8> = (0..160).map(|i| (i * 7 % 256) as u8).collect();
+        let frame = Frame::from_g711(AudioEncoding::Pcmu, &octets, 320).unwrap();
+        assert_eq!(frame.format().encoding, AudioEncoding::Pcmu);
+        let mut out = [0u8; 160];
+        assert_eq!(frame.encode_into(AudioEncoding::Pcmu, &mut out), 160);
+        assert_eq!(&out[..], &octets[..]);
+        let linear = frame.linear();
+        assert_eq!(linear[5], g711::ulaw_decode(octets[5]));
+        frame.encode_into(AudioEncoding::Pcma, &mut out);
+        assert_eq!(out[5], g711::alaw_encode(g711::ulaw_decode(octets[5])));
+        let pcm = Frame::from_linear(&[1_000; 160], 8_000, 0).unwrap();
+        pcm.encode_into(AudioEncoding::Pcmu, &mut out);
+        assert_eq!(out[0], g711::ulaw_encode(1_000));
+    }
+
+    #[test]
+    fn pooled_buffers_come_back_when_the_last_handle_drops() {
+        let pool = FramePool::new(4);
+        let a = pool.g711(AudioEncoding::Pcmu, &[0xff; 160], 0).unwrap();
+        let b = a.clone();
+        drop(a);
+        assert_eq!(pool.stats().free, 0, "a handle is still alive");
+        drop(b);
+        assert_eq!(pool.stats().free, 1);
+        let c = pool.linear(&[3; 160], 8_000, 160).unwrap();
+        assert_eq!(pool.stats().free, 0, "the buffer was reused");
+        assert_eq!((c.linear()[0], c.timestamp()), (3, 160));
+        // Frames outlive their pool safely; they are then simply freed.
+        drop(pool);
+        drop(c);
+        // The pool keeps at most its capacity.
+        let pool = FramePool::new(1);
+        let frames: Vec<Frame> = (0..3).map(|_| pool.g711(AudioEncoding::Pcma, &[0xd5; 160], 0).unwrap()).collect();
+        drop(frames);
+        assert_eq!(pool.stats().free, 1);
     }
 }

@@ -1,0 +1,497 @@
+//! One call's media stream, sans-IO: what arrives from the peer and what goes out every
+//! packetisation interval.
+//!
+//! ```text
+//!   receive(now, from, datagram) ─► parse → (SRTP) → latch → stats → DTMF | jitter buffer
+//!   tick(now, out)               ─► one packet per ptime: DTMF digits, queued audio, or silence
+//!   take_received(now)           ─► the jitter buffer's frame for this interval (to a flow/agent)
+//!   poll_event()                 ─► key presses, "audio stopped" (RTP timeout), played marks
+//! ```
+//!
+//! The shell calls [`MediaSession::tick`] for every call from one shared clock (no timer per
+//! call) and sends what it returns. Whatever the flow is doing, each tick yields a packet once
+//! the remote address is known: queued audio if there is some, encoded silence otherwise — so
+//! the wire never goes quiet while a flow or an agent is thinking (carriers and NATs drop calls
+//! after ~30 s without RTP).
+//!
+//! **Not done here:** RFC 3389 comfort noise (silence is sent as encoded silence; no CN payload
+//! type is negotiated), RTCP sending (the RTCP modules exist; the shell does not schedule
+//! reports yet), and packet loss concealment beyond inserting silence.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::dtmf::{
+    DtmfDigit, DtmfEvent, DtmfReceiver, DtmfReceiverConfig, DtmfSender, DtmfSenderConfig, TelephoneEvent,
+};
+use crate::jitter::{JitterBuffer, JitterConfig, JitterPacket, Playout};
+use crate::rtp::{ReceiveStats, ReceiveStatsConfig, RtpHeader, RtpPacket, RtpSender, RtpSenderConfig};
+use crate::srtp::{MasterKey, SrtpContext, SrtpProfile};
+use crate::{AudioEncoding, Frame, FramePool, g711};
+
+/// The speech codec of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Codec {
+    /// G.711 μ-law.
+    Pcmu,
+    /// G.711 A-law.
+    Pcma,
+}
+
+impl Codec {
+    /// The frame encoding that matches.
+    pub fn encoding(self) -> AudioEncoding {
+        match self {
+            Codec::Pcmu => AudioEncoding::Pcmu,
+            Codec::Pcma => AudioEncoding::Pcma,
+        }
+    }
+
+    fn silence(self) -> u8 {
+        match self {
+            Codec::Pcmu => g711::ULAW_SILENCE,
+            Codec::Pcma => g711::ALAW_SILENCE,
+        }
+    }
+}
+
+/// How a session is set up (from the SDP offer/answer and the shell's random source).
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// The speech codec and its payload type (the offerer's number).
+    pub codec: Codec,
+    /// Payload type.
+    pub payload_type: u8,
+    /// The telephone-event payload type, when negotiated (RFC 4733).
+    pub telephone_event: Option<u8>,
+    /// Packetisation interval in milliseconds (10–40; 20 is the norm).
+    pub ptime_ms: u32,
+    /// Where the SDP says to send; replaced by where the audio really comes from (symmetric
+    /// RTP) once valid packets arrive.
+    pub remote: Option<SocketAddr>,
+    /// Our SSRC, initial sequence number and timestamp (random, RFC 3550 §5.1).
+    pub ssrc: u32,
+    /// Random initial sequence number.
+    pub initial_sequence: u16,
+    /// Random initial timestamp.
+    pub initial_timestamp: u32,
+    /// End the call when no RTP arrives for this long (`None`: never).
+    pub inactivity_timeout: Option<Duration>,
+    /// Detect DTMF tones in the audio (for peers that send no telephone-events).
+    pub inband_dtmf: bool,
+    /// Jitter buffer settings.
+    pub jitter: JitterConfig,
+    /// SRTP keys (SDES, RFC 4568) when the call is encrypted.
+    pub srtp: Option<SrtpKeys>,
+}
+
+/// The keys of an SRTP session: ours protect what we send, the peer's what we receive.
+#[derive(Debug, Clone)]
+pub struct SrtpKeys {
+    /// The crypto suite both sides agreed on.
+    pub profile: SrtpProfile,
+    /// Our master key (the `a=crypto` line we sent).
+    pub local: MasterKey,
+    /// The peer's master key (its `a=crypto` line).
+    pub remote: MasterKey,
+}
+
+/// What the session reports to the call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// A key press, reported once when it ends (RFC 4733 or in-band).
+    Dtmf {
+        /// The key.
+        digit: char,
+        /// How long it was held.
+        duration_ms: u32,
+    },
+    /// No RTP for the inactivity timeout: the call should end (cause "media timeout").
+    Inactive,
+    /// The peer's audio now comes from this address; we send there (symmetric RTP).
+    Latched(SocketAddr),
+    /// Queued audio up to a [`MediaSession::mark`] has gone out.
+    Played(u64),
+}
+
+/// Counters of a session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// RTP packets accepted.
+    pub received: u64,
+    /// Datagrams dropped: not RTP, wrong payload type, from an unexpected source.
+    pub dropped: u64,
+    /// Packets sent.
+    pub sent: u64,
+    /// Of which silence.
+    pub silence_sent: u64,
+    /// Frames the jitter buffer had to conceal (lost or late).
+    pub concealed: u64,
+    /// SRTP packets dropped: authentication failed or replayed (RFC 3711 §3.3).
+    pub srtp_failures: u64,
+}
+
+/// An entry of the outgoing queue.
+#[derive(Debug)]
+enum Out {
+    Frame(Frame),
+    Mark(u64),
+}
+
+/// Most frames queued for sending (10 s at 20 ms): prompts are queued a few seconds at a time
+/// by the shell, flows writing faster than real time are refused.
+pub const MAX_QUEUED: usize = 500;
+
+/// One call's media. See the module docs.
+#[derive(Debug)]
+pub struct MediaSession {
+    config: SessionConfig,
+    pool: FramePool,
+    sender: RtpSender,
+    stats_rx: ReceiveStats,
+    dtmf_rx: DtmfReceiver,
+    dtmf_tx: DtmfSender,
+    /// DTMF digits still to send, and the packets of the one being sent with their send
+    /// offsets from its start.
+    dtmf_pending: VecDeque<(DtmfDigit, u32)>,
+    dtmf_current: Option<(VecDeque<crate::dtmf::DtmfPacket>, u32)>,
+    tone: Option<crate::dtmf::ToneDetector>,
+    jitter: JitterBuffer<Frame>,
+    queue: VecDeque<Out>,
+    events: VecDeque<SessionEvent>,
+    remote: Option<SocketAddr>,
+    latched: bool,
+    last_received: Option<Instant>,
+    started: Option<Instant>,
+    inactivity_reported: bool,
+    hold: bool,
+    stats: SessionStats,
+    /// (protect outgoing, unprotect incoming).
+    srtp: Option<(SrtpContext, SrtpContext)>,
+    samples_per_frame: u32,
+    decode_scratch: Vec<i16>,
+}
+
+/// Largest RTP packet the session writes: header, 40 ms of G.711, SRTP tag room.
+pub const MAX_PACKET: usize = 12 + 320 + 16;
+
+impl MediaSession {
+    /// A session about to send its first packet.
+    pub fn new(config: SessionConfig, pool: FramePool) -> Self {
+        let samples_per_frame = 8 * config.ptime_ms.clamp(10, 40);
+        let sender = RtpSender::new(RtpSenderConfig {
+            ssrc: config.ssrc,
+            payload_type: config.payload_type,
+            clock_rate: 8_000,
+            samples_per_frame,
+            initial_sequence: config.initial_sequence,
+            initial_timestamp: config.initial_timestamp,
+        });
+        let jitter_config = JitterConfig { frame_samples: samples_per_frame, ..config.jitter };
+        Self {
+            sender,
+            stats_rx: ReceiveStats::new(ReceiveStatsConfig { clock_rate: 8_000, min_sequential: 1 }),
+            dtmf_rx: DtmfReceiver::new(DtmfReceiverConfig::default()),
+            dtmf_tx: DtmfSender::new(DtmfSenderConfig { interval: samples_per_frame, ..DtmfSenderConfig::default() }),
+            dtmf_pending: VecDeque::new(),
+            dtmf_current: None,
+            tone: config.inband_dtmf.then(|| crate::dtmf::ToneDetector::new(Default::default())),
+            jitter: JitterBuffer::new(jitter_config),
+            queue: VecDeque::new(),
+            events: VecDeque::new(),
+            remote: config.remote,
+            latched: false,
+            last_received: None,
+            started: None,
+            inactivity_reported: false,
+            hold: false,
+            stats: SessionStats::default(),
+            srtp: config
+                .srtp
+                .as_ref()
+                .map(|k| (SrtpContext::new(k.profile, &k.local), SrtpContext::new(k.profile, &k.remote))),
+            samples_per_frame,
+            decode_scratch: Vec::with_capacity(320),
+            pool,
+            config,
+        }
+    }
+
+    /// Where packets go now.
+    pub fn remote(&self) -> Option<SocketAddr> {
+        self.remote
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    /// The codec.
+    pub fn codec(&self) -> Codec {
+        self.config.codec
+    }
+
+    /// Samples per frame (8 per millisecond of ptime).
+    pub fn samples_per_frame(&self) -> u32 {
+        self.samples_per_frame
+    }
+
+    /// On hold the peer may legitimately send nothing: the inactivity timeout is off.
+    pub fn set_hold(&mut self, hold: bool) {
+        self.hold = hold;
+        self.inactivity_reported = false;
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    /// A datagram arrived on the call's RTP port from `from`. The buffer is decrypted in place
+    /// on an SRTP call.
+    pub fn receive(&mut self, now: Instant, from: SocketAddr, datagram: &mut [u8]) {
+        let len = match self.srtp.as_mut() {
+            Some((_, inbound)) => match inbound.unprotect_rtp(datagram) {
+                Ok(len) => len,
+                Err(_) => {
+                    // Forged, corrupted or replayed: dropped and counted, never latched onto.
+                    self.stats.srtp_failures += 1;
+                    return;
+                }
+            },
+            None => datagram.len(),
+        };
+        let Ok(packet) = RtpPacket::parse(&datagram[..len]) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        let header = packet.header;
+        let pt = header.payload_type;
+        let is_event = Some(pt) == self.config.telephone_event;
+        if pt != self.config.payload_type && !is_event {
+            // Comfort noise, a codec we did not agree on, or RTCP on the RTP port (rtcp-mux).
+            self.stats.dropped += 1;
+            return;
+        }
+        // Symmetric RTP (RFC 4961 practice): send to where valid audio comes from. Once
+        // latched, packets from elsewhere are ignored unless the stream has been silent for a
+        // while (the peer moved, e.g. a re-INVITE to a new address we have not been told).
+        if self.remote != Some(from) {
+            let stale = self.last_received.is_none_or(|t| now.duration_since(t) > Duration::from_millis(500));
+            if self.latched && !stale {
+                self.stats.dropped += 1;
+                return;
+            }
+            self.remote = Some(from);
+            self.latched = true;
+            self.events.push_back(SessionEvent::Latched(from));
+        } else {
+            self.latched = true;
+        }
+        self.last_received = Some(now);
+        self.inactivity_reported = false;
+        self.stats.received += 1;
+        let verdict = self.stats_rx.on_packet(now, &header);
+        let _ = verdict;
+        if is_event {
+            if let Ok(event) = TelephoneEvent::parse(packet.payload) {
+                self.dtmf_rx.handle_packet(now, &header, event);
+                self.drain_dtmf();
+            }
+            return;
+        }
+        let frame = match self.pool.g711(self.config.codec.encoding(), packet.payload, u64::from(header.timestamp)) {
+            Ok(frame) => frame,
+            Err(_) => {
+                self.stats.dropped += 1;
+                return;
+            }
+        };
+        if let Some(tone) = self.tone.as_mut() {
+            self.decode_scratch.clear();
+            self.decode_scratch.extend(frame.linear().iter());
+            tone.process(&self.decode_scratch);
+            while let Some(detected) = tone.poll_tone() {
+                // The detector reports a tone once it is confirmed, before it ends: the
+                // duration is not known, so the detector's minimum is reported.
+                self.events.push_back(SessionEvent::Dtmf { digit: detected.digit.as_char(), duration_ms: 40 });
+            }
+        }
+        self.jitter.push(
+            now,
+            JitterPacket {
+                ssrc: header.ssrc,
+                sequence: header.sequence,
+                timestamp: header.timestamp,
+                marker: header.marker,
+                payload: frame,
+            },
+        );
+    }
+
+    fn drain_dtmf(&mut self) {
+        while let Some(event) = self.dtmf_rx.poll_event() {
+            if let DtmfEvent::Released { digit: Some(digit), duration, .. } = event {
+                self.events.push_back(SessionEvent::Dtmf {
+                    digit: digit.as_char(),
+                    duration_ms: (duration / 8).min(u64::from(u32::MAX)) as u32,
+                });
+            }
+        }
+    }
+
+    /// The caller's audio for this interval, after the jitter buffer: the next frame, or a
+    /// silence frame in its place when one was lost or late. `None` while nothing has arrived
+    /// yet or the buffer is filling.
+    pub fn take_received(&mut self, now: Instant) -> Option<Frame> {
+        match self.jitter.pop(now) {
+            Playout::Frame(frame) => Some(frame.payload),
+            Playout::Missing(crate::jitter::MissingReason::Lost { .. })
+            | Playout::Missing(crate::jitter::MissingReason::Underrun) => {
+                self.stats.concealed += 1;
+                let silence = [self.config.codec.silence(); 320];
+                self.pool.g711(self.config.codec.encoding(), &silence[..self.samples_per_frame as usize], 0).ok()
+            }
+            Playout::Missing(_) => None,
+        }
+    }
+
+    /// Queues a frame to be sent after what is queued. Refused (returned) when the queue is
+    /// full.
+    pub fn play(&mut self, frame: Frame) -> Result<(), Frame> {
+        if self.queue.len() >= MAX_QUEUED {
+            return Err(frame);
+        }
+        self.queue.push_back(Out::Frame(frame));
+        Ok(())
+    }
+
+    /// Frames queued for sending.
+    pub fn queued(&self) -> usize {
+        self.queue.iter().filter(|o| matches!(o, Out::Frame(_))).count()
+    }
+
+    /// Queues a mark: [`SessionEvent::Played`] with `id` is reported when everything queued
+    /// before it has been sent (how the shell knows a prompt finished, or an agent's mark).
+    pub fn mark(&mut self, id: u64) {
+        self.queue.push_back(Out::Mark(id));
+    }
+
+    /// Drops all queued audio (barge-in, an agent's `clear`). Marks are reported as played.
+    pub fn clear(&mut self) {
+        for out in self.queue.drain(..) {
+            if let Out::Mark(id) = out {
+                self.events.push_back(SessionEvent::Played(id));
+            }
+        }
+    }
+
+    /// Queues DTMF digits to send as RFC 4733 events (`duration_ms` each, with a pause of the
+    /// same length between digits). Returns false when no telephone-event was negotiated.
+    pub fn send_dtmf(&mut self, digits: &str, duration_ms: u32) -> bool {
+        if self.config.telephone_event.is_none() {
+            return false;
+        }
+        for digit in digits.chars().filter_map(DtmfDigit::from_char) {
+            self.dtmf_pending.push_back((digit, duration_ms.clamp(40, 2_000) * 8));
+        }
+        true
+    }
+
+    /// The shared clock's tick for this session: writes the packet to send now into `out` and
+    /// returns where to send it and its length (`None` while the remote address is unknown).
+    /// Also fires the inactivity timeout.
+    pub fn tick(&mut self, now: Instant, out: &mut [u8; MAX_PACKET]) -> Option<(SocketAddr, usize)> {
+        let started = *self.started.get_or_insert(now);
+        if let Some(timeout) = self.config.inactivity_timeout
+            && !self.hold
+            && !self.inactivity_reported
+            && now.duration_since(self.last_received.unwrap_or(started)) >= timeout
+        {
+            self.inactivity_reported = true;
+            self.events.push_back(SessionEvent::Inactive);
+        }
+        if let Some(at) = self.dtmf_rx.poll_timeout()
+            && at <= now
+        {
+            self.dtmf_rx.handle_timeout(now);
+            self.drain_dtmf();
+        }
+        let remote = self.remote;
+        // DTMF replaces audio while a digit is sent (RFC 4733 §2.5.1.1 leaves it to the sender;
+        // sending both confuses many receivers).
+        if let Some(len) = self.tick_dtmf(out) {
+            return remote.and_then(|r| self.protect(out, len).map(|len| (r, len)));
+        }
+        let mut payload = [0u8; 320];
+        let n = self.samples_per_frame as usize;
+        let mut silence = true;
+        loop {
+            match self.queue.pop_front() {
+                Some(Out::Mark(id)) => self.events.push_back(SessionEvent::Played(id)),
+                Some(Out::Frame(frame)) => {
+                    let written = frame.encode_into(self.config.codec.encoding(), &mut payload[..n]);
+                    payload[written..n].fill(self.config.codec.silence());
+                    silence = false;
+                    break;
+                }
+                None => break,
+            }
+        }
+        if silence {
+            payload[..n].fill(self.config.codec.silence());
+            self.stats.silence_sent += 1;
+        }
+        // The timestamp advances even while nothing is sent (no remote yet), as a real clock.
+        let len = self.sender.write_frame(now, &payload[..n], out).ok()?;
+        self.stats.sent += 1;
+        remote.and_then(|r| self.protect(out, len).map(|len| (r, len)))
+    }
+
+    fn protect(&mut self, out: &mut [u8; MAX_PACKET], len: usize) -> Option<usize> {
+        match self.srtp.as_mut() {
+            Some((outbound, _)) => outbound.protect_rtp(out, len).ok(),
+            None => Some(len),
+        }
+    }
+
+    fn tick_dtmf(&mut self, out: &mut [u8]) -> Option<usize> {
+        let pt = self.config.telephone_event?;
+        if self.dtmf_current.is_none() {
+            let (digit, duration) = self.dtmf_pending.pop_front()?;
+            let start = self.sender.next_timestamp();
+            let packets: VecDeque<_> = self.dtmf_tx.sequence(digit, duration, start).collect();
+            self.dtmf_current = Some((packets, 0));
+        }
+        let (packets, elapsed) = self.dtmf_current.as_mut()?;
+        // Every packet due by now goes out; one per tick keeps the pacing (the end packets are
+        // one interval apart by construction).
+        let packet = packets.pop_front()?;
+        *elapsed += self.samples_per_frame;
+        let done = packets.is_empty();
+        let header = RtpHeader {
+            marker: packet.marker,
+            payload_type: pt,
+            sequence: self.sender.take_sequence(),
+            timestamp: packet.timestamp,
+            ssrc: self.config.ssrc,
+        };
+        let mut payload = [0u8; TelephoneEvent::LEN];
+        packet.event.write(&mut payload).ok()?;
+        let len = header.write(&payload, out).ok()?;
+        self.sender.record_sent(payload.len());
+        // The audio clock runs on under the event.
+        self.sender.skip_frames(1);
+        if done {
+            self.dtmf_current = None;
+        }
+        self.stats.sent += 1;
+        Some(len)
+    }
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

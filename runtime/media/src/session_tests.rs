@@ -1,0 +1,239 @@
+//! The media session on a virtual clock: pacing, echo, latching, DTMF, inactivity, SRTP.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::rtp::RtpPacket;
+
+const PEER: &str = "192.0.2.10:4000";
+const MS20: Duration = Duration::from_millis(20);
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn config() -> SessionConfig {
+    SessionConfig {
+        codec: Codec::Pcmu,
+        payload_type: 0,
+        telephone_event: Some(101),
+        ptime_ms: 20,
+        remote: Some(addr(PEER)),
+        ssrc: 0x1234_5678,
+        initial_sequence: 65_530,
+        initial_timestamp: 4_294_967_000,
+        inactivity_timeout: Some(Duration::from_secs(60)),
+        inband_dtmf: false,
+        jitter: JitterConfig::default(),
+        srtp: None,
+    }
+}
+
+fn session() -> MediaSession {
+    MediaSession::new(config(), FramePool::new(64))
+}
+
+/// An RTP packet as the peer sends it.
+fn rtp(pt: u8, seq: u16, ts: u32, marker: bool, payload: &[u8]) -> Vec<u8> {
+    let header = RtpHeader { marker, payload_type: pt, sequence: seq, timestamp: ts, ssrc: 0xabcd };
+    let mut out = vec![0u8; 12 + payload.len()];
+    let n = header.write(payload, &mut out).unwrap();
+    out.truncate(n);
+    out
+}
+
+fn tick(s: &mut MediaSession, now: Instant) -> Option<(SocketAddr, Vec<u8>)> {
+    let mut out = [0u8; MAX_PACKET];
+    s.tick(now, &mut out).map(|(to, len)| (to, out[..len].to_vec()))
+}
+
+fn events(s: &mut MediaSession) -> Vec<SessionEvent> {
+    std::iter::from_fn(|| s.poll_event()).collect()
+}
+
+#[test]
+fn every_tick_sends_a_packet_silence_when_nothing_is_queued() {
+    let mut s = session();
+    let t0 = Instant::now();
+    let mut last: Option<(u16, u32)> = None;
+    for i in 0..10u32 {
+        let (to, packet) = tick(&mut s, t0 + MS20 * i).expect("a packet every tick");
+        assert_eq!(to, addr(PEER));
+        let p = RtpPacket::parse(&packet).unwrap();
+        assert_eq!(p.payload, &[0xFF; 160][..], "encoded μ-law silence");
+        assert_eq!(p.header.marker, i == 0, "marker only on the first packet");
+        if let Some((seq, ts)) = last {
+            // Sequence and timestamp wrap (the initial values are near the top).
+            assert_eq!(p.header.sequence, seq.wrapping_add(1));
+            assert_eq!(p.header.timestamp, ts.wrapping_add(160));
+        }
+        last = Some((p.header.sequence, p.header.timestamp));
+    }
+    assert_eq!(s.stats().silence_sent, 10);
+}
+
+#[test]
+fn received_audio_comes_out_of_the_jitter_buffer_and_echoes_unchanged() {
+    let mut s = session();
+    let t0 = Instant::now();
+    let voice: Vec<u8> = (0..160).map(|i| (i * 3 % 256) as u8).collect();
+    let mut echoed = Vec::new();
+    for i in 0..20u16 {
+        let now = t0 + MS20 * u32::from(i);
+        s.receive(now, addr(PEER), &mut rtp(0, 100 + i, 8_000 + 160 * u32::from(i), i == 0, &voice));
+        if let Some(frame) = s.take_received(now) {
+            assert!(s.play(frame).is_ok());
+        }
+        if let Some((_, packet)) = tick(&mut s, now) {
+            echoed.push(packet);
+        }
+    }
+    let voiced: Vec<_> = echoed.iter().filter(|p| RtpPacket::parse(p).unwrap().payload == &voice[..]).collect();
+    assert!(voiced.len() >= 15, "only {} of 20 echoed", voiced.len());
+    assert_eq!(s.stats().received, 20);
+}
+
+#[test]
+fn the_sender_latches_onto_where_audio_really_comes_from() {
+    let mut s = session();
+    let t0 = Instant::now();
+    let nat = addr("203.0.113.9:31000");
+    s.receive(t0, nat, &mut rtp(0, 1, 0, true, &[0xFF; 160]));
+    assert_eq!(events(&mut s), vec![SessionEvent::Latched(nat)]);
+    assert_eq!(tick(&mut s, t0).unwrap().0, nat);
+    // A third party spraying packets while the stream is live is ignored.
+    s.receive(t0 + MS20, addr("198.51.100.66:5000"), &mut rtp(0, 2, 160, false, &[0xFF; 160]));
+    assert_eq!(s.remote(), Some(nat));
+    assert_eq!(s.stats().dropped, 1);
+    // Unknown payload types are dropped too.
+    s.receive(t0 + MS20, nat, &mut rtp(13, 3, 320, false, &[0x40]));
+    assert_eq!(s.stats().dropped, 2);
+}
+
+/// RFC 4733 packets for one key press: start, two updates, three end packets.
+fn key_press(event: u8, seq: u16, ts: u32) -> Vec<Vec<u8>> {
+    let mut packets = Vec::new();
+    for (i, (end, duration)) in
+        [(false, 160), (false, 320), (false, 480), (true, 640), (true, 640), (true, 640)].into_iter().enumerate()
+    {
+        let payload = [event, if end { 0x80 | 10 } else { 10 }, (duration >> 8) as u8, duration as u8];
+        packets.push(rtp(101, seq + i as u16, ts, i == 0, &payload));
+    }
+    packets
+}
+
+#[test]
+fn a_key_press_is_reported_once_with_its_duration() {
+    let mut s = session();
+    let t0 = Instant::now();
+    for (i, mut packet) in key_press(5, 10, 1_000).into_iter().chain(key_press(11, 20, 5_000)).enumerate() {
+        s.receive(t0 + MS20 * i as u32, addr(PEER), &mut packet);
+    }
+    let digits: Vec<_> = events(&mut s).into_iter().filter(|e| matches!(e, SessionEvent::Dtmf { .. })).collect();
+    assert_eq!(
+        digits,
+        vec![SessionEvent::Dtmf { digit: '5', duration_ms: 80 }, SessionEvent::Dtmf { digit: '#', duration_ms: 80 }]
+    );
+}
+
+#[test]
+fn dtmf_is_sent_as_telephone_events_on_the_audio_clock() {
+    let mut s = session();
+    let t0 = Instant::now();
+    let first = tick(&mut s, t0).unwrap().1;
+    let first_ts = RtpPacket::parse(&first).unwrap().header.timestamp;
+    assert!(s.send_dtmf("7", 100));
+    let mut events_sent = Vec::new();
+    let mut i = 1;
+    loop {
+        let (_, packet) = tick(&mut s, t0 + MS20 * i).unwrap();
+        let p = RtpPacket::parse(&packet).unwrap();
+        i += 1;
+        if p.header.payload_type != 101 {
+            // Audio resumes on the same clock, as a new talkspurt.
+            assert!(p.header.marker);
+            assert_eq!(p.header.timestamp, first_ts.wrapping_add(160 * (i - 1)));
+            break;
+        }
+        events_sent.push((p.header.marker, p.header.timestamp, p.payload.to_vec()));
+        assert!(i < 20, "the digit never ended");
+    }
+    assert!(events_sent[0].0, "marker on the first event packet");
+    assert!(events_sent.iter().all(|e| e.1 == first_ts.wrapping_add(160)), "one timestamp per event");
+    assert!(events_sent.iter().all(|e| e.2[0] == 7));
+    let ends = events_sent.iter().filter(|e| e.2[1] & 0x80 != 0).count();
+    assert_eq!(ends, 3, "three end packets (RFC 4733 §2.5.1.4)");
+    let mut no_events = session();
+    no_events.config.telephone_event = None;
+    assert!(!no_events.send_dtmf("1", 100));
+}
+
+#[test]
+fn silence_from_the_peer_raises_inactive_once_except_on_hold() {
+    let mut s = session();
+    let t0 = Instant::now();
+    s.receive(t0, addr(PEER), &mut rtp(0, 1, 0, true, &[0xFF; 160]));
+    events(&mut s);
+    tick(&mut s, t0 + Duration::from_secs(59));
+    assert!(events(&mut s).is_empty());
+    tick(&mut s, t0 + Duration::from_secs(60));
+    assert_eq!(events(&mut s), vec![SessionEvent::Inactive]);
+    tick(&mut s, t0 + Duration::from_secs(61));
+    assert!(events(&mut s).is_empty(), "reported once");
+    let mut held = session();
+    held.set_hold(true);
+    tick(&mut held, t0);
+    tick(&mut held, t0 + Duration::from_secs(120));
+    assert!(events(&mut held).is_empty());
+}
+
+#[test]
+fn marks_report_when_queued_audio_has_gone_out_and_clear_flushes() {
+    let mut s = session();
+    let t0 = Instant::now();
+    let pool = FramePool::new(4);
+    for _ in 0..2 {
+        s.play(pool.g711(AudioEncoding::Pcmu, &[0x55; 160], 0).unwrap()).unwrap();
+    }
+    s.mark(7);
+    tick(&mut s, t0);
+    assert!(events(&mut s).is_empty());
+    tick(&mut s, t0 + MS20);
+    tick(&mut s, t0 + MS20 * 2);
+    assert_eq!(events(&mut s), vec![SessionEvent::Played(7)]);
+    s.play(pool.g711(AudioEncoding::Pcmu, &[0x55; 160], 0).unwrap()).unwrap();
+    s.mark(8);
+    s.clear();
+    assert_eq!(events(&mut s), vec![SessionEvent::Played(8)]);
+    assert_eq!(s.queued(), 0);
+    assert_eq!(RtpPacket::parse(&tick(&mut s, t0 + MS20 * 3).unwrap().1).unwrap().payload, &[0xFF; 160][..]);
+}
+
+#[test]
+fn srtp_sessions_understand_each_other_and_drop_forgeries_and_replays() {
+    let a_key = MasterKey::from_concatenated(&[1; 30]);
+    let b_key = MasterKey::from_concatenated(&[2; 30]);
+    let profile = SrtpProfile::from_name("AES_CM_128_HMAC_SHA1_80").unwrap();
+    let mut a = MediaSession::new(
+        SessionConfig { srtp: Some(SrtpKeys { profile, local: a_key.clone(), remote: b_key.clone() }), ..config() },
+        FramePool::new(8),
+    );
+    let mut b = MediaSession::new(
+        SessionConfig { srtp: Some(SrtpKeys { profile, local: b_key, remote: a_key }), ..config() },
+        FramePool::new(8),
+    );
+    let t0 = Instant::now();
+    let pool = FramePool::new(4);
+    a.play(pool.g711(AudioEncoding::Pcmu, &[0x42; 160], 0).unwrap()).unwrap();
+    let (_, sent) = tick(&mut a, t0).unwrap();
+    assert_eq!(sent.len(), 12 + 160 + 10, "80-bit tag appended");
+    assert_ne!(&sent[12..172], &[0x42; 160][..], "payload encrypted");
+    b.receive(t0, addr(PEER), &mut sent.clone());
+    assert_eq!(b.stats().received, 1);
+    b.receive(t0, addr(PEER), &mut sent.clone());
+    let mut forged = tick(&mut a, t0 + MS20).unwrap().1;
+    forged[20] ^= 1;
+    b.receive(t0 + MS20, addr(PEER), &mut forged);
+    assert_eq!((b.stats().received, b.stats().srtp_failures), (1, 2), "replay and forgery dropped");
+}
