@@ -87,9 +87,9 @@ pub fn launch(dir: tempfile::TempDir, port: u16, config: &str) -> Patchbay {
     Patchbay { child, port, dir }
 }
 
-/// Starts Patchbay on a free UDP port serving `echo`, `menu` (stock), and `ring` and `transfer`
-/// (the chaos fixture: rings 30 s before answering; answers and REFERs to bob) to tenant `test`
-/// on 127.0.0.1.
+/// Starts Patchbay on a free UDP port serving `echo`, `menu` (stock), and `ring`, `transfer` and
+/// `think` (the chaos fixture: rings 30 s before answering; answers and REFERs to bob; answers
+/// and stays silent for 30 s) to tenant `test` on 127.0.0.1.
 pub fn start_patchbay() -> Patchbay {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("chaos.wasm"), patchbay_stock_flows::fixtures::CHAOS).expect("write fixture");
@@ -100,7 +100,8 @@ pub fn start_patchbay() -> Patchbay {
          [[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n\
          [[tenant.flow]]\nname = \"menu\"\nstock = \"menu\"\n\
          [[tenant.flow]]\nname = \"ring\"\npath = \"chaos.wasm\"\n\
-         [[tenant.flow]]\nname = \"transfer\"\npath = \"chaos.wasm\"\n"
+         [[tenant.flow]]\nname = \"transfer\"\npath = \"chaos.wasm\"\n\
+         [[tenant.flow]]\nname = \"think\"\npath = \"chaos.wasm\"\n"
     );
     launch(dir, port, &config)
 }
@@ -136,4 +137,102 @@ pub fn run_sipp(port: u16, service: &str, scenario_args: &[&str], calls: u32, ex
 /// Path of a sipp scenario in `tests/sipp/`.
 pub fn scenario(name: &str) -> String {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sipp").join(name).to_string_lossy().into_owned()
+}
+
+/// A packet capture on the loopback interface (tshark, which `cargo xtask test` installs),
+/// stopped and read back with [`Capture::finish`].
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// One UDP datagram of a capture.
+#[derive(Debug, Clone)]
+pub struct Datagram {
+    /// Capture time, microseconds since the epoch.
+    pub time_us: u64,
+    /// Source port.
+    pub src_port: u16,
+    /// Destination port.
+    pub dst_port: u16,
+    /// UDP payload.
+    pub payload: Vec<u8>,
+}
+
+impl Capture {
+    /// Starts capturing UDP on `lo` matching the BPF `filter` and waits until tshark is ready.
+    pub fn start(filter: &str) -> Capture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("capture.pcap");
+        let mut child = Command::new("tshark")
+            .args(["-i", "lo", "-F", "pcap", "-f", filter, "-w"])
+            .arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run tshark (Debian package tshark; `cargo xtask test` installs it)");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("Capturing on") => break,
+                Some(Ok(_)) => {}
+                _ => panic!("tshark did not start capturing (are we allowed to capture on lo?)"),
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Capture { child, file, _dir: dir }
+    }
+
+    /// Stops the capture and returns its UDP datagrams in capture order.
+    pub fn finish(mut self) -> Vec<Datagram> {
+        // Let the last packets reach the capture, then stop tshark cleanly (SIGINT flushes).
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        let bytes = std::fs::read(&self.file).expect("read the capture");
+        parse_pcap(&bytes)
+    }
+}
+
+/// Reads the UDP/IPv4 datagrams of a classic pcap file (Ethernet or Linux cooked link types).
+pub fn parse_pcap(bytes: &[u8]) -> Vec<Datagram> {
+    assert!(bytes.len() >= 24, "not a pcap file");
+    let le = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) == 0xa1b2_c3d4;
+    let u32_at = |b: &[u8], i: usize| {
+        let v = [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        if le { u32::from_le_bytes(v) } else { u32::from_be_bytes(v) }
+    };
+    let link_type = u32_at(bytes, 20);
+    let link_header = match link_type {
+        1 => 14,   // Ethernet (Linux loopback has zeroed MAC addresses)
+        113 => 16, // Linux cooked capture
+        other => panic!("unexpected pcap link type {other}"),
+    };
+    let mut out = Vec::new();
+    let mut at = 24;
+    while at + 16 <= bytes.len() {
+        let time_us = u64::from(u32_at(bytes, at)) * 1_000_000 + u64::from(u32_at(bytes, at + 4));
+        let len = u32_at(bytes, at + 8) as usize;
+        let frame = &bytes[at + 16..(at + 16 + len).min(bytes.len())];
+        at += 16 + len;
+        let Some(ip) = frame.get(link_header..) else { continue };
+        if ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 17 {
+            continue;
+        }
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let Some(udp) = ip.get(ihl..) else { continue };
+        if udp.len() < 8 {
+            continue;
+        }
+        out.push(Datagram {
+            time_us,
+            src_port: u16::from_be_bytes([udp[0], udp[1]]),
+            dst_port: u16::from_be_bytes([udp[2], udp[3]]),
+            payload: udp[8..].to_vec(),
+        });
+    }
+    out
 }

@@ -4,11 +4,11 @@
 //!   (extra arguments go to `patchbay run`).
 //! - `cargo xtask test`: everything CI checks — formatting, clippy with warnings as errors
 //!   (host crates and the wasm flows), and the whole test suite, including the sipp interop
-//!   tests (sipp, sox and espeak-ng are installed from Debian when missing).
+//!   tests (sipp, sox, espeak-ng and tshark are installed from Debian when missing).
 //! - `cargo xtask bench`: the benchmarks whose figures go into `BENCHMARKS.md`.
 //!
 //! Each command first installs what it needs and can install itself (the `wasm32-wasip2`
-//! target through rustup, sipp/sox/espeak-ng through apt-get), so that they work on a fresh machine with only rustup and cargo.
+//! target through rustup, sipp/sox/espeak-ng/tshark through apt-get), so that they work on a fresh machine with only rustup and cargo.
 //! This crate has no dependencies so that it builds in seconds.
 
 use std::path::{Path, PathBuf};
@@ -71,9 +71,13 @@ fn ensure_wasm_target() -> Result<(), String> {
 
 /// Programs the tests drive, with the Debian package that provides each: sipp for the SIP and
 /// RTP interop tests, sox and espeak-ng for the G.711 conformance test (speech, and a reference
-/// encoder).
-const TEST_TOOLS: [(&str, &str, &str); 3] =
-    [("sipp", "-v", "sip-tester"), ("sox", "--version", "sox"), ("espeak-ng", "--version", "espeak-ng")];
+/// encoder), tshark to capture what goes over the wire.
+const TEST_TOOLS: [(&str, &str, &str); 4] = [
+    ("sipp", "-v", "sip-tester"),
+    ("sox", "--version", "sox"),
+    ("espeak-ng", "--version", "espeak-ng"),
+    ("tshark", "--version", "tshark"),
+];
 
 /// Installs the tools the tests need when they are missing and this is a Debian machine we may
 /// install on (root, apt-get present).

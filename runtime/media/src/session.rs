@@ -158,6 +158,12 @@ pub struct MediaSession {
     dtmf_current: Option<(VecDeque<crate::dtmf::DtmfPacket>, u32)>,
     tone: Option<crate::dtmf::ToneDetector>,
     jitter: JitterBuffer<Frame>,
+    /// Samples per packet the peer sends (learnt from its first audio packet); the jitter
+    /// buffer runs at that size.
+    peer_frame: Option<u32>,
+    /// Received octets waiting to be cut into our frames when the peer's packets are not our
+    /// frame size (a 30 ms peer in a 20 ms call).
+    reframe: VecDeque<u8>,
     queue: VecDeque<Out>,
     events: VecDeque<SessionEvent>,
     remote: Option<SocketAddr>,
@@ -198,6 +204,8 @@ impl MediaSession {
             dtmf_current: None,
             tone: config.inband_dtmf.then(|| crate::dtmf::ToneDetector::new(Default::default())),
             jitter: JitterBuffer::new(jitter_config),
+            peer_frame: None,
+            reframe: VecDeque::with_capacity(640),
             queue: VecDeque::new(),
             events: VecDeque::new(),
             remote: config.remote,
@@ -236,6 +244,15 @@ impl MediaSession {
     /// Samples per frame (8 per millisecond of ptime).
     pub fn samples_per_frame(&self) -> u32 {
         self.samples_per_frame
+    }
+
+    /// The peer announced a new address (a re-INVITE): send there until audio arrives from
+    /// elsewhere (latching starts over). `None` stops sending (RFC 2543-style hold, `c=0.0.0.0`).
+    pub fn set_remote(&mut self, remote: Option<SocketAddr>) {
+        if remote != self.remote {
+            self.remote = remote;
+            self.latched = false;
+        }
     }
 
     /// On hold the peer may legitimately send nothing: the inactivity timeout is off.
@@ -319,6 +336,14 @@ impl MediaSession {
                 self.events.push_back(SessionEvent::Dtmf { digit: detected.digit.as_char(), duration_ms: 40 });
             }
         }
+        let samples = packet.payload.len() as u32;
+        if self.peer_frame != Some(samples) {
+            // The peer's packet size: the jitter buffer is rebuilt for it (once per call in
+            // practice; a peer that changes ptime mid-call loses what was buffered).
+            self.peer_frame = Some(samples);
+            self.jitter = JitterBuffer::new(JitterConfig { frame_samples: samples, ..self.config.jitter });
+            self.reframe.clear();
+        }
         self.jitter.push(
             now,
             JitterPacket {
@@ -344,15 +369,49 @@ impl MediaSession {
 
     /// The caller's audio for this interval, after the jitter buffer: the next frame, or a
     /// silence frame in its place when one was lost or late. `None` while nothing has arrived
-    /// yet or the buffer is filling.
+    /// yet or the buffer is filling. Call once per tick.
+    ///
+    /// When the peer's packets are our frame size the buffered frame is handed on as it came
+    /// (no copy). Otherwise (a 30 ms peer in our 20 ms clock) the audio is re-cut: the jitter
+    /// buffer runs at the peer's packet size and is popped whenever the octets waiting do not
+    /// fill our next frame — on average once per peer packet interval, each time as of when
+    /// the popped packet starts to play.
     pub fn take_received(&mut self, now: Instant) -> Option<Frame> {
+        let ours = self.samples_per_frame as usize;
+        let peer = self.peer_frame.map_or(ours, |p| p as usize);
+        let silence = self.config.codec.silence();
+        if peer == ours && self.reframe.is_empty() {
+            return match self.pop_received(now)? {
+                Some(frame) => Some(frame),
+                None => self.pool.g711(self.config.codec.encoding(), &[silence; 320][..ours], 0).ok(),
+            };
+        }
+        while self.reframe.len() < ours {
+            // The frame popped now starts playing once what is already waiting has played:
+            // ask the jitter buffer as of then (125 µs per sample at 8 kHz), or a 30 ms packet
+            // asked for 10 ms early would count as late.
+            let starts_at = now + Duration::from_micros(self.reframe.len() as u64 * 125);
+            match self.pop_received(starts_at)? {
+                Some(frame) => self.reframe.extend(frame.octets()),
+                None => self.reframe.extend(std::iter::repeat_n(silence, peer)),
+            }
+        }
+        let mut octets = [silence; 320];
+        for (slot, octet) in octets[..ours].iter_mut().zip(self.reframe.drain(..ours)) {
+            *slot = octet;
+        }
+        self.pool.g711(self.config.codec.encoding(), &octets[..ours], 0).ok()
+    }
+
+    /// One jitter-buffer playout: `Some(Some(frame))`, `Some(None)` for a frame to conceal,
+    /// `None` when there is nothing to play yet.
+    fn pop_received(&mut self, now: Instant) -> Option<Option<Frame>> {
         match self.jitter.pop(now) {
-            Playout::Frame(frame) => Some(frame.payload),
+            Playout::Frame(frame) => Some(Some(frame.payload)),
             Playout::Missing(crate::jitter::MissingReason::Lost { .. })
             | Playout::Missing(crate::jitter::MissingReason::Underrun) => {
                 self.stats.concealed += 1;
-                let silence = [self.config.codec.silence(); 320];
-                self.pool.g711(self.config.codec.encoding(), &silence[..self.samples_per_frame as usize], 0).ok()
+                Some(None)
             }
             Playout::Missing(_) => None,
         }

@@ -237,3 +237,33 @@ fn srtp_sessions_understand_each_other_and_drop_forgeries_and_replays() {
     b.receive(t0 + MS20, addr(PEER), &mut forged);
     assert_eq!((b.stats().received, b.stats().srtp_failures), (1, 2), "replay and forgery dropped");
 }
+
+#[test]
+fn a_30_ms_peer_is_recut_into_20_ms_frames_without_losing_a_sample() {
+    let mut s = session();
+    let t0 = Instant::now();
+    // 30 ms packets whose octets count up, so any lost or repeated octet shows.
+    let sent: Vec<u8> = (0..240 * 40).map(|i| (i % 251) as u8).collect();
+    let mut received = Vec::new();
+    for tick_no in 0..80u32 {
+        let now = t0 + MS20 * tick_no;
+        // Packets due by now (one every 30 ms).
+        let due = (tick_no * 20 / 30) as usize;
+        while s.stats().received as usize <= due && (s.stats().received as usize) < 40 {
+            let i = s.stats().received as usize;
+            s.receive(
+                now,
+                addr(PEER),
+                &mut rtp(0, 7 + i as u16, 240 * i as u32, i == 0, &sent[i * 240..(i + 1) * 240]),
+            );
+        }
+        if let Some(frame) = s.take_received(now) {
+            assert_eq!(frame.octets().len(), 160);
+            received.extend_from_slice(frame.octets());
+        }
+    }
+    let start = received.iter().position(|&o| o != 0xFF).expect("audio came out");
+    let audio = &received[start..];
+    assert!(audio.len() >= 240 * 38, "only {} octets", audio.len());
+    assert_eq!(&audio[..240 * 38], &sent[..240 * 38], "re-cut audio differs from what was sent");
+}

@@ -26,6 +26,9 @@ pub struct Config {
     /// The flow host.
     #[serde(default)]
     pub flows: FlowsConfig,
+    /// The media engine.
+    #[serde(default)]
+    pub media: MediaConfig,
     /// Tenants; at least one.
     #[serde(rename = "tenant", default)]
     pub tenants: Vec<TenantConfig>,
@@ -89,6 +92,35 @@ fn default_queue_depth() -> usize {
     4_096
 }
 
+/// `[media]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaConfig {
+    /// End a call (BYE, cause "media timeout") when no RTP arrives for this many seconds while
+    /// it is not on hold; 0 = never.
+    #[serde(default = "default_rtp_timeout_secs")]
+    pub rtp_timeout_secs: u64,
+    /// Address RTP sockets bind to (default: the first SIP listener's address).
+    pub rtp_bind: Option<std::net::IpAddr>,
+    /// Offer SRTP (SDES, RFC 4568) to callers whose offer carries `a=crypto`.
+    #[serde(default = "default_true")]
+    pub srtp: bool,
+}
+
+fn default_rtp_timeout_secs() -> u64 {
+    60
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self { rtp_timeout_secs: default_rtp_timeout_secs(), rtp_bind: None, srtp: true }
+    }
+}
+
 /// `[flows]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +167,9 @@ pub struct TenantConfig {
     pub flows: Vec<Spanned<FlowConfig>>,
     /// Digest authentication of inbound calls.
     pub auth: Option<AuthConfig>,
+    /// Directory of the tenant's prompts (WAV files, relative to the config file); looked up
+    /// before the stock prompts.
+    pub prompts: Option<PathBuf>,
 }
 
 /// `[tenant.auth]`: challenge INVITEs from untrusted sources (RFC 3261 §22, 407 with

@@ -5,8 +5,11 @@
 //! CANCEL); the media engine and outbound TLS connections are not implemented yet, and
 //! `patchbay run` says so.
 
+mod bench_media;
 mod caller;
 mod config;
+mod media;
+mod prompts;
 mod sip_server;
 mod transport;
 
@@ -47,6 +50,16 @@ enum Command {
     DefaultConfig,
     /// Place a test call: dial a SIP URI, wait, hang up, report (exit 0 when it was answered).
     Call(caller::CallArgs),
+    /// Benchmark: pacing of the shared media clock with many calls (see BENCHMARKS.md).
+    #[command(hide = true)]
+    BenchMedia {
+        /// Concurrent media streams.
+        #[arg(long, default_value_t = 2000)]
+        calls: usize,
+        /// Seconds to measure.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -65,6 +78,7 @@ fn main() -> ExitCode {
         }
         Command::Check { config } => run(config, false),
         Command::Run { config } => run(config, true),
+        Command::BenchMedia { calls, seconds } => bench_media::run(calls, seconds).map(|()| true),
         Command::Call(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -87,6 +101,9 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
         Some(path) => Config::load(path)?,
         None => Config::embedded()?,
     };
+    if serve {
+        bench_media::raise_fd_limit();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async move {
         let host = HostConfig {
@@ -108,6 +125,26 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                     .collect(),
                 tenants: config.tenants.iter().map(|t| (t.id.clone(), t.domains.clone(), tenant_limits(t))).collect(),
                 external_ip: config.sip.external_ip,
+                media: media::MediaEngine::start().context("starting the media clock")?,
+                prompts: config
+                    .tenants
+                    .iter()
+                    .map(|t| {
+                        let dir = t.prompts.as_ref().map(|d| config.base_dir.join(d));
+                        (t.id.clone(), Arc::new(prompts::PromptStore::new(dir)))
+                    })
+                    .collect(),
+                rtp_bind: config.media.rtp_bind.unwrap_or_else(|| {
+                    config
+                        .sip
+                        .listen
+                        .iter()
+                        .find_map(|l| parse_listen(l.get_ref()).ok())
+                        .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |l| l.addr.ip())
+                }),
+                rtp_timeout: (config.media.rtp_timeout_secs > 0)
+                    .then(|| Duration::from_secs(config.media.rtp_timeout_secs)),
+                srtp: config.media.srtp,
                 auth: config
                     .tenants
                     .iter()

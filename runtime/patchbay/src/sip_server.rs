@@ -5,10 +5,12 @@
 //! timers and call tasks talk to it through channels, so the protocol state is never shared
 //! or locked.
 //!
-//! **Not implemented yet:** the media engine (calls are answered with a
-//! real SDP answer and an RTP port is reserved, but no RTP is sent or received: `play`,
-//! `collect-digits`, `record`, `dial`, `agent` and `send-dtmf` return `unavailable`), and
-//! outbound calls.
+//! Media: answering a call starts its RTP session on the shared media clock (see
+//! [`crate::media`]); `play`, `collect-digits`, the audio stream, `send-dtmf` and key presses
+//! (RFC 4733, in-band, SIP INFO) work on it.
+//!
+//! **Not implemented yet:** `record`, `dial` and `agent` return `unavailable` (they come with
+//! the calls-end-to-end work), and late-offer INVITEs (no SDP) get 488.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -18,11 +20,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use patchbay_host::{
-    AgentEnd, CallControl, CallError, CallInfo, CollectOptions, Collected, DialOptions, DialOutcome, Direction, Dtmf,
-    FlowCall, FlowEngine, FlowOutcome, FlowRegistry, HangupCause, Header, MediaEvent, MemoryKv, PlayOptions,
-    PlayOutcome, RecordOptions, Recording,
+    AgentEnd, CallControl, CallError, CallInfo, CollectEnd, CollectOptions, Collected, DialOptions, DialOutcome,
+    Direction, Dtmf, FlowCall, FlowEngine, FlowOutcome, FlowRegistry, HangupCause, Header, MediaEvent, MemoryKv,
+    PlayOptions, PlayOutcome, RecordOptions, Recording,
 };
-use patchbay_media::Frame;
+use patchbay_media::session::{Codec, MediaSession, SessionConfig, SrtpKeys};
+use patchbay_media::{Frame, FramePool};
 use patchbay_sip::auth::{AuthKind, DigestRequest, DigestServer, Outcome, ServerConfig, StoredSecret};
 use patchbay_sip::transaction::TimerConfig;
 use patchbay_sip::ua::{CallRef, EndCause, UaConfig, UaEvent, UaOutput, UserAgent};
@@ -30,6 +33,8 @@ use rsip::headers::UntypedHeader;
 use rsip::prelude::HeadersExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::media::{CallMedia, CallSinks, MediaEngine};
+use crate::prompts::PromptStore;
 use crate::transport::{Inbound, Outbound};
 
 /// Where calls are routed: tenant by request-URI host, flow by request-URI user.
@@ -42,6 +47,16 @@ pub struct Routing {
     pub auth: HashMap<String, TenantAuth>,
     /// Address put in SDP and Contact instead of the bound one (NAT).
     pub external_ip: Option<std::net::IpAddr>,
+    /// The media engine (clock thread and frame pool).
+    pub media: MediaEngine,
+    /// Each tenant's prompts.
+    pub prompts: HashMap<String, Arc<PromptStore>>,
+    /// Address RTP sockets bind to.
+    pub rtp_bind: std::net::IpAddr,
+    /// End calls after this long without RTP (not on hold).
+    pub rtp_timeout: Option<Duration>,
+    /// Answer offers carrying `a=crypto` with SRTP.
+    pub srtp: bool,
 }
 
 /// Key presses (SIP INFO) queued for a flow that has not read them yet; more are dropped.
@@ -131,21 +146,44 @@ fn authenticate(
 }
 
 enum Command {
-    Answer { call: CallRef, reply: oneshot::Sender<Result<(), CallError>> },
-    Hangup { call: CallRef, cause: HangupCause },
-    FlowDone { call: CallRef },
-    Transfer { call: CallRef, target: String, reply: oneshot::Sender<Result<(), CallError>> },
+    Answer {
+        call: CallRef,
+        reply: oneshot::Sender<Result<(), CallError>>,
+    },
+    Hangup {
+        call: CallRef,
+        cause: HangupCause,
+    },
+    FlowDone {
+        call: CallRef,
+    },
+    Transfer {
+        call: CallRef,
+        target: String,
+        reply: oneshot::Sender<Result<(), CallError>>,
+    },
+    /// No RTP for the inactivity timeout.
+    MediaTimeout {
+        call: CallRef,
+    },
 }
+
+/// A call's media once answered, shared by the endpoint (which starts and stops it) and the
+/// flow's call control.
+type MediaSlot = Arc<std::sync::OnceLock<Arc<CallMedia>>>;
 
 struct LiveCall {
     ended: watch::Sender<bool>,
     dtmf: mpsc::Sender<Dtmf>,
     invite: rsip::Request,
-    rtp: Option<std::net::UdpSocket>,
     /// The flow waiting in `transfer` for the REFER's outcome.
     transfer: Option<oneshot::Sender<Result<(), CallError>>>,
     /// Our side of the session and what was last agreed (kept for re-INVITEs, RFC 3264 §8).
     media: Option<(patchbay_sip::sdp::LocalMedia, patchbay_sip::sdp::Negotiated)>,
+    /// The RTP session, once answered.
+    rtp_session: MediaSlot,
+    /// Marks played, for the flow's `play`.
+    played: watch::Sender<u64>,
 }
 
 impl LiveCall {
@@ -163,6 +201,14 @@ impl LiveCall {
                     tracing::info!(?call, from = ?current.direction, to = ?negotiated.direction, "media direction changed (hold/resume)");
                 }
                 let sdp = negotiated.local_sdp.clone().into_bytes();
+                if let Some(media) = self.rtp_session.get() {
+                    let remote = (!negotiated.remote_rtp.ip().is_unspecified()).then_some(negotiated.remote_rtp);
+                    let hold = !negotiated.direction.receives() || remote.is_none();
+                    media.with(|session| {
+                        session.set_remote(remote);
+                        session.set_hold(hold);
+                    });
+                }
                 *current = negotiated;
                 Ok(sdp)
             }
@@ -209,7 +255,7 @@ pub async fn run_endpoint(
                 let now = std::time::Instant::now();
                 match command {
                     Command::Answer { call, reply } => {
-                        let result = answer(&mut ua, &mut calls, call, now, &routing);
+                        let result = answer(&mut ua, &mut calls, call, now, &routing, &commands);
                         let _ = reply.send(result);
                     }
                     Command::Hangup { call, cause } => {
@@ -233,6 +279,10 @@ pub async fn run_endpoint(
                             let _ = reply.send(Err(CallError::NotAllowed(e.to_string())));
                         }
                     },
+                    Command::MediaTimeout { call } => {
+                        tracing::warn!(?call, "no RTP from the caller for the inactivity timeout: ending the call");
+                        let _ = ua.hangup(now, call);
+                    }
                     Command::FlowDone { call } => {
                         // The flow returned: hang up whatever is still up (§15).
                         let _ = ua.hangup(now, call);
@@ -260,6 +310,7 @@ fn answer(
     call: CallRef,
     now: std::time::Instant,
     routing: &Routing,
+    commands: &mpsc::UnboundedSender<Command>,
 ) -> Result<(), CallError> {
     let live = calls.get_mut(&call).ok_or(CallError::Hangup)?;
     if live.media.is_some() {
@@ -273,15 +324,37 @@ fn answer(
         let _ = ua.reject(now, call, 488);
         return Err(CallError::Unavailable("INVITE without SDP offer is not supported yet".into()));
     }
-    // Reserve the RTP port advertised in the answer (RTCP on port + 1 is not reserved yet).
-    let rtp = std::net::UdpSocket::bind(SocketAddr::new(std::net::IpAddr::from([127, 0, 0, 1]), 0))
+    // The RTP port advertised in the answer (RTCP on port + 1 is not served yet).
+    let rtp = std::net::UdpSocket::bind(SocketAddr::new(routing.rtp_bind, 0))
         .map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
     let bind = rtp.local_addr().map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
-    let local = patchbay_sip::sdp::LocalMedia::new(bind, routing.external_ip, call.0, 1);
+    let mut local = patchbay_sip::sdp::LocalMedia::new(bind, routing.external_ip, call.0, 1);
+    if routing.srtp {
+        let mut key = [0u8; 30];
+        for (chunk, i) in key.chunks_mut(8).zip(0u64..) {
+            let random = random_u64(i);
+            chunk.copy_from_slice(&random.to_le_bytes()[..chunk.len()]);
+        }
+        local.srtp = patchbay_sip::sdp::SrtpPolicy::Offer(patchbay_sip::sdp::SdesKey(key));
+    }
     match patchbay_sip::sdp::answer(&offer, &local) {
         Ok(negotiated) => {
-            tracing::info!(?call, codec = negotiated.codec.name(), remote = %negotiated.remote_rtp, "answering");
-            live.rtp = Some(rtp);
+            let srtp = negotiated.srtp.as_ref().map(|p| p.suite.name()).unwrap_or("off");
+            tracing::info!(?call, codec = negotiated.codec.name(), remote = %negotiated.remote_rtp, srtp, "answering");
+            let session = media_session(&negotiated, routing);
+            let (inactive, mut inactive_rx) = mpsc::unbounded_channel();
+            let sinks = CallSinks { dtmf: live.dtmf.clone(), played: live.played.clone(), inactive };
+            let media = routing
+                .media
+                .start_call(session, rtp, sinks)
+                .map_err(|e| CallError::Unavailable(format!("media: {e}")))?;
+            let _ = live.rtp_session.set(media);
+            let commands = commands.clone();
+            tokio::spawn(async move {
+                if inactive_rx.recv().await.is_some() {
+                    let _ = commands.send(Command::MediaTimeout { call });
+                }
+            });
             let sdp = negotiated.local_sdp.clone().into_bytes();
             live.media = Some((local, negotiated));
             ua.answer(now, call, sdp).map_err(|_| CallError::Hangup)
@@ -292,6 +365,50 @@ fn answer(
             Err(CallError::NotAllowed(format!("offer not acceptable: {e}")))
         }
     }
+}
+
+/// A random number from the OS's randomness (through `RandomState`'s per-process keys, mixed
+/// with a counter): SSRCs, initial sequence numbers and timestamps, SDES keys.
+fn random_u64(salt: u64) -> u64 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::collections::hash_map::RandomState::new().hash_one((salt, n))
+}
+
+/// The media session for what was negotiated.
+fn media_session(negotiated: &patchbay_sip::sdp::Negotiated, routing: &Routing) -> MediaSession {
+    let codec = match negotiated.codec.codec {
+        patchbay_sip::sdp::AudioCodec::Pcma => Codec::Pcma,
+        _ => Codec::Pcmu,
+    };
+    let remote = (!negotiated.remote_rtp.ip().is_unspecified()).then_some(negotiated.remote_rtp);
+    let srtp = negotiated.srtp.as_ref().and_then(|p| {
+        Some(SrtpKeys {
+            profile: patchbay_media::srtp::SrtpProfile::from_name(p.suite.name())?,
+            local: patchbay_media::srtp::MasterKey::from_concatenated(&p.local_key.0),
+            remote: patchbay_media::srtp::MasterKey::from_concatenated(&p.remote_key.0),
+        })
+    });
+    let random = random_u64(0x5eed);
+    let mut session = MediaSession::new(
+        SessionConfig {
+            codec,
+            payload_type: negotiated.codec.payload_type,
+            telephone_event: negotiated.telephone_event,
+            ptime_ms: crate::media::PTIME.as_millis() as u32,
+            remote,
+            ssrc: random as u32,
+            initial_sequence: (random >> 32) as u16,
+            initial_timestamp: random_u64(0x7157) as u32,
+            inactivity_timeout: routing.rtp_timeout,
+            inband_dtmf: negotiated.telephone_event.is_none(),
+            jitter: Default::default(),
+            srtp,
+        },
+        routing.media.pool().clone(),
+    );
+    session.set_hold(!negotiated.direction.receives() || remote.is_none());
+    session
 }
 
 #[allow(clippy::too_many_arguments)] // the endpoint's state, passed apart to keep borrows simple
@@ -354,13 +471,33 @@ fn on_event(
                     .collect(),
             };
             tracing::info!(?call, from = %peer.addr, tenant = %info.tenant, flow = %info.flow, version = &flow.version()[..12], "call started");
-            calls.insert(call, LiveCall { ended, dtmf, invite: *request, rtp: None, media: None, transfer: None });
+            let rtp_session: MediaSlot = Arc::default();
+            let (played, played_rx) = watch::channel(0);
+            calls.insert(
+                call,
+                LiveCall {
+                    ended,
+                    dtmf,
+                    invite: *request,
+                    media: None,
+                    transfer: None,
+                    rtp_session: Arc::clone(&rtp_session),
+                    played,
+                },
+            );
+            let prompts = routing.prompts.get(tenant).cloned().unwrap_or_else(|| Arc::new(PromptStore::new(None)));
             let control = Arc::new(SipCall {
                 call,
                 info,
                 commands: commands.clone(),
                 ended: ended_rx,
                 dtmf: tokio::sync::Mutex::new(dtmf_rx),
+                media: rtp_session,
+                played: played_rx,
+                marks: std::sync::atomic::AtomicU64::new(0),
+                prompts,
+                pool: routing.media.pool().clone(),
+                stream: tokio::sync::Mutex::new(None),
             });
             let (engine, commands, limits) = (Arc::clone(engine), commands.clone(), *limits);
             let kv: Arc<dyn patchbay_host::KvStore> = match routing.kv.get(tenant) {
@@ -410,6 +547,11 @@ fn on_event(
         }
         UaEvent::Ended { call, cause } => {
             if let Some(live) = calls.remove(&call) {
+                if let Some(media) = live.rtp_session.get() {
+                    let stats = media.with(|s| s.stats());
+                    tracing::debug!(?call, ?stats, "media stopped");
+                    media.close();
+                }
                 let _ = live.ended.send(true);
             }
             let who = match cause {
@@ -433,9 +575,24 @@ struct SipCall {
     commands: mpsc::UnboundedSender<Command>,
     ended: watch::Receiver<bool>,
     dtmf: tokio::sync::Mutex<mpsc::Receiver<Dtmf>>,
+    /// The RTP session, set when the call is answered.
+    media: MediaSlot,
+    /// The last mark played out (see `MediaSession::mark`).
+    played: watch::Receiver<u64>,
+    marks: std::sync::atomic::AtomicU64,
+    prompts: Arc<PromptStore>,
+    pool: FramePool,
+    /// The caller's audio while the flow has its audio stream open.
+    stream: tokio::sync::Mutex<Option<mpsc::Receiver<Frame>>>,
 }
 
-const NO_MEDIA: &str = "the media engine is not implemented yet";
+const NO_MEDIA: &str = "not implemented yet (comes with the calls-end-to-end work)";
+
+/// Audio queued ahead of the wire while a prompt plays (the rest is fed as it goes out).
+const PROMPT_AHEAD_FRAMES: usize = 50;
+
+/// How long each DTMF digit we send lasts, and the pause after it.
+const DTMF_DIGIT_MS: u32 = 100;
 
 impl SipCall {
     async fn until_hangup(&self) {
@@ -449,6 +606,79 @@ impl SipCall {
 
     fn live(&self) -> Result<(), CallError> {
         if self.is_over() { Err(CallError::Hangup) } else { Ok(()) }
+    }
+
+    /// The call's media; audio operations need an answered call.
+    fn rtp(&self) -> Result<&Arc<CallMedia>, CallError> {
+        self.live()?;
+        self.media.get().ok_or_else(|| CallError::NotAllowed("answer the call before using its audio".into()))
+    }
+
+    /// Plays a prompt once. `Some(digit)` when a key press stopped it (with barge-in).
+    async fn play_once(
+        &self,
+        media: &CallMedia,
+        prompt: &patchbay_media::prompt::Prompt,
+        barge_in: bool,
+    ) -> Result<Option<char>, CallError> {
+        let codec = match media.with(|s| s.codec()) {
+            Codec::Pcma => patchbay_media::prompt::PromptCodec::Pcma,
+            Codec::Pcmu => patchbay_media::prompt::PromptCodec::Pcmu,
+        };
+        let encoding = if codec == patchbay_media::prompt::PromptCodec::Pcma {
+            patchbay_media::AudioEncoding::Pcma
+        } else {
+            patchbay_media::AudioEncoding::Pcmu
+        };
+        let audio = prompt.encoded(codec);
+        let silence = if encoding == patchbay_media::AudioEncoding::Pcma { 0xD5 } else { 0xFF };
+        let mut chunks = audio.chunks(160);
+        let id = self.marks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let mut marked = false;
+        let mut played = self.played.clone();
+        let mut dtmf = if barge_in { Some(self.dtmf.lock().await) } else { None };
+        loop {
+            // Keep about a second queued ahead of the wire; the rest is fed as it plays.
+            if !marked {
+                marked = media.with(|session| {
+                    while session.queued() < PROMPT_AHEAD_FRAMES {
+                        let Some(chunk) = chunks.next() else {
+                            session.mark(id);
+                            return true;
+                        };
+                        let mut frame = [silence; 160];
+                        frame[..chunk.len()].copy_from_slice(chunk);
+                        match self.pool.g711(encoding, &frame, 0) {
+                            Ok(frame) => {
+                                if session.play(frame).is_err() {
+                                    break;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    false
+                });
+            }
+            let digit = async {
+                match dtmf.as_mut() {
+                    Some(dtmf) => dtmf.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                result = played.wait_for(|p| *p >= id), if marked => {
+                    return result.map(|_| None).map_err(|_| CallError::Hangup);
+                }
+                () = tokio::time::sleep(Duration::from_millis(400)), if !marked => {}
+                digit = digit => {
+                    let Some(digit) = digit else { return Err(CallError::Hangup) };
+                    media.with(|session| session.clear());
+                    return Ok(Some(digit.digit));
+                }
+                () = self.until_hangup() => return Err(CallError::Hangup),
+            }
+        }
     }
 }
 
@@ -472,14 +702,52 @@ impl CallControl for SipCall {
         Ok(())
     }
 
-    async fn play(&self, _prompt: &str, _options: PlayOptions) -> Result<PlayOutcome, CallError> {
-        self.live()?;
-        Err(CallError::Unavailable(NO_MEDIA.into()))
+    async fn play(&self, prompt: &str, options: PlayOptions) -> Result<PlayOutcome, CallError> {
+        let media = Arc::clone(self.rtp()?);
+        let prompt = self.prompts.get(prompt)?;
+        for _ in 0..options.repeat.max(1) {
+            if let Some(digit) = self.play_once(&media, &prompt, options.barge_in).await? {
+                return Ok(PlayOutcome::Interrupted(digit));
+            }
+        }
+        Ok(PlayOutcome::Completed)
     }
 
-    async fn collect_digits(&self, _options: CollectOptions) -> Result<Collected, CallError> {
+    async fn collect_digits(&self, options: CollectOptions) -> Result<Collected, CallError> {
         self.live()?;
-        Err(CallError::Unavailable(NO_MEDIA.into()))
+        let max = options.max_digits.max(1) as usize;
+        let mut digits = String::new();
+        if let Some(prompt) = &options.prompt {
+            let outcome = self.play(prompt, PlayOptions { barge_in: options.barge_in, repeat: 1 }).await?;
+            if let PlayOutcome::Interrupted(digit) = outcome {
+                if options.terminators.contains(digit) {
+                    return Ok(Collected { digits, ended_by: CollectEnd::Terminator });
+                }
+                digits.push(digit);
+            }
+        }
+        let mut timeout =
+            if digits.is_empty() { options.first_digit_timeout_ms } else { options.inter_digit_timeout_ms };
+        let mut dtmf = self.dtmf.lock().await;
+        loop {
+            if digits.chars().count() >= max {
+                return Ok(Collected { digits, ended_by: CollectEnd::MaxDigits });
+            }
+            tokio::select! {
+                digit = dtmf.recv() => {
+                    let Some(digit) = digit else { return Err(CallError::Hangup) };
+                    if options.terminators.contains(digit.digit) {
+                        return Ok(Collected { digits, ended_by: CollectEnd::Terminator });
+                    }
+                    digits.push(digit.digit);
+                    timeout = options.inter_digit_timeout_ms;
+                }
+                () = tokio::time::sleep(Duration::from_millis(u64::from(timeout))) => {
+                    return Ok(Collected { digits, ended_by: CollectEnd::Timeout });
+                }
+                () = self.until_hangup() => return Err(CallError::Hangup),
+            }
+        }
     }
 
     async fn sleep(&self, ms: u32) -> Result<(), CallError> {
@@ -517,17 +785,30 @@ impl CallControl for SipCall {
 
     async fn agent(&self, _endpoint: &str, _params: &[(String, String)]) -> Result<AgentEnd, CallError> {
         self.live()?;
-        Err(CallError::Unavailable(NO_MEDIA.into()))
+        Err(CallError::Unavailable(format!("agent: {NO_MEDIA}")))
     }
 
     async fn record(&self, _options: RecordOptions) -> Result<Recording, CallError> {
         self.live()?;
-        Err(CallError::Unavailable(NO_MEDIA.into()))
+        Err(CallError::Unavailable(format!("record: {NO_MEDIA}")))
     }
 
-    async fn send_dtmf(&self, _digits: &str) -> Result<(), CallError> {
-        self.live()?;
-        Err(CallError::Unavailable(NO_MEDIA.into()))
+    async fn send_dtmf(&self, digits: &str) -> Result<(), CallError> {
+        let media = Arc::clone(self.rtp()?);
+        if let Some(bad) = digits.chars().find(|c| !matches!(c.to_ascii_uppercase(), '0'..='9' | '*' | '#' | 'A'..='D'))
+        {
+            return Err(CallError::InvalidArgument(format!("{bad:?} is not a DTMF key")));
+        }
+        let digits = digits.to_ascii_uppercase();
+        if !media.with(|session| session.send_dtmf(&digits, DTMF_DIGIT_MS)) {
+            return Err(CallError::Unavailable("the peer did not negotiate telephone-event (RFC 4733)".into()));
+        }
+        // Return once they have been sent: each digit, its end packets and the pause after it.
+        let total = (DTMF_DIGIT_MS * 2 + 60) as u64 * digits.chars().count() as u64;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(total)) => Ok(()),
+            () = self.until_hangup() => Err(CallError::Hangup),
+        }
     }
 
     async fn next_dtmf(&self, timeout_ms: u32) -> Result<Dtmf, CallError> {
@@ -541,24 +822,48 @@ impl CallControl for SipCall {
     }
 
     fn open_audio_stream(&self) -> Result<(), CallError> {
-        self.live()
+        let media = self.rtp()?;
+        let (frames, frames_rx) = mpsc::channel(crate::media::FLOW_AUDIO_QUEUE);
+        // Not awaited: `open-audio-stream` is synchronous and the stream lock is only held
+        // briefly by `read_media`.
+        let Ok(mut stream) = self.stream.try_lock() else {
+            return Err(CallError::NotAllowed("the audio stream is being read".into()));
+        };
+        *stream = Some(frames_rx);
+        media.listen(Some(frames));
+        Ok(())
     }
 
-    fn close_audio_stream(&self) {}
+    fn close_audio_stream(&self) {
+        if let Some(media) = self.media.get() {
+            media.listen(None);
+        }
+        if let Ok(mut stream) = self.stream.try_lock() {
+            *stream = None;
+        }
+    }
 
     async fn read_media(&self) -> Result<MediaEvent, CallError> {
-        // No RTP yet, so no frames: the stream delivers SIP INFO key presses until the call ends.
         self.live()?;
+        let mut stream = self.stream.lock().await;
         let mut dtmf = self.dtmf.lock().await;
+        let frame = async {
+            match stream.as_mut() {
+                Some(frames) => frames.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            frame = frame => frame.map(MediaEvent::Frame).ok_or(CallError::Hangup),
             digit = dtmf.recv() => digit.map(MediaEvent::Dtmf).ok_or(CallError::Hangup),
             () = self.until_hangup() => Err(CallError::Hangup),
         }
     }
 
-    fn write_frame(&self, _frame: Frame) -> Result<(), CallError> {
-        // Frames have nowhere to go until the media engine lands; dropping them keeps an echo
-        // flow's loop running.
-        self.live()
+    fn write_frame(&self, frame: Frame) -> Result<(), CallError> {
+        let media = self.rtp()?;
+        media
+            .with(|session| session.play(frame))
+            .map_err(|_| CallError::LimitExceeded("the call's playout queue is full (10 s of audio)".into()))
     }
 }

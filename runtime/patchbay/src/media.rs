@@ -1,0 +1,255 @@
+//! The media shell: each call's RTP socket and receive task, and the one clock thread that
+//! ticks every call's [`MediaSession`] once per packetisation interval.
+//!
+//! The clock is a dedicated OS thread, not a tokio timer: flows run on the tokio workers and
+//! may keep them busy for a whole CPU slice, and the wire must not notice. Each tick the thread
+//! walks every live call, takes a short per-call lock to let the session write its packet (and
+//! hand the caller's next frame to whoever listens), releases it, and sends. It sleeps until
+//! the next tick's deadline, so one late tick does not shift the ones after it; a clock that
+//! falls far behind (a suspended VM) starts over instead of bursting.
+//!
+//! **Not implemented yet:** RTCP (nothing listens on the RTP port + 1 and no reports are
+//! sent), ptime other than the engine's (20 ms: every session is ticked at the same rate, so
+//! a call that negotiated 30 ms is sent 20 ms frames — we answer with our ptime, which callers
+//! accept), and several clock threads for hosts beyond one core's worth of calls.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use patchbay_host::Dtmf;
+use patchbay_media::session::{MAX_PACKET, MediaSession, SessionEvent};
+use patchbay_media::{Frame, FramePool};
+use tokio::sync::{Notify, mpsc, watch};
+
+/// The engine's packetisation interval.
+pub const PTIME: Duration = Duration::from_millis(20);
+
+/// Frames buffered between the clock and a flow reading the caller's audio (1 s).
+pub const FLOW_AUDIO_QUEUE: usize = 50;
+
+/// Where a call's media events go.
+#[derive(Debug, Clone)]
+pub struct CallSinks {
+    /// Key presses (RFC 4733 or in-band), merged with SIP INFO ones.
+    pub dtmf: mpsc::Sender<Dtmf>,
+    /// The id of the last mark played (see [`MediaSession::mark`]).
+    pub played: watch::Sender<u64>,
+    /// Told once when RTP stops arriving for the inactivity timeout.
+    pub inactive: mpsc::UnboundedSender<()>,
+}
+
+/// One call's media as the shell holds it.
+#[derive(Debug)]
+pub struct CallMedia {
+    session: Mutex<MediaSession>,
+    socket: std::net::UdpSocket,
+    sinks: CallSinks,
+    /// Receives the caller's audio while a flow has its audio stream open.
+    listener: Mutex<Option<mpsc::Sender<Frame>>>,
+    closed: AtomicBool,
+    close: Notify,
+}
+
+impl CallMedia {
+    fn lock(&self) -> MutexGuard<'_, MediaSession> {
+        self.session.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the session under its lock (keep it short: the clock thread waits on it).
+    pub fn with<R>(&self, f: impl FnOnce(&mut MediaSession) -> R) -> R {
+        let result = f(&mut self.lock());
+        self.dispatch();
+        result
+    }
+
+    /// Sends the caller's audio to `listener` from now on (`None`: nobody listens; frames are
+    /// dropped after the jitter buffer).
+    pub fn listen(&self, listener: Option<mpsc::Sender<Frame>>) {
+        *self.listener.lock().unwrap_or_else(PoisonError::into_inner) = listener;
+    }
+
+    /// Stops the media: the receive task ends, the clock forgets the call.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.close.notify_one();
+    }
+
+    /// Delivers the session's pending events.
+    fn dispatch(&self) {
+        loop {
+            let Some(event) = self.lock().poll_event() else { return };
+            match event {
+                SessionEvent::Dtmf { digit, duration_ms } => {
+                    if self.sinks.dtmf.try_send(Dtmf { digit, duration_ms }).is_err() {
+                        tracing::debug!("key press dropped: the flow is not reading them");
+                    }
+                }
+                SessionEvent::Played(id) => {
+                    self.sinks.played.send_replace(id);
+                }
+                SessionEvent::Inactive => {
+                    let _ = self.sinks.inactive.send(());
+                }
+                SessionEvent::Latched(from) => tracing::debug!(%from, "RTP latched (symmetric RTP)"),
+            }
+        }
+    }
+
+    fn tick(&self, now: Instant, out: &mut [u8; MAX_PACKET], stats: &ClockStats) {
+        let (packet, frame) = {
+            let mut session = self.lock();
+            let packet = session.tick(now, out);
+            // The jitter buffer's playout runs on this clock whether or not anybody listens.
+            (packet, session.take_received(now))
+        };
+        if let Some((to, len)) = packet {
+            match self.socket.send_to(&out[..len], to) {
+                Ok(_) => stats.sent.fetch_add(1, Ordering::Relaxed),
+                Err(_) => stats.send_errors.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+        if let Some(frame) = frame {
+            let listener = self.listener.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            if let Some(listener) = listener {
+                // A flow that does not keep up loses audio, never the clock.
+                let _ = listener.try_send(frame);
+            }
+        }
+        self.dispatch();
+    }
+}
+
+/// How the shared clock is doing.
+#[derive(Debug, Default)]
+pub struct ClockStats {
+    /// Ticks run.
+    pub ticks: AtomicU64,
+    /// Packets sent.
+    pub sent: AtomicU64,
+    /// Sends that failed (socket buffer full, unreachable).
+    pub send_errors: AtomicU64,
+    /// Latest tick start after its deadline, in microseconds.
+    pub max_late_us: AtomicU64,
+    /// Ticks that started more than 1 ms after their deadline.
+    pub late_ticks: AtomicU64,
+}
+
+/// The media engine: the frame pool and the clock thread.
+#[derive(Debug, Clone)]
+pub struct MediaEngine {
+    pool: FramePool,
+    register: std::sync::mpsc::Sender<Arc<CallMedia>>,
+    stats: Arc<ClockStats>,
+}
+
+impl MediaEngine {
+    /// Starts the clock thread.
+    pub fn start() -> std::io::Result<Self> {
+        let (register, calls) = std::sync::mpsc::channel();
+        let stats = Arc::new(ClockStats::default());
+        let thread_stats = Arc::clone(&stats);
+        std::thread::Builder::new().name("patchbay-media-clock".into()).spawn(move || clock(calls, &thread_stats))?;
+        Ok(Self { pool: FramePool::new(16_384), register, stats })
+    }
+
+    /// The frame pool every call shares.
+    pub fn pool(&self) -> &FramePool {
+        &self.pool
+    }
+
+    /// The clock's counters.
+    pub fn stats(&self) -> &ClockStats {
+        &self.stats
+    }
+
+    /// Starts a call's media on `socket` (already bound: its port is in our SDP): registers it
+    /// with the clock and spawns its receive task on the current tokio runtime.
+    pub fn start_call(
+        &self,
+        session: MediaSession,
+        socket: std::net::UdpSocket,
+        sinks: CallSinks,
+    ) -> std::io::Result<Arc<CallMedia>> {
+        socket.set_nonblocking(true)?;
+        let receiver = tokio::net::UdpSocket::from_std(socket.try_clone()?)?;
+        let media = Arc::new(CallMedia {
+            session: Mutex::new(session),
+            socket,
+            sinks,
+            listener: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            close: Notify::new(),
+        });
+        tokio::spawn(receive(Arc::clone(&media), receiver));
+        self.register
+            .send(Arc::clone(&media))
+            .map_err(|_| std::io::Error::other("the media clock thread has stopped"))?;
+        Ok(media)
+    }
+}
+
+/// A call's receive loop: every datagram on its RTP port goes through its session.
+async fn receive(media: Arc<CallMedia>, socket: tokio::net::UdpSocket) {
+    let mut buf = [0u8; 2048];
+    loop {
+        let received = tokio::select! {
+            received = socket.recv_from(&mut buf) => received,
+            () = media.close.notified() => return,
+        };
+        if media.closed.load(Ordering::Acquire) {
+            return;
+        }
+        match received {
+            Ok((len, from)) => {
+                let now = Instant::now();
+                media.lock().receive(now, from, &mut buf[..len]);
+                media.dispatch();
+            }
+            // ICMP port unreachable from an earlier send, and the like: keep listening.
+            Err(e) => tracing::trace!("rtp receive: {e}"),
+        }
+    }
+}
+
+/// The clock thread: ticks every live call once per [`PTIME`].
+fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats) {
+    let mut calls: Vec<Arc<CallMedia>> = Vec::new();
+    let mut out = [0u8; MAX_PACKET];
+    let mut deadline = Instant::now();
+    loop {
+        loop {
+            match register.try_recv() {
+                Ok(call) => calls.push(call),
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    if calls.is_empty() {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+        calls.retain(|c| !c.closed.load(Ordering::Acquire));
+        let now = Instant::now();
+        let late = now.saturating_duration_since(deadline).as_micros() as u64;
+        stats.max_late_us.fetch_max(late, Ordering::Relaxed);
+        if late > 1_000 {
+            stats.late_ticks.fetch_add(1, Ordering::Relaxed);
+        }
+        stats.ticks.fetch_add(1, Ordering::Relaxed);
+        for call in &calls {
+            call.tick(now, &mut out, stats);
+        }
+        deadline += PTIME;
+        let after = Instant::now();
+        if after > deadline + PTIME * 5 {
+            // Far behind (the machine was suspended or starved): start over from now rather
+            // than sending a burst of stale frames.
+            deadline = after + PTIME;
+        }
+        if let Some(wait) = deadline.checked_duration_since(after) {
+            std::thread::sleep(wait);
+        }
+    }
+}
