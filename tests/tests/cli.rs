@@ -25,7 +25,7 @@ fn check_with_the_embedded_config_loads_the_stock_flows_and_says_what_is_missing
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("sip:echo@127.0.0.1:5060"), "{stdout}");
     assert!(stdout.contains("sip:menu@127.0.0.1:5060"), "{stdout}");
-    assert!(stdout.contains("NOT YET: the media engine"), "{stdout}");
+    assert!(stdout.contains("NOT YET: record, dial and agent"), "{stdout}");
     // The precompiled flows were cached for the next start.
     let cached = std::fs::read_dir(dir.path().join("patchbay/flows")).expect("cache dir").count();
     assert_eq!(cached, 2);

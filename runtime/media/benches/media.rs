@@ -10,7 +10,9 @@
 //! - `echo/rtp`: one packet through a [`MediaSession`] as the echo flow drives it — `receive` of
 //!   a 172-byte PCMU RTP packet (sequence number and timestamp advancing), `take_received` (the
 //!   jitter buffer's frame for this interval), `play` of that frame, and `tick` writing the
-//!   outgoing packet (target ≤ 1 µs). `echo/srtp` is the same call with
+//!   outgoing packet (target ≤ 1 µs), with packets arriving exactly every 20 ms.
+//!   `echo/rtp_jitter` is the same with a network delay of 0–4 ms per packet (pseudo-random,
+//!   in order), so the jitter buffer sees varying transit times. `echo/srtp` is the same call with
 //!   `AES_CM_128_HMAC_SHA1_80` in both directions: the 182-byte packet is authenticated and
 //!   decrypted on the way in, encrypted and tagged on the way out. The incoming packets are
 //!   written by a peer session in the untimed setup of `iter_batched_ref` (SRTP packets cannot
@@ -161,12 +163,39 @@ fn voice_frame(pool: &FramePool) -> Frame {
     pool.g711(AudioEncoding::Pcmu, &octets, 0).expect("a whole frame")
 }
 
+/// The peer's sending clock and the network between us.
+struct Wire {
+    /// When the peer sends its next packet (every 20 ms).
+    sent: Instant,
+    /// Xorshift state for a network delay of 0–4 ms per packet, or `None` for none at all.
+    jitter: Option<u32>,
+}
+
+impl Wire {
+    fn new(jitter: bool) -> Self {
+        Self { sent: Instant::now(), jitter: jitter.then_some(0x9e37_79b9) }
+    }
+
+    /// The next packet's send time and arrival time. The delay is below one packet interval,
+    /// so packets arrive in order.
+    fn next(&mut self) -> (Instant, Instant) {
+        self.sent += MS20;
+        let delay = self.jitter.as_mut().map_or(0, |x| {
+            *x ^= *x << 13;
+            *x ^= *x >> 17;
+            *x ^= *x << 5;
+            *x % 4_000
+        });
+        (self.sent, self.sent + Duration::from_micros(u64::from(delay)))
+    }
+}
+
 /// The peer's next packet: it plays `voice` and its clock ticks (20 ms later than the last).
-fn peer_packet(peer: &mut MediaSession, voice: &Frame, now: &mut Instant) -> Datagram {
-    *now += MS20;
+fn peer_packet(peer: &mut MediaSession, voice: &Frame, wire: &mut Wire) -> Datagram {
+    let (sent, arrives) = wire.next();
     peer.play(voice.clone()).expect("the peer's queue has room");
-    let mut datagram = Datagram { now: *now, len: 0, buf: [0; MAX_PACKET] };
-    let (_, len) = peer.tick(*now, &mut datagram.buf).expect("the peer knows where to send");
+    let mut datagram = Datagram { now: arrives, len: 0, buf: [0; MAX_PACKET] };
+    let (_, len) = peer.tick(sent, &mut datagram.buf).expect("the peer knows where to send");
     datagram.len = len;
     datagram
 }
@@ -184,11 +213,11 @@ fn echo(ours: &mut MediaSession, from: SocketAddr, datagram: &mut Datagram, out:
 /// Runs the echo for a while outside the timing and checks that it echoes: every packet out
 /// after the jitter buffer's first interval carries the peer's audio, and (SRTP) authenticates
 /// at the peer.
-fn check_echo(call: &mut Call, srtp: bool, voice: &Frame, now: &mut Instant) {
+fn check_echo(call: &mut Call, srtp: bool, voice: &Frame, wire: &mut Wire) {
     let mut out = [0u8; MAX_PACKET];
     let mut voiced = 0;
     for i in 0..200 {
-        let mut datagram = peer_packet(&mut call.peer, voice, now);
+        let mut datagram = peer_packet(&mut call.peer, voice, wire);
         let len = echo(&mut call.ours, call.peer_addr, &mut datagram, &mut out);
         let peer_received = call.peer.stats().received;
         // The peer decrypts in place; what it accepted is plain RTP afterwards.
@@ -210,25 +239,24 @@ fn check_echo(call: &mut Call, srtp: bool, voice: &Frame, now: &mut Instant) {
 fn bench_session(c: &mut Criterion) {
     let mut group = c.benchmark_group("echo");
     group.throughput(Throughput::Elements(1));
-    for srtp in [false, true] {
+    for (name, srtp, jitter) in [("rtp", false, false), ("rtp_jitter", false, true), ("srtp", true, false)] {
         let mut call = call(srtp);
         let voice = voice_frame(&FramePool::new(1));
-        let mut now = Instant::now();
-        check_echo(&mut call, srtp, &voice, &mut now);
+        let mut wire = Wire::new(jitter);
+        check_echo(&mut call, srtp, &voice, &mut wire);
         let mut out = [0u8; MAX_PACKET];
         let Call { ours, peer, peer_addr, .. } = &mut call;
         let from = *peer_addr;
-        let mut datagrams: Vec<Datagram> = (0..10_000).map(|_| peer_packet(peer, &voice, &mut now)).collect();
+        let mut datagrams: Vec<Datagram> = (0..10_000).map(|_| peer_packet(peer, &voice, &mut wire)).collect();
         let mut iter = datagrams.iter_mut();
         let allocations = allocations_per_call(10_000, || {
             let datagram = iter.next().expect("one per call");
             black_box(echo(ours, from, datagram, &mut out));
         });
-        let name = if srtp { "srtp" } else { "rtp" };
         println!("echo/{name}: {allocations:.2} heap allocations per packet");
         group.bench_function(name, |b| {
             b.iter_batched_ref(
-                || peer_packet(peer, &voice, &mut now),
+                || peer_packet(peer, &voice, &mut wire),
                 |datagram| echo(ours, from, datagram, &mut out),
                 BatchSize::NumIterations(BATCH),
             )

@@ -268,31 +268,44 @@ impl FramePool {
         Self(Arc::new(PoolInner { free: Mutex::new(Vec::with_capacity(capacity)), capacity }))
     }
 
-    fn take(&self) -> (Vec<i16>, Vec<u8>) {
-        let reused = self.0.free.lock().unwrap_or_else(PoisonError::into_inner).pop();
-        match reused.and_then(|data| Arc::try_unwrap(data).ok()) {
-            Some(mut data) => {
-                // The frame data is dropped here without its buffers; detach the pool so
-                // dropping it does nothing.
-                data.pool = Weak::new();
-                (std::mem::take(&mut data.linear), std::mem::take(&mut data.octets))
-            }
-            None => (Vec::with_capacity(320), Vec::with_capacity(320)),
-        }
+    /// A recycled frame whose data this pool owns alone, or `None` when the pool is empty.
+    fn take(&self) -> Option<Arc<FrameData>> {
+        let mut data = self.0.free.lock().unwrap_or_else(PoisonError::into_inner).pop()?;
+        // Unique: the pool holds the only reference (see `Frame::drop`).
+        Arc::get_mut(&mut data)?;
+        Some(data)
     }
 
     /// A linear frame from the pool (see [`Frame::from_linear`]).
     pub fn linear(&self, samples: &[i16], sample_rate: u32, timestamp: u64) -> Result<Frame, FrameError> {
         check_linear(samples.len(), sample_rate)?;
-        let (linear, octets) = self.take();
-        Ok(Frame::new_linear(samples, sample_rate, timestamp, Arc::downgrade(&self.0), linear, octets))
+        let format = AudioFormat { encoding: AudioEncoding::Linear16, sample_rate, samples: samples.len() as u32 };
+        Ok(self.fill(format, timestamp, |linear, _| linear.extend_from_slice(samples)))
     }
 
     /// A G.711 frame from the pool (see [`Frame::from_g711`]).
     pub fn g711(&self, encoding: AudioEncoding, octets: &[u8], timestamp: u64) -> Result<Frame, FrameError> {
         check_g711(octets.len())?;
-        let (linear, buf) = self.take();
-        Ok(Frame::new_g711(encoding, octets, timestamp, Arc::downgrade(&self.0), linear, buf))
+        let encoding = if encoding == AudioEncoding::Linear16 { AudioEncoding::Pcmu } else { encoding };
+        let format = AudioFormat { encoding, sample_rate: 8_000, samples: octets.len() as u32 };
+        Ok(self.fill(format, timestamp, |_, buf| buf.extend_from_slice(octets)))
+    }
+
+    /// Reuses a pooled frame in place (no allocation once the pool is warm) or makes a new one.
+    fn fill(&self, format: AudioFormat, timestamp: u64, write: impl FnOnce(&mut Vec<i16>, &mut Vec<u8>)) -> Frame {
+        if let Some(mut arc) = self.take()
+            && let Some(data) = Arc::get_mut(&mut arc)
+        {
+            data.format = format;
+            data.timestamp = timestamp;
+            data.linear.clear();
+            data.octets.clear();
+            write(&mut data.linear, &mut data.octets);
+            return Frame(arc);
+        }
+        let (mut linear, mut octets) = (Vec::with_capacity(320), Vec::with_capacity(320));
+        write(&mut linear, &mut octets);
+        Frame(Arc::new(FrameData { format, timestamp, linear, octets, pool: Arc::downgrade(&self.0) }))
     }
 
     /// The pool's counters.

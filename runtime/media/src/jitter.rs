@@ -306,14 +306,23 @@ impl<T> JitterBuffer<T> {
     }
 
     fn record_transit(&mut self, transit: i64) {
-        if self.transits.len() < self.config.window {
+        let evicted = if self.transits.len() < self.config.window {
             self.transits.push(transit);
+            None
         } else {
-            self.transits[self.transit_next] = transit;
-        }
+            Some(std::mem::replace(&mut self.transits[self.transit_next], transit))
+        };
         self.transit_next = (self.transit_next + 1) % self.config.window;
-        self.min_transit = self.transits.iter().copied().min().unwrap_or(0);
-        self.max_transit = self.transits.iter().copied().max().unwrap_or(0);
+        // Rescan the window only when the value that left it was its minimum or maximum;
+        // otherwise the new value can only widen the range (keeps `push` O(1) in the usual case).
+        let first = self.transits.len() == 1;
+        if first || evicted.is_some_and(|old| old == self.min_transit || old == self.max_transit) {
+            self.min_transit = self.transits.iter().copied().min().unwrap_or(0);
+            self.max_transit = self.transits.iter().copied().max().unwrap_or(0);
+        } else {
+            self.min_transit = self.min_transit.min(transit);
+            self.max_transit = self.max_transit.max(transit);
+        }
     }
 
     fn reset(&mut self) {

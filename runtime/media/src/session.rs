@@ -132,6 +132,22 @@ pub struct SessionStats {
     pub srtp_failures: u64,
 }
 
+/// Why [`MediaSession::play`] refused a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlayRefused {
+    /// The queue holds [`MAX_QUEUED`] frames already.
+    #[error("the playout queue is full")]
+    Full,
+    /// The frame is not one packetisation interval long.
+    #[error("a frame of {samples} samples is not {expected_ms} ms, the call's packetisation interval")]
+    WrongLength {
+        /// Samples in the frame.
+        samples: u32,
+        /// The call's ptime.
+        expected_ms: u32,
+    },
+}
+
 /// An entry of the outgoing queue.
 #[derive(Debug)]
 enum Out {
@@ -172,6 +188,10 @@ pub struct MediaSession {
     started: Option<Instant>,
     inactivity_reported: bool,
     hold: bool,
+    /// Whether our direction sends (false for `recvonly`/`inactive`, RFC 3264 §5.1).
+    sending: bool,
+    /// Ticks of pause still owed after a DTMF digit before the next one starts.
+    dtmf_pause: u32,
     stats: SessionStats,
     /// (protect outgoing, unprotect incoming).
     srtp: Option<(SrtpContext, SrtpContext)>,
@@ -214,6 +234,8 @@ impl MediaSession {
             started: None,
             inactivity_reported: false,
             hold: false,
+            sending: true,
+            dtmf_pause: 0,
             stats: SessionStats::default(),
             srtp: config
                 .srtp
@@ -259,6 +281,11 @@ impl MediaSession {
     pub fn set_hold(&mut self, hold: bool) {
         self.hold = hold;
         self.inactivity_reported = false;
+    }
+
+    /// Whether events are waiting for [`MediaSession::poll_event`].
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
     }
 
     /// The next event, if any.
@@ -417,14 +444,25 @@ impl MediaSession {
         }
     }
 
-    /// Queues a frame to be sent after what is queued. Refused (returned) when the queue is
-    /// full.
-    pub fn play(&mut self, frame: Frame) -> Result<(), Frame> {
+    /// Queues a frame to be sent after what is queued. Refused when the queue is full or the
+    /// frame is not one packetisation interval long (each tick sends exactly one interval).
+    pub fn play(&mut self, frame: Frame) -> Result<(), PlayRefused> {
+        let format = frame.format();
+        let samples_at_8k = u64::from(format.samples) * 8_000 / u64::from(format.sample_rate.max(1));
+        if samples_at_8k != u64::from(self.samples_per_frame) {
+            return Err(PlayRefused::WrongLength { samples: format.samples, expected_ms: self.samples_per_frame / 8 });
+        }
         if self.queue.len() >= MAX_QUEUED {
-            return Err(frame);
+            return Err(PlayRefused::Full);
         }
         self.queue.push_back(Out::Frame(frame));
         Ok(())
+    }
+
+    /// Sets whether we send (RFC 3264 §5.1: not while our direction is `recvonly` or
+    /// `inactive`). The media clock keeps running; queued audio is consumed unsent.
+    pub fn set_sending(&mut self, sending: bool) {
+        self.sending = sending;
     }
 
     /// Frames queued for sending.
@@ -459,6 +497,14 @@ impl MediaSession {
         true
     }
 
+    /// How long sending `digits` DTMF keys of `duration_ms` takes on this session: each key,
+    /// its two extra end packets and the pause after it.
+    pub fn dtmf_send_time(&self, digits: usize, duration_ms: u32) -> Duration {
+        let ptime = self.samples_per_frame / 8;
+        let per_digit = duration_ms.clamp(40, 2_000).next_multiple_of(ptime) + 2 * ptime + duration_ms.clamp(40, 2_000);
+        Duration::from_millis(u64::from(per_digit) * digits as u64)
+    }
+
     /// The shared clock's tick for this session: writes the packet to send now into `out` and
     /// returns where to send it and its length (`None` while the remote address is unknown).
     /// Also fires the inactivity timeout.
@@ -481,7 +527,10 @@ impl MediaSession {
         let remote = self.remote;
         // DTMF replaces audio while a digit is sent (RFC 4733 §2.5.1.1 leaves it to the sender;
         // sending both confuses many receivers).
-        if let Some(len) = self.tick_dtmf(out) {
+        if self.sending
+            && remote.is_some()
+            && let Some(len) = self.tick_dtmf(out)
+        {
             return remote.and_then(|r| self.protect(out, len).map(|len| (r, len)));
         }
         let mut payload = [0u8; 320];
@@ -503,10 +552,15 @@ impl MediaSession {
             payload[..n].fill(self.config.codec.silence());
             self.stats.silence_sent += 1;
         }
-        // The timestamp advances even while nothing is sent (no remote yet), as a real clock.
+        let Some(remote) = remote.filter(|_| self.sending) else {
+            // Nowhere to send, or not sending (hold): the media clock advances without using
+            // sequence numbers, so that SRTP's index estimate stays right when sending resumes.
+            self.sender.skip_frames(1);
+            return None;
+        };
         let len = self.sender.write_frame(now, &payload[..n], out).ok()?;
         self.stats.sent += 1;
-        remote.and_then(|r| self.protect(out, len).map(|len| (r, len)))
+        self.protect(out, len).map(|len| (remote, len))
     }
 
     fn protect(&mut self, out: &mut [u8; MAX_PACKET], len: usize) -> Option<usize> {
@@ -519,7 +573,13 @@ impl MediaSession {
     fn tick_dtmf(&mut self, out: &mut [u8]) -> Option<usize> {
         let pt = self.config.telephone_event?;
         if self.dtmf_current.is_none() {
+            if self.dtmf_pause > 0 {
+                // The pause between two keys: audio (or silence) goes out meanwhile.
+                self.dtmf_pause -= 1;
+                return None;
+            }
             let (digit, duration) = self.dtmf_pending.pop_front()?;
+            self.dtmf_pause = duration.div_ceil(self.samples_per_frame);
             let start = self.sender.next_timestamp();
             let packets: VecDeque<_> = self.dtmf_tx.sequence(digit, duration, start).collect();
             self.dtmf_current = Some((packets, 0));

@@ -1,9 +1,10 @@
 //! The `patchbay` binary: loads the configuration, compiles the tenants' flows into the flow
 //! registry and serves calls.
 //!
-//! **Status:** SIP over UDP, TCP and TLS is served (OPTIONS, inbound calls routed to flows, BYE,
-//! CANCEL); the media engine and outbound TLS connections are not implemented yet, and
-//! `patchbay run` says so.
+//! **Status:** SIP over UDP, TCP and TLS is served (inbound calls routed to flows, outbound test
+//! calls with `patchbay call`) with media (RTP/SRTP, G.711, DTMF, prompts, audio streams); a
+//! flow's `record`, `dial` and `agent`, and outbound TLS connections are not implemented yet,
+//! and `patchbay run` says so.
 
 mod bench_media;
 mod caller;
@@ -289,8 +290,8 @@ fn report(config: &Config, engine: &FlowEngine, registry: &FlowRegistry) {
     let served: Vec<_> = listeners.iter().map(|l| format!("{}:{}", l.transport, l.addr)).collect();
     println!("SIP on {} (outbound TLS connections are not implemented yet).", served.join(", "));
     println!(
-        "NOT YET: the media engine (RTP, G.711, DTMF over RTP, prompts) is not implemented in this build: calls are \
-         answered and released properly, but no audio flows, so play/collect/record/agent return `unavailable` to flows."
+        "Media: G.711 (PCMU/PCMA) over RTP or SRTP (SDES), RFC 4733 / in-band / SIP INFO DTMF, prompts, paced on one \
+         clock. NOT YET: record, dial and agent return `unavailable` to flows."
     );
     println!("Try: sipp -sn uac -s echo 127.0.0.1:{port} -m 1   (or point a softphone at sip:echo@127.0.0.1:{port})");
 }

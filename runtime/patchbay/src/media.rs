@@ -3,10 +3,9 @@
 //!
 //! The clock is a dedicated OS thread, not a tokio timer: flows run on the tokio workers and
 //! may keep them busy for a whole CPU slice, and the wire must not notice. Each tick the thread
-//! walks every live call, takes a short per-call lock to let the session write its packet (and
-//! hand the caller's next frame to whoever listens), releases it, and sends. It sleeps until
-//! the next tick's deadline, so one late tick does not shift the ones after it; a clock that
-//! falls far behind (a suspended VM) starts over instead of bursting.
+//! walks every live call, takes one short per-call lock to let the session write its packet
+//! (and take the caller's next frame for whoever listens), releases it, and sends. See
+//! [`clock`] for how it keeps time.
 //!
 //! **Not implemented yet:** RTCP (nothing listens on the RTP port + 1 and no reports are
 //! sent), ptime other than the engine's (20 ms: every session is ticked at the same rate, so
@@ -47,8 +46,14 @@ pub struct CallMedia {
     sinks: CallSinks,
     /// Receives the caller's audio while a flow has its audio stream open.
     listener: Mutex<Option<mpsc::Sender<Frame>>>,
+    /// Whether `listener` is set (read without its lock on every tick).
+    listening: AtomicBool,
     closed: AtomicBool,
     close: Notify,
+    /// Held while events are taken and delivered, so that key presses and marks reach the
+    /// call in the order the session raised them (the clock thread and the receive task both
+    /// deliver).
+    dispatching: Mutex<()>,
 }
 
 impl CallMedia {
@@ -66,7 +71,9 @@ impl CallMedia {
     /// Sends the caller's audio to `listener` from now on (`None`: nobody listens; frames are
     /// dropped after the jitter buffer).
     pub fn listen(&self, listener: Option<mpsc::Sender<Frame>>) {
-        *self.listener.lock().unwrap_or_else(PoisonError::into_inner) = listener;
+        let mut slot = self.listener.lock().unwrap_or_else(PoisonError::into_inner);
+        self.listening.store(listener.is_some(), Ordering::Relaxed);
+        *slot = listener;
     }
 
     /// Stops the media: the receive task ends, the clock forgets the call.
@@ -77,6 +84,7 @@ impl CallMedia {
 
     /// Delivers the session's pending events.
     fn dispatch(&self) {
+        let _order = self.dispatching.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             let Some(event) = self.lock().poll_event() else { return };
             match event {
@@ -96,27 +104,40 @@ impl CallMedia {
         }
     }
 
-    fn tick(&self, now: Instant, out: &mut [u8; MAX_PACKET], stats: &ClockStats) {
-        let (packet, frame) = {
+    /// Runs one tick; returns whether a packet was sent.
+    fn tick(&self, now: Instant, out: &mut [u8; MAX_PACKET], stats: &ClockStats) -> bool {
+        let (packet, frame, events) = {
             let mut session = self.lock();
             let packet = session.tick(now, out);
             // The jitter buffer's playout runs on this clock whether or not anybody listens.
-            (packet, session.take_received(now))
+            (packet, session.take_received(now), session.has_events())
         };
-        if let Some((to, len)) = packet {
-            match self.socket.send_to(&out[..len], to) {
-                Ok(_) => stats.sent.fetch_add(1, Ordering::Relaxed),
-                Err(_) => stats.send_errors.fetch_add(1, Ordering::Relaxed),
-            };
-        }
-        if let Some(frame) = frame {
+        let sent = match packet {
+            Some((to, len)) => match self.socket.send_to(&out[..len], to) {
+                Ok(_) => {
+                    stats.sent.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(_) => {
+                    stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                    false
+                }
+            },
+            None => false,
+        };
+        if let Some(frame) = frame
+            && self.listening.load(Ordering::Relaxed)
+        {
             let listener = self.listener.lock().unwrap_or_else(PoisonError::into_inner).clone();
             if let Some(listener) = listener {
                 // A flow that does not keep up loses audio, never the clock.
                 let _ = listener.try_send(frame);
             }
         }
-        self.dispatch();
+        if events {
+            self.dispatch();
+        }
+        sent
     }
 }
 
@@ -133,6 +154,10 @@ pub struct ClockStats {
     pub max_late_us: AtomicU64,
     /// Ticks that started more than 1 ms after their deadline.
     pub late_ticks: AtomicU64,
+    /// For benchmarks: when set, the clock records when each call's packet left.
+    pub record_departures: AtomicBool,
+    /// The recorded departures: (call, time).
+    pub departures: Mutex<Vec<(usize, Instant)>>,
 }
 
 /// The media engine: the frame pool and the clock thread.
@@ -178,13 +203,15 @@ impl MediaEngine {
             socket,
             sinks,
             listener: Mutex::new(None),
+            listening: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             close: Notify::new(),
+            dispatching: Mutex::new(()),
         });
-        tokio::spawn(receive(Arc::clone(&media), receiver));
         self.register
             .send(Arc::clone(&media))
             .map_err(|_| std::io::Error::other("the media clock thread has stopped"))?;
+        tokio::spawn(receive(Arc::clone(&media), receiver));
         Ok(media)
     }
 }
@@ -213,10 +240,20 @@ async fn receive(media: Arc<CallMedia>, socket: tokio::net::UdpSocket) {
 }
 
 /// The clock thread: ticks every live call once per [`PTIME`].
+///
+/// One thread and one deadline per period for all calls, no timer per call. Calls are served in
+/// the same order every period, so each call's packets leave at the same offset from the
+/// deadline, give or take how much the work before it varies. Deadlines are absolute (a late
+/// tick does not shift the ones after it), and a clock that falls far behind (a suspended VM)
+/// starts over instead of bursting. Spinning before each deadline to beat slow wake-ups was
+/// tried and dropped: on this project's 2-vCPU VM it made the stalls it was meant to hide
+/// more frequent (see BENCHMARKS.md).
 fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats) {
+    realtime_priority();
     let mut calls: Vec<Arc<CallMedia>> = Vec::new();
     let mut out = [0u8; MAX_PACKET];
     let mut deadline = Instant::now();
+    let mut departures: Vec<(usize, Instant)> = Vec::new();
     loop {
         loop {
             match register.try_recv() {
@@ -238,8 +275,14 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
             stats.late_ticks.fetch_add(1, Ordering::Relaxed);
         }
         stats.ticks.fetch_add(1, Ordering::Relaxed);
+        let record = stats.record_departures.load(Ordering::Relaxed);
         for call in &calls {
-            call.tick(now, &mut out, stats);
+            if call.tick(now, &mut out, stats) && record {
+                departures.push((Arc::as_ptr(call) as usize, Instant::now()));
+            }
+        }
+        if !departures.is_empty() {
+            stats.departures.lock().unwrap_or_else(PoisonError::into_inner).append(&mut departures);
         }
         deadline += PTIME;
         let after = Instant::now();
@@ -251,5 +294,22 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
         if let Some(wait) = deadline.checked_duration_since(after) {
             std::thread::sleep(wait);
         }
+    }
+}
+
+/// Asks the kernel to run the clock thread with a real-time priority (`SCHED_FIFO`), as media
+/// servers do (FreeSWITCH's `-rp`): then the flows' threads, logging or a busy tokio worker
+/// cannot preempt it mid-tick. Needs `CAP_SYS_NICE` (or root); without it the clock runs at the
+/// normal priority and says so once.
+fn realtime_priority() {
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: sets the calling thread's scheduling policy; `param` outlives the call.
+    let result = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    if result == 0 {
+        tracing::debug!("media clock runs with real-time priority (SCHED_FIFO 10)");
+    } else {
+        tracing::info!(
+            "media clock runs at normal priority (no permission for SCHED_FIFO; grant CAP_SYS_NICE for steadier pacing)"
+        );
     }
 }

@@ -188,11 +188,15 @@ struct LiveCall {
 
 impl LiveCall {
     /// Answers a re-INVITE's offer with the same local media and a bumped `o=` version.
-    fn reinvite(&mut self, call: CallRef, offer: &[u8]) -> Result<Vec<u8>, u16> {
+    fn reinvite(&mut self, call: CallRef, offer: &[u8], routing: &Routing) -> Result<Vec<u8>, u16> {
         let Some((local, current)) = self.media.as_mut() else { return Err(488) };
         if offer.iter().all(u8::is_ascii_whitespace) {
-            // An offer-less re-INVITE asks us to offer: offer the session we have.
-            return Ok(current.local_sdp.clone().into_bytes());
+            // An offer-less re-INVITE asks us to offer (RFC 3261 §14.2): offer sendrecv, so
+            // that it also takes a call off hold. Not done: the answer comes in the ACK, which
+            // is not applied; the media keeps the session it has.
+            return patchbay_sip::sdp::reoffer(local, current, patchbay_sip::sdp::Direction::SendRecv)
+                .map(String::into_bytes)
+                .map_err(|e| e.sip_status());
         }
         local.bump_version();
         match patchbay_sip::sdp::answer(&String::from_utf8_lossy(offer), local) {
@@ -202,12 +206,24 @@ impl LiveCall {
                 }
                 let sdp = negotiated.local_sdp.clone().into_bytes();
                 if let Some(media) = self.rtp_session.get() {
-                    let remote = (!negotiated.remote_rtp.ip().is_unspecified()).then_some(negotiated.remote_rtp);
-                    let hold = !negotiated.direction.receives() || remote.is_none();
-                    media.with(|session| {
-                        session.set_remote(remote);
-                        session.set_hold(hold);
-                    });
+                    let same_stream = negotiated.codec == current.codec
+                        && negotiated.telephone_event == current.telephone_event
+                        && negotiated.srtp == current.srtp;
+                    if same_stream {
+                        let remote = (!negotiated.remote_rtp.ip().is_unspecified()).then_some(negotiated.remote_rtp);
+                        let hold = !negotiated.direction.receives() || remote.is_none();
+                        media.with(|session| {
+                            session.set_remote(remote);
+                            session.set_hold(hold);
+                            session.set_sending(negotiated.direction.sends());
+                        });
+                    } else {
+                        // New codec, payload types or SRTP keys: a new RTP stream (new SSRC, as
+                        // RFC 3550 §8 allows), keyed and numbered for what was agreed now.
+                        tracing::info!(?call, codec = negotiated.codec.name(), "media renegotiated: new RTP stream");
+                        let session = media_session(&negotiated, routing);
+                        media.with(|old| *old = session);
+                    }
                 }
                 *current = negotiated;
                 Ok(sdp)
@@ -408,6 +424,7 @@ fn media_session(negotiated: &patchbay_sip::sdp::Negotiated, routing: &Routing) 
         routing.media.pool().clone(),
     );
     session.set_hold(!negotiated.direction.receives() || remote.is_none());
+    session.set_sending(negotiated.direction.sends());
     session
 }
 
@@ -535,7 +552,7 @@ fn on_event(
             }
         }
         UaEvent::ReInvite { call, offer } => {
-            let answer = calls.get_mut(&call).map_or(Err(481), |live| live.reinvite(call, &offer));
+            let answer = calls.get_mut(&call).map_or(Err(481), |live| live.reinvite(call, &offer, routing));
             if let Err(e) = ua.answer_reinvite(now, call, answer) {
                 tracing::debug!(?call, "re-INVITE: {e}");
             }
@@ -804,9 +821,9 @@ impl CallControl for SipCall {
             return Err(CallError::Unavailable("the peer did not negotiate telephone-event (RFC 4733)".into()));
         }
         // Return once they have been sent: each digit, its end packets and the pause after it.
-        let total = (DTMF_DIGIT_MS * 2 + 60) as u64 * digits.chars().count() as u64;
+        let total = media.with(|session| session.dtmf_send_time(digits.chars().count(), DTMF_DIGIT_MS));
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(total)) => Ok(()),
+            () = tokio::time::sleep(total) => Ok(()),
             () = self.until_hangup() => Err(CallError::Hangup),
         }
     }
@@ -848,8 +865,12 @@ impl CallControl for SipCall {
         let mut stream = self.stream.lock().await;
         let mut dtmf = self.dtmf.lock().await;
         let frame = async {
+            // A stream closed under us (the flow reopened it) is not a hang-up: wait for keys.
             match stream.as_mut() {
-                Some(frames) => frames.recv().await,
+                Some(frames) => match frames.recv().await {
+                    Some(frame) => Some(frame),
+                    None => std::future::pending().await,
+                },
                 None => std::future::pending().await,
             }
         };
@@ -862,8 +883,11 @@ impl CallControl for SipCall {
 
     fn write_frame(&self, frame: Frame) -> Result<(), CallError> {
         let media = self.rtp()?;
-        media
-            .with(|session| session.play(frame))
-            .map_err(|_| CallError::LimitExceeded("the call's playout queue is full (10 s of audio)".into()))
+        media.with(|session| session.play(frame)).map_err(|refused| match refused {
+            patchbay_media::session::PlayRefused::Full => {
+                CallError::LimitExceeded("the call's playout queue is full (10 s of audio)".into())
+            }
+            wrong => CallError::InvalidArgument(wrong.to_string()),
+        })
     }
 }

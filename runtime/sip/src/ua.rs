@@ -246,6 +246,8 @@ struct Call {
     local_uri: String,
     /// The peer's end as a From/To header value, with its tag once known.
     remote_uri: String,
+    /// The peer's tag, once known (compared parsed, never as text, §19.3).
+    remote_tag: Option<String>,
     /// Remote target: the peer's Contact (§12.1.1, §12.1.2), refreshed by re-INVITEs.
     remote_target: rsip::Uri,
     /// Route set as Record-Route headers in the order Route takes them: the INVITE's order for
@@ -277,6 +279,8 @@ struct Call {
     reinvite_tx: Option<TransactionId>,
     /// A re-INVITE refused with 491, to send again at this time with this offer (§14.1).
     reinvite_retry: Option<(Instant, Vec<u8>)>,
+    /// UAC: when to give up waiting for the 487 after our CANCEL (64·T1, §9.1).
+    cancel_deadline: Option<Instant>,
 }
 
 /// The user agent core. See the module docs.
@@ -297,7 +301,8 @@ pub struct UserAgent {
     merge_key_of: HashMap<TransactionId, (String, String, u32)>,
     /// Session-timer deadlines (RFC 4028); stale entries are skipped.
     session_deadlines: BinaryHeap<Reverse<(Instant, CallRef)>>,
-    /// Re-INVITE retries after 491 (§14.1); stale entries are skipped.
+    /// Per-call deadlines: re-INVITE retries after 491 (§14.1) and the end of the wait for a
+    /// 487 after CANCEL; stale entries are skipped.
     retry_deadlines: BinaryHeap<Reverse<(Instant, CallRef)>>,
     counter: u64,
     outputs: VecDeque<UaOutput>,
@@ -347,7 +352,10 @@ impl UserAgent {
         };
         let retry = loop {
             let Some(Reverse((at, call))) = self.retry_deadlines.peek().copied() else { break None };
-            if self.calls.get(&call).and_then(|c| c.reinvite_retry.as_ref()).is_some_and(|(when, _)| *when == at) {
+            let live = self.calls.get(&call).is_some_and(|c| {
+                c.reinvite_retry.as_ref().is_some_and(|(when, _)| *when == at) || c.cancel_deadline == Some(at)
+            });
+            if live {
                 break Some(at);
             }
             self.retry_deadlines.pop();
@@ -381,6 +389,7 @@ impl UserAgent {
             }
             self.retry_deadlines.pop();
             self.retry_reinvite(now, call, at);
+            self.cancel_timeout(call, at);
         }
         self.pump(now);
     }
@@ -571,6 +580,7 @@ impl UserAgent {
         let to = request.to_header().map(|h| h.value().to_owned()).unwrap_or_default();
         let local_uri = if to.contains(";tag=") { to } else { format!("{to};tag={local_tag}") };
         let remote_uri = request.from_header().map(|h| h.value().to_owned()).unwrap_or_default();
+        let remote_tag = request.from_header().ok().and_then(|f| f.tag().ok().flatten()).map(|t| t.to_string());
         self.counter += 1;
         let call = CallRef(self.counter);
         self.dialogs.insert((call_id.clone(), local_tag.clone()), call);
@@ -587,6 +597,7 @@ impl UserAgent {
                 local_tag,
                 local_uri,
                 remote_uri,
+                remote_tag,
                 remote_target,
                 route_set,
                 local_cseq: 0,
@@ -603,6 +614,7 @@ impl UserAgent {
                 cancel_sent: false,
                 reinvite_tx: None,
                 reinvite_retry: None,
+                cancel_deadline: None,
             },
         );
         self.emit(UaEvent::IncomingCall { call, peer, request: Box::new(request) });
@@ -645,9 +657,11 @@ impl UserAgent {
                 let _ = self.layer.send_response(now, id, response);
                 self.arm_session_timer(now, call);
             }
-            Method::Invite | Method::Update if c.reinvite_tx.is_some() => {
-                // §14.2: our own re-INVITE is in progress (glare): 491, and each side retries
-                // after a random wait (§14.1). RFC 3311 §5.2 says the same for UPDATE.
+            Method::Invite | Method::Update
+                if c.reinvite_tx.is_some() || (c.role == Role::Uac && c.phase == Phase::Early) =>
+            {
+                // §14.2: our own INVITE or re-INVITE is in progress (glare): 491, and each side
+                // retries after a random wait (§14.1). RFC 3311 §5.2 says the same for UPDATE.
                 let response = self.response(&request, 491, None, &[]);
                 let _ = self.layer.send_response(now, id, response);
             }

@@ -88,6 +88,7 @@ impl UserAgent {
                 local_tag,
                 local_uri,
                 remote_uri,
+                remote_tag: None,
                 remote_target: dial.target,
                 route_set: Vec::new(),
                 local_cseq: 1,
@@ -104,6 +105,7 @@ impl UserAgent {
                 cancel_sent: false,
                 reinvite_tx: None,
                 reinvite_retry: None,
+                cancel_deadline: None,
             },
         );
         match self.send_client(now, call, Purpose::Invite, dial.peer, invite, 0) {
@@ -179,6 +181,14 @@ impl UserAgent {
         self.send_reinvite(now, call, sdp);
     }
 
+    /// The wait for the 487 after our CANCEL is over (§9.1): the call ends as cancelled.
+    pub(super) fn cancel_timeout(&mut self, call: CallRef, at: Instant) {
+        let due = self.calls.get(&call).is_some_and(|c| c.phase == Phase::Early && c.cancel_deadline == Some(at));
+        if due {
+            self.finish(call, EndCause::Cancelled);
+        }
+    }
+
     /// Sends CANCEL for an outbound call's INVITE once a provisional response has arrived
     /// (§9.1: not before, since it could overtake the INVITE; it is sent when one arrives).
     pub(super) fn send_cancel(&mut self, now: Instant, call: CallRef) {
@@ -187,6 +197,11 @@ impl UserAgent {
             return;
         }
         c.cancel_sent = true;
+        // §9.1: if no final response to the INVITE arrives within 64·T1 of the CANCEL, the
+        // INVITE transaction is considered over (the peer lost track of it).
+        let deadline = now + self.config.timers.t1_x64();
+        c.cancel_deadline = Some(deadline);
+        self.retry_deadlines.push(Reverse((deadline, call)));
         // §9.1: Request-URI, Call-ID, To, From, the CSeq number and the top Via (branch
         // included) of the INVITE; Route as the INVITE had it.
         let invite = &c.invite;
@@ -296,7 +311,7 @@ impl UserAgent {
                 return;
             }
             c.provisional = true;
-            if status > 100 && to_tag.is_some() && !c.remote_uri.contains(";tag=") {
+            if status > 100 && to_tag.is_some() && c.remote_tag.is_none() {
                 // §12.1.2: a provisional response with a To tag makes an early dialog.
                 adopt_dialog(c, &response);
             }
@@ -317,8 +332,8 @@ impl UserAgent {
             return;
         }
         // 2xx.
-        let same_dialog = c.phase == Phase::Early
-            || to_tag.as_deref().is_some_and(|tag| c.remote_uri.ends_with(&format!(";tag={tag}")));
+        let same_dialog =
+            c.phase == Phase::Early || to_tag.is_some_and(|tag| c.remote_tag.as_deref() == Some(tag.as_str()));
         if !same_dialog {
             // §13.2.2.4: a 2xx from another fork: acknowledge it, then release it with BYE.
             self.release_fork(now, id, &response);
@@ -491,7 +506,8 @@ impl UserAgent {
         let previous: Vec<&str> = previous.iter().map(String::as_str).collect();
         let cnonce = format!("{:016x}{:016x}", self.random(), self.random());
         let Some(c) = self.calls.get_mut(&call) else { return false };
-        if purpose == Purpose::Invite && c.invite_tx != id {
+        // A hung-up call is not re-sent after a challenge: the challenge ends it (as Cancelled).
+        if purpose == Purpose::Invite && (c.invite_tx != id || c.cancel_wanted) {
             return false;
         }
         let Some(digest) = c.digest.as_mut() else { return false };
@@ -535,6 +551,9 @@ impl UserAgent {
                 Purpose::Invite => {
                     c.invite = request;
                     c.invite_tx = new_tx.unwrap_or(TransactionId(u64::MAX));
+                    // A CANCEL may only follow a provisional response to this new INVITE.
+                    c.provisional = false;
+                    c.cancel_sent = false;
                 }
                 Purpose::ReInvite => c.reinvite_tx = new_tx,
                 Purpose::Refer => c.refer_tx = new_tx,
@@ -597,6 +616,7 @@ impl UserAgent {
 fn adopt_dialog(c: &mut Call, response: &rsip::Response) {
     if let Ok(to) = response.to_header() {
         c.remote_uri = to.value().to_owned();
+        c.remote_tag = to.tag().ok().flatten().map(|t| t.to_string());
     }
     if let Some(contact) = response.contact_header().ok().and_then(|h| h.typed().ok()) {
         c.remote_target = contact.uri;

@@ -435,3 +435,43 @@ fn a_refused_reinvite_keeps_the_call_and_a_481_ends_it() {
     assert_eq!(events, vec![UaEvent::ReInviteAnswered { call, result: Err(481) }]);
     assert!(requests(&sent).iter().any(|r| r.method == Method::Bye), "§12.2.1.2: 481 ends the dialog");
 }
+
+#[test]
+fn a_challenge_that_crosses_our_cancel_ends_the_call_instead_of_reinviting() {
+    let mut ua = ua();
+    let t0 = Instant::now();
+    let (call, invite) = dial(&mut ua, t0, Some(DigestClient::new("acct", "s3cret")));
+    ua.handle_receive(t0, trunk(), respond(&invite, "100 Trying", None, ""));
+    ua.hangup(t0, call).unwrap();
+    assert_eq!(requests(&drain(&mut ua).0)[0].method, Method::Cancel);
+    let challenge = "Proxy-Authenticate: Digest realm=\"t\", nonce=\"n\", qop=\"auth\"\r\n";
+    ua.handle_receive(t0, trunk(), respond(&invite, "407 Proxy Authentication Required", Some("p"), challenge));
+    let (sent, events) = drain(&mut ua);
+    assert_eq!(requests(&sent).iter().map(|r| r.method).collect::<Vec<_>>(), vec![Method::Ack], "no new INVITE");
+    assert_eq!(events, vec![UaEvent::Ended { call, cause: EndCause::Cancelled }]);
+}
+
+#[test]
+fn a_cancel_that_never_gets_its_487_ends_the_call_after_64_t1() {
+    let mut ua = ua();
+    let t0 = Instant::now();
+    let (call, invite) = dial(&mut ua, t0, None);
+    ua.handle_receive(t0, trunk(), respond(&invite, "180 Ringing", Some("b1"), ""));
+    drain(&mut ua);
+    ua.hangup(t0, call).unwrap();
+    let (sent, _) = drain(&mut ua);
+    let cancel = requests(&sent)[0].clone();
+    ua.handle_receive(t0, trunk(), respond(&cancel, "200 OK", Some("b1"), ""));
+    drain(&mut ua);
+    let mut ended_at = None;
+    while let Some(at) = ua.poll_timeout() {
+        assert!(at <= t0 + Duration::from_secs(40), "the call never ended");
+        ua.handle_timeout(at);
+        if drain(&mut ua).1.contains(&UaEvent::Ended { call, cause: EndCause::Cancelled }) {
+            ended_at = Some(at);
+            break;
+        }
+    }
+    assert_eq!(ended_at, Some(t0 + Duration::from_secs(32)));
+    assert_eq!(ua.calls(), 0);
+}
