@@ -39,7 +39,7 @@
 //! - comfort noise (RFC 3389), RTCP scheduling, re-packetisation of agent audio;
 //! - the per-module gaps listed in each module's documentation (RFC 4733 multi-event packets,
 //!   SRTP MKI, jitter-buffer time-stretching, …);
-//! - benchmarks for the per-packet paths and fuzz targets for the RTP/RTCP parsers.
+//! - fuzz targets for the RTP/RTCP parsers (the per-packet benchmarks are in `benches/media.rs`).
 
 pub mod dtmf;
 mod error;
