@@ -14,9 +14,14 @@
 //! the wire never goes quiet while a flow or an agent is thinking (carriers and NATs drop calls
 //! after ~30 s without RTP).
 //!
+//! RTCP (RFC 3550 §6): [`MediaSession::rtcp_tick`] writes a compound SR (or RR before we have
+//! sent) with a reception report block and our CNAME about every 5 s (randomised 0.5–1.5×,
+//! §6.3.5); [`MediaSession::receive_rtcp`] takes the peer's reports: its SR time for our
+//! LSR/DLSR, its report on us for the round-trip time (§6.4.1) and the loss it sees. SRTCP when
+//! the call is encrypted.
+//!
 //! **Not done here:** RFC 3389 comfort noise (silence is sent as encoded silence; no CN payload
-//! type is negotiated), RTCP sending (the RTCP modules exist; the shell does not schedule
-//! reports yet), and packet loss concealment beyond inserting silence.
+//! type is negotiated), RTCP BYE, and packet loss concealment beyond inserting silence.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -26,7 +31,10 @@ use crate::dtmf::{
     DtmfDigit, DtmfEvent, DtmfReceiver, DtmfReceiverConfig, DtmfSender, DtmfSenderConfig, TelephoneEvent,
 };
 use crate::jitter::{JitterBuffer, JitterConfig, JitterPacket, Playout};
-use crate::rtp::{ReceiveStats, ReceiveStatsConfig, RtpHeader, RtpPacket, RtpSender, RtpSenderConfig};
+use crate::rtp::{
+    CompoundPacket, NtpTime, ReceiveStats, ReceiveStatsConfig, ReportBlock, RtcpPacket, RtcpWriter, RtpHeader,
+    RtpPacket, RtpSender, RtpSenderConfig,
+};
 use crate::srtp::{MasterKey, SrtpContext, SrtpProfile};
 use crate::{AudioEncoding, Frame, FramePool, g711};
 
@@ -130,7 +138,33 @@ pub struct SessionStats {
     pub concealed: u64,
     /// SRTP packets dropped: authentication failed or replayed (RFC 3711 §3.3).
     pub srtp_failures: u64,
+    /// RTCP compound packets sent and received.
+    pub rtcp_sent: u64,
+    /// RTCP compound packets received and accepted.
+    pub rtcp_received: u64,
 }
+
+/// What RTCP tells about a call's audio quality.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QualityStats {
+    /// Round-trip time from the peer's last report on our stream (RFC 3550 §6.4.1).
+    pub rtt: Option<Duration>,
+    /// Fraction of our packets the peer lost in its last report interval (0–255 = 0–100 %).
+    pub remote_fraction_lost: Option<u8>,
+    /// Our packets the peer counts as lost in total.
+    pub remote_cumulative_lost: Option<i32>,
+    /// Packets of the peer's stream we expected but did not receive.
+    pub local_cumulative_lost: i64,
+    /// Interarrival jitter of the peer's stream as we measure it (RFC 3550 A.8).
+    pub local_jitter: Duration,
+}
+
+/// RTCP report interval (RFC 3550 §6.2: 5 s minimum; a two-party call stays well under the
+/// 5 % bandwidth share at that rate).
+pub const RTCP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Largest RTCP packet the session writes: SR with one report block, SDES CNAME, SRTCP trailer.
+pub const MAX_RTCP: usize = 256;
 
 /// Why [`MediaSession::play`] refused a frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -193,6 +227,14 @@ pub struct MediaSession {
     /// Ticks of pause still owed after a DTMF digit before the next one starts.
     dtmf_pause: u32,
     stats: SessionStats,
+    /// When the next RTCP report is due.
+    next_rtcp: Option<Instant>,
+    /// Where the peer's RTCP comes from (latched), else the RTP address's port + 1.
+    rtcp_remote: Option<SocketAddr>,
+    /// The peer's last report on our stream, and the RTT it gave.
+    remote_report: Option<ReportBlock>,
+    rtt: Option<Duration>,
+    rtcp_counter: u32,
     /// (protect outgoing, unprotect incoming).
     srtp: Option<(SrtpContext, SrtpContext)>,
     samples_per_frame: u32,
@@ -237,6 +279,11 @@ impl MediaSession {
             sending: true,
             dtmf_pause: 0,
             stats: SessionStats::default(),
+            next_rtcp: None,
+            rtcp_remote: None,
+            remote_report: None,
+            rtt: None,
+            rtcp_counter: 0,
             srtp: config
                 .srtp
                 .as_ref()
@@ -256,6 +303,17 @@ impl MediaSession {
     /// Counters.
     pub fn stats(&self) -> SessionStats {
         self.stats
+    }
+
+    /// Call quality from RTP statistics and the peer's RTCP reports.
+    pub fn quality(&self) -> QualityStats {
+        QualityStats {
+            rtt: self.rtt,
+            remote_fraction_lost: self.remote_report.map(|r| r.fraction_lost),
+            remote_cumulative_lost: self.remote_report.map(|r| r.cumulative_lost),
+            local_cumulative_lost: self.stats_rx.cumulative_lost(),
+            local_jitter: self.stats_rx.jitter_duration(),
+        }
     }
 
     /// The codec.
@@ -561,6 +619,84 @@ impl MediaSession {
         let len = self.sender.write_frame(now, &payload[..n], out).ok()?;
         self.stats.sent += 1;
         self.protect(out, len).map(|len| (remote, len))
+    }
+
+    /// Writes an RTCP report into `out` when one is due (about every [`RTCP_INTERVAL`]) and
+    /// returns where to send it and its length. `ntp` is the wall clock now (the shell's
+    /// [`crate::rtp::NtpClock`]).
+    pub fn rtcp_tick(&mut self, now: Instant, ntp: NtpTime, out: &mut [u8; MAX_RTCP]) -> Option<(SocketAddr, usize)> {
+        let due = *self.next_rtcp.get_or_insert(now + RTCP_INTERVAL / 2);
+        if now < due {
+            return None;
+        }
+        // §6.3.5: randomise each interval to 0.5–1.5 times the nominal one, so that reports of
+        // many calls started together spread out. The session's SSRC (random) seeds it.
+        self.rtcp_counter = self.rtcp_counter.wrapping_add(1);
+        let mut x = self.config.ssrc ^ self.rtcp_counter.wrapping_mul(0x9e37_79b9);
+        x ^= x >> 16;
+        x = x.wrapping_mul(0x7feb_352d);
+        x ^= x >> 15;
+        let factor = 500 + (x % 1001);
+        self.next_rtcp = Some(now + RTCP_INTERVAL * factor / 1000);
+        let to = self.rtcp_remote.or_else(|| self.remote.map(|r| SocketAddr::new(r.ip(), r.port().wrapping_add(1))))?;
+        if !self.sending {
+            return None;
+        }
+        let blocks: Vec<ReportBlock> = self.stats_rx.report_block(now).into_iter().collect();
+        let cname = format!("patchbay-{:08x}", self.config.ssrc);
+        let mut writer = RtcpWriter::new(&mut out[..]);
+        let written = if self.stats.sent > 0 {
+            let info = self.sender.sender_info(now, ntp);
+            writer.sender_report(self.config.ssrc, &info, &blocks)
+        } else {
+            writer.receiver_report(self.config.ssrc, &blocks)
+        };
+        written.ok()?;
+        writer.sdes_cname(self.config.ssrc, cname.as_bytes()).ok()?;
+        let len = writer.finish();
+        let len = match self.srtp.as_mut() {
+            Some((outbound, _)) => outbound.protect_rtcp(out, len).ok()?,
+            None => len,
+        };
+        self.stats.rtcp_sent += 1;
+        Some((to, len))
+    }
+
+    /// An RTCP packet arrived from `from` (decrypted in place on an SRTP call). `ntp` is the
+    /// wall clock now, for the round-trip time.
+    pub fn receive_rtcp(&mut self, now: Instant, ntp: NtpTime, from: SocketAddr, buf: &mut [u8]) {
+        let len = match self.srtp.as_mut() {
+            Some((_, inbound)) => match inbound.unprotect_rtcp(buf) {
+                Ok(len) => len,
+                Err(_) => {
+                    self.stats.srtp_failures += 1;
+                    return;
+                }
+            },
+            None => buf.len(),
+        };
+        let Ok(compound) = CompoundPacket::parse(&buf[..len]) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        self.stats.rtcp_received += 1;
+        self.rtcp_remote = Some(from);
+        for packet in compound.iter() {
+            let blocks = match packet {
+                RtcpPacket::SenderReport(sr) => {
+                    self.stats_rx.on_sender_report(now, sr.ssrc, sr.info.ntp);
+                    sr.blocks
+                }
+                RtcpPacket::ReceiverReport(rr) => rr.blocks,
+                _ => continue,
+            };
+            for block in blocks.filter(|b| b.ssrc == self.config.ssrc) {
+                if let Some(rtt) = block.round_trip_time(ntp) {
+                    self.rtt = Some(rtt);
+                }
+                self.remote_report = Some(block);
+            }
+        }
     }
 
     fn protect(&mut self, out: &mut [u8; MAX_PACKET], len: usize) -> Option<usize> {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::rtp::RtpPacket;
+use crate::rtp::{NtpTime, RtpPacket};
 
 const PEER: &str = "192.0.2.10:4000";
 const MS20: Duration = Duration::from_millis(20);
@@ -266,4 +266,52 @@ fn a_30_ms_peer_is_recut_into_20_ms_frames_without_losing_a_sample() {
     let audio = &received[start..];
     assert!(audio.len() >= 240 * 38, "only {} octets", audio.len());
     assert_eq!(&audio[..240 * 38], &sent[..240 * 38], "re-cut audio differs from what was sent");
+}
+
+#[test]
+fn rtcp_reports_flow_both_ways_and_give_the_round_trip_time() {
+    let a_addr = addr("192.0.2.1:4000");
+    let b_addr = addr("192.0.2.10:6000");
+    let mut a = MediaSession::new(SessionConfig { remote: Some(b_addr), ssrc: 0xa, ..config() }, FramePool::new(8));
+    let mut b = MediaSession::new(SessionConfig { remote: Some(a_addr), ssrc: 0xb, ..config() }, FramePool::new(8));
+    let t0 = Instant::now();
+    let ntp0 = NtpTime::from_unix(Duration::from_secs(3_900_000_000));
+    let ntp = |t: Instant| ntp0.add_duration(t - t0);
+    let one_way = Duration::from_millis(15);
+    let mut rtcp = [0u8; MAX_RTCP];
+    let (mut from_a, mut from_b) = (None, None);
+    for i in 0..400u32 {
+        let now = t0 + MS20 * i;
+        // RTP both ways, arriving one way-delay later (close enough at 20 ms steps).
+        if let Some((_, mut p)) = tick(&mut a, now) {
+            b.receive(now + one_way, a_addr, &mut p);
+        }
+        if let Some((_, mut p)) = tick(&mut b, now) {
+            a.receive(now + one_way, b_addr, &mut p);
+        }
+        if let Some((to, len)) = a.rtcp_tick(now, ntp(now), &mut rtcp) {
+            assert_eq!(to, addr("192.0.2.10:6001"), "RTCP goes to the RTP port + 1");
+            from_a = Some(rtcp[..len].to_vec());
+        }
+        if let Some(mut packet) = from_a.take() {
+            let at = now + one_way;
+            b.receive_rtcp(at, ntp(at), addr("192.0.2.1:4001"), &mut packet);
+        }
+        if let Some((_, len)) = b.rtcp_tick(now, ntp(now), &mut rtcp) {
+            from_b = Some(rtcp[..len].to_vec());
+        }
+        if let Some(mut packet) = from_b.take() {
+            let at = now + one_way;
+            a.receive_rtcp(at, ntp(at), addr("192.0.2.10:6001"), &mut packet);
+        }
+    }
+    // 8 s: each side reported at least once, so A knows the RTT from B's report on A's SR.
+    assert!(a.stats().rtcp_sent >= 1 && b.stats().rtcp_sent >= 1);
+    let rtt = a.quality().rtt.expect("an RTT from B's report");
+    assert!(rtt.abs_diff(one_way * 2) < Duration::from_millis(25), "rtt {rtt:?}");
+    assert_eq!(a.quality().remote_cumulative_lost, Some(0));
+    // A malformed RTCP packet is dropped, not trusted.
+    let before = a.stats().rtcp_received;
+    a.receive_rtcp(t0, ntp(t0), b_addr, &mut [0x80, 200, 0, 99]);
+    assert_eq!(a.stats().rtcp_received, before);
 }

@@ -7,8 +7,11 @@
 //! (and take the caller's next frame for whoever listens), releases it, and sends. See
 //! [`clock`] for how it keeps time.
 //!
-//! **Not implemented yet:** RTCP (nothing listens on the RTP port + 1 and no reports are
-//! sent), ptime other than the engine's (20 ms: every session is ticked at the same rate, so
+//! RTCP runs on the RTP port + 1 (RFC 3550 §11): the clock sends each call's reports when its
+//! session says one is due, and the receive task feeds the peer's reports back.
+//!
+//! **Not implemented yet:** RTCP multiplexed on the RTP port (RFC 5761), ptime other than the
+//! engine's (20 ms: every session is ticked at the same rate, so
 //! a call that negotiated 30 ms is sent 20 ms frames — we answer with our ptime, which callers
 //! accept), and several clock threads for hosts beyond one core's worth of calls.
 
@@ -17,7 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use patchbay_host::Dtmf;
-use patchbay_media::session::{MAX_PACKET, MediaSession, SessionEvent};
+use patchbay_media::rtp::{NtpClock, NtpTime};
+use patchbay_media::session::{MAX_PACKET, MAX_RTCP, MediaSession, SessionEvent};
 use patchbay_media::{Frame, FramePool};
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -43,6 +47,7 @@ pub struct CallSinks {
 pub struct CallMedia {
     session: Mutex<MediaSession>,
     socket: std::net::UdpSocket,
+    rtcp_socket: Option<std::net::UdpSocket>,
     sinks: CallSinks,
     /// Receives the caller's audio while a flow has its audio stream open.
     listener: Mutex<Option<mpsc::Sender<Frame>>>,
@@ -105,13 +110,21 @@ impl CallMedia {
     }
 
     /// Runs one tick; returns whether a packet was sent.
-    fn tick(&self, now: Instant, out: &mut [u8; MAX_PACKET], stats: &ClockStats) -> bool {
-        let (packet, frame, events) = {
+    fn tick(&self, now: Instant, ntp: &NtpClock, out: &mut Buffers, stats: &ClockStats) -> bool {
+        let (packet, report, frame, events) = {
             let mut session = self.lock();
-            let packet = session.tick(now, out);
+            let packet = session.tick(now, &mut out.rtp);
+            let report = match self.rtcp_socket {
+                Some(_) => session.rtcp_tick(now, ntp.at(now), &mut out.rtcp),
+                None => None,
+            };
             // The jitter buffer's playout runs on this clock whether or not anybody listens.
-            (packet, session.take_received(now), session.has_events())
+            (packet, report, session.take_received(now), session.has_events())
         };
+        if let (Some((to, len)), Some(rtcp)) = (report, &self.rtcp_socket) {
+            let _ = rtcp.send_to(&out.rtcp[..len], to);
+        }
+        let out = &out.rtp;
         let sent = match packet {
             Some((to, len)) => match self.socket.send_to(&out[..len], to) {
                 Ok(_) => {
@@ -188,19 +201,29 @@ impl MediaEngine {
         &self.stats
     }
 
-    /// Starts a call's media on `socket` (already bound: its port is in our SDP): registers it
-    /// with the clock and spawns its receive task on the current tokio runtime.
+    /// Starts a call's media on `socket` (already bound: its port is in our SDP) and, when
+    /// given, RTCP on `rtcp_socket` (the port + 1): registers it with the clock and spawns its
+    /// receive task on the current tokio runtime.
     pub fn start_call(
         &self,
         session: MediaSession,
         socket: std::net::UdpSocket,
+        rtcp_socket: Option<std::net::UdpSocket>,
         sinks: CallSinks,
     ) -> std::io::Result<Arc<CallMedia>> {
         socket.set_nonblocking(true)?;
         let receiver = tokio::net::UdpSocket::from_std(socket.try_clone()?)?;
+        let rtcp_receiver = match &rtcp_socket {
+            Some(rtcp) => {
+                rtcp.set_nonblocking(true)?;
+                Some(tokio::net::UdpSocket::from_std(rtcp.try_clone()?)?)
+            }
+            None => None,
+        };
         let media = Arc::new(CallMedia {
             session: Mutex::new(session),
             socket,
+            rtcp_socket,
             sinks,
             listener: Mutex::new(None),
             listening: AtomicBool::new(false),
@@ -211,32 +234,76 @@ impl MediaEngine {
         self.register
             .send(Arc::clone(&media))
             .map_err(|_| std::io::Error::other("the media clock thread has stopped"))?;
-        tokio::spawn(receive(Arc::clone(&media), receiver));
+        tokio::spawn(receive(Arc::clone(&media), receiver, rtcp_receiver));
         Ok(media)
     }
 }
 
 /// A call's receive loop: every datagram on its RTP port goes through its session.
-async fn receive(media: Arc<CallMedia>, socket: tokio::net::UdpSocket) {
+async fn receive(media: Arc<CallMedia>, socket: tokio::net::UdpSocket, rtcp: Option<tokio::net::UdpSocket>) {
     let mut buf = [0u8; 2048];
+    let mut rtcp_buf = [0u8; 1500];
+    let ntp = wall_clock();
     loop {
-        let received = tokio::select! {
-            received = socket.recv_from(&mut buf) => received,
-            () = media.close.notified() => return,
-        };
-        if media.closed.load(Ordering::Acquire) {
-            return;
-        }
-        match received {
-            Ok((len, from)) => {
-                let now = Instant::now();
-                media.lock().receive(now, from, &mut buf[..len]);
-                media.dispatch();
+        let rtcp_received = async {
+            match &rtcp {
+                Some(rtcp) => rtcp.recv_from(&mut rtcp_buf).await,
+                None => std::future::pending().await,
             }
-            // ICMP port unreachable from an earlier send, and the like: keep listening.
-            Err(e) => tracing::trace!("rtp receive: {e}"),
+        };
+        tokio::select! {
+            received = socket.recv_from(&mut buf) => {
+                if media.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                match received {
+                    Ok((len, from)) => {
+                        let now = Instant::now();
+                        media.lock().receive(now, from, &mut buf[..len]);
+                        media.dispatch();
+                    }
+                    // ICMP port unreachable from an earlier send, and the like: keep listening.
+                    Err(e) => tracing::trace!("rtp receive: {e}"),
+                }
+            }
+            received = rtcp_received => {
+                if let Ok((len, from)) = received {
+                    let now = Instant::now();
+                    media.lock().receive_rtcp(now, ntp.at(now), from, &mut rtcp_buf[..len]);
+                }
+            }
+            () = media.close.notified() => return,
         }
     }
+}
+
+/// The wall clock as RTCP needs it, following the monotonic clock from now on.
+fn wall_clock() -> NtpClock {
+    let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    NtpClock::new(Instant::now(), NtpTime::from_unix(unix))
+}
+
+/// The clock thread's send buffers.
+struct Buffers {
+    rtp: [u8; MAX_PACKET],
+    rtcp: [u8; MAX_RTCP],
+}
+
+/// Binds an RTP socket on an even port and its RTCP socket on the next one (RFC 3550 §11).
+pub fn bind_rtp_pair(ip: std::net::IpAddr) -> std::io::Result<(std::net::UdpSocket, std::net::UdpSocket)> {
+    let mut last = std::io::Error::other("no free RTP port pair");
+    for _ in 0..64 {
+        let rtp = std::net::UdpSocket::bind((ip, 0))?;
+        let port = rtp.local_addr()?.port();
+        if port % 2 == 1 || port == u16::MAX {
+            continue;
+        }
+        match std::net::UdpSocket::bind((ip, port + 1)) {
+            Ok(rtcp) => return Ok((rtp, rtcp)),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// The clock thread: ticks every live call once per [`PTIME`].
@@ -251,7 +318,8 @@ async fn receive(media: Arc<CallMedia>, socket: tokio::net::UdpSocket) {
 fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats) {
     realtime_priority();
     let mut calls: Vec<Arc<CallMedia>> = Vec::new();
-    let mut out = [0u8; MAX_PACKET];
+    let mut out = Buffers { rtp: [0u8; MAX_PACKET], rtcp: [0u8; MAX_RTCP] };
+    let ntp = wall_clock();
     let mut deadline = Instant::now();
     let mut departures: Vec<(usize, Instant)> = Vec::new();
     loop {
@@ -277,7 +345,7 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
         stats.ticks.fetch_add(1, Ordering::Relaxed);
         let record = stats.record_departures.load(Ordering::Relaxed);
         for call in &calls {
-            if call.tick(now, &mut out, stats) && record {
+            if call.tick(now, &ntp, &mut out, stats) && record {
                 departures.push((Arc::as_ptr(call) as usize, Instant::now()));
             }
         }

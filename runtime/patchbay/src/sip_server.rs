@@ -340,8 +340,8 @@ fn answer(
         let _ = ua.reject(now, call, 488);
         return Err(CallError::Unavailable("INVITE without SDP offer is not supported yet".into()));
     }
-    // The RTP port advertised in the answer (RTCP on port + 1 is not served yet).
-    let rtp = std::net::UdpSocket::bind(SocketAddr::new(routing.rtp_bind, 0))
+    // The RTP port advertised in the answer, RTCP on the next one.
+    let (rtp, rtcp) = crate::media::bind_rtp_pair(routing.rtp_bind)
         .map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
     let bind = rtp.local_addr().map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
     let mut local = patchbay_sip::sdp::LocalMedia::new(bind, routing.external_ip, call.0, 1);
@@ -362,7 +362,7 @@ fn answer(
             let sinks = CallSinks { dtmf: live.dtmf.clone(), played: live.played.clone(), inactive };
             let media = routing
                 .media
-                .start_call(session, rtp, sinks)
+                .start_call(session, rtp, Some(rtcp), sinks)
                 .map_err(|e| CallError::Unavailable(format!("media: {e}")))?;
             let _ = live.rtp_session.set(media);
             let commands = commands.clone();
@@ -565,8 +565,19 @@ fn on_event(
         UaEvent::Ended { call, cause } => {
             if let Some(live) = calls.remove(&call) {
                 if let Some(media) = live.rtp_session.get() {
-                    let stats = media.with(|s| s.stats());
-                    tracing::debug!(?call, ?stats, "media stopped");
+                    let (stats, quality) = media.with(|s| (s.stats(), s.quality()));
+                    tracing::info!(
+                        ?call,
+                        rtp_in = stats.received,
+                        rtp_out = stats.sent,
+                        concealed = stats.concealed,
+                        lost = quality.local_cumulative_lost,
+                        jitter_ms = quality.local_jitter.as_secs_f64() * 1e3,
+                        peer_lost = ?quality.remote_cumulative_lost,
+                        rtt_ms = ?quality.rtt.map(|d| d.as_secs_f64() * 1e3),
+                        srtp_failures = stats.srtp_failures,
+                        "media stopped"
+                    );
                     media.close();
                 }
                 let _ = live.ended.send(true);
