@@ -106,6 +106,7 @@ fn config(remote: SocketAddr, ssrc: u32, srtp: Option<SrtpKeys>) -> SessionConfi
         codec: Codec::Pcmu,
         payload_type: 0,
         telephone_event: Some(TELEPHONE_EVENT),
+        comfort_noise: None,
         ptime_ms: 20,
         remote: Some(remote),
         ssrc,

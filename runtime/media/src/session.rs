@@ -20,8 +20,11 @@
 //! LSR/DLSR, its report on us for the round-trip time (§6.4.1) and the loss it sees. SRTCP when
 //! the call is encrypted.
 //!
-//! **Not done here:** RFC 3389 comfort noise (silence is sent as encoded silence; no CN payload
-//! type is negotiated), RTCP BYE, and packet loss concealment beyond inserting silence.
+//! Silence is sent as RFC 3389 comfort noise when CN was negotiated (a CN packet every interval,
+//! so the wire stays as busy as with audio), as encoded silence otherwise.
+//!
+//! **Not done here:** RTCP BYE, generating noise from received CN (received CN is dropped and
+//! concealed as silence), and packet loss concealment beyond inserting silence.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -73,6 +76,9 @@ pub struct SessionConfig {
     pub payload_type: u8,
     /// The telephone-event payload type, when negotiated (RFC 4733).
     pub telephone_event: Option<u8>,
+    /// The comfort noise payload type, when negotiated (RFC 3389): silence then goes out as a
+    /// CN packet every interval instead of encoded silence.
+    pub comfort_noise: Option<u8>,
     /// Packetisation interval in milliseconds (10–40; 20 is the norm).
     pub ptime_ms: u32,
     /// Where the SDP says to send; replaced by where the audio really comes from (symmetric
@@ -610,6 +616,9 @@ impl MediaSession {
             payload[..n].fill(self.config.codec.silence());
             self.stats.silence_sent += 1;
         }
+        if silence && let Some(cn) = self.config.comfort_noise {
+            return self.send_comfort_noise(cn, remote, out);
+        }
         let Some(remote) = remote.filter(|_| self.sending) else {
             // Nowhere to send, or not sending (hold): the media clock advances without using
             // sequence numbers, so that SRTP's index estimate stays right when sending resumes.
@@ -697,6 +706,34 @@ impl MediaSession {
                 self.remote_report = Some(block);
             }
         }
+    }
+
+    /// RFC 3389 §3: a CN payload is the noise level in -dBov (one octet); we describe near
+    /// silence (-70 dBov) and no spectrum. The audio clock advances as for a frame; the first
+    /// audio packet after it starts a new talkspurt (RFC 3551 §4.1).
+    fn send_comfort_noise(
+        &mut self,
+        pt: u8,
+        remote: Option<SocketAddr>,
+        out: &mut [u8; MAX_PACKET],
+    ) -> Option<(SocketAddr, usize)> {
+        let Some(remote) = remote.filter(|_| self.sending) else {
+            self.sender.skip_frames(1);
+            return None;
+        };
+        let timestamp = self.sender.next_timestamp();
+        let header = RtpHeader {
+            marker: false,
+            payload_type: pt,
+            sequence: self.sender.take_sequence(),
+            timestamp,
+            ssrc: self.config.ssrc,
+        };
+        let len = header.write(&[70], out).ok()?;
+        self.sender.record_sent(1);
+        self.sender.skip_frames(1);
+        self.stats.sent += 1;
+        self.protect(out, len).map(|len| (remote, len))
     }
 
     fn protect(&mut self, out: &mut [u8; MAX_PACKET], len: usize) -> Option<usize> {

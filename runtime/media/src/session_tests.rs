@@ -18,6 +18,7 @@ fn config() -> SessionConfig {
         codec: Codec::Pcmu,
         payload_type: 0,
         telephone_event: Some(101),
+        comfort_noise: None,
         ptime_ms: 20,
         remote: Some(addr(PEER)),
         ssrc: 0x1234_5678,
@@ -314,4 +315,24 @@ fn rtcp_reports_flow_both_ways_and_give_the_round_trip_time() {
     let before = a.stats().rtcp_received;
     a.receive_rtcp(t0, ntp(t0), b_addr, &mut [0x80, 200, 0, 99]);
     assert_eq!(a.stats().rtcp_received, before);
+}
+
+#[test]
+fn with_comfort_noise_negotiated_silence_goes_out_as_cn_every_interval() {
+    let mut s = MediaSession::new(SessionConfig { comfort_noise: Some(13), ..config() }, FramePool::new(4));
+    let t0 = Instant::now();
+    let first = RtpPacket::parse(&tick(&mut s, t0).unwrap().1).unwrap().header;
+    let second = tick(&mut s, t0 + MS20).unwrap().1;
+    let second = RtpPacket::parse(&second).unwrap();
+    assert_eq!((first.payload_type, second.header.payload_type), (13, 13));
+    assert_eq!(second.payload, &[70][..], "RFC 3389 noise level in -dBov");
+    assert_eq!(second.header.sequence, first.sequence.wrapping_add(1));
+    assert_eq!(second.header.timestamp, first.timestamp.wrapping_add(160), "the media clock runs on");
+    // Audio after comfort noise starts a talkspurt.
+    let pool = FramePool::new(2);
+    s.play(pool.g711(AudioEncoding::Pcmu, &[0x42; 160], 0).unwrap()).unwrap();
+    let audio = tick(&mut s, t0 + MS20 * 2).unwrap().1;
+    let audio = RtpPacket::parse(&audio).unwrap().header;
+    assert_eq!((audio.payload_type, audio.marker), (0, true));
+    assert_eq!(audio.timestamp, first.timestamp.wrapping_add(320));
 }

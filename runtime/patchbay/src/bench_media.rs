@@ -65,6 +65,7 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
                 codec: Codec::Pcmu,
                 payload_type: 0,
                 telephone_event: Some(101),
+                comfort_noise: None,
                 ptime_ms: PTIME.as_millis() as u32,
                 remote: Some(if i % SAMPLE_EVERY == 0 { sink_addr } else { blackhole_addr }),
                 ssrc: i as u32,

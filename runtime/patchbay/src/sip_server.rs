@@ -345,6 +345,8 @@ fn answer(
         .map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
     let bind = rtp.local_addr().map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
     let mut local = patchbay_sip::sdp::LocalMedia::new(bind, routing.external_ip, call.0, 1);
+    // Accept RFC 3389 comfort noise when offered: silence then goes out as CN packets.
+    local.comfort_noise = true;
     if routing.srtp {
         let mut key = [0u8; 30];
         for (chunk, i) in key.chunks_mut(8).zip(0u64..) {
@@ -411,6 +413,7 @@ fn media_session(negotiated: &patchbay_sip::sdp::Negotiated, routing: &Routing) 
             codec,
             payload_type: negotiated.codec.payload_type,
             telephone_event: negotiated.telephone_event,
+            comfort_noise: negotiated.comfort_noise,
             ptime_ms: crate::media::PTIME.as_millis() as u32,
             remote,
             ssrc: random as u32,
