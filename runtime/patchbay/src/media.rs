@@ -2,10 +2,10 @@
 //! ticks every call's [`MediaSession`] once per packetisation interval.
 //!
 //! The clock is a dedicated OS thread, not a tokio timer: flows run on the tokio workers and
-//! may keep them busy for a whole CPU slice, and the wire must not notice. Each tick the thread
-//! walks every live call, takes one short per-call lock to let the session write its packet
-//! (and take the caller's next frame for whoever listens), releases it, and sends. See
-//! [`clock`] for how it keeps time.
+//! may keep them busy for a whole CPU slice, and the wire must not notice. Every 2 ms the thread
+//! walks one tenth of the live calls (each call at a fixed step of the 20 ms period), takes one
+//! short per-call lock to let the session write its packet (and take the caller's next frame for
+//! whoever listens), releases it, and sends. See [`clock`] for how it keeps time.
 //!
 //! RTCP runs on the RTP port + 1 (RFC 3550 §11): the clock sends each call's reports when its
 //! session says one is due, and the receive task feeds the peer's reports back.
@@ -157,7 +157,7 @@ impl CallMedia {
 /// How the shared clock is doing.
 #[derive(Debug, Default)]
 pub struct ClockStats {
-    /// Ticks run.
+    /// Steps of the wheel run (ten per ptime).
     pub ticks: AtomicU64,
     /// Packets sent.
     pub sent: AtomicU64,
@@ -165,7 +165,7 @@ pub struct ClockStats {
     pub send_errors: AtomicU64,
     /// Latest tick start after its deadline, in microseconds.
     pub max_late_us: AtomicU64,
-    /// Ticks that started more than 1 ms after their deadline.
+    /// Steps that started more than 1 ms after their deadline.
     pub late_ticks: AtomicU64,
     /// For benchmarks: when set, the clock records when each call's packet left.
     pub record_departures: AtomicBool,
@@ -306,18 +306,27 @@ pub fn bind_rtp_pair(ip: std::net::IpAddr) -> std::io::Result<(std::net::UdpSock
     Err(last)
 }
 
+/// Steps of the clock's wheel per period: a call belongs to one step and is served at the same
+/// offset in every period.
+const SLOTS: usize = 10;
+
 /// The clock thread: ticks every live call once per [`PTIME`].
 ///
-/// One thread and one deadline per period for all calls, no timer per call. Calls are served in
-/// the same order every period, so each call's packets leave at the same offset from the
-/// deadline, give or take how much the work before it varies. Deadlines are absolute (a late
-/// tick does not shift the ones after it), and a clock that falls far behind (a suspended VM)
-/// starts over instead of bursting. Spinning before each deadline to beat slow wake-ups was
-/// tried and dropped: on this project's 2-vCPU VM it made the stalls it was meant to hide
-/// more frequent (see BENCHMARKS.md).
+/// One thread, no timer per call, and a wheel of [`SLOTS`] steps (2 ms at 20 ms ptime): each
+/// new call joins the emptiest step, and each wake-up serves only its step's calls. Serving all
+/// calls back to back at one deadline (tried first) takes ~10 ms of `sendto` for 2,000 calls on
+/// a small VM, and the last calls' packets then wander by milliseconds from one period to the
+/// next; spreading them keeps each call at a fixed offset, give or take one step's work. Finer
+/// steps (1 ms) were slower again on a VM, where every extra wake-up risks a late one (figures
+/// in BENCHMARKS.md). Deadlines are absolute (a late step does not shift the ones after it), and
+/// a clock that falls far behind (a suspended VM) starts over instead of bursting. Spinning
+/// before each deadline to beat slow wake-ups was tried and dropped: it made stalls more
+/// frequent on this project's 2-vCPU VM.
 fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats) {
     realtime_priority();
-    let mut calls: Vec<Arc<CallMedia>> = Vec::new();
+    let mut slots: Vec<Vec<Arc<CallMedia>>> = vec![Vec::new(); SLOTS];
+    let step = PTIME / SLOTS as u32;
+    let mut slot = 0;
     let mut out = Buffers { rtp: [0u8; MAX_PACKET], rtcp: [0u8; MAX_RTCP] };
     let ntp = wall_clock();
     let mut deadline = Instant::now();
@@ -325,16 +334,21 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
     loop {
         loop {
             match register.try_recv() {
-                Ok(call) => calls.push(call),
+                Ok(call) => {
+                    if let Some(emptiest) = slots.iter_mut().min_by_key(|s| s.len()) {
+                        emptiest.push(call);
+                    }
+                }
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    if calls.is_empty() {
+                    if slots.iter().all(Vec::is_empty) {
                         return;
                     }
                     break;
                 }
             }
         }
+        let calls = &mut slots[slot];
         calls.retain(|c| !c.closed.load(Ordering::Acquire));
         let now = Instant::now();
         let late = now.saturating_duration_since(deadline).as_micros() as u64;
@@ -344,7 +358,7 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
         }
         stats.ticks.fetch_add(1, Ordering::Relaxed);
         let record = stats.record_departures.load(Ordering::Relaxed);
-        for call in &calls {
+        for call in calls.iter() {
             if call.tick(now, &ntp, &mut out, stats) && record {
                 departures.push((Arc::as_ptr(call) as usize, Instant::now()));
             }
@@ -352,12 +366,14 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
         if !departures.is_empty() {
             stats.departures.lock().unwrap_or_else(PoisonError::into_inner).append(&mut departures);
         }
-        deadline += PTIME;
+        slot = (slot + 1) % SLOTS;
+        // An idle host wakes once per period, not once per step.
+        deadline += if slots.iter().all(Vec::is_empty) { PTIME } else { step };
         let after = Instant::now();
         if after > deadline + PTIME * 5 {
             // Far behind (the machine was suspended or starved): start over from now rather
             // than sending a burst of stale frames.
-            deadline = after + PTIME;
+            deadline = after + step;
         }
         if let Some(wait) = deadline.checked_duration_since(after) {
             std::thread::sleep(wait);
