@@ -1,10 +1,9 @@
 //! `patchbay call`: a test caller. Dials a SIP URI over UDP with the same user agent core the
-//! server uses, answers digest challenges, waits, hangs up, and reports what happened.
+//! server uses, answers digest challenges, and once answered plays a WAV file (`--play`), sends
+//! DTMF (`--dtmf`) and saves what it hears (`--record`, 8 kHz 16-bit WAV) through the same media
+//! engine, then hangs up and reports what happened.
 //!
-//! **Not implemented yet:** media. The INVITE offers PCMU/PCMA/telephone-event on a reserved
-//! RTP port, but no audio is sent or recorded and no DTMF is sent: playing a WAV, sending
-//! digits and saving what the call hears arrive with the media engine. TCP/TLS dialling is not
-//! offered either (UDP only).
+//! **Not implemented yet:** TCP/TLS dialling (UDP only), SRTP offers.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -44,6 +43,70 @@ pub struct CallArgs {
     /// Local address to bind (default: loopback for a loopback target, else any).
     #[arg(long)]
     pub bind: Option<SocketAddr>,
+    /// Play this WAV file once the call is answered (mono, 8/16 kHz, PCM, A-law or μ-law).
+    #[arg(long)]
+    pub play: Option<std::path::PathBuf>,
+    /// Send these DTMF keys (RFC 4733) after the file has played.
+    #[arg(long)]
+    pub dtmf: Option<String>,
+    /// Save what the call hears to this WAV file (8 kHz, 16-bit PCM).
+    #[arg(long)]
+    pub record: Option<std::path::PathBuf>,
+}
+
+/// The audio side of a placed call.
+struct CallAudio {
+    media: Arc<crate::media::CallMedia>,
+    heard: tokio::sync::mpsc::Receiver<patchbay_media::Frame>,
+    /// The file's frames still to queue, in the call's codec.
+    to_play: std::collections::VecDeque<Vec<u8>>,
+    encoding: patchbay_media::AudioEncoding,
+    dtmf: Option<String>,
+    recorded: Vec<i16>,
+}
+
+impl CallAudio {
+    /// Keeps about a second of the file queued; once it is all out, sends the DTMF keys.
+    fn feed(&mut self, pool: &patchbay_media::FramePool) {
+        let (to_play, encoding, dtmf) = (&mut self.to_play, self.encoding, &mut self.dtmf);
+        self.media.with(|session| {
+            while session.queued() < 50 {
+                let Some(chunk) = to_play.pop_front() else { break };
+                if let Ok(frame) = pool.g711(encoding, &chunk, 0) {
+                    let _ = session.play(frame);
+                }
+            }
+            if to_play.is_empty()
+                && session.queued() == 0
+                && let Some(keys) = dtmf.take()
+                && !session.send_dtmf(&keys, 100)
+            {
+                tracing::warn!("the callee did not negotiate telephone-event: DTMF not sent");
+            }
+        });
+    }
+}
+
+/// Writes 8 kHz mono 16-bit PCM as a WAV file.
+fn write_wav(path: &std::path::Path, samples: &[i16]) -> std::io::Result<()> {
+    let data_len = (samples.len() * 2) as u32;
+    let mut out = Vec::with_capacity(44 + samples.len() * 2);
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data_len).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    out.extend_from_slice(&1u16.to_le_bytes()); // mono
+    out.extend_from_slice(&8_000u32.to_le_bytes());
+    out.extend_from_slice(&16_000u32.to_le_bytes()); // bytes per second
+    out.extend_from_slice(&2u16.to_le_bytes()); // block align
+    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&data_len.to_le_bytes());
+    for s in samples {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    std::fs::write(path, out)
 }
 
 /// Places the call. Returns whether it was answered and ended normally.
@@ -73,10 +136,19 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
         probe.connect(next_hop).context("probing the route")?;
         local.set_ip(probe.local_addr().context("probing the route")?.ip());
     }
-    // The RTP port the offer names (media itself is not implemented yet, see the module docs).
-    let rtp = std::net::UdpSocket::bind(SocketAddr::new(local.ip(), 0)).context("reserving an RTP port")?;
+    let prompt = match &args.play {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(patchbay_media::prompt::Prompt::from_wav(&path.display().to_string(), &bytes)?)
+        }
+        None => None,
+    };
+    let (rtp, rtcp) = crate::media::bind_rtp_pair(local.ip()).context("reserving RTP ports")?;
     let media = patchbay_sip::sdp::LocalMedia::new(rtp.local_addr().context("RTP port")?, None, 1, 1);
     let offer = patchbay_sip::sdp::offer(&media).context("building the SDP offer")?;
+    let engine = crate::media::MediaEngine::start().context("starting the media clock")?;
+    let mut sockets = Some((rtp, rtcp));
+    let mut audio: Option<CallAudio> = None;
 
     let (inbound_tx, mut inbound) = tokio::sync::mpsc::channel::<Inbound>(64);
     tokio::spawn(udp_receiver(Arc::clone(&socket), inbound_tx, 0));
@@ -104,7 +176,7 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
             target,
             from,
             to: None,
-            sdp: offer.into_bytes(),
+            sdp: offer.clone().into_bytes(),
             credentials,
             headers: Vec::new(),
         },
@@ -119,10 +191,57 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
                     let early = if sdp.is_some() { " with early media" } else { "" };
                     println!("{status}{early} after {:.2} s", started.elapsed().as_secs_f64());
                 }
-                UaOutput::Event(UaEvent::Answered { .. }) => {
+                UaOutput::Event(UaEvent::Answered { sdp, .. }) => {
                     answered = true;
                     println!("answered after {:.2} s", started.elapsed().as_secs_f64());
                     hangup_at = Some(Instant::now() + Duration::from_secs_f64(args.hangup_after.max(0.0)));
+                    match patchbay_sip::sdp::accept_answer(&offer, &String::from_utf8_lossy(&sdp)) {
+                        Ok(negotiated) => {
+                            let seed =
+                                std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 1u8);
+                            let session = crate::media::session_for(&negotiated, engine.pool(), None, seed);
+                            let encoding = match session.codec() {
+                                patchbay_media::session::Codec::Pcma => patchbay_media::AudioEncoding::Pcma,
+                                patchbay_media::session::Codec::Pcmu => patchbay_media::AudioEncoding::Pcmu,
+                            };
+                            let prompt_codec = if encoding == patchbay_media::AudioEncoding::Pcma {
+                                patchbay_media::prompt::PromptCodec::Pcma
+                            } else {
+                                patchbay_media::prompt::PromptCodec::Pcmu
+                            };
+                            let silence = if encoding == patchbay_media::AudioEncoding::Pcma { 0xD5 } else { 0xFF };
+                            let to_play = prompt.as_ref().map_or_else(Default::default, |p| {
+                                p.encoded(prompt_codec)
+                                    .chunks(160)
+                                    .map(|c| {
+                                        let mut frame = vec![silence; 160];
+                                        frame[..c.len()].copy_from_slice(c);
+                                        frame
+                                    })
+                                    .collect()
+                            });
+                            let (tx, heard) = tokio::sync::mpsc::channel(crate::media::FLOW_AUDIO_QUEUE * 4);
+                            let (dtmf, _) = tokio::sync::mpsc::channel(16);
+                            let (inactive, _) = tokio::sync::mpsc::unbounded_channel();
+                            let sinks =
+                                crate::media::CallSinks { dtmf, played: tokio::sync::watch::channel(0).0, inactive };
+                            if let Some((rtp, rtcp)) = sockets.take() {
+                                let started_media =
+                                    engine.start_call(session, rtp, Some(rtcp), sinks).context("starting media")?;
+                                started_media.listen(Some(tx));
+                                println!("media: {} with {}", negotiated.codec.name(), negotiated.remote_rtp);
+                                audio = Some(CallAudio {
+                                    media: started_media,
+                                    heard,
+                                    to_play,
+                                    encoding,
+                                    dtmf: args.dtmf.clone(),
+                                    recorded: Vec::new(),
+                                });
+                            }
+                        }
+                        Err(e) => println!("the answer's SDP is not usable ({e}): no audio"),
+                    }
                 }
                 UaOutput::Event(UaEvent::Ended { cause, .. }) => {
                     let ok = answered && matches!(cause, EndCause::LocalBye | EndCause::RemoteBye);
@@ -134,12 +253,30 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
                         other => format!("{other:?}"),
                     };
                     println!("call ended after {:.2} s: {what}", started.elapsed().as_secs_f64());
+                    if let Some(mut audio) = audio.take() {
+                        audio.media.close();
+                        while let Ok(frame) = audio.heard.try_recv() {
+                            audio.recorded.extend_from_slice(&frame.linear());
+                        }
+                        if let Some(path) = &args.record {
+                            write_wav(path, &audio.recorded).with_context(|| format!("writing {}", path.display()))?;
+                            println!("recorded {:.2} s to {}", audio.recorded.len() as f64 / 8_000.0, path.display());
+                        }
+                    }
                     return Ok(ok);
                 }
                 UaOutput::Event(other) => tracing::debug!(?other, "call event"),
             }
         }
-        let deadline = [ua.poll_timeout(), hangup_at].into_iter().flatten().min();
+        if let Some(audio) = audio.as_mut() {
+            audio.feed(engine.pool());
+            while let Ok(frame) = audio.heard.try_recv() {
+                audio.recorded.extend_from_slice(&frame.linear());
+            }
+        }
+        // Wake at least every 100 ms while there is audio to feed and record.
+        let feed_at = audio.as_ref().map(|_| Instant::now() + Duration::from_millis(100));
+        let deadline = [ua.poll_timeout(), hangup_at, feed_at].into_iter().flatten().min();
         let sleep = async {
             match deadline {
                 Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,

@@ -50,7 +50,7 @@ enum Command {
     /// Print the embedded default configuration (a starting point for your own).
     DefaultConfig,
     /// Place a test call: dial a SIP URI, wait, hang up, report (exit 0 when it was answered).
-    Call(caller::CallArgs),
+    Call(Box<caller::CallArgs>),
     /// Benchmark: pacing of the shared media clock with many calls (see BENCHMARKS.md).
     #[command(hide = true)]
     BenchMedia {
@@ -84,7 +84,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .context("starting tokio")
-            .and_then(|runtime| runtime.block_on(caller::call(args))),
+            .and_then(|runtime| runtime.block_on(caller::call(*args))),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

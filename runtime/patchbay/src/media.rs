@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use patchbay_host::Dtmf;
 use patchbay_media::rtp::{NtpClock, NtpTime};
-use patchbay_media::session::{MAX_PACKET, MAX_RTCP, MediaSession, SessionEvent};
+use patchbay_media::session::{Codec, MAX_PACKET, MAX_RTCP, MediaSession, SessionConfig, SessionEvent, SrtpKeys};
 use patchbay_media::{Frame, FramePool};
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -287,6 +287,49 @@ fn wall_clock() -> NtpClock {
 struct Buffers {
     rtp: [u8; MAX_PACKET],
     rtcp: [u8; MAX_RTCP],
+}
+
+/// The media session for what an offer/answer exchange agreed (either side of it). `random`
+/// seeds the SSRC and the initial sequence number and timestamp (RFC 3550 §5.1).
+pub fn session_for(
+    negotiated: &patchbay_sip::sdp::Negotiated,
+    pool: &FramePool,
+    inactivity_timeout: Option<Duration>,
+    random: u64,
+) -> MediaSession {
+    let codec = match negotiated.codec.codec {
+        patchbay_sip::sdp::AudioCodec::Pcma => Codec::Pcma,
+        _ => Codec::Pcmu,
+    };
+    let remote = (!negotiated.remote_rtp.ip().is_unspecified()).then_some(negotiated.remote_rtp);
+    let srtp = negotiated.srtp.as_ref().and_then(|p| {
+        Some(SrtpKeys {
+            profile: patchbay_media::srtp::SrtpProfile::from_name(p.suite.name())?,
+            local: patchbay_media::srtp::MasterKey::from_concatenated(&p.local_key.0),
+            remote: patchbay_media::srtp::MasterKey::from_concatenated(&p.remote_key.0),
+        })
+    });
+    let mut session = MediaSession::new(
+        SessionConfig {
+            codec,
+            payload_type: negotiated.codec.payload_type,
+            telephone_event: negotiated.telephone_event,
+            comfort_noise: negotiated.comfort_noise,
+            ptime_ms: PTIME.as_millis() as u32,
+            remote,
+            ssrc: random as u32,
+            initial_sequence: (random >> 32) as u16,
+            initial_timestamp: (random >> 16) as u32,
+            inactivity_timeout,
+            inband_dtmf: negotiated.telephone_event.is_none(),
+            jitter: Default::default(),
+            srtp,
+        },
+        pool.clone(),
+    );
+    session.set_hold(!negotiated.direction.receives() || remote.is_none());
+    session.set_sending(negotiated.direction.sends());
+    session
 }
 
 /// Binds an RTP socket on an even port and its RTCP socket on the next one (RFC 3550 §11).

@@ -24,7 +24,7 @@ use patchbay_host::{
     Direction, Dtmf, FlowCall, FlowEngine, FlowOutcome, FlowRegistry, HangupCause, Header, MediaEvent, MemoryKv,
     PlayOptions, PlayOutcome, RecordOptions, Recording,
 };
-use patchbay_media::session::{Codec, MediaSession, SessionConfig, SrtpKeys};
+use patchbay_media::session::{Codec, MediaSession};
 use patchbay_media::{Frame, FramePool};
 use patchbay_sip::auth::{AuthKind, DigestRequest, DigestServer, Outcome, ServerConfig, StoredSecret};
 use patchbay_sip::transaction::TimerConfig;
@@ -395,40 +395,7 @@ fn random_u64(salt: u64) -> u64 {
 
 /// The media session for what was negotiated.
 fn media_session(negotiated: &patchbay_sip::sdp::Negotiated, routing: &Routing) -> MediaSession {
-    let codec = match negotiated.codec.codec {
-        patchbay_sip::sdp::AudioCodec::Pcma => Codec::Pcma,
-        _ => Codec::Pcmu,
-    };
-    let remote = (!negotiated.remote_rtp.ip().is_unspecified()).then_some(negotiated.remote_rtp);
-    let srtp = negotiated.srtp.as_ref().and_then(|p| {
-        Some(SrtpKeys {
-            profile: patchbay_media::srtp::SrtpProfile::from_name(p.suite.name())?,
-            local: patchbay_media::srtp::MasterKey::from_concatenated(&p.local_key.0),
-            remote: patchbay_media::srtp::MasterKey::from_concatenated(&p.remote_key.0),
-        })
-    });
-    let random = random_u64(0x5eed);
-    let mut session = MediaSession::new(
-        SessionConfig {
-            codec,
-            payload_type: negotiated.codec.payload_type,
-            telephone_event: negotiated.telephone_event,
-            comfort_noise: negotiated.comfort_noise,
-            ptime_ms: crate::media::PTIME.as_millis() as u32,
-            remote,
-            ssrc: random as u32,
-            initial_sequence: (random >> 32) as u16,
-            initial_timestamp: random_u64(0x7157) as u32,
-            inactivity_timeout: routing.rtp_timeout,
-            inband_dtmf: negotiated.telephone_event.is_none(),
-            jitter: Default::default(),
-            srtp,
-        },
-        routing.media.pool().clone(),
-    );
-    session.set_hold(!negotiated.direction.receives() || remote.is_none());
-    session.set_sending(negotiated.direction.sends());
-    session
+    crate::media::session_for(negotiated, routing.media.pool(), routing.rtp_timeout, random_u64(0x5eed))
 }
 
 #[allow(clippy::too_many_arguments)] // the endpoint's state, passed apart to keep borrows simple
