@@ -307,21 +307,28 @@ fn tenant_limits(tenant: &config::TenantConfig) -> FlowLimits {
 }
 
 async fn wait_for_shutdown() {
+    // The handlers are installed before saying we are ready: a SIGTERM sent as soon as the
+    // line appears must find them (the default action would kill the process).
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => Some(signal),
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM: {e}");
+            None
+        }
+    };
+    let ctrl_c = tokio::signal::ctrl_c();
     println!("Press Ctrl-C to stop.");
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
+    let terminated = async {
+        match terminate.as_mut() {
+            Some(signal) => {
                 signal.recv().await;
             }
-            Err(e) => {
-                tracing::warn!("cannot watch SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
+            None => std::future::pending::<()>().await,
         }
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
+        _ = ctrl_c => {}
+        () = terminated => {}
     }
     tracing::info!("shutting down");
 }
