@@ -78,6 +78,7 @@ fn echo_returns_the_callers_speech_and_repeats_each_key_once() {
     assert!(aligned * 10 >= chunks * 9, "only {aligned} of {chunks} half-seconds came back (delays {lags:?} ms)");
     let (a, b): (Vec<i16>, Vec<i16>) = pairs.into_iter().unzip();
     let r = correlation(&a, &b);
+    eprintln!("echo: correlation {r:.4} over {aligned} of {chunks} half-seconds, delays {lags:?} ms");
     assert!(r >= 0.95, "correlation {r:.3} (delays {lags:?} ms)");
 
     // DTMF: sipp pressed 1, 2, # (RFC 2833 pcaps); the echo flow repeats each key it saw, once.

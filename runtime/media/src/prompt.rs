@@ -33,6 +33,24 @@ pub enum PromptCodec {
     Pcma,
 }
 
+impl PromptCodec {
+    /// The frame encoding of this codec.
+    pub fn encoding(self) -> crate::AudioEncoding {
+        match self {
+            PromptCodec::Pcmu => crate::AudioEncoding::Pcmu,
+            PromptCodec::Pcma => crate::AudioEncoding::Pcma,
+        }
+    }
+
+    /// The octet of silence in this codec.
+    pub fn silence(self) -> u8 {
+        match self {
+            PromptCodec::Pcmu => g711::ULAW_SILENCE,
+            PromptCodec::Pcma => g711::ALAW_SILENCE,
+        }
+    }
+}
+
 /// A decoded prompt: 8 kHz mono linear PCM, plus its G.711 encodings made on first use.
 #[derive(Debug)]
 pub struct Prompt {
@@ -124,6 +142,20 @@ impl Prompt {
     /// Length in milliseconds.
     pub fn duration_ms(&self) -> u64 {
         self.samples.len() as u64 * 1000 / u64::from(RATE)
+    }
+
+    /// Writes frame `index` of the prompt cut into frames of `out.len()` octets in `codec` (the
+    /// last one padded with silence). Returns false past the end.
+    pub fn frame_into(&self, codec: PromptCodec, index: usize, out: &mut [u8]) -> bool {
+        let audio = self.encoded(codec);
+        let start = index.saturating_mul(out.len());
+        if start >= audio.len() {
+            return false;
+        }
+        let chunk = &audio[start..(start + out.len()).min(audio.len())];
+        out[..chunk.len()].copy_from_slice(chunk);
+        out[chunk.len()..].fill(codec.silence());
+        true
     }
 
     /// The audio in `codec`, encoded on first use and shared afterwards.
@@ -277,6 +309,15 @@ mod tests {
         assert_eq!(&from_alaw.encoded(PromptCodec::Pcma)[..], &alaw[..]);
         assert!(Arc::ptr_eq(&from_ulaw.encoded(PromptCodec::Pcmu), &from_ulaw.encoded(PromptCodec::Pcmu)), "cached");
         assert_eq!(pcm.duration_ms(), 500);
+        // Cut into frames: 4000 samples are 25 frames of 160, the 26th does not exist; a cut
+        // of 3 octets leaves a last frame padded with silence.
+        let mut frame = [0u8; 160];
+        assert!(from_ulaw.frame_into(PromptCodec::Pcmu, 24, &mut frame));
+        assert_eq!(&frame[..], &ulaw[24 * 160..25 * 160]);
+        assert!(!from_ulaw.frame_into(PromptCodec::Pcmu, 25, &mut frame));
+        let mut odd = [0u8; 3_000];
+        assert!(from_ulaw.frame_into(PromptCodec::Pcmu, 1, &mut odd));
+        assert_eq!((&odd[..1_000], odd[1_000]), (&ulaw[3_000..], g711::ULAW_SILENCE));
     }
 
     #[test]

@@ -39,7 +39,7 @@ use crate::rtp::{
     RtpPacket, RtpSender, RtpSenderConfig,
 };
 use crate::srtp::{MasterKey, SrtpContext, SrtpProfile};
-use crate::{AudioEncoding, Frame, FramePool, g711};
+use crate::{AudioEncoding, Frame, FramePool};
 
 /// The speech codec of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,9 +60,15 @@ impl Codec {
     }
 
     fn silence(self) -> u8 {
-        match self {
-            Codec::Pcmu => g711::ULAW_SILENCE,
-            Codec::Pcma => g711::ALAW_SILENCE,
+        crate::prompt::PromptCodec::from(self).silence()
+    }
+}
+
+impl From<Codec> for crate::prompt::PromptCodec {
+    fn from(codec: Codec) -> Self {
+        match codec {
+            Codec::Pcmu => Self::Pcmu,
+            Codec::Pcma => Self::Pcma,
         }
     }
 }

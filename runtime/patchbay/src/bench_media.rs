@@ -96,7 +96,6 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
     }
     let (mut deviations, received) = receiver.join().map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
     deviations.sort_unstable();
-    let pct = |p: f64| deviations.get(((deviations.len() as f64 * p) as usize).min(deviations.len().saturating_sub(1)));
     let expected = calls.div_ceil(SAMPLE_EVERY) as u64 * seconds * 1000 / PTIME.as_millis() as u64;
     let stats = engine.stats();
     // The clock's own pacing: per call, each departure's distance from 20 ms after the last.
@@ -110,8 +109,6 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
         }
     }
     clock_dev.sort_unstable();
-    let clock_pct =
-        |p: f64| clock_dev.get(((clock_dev.len() as f64 * p) as usize).min(clock_dev.len().saturating_sub(1))).copied();
     println!("patchbay bench-media --calls {calls} --seconds {seconds}");
     println!("streams: {calls}, measured for {seconds} s after 1 s of warm-up");
     println!(
@@ -120,17 +117,17 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
     println!(
         "departure (clock) deviation from {} ms (µs): p50 {} p99 {} p99.9 {} max {}",
         PTIME.as_millis(),
-        clock_pct(0.5).unwrap_or_default(),
-        clock_pct(0.99).unwrap_or_default(),
-        clock_pct(0.999).unwrap_or_default(),
+        percentile(&clock_dev, 0.5),
+        percentile(&clock_dev, 0.99),
+        percentile(&clock_dev, 0.999),
         clock_dev.last().copied().unwrap_or_default()
     );
     println!(
         "arrival (peer) deviation from {} ms (µs): p50 {} p99 {} p99.9 {} max {}",
         PTIME.as_millis(),
-        pct(0.5).copied().unwrap_or_default(),
-        pct(0.99).copied().unwrap_or_default(),
-        pct(0.999).copied().unwrap_or_default(),
+        percentile(&deviations, 0.5),
+        percentile(&deviations, 0.99),
+        percentile(&deviations, 0.999),
         deviations.last().copied().unwrap_or_default()
     );
     println!(
@@ -141,6 +138,12 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
         stats.late_ticks.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+/// The `p` quantile of sorted values (0 when there are none).
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    let index = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(index).copied().unwrap_or_default()
 }
 
 /// Receives until stopped; returns every inter-arrival deviation (µs) after the warm-up and

@@ -58,9 +58,8 @@ pub struct CallArgs {
 struct CallAudio {
     media: Arc<crate::media::CallMedia>,
     heard: tokio::sync::mpsc::Receiver<patchbay_media::Frame>,
-    /// The file's frames still to queue, in the call's codec.
-    to_play: std::collections::VecDeque<Vec<u8>>,
-    encoding: patchbay_media::AudioEncoding,
+    /// The file to play and the next frame of it to queue; `None` once it is all queued.
+    to_play: Option<(Arc<patchbay_media::prompt::Prompt>, usize)>,
     dtmf: Option<String>,
     recorded: Vec<i16>,
 }
@@ -68,15 +67,15 @@ struct CallAudio {
 impl CallAudio {
     /// Keeps about a second of the file queued; once it is all out, sends the DTMF keys.
     fn feed(&mut self, pool: &patchbay_media::FramePool) {
-        let (to_play, encoding, dtmf) = (&mut self.to_play, self.encoding, &mut self.dtmf);
+        let (to_play, dtmf) = (&mut self.to_play, &mut self.dtmf);
         self.media.with(|session| {
-            while session.queued() < 50 {
-                let Some(chunk) = to_play.pop_front() else { break };
-                if let Ok(frame) = pool.g711(encoding, &chunk, 0) {
-                    let _ = session.play(frame);
+            if let Some((prompt, next)) = to_play.as_mut() {
+                let codec = patchbay_media::prompt::PromptCodec::from(session.codec());
+                if crate::sip_server::feed_prompt(session, pool, prompt, codec, next, 0) {
+                    *to_play = None;
                 }
             }
-            if to_play.is_empty()
+            if to_play.is_none()
                 && session.queued() == 0
                 && let Some(keys) = dtmf.take()
                 && !session.send_dtmf(&keys, 100)
@@ -139,7 +138,7 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
     let prompt = match &args.play {
         Some(path) => {
             let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            Some(patchbay_media::prompt::Prompt::from_wav(&path.display().to_string(), &bytes)?)
+            Some(Arc::new(patchbay_media::prompt::Prompt::from_wav(&path.display().to_string(), &bytes)?))
         }
         None => None,
     };
@@ -200,26 +199,7 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
                             let seed =
                                 std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 1u8);
                             let session = crate::media::session_for(&negotiated, engine.pool(), None, seed);
-                            let encoding = match session.codec() {
-                                patchbay_media::session::Codec::Pcma => patchbay_media::AudioEncoding::Pcma,
-                                patchbay_media::session::Codec::Pcmu => patchbay_media::AudioEncoding::Pcmu,
-                            };
-                            let prompt_codec = if encoding == patchbay_media::AudioEncoding::Pcma {
-                                patchbay_media::prompt::PromptCodec::Pcma
-                            } else {
-                                patchbay_media::prompt::PromptCodec::Pcmu
-                            };
-                            let silence = if encoding == patchbay_media::AudioEncoding::Pcma { 0xD5 } else { 0xFF };
-                            let to_play = prompt.as_ref().map_or_else(Default::default, |p| {
-                                p.encoded(prompt_codec)
-                                    .chunks(160)
-                                    .map(|c| {
-                                        let mut frame = vec![silence; 160];
-                                        frame[..c.len()].copy_from_slice(c);
-                                        frame
-                                    })
-                                    .collect()
-                            });
+                            let to_play = prompt.clone().map(|p| (p, 0));
                             let (tx, heard) = tokio::sync::mpsc::channel(crate::media::FLOW_AUDIO_QUEUE * 4);
                             let (dtmf, _) = tokio::sync::mpsc::channel(16);
                             let (inactive, _) = tokio::sync::mpsc::unbounded_channel();
@@ -234,7 +214,6 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
                                     media: started_media,
                                     heard,
                                     to_play,
-                                    encoding,
                                     dtmf: args.dtmf.clone(),
                                     recorded: Vec::new(),
                                 });

@@ -357,7 +357,7 @@ const SLOTS: usize = 10;
 ///
 /// One thread, no timer per call, and a wheel of [`SLOTS`] steps (2 ms at 20 ms ptime): each
 /// new call joins the emptiest step, and each wake-up serves only its step's calls. Serving all
-/// calls back to back at one deadline (tried first) takes ~10 ms of `sendto` for 2,000 calls on
+/// calls back to back at one deadline (tried first) takes milliseconds of `sendto` for 2,000 calls on
 /// a small VM, and the last calls' packets then wander by milliseconds from one period to the
 /// next; spreading them keeps each call at a fixed offset, give or take one step's work. Finer
 /// steps (1 ms) were slower again on a VM, where every extra wake-up risks a late one (figures

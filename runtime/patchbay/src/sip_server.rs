@@ -24,7 +24,7 @@ use patchbay_host::{
     Direction, Dtmf, FlowCall, FlowEngine, FlowOutcome, FlowRegistry, HangupCause, Header, MediaEvent, MemoryKv,
     PlayOptions, PlayOutcome, RecordOptions, Recording,
 };
-use patchbay_media::session::{Codec, MediaSession};
+use patchbay_media::session::MediaSession;
 use patchbay_media::{Frame, FramePool};
 use patchbay_sip::auth::{AuthKind, DigestRequest, DigestServer, Outcome, ServerConfig, StoredSecret};
 use patchbay_sip::transaction::TimerConfig;
@@ -584,6 +584,33 @@ struct SipCall {
     stream: tokio::sync::Mutex<Option<mpsc::Receiver<Frame>>>,
 }
 
+/// Queues the next frames of `prompt` (from frame `next` on) until about a second is queued;
+/// once all of it is queued, queues the mark `id` and returns true. Shared by flows' `play` and
+/// `patchbay call --play`.
+pub(crate) fn feed_prompt(
+    session: &mut MediaSession,
+    pool: &FramePool,
+    prompt: &patchbay_media::prompt::Prompt,
+    codec: patchbay_media::prompt::PromptCodec,
+    next: &mut usize,
+    id: u64,
+) -> bool {
+    let mut octets = [0u8; 320];
+    let octets = &mut octets[..session.samples_per_frame() as usize];
+    while session.queued() < PROMPT_AHEAD_FRAMES {
+        if !prompt.frame_into(codec, *next, octets) {
+            session.mark(id);
+            return true;
+        }
+        let Ok(frame) = pool.g711(codec.encoding(), octets, 0) else { return false };
+        if session.play(frame).is_err() {
+            return false;
+        }
+        *next += 1;
+    }
+    false
+}
+
 const NO_MEDIA: &str = "not implemented yet (comes with the calls-end-to-end work)";
 
 /// Audio queued ahead of the wire while a prompt plays (the rest is fed as it goes out).
@@ -619,18 +646,8 @@ impl SipCall {
         prompt: &patchbay_media::prompt::Prompt,
         barge_in: bool,
     ) -> Result<Option<char>, CallError> {
-        let codec = match media.with(|s| s.codec()) {
-            Codec::Pcma => patchbay_media::prompt::PromptCodec::Pcma,
-            Codec::Pcmu => patchbay_media::prompt::PromptCodec::Pcmu,
-        };
-        let encoding = if codec == patchbay_media::prompt::PromptCodec::Pcma {
-            patchbay_media::AudioEncoding::Pcma
-        } else {
-            patchbay_media::AudioEncoding::Pcmu
-        };
-        let audio = prompt.encoded(codec);
-        let silence = if encoding == patchbay_media::AudioEncoding::Pcma { 0xD5 } else { 0xFF };
-        let mut chunks = audio.chunks(160);
+        let codec = patchbay_media::prompt::PromptCodec::from(media.with(|s| s.codec()));
+        let mut next = 0;
         let id = self.marks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let mut marked = false;
         let mut played = self.played.clone();
@@ -638,25 +655,7 @@ impl SipCall {
         loop {
             // Keep about a second queued ahead of the wire; the rest is fed as it plays.
             if !marked {
-                marked = media.with(|session| {
-                    while session.queued() < PROMPT_AHEAD_FRAMES {
-                        let Some(chunk) = chunks.next() else {
-                            session.mark(id);
-                            return true;
-                        };
-                        let mut frame = [silence; 160];
-                        frame[..chunk.len()].copy_from_slice(chunk);
-                        match self.pool.g711(encoding, &frame, 0) {
-                            Ok(frame) => {
-                                if session.play(frame).is_err() {
-                                    break;
-                                }
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    false
-                });
+                marked = media.with(|session| feed_prompt(session, &self.pool, prompt, codec, &mut next, id));
             }
             let digit = async {
                 match dtmf.as_mut() {

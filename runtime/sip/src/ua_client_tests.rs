@@ -6,6 +6,7 @@ use rsip::headers::{ToTypedHeader, UntypedHeader};
 use rsip::prelude::HeadersExt;
 use rsip::{Header, Method, SipMessage};
 
+use super::super::tests::drain;
 use super::super::*;
 use crate::auth::{AuthKind, DigestClient, DigestRequest, DigestServer, Outcome, ServerConfig, StoredSecret};
 use crate::transaction::{Peer, TimerConfig, Transport};
@@ -40,17 +41,6 @@ fn dial(ua: &mut UserAgent, now: Instant, credentials: Option<DigestClient>) -> 
     assert!(events.is_empty(), "{events:?}");
     let [SipMessage::Request(invite)] = &sent[..] else { panic!("{sent:?}") };
     (call, invite.clone())
-}
-
-fn drain(ua: &mut UserAgent) -> (Vec<SipMessage>, Vec<UaEvent>) {
-    let (mut sent, mut events) = (Vec::new(), Vec::new());
-    while let Some(out) = ua.poll_output() {
-        match out {
-            UaOutput::Transmit { message, .. } => sent.push(message),
-            UaOutput::Event(e) => events.push(e),
-        }
-    }
-    (sent, events)
 }
 
 /// The callee's response to `request`, with `extra` header lines (Contact, Record-Route,
