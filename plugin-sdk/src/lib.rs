@@ -169,3 +169,81 @@ pub fn info(message: &str) {
 pub fn warn(message: &str) {
     log(Level::Warn, message);
 }
+
+/// Reads a call variable and parses it, falling back to `default` when it is absent or does
+/// not parse.
+pub fn var_or<T: std::str::FromStr>(call: &Call, name: &str, default: T) -> T {
+    call.get_var(name).and_then(|v| v.trim().parse().ok()).unwrap_or(default)
+}
+
+/// Options for [`voicemail`].
+#[derive(Debug, Clone)]
+pub struct VoicemailOptions {
+    /// The greeting (a key press skips it).
+    pub greeting: String,
+    /// Played after the message was stored (none: nothing).
+    pub thanks: Option<String>,
+    /// Longest message.
+    pub max_ms: u32,
+    /// Stop after this much silence (0: never).
+    pub silence_ms: u32,
+}
+
+impl VoicemailOptions {
+    /// The stock prompts, at most two minutes, five seconds of silence ends the message.
+    pub fn new() -> Self {
+        Self { greeting: "voicemail.wav".into(), thanks: Some("thanks.wav".into()), max_ms: 120_000, silence_ms: 5_000 }
+    }
+
+    /// The options from the call's `voicemail.*` variables (`voicemail.greeting`,
+    /// `voicemail.thanks`, `voicemail.max-ms`, `voicemail.silence-ms`), defaults otherwise.
+    pub fn from_vars(call: &Call) -> Self {
+        let defaults = Self::new();
+        Self {
+            greeting: call.get_var("voicemail.greeting").unwrap_or(defaults.greeting),
+            thanks: call.get_var("voicemail.thanks").or(defaults.thanks).filter(|t| !t.is_empty()),
+            max_ms: var_or(call, "voicemail.max-ms", defaults.max_ms),
+            silence_ms: var_or(call, "voicemail.silence-ms", defaults.silence_ms),
+        }
+    }
+}
+
+impl Default for VoicemailOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Takes a message: plays the greeting, beeps, records until `#`, silence, the time limit or
+/// the caller hanging up, and thanks the caller. The recording's id and length are also set as
+/// the call variables `voicemail.recording` and `voicemail.duration-ms` (they appear in the
+/// CDR). Returns the recording.
+pub fn voicemail(call: &Call, options: &VoicemailOptions) -> Result<Recording, CallError> {
+    call.answer()?;
+    // A key during the greeting skips to the beep.
+    call.play(&options.greeting, PlayOptions::barge_in())?;
+    let recording = call.record(&RecordOptions {
+        max_duration_ms: options.max_ms,
+        silence_timeout_ms: options.silence_ms,
+        terminators: "#".into(),
+        beep: true,
+    })?;
+    // Variables are best effort: a full variable table must not lose the message.
+    let _ = call.set_var("voicemail.recording", &recording.id);
+    let _ = call.set_var("voicemail.duration-ms", &recording.duration_ms.to_string());
+    if recording.ended_by != RecordEnd::Hangup
+        && let Some(thanks) = &options.thanks
+    {
+        call.play(thanks, PlayOptions::uninterruptible())?;
+    }
+    Ok(recording)
+}
+
+/// Ends the call normally at the end of a flow; a call that is already over (the caller hung
+/// up, a transfer completed) is not an error.
+pub fn finish(call: &Call) -> Result<(), CallError> {
+    match call.hangup(HangupCause::Normal) {
+        Ok(()) | Err(CallError::Hangup) => Ok(()),
+        Err(e) => Err(e),
+    }
+}

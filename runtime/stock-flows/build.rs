@@ -8,7 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The components this crate embeds: (cargo package, file stem of the .wasm).
-const FLOWS: &[(&str, &str)] = &[("echo", "echo"), ("ivr-menu", "ivr_menu"), ("chaos", "chaos")];
+const FLOWS: &[(&str, &str)] = &[
+    ("echo", "echo"),
+    ("ivr-menu", "ivr_menu"),
+    ("voicemail", "voicemail"),
+    ("dtmf-router", "dtmf_router"),
+    ("agent-handoff", "agent_handoff"),
+    ("chaos", "chaos"),
+];
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() {
@@ -20,6 +27,9 @@ fn main() {
         "plugins/Cargo.lock",
         "plugins/echo",
         "plugins/ivr-menu",
+        "plugins/voicemail",
+        "plugins/dtmf-router",
+        "plugins/agent-handoff",
         "plugins/fixtures",
         "plugin-sdk",
         "wit",

@@ -71,7 +71,7 @@ impl CallAudio {
         self.media.with(|session| {
             if let Some((prompt, next)) = to_play.as_mut() {
                 let codec = patchbay_media::prompt::PromptCodec::from(session.codec());
-                if crate::sip_server::feed_prompt(session, pool, prompt, codec, next, 0) {
+                if crate::call::feed_prompt(session, pool, prompt, codec, next, 0) {
                     *to_play = None;
                 }
             }
@@ -84,28 +84,6 @@ impl CallAudio {
             }
         });
     }
-}
-
-/// Writes 8 kHz mono 16-bit PCM as a WAV file.
-fn write_wav(path: &std::path::Path, samples: &[i16]) -> std::io::Result<()> {
-    let data_len = (samples.len() * 2) as u32;
-    let mut out = Vec::with_capacity(44 + samples.len() * 2);
-    out.extend_from_slice(b"RIFF");
-    out.extend_from_slice(&(36 + data_len).to_le_bytes());
-    out.extend_from_slice(b"WAVEfmt ");
-    out.extend_from_slice(&16u32.to_le_bytes());
-    out.extend_from_slice(&1u16.to_le_bytes()); // PCM
-    out.extend_from_slice(&1u16.to_le_bytes()); // mono
-    out.extend_from_slice(&8_000u32.to_le_bytes());
-    out.extend_from_slice(&16_000u32.to_le_bytes()); // bytes per second
-    out.extend_from_slice(&2u16.to_le_bytes()); // block align
-    out.extend_from_slice(&16u16.to_le_bytes());
-    out.extend_from_slice(b"data");
-    out.extend_from_slice(&data_len.to_le_bytes());
-    for s in samples {
-        out.extend_from_slice(&s.to_le_bytes());
-    }
-    std::fs::write(path, out)
 }
 
 /// Places the call. Returns whether it was answered and ended normally.
@@ -182,6 +160,7 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
     );
     let mut hangup_at = Some(started + Duration::from_secs_f64(args.ring_timeout.max(0.0)));
     let mut answered = false;
+    let mut finished = None;
     loop {
         while let Some(output) = ua.poll_output() {
             match output {
@@ -238,14 +217,18 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
                             audio.recorded.extend_from_slice(&frame.linear());
                         }
                         if let Some(path) = &args.record {
-                            write_wav(path, &audio.recorded).with_context(|| format!("writing {}", path.display()))?;
+                            std::fs::write(path, crate::recording::wav_bytes(&audio.recorded)).with_context(|| format!("writing {}", path.display()))?;
                             println!("recorded {:.2} s to {}", audio.recorded.len() as f64 / 8_000.0, path.display());
                         }
                     }
-                    return Ok(ok);
+                    // Not returning yet: the answer to the callee's BYE may still be queued.
+                    finished = Some(ok);
                 }
                 UaOutput::Event(other) => tracing::debug!(?other, "call event"),
             }
+        }
+        if let Some(ok) = finished {
+            return Ok(ok);
         }
         if let Some(audio) = audio.as_mut() {
             audio.feed(engine.pool());

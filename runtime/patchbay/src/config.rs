@@ -29,6 +29,15 @@ pub struct Config {
     /// The media engine.
     #[serde(default)]
     pub media: MediaConfig,
+    /// Call detail records.
+    #[serde(default)]
+    pub cdr: CdrConfig,
+    /// Where recordings (voicemail) are stored.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// The built-in demo AI agent.
+    #[serde(default)]
+    pub demo_agent: DemoAgentConfig,
     /// Tenants; at least one.
     #[serde(rename = "tenant", default)]
     pub tenants: Vec<TenantConfig>,
@@ -149,6 +158,36 @@ impl Default for FlowsConfig {
     }
 }
 
+/// `[cdr]`: one JSON line per call.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CdrConfig {
+    /// Append CDRs to this file (relative to the config file). Without it they are logged
+    /// (target `patchbay::cdr`) only.
+    pub path: Option<PathBuf>,
+}
+
+/// `[storage]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Directory for tenants' recordings: `DIR/<tenant>/recordings/<id>.wav` plus `<id>.json`
+    /// (relative to the config file; default `$XDG_DATA_HOME/patchbay` or
+    /// `~/.local/share/patchbay`).
+    pub dir: Option<PathBuf>,
+}
+
+/// `[demo_agent]`: a small AI-agent stand-in served over a websocket (Twilio Media Streams):
+/// it greets, repeats what the caller said, transfers on `0` and hangs up on `#`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoAgentConfig {
+    /// `ADDR:PORT` to serve it on (off when absent).
+    pub listen: Option<std::net::SocketAddr>,
+    /// Where it asks to transfer the caller when they press `0`.
+    pub transfer_to: Option<String>,
+}
+
 /// `[[tenant]]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -200,6 +239,9 @@ pub struct FlowConfig {
     pub stock: Option<Spanned<String>>,
     /// A component file.
     pub path: Option<PathBuf>,
+    /// Call variables every call to this flow starts with (for example `menu.1 = "dial:…"`).
+    #[serde(default)]
+    pub vars: std::collections::BTreeMap<String, String>,
 }
 
 /// Where a flow's component comes from.
@@ -400,7 +442,10 @@ mod tests {
     fn the_embedded_default_is_valid() {
         let config = Config::embedded().expect("embedded config parses");
         assert_eq!(config.tenants[0].id, "demo");
-        assert_eq!(config.tenants[0].flows.len(), 2);
+        let names: Vec<_> = config.tenants[0].flows.iter().map(|f| f.get_ref().name.as_str()).collect();
+        assert_eq!(names, ["echo", "menu", "voicemail", "agent", "router"]);
+        let router = config.tenants[0].flows[4].get_ref();
+        assert_eq!(router.vars.get("router.default").map(String::as_str), Some("sip:{ext}@127.0.0.1:5070"));
         let listen = parse_listen(config.sip.listen[0].get_ref()).expect("listen");
         assert_eq!(listen.addr, "127.0.0.1:5060".parse().expect("addr"));
     }

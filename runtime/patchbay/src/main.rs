@@ -7,10 +7,13 @@
 //! and `patchbay run` says so.
 
 mod bench_media;
+mod call;
 mod caller;
+mod cdr;
 mod config;
 mod media;
 mod prompts;
+mod recording;
 mod sip_server;
 mod transport;
 
@@ -146,6 +149,18 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                 rtp_timeout: (config.media.rtp_timeout_secs > 0)
                     .then(|| Duration::from_secs(config.media.rtp_timeout_secs)),
                 srtp: config.media.srtp,
+                cdr: cdr::CdrSink::start(config.cdr.path.as_ref().map(|p| config.base_dir.join(p))),
+                flow_vars: config
+                    .tenants
+                    .iter()
+                    .flat_map(|t| {
+                        t.flows.iter().map(|f| ((t.id.clone(), f.get_ref().name.clone()), f.get_ref().vars.clone()))
+                    })
+                    .collect(),
+                storage: match &config.storage.dir {
+                    Some(dir) => config.base_dir.join(dir),
+                    None => default_storage_dir(),
+                },
                 auth: config
                     .tenants
                     .iter()
@@ -206,10 +221,17 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                     tokio::spawn(transport::tcp_listener(listener, Arc::clone(&streams)));
                 }
             }
+            let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
             if let Some(contact) = contact {
-                tokio::spawn(sip_server::run_endpoint(contact, inbound_rx, outbound, engine, registry, routing));
+                let endpoint = sip_server::run_endpoint(contact, inbound_rx, outbound, engine, registry, routing, shutdown_rx);
+                tokio::spawn(endpoint);
             }
             wait_for_shutdown().await;
+            // Hang up every call and let their records be written before exiting.
+            let (done, all_ended) = tokio::sync::oneshot::channel();
+            if shutdown.send(done).is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(5), all_ended).await;
+            }
         }
         Ok(all_loaded)
     })
@@ -294,6 +316,15 @@ fn report(config: &Config, engine: &FlowEngine, registry: &FlowRegistry) {
          clock. NOT YET: record, dial and agent return `unavailable` to flows."
     );
     println!("Try: sipp -sn uac -s echo 127.0.0.1:{port} -m 1   (or point a softphone at sip:echo@127.0.0.1:{port})");
+}
+
+/// Default storage directory: `$XDG_DATA_HOME/patchbay` or `~/.local/share/patchbay`.
+fn default_storage_dir() -> PathBuf {
+    match (std::env::var_os("XDG_DATA_HOME"), std::env::var_os("HOME")) {
+        (Some(data), _) if !data.is_empty() => PathBuf::from(data).join("patchbay"),
+        (_, Some(home)) => PathBuf::from(home).join(".local/share/patchbay"),
+        _ => PathBuf::from("patchbay-data"),
+    }
 }
 
 /// The per-call limits a tenant's configuration asks for.

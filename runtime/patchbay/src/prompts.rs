@@ -10,12 +10,19 @@ use patchbay_host::CallError;
 use patchbay_media::prompt::Prompt;
 
 /// The stock prompts (8 kHz μ-law WAV; the speech was made with espeak-ng).
-const STOCK: [(&str, &[u8]); 5] = [
+const STOCK: [(&str, &[u8]); 11] = [
     ("menu.wav", include_bytes!("../prompts/menu.wav")),
     ("invalid.wav", include_bytes!("../prompts/invalid.wav")),
     ("goodbye.wav", include_bytes!("../prompts/goodbye.wav")),
     ("welcome.wav", include_bytes!("../prompts/welcome.wav")),
     ("beep.wav", include_bytes!("../prompts/beep.wav")),
+    ("voicemail.wav", include_bytes!("../prompts/voicemail.wav")),
+    ("thanks.wav", include_bytes!("../prompts/thanks.wav")),
+    ("extension.wav", include_bytes!("../prompts/extension.wav")),
+    ("connecting.wav", include_bytes!("../prompts/connecting.wav")),
+    ("agent-unavailable.wav", include_bytes!("../prompts/agent-unavailable.wav")),
+    // North American ringback (440 + 480 Hz, 2 s on, 4 s off), played while `dial` rings.
+    ("ringback.wav", include_bytes!("../prompts/ringback.wav")),
 ];
 
 /// Most prompts one tenant keeps decoded (a prompt of 10 s at 8 kHz is ~160 KB with its

@@ -18,14 +18,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use patchbay_host::{
-    AgentEnd, CallControl, CallError, CallInfo, CollectEnd, CollectOptions, Collected, DialOptions, DialOutcome,
-    Direction, Dtmf, FlowCall, FlowEngine, FlowOutcome, FlowRegistry, HangupCause, Header, MediaEvent, MemoryKv,
-    PlayOptions, PlayOutcome, RecordOptions, Recording,
+    CallError, CallInfo, Direction, Dtmf, FlowCall, FlowEngine, FlowError, FlowOutcome, FlowRegistry, HangupCause,
+    Header, MemoryKv,
 };
 use patchbay_media::session::MediaSession;
-use patchbay_media::{Frame, FramePool};
 use patchbay_sip::auth::{AuthKind, DigestRequest, DigestServer, Outcome, ServerConfig, StoredSecret};
 use patchbay_sip::transaction::TimerConfig;
 use patchbay_sip::ua::{CallRef, EndCause, UaConfig, UaEvent, UaOutput, UserAgent};
@@ -33,6 +30,8 @@ use rsip::headers::UntypedHeader;
 use rsip::prelude::HeadersExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::call::SipCall;
+use crate::cdr::{CdrDraft, CdrSink, FlowEnd, SipEnd};
 use crate::media::{CallMedia, CallSinks, MediaEngine};
 use crate::prompts::PromptStore;
 use crate::transport::{Inbound, Outbound};
@@ -57,6 +56,12 @@ pub struct Routing {
     pub rtp_timeout: Option<Duration>,
     /// Answer offers carrying `a=crypto` with SRTP.
     pub srtp: bool,
+    /// Where finished calls' records go.
+    pub cdr: CdrSink,
+    /// Call variables each (tenant, flow) starts with.
+    pub flow_vars: HashMap<(String, String), std::collections::BTreeMap<String, String>>,
+    /// Tenants' recordings: `storage/<tenant>/recordings/`.
+    pub storage: std::path::PathBuf,
 }
 
 /// Key presses (SIP INFO) queued for a flow that has not read them yet; more are dropped.
@@ -145,7 +150,7 @@ fn authenticate(
     }
 }
 
-enum Command {
+pub(crate) enum Command {
     Answer {
         call: CallRef,
         reply: oneshot::Sender<Result<(), CallError>>,
@@ -156,6 +161,7 @@ enum Command {
     },
     FlowDone {
         call: CallRef,
+        end: FlowEnd,
     },
     Transfer {
         call: CallRef,
@@ -166,11 +172,15 @@ enum Command {
     MediaTimeout {
         call: CallRef,
     },
+    /// Hang up every call and report when their records are written (or the grace is over).
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// A call's media once answered, shared by the endpoint (which starts and stops it) and the
 /// flow's call control.
-type MediaSlot = Arc<std::sync::OnceLock<Arc<CallMedia>>>;
+pub(crate) type MediaSlot = Arc<std::sync::OnceLock<Arc<CallMedia>>>;
 
 struct LiveCall {
     ended: watch::Sender<bool>,
@@ -184,6 +194,8 @@ struct LiveCall {
     rtp_session: MediaSlot,
     /// Marks played, for the flow's `play`.
     played: watch::Sender<u64>,
+    /// The call's record, filled as it goes.
+    cdr: CdrDraft,
 }
 
 impl LiveCall {
@@ -236,6 +248,9 @@ impl LiveCall {
     }
 }
 
+/// Runs the endpoint until `shutdown` brings a sender; then it hangs up every call and reports
+/// on that sender once their records are written.
+///
 /// Runs the endpoint: the user agent core fed by every transport's [`Inbound`] messages,
 /// sending through [`Outbound`]. `contact` is the `host:port` put in Contact and Via.
 pub async fn run_endpoint(
@@ -245,78 +260,192 @@ pub async fn run_endpoint(
     engine: Arc<FlowEngine>,
     registry: Arc<FlowRegistry>,
     routing: Arc<Routing>,
+    mut shutdown: oneshot::Receiver<oneshot::Sender<()>>,
 ) {
     let contact_host = match routing.external_ip {
         Some(ip) => SocketAddr::new(ip, contact.port()).to_string(),
         None => contact.to_string(),
     };
     let seed = std::collections::hash_map::RandomState::new().hash_one(contact);
-    let mut ua = UserAgent::new(UaConfig {
+    let ua = UserAgent::new(UaConfig {
         contact_host,
         user_agent: format!("Patchbay/{}", env!("CARGO_PKG_VERSION")),
         timers: TimerConfig::default(),
         seed,
     });
     let (commands, mut command_rx) = mpsc::unbounded_channel::<Command>();
-    let mut calls: HashMap<CallRef, LiveCall> = HashMap::new();
-    let mut digest: HashMap<String, DigestServer> = HashMap::new();
+    let mut endpoint = Endpoint {
+        ua,
+        calls: HashMap::new(),
+        ending: HashMap::new(),
+        digest: HashMap::new(),
+        engine,
+        registry,
+        routing,
+        commands,
+        shutdown: None,
+    };
     loop {
-        let deadline = ua.poll_timeout().map(tokio::time::Instant::from_std);
+        let deadline = endpoint.ua.poll_timeout().map(tokio::time::Instant::from_std);
+        let grace = endpoint.shutdown.as_ref().map(|(_, at)| tokio::time::Instant::from_std(*at));
         tokio::select! {
             received = inbound.recv() => {
                 let Some(Inbound { peer, message }) = received else { return };
-                ua.handle_receive(std::time::Instant::now(), peer, message);
+                endpoint.ua.handle_receive(std::time::Instant::now(), peer, message);
             }
-            Some(command) = command_rx.recv() => {
-                let now = std::time::Instant::now();
-                match command {
-                    Command::Answer { call, reply } => {
-                        let result = answer(&mut ua, &mut calls, call, now, &routing, &commands);
-                        let _ = reply.send(result);
-                    }
-                    Command::Hangup { call, cause } => {
-                        let result = match cause {
-                            HangupCause::SipCode(code) => ua.reject(now, call, code).or_else(|_| ua.hangup(now, call)),
-                            HangupCause::Busy => ua.reject(now, call, 486).or_else(|_| ua.hangup(now, call)),
-                            HangupCause::Rejected => ua.reject(now, call, 603).or_else(|_| ua.hangup(now, call)),
-                            HangupCause::Normal => ua.hangup(now, call),
-                        };
-                        if let Err(e) = result {
-                            tracing::debug!(?call, "hangup: {e}");
-                        }
-                    }
-                    Command::Transfer { call, target, reply } => match ua.refer(now, call, &target) {
-                        Ok(()) => {
-                            if let Some(live) = calls.get_mut(&call) {
-                                live.transfer = Some(reply);
-                            }
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(CallError::NotAllowed(e.to_string())));
-                        }
-                    },
-                    Command::MediaTimeout { call } => {
-                        tracing::warn!(?call, "no RTP from the caller for the inactivity timeout: ending the call");
-                        let _ = ua.hangup(now, call);
-                    }
-                    Command::FlowDone { call } => {
-                        // The flow returned: hang up whatever is still up (§15).
-                        let _ = ua.hangup(now, call);
-                    }
+            Some(command) = command_rx.recv() => endpoint.on_command(command),
+            done = &mut shutdown, if !shutdown.is_terminated() => {
+                if let Ok(done) = done {
+                    endpoint.on_command(Command::Shutdown { done });
                 }
             }
             () = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } else { std::future::pending().await } } => {
-                ua.handle_timeout(std::time::Instant::now());
+                endpoint.ua.handle_timeout(std::time::Instant::now());
+            }
+            () = async { if let Some(d) = grace { tokio::time::sleep_until(d).await } else { std::future::pending().await } } => {
+                endpoint.shutdown_grace_over();
             }
         }
-        while let Some(output) = ua.poll_output() {
+        while let Some(output) = endpoint.ua.poll_output() {
             match output {
                 UaOutput::Transmit { peer, message } => outbound.send(peer, message.to_string().into_bytes()).await,
-                UaOutput::Event(event) => {
-                    on_event(&mut ua, &mut calls, &mut digest, event, &engine, &registry, &routing, &commands);
-                }
+                UaOutput::Event(event) => endpoint.on_event(event),
             }
         }
+        endpoint.check_shutdown_done();
+    }
+}
+
+/// How long shutdown waits for calls to end (BYE answered, flows unwound) before writing the
+/// remaining records as they are.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// The endpoint task's state: the user agent core and the calls it carries.
+struct Endpoint {
+    ua: UserAgent,
+    calls: HashMap<CallRef, LiveCall>,
+    /// Records of calls whose SIP side has ended while their flow is still unwinding.
+    ending: HashMap<CallRef, CdrDraft>,
+    digest: HashMap<String, DigestServer>,
+    engine: Arc<FlowEngine>,
+    registry: Arc<FlowRegistry>,
+    routing: Arc<Routing>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// Set by `Command::Shutdown`: whom to tell, and when to stop waiting.
+    shutdown: Option<(oneshot::Sender<()>, std::time::Instant)>,
+}
+
+impl Endpoint {
+    fn on_command(&mut self, command: Command) {
+        let now = std::time::Instant::now();
+        let ua = &mut self.ua;
+        match command {
+            Command::Answer { call, reply } => {
+                let result = answer(ua, &mut self.calls, call, now, &self.routing, &self.commands);
+                let _ = reply.send(result);
+            }
+            Command::Hangup { call, cause } => {
+                if let Some(live) = self.calls.get_mut(&call) {
+                    live.cdr.ending("flow-hangup", "flow");
+                }
+                let result = match cause {
+                    HangupCause::SipCode(code) => ua.reject(now, call, code).or_else(|_| ua.hangup(now, call)),
+                    HangupCause::Busy => ua.reject(now, call, 486).or_else(|_| ua.hangup(now, call)),
+                    HangupCause::Rejected => ua.reject(now, call, 603).or_else(|_| ua.hangup(now, call)),
+                    HangupCause::Normal => {
+                        self.bye(now, call);
+                        Ok(())
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::debug!(?call, "hangup: {e}");
+                }
+            }
+            Command::Transfer { call, target, reply } => match ua.refer(now, call, &target) {
+                Ok(()) => {
+                    if let Some(live) = self.calls.get_mut(&call) {
+                        live.transfer = Some(reply);
+                    }
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(CallError::NotAllowed(e.to_string())));
+                }
+            },
+            Command::MediaTimeout { call } => {
+                tracing::warn!(?call, "no RTP from the caller for the inactivity timeout: ending the call");
+                if let Some(live) = self.calls.get_mut(&call) {
+                    live.cdr.ending("rtp-timeout", "patchbay");
+                }
+                self.bye(now, call);
+            }
+            Command::FlowDone { call, end } => {
+                if let Some(live) = self.calls.get_mut(&call) {
+                    // The flow returned: hang up whatever is still up (§15), for the flow's reason.
+                    live.cdr.ending(end.outcome, "flow");
+                    live.cdr.flow_ended(end);
+                    self.bye(now, call);
+                } else if let Some(mut draft) = self.ending.remove(&call) {
+                    draft.flow_ended(end);
+                    if let Some(cdr) = draft.finish() {
+                        self.routing.cdr.write(cdr);
+                    }
+                }
+            }
+            Command::Shutdown { done } => {
+                tracing::info!(calls = self.calls.len(), "shutting down: hanging up every call");
+                let live: Vec<CallRef> = self.calls.keys().copied().collect();
+                for call in live {
+                    if let Some(live) = self.calls.get_mut(&call) {
+                        live.cdr.ending("shutdown", "patchbay");
+                    }
+                    self.bye(now, call);
+                }
+                self.shutdown = Some((done, now + SHUTDOWN_GRACE));
+            }
+        }
+    }
+
+    /// Ends a call from our side: BYE once answered (the session is over for us at once, RFC
+    /// 3261 §15), 480 before.
+    fn bye(&mut self, now: std::time::Instant, call: CallRef) {
+        let answered = self.calls.get(&call).is_some_and(|live| live.media.is_some());
+        match self.ua.hangup(now, call) {
+            Ok(()) if answered => call_ended(&mut self.calls, &mut self.ending, &self.routing.cdr, call, EndCause::LocalBye),
+            Ok(()) => {}
+            Err(e) => tracing::debug!(?call, "hangup: {e}"),
+        }
+    }
+
+    /// Shutdown finishes once every call has ended and every record is written.
+    fn check_shutdown_done(&mut self) {
+        if self.shutdown.is_some() && self.calls.is_empty() && self.ending.is_empty()
+            && let Some((done, _)) = self.shutdown.take()
+        {
+            let _ = done.send(());
+        }
+    }
+
+    /// The grace is over: write what we know of the calls that are still going.
+    fn shutdown_grace_over(&mut self) {
+        let Some((done, _)) = self.shutdown.take() else { return };
+        let unfinished: Vec<CdrDraft> = self
+            .calls
+            .drain()
+            .map(|(_, live)| {
+                let _ = live.ended.send(true);
+                live.cdr
+            })
+            .chain(self.ending.drain().map(|(_, draft)| draft))
+            .collect();
+        for mut draft in unfinished {
+            draft.sip_ended(SipEnd { cause: "shutdown".into(), by: "patchbay", sip_code: 200 });
+            draft.flow_ended(FlowEnd { outcome: "shutdown", detail: None, vars: Default::default() });
+            if let Some(cdr) = draft.finish() {
+                self.routing.cdr.write(cdr);
+            }
+        }
+        tracing::warn!("shutdown grace over: records written for calls that had not ended");
+        let _ = done.send(());
     }
 }
 
@@ -337,6 +466,7 @@ fn answer(
     if offer.trim().is_empty() {
         // A late-offer INVITE (offer in our 200, answer in the ACK) needs the UAC side of
         // offer/answer wired into the call; refuse clearly until then.
+        live.cdr.ending("media-refused", "patchbay");
         let _ = ua.reject(now, call, 488);
         return Err(CallError::Unavailable("INVITE without SDP offer is not supported yet".into()));
     }
@@ -375,10 +505,13 @@ fn answer(
             });
             let sdp = negotiated.local_sdp.clone().into_bytes();
             live.media = Some((local, negotiated));
-            ua.answer(now, call, sdp).map_err(|_| CallError::Hangup)
+            ua.answer(now, call, sdp).map_err(|_| CallError::Hangup)?;
+            live.cdr.answered();
+            Ok(())
         }
         Err(e) => {
             tracing::info!(?call, "offer not acceptable: {e}");
+            live.cdr.ending("media-refused", "patchbay");
             let _ = ua.reject(now, call, e.sip_status());
             Err(CallError::NotAllowed(format!("offer not acceptable: {e}")))
         }
@@ -387,7 +520,7 @@ fn answer(
 
 /// A random number from the OS's randomness (through `RandomState`'s per-process keys, mixed
 /// with a counter): SSRCs, initial sequence numbers and timestamps, SDES keys.
-fn random_u64(salt: u64) -> u64 {
+pub(crate) fn random_u64(salt: u64) -> u64 {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     std::collections::hash_map::RandomState::new().hash_one((salt, n))
@@ -398,17 +531,9 @@ fn media_session(negotiated: &patchbay_sip::sdp::Negotiated, routing: &Routing) 
     crate::media::session_for(negotiated, routing.media.pool(), routing.rtp_timeout, random_u64(0x5eed))
 }
 
-#[allow(clippy::too_many_arguments)] // the endpoint's state, passed apart to keep borrows simple
-fn on_event(
-    ua: &mut UserAgent,
-    calls: &mut HashMap<CallRef, LiveCall>,
-    digest: &mut HashMap<String, DigestServer>,
-    event: UaEvent,
-    engine: &Arc<FlowEngine>,
-    registry: &Arc<FlowRegistry>,
-    routing: &Arc<Routing>,
-    commands: &mpsc::UnboundedSender<Command>,
-) {
+impl Endpoint {
+fn on_event(&mut self, event: UaEvent) {
+    let Self { ua, calls, ending, digest, engine, registry, routing, commands, .. } = self;
     let now = std::time::Instant::now();
     match event {
         UaEvent::IncomingCall { call, peer, request } => {
@@ -470,35 +595,41 @@ fn on_event(
                     transfer: None,
                     rtp_session: Arc::clone(&rtp_session),
                     played,
+                    cdr: CdrDraft::new(&info, flow.version()),
                 },
             );
             let prompts = routing.prompts.get(tenant).cloned().unwrap_or_else(|| Arc::new(PromptStore::new(None)));
-            let control = Arc::new(SipCall {
+            let control = Arc::new(SipCall::new(
                 call,
                 info,
-                commands: commands.clone(),
-                ended: ended_rx,
-                dtmf: tokio::sync::Mutex::new(dtmf_rx),
-                media: rtp_session,
-                played: played_rx,
-                marks: std::sync::atomic::AtomicU64::new(0),
+                commands.clone(),
+                ended_rx,
+                dtmf_rx,
+                rtp_session,
+                played_rx,
                 prompts,
-                pool: routing.media.pool().clone(),
-                stream: tokio::sync::Mutex::new(None),
-            });
+                Arc::clone(routing),
+            ));
             let (engine, commands, limits) = (Arc::clone(engine), commands.clone(), *limits);
+            let vars = routing.flow_vars.get(&(tenant.clone(), user.clone())).cloned().unwrap_or_default();
             let kv: Arc<dyn patchbay_host::KvStore> = match routing.kv.get(tenant) {
                 Some(kv) => Arc::clone(kv) as Arc<dyn patchbay_host::KvStore>,
                 None => Arc::new(MemoryKv::new(TENANT_KV_QUOTA)),
             };
             tokio::spawn(async move {
-                let flow_call = FlowCall { control, kv, vars: Default::default(), limits: Some(limits) };
+                let flow_call = FlowCall { control, kv, vars, limits: Some(limits) };
                 let exit = engine.run(&flow, flow_call).await;
-                match &exit.outcome {
-                    FlowOutcome::Completed => tracing::info!(?call, cause = exit.outcome.cause(), "flow ended"),
-                    other => tracing::info!(?call, cause = other.cause(), "flow ended: {other:?}"),
+                let detail = match &exit.outcome {
+                    FlowOutcome::Completed => None,
+                    FlowOutcome::Failed(FlowError::Failed(message)) => Some(message.clone()),
+                    other => Some(format!("{other:?}")),
+                };
+                match &detail {
+                    None => tracing::info!(?call, cause = exit.outcome.cause(), "flow ended"),
+                    Some(detail) => tracing::info!(?call, cause = exit.outcome.cause(), "flow ended: {detail}"),
                 }
-                let _ = commands.send(Command::FlowDone { call });
+                let end = FlowEnd { outcome: exit.outcome.cause(), detail, vars: exit.vars };
+                let _ = commands.send(Command::FlowDone { call, end });
             });
         }
         UaEvent::Confirmed { call } => tracing::debug!(?call, "call confirmed (ACK)"),
@@ -514,8 +645,13 @@ fn on_event(
             if final_ && let Some(reply) = calls.get_mut(&call).and_then(|live| live.transfer.take()) {
                 if (200..300).contains(&status) {
                     let _ = reply.send(Ok(()));
+                    if let Some(live) = calls.get_mut(&call) {
+                        live.cdr.ending("transferred", "flow");
+                    }
                     // RFC 5589 §6.1: the transferor ends its call once the transfer succeeded.
-                    let _ = ua.hangup(now, call);
+                    if ua.hangup(now, call).is_ok() {
+                        call_ended(calls, ending, &routing.cdr, call, EndCause::LocalBye);
+                    }
                 } else {
                     let _ = reply.send(Err(CallError::Unavailable(format!("transfer failed with SIP {status}"))));
                 }
@@ -533,341 +669,69 @@ fn on_event(
             }
         }
         UaEvent::Ended { call, cause } => {
-            if let Some(live) = calls.remove(&call) {
-                if let Some(media) = live.rtp_session.get() {
-                    let (stats, quality) = media.with(|s| (s.stats(), s.quality()));
-                    tracing::info!(
-                        ?call,
-                        rtp_in = stats.received,
-                        rtp_out = stats.sent,
-                        concealed = stats.concealed,
-                        lost = quality.local_cumulative_lost,
-                        jitter_ms = quality.local_jitter.as_secs_f64() * 1e3,
-                        peer_lost = ?quality.remote_cumulative_lost,
-                        rtt_ms = ?quality.rtt.map(|d| d.as_secs_f64() * 1e3),
-                        srtp_failures = stats.srtp_failures,
-                        "media stopped"
-                    );
-                    media.close();
-                }
-                let _ = live.ended.send(true);
-            }
-            let who = match cause {
-                EndCause::RemoteBye | EndCause::Cancelled => "caller",
-                EndCause::LocalBye | EndCause::Rejected(_) => "patchbay",
-                EndCause::Failed(_) => "callee",
-                EndCause::AckTimeout | EndCause::SessionExpired => "network",
-            };
             if cause == EndCause::AckTimeout {
                 tracing::warn!(?call, "our 200 OK was never ACKed (wrong Contact/Record-Route or NAT?); sent BYE");
             }
-            tracing::info!(?call, ?cause, hung_up_by = who, "call ended");
+            call_ended(calls, ending, &routing.cdr, call, cause);
         }
     }
 }
+}
 
-/// A call as its flow sees it. Waiting operations end with `hangup` as soon as the call ends.
-struct SipCall {
+/// The call's session is over (RFC 3261 §15: for us as soon as we send BYE): stop its media,
+/// wake its flow, and fill in its record (written now if the flow has already ended).
+fn call_ended(
+    calls: &mut HashMap<CallRef, LiveCall>,
+    ending: &mut HashMap<CallRef, CdrDraft>,
+    cdr: &CdrSink,
     call: CallRef,
-    info: CallInfo,
-    commands: mpsc::UnboundedSender<Command>,
-    ended: watch::Receiver<bool>,
-    dtmf: tokio::sync::Mutex<mpsc::Receiver<Dtmf>>,
-    /// The RTP session, set when the call is answered.
-    media: MediaSlot,
-    /// The last mark played out (see `MediaSession::mark`).
-    played: watch::Receiver<u64>,
-    marks: std::sync::atomic::AtomicU64,
-    prompts: Arc<PromptStore>,
-    pool: FramePool,
-    /// The caller's audio while the flow has its audio stream open.
-    stream: tokio::sync::Mutex<Option<mpsc::Receiver<Frame>>>,
-}
-
-/// Queues the next frames of `prompt` (from frame `next` on) until about a second is queued;
-/// once all of it is queued, queues the mark `id` and returns true. Shared by flows' `play` and
-/// `patchbay call --play`.
-pub(crate) fn feed_prompt(
-    session: &mut MediaSession,
-    pool: &FramePool,
-    prompt: &patchbay_media::prompt::Prompt,
-    codec: patchbay_media::prompt::PromptCodec,
-    next: &mut usize,
-    id: u64,
-) -> bool {
-    let mut octets = [0u8; 320];
-    let octets = &mut octets[..session.samples_per_frame() as usize];
-    while session.queued() < PROMPT_AHEAD_FRAMES {
-        if !prompt.frame_into(codec, *next, octets) {
-            session.mark(id);
-            return true;
+    cause: EndCause,
+) {
+    if let Some(live) = calls.remove(&call) {
+        if let Some(media) = live.rtp_session.get() {
+            let (stats, quality) = media.with(|s| (s.stats(), s.quality()));
+            tracing::info!(
+                ?call,
+                rtp_in = stats.received,
+                rtp_out = stats.sent,
+                concealed = stats.concealed,
+                lost = quality.local_cumulative_lost,
+                jitter_ms = quality.local_jitter.as_secs_f64() * 1e3,
+                peer_lost = ?quality.remote_cumulative_lost,
+                rtt_ms = ?quality.rtt.map(|d| d.as_secs_f64() * 1e3),
+                srtp_failures = stats.srtp_failures,
+                "media stopped"
+            );
+            media.close();
         }
-        let Ok(frame) = pool.g711(codec.encoding(), octets, 0) else { return false };
-        if session.play(frame).is_err() {
-            return false;
-        }
-        *next += 1;
-    }
-    false
-}
-
-const NO_MEDIA: &str = "not implemented yet (comes with the calls-end-to-end work)";
-
-/// Audio queued ahead of the wire while a prompt plays (the rest is fed as it goes out).
-const PROMPT_AHEAD_FRAMES: usize = 50;
-
-/// How long each DTMF digit we send lasts, and the pause after it.
-const DTMF_DIGIT_MS: u32 = 100;
-
-impl SipCall {
-    async fn until_hangup(&self) {
-        let mut ended = self.ended.clone();
-        let _ = ended.wait_for(|e| *e).await;
-    }
-
-    fn is_over(&self) -> bool {
-        *self.ended.borrow()
-    }
-
-    fn live(&self) -> Result<(), CallError> {
-        if self.is_over() { Err(CallError::Hangup) } else { Ok(()) }
-    }
-
-    /// The call's media; audio operations need an answered call.
-    fn rtp(&self) -> Result<&Arc<CallMedia>, CallError> {
-        self.live()?;
-        self.media.get().ok_or_else(|| CallError::NotAllowed("answer the call before using its audio".into()))
-    }
-
-    /// Plays a prompt once. `Some(digit)` when a key press stopped it (with barge-in).
-    async fn play_once(
-        &self,
-        media: &CallMedia,
-        prompt: &patchbay_media::prompt::Prompt,
-        barge_in: bool,
-    ) -> Result<Option<char>, CallError> {
-        let codec = patchbay_media::prompt::PromptCodec::from(media.with(|s| s.codec()));
-        let mut next = 0;
-        let id = self.marks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        let mut marked = false;
-        let mut played = self.played.clone();
-        let mut dtmf = if barge_in { Some(self.dtmf.lock().await) } else { None };
-        loop {
-            // Keep about a second queued ahead of the wire; the rest is fed as it plays.
-            if !marked {
-                marked = media.with(|session| feed_prompt(session, &self.pool, prompt, codec, &mut next, id));
+        let _ = live.ended.send(true);
+        let mut draft = live.cdr;
+        let answered = draft.is_answered();
+        let local = draft.local_reason().map(|(c, b)| (c.to_owned(), b));
+        let local = || local.clone().unwrap_or_else(|| ("patchbay-hangup".to_owned(), "patchbay"));
+        let (cause, by, sip_code) = match cause {
+            EndCause::RemoteBye => ("caller-hangup".to_owned(), "caller", 200),
+            EndCause::Cancelled => ("caller-cancel".to_owned(), "caller", 487),
+            EndCause::LocalBye => {
+                let (c, b) = local();
+                (c, b, 200)
             }
-            let digit = async {
-                match dtmf.as_mut() {
-                    Some(dtmf) => dtmf.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                result = played.wait_for(|p| *p >= id), if marked => {
-                    return result.map(|_| None).map_err(|_| CallError::Hangup);
-                }
-                () = tokio::time::sleep(Duration::from_millis(400)), if !marked => {}
-                digit = digit => {
-                    let Some(digit) = digit else { return Err(CallError::Hangup) };
-                    media.with(|session| session.clear());
-                    return Ok(Some(digit.digit));
-                }
-                () = self.until_hangup() => return Err(CallError::Hangup),
+            EndCause::Rejected(code) => {
+                let (c, b) = local();
+                (c, b, code)
             }
-        }
-    }
-}
-
-#[async_trait]
-impl CallControl for SipCall {
-    fn info(&self) -> CallInfo {
-        self.info.clone()
-    }
-
-    async fn answer(&self) -> Result<(), CallError> {
-        self.live()?;
-        let (reply, result) = oneshot::channel();
-        self.commands.send(Command::Answer { call: self.call, reply }).map_err(|_| CallError::Hangup)?;
-        result.await.unwrap_or(Err(CallError::Hangup))
-    }
-
-    async fn hangup(&self, cause: HangupCause) -> Result<(), CallError> {
-        self.live()?;
-        self.commands.send(Command::Hangup { call: self.call, cause }).map_err(|_| CallError::Hangup)?;
-        self.until_hangup().await;
-        Ok(())
-    }
-
-    async fn play(&self, prompt: &str, options: PlayOptions) -> Result<PlayOutcome, CallError> {
-        let media = Arc::clone(self.rtp()?);
-        let prompt = self.prompts.get(prompt)?;
-        for _ in 0..options.repeat.max(1) {
-            if let Some(digit) = self.play_once(&media, &prompt, options.barge_in).await? {
-                return Ok(PlayOutcome::Interrupted(digit));
-            }
-        }
-        Ok(PlayOutcome::Completed)
-    }
-
-    async fn collect_digits(&self, options: CollectOptions) -> Result<Collected, CallError> {
-        self.live()?;
-        let max = options.max_digits.max(1) as usize;
-        let mut digits = String::new();
-        if let Some(prompt) = &options.prompt {
-            let outcome = self.play(prompt, PlayOptions { barge_in: options.barge_in, repeat: 1 }).await?;
-            if let PlayOutcome::Interrupted(digit) = outcome {
-                if options.terminators.contains(digit) {
-                    return Ok(Collected { digits, ended_by: CollectEnd::Terminator });
-                }
-                digits.push(digit);
-            }
-        }
-        let mut timeout =
-            if digits.is_empty() { options.first_digit_timeout_ms } else { options.inter_digit_timeout_ms };
-        let mut dtmf = self.dtmf.lock().await;
-        loop {
-            if digits.chars().count() >= max {
-                return Ok(Collected { digits, ended_by: CollectEnd::MaxDigits });
-            }
-            tokio::select! {
-                digit = dtmf.recv() => {
-                    let Some(digit) = digit else { return Err(CallError::Hangup) };
-                    if options.terminators.contains(digit.digit) {
-                        return Ok(Collected { digits, ended_by: CollectEnd::Terminator });
-                    }
-                    digits.push(digit.digit);
-                    timeout = options.inter_digit_timeout_ms;
-                }
-                () = tokio::time::sleep(Duration::from_millis(u64::from(timeout))) => {
-                    return Ok(Collected { digits, ended_by: CollectEnd::Timeout });
-                }
-                () = self.until_hangup() => return Err(CallError::Hangup),
-            }
-        }
-    }
-
-    async fn sleep(&self, ms: u32) -> Result<(), CallError> {
-        self.live()?;
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(u64::from(ms))) => Ok(()),
-            () = self.until_hangup() => Err(CallError::Hangup),
-        }
-    }
-
-    async fn dial(&self, _target: &str, _options: DialOptions) -> Result<DialOutcome, CallError> {
-        self.live()?;
-        Err(CallError::Unavailable("outbound calls are not implemented yet".into()))
-    }
-
-    async fn transfer(&self, target: &str) -> Result<(), CallError> {
-        self.live()?;
-        let scheme_ok = target.starts_with("sip:") || target.starts_with("sips:") || target.starts_with("tel:");
-        // The target goes into a Refer-To header: nothing that could end or break out of it.
-        let clean = !target.chars().any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"'));
-        if !scheme_ok || !clean {
-            return Err(CallError::InvalidArgument(format!(
-                "transfer target {target:?} is not a plain sip:, sips: or tel: URI"
-            )));
-        }
-        let (reply, outcome) = oneshot::channel();
-        self.commands
-            .send(Command::Transfer { call: self.call, target: target.to_owned(), reply })
-            .map_err(|_| CallError::Hangup)?;
-        tokio::select! {
-            result = outcome => result.unwrap_or(Err(CallError::Hangup)),
-            () = self.until_hangup() => Err(CallError::Hangup),
-        }
-    }
-
-    async fn agent(&self, _endpoint: &str, _params: &[(String, String)]) -> Result<AgentEnd, CallError> {
-        self.live()?;
-        Err(CallError::Unavailable(format!("agent: {NO_MEDIA}")))
-    }
-
-    async fn record(&self, _options: RecordOptions) -> Result<Recording, CallError> {
-        self.live()?;
-        Err(CallError::Unavailable(format!("record: {NO_MEDIA}")))
-    }
-
-    async fn send_dtmf(&self, digits: &str) -> Result<(), CallError> {
-        let media = Arc::clone(self.rtp()?);
-        if let Some(bad) = digits.chars().find(|c| !matches!(c.to_ascii_uppercase(), '0'..='9' | '*' | '#' | 'A'..='D'))
-        {
-            return Err(CallError::InvalidArgument(format!("{bad:?} is not a DTMF key")));
-        }
-        let digits = digits.to_ascii_uppercase();
-        if !media.with(|session| session.send_dtmf(&digits, DTMF_DIGIT_MS)) {
-            return Err(CallError::Unavailable("the peer did not negotiate telephone-event (RFC 4733)".into()));
-        }
-        // Return once they have been sent: each digit, its end packets and the pause after it.
-        let total = media.with(|session| session.dtmf_send_time(digits.chars().count(), DTMF_DIGIT_MS));
-        tokio::select! {
-            () = tokio::time::sleep(total) => Ok(()),
-            () = self.until_hangup() => Err(CallError::Hangup),
-        }
-    }
-
-    async fn next_dtmf(&self, timeout_ms: u32) -> Result<Dtmf, CallError> {
-        self.live()?;
-        let mut dtmf = self.dtmf.lock().await;
-        tokio::select! {
-            digit = dtmf.recv() => digit.ok_or(CallError::Hangup),
-            () = tokio::time::sleep(Duration::from_millis(u64::from(timeout_ms))) => Err(CallError::Timeout),
-            () = self.until_hangup() => Err(CallError::Hangup),
-        }
-    }
-
-    fn open_audio_stream(&self) -> Result<(), CallError> {
-        let media = self.rtp()?;
-        let (frames, frames_rx) = mpsc::channel(crate::media::FLOW_AUDIO_QUEUE);
-        // Not awaited: `open-audio-stream` is synchronous and the stream lock is only held
-        // briefly by `read_media`.
-        let Ok(mut stream) = self.stream.try_lock() else {
-            return Err(CallError::NotAllowed("the audio stream is being read".into()));
+            EndCause::Failed(code) => ("failed".to_owned(), "callee", code),
+            EndCause::AckTimeout => ("ack-timeout".to_owned(), "network", 200),
+            EndCause::SessionExpired => ("session-expired".to_owned(), "network", 200),
         };
-        *stream = Some(frames_rx);
-        media.listen(Some(frames));
-        Ok(())
-    }
-
-    fn close_audio_stream(&self) {
-        if let Some(media) = self.media.get() {
-            media.listen(None);
-        }
-        if let Ok(mut stream) = self.stream.try_lock() {
-            *stream = None;
-        }
-    }
-
-    async fn read_media(&self) -> Result<MediaEvent, CallError> {
-        self.live()?;
-        let mut stream = self.stream.lock().await;
-        let mut dtmf = self.dtmf.lock().await;
-        let frame = async {
-            // A stream closed under us (the flow reopened it) is not a hang-up: wait for keys.
-            match stream.as_mut() {
-                Some(frames) => match frames.recv().await {
-                    Some(frame) => Some(frame),
-                    None => std::future::pending().await,
-                },
-                None => std::future::pending().await,
+        let sip_code = if answered { 200 } else { sip_code };
+        tracing::info!(?call, cause = %cause, hung_up_by = by, "call ended");
+        draft.sip_ended(SipEnd { cause, by, sip_code });
+        match draft.finish() {
+            Some(record) => cdr.write(record),
+            None => {
+                ending.insert(call, draft);
             }
-        };
-        tokio::select! {
-            frame = frame => frame.map(MediaEvent::Frame).ok_or(CallError::Hangup),
-            digit = dtmf.recv() => digit.map(MediaEvent::Dtmf).ok_or(CallError::Hangup),
-            () = self.until_hangup() => Err(CallError::Hangup),
         }
-    }
-
-    fn write_frame(&self, frame: Frame) -> Result<(), CallError> {
-        let media = self.rtp()?;
-        media.with(|session| session.play(frame)).map_err(|refused| match refused {
-            patchbay_media::session::PlayRefused::Full => {
-                CallError::LimitExceeded("the call's playout queue is full (10 s of audio)".into())
-            }
-            wrong => CallError::InvalidArgument(wrong.to_string()),
-        })
     }
 }

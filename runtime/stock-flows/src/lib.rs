@@ -19,15 +19,37 @@ pub const ECHO: StockFlow = StockFlow {
     component: include_bytes!(concat!(env!("OUT_DIR"), "/echo.wasm")),
 };
 
-/// IVR menu: a menu prompt, one key with retries, then dial / agent / hang up.
+/// IVR menu: a tree of menus from the flow's variables; keys lead to sub-menus, dial, agent,
+/// voicemail, transfer or hang-up.
 pub const IVR_MENU: StockFlow = StockFlow {
     name: "menu",
-    summary: "plays a menu; 1 dials sales, 2 connects the AI agent, 0 hangs up",
+    summary: "plays a menu; 1 dials sales, 2 connects the AI agent, 3 takes a message, 0 hangs up",
     component: include_bytes!(concat!(env!("OUT_DIR"), "/ivr_menu.wasm")),
 };
 
+/// Voicemail: greeting, beep, a message recorded into the tenant's storage.
+pub const VOICEMAIL: StockFlow = StockFlow {
+    name: "voicemail",
+    summary: "greets, beeps and records a message until # or silence (WAV + JSON in storage)",
+    component: include_bytes!(concat!(env!("OUT_DIR"), "/voicemail.wasm")),
+};
+
+/// DTMF router: collects an extension and dials where the routing table says.
+pub const DTMF_ROUTER: StockFlow = StockFlow {
+    name: "router",
+    summary: "asks for an extension (digits or #) and dials the SIP URI routed to it",
+    component: include_bytes!(concat!(env!("OUT_DIR"), "/dtmf_router.wasm")),
+};
+
+/// Agent handoff: an AI agent over a websocket, a human over SIP when it fails or transfers.
+pub const AGENT_HANDOFF: StockFlow = StockFlow {
+    name: "agent",
+    summary: "connects an AI voice agent (Twilio Media Streams websocket), falls back to a human",
+    component: include_bytes!(concat!(env!("OUT_DIR"), "/agent_handoff.wasm")),
+};
+
 /// Every stock flow.
-pub const ALL: &[StockFlow] = &[ECHO, IVR_MENU];
+pub const ALL: &[StockFlow] = &[ECHO, IVR_MENU, VOICEMAIL, DTMF_ROUTER, AGENT_HANDOFF];
 
 /// Test fixtures: flows that misbehave on purpose. Not served by the binary.
 pub mod fixtures {

@@ -1,0 +1,87 @@
+//! Agent handoff: connects the caller to an AI voice agent over a websocket (Twilio Media
+//! Streams protocol) and falls back to a human over SIP when the agent is unreachable, drops,
+//! or asks for a transfer.
+//!
+//! | variable | meaning | default |
+//! | --- | --- | --- |
+//! | `agent.url` | the agent's websocket (`ws://` or `wss://`) | `ws://127.0.0.1:8765/agent` |
+//! | `agent.param.<name>` | custom parameters sent in the `start` message | none |
+//! | `agent.fallback` | the human to dial when the agent fails (empty: hang up) | `sip:operator@127.0.0.1:5070` |
+//! | `agent.fallback-prompt` | played before dialling the fallback | `agent-unavailable.wav` |
+//! | `agent.ring-ms` | how long the human may ring | `30000` |
+//!
+//! Sets `agent.end` (how the agent session ended) for the CDR.
+
+use patchbay_plugin_sdk::{
+    AgentEnd, Call, CallError, DialOptions, Flow, FlowError, PlayOptions, export_flow, finish, info, var_or, warn,
+};
+
+/// Variables passed to the agent as custom parameters: `agent.param.<name>`.
+const PARAM_PREFIX: &str = "agent.param.";
+
+/// The agent's custom parameters. Flows cannot list variables, so the known names are asked
+/// for one by one (`agent.params` lists them, comma-separated).
+fn params(call: &Call) -> Vec<(String, String)> {
+    let info = call.info();
+    let mut params = vec![("from".to_owned(), info.from), ("to".to_owned(), info.to)];
+    for name in call.get_var("agent.params").unwrap_or_default().split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        if let Some(value) = call.get_var(&format!("{PARAM_PREFIX}{name}")) {
+            params.push((name.to_owned(), value));
+        }
+    }
+    params
+}
+
+/// Hands the caller to a human: the fallback destination, dialled and bridged.
+fn to_human(call: &Call, target: Option<String>) -> Result<(), FlowError> {
+    let fallback = target.or_else(|| call.get_var("agent.fallback")).unwrap_or_else(|| DEFAULT_FALLBACK.into());
+    if fallback.is_empty() {
+        finish(call)?;
+        return Ok(());
+    }
+    let prompt = call.get_var("agent.fallback-prompt").unwrap_or_else(|| "agent-unavailable.wav".into());
+    call.play(&prompt, PlayOptions::uninterruptible())?;
+    info(&format!("agent-handoff: dialling {fallback}"));
+    let outcome = call.dial(&fallback, &DialOptions::ringing_for(var_or(call, "agent.ring-ms", 30_000)))?;
+    info(&format!("agent-handoff: {fallback}: {outcome:?}"));
+    finish(call)?;
+    Ok(())
+}
+
+const DEFAULT_FALLBACK: &str = "sip:operator@127.0.0.1:5070";
+
+struct AgentHandoff;
+
+impl Flow for AgentHandoff {
+    fn run(call: &Call) -> Result<(), FlowError> {
+        call.answer()?;
+        let url = call.get_var("agent.url").unwrap_or_else(|| "ws://127.0.0.1:8765/agent".into());
+        let end = match call.agent(&url, &params(call)) {
+            Ok(end) => end,
+            Err(CallError::Unavailable(why)) => {
+                warn(&format!("agent-handoff: agent {url} unavailable: {why}"));
+                let _ = call.set_var("agent.end", "unavailable");
+                return to_human(call, None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let _ = call.set_var("agent.end", &format!("{end:?}"));
+        match end {
+            AgentEnd::Completed | AgentEnd::HangupRequested => {
+                finish(call)?;
+                Ok(())
+            }
+            AgentEnd::TransferRequested(target) => {
+                info(&format!("agent-handoff: the agent transfers the caller to {target}"));
+                call.transfer(&target)?;
+                Ok(())
+            }
+            AgentEnd::Disconnected(why) => {
+                warn(&format!("agent-handoff: agent dropped: {why}"));
+                to_human(call, None)
+            }
+        }
+    }
+}
+
+export_flow!(AgentHandoff);

@@ -1,0 +1,436 @@
+//! A call as its flow sees it: [`SipCall`] implements the host's [`CallControl`] on top of
+//! the endpoint (signalling, through commands) and the call's media session.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use patchbay_host::{
+    AgentEnd, CallControl, CallError, CallInfo, CollectEnd, CollectOptions, Collected, DialOptions, DialOutcome, Dtmf,
+    HangupCause, MediaEvent, PlayOptions, PlayOutcome, RecordEnd, RecordOptions, Recording,
+};
+use patchbay_media::session::MediaSession;
+use patchbay_media::{Frame, FramePool};
+use patchbay_sip::ua::CallRef;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::media::CallMedia;
+use crate::prompts::PromptStore;
+use crate::sip_server::{Command, MediaSlot};
+
+/// A call as its flow sees it. Waiting operations end with `hangup` as soon as the call ends.
+pub(crate) struct SipCall {
+    call: CallRef,
+    info: CallInfo,
+    commands: mpsc::UnboundedSender<Command>,
+    ended: watch::Receiver<bool>,
+    dtmf: tokio::sync::Mutex<mpsc::Receiver<Dtmf>>,
+    /// The RTP session, set when the call is answered.
+    media: MediaSlot,
+    /// The last mark played out (see `MediaSession::mark`).
+    played: watch::Receiver<u64>,
+    marks: std::sync::atomic::AtomicU64,
+    prompts: Arc<PromptStore>,
+    pool: FramePool,
+    /// The caller's audio while the flow has its audio stream open.
+    stream: tokio::sync::Mutex<Option<mpsc::Receiver<Frame>>>,
+    /// The endpoint's routing (storage, media engine, agents' TLS).
+    routing: Arc<crate::sip_server::Routing>,
+}
+
+impl SipCall {
+    #[allow(clippy::too_many_arguments)] // the call's channels, each from a different owner
+    pub(crate) fn new(
+        call: CallRef,
+        info: CallInfo,
+        commands: mpsc::UnboundedSender<Command>,
+        ended: watch::Receiver<bool>,
+        dtmf: mpsc::Receiver<Dtmf>,
+        media: MediaSlot,
+        played: watch::Receiver<u64>,
+        prompts: Arc<PromptStore>,
+        routing: Arc<crate::sip_server::Routing>,
+    ) -> Self {
+        Self {
+            call,
+            info,
+            commands,
+            ended,
+            dtmf: tokio::sync::Mutex::new(dtmf),
+            media,
+            played,
+            marks: std::sync::atomic::AtomicU64::new(0),
+            prompts,
+            pool: routing.media.pool().clone(),
+            stream: tokio::sync::Mutex::new(None),
+            routing,
+        }
+    }
+}
+
+/// Queues the next frames of `prompt` (from frame `next` on) until about a second is queued;
+/// once all of it is queued, queues the mark `id` and returns true. Shared by flows' `play` and
+/// `patchbay call --play`.
+pub(crate) fn feed_prompt(
+    session: &mut MediaSession,
+    pool: &FramePool,
+    prompt: &patchbay_media::prompt::Prompt,
+    codec: patchbay_media::prompt::PromptCodec,
+    next: &mut usize,
+    id: u64,
+) -> bool {
+    let mut octets = [0u8; 320];
+    let octets = &mut octets[..session.samples_per_frame() as usize];
+    while session.queued() < PROMPT_AHEAD_FRAMES {
+        if !prompt.frame_into(codec, *next, octets) {
+            session.mark(id);
+            return true;
+        }
+        let Ok(frame) = pool.g711(codec.encoding(), octets, 0) else { return false };
+        if session.play(frame).is_err() {
+            return false;
+        }
+        *next += 1;
+    }
+    false
+}
+
+const NO_MEDIA: &str = "not implemented yet (comes with the calls-end-to-end work)";
+
+/// Audio queued ahead of the wire while a prompt plays (the rest is fed as it goes out).
+const PROMPT_AHEAD_FRAMES: usize = 50;
+
+/// How long each DTMF digit we send lasts, and the pause after it.
+const DTMF_DIGIT_MS: u32 = 100;
+
+impl SipCall {
+    async fn until_hangup(&self) {
+        let mut ended = self.ended.clone();
+        let _ = ended.wait_for(|e| *e).await;
+    }
+
+    fn is_over(&self) -> bool {
+        *self.ended.borrow()
+    }
+
+    fn live(&self) -> Result<(), CallError> {
+        if self.is_over() { Err(CallError::Hangup) } else { Ok(()) }
+    }
+
+    /// The call's media; audio operations need an answered call.
+    fn rtp(&self) -> Result<&Arc<CallMedia>, CallError> {
+        self.live()?;
+        self.media.get().ok_or_else(|| CallError::NotAllowed("answer the call before using its audio".into()))
+    }
+
+    /// Plays a prompt once. `Some(digit)` when a key press stopped it (with barge-in).
+    async fn play_once(
+        &self,
+        media: &CallMedia,
+        prompt: &patchbay_media::prompt::Prompt,
+        barge_in: bool,
+    ) -> Result<Option<char>, CallError> {
+        let codec = patchbay_media::prompt::PromptCodec::from(media.with(|s| s.codec()));
+        let mut next = 0;
+        let id = self.marks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let mut marked = false;
+        let mut played = self.played.clone();
+        let mut dtmf = if barge_in { Some(self.dtmf.lock().await) } else { None };
+        loop {
+            // Keep about a second queued ahead of the wire; the rest is fed as it plays.
+            if !marked {
+                marked = media.with(|session| feed_prompt(session, &self.pool, prompt, codec, &mut next, id));
+            }
+            let digit = async {
+                match dtmf.as_mut() {
+                    Some(dtmf) => dtmf.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                result = played.wait_for(|p| *p >= id), if marked => {
+                    return result.map(|_| None).map_err(|_| CallError::Hangup);
+                }
+                () = tokio::time::sleep(Duration::from_millis(400)), if !marked => {}
+                digit = digit => {
+                    let Some(digit) = digit else { return Err(CallError::Hangup) };
+                    media.with(|session| session.clear());
+                    return Ok(Some(digit.digit));
+                }
+                () = self.until_hangup() => return Err(CallError::Hangup),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl CallControl for SipCall {
+    fn info(&self) -> CallInfo {
+        self.info.clone()
+    }
+
+    async fn answer(&self) -> Result<(), CallError> {
+        self.live()?;
+        let (reply, result) = oneshot::channel();
+        self.commands.send(Command::Answer { call: self.call, reply }).map_err(|_| CallError::Hangup)?;
+        result.await.unwrap_or(Err(CallError::Hangup))
+    }
+
+    async fn hangup(&self, cause: HangupCause) -> Result<(), CallError> {
+        self.live()?;
+        self.commands.send(Command::Hangup { call: self.call, cause }).map_err(|_| CallError::Hangup)?;
+        self.until_hangup().await;
+        Ok(())
+    }
+
+    async fn play(&self, prompt: &str, options: PlayOptions) -> Result<PlayOutcome, CallError> {
+        let media = Arc::clone(self.rtp()?);
+        let prompt = self.prompts.get(prompt)?;
+        for _ in 0..options.repeat.max(1) {
+            if let Some(digit) = self.play_once(&media, &prompt, options.barge_in).await? {
+                return Ok(PlayOutcome::Interrupted(digit));
+            }
+        }
+        Ok(PlayOutcome::Completed)
+    }
+
+    async fn collect_digits(&self, options: CollectOptions) -> Result<Collected, CallError> {
+        self.live()?;
+        let max = options.max_digits.max(1) as usize;
+        let mut digits = String::new();
+        if let Some(prompt) = &options.prompt {
+            let outcome = self.play(prompt, PlayOptions { barge_in: options.barge_in, repeat: 1 }).await?;
+            if let PlayOutcome::Interrupted(digit) = outcome {
+                if options.terminators.contains(digit) {
+                    return Ok(Collected { digits, ended_by: CollectEnd::Terminator });
+                }
+                digits.push(digit);
+            }
+        }
+        let mut timeout =
+            if digits.is_empty() { options.first_digit_timeout_ms } else { options.inter_digit_timeout_ms };
+        let mut dtmf = self.dtmf.lock().await;
+        loop {
+            if digits.chars().count() >= max {
+                return Ok(Collected { digits, ended_by: CollectEnd::MaxDigits });
+            }
+            tokio::select! {
+                digit = dtmf.recv() => {
+                    let Some(digit) = digit else { return Err(CallError::Hangup) };
+                    if options.terminators.contains(digit.digit) {
+                        return Ok(Collected { digits, ended_by: CollectEnd::Terminator });
+                    }
+                    digits.push(digit.digit);
+                    timeout = options.inter_digit_timeout_ms;
+                }
+                () = tokio::time::sleep(Duration::from_millis(u64::from(timeout))) => {
+                    return Ok(Collected { digits, ended_by: CollectEnd::Timeout });
+                }
+                () = self.until_hangup() => return Err(CallError::Hangup),
+            }
+        }
+    }
+
+    async fn sleep(&self, ms: u32) -> Result<(), CallError> {
+        self.live()?;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(u64::from(ms))) => Ok(()),
+            () = self.until_hangup() => Err(CallError::Hangup),
+        }
+    }
+
+    async fn dial(&self, _target: &str, _options: DialOptions) -> Result<DialOutcome, CallError> {
+        self.live()?;
+        Err(CallError::Unavailable("outbound calls are not implemented yet".into()))
+    }
+
+    async fn transfer(&self, target: &str) -> Result<(), CallError> {
+        self.live()?;
+        let scheme_ok = target.starts_with("sip:") || target.starts_with("sips:") || target.starts_with("tel:");
+        // The target goes into a Refer-To header: nothing that could end or break out of it.
+        let clean = !target.chars().any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"'));
+        if !scheme_ok || !clean {
+            return Err(CallError::InvalidArgument(format!(
+                "transfer target {target:?} is not a plain sip:, sips: or tel: URI"
+            )));
+        }
+        let (reply, outcome) = oneshot::channel();
+        self.commands
+            .send(Command::Transfer { call: self.call, target: target.to_owned(), reply })
+            .map_err(|_| CallError::Hangup)?;
+        tokio::select! {
+            result = outcome => result.unwrap_or(Err(CallError::Hangup)),
+            () = self.until_hangup() => Err(CallError::Hangup),
+        }
+    }
+
+    async fn agent(&self, _endpoint: &str, _params: &[(String, String)]) -> Result<AgentEnd, CallError> {
+        self.live()?;
+        Err(CallError::Unavailable(format!("agent: {NO_MEDIA}")))
+    }
+
+    async fn record(&self, options: RecordOptions) -> Result<Recording, CallError> {
+        let media = Arc::clone(self.rtp()?);
+        if options.beep {
+            self.play("beep.wav", PlayOptions { barge_in: false, repeat: 1 }).await?;
+        }
+        let (frames, mut frames_rx) = mpsc::channel(crate::media::FLOW_AUDIO_QUEUE);
+        let Ok(stream) = self.stream.try_lock() else {
+            return Err(CallError::NotAllowed("the flow's audio stream is being read".into()));
+        };
+        if stream.is_some() {
+            return Err(CallError::NotAllowed("close the audio stream before recording".into()));
+        }
+        media.listen(Some(frames));
+        let started = std::time::SystemTime::now();
+        let max = Duration::from_millis(u64::from(options.max_duration_ms.max(1)));
+        let silence_limit = (options.silence_timeout_ms > 0).then_some(options.silence_timeout_ms);
+        let deadline = tokio::time::sleep(max);
+        tokio::pin!(deadline);
+        let mut samples: Vec<i16> = Vec::new();
+        let mut silent_ms = 0u32;
+        let mut dtmf = self.dtmf.lock().await;
+        let ended_by = loop {
+            tokio::select! {
+                frame = frames_rx.recv() => {
+                    let Some(frame) = frame else { break RecordEnd::Hangup };
+                    let linear = frame.linear();
+                    samples.extend_from_slice(&linear);
+                    let frame_ms = u32::try_from(linear.len() / 8).unwrap_or(20);
+                    silent_ms = if crate::recording::is_silent(&linear) { silent_ms + frame_ms } else { 0 };
+                    if silence_limit.is_some_and(|limit| silent_ms >= limit) {
+                        break RecordEnd::Silence;
+                    }
+                }
+                digit = dtmf.recv() => match digit {
+                    Some(digit) if options.terminators.contains(digit.digit) => break RecordEnd::Terminator,
+                    Some(_) => {}
+                    None => break RecordEnd::Hangup,
+                },
+                () = &mut deadline => break RecordEnd::MaxDuration,
+                () = self.until_hangup() => break RecordEnd::Hangup,
+            }
+        };
+        drop(dtmf);
+        media.listen(None);
+        drop(stream);
+        // Frames already delivered before a hang-up are part of the message.
+        while let Ok(frame) = frames_rx.try_recv() {
+            samples.extend_from_slice(&frame.linear());
+        }
+        samples.truncate(usize::try_from(max.as_millis() * 8).unwrap_or(usize::MAX));
+        let duration_ms = u32::try_from(samples.len() / 8).unwrap_or(u32::MAX);
+        let id = format!(
+            "{}-{:08x}",
+            started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis()),
+            crate::sip_server::random_u64(0x7ec) as u32
+        );
+        let meta = crate::recording::Metadata {
+            id: &id,
+            call_id: &self.info.call_id,
+            tenant: &self.info.tenant,
+            flow: &self.info.flow,
+            from: &self.info.from,
+            to: &self.info.to,
+            started: humantime::format_rfc3339_millis(started).to_string(),
+            duration_ms,
+            ended_by: match ended_by {
+                RecordEnd::Terminator => "terminator",
+                RecordEnd::Silence => "silence",
+                RecordEnd::MaxDuration => "max-duration",
+                RecordEnd::Hangup => "hangup",
+            },
+            format: "audio/wav; codec=pcm16; rate=8000",
+        };
+        let dir = crate::recording::dir(&self.routing.storage, &self.info.tenant);
+        match crate::recording::store(&dir, &meta, &samples).await {
+            Ok(path) => tracing::info!(call = ?self.call, path = %path.display(), duration_ms, ended_by = meta.ended_by, "recording stored"),
+            Err(e) => {
+                tracing::error!(call = ?self.call, dir = %dir.display(), "storing a recording failed: {e}");
+                return Err(CallError::Unavailable(format!("recording storage: {e}")));
+            }
+        }
+        Ok(Recording { id, duration_ms, ended_by })
+    }
+
+    async fn send_dtmf(&self, digits: &str) -> Result<(), CallError> {
+        let media = Arc::clone(self.rtp()?);
+        if let Some(bad) = digits.chars().find(|c| !matches!(c.to_ascii_uppercase(), '0'..='9' | '*' | '#' | 'A'..='D'))
+        {
+            return Err(CallError::InvalidArgument(format!("{bad:?} is not a DTMF key")));
+        }
+        let digits = digits.to_ascii_uppercase();
+        if !media.with(|session| session.send_dtmf(&digits, DTMF_DIGIT_MS)) {
+            return Err(CallError::Unavailable("the peer did not negotiate telephone-event (RFC 4733)".into()));
+        }
+        // Return once they have been sent: each digit, its end packets and the pause after it.
+        let total = media.with(|session| session.dtmf_send_time(digits.chars().count(), DTMF_DIGIT_MS));
+        tokio::select! {
+            () = tokio::time::sleep(total) => Ok(()),
+            () = self.until_hangup() => Err(CallError::Hangup),
+        }
+    }
+
+    async fn next_dtmf(&self, timeout_ms: u32) -> Result<Dtmf, CallError> {
+        self.live()?;
+        let mut dtmf = self.dtmf.lock().await;
+        tokio::select! {
+            digit = dtmf.recv() => digit.ok_or(CallError::Hangup),
+            () = tokio::time::sleep(Duration::from_millis(u64::from(timeout_ms))) => Err(CallError::Timeout),
+            () = self.until_hangup() => Err(CallError::Hangup),
+        }
+    }
+
+    fn open_audio_stream(&self) -> Result<(), CallError> {
+        let media = self.rtp()?;
+        let (frames, frames_rx) = mpsc::channel(crate::media::FLOW_AUDIO_QUEUE);
+        // Not awaited: `open-audio-stream` is synchronous and the stream lock is only held
+        // briefly by `read_media`.
+        let Ok(mut stream) = self.stream.try_lock() else {
+            return Err(CallError::NotAllowed("the audio stream is being read".into()));
+        };
+        *stream = Some(frames_rx);
+        media.listen(Some(frames));
+        Ok(())
+    }
+
+    fn close_audio_stream(&self) {
+        if let Some(media) = self.media.get() {
+            media.listen(None);
+        }
+        if let Ok(mut stream) = self.stream.try_lock() {
+            *stream = None;
+        }
+    }
+
+    async fn read_media(&self) -> Result<MediaEvent, CallError> {
+        self.live()?;
+        let mut stream = self.stream.lock().await;
+        let mut dtmf = self.dtmf.lock().await;
+        let frame = async {
+            // A stream closed under us (the flow reopened it) is not a hang-up: wait for keys.
+            match stream.as_mut() {
+                Some(frames) => match frames.recv().await {
+                    Some(frame) => Some(frame),
+                    None => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            frame = frame => frame.map(MediaEvent::Frame).ok_or(CallError::Hangup),
+            digit = dtmf.recv() => digit.map(MediaEvent::Dtmf).ok_or(CallError::Hangup),
+            () = self.until_hangup() => Err(CallError::Hangup),
+        }
+    }
+
+    fn write_frame(&self, frame: Frame) -> Result<(), CallError> {
+        let media = self.rtp()?;
+        media.with(|session| session.play(frame)).map_err(|refused| match refused {
+            patchbay_media::session::PlayRefused::Full => {
+                CallError::LimitExceeded("the call's playout queue is full (10 s of audio)".into())
+            }
+            wrong => CallError::InvalidArgument(wrong.to_string()),
+        })
+    }
+}

@@ -1,0 +1,323 @@
+//! Call detail records: exactly one JSON line per call that reached a flow.
+//!
+//! A call's record is complete when two things have happened, in either order: the SIP side
+//! ended (BYE either way, CANCEL, rejection, ACK timeout) and the flow's run returned (normally,
+//! with an error, trapped or stopped by a limit). The endpoint fills a [`CdrDraft`] as both
+//! arrive and hands the finished [`Cdr`] to the [`CdrSink`], which appends it to the configured
+//! file and logs it (target `patchbay::cdr`).
+//!
+//! Calls refused before a flow was chosen (no tenant for the domain, digest challenges, unknown
+//! flow) get no CDR: there is no tenant or flow to bill them to. They are logged.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+/// One finished call, as written (field names are the JSON keys).
+#[derive(Debug, Clone, Serialize)]
+pub struct Cdr {
+    /// The SIP Call-ID of the call's leg.
+    pub call_id: String,
+    /// The tenant that owns the call.
+    pub tenant: String,
+    /// The flow the call was routed to.
+    pub flow: String,
+    /// The flow's version (SHA-256 of the component) the call ran with.
+    pub flow_version: String,
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// The caller's URI.
+    pub from: String,
+    /// The called URI.
+    pub to: String,
+    /// When the INVITE arrived (RFC 3339, UTC, milliseconds).
+    pub start: String,
+    /// When the call was answered, if it was.
+    pub answer: Option<String>,
+    /// When the call ended.
+    pub end: String,
+    /// From start to end, in milliseconds.
+    pub duration_ms: u64,
+    /// From answer to end, in milliseconds (0 when never answered).
+    pub billable_ms: u64,
+    /// Billable time rounded up to whole seconds (what per-second billing charges).
+    pub billable_secs: u64,
+    /// What ended the call (see `docs/operations.md`): `caller-hangup`, `caller-cancel`,
+    /// `flow-hangup`, `flow-completed`, `flow-error`, `flow-trap`, `cpu-limit-exceeded`,
+    /// `memory-limit-exceeded`, `transferred`, `rtp-timeout`, `ack-timeout`, `media-refused`,
+    /// `shutdown`, ...
+    pub end_cause: String,
+    /// The INVITE's final response: 200 when answered, else the rejection (487 when cancelled).
+    pub sip_code: u16,
+    /// `caller`, `flow`, `patchbay` (the runtime itself: timeouts, shutdown) or `network`.
+    pub hung_up_by: &'static str,
+    /// How the flow's run ended (`flow-completed`, `flow-error`, `flow-trap`, ...).
+    pub flow_outcome: String,
+    /// The flow's error or trap message, when there is one.
+    pub flow_detail: Option<String>,
+    /// The call variables when the flow ended.
+    pub vars: BTreeMap<String, String>,
+}
+
+/// What the SIP side reports when a call ends.
+#[derive(Debug, Clone)]
+pub struct SipEnd {
+    /// End cause (see [`Cdr::end_cause`]).
+    pub cause: String,
+    /// Who ended it.
+    pub by: &'static str,
+    /// The INVITE's final response code.
+    pub sip_code: u16,
+}
+
+/// What the flow side reports when its run returns.
+#[derive(Debug, Clone)]
+pub struct FlowEnd {
+    /// `FlowOutcome::cause()`.
+    pub outcome: &'static str,
+    /// Error or trap message.
+    pub detail: Option<String>,
+    /// Variables at the end.
+    pub vars: BTreeMap<String, String>,
+}
+
+/// A record being filled while the call lives.
+#[derive(Debug)]
+pub struct CdrDraft {
+    call_id: String,
+    tenant: String,
+    flow: String,
+    flow_version: String,
+    direction: &'static str,
+    from: String,
+    to: String,
+    started: (SystemTime, Instant),
+    answered: Option<(SystemTime, Instant)>,
+    /// Why we ended the call ourselves, set when we send the BYE or the rejection.
+    local_reason: Option<(String, &'static str)>,
+    ended: Option<(SystemTime, Instant, SipEnd)>,
+    flow_end: Option<FlowEnd>,
+}
+
+impl CdrDraft {
+    /// A call that has just been routed to a flow.
+    pub fn new(info: &patchbay_host::CallInfo, flow_version: &str) -> Self {
+        Self {
+            call_id: info.call_id.clone(),
+            tenant: info.tenant.clone(),
+            flow: info.flow.clone(),
+            flow_version: flow_version.to_owned(),
+            direction: match info.direction {
+                patchbay_host::Direction::Inbound => "inbound",
+                patchbay_host::Direction::Outbound => "outbound",
+            },
+            from: info.from.clone(),
+            to: info.to.clone(),
+            started: (SystemTime::now(), Instant::now()),
+            answered: None,
+            local_reason: None,
+            ended: None,
+            flow_end: None,
+        }
+    }
+
+    /// The call was answered now.
+    pub fn answered(&mut self) {
+        self.answered.get_or_insert((SystemTime::now(), Instant::now()));
+    }
+
+    /// Whether the call was answered.
+    pub fn is_answered(&self) -> bool {
+        self.answered.is_some()
+    }
+
+    /// We are ending the call for `cause`, on behalf of `by`; the first reason given wins.
+    pub fn ending(&mut self, cause: impl Into<String>, by: &'static str) {
+        self.local_reason.get_or_insert((cause.into(), by));
+    }
+
+    /// The reason we gave for ending the call, if we did.
+    pub fn local_reason(&self) -> Option<(&str, &'static str)> {
+        self.local_reason.as_ref().map(|(c, b)| (c.as_str(), *b))
+    }
+
+    /// The SIP side ended now.
+    pub fn sip_ended(&mut self, end: SipEnd) {
+        if self.ended.is_none() {
+            self.ended = Some((SystemTime::now(), Instant::now(), end));
+        }
+    }
+
+    /// The flow's run returned.
+    pub fn flow_ended(&mut self, end: FlowEnd) {
+        self.flow_end.get_or_insert(end);
+    }
+
+    /// The finished record once both sides have ended, else `None`.
+    pub fn finish(&mut self) -> Option<Cdr> {
+        let (end_wall, end_at, sip) = self.ended.clone()?;
+        let flow = self.flow_end.take()?;
+        let duration_ms = millis(end_at.saturating_duration_since(self.started.1));
+        let billable_ms = self.answered.map_or(0, |(_, at)| millis(end_at.saturating_duration_since(at)));
+        Some(Cdr {
+            call_id: std::mem::take(&mut self.call_id),
+            tenant: std::mem::take(&mut self.tenant),
+            flow: std::mem::take(&mut self.flow),
+            flow_version: std::mem::take(&mut self.flow_version),
+            direction: self.direction,
+            from: std::mem::take(&mut self.from),
+            to: std::mem::take(&mut self.to),
+            start: rfc3339(self.started.0),
+            answer: self.answered.map(|(wall, _)| rfc3339(wall)),
+            end: rfc3339(end_wall),
+            duration_ms,
+            billable_ms,
+            billable_secs: billable_ms.div_ceil(1000),
+            end_cause: sip.cause,
+            sip_code: sip.sip_code,
+            hung_up_by: sip.by,
+            flow_outcome: flow.outcome.to_owned(),
+            flow_detail: flow.detail,
+            vars: flow.vars,
+        })
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Where finished records go: appended to a file (one JSON object per line, flushed per
+/// record) by one writer task, and logged.
+#[derive(Debug, Clone)]
+pub struct CdrSink {
+    records: mpsc::UnboundedSender<Cdr>,
+}
+
+impl CdrSink {
+    /// Starts the writer task. `path`: the file to append to (none: log only).
+    pub fn start(path: Option<PathBuf>) -> Self {
+        let (records, mut rx) = mpsc::unbounded_channel::<Cdr>();
+        tokio::spawn(async move {
+            let mut file = None;
+            if let Some(path) = &path {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+                    && let Err(e) = tokio::fs::create_dir_all(dir).await
+                {
+                    tracing::error!(path = %path.display(), "cannot create the CDR directory: {e}");
+                }
+                match tokio::fs::OpenOptions::new().create(true).append(true).open(path).await {
+                    Ok(f) => file = Some(f),
+                    Err(e) => tracing::error!(path = %path.display(), "cannot open the CDR file (CDRs only logged): {e}"),
+                }
+            }
+            while let Some(cdr) = rx.recv().await {
+                let line = match serde_json::to_string(&cdr) {
+                    Ok(line) => line,
+                    Err(e) => {
+                        tracing::error!(call_id = %cdr.call_id, "CDR not serialisable: {e}");
+                        continue;
+                    }
+                };
+                tracing::info!(target: "patchbay::cdr", "{line}");
+                if let Some(f) = file.as_mut() {
+                    let written = async {
+                        f.write_all(line.as_bytes()).await?;
+                        f.write_all(b"\n").await?;
+                        f.flush().await
+                    };
+                    if let Err(e) = written.await {
+                        tracing::error!(call_id = %cdr.call_id, "writing the CDR failed: {e}");
+                    }
+                }
+            }
+        });
+        Self { records }
+    }
+
+    /// Queues a finished record.
+    pub fn write(&self, cdr: Cdr) {
+        if self.records.send(cdr).is_err() {
+            tracing::error!("the CDR writer has stopped: record lost");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> patchbay_host::CallInfo {
+        patchbay_host::CallInfo {
+            call_id: "abc".into(),
+            tenant: "demo".into(),
+            flow: "menu".into(),
+            from: "sip:a@b".into(),
+            to: "sip:menu@127.0.0.1".into(),
+            direction: patchbay_host::Direction::Inbound,
+            headers: Vec::new(),
+        }
+    }
+
+    fn flow_end() -> FlowEnd {
+        FlowEnd { outcome: "flow-completed", detail: None, vars: BTreeMap::new() }
+    }
+
+    #[test]
+    fn a_record_needs_both_the_sip_end_and_the_flow_end_in_either_order() {
+        let sip = SipEnd { cause: "caller-hangup".into(), by: "caller", sip_code: 200 };
+        let mut a = CdrDraft::new(&info(), "v1");
+        a.sip_ended(sip.clone());
+        assert!(a.finish().is_none());
+        a.flow_ended(flow_end());
+        let cdr = a.finish().expect("complete");
+        assert_eq!((cdr.end_cause.as_str(), cdr.hung_up_by, cdr.sip_code), ("caller-hangup", "caller", 200));
+        assert!(a.finish().is_none(), "a record is produced once");
+
+        let mut b = CdrDraft::new(&info(), "v1");
+        b.flow_ended(flow_end());
+        assert!(b.finish().is_none());
+        b.sip_ended(sip);
+        assert!(b.finish().is_some());
+    }
+
+    #[test]
+    fn billable_seconds_round_up_and_unanswered_calls_bill_nothing() {
+        let mut draft = CdrDraft::new(&info(), "v1");
+        let t0 = draft.started.1;
+        draft.answered = Some((SystemTime::now(), t0));
+        draft.ended = Some((
+            SystemTime::now(),
+            t0 + std::time::Duration::from_millis(2_001),
+            SipEnd { cause: "flow-completed".into(), by: "flow", sip_code: 200 },
+        ));
+        draft.flow_ended(flow_end());
+        let cdr = draft.finish().expect("complete");
+        assert_eq!((cdr.billable_ms, cdr.billable_secs), (2_001, 3));
+
+        let mut missed = CdrDraft::new(&info(), "v1");
+        missed.sip_ended(SipEnd { cause: "caller-cancel".into(), by: "caller", sip_code: 487 });
+        missed.flow_ended(flow_end());
+        let cdr = missed.finish().expect("complete");
+        assert_eq!((cdr.billable_ms, cdr.billable_secs, cdr.answer.is_none()), (0, 0, true));
+        let json = serde_json::to_value(&cdr).expect("json");
+        assert_eq!(json["sip_code"], 487);
+        assert!(json["start"].as_str().is_some_and(|s| s.ends_with('Z')), "{json}");
+    }
+
+    #[test]
+    fn the_first_local_reason_wins() {
+        let mut draft = CdrDraft::new(&info(), "v1");
+        draft.ending("rtp-timeout", "patchbay");
+        draft.ending("flow-completed", "flow");
+        assert_eq!(draft.local_reason(), Some(("rtp-timeout", "patchbay")));
+    }
+}
