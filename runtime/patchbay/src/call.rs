@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::media::CallMedia;
 use crate::prompts::PromptStore;
+use crate::dial::LegEvent;
 use crate::sip_server::{Command, MediaSlot};
 
 /// A call as its flow sees it. Waiting operations end with `hangup` as soon as the call ends.
@@ -36,6 +37,8 @@ pub(crate) struct SipCall {
     stream: tokio::sync::Mutex<Option<mpsc::Receiver<Frame>>>,
     /// The endpoint's routing (storage, media engine, agents' TLS).
     routing: Arc<crate::sip_server::Routing>,
+    /// Whether the caller takes REFER (its Allow lists it, or it sent no Allow).
+    refer: bool,
 }
 
 impl SipCall {
@@ -50,6 +53,7 @@ impl SipCall {
         played: watch::Receiver<u64>,
         prompts: Arc<PromptStore>,
         routing: Arc<crate::sip_server::Routing>,
+        refer: bool,
     ) -> Self {
         Self {
             call,
@@ -64,6 +68,7 @@ impl SipCall {
             pool: routing.media.pool().clone(),
             stream: tokio::sync::Mutex::new(None),
             routing,
+            refer,
         }
     }
 }
@@ -99,6 +104,9 @@ const NO_MEDIA: &str = "not implemented yet (comes with the calls-end-to-end wor
 
 /// Audio queued ahead of the wire while a prompt plays (the rest is fed as it goes out).
 const PROMPT_AHEAD_FRAMES: usize = 50;
+
+/// How long a transfer by bridge lets the target ring.
+const TRANSFER_RING_MS: u32 = 30_000;
 
 /// How long each DTMF digit we send lasts, and the pause after it.
 const DTMF_DIGIT_MS: u32 = 100;
@@ -239,9 +247,104 @@ impl CallControl for SipCall {
         }
     }
 
-    async fn dial(&self, _target: &str, _options: DialOptions) -> Result<DialOutcome, CallError> {
+    async fn dial(&self, target: &str, options: DialOptions) -> Result<DialOutcome, CallError> {
         self.live()?;
-        Err(CallError::Unavailable("outbound calls are not implemented yet".into()))
+        let target = crate::dial::resolve(target).await?;
+        if self.media.get().is_none() {
+            // The caller hears ringback from us, so the call is answered first.
+            self.answer().await?;
+        }
+        let media = Arc::clone(self.rtp()?);
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let (reply, leg) = oneshot::channel();
+        let command = Command::Dial {
+            call: self.call,
+            target,
+            caller_id: options.caller_id,
+            headers: options.headers,
+            events: events_tx,
+            reply,
+        };
+        self.commands.send(command).map_err(|_| CallError::Hangup)?;
+        let leg = leg.await.unwrap_or(Err(CallError::Hangup))?;
+        let hang_up_leg = || {
+            let _ = self.commands.send(Command::HangupLeg { leg });
+        };
+        let ringback = self.prompts.get("ringback.wav")?;
+        let codec = patchbay_media::prompt::PromptCodec::from(media.with(|s| s.codec()));
+        let mut next = 0;
+        let mut ringing = true;
+        let (early_tx, mut early_rx) = mpsc::channel(crate::media::FLOW_AUDIO_QUEUE);
+        let mut early: Option<Arc<CallMedia>> = None;
+        let deadline = tokio::time::sleep(Duration::from_millis(u64::from(options.timeout_ms.max(1))));
+        tokio::pin!(deadline);
+        let mut dtmf = self.dtmf.lock().await;
+        let outcome = loop {
+            if ringing {
+                media.with(|session| {
+                    if feed_prompt(session, &self.pool, &ringback, codec, &mut next, 0) {
+                        next = 0; // the cadence repeats until something happens
+                    }
+                });
+            }
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(LegEvent::Progress { early: Some(leg_media), .. }) => {
+                        // Early media (RFC 3960): the caller hears the callee's tones instead.
+                        ringing = false;
+                        media.with(|session| session.clear());
+                        leg_media.listen(Some(early_tx.clone()));
+                        early = Some(leg_media);
+                    }
+                    Some(LegEvent::Progress { status, .. }) => tracing::debug!(call = ?self.call, status, "ringing"),
+                    Some(LegEvent::Answered { media: leg_media, dtmf: leg_dtmf }) => {
+                        if let Some(early) = early.take() {
+                            early.listen(None);
+                        }
+                        let exit =
+                            crate::dial::bridge(&media, &mut dtmf, &leg_media, leg_dtmf, &mut events, self.until_hangup())
+                                .await;
+                        if matches!(exit, crate::dial::BridgeExit::Caller) {
+                            hang_up_leg();
+                        }
+                        break DialOutcome::from(exit);
+                    }
+                    Some(LegEvent::Ended { cause }) => break crate::dial::unanswered_outcome(&cause),
+                    None => return Err(CallError::Hangup),
+                },
+                Some(frame) = early_rx.recv() => {
+                    media.with(|session| {
+                        if session.queued() < 3 {
+                            let _ = session.play(frame);
+                        }
+                    });
+                }
+                () = &mut deadline => {
+                    hang_up_leg();
+                    // Wait for the CANCEL's outcome: the callee may have answered meanwhile.
+                    let _ = tokio::time::timeout(crate::dial::CANCEL_WAIT, async {
+                        while let Some(event) = events.recv().await {
+                            if matches!(event, LegEvent::Ended { .. }) {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                    break DialOutcome::NoAnswer;
+                }
+                () = self.until_hangup() => {
+                    hang_up_leg();
+                    return Err(CallError::Hangup);
+                }
+                () = tokio::time::sleep(Duration::from_millis(200)), if ringing => {}
+            }
+        };
+        if let Some(early) = early {
+            early.listen(None);
+        }
+        media.with(|session| session.clear());
+        tracing::info!(call = ?self.call, ?outcome, "dial finished");
+        Ok(outcome)
     }
 
     async fn transfer(&self, target: &str) -> Result<(), CallError> {
@@ -253,6 +356,15 @@ impl CallControl for SipCall {
             return Err(CallError::InvalidArgument(format!(
                 "transfer target {target:?} is not a plain sip:, sips: or tel: URI"
             )));
+        }
+        if !self.refer {
+            // The caller's Allow leaves REFER out (RFC 3261 §20.5): bridge through us instead.
+            tracing::info!(call = ?self.call, %target, "the caller does not take REFER: transferring by bridge");
+            let options = DialOptions { caller_id: None, timeout_ms: TRANSFER_RING_MS, headers: Vec::new() };
+            return match self.dial(target, options).await? {
+                DialOutcome::Answered(_) => Ok(()),
+                other => Err(CallError::Unavailable(format!("transfer to {target}: {other:?}"))),
+            };
         }
         let (reply, outcome) = oneshot::channel();
         self.commands

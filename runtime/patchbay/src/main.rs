@@ -11,6 +11,7 @@ mod call;
 mod caller;
 mod cdr;
 mod config;
+mod dial;
 mod media;
 mod prompts;
 mod recording;

@@ -31,6 +31,7 @@ use rsip::prelude::HeadersExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::call::SipCall;
+use crate::dial::{Leg, LegEvent};
 use crate::cdr::{CdrDraft, CdrSink, FlowEnd, SipEnd};
 use crate::media::{CallMedia, CallSinks, MediaEngine};
 use crate::prompts::PromptStore;
@@ -172,6 +173,19 @@ pub(crate) enum Command {
     MediaTimeout {
         call: CallRef,
     },
+    /// Place an outbound leg for the call's flow.
+    Dial {
+        call: CallRef,
+        target: crate::dial::Target,
+        caller_id: Option<String>,
+        headers: Vec<Header>,
+        events: mpsc::UnboundedSender<LegEvent>,
+        reply: oneshot::Sender<Result<CallRef, CallError>>,
+    },
+    /// Cancel or hang up an outbound leg.
+    HangupLeg {
+        leg: CallRef,
+    },
     /// Hang up every call and report when their records are written (or the grace is over).
     Shutdown {
         done: oneshot::Sender<()>,
@@ -278,6 +292,7 @@ pub async fn run_endpoint(
         ua,
         calls: HashMap::new(),
         ending: HashMap::new(),
+        legs: HashMap::new(),
         digest: HashMap::new(),
         engine,
         registry,
@@ -326,6 +341,8 @@ struct Endpoint {
     calls: HashMap<CallRef, LiveCall>,
     /// Records of calls whose SIP side has ended while their flow is still unwinding.
     ending: HashMap<CallRef, CdrDraft>,
+    /// Outbound legs placed by flows' `dial`.
+    legs: HashMap<CallRef, Leg>,
     digest: HashMap<String, DigestServer>,
     engine: Arc<FlowEngine>,
     registry: Arc<FlowRegistry>,
@@ -391,6 +408,15 @@ impl Endpoint {
                     }
                 }
             }
+            Command::Dial { call, target, caller_id, headers, events, reply } => {
+                let result = self.dial(now, call, target, caller_id, headers, events);
+                let _ = reply.send(result);
+            }
+            Command::HangupLeg { leg } => {
+                if let Err(e) = self.ua.hangup(now, leg) {
+                    tracing::debug!(?leg, "leg hangup: {e}");
+                }
+            }
             Command::Shutdown { done } => {
                 tracing::info!(calls = self.calls.len(), "shutting down: hanging up every call");
                 let live: Vec<CallRef> = self.calls.keys().copied().collect();
@@ -405,12 +431,63 @@ impl Endpoint {
         }
     }
 
+    /// Places an outbound leg for `owner`'s flow: RTP ports, an SDP offer that puts the
+    /// caller's codec first (so the bridge need not convert), the INVITE.
+    fn dial(
+        &mut self,
+        now: std::time::Instant,
+        owner: CallRef,
+        target: crate::dial::Target,
+        caller_id: Option<String>,
+        headers: Vec<Header>,
+        events: mpsc::UnboundedSender<LegEvent>,
+    ) -> Result<CallRef, CallError> {
+        let live = self.calls.get(&owner).ok_or(CallError::Hangup)?;
+        let (rtp, rtcp) = crate::media::bind_rtp_pair(self.routing.rtp_bind)
+            .map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
+        let bind = rtp.local_addr().map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
+        let mut local = patchbay_sip::sdp::LocalMedia::new(bind, self.routing.external_ip, random_u64(0xd1a1), 1);
+        if live.media.as_ref().is_some_and(|(_, n)| n.codec.codec == patchbay_sip::sdp::AudioCodec::Pcma) {
+            local.codecs.reverse();
+        }
+        let offer =
+            patchbay_sip::sdp::offer(&local).map_err(|e| CallError::Unavailable(format!("building the offer: {e}")))?;
+        let from = match caller_id {
+            Some(id) if id.starts_with("sip:") || id.starts_with("sips:") => format!("<{id}>"),
+            Some(id) => format!("<sip:{id}@{}>", self.ua.contact_host()),
+            None => {
+                let from = live.invite.from_header().ok().and_then(|f| f.uri().ok()).map(|u| u.to_string());
+                format!("<{}>", from.unwrap_or_else(|| format!("sip:patchbay@{}", self.ua.contact_host())))
+            }
+        };
+        let headers = headers.into_iter().map(|h| rsip::Header::Other(h.name, h.value)).collect();
+        let peer = patchbay_sip::transaction::Peer { transport: patchbay_sip::transaction::Transport::Udp, addr: target.peer };
+        let leg = self.ua.dial(
+            now,
+            patchbay_sip::ua::Dial {
+                peer,
+                target: target.uri,
+                from,
+                to: None,
+                sdp: offer.clone().into_bytes(),
+                credentials: None,
+                headers,
+            },
+        );
+        tracing::info!(call = ?owner, ?leg, to = %target.peer, "dialling");
+        self.legs.insert(leg, Leg { owner, events, offer, sockets: Some((rtp, rtcp)), media: None, dtmf: None });
+        Ok(leg)
+    }
+
     /// Ends a call from our side: BYE once answered (the session is over for us at once, RFC
     /// 3261 §15), 480 before.
     fn bye(&mut self, now: std::time::Instant, call: CallRef) {
         let answered = self.calls.get(&call).is_some_and(|live| live.media.is_some());
         match self.ua.hangup(now, call) {
-            Ok(()) if answered => call_ended(&mut self.calls, &mut self.ending, &self.routing.cdr, call, EndCause::LocalBye),
+            Ok(()) if answered => {
+                call_ended(&mut self.calls, &mut self.ending, &self.routing.cdr, call, EndCause::LocalBye);
+                hangup_legs(&mut self.ua, &self.legs, call, now);
+            }
             Ok(()) => {}
             Err(e) => tracing::debug!(?call, "hangup: {e}"),
         }
@@ -533,7 +610,7 @@ fn media_session(negotiated: &patchbay_sip::sdp::Negotiated, routing: &Routing) 
 
 impl Endpoint {
 fn on_event(&mut self, event: UaEvent) {
-    let Self { ua, calls, ending, digest, engine, registry, routing, commands, .. } = self;
+    let Self { ua, calls, ending, legs, digest, engine, registry, routing, commands, .. } = self;
     let now = std::time::Instant::now();
     match event {
         UaEvent::IncomingCall { call, peer, request } => {
@@ -583,6 +660,17 @@ fn on_event(&mut self, event: UaEvent) {
                     .collect(),
             };
             tracing::info!(?call, from = %peer.addr, tenant = %info.tenant, flow = %info.flow, version = &flow.version()[..12], "call started");
+            // RFC 3261 §20.5: no Allow says nothing about REFER; an Allow without it says no.
+            let allows: Vec<&str> = request
+                .headers
+                .iter()
+                .filter_map(|h| match h {
+                    rsip::Header::Allow(allow) => Some(allow.value()),
+                    _ => None,
+                })
+                .collect();
+            let refer = allows.is_empty()
+                || allows.iter().flat_map(|v| v.split(',')).any(|m| m.trim().eq_ignore_ascii_case("REFER"));
             let rtp_session: MediaSlot = Arc::default();
             let (played, played_rx) = watch::channel(0);
             calls.insert(
@@ -609,6 +697,7 @@ fn on_event(&mut self, event: UaEvent) {
                 played_rx,
                 prompts,
                 Arc::clone(routing),
+                refer,
             ));
             let (engine, commands, limits) = (Arc::clone(engine), commands.clone(), *limits);
             let vars = routing.flow_vars.get(&(tenant.clone(), user.clone())).cloned().unwrap_or_default();
@@ -635,8 +724,31 @@ fn on_event(&mut self, event: UaEvent) {
         UaEvent::Confirmed { call } => tracing::debug!(?call, "call confirmed (ACK)"),
         // Outbound legs and our own re-INVITEs are not started by the server yet (flows'
         // `dial` arrives with the media engine); log anything that shows up regardless.
-        UaEvent::Progress { call, status, .. } => tracing::debug!(?call, status, "outbound call progress"),
-        UaEvent::Answered { call, .. } => tracing::debug!(?call, "outbound call answered"),
+        UaEvent::Progress { call, status, sdp } => {
+            let Some(leg) = legs.get_mut(&call) else { return };
+            tracing::debug!(?call, status, early_media = sdp.is_some(), "outbound leg progress");
+            let early = match sdp {
+                Some(sdp) if leg.media.is_none() => start_leg_media(leg, call, &sdp, routing, commands),
+                _ => None,
+            };
+            let _ = leg.events.send(LegEvent::Progress { status, early });
+        }
+        UaEvent::Answered { call, sdp } => {
+            let Some(leg) = legs.get_mut(&call) else { return };
+            tracing::info!(?call, owner = ?leg.owner, "outbound leg answered");
+            if leg.media.is_none() {
+                start_leg_media(leg, call, &sdp, routing, commands);
+            }
+            match (leg.media.clone(), leg.dtmf.take()) {
+                (Some(media), Some(dtmf)) => {
+                    let _ = leg.events.send(LegEvent::Answered { media, dtmf });
+                }
+                _ => {
+                    tracing::warn!(?call, "the callee's answer has no usable media: hanging up the leg");
+                    let _ = ua.hangup(now, call);
+                }
+            }
+        }
         UaEvent::ReInviteAnswered { call, result } => {
             tracing::debug!(?call, ok = result.is_ok(), "our re-INVITE answered")
         }
@@ -669,10 +781,19 @@ fn on_event(&mut self, event: UaEvent) {
             }
         }
         UaEvent::Ended { call, cause } => {
+            if let Some(leg) = legs.remove(&call) {
+                tracing::info!(?call, owner = ?leg.owner, ?cause, "outbound leg ended");
+                if let Some(media) = &leg.media {
+                    media.close();
+                }
+                let _ = leg.events.send(LegEvent::Ended { cause });
+                return;
+            }
             if cause == EndCause::AckTimeout {
                 tracing::warn!(?call, "our 200 OK was never ACKed (wrong Contact/Record-Route or NAT?); sent BYE");
             }
             call_ended(calls, ending, &routing.cdr, call, cause);
+            hangup_legs(ua, legs, call, now);
         }
     }
 }
@@ -734,4 +855,51 @@ fn call_ended(
             }
         }
     }
+}
+
+/// Hangs up (or cancels) every outbound leg `owner`'s flow placed.
+fn hangup_legs(ua: &mut UserAgent, legs: &HashMap<CallRef, Leg>, owner: CallRef, now: std::time::Instant) {
+    for (leg, _) in legs.iter().filter(|(_, l)| l.owner == owner) {
+        if let Err(e) = ua.hangup(now, *leg) {
+            tracing::debug!(?leg, "hanging up the leg: {e}");
+        }
+    }
+}
+
+/// Starts an outbound leg's media from the callee's SDP (in a 18x or the 2xx).
+fn start_leg_media(
+    leg: &mut Leg,
+    call: CallRef,
+    sdp: &[u8],
+    routing: &Routing,
+    commands: &mpsc::UnboundedSender<Command>,
+) -> Option<Arc<CallMedia>> {
+    let negotiated = match patchbay_sip::sdp::accept_answer(&leg.offer, &String::from_utf8_lossy(sdp)) {
+        Ok(negotiated) => negotiated,
+        Err(e) => {
+            tracing::info!(?call, "the callee's SDP is not usable: {e}");
+            return None;
+        }
+    };
+    let (rtp, rtcp) = leg.sockets.take()?;
+    let (dtmf, dtmf_rx) = mpsc::channel(DTMF_QUEUE);
+    let (inactive, mut inactive_rx) = mpsc::unbounded_channel();
+    let sinks = CallSinks { dtmf, played: watch::channel(0).0, inactive };
+    let media = match routing.media.start_call(media_session(&negotiated, routing), rtp, Some(rtcp), sinks) {
+        Ok(media) => media,
+        Err(e) => {
+            tracing::error!(?call, "starting the leg's media: {e}");
+            return None;
+        }
+    };
+    tracing::info!(?call, codec = negotiated.codec.name(), remote = %negotiated.remote_rtp, "leg media started");
+    let commands = commands.clone();
+    tokio::spawn(async move {
+        if inactive_rx.recv().await.is_some() {
+            let _ = commands.send(Command::HangupLeg { leg: call });
+        }
+    });
+    leg.media = Some(Arc::clone(&media));
+    leg.dtmf = Some(dtmf_rx);
+    Some(media)
 }

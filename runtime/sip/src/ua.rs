@@ -920,6 +920,11 @@ impl UserAgent {
         Ok(())
     }
 
+    /// The `host:port` this user agent puts in Contact and Via.
+    pub fn contact_host(&self) -> &str {
+        &self.config.contact_host
+    }
+
     /// Ends a call: BYE once answered (§15.1.1); before that, 480 for an inbound call and
     /// CANCEL for an outbound one (sent once the callee has answered provisionally, §9.1).
     pub fn hangup(&mut self, now: Instant, call: CallRef) -> Result<(), UaError> {
