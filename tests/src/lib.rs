@@ -106,6 +106,67 @@ pub fn start_patchbay() -> Patchbay {
     launch(dir, port, &config)
 }
 
+/// Starts Patchbay on a free UDP port with CDRs written to `cdr.jsonl` and recordings stored
+/// under `storage/` in its directory, tenant `test` on 127.0.0.1 serving `flows` (TOML
+/// `[[tenant.flow]]` tables; `{port}` in them is replaced by Patchbay's own port). `extra` is
+/// added before the tenant (top-level tables such as `[demo_agent]`).
+pub fn start_patchbay_with(extra: &str, flows: &str) -> Patchbay {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("chaos.wasm"), patchbay_stock_flows::fixtures::CHAOS).expect("write fixture");
+    let port = free_port();
+    let flows = flows.replace("{port}", &port.to_string());
+    let config = format!(
+        "[sip]\nlisten = [\"udp:127.0.0.1:{port}\"]\n\
+         [cdr]\npath = \"cdr.jsonl\"\n[storage]\ndir = \"storage\"\n{extra}\n\
+         [[tenant]]\nid = \"test\"\ndomains = [\"127.0.0.1\"]\n{flows}\n"
+    );
+    launch(dir, port, &config)
+}
+
+impl Patchbay {
+    /// The call detail records written so far (one JSON object per line of `cdr.jsonl`).
+    pub fn cdrs(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("cdr.jsonl")).unwrap_or_default();
+        text.lines().map(|line| serde_json::from_str(line).expect("a CDR line is JSON")).collect()
+    }
+
+    /// Waits up to `timeout` until `count` records have been written, and returns them.
+    pub fn wait_for_cdrs(&self, count: usize, timeout: Duration) -> Vec<serde_json::Value> {
+        let started = Instant::now();
+        loop {
+            let cdrs = self.cdrs();
+            if cdrs.len() >= count || started.elapsed() > timeout {
+                return cdrs;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The samples of a 16-bit PCM or μ-law WAV (enough of the format for the tests' files).
+pub fn wav_samples(bytes: &[u8]) -> Vec<i16> {
+    let format = u16::from_le_bytes([bytes[20], bytes[21]]);
+    let data = bytes.windows(4).position(|w| w == b"data").expect("a data chunk") + 8;
+    match format {
+        1 => bytes[data..].chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]])).collect(),
+        7 => bytes[data..].iter().map(|&b| patchbay_media::g711::ulaw_decode(b)).collect(),
+        other => panic!("unexpected WAV format {other}"),
+    }
+}
+
+/// How much of `sent` is found in `heard` sample for sample, once aligned on a stretch of it
+/// (the fraction of `sent`'s samples that match), or `None` when that stretch is not heard.
+pub fn fraction_heard(sent: &[i16], heard: &[i16]) -> Option<f64> {
+    let start = sent.len() / 3;
+    let probe = &sent[start..start + 160];
+    let at = heard.windows(probe.len()).position(|w| w == probe)?;
+    let lag = at as isize - start as isize;
+    let matched = (0..sent.len())
+        .filter(|&i| usize::try_from(i as isize + lag).ok().and_then(|j| heard.get(j)) == Some(&sent[i]))
+        .count();
+    Some(matched as f64 / sent.len() as f64)
+}
+
 /// Runs sipp against `port`: `scenario_args` pick the scenario (`-sf FILE` or `-sn NAME`),
 /// `extra` adds options (transport, rate, loss). Returns whether sipp reported success, and
 /// its output and error log for the assertion message.

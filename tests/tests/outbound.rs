@@ -66,17 +66,6 @@ fn a_wrong_password_fails_the_outbound_call_without_retrying_forever() {
     assert!(output.contains("failed: SIP 403"), "{output}");
 }
 
-/// The samples of a 16-bit PCM or μ-law WAV (enough of the format for this test's files).
-fn wav_samples(bytes: &[u8]) -> Vec<i16> {
-    let format = u16::from_le_bytes([bytes[20], bytes[21]]);
-    let data = bytes.windows(4).position(|w| w == b"data").expect("a data chunk") + 8;
-    match format {
-        1 => bytes[data..].chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]])).collect(),
-        7 => bytes[data..].iter().map(|&b| patchbay_media::g711::ulaw_decode(b)).collect(),
-        other => panic!("unexpected WAV format {other}"),
-    }
-}
-
 #[test]
 fn patchbay_call_plays_a_file_into_the_echo_flow_and_records_it_coming_back() {
     let pb = patchbay_e2e::start_patchbay();
@@ -92,15 +81,10 @@ fn patchbay_call_plays_a_file_into_the_echo_flow_and_records_it_coming_back() {
         .expect("run patchbay call");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{text}");
-    let sent = wav_samples(&std::fs::read(&prompt).expect("prompt"));
-    let heard = wav_samples(&std::fs::read(&recording).expect("recording"));
+    let sent = patchbay_e2e::wav_samples(&std::fs::read(&prompt).expect("prompt"));
+    let heard = patchbay_e2e::wav_samples(&std::fs::read(&recording).expect("recording"));
     // The echo is octet-exact in μ-law: a stretch of the prompt is found verbatim in what came
     // back, and from there the whole prompt lines up.
-    let probe = &sent[4_000..4_160];
-    let at = heard.windows(probe.len()).position(|w| w == probe).unwrap_or_else(|| panic!("prompt not heard: {text}"));
-    let lag = at as isize - 4_000;
-    let matched = (0..sent.len())
-        .filter(|&i| usize::try_from(i as isize + lag).ok().and_then(|j| heard.get(j)) == Some(&sent[i]))
-        .count();
-    assert!(matched * 100 >= sent.len() * 95, "only {matched} of {} samples came back intact", sent.len());
+    let heard = patchbay_e2e::fraction_heard(&sent, &heard).unwrap_or_else(|| panic!("prompt not heard: {text}"));
+    assert!(heard >= 0.95, "only {:.1} % of the prompt came back intact", heard * 100.0);
 }

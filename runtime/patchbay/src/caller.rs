@@ -49,6 +49,9 @@ pub struct CallArgs {
     /// Send these DTMF keys (RFC 4733) after the file has played.
     #[arg(long)]
     pub dtmf: Option<String>,
+    /// Send the --dtmf keys this many seconds after the answer instead, while the file plays.
+    #[arg(long)]
+    pub dtmf_after: Option<f64>,
     /// Save what the call hears to this WAV file (8 kHz, 16-bit PCM).
     #[arg(long)]
     pub record: Option<std::path::PathBuf>,
@@ -61,6 +64,8 @@ struct CallAudio {
     /// The file to play and the next frame of it to queue; `None` once it is all queued.
     to_play: Option<(Arc<patchbay_media::prompt::Prompt>, usize)>,
     dtmf: Option<String>,
+    /// When to send `dtmf` (none: once the file has played).
+    dtmf_at: Option<Instant>,
     recorded: Vec<i16>,
 }
 
@@ -68,6 +73,12 @@ impl CallAudio {
     /// Keeps about a second of the file queued; once it is all out, sends the DTMF keys.
     fn feed(&mut self, pool: &patchbay_media::FramePool) {
         let (to_play, dtmf) = (&mut self.to_play, &mut self.dtmf);
+        // At the given time, or once the file has played out.
+        let keys_due = match self.dtmf_at {
+            Some(at) => Instant::now() >= at,
+            None => to_play.is_none(),
+        };
+        let timed = self.dtmf_at.is_some();
         self.media.with(|session| {
             if let Some((prompt, next)) = to_play.as_mut() {
                 let codec = patchbay_media::prompt::PromptCodec::from(session.codec());
@@ -75,8 +86,8 @@ impl CallAudio {
                     *to_play = None;
                 }
             }
-            if to_play.is_none()
-                && session.queued() == 0
+            if keys_due
+                && (timed || session.queued() == 0)
                 && let Some(keys) = dtmf.take()
                 && !session.send_dtmf(&keys, 100)
             {
@@ -194,6 +205,9 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
                                     heard,
                                     to_play,
                                     dtmf: args.dtmf.clone(),
+                                    dtmf_at: args
+                                        .dtmf_after
+                                        .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0))),
                                     recorded: Vec::new(),
                                 });
                             }

@@ -1,0 +1,156 @@
+//! Calls end to end through the stock flows: voicemail stores what the caller said, the DTMF
+//! router dials and bridges, a flow that traps mid-call ends only its own call, and every call
+//! leaves exactly one CDR saying how it ended. The phone is `patchbay call` (our test caller on
+//! the same SIP and media stack) or sipp.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use patchbay_e2e::{fraction_heard, patchbay, start_patchbay_with, wav_samples};
+
+fn prompt(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/patchbay/prompts").join(name)
+}
+
+/// A μ-law WAV of `silence_s` seconds of silence followed by a stock prompt's audio, so the
+/// prompt's octets cross the call unchanged (the caller sends PCMU).
+fn delayed_speech(dir: &Path, silence_s: f64, name: &str) -> (PathBuf, Vec<i16>) {
+    let bytes = std::fs::read(prompt(name)).expect("stock prompt");
+    let data = bytes.windows(4).position(|w| w == b"data").expect("data chunk") + 8;
+    let mut octets = vec![0xFFu8; (silence_s * 8_000.0) as usize];
+    octets.extend_from_slice(&bytes[data..]);
+    let mut wav = Vec::new();
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + octets.len() as u32).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    wav.extend_from_slice(&16u32.to_le_bytes());
+    wav.extend_from_slice(&7u16.to_le_bytes()); // μ-law
+    wav.extend_from_slice(&1u16.to_le_bytes());
+    wav.extend_from_slice(&8_000u32.to_le_bytes());
+    wav.extend_from_slice(&8_000u32.to_le_bytes());
+    wav.extend_from_slice(&1u16.to_le_bytes());
+    wav.extend_from_slice(&8u16.to_le_bytes());
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&(octets.len() as u32).to_le_bytes());
+    wav.extend_from_slice(&octets);
+    let path = dir.join(format!("delayed-{name}"));
+    std::fs::write(&path, wav).expect("write WAV");
+    (path, wav_samples(&bytes))
+}
+
+/// Runs `patchbay call` with `args`; returns whether it succeeded and what it printed.
+fn call(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = patchbay(dir).arg("call").args(args).output().expect("run patchbay call");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn voicemail_stores_what_the_caller_said_with_its_metadata_and_cdr() {
+    let pb = start_patchbay_with("", "[[tenant.flow]]\nname = \"voicemail\"\nstock = \"voicemail\"\n");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The greeting (4.6 s) and the beep come first; speak after 6 s, then press #.
+    let (speech, said) = delayed_speech(dir.path(), 6.0, "welcome.wav");
+    let uri = format!("sip:voicemail@127.0.0.1:{}", pb.port);
+    let speech = speech.to_string_lossy().into_owned();
+    let (ok, text) = call(dir.path(), &[&uri, "--play", &speech, "--dtmf", "#", "--hangup-after", "20"]);
+    assert!(ok && text.contains("the callee hung up"), "voicemail should hang up after the message: {text}");
+
+    let recordings = pb.dir.path().join("storage/test/recordings");
+    let mut files: Vec<_> = std::fs::read_dir(&recordings)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{text}", recordings.display()))
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 2, "one WAV and its JSON: {files:?}");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&files[0]).expect("metadata")).expect("metadata is JSON");
+    assert_eq!(meta["ended_by"], "terminator", "{meta}");
+    assert_eq!(meta["tenant"], "test");
+    let heard = wav_samples(&std::fs::read(&files[1]).expect("recording"));
+    let fraction = fraction_heard(&said, &heard).unwrap_or_else(|| panic!("the speech is not in the recording: {meta}"));
+    assert!(fraction >= 0.95, "only {:.1} % of the speech was recorded intact", fraction * 100.0);
+
+    let cdrs = pb.wait_for_cdrs(1, Duration::from_secs(5));
+    assert_eq!(cdrs.len(), 1, "{cdrs:?}");
+    let cdr = &cdrs[0];
+    assert_eq!(cdr["flow"], "voicemail");
+    assert_eq!(cdr["vars"]["voicemail.recording"], meta["id"], "{cdr}");
+    assert_eq!(cdr["end_cause"], "flow-hangup", "{cdr}");
+    assert_eq!(cdr["hung_up_by"], "flow", "{cdr}");
+    assert_eq!(cdr["sip_code"], 200);
+    assert!(cdr["billable_secs"].as_u64().is_some_and(|s| s >= 8), "{cdr}");
+}
+
+#[test]
+fn the_router_dials_an_extension_and_bridges_the_audio_both_ways() {
+    // Extension 1000 dials the echo flow on this same Patchbay: the caller's audio crosses the
+    // bridge, the echo, and the bridge again.
+    let flows = "[[tenant.flow]]\nname = \"router\"\nstock = \"router\"\n\
+                 [tenant.flow.vars]\n\"router.ext.1000\" = \"sip:echo@127.0.0.1:{port}\"\n\
+                 [[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n";
+    let pb = start_patchbay_with("", flows);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (speech, said) = delayed_speech(dir.path(), 3.0, "welcome.wav");
+    let recording = dir.path().join("heard.wav");
+    let uri = format!("sip:router@127.0.0.1:{}", pb.port);
+    let (ok, text) = call(
+        dir.path(),
+        &[
+            &uri,
+            "--play",
+            &speech.to_string_lossy(),
+            "--dtmf",
+            "1000",
+            "--dtmf-after",
+            "0.5",
+            "--record",
+            &recording.to_string_lossy(),
+            "--hangup-after",
+            "7",
+        ],
+    );
+    assert!(ok, "{text}");
+    let heard = wav_samples(&std::fs::read(&recording).expect("recording"));
+    let fraction = fraction_heard(&said, &heard).unwrap_or_else(|| panic!("nothing came back through the bridge: {text}"));
+    assert!(fraction >= 0.95, "only {:.1} % came back intact through two bridges", fraction * 100.0);
+
+    let cdrs = pb.wait_for_cdrs(2, Duration::from_secs(5));
+    assert_eq!(cdrs.len(), 2, "the router's call and the echo leg's call: {cdrs:?}");
+    let router = cdrs.iter().find(|c| c["flow"] == "router").expect("router CDR");
+    let echo = cdrs.iter().find(|c| c["flow"] == "echo").expect("echo CDR");
+    assert_eq!(router["vars"]["router.extension"], "1000", "{router}");
+    assert_eq!(router["hung_up_by"], "caller", "{router}");
+    // The router's leg was hung up by Patchbay when the caller left: the echo saw a BYE.
+    assert_eq!(echo["hung_up_by"], "caller", "{echo}");
+}
+
+#[test]
+fn a_flow_that_traps_mid_call_ends_only_its_call_with_a_cdr_saying_why() {
+    let flows = "[[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n\
+                 [[tenant.flow]]\nname = \"trap-later\"\npath = \"chaos.wasm\"\n";
+    let pb = start_patchbay_with("", flows);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let echo_dir = dir.path().to_owned();
+    let port = pb.port;
+    let echo = std::thread::spawn(move || {
+        call(&echo_dir, &[&format!("sip:echo@127.0.0.1:{port}"), "--hangup-after", "4"])
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, trapped) = call(dir.path(), &[&format!("sip:trap-later@127.0.0.1:{port}"), "--hangup-after", "10"]);
+    assert!(trapped.contains("the callee hung up"), "the trapped flow's call should be hung up by Patchbay: {trapped}");
+    let (echo_ok, echo_text) = echo.join().expect("echo caller");
+    assert!(echo_ok && echo_text.contains("we hung up"), "the other call must go on: {echo_text}");
+
+    let cdrs = pb.wait_for_cdrs(2, Duration::from_secs(5));
+    assert_eq!(cdrs.len(), 2, "{cdrs:?}");
+    let trap = cdrs.iter().find(|c| c["flow"] == "trap-later").expect("trap CDR");
+    assert_eq!(trap["flow_outcome"], "flow-trap", "{trap}");
+    assert_eq!(trap["end_cause"], "flow-trap", "{trap}");
+    assert_eq!(trap["hung_up_by"], "flow", "{trap}");
+    assert!(trap["flow_detail"].as_str().is_some_and(|d| !d.is_empty()), "{trap}");
+    let echo = cdrs.iter().find(|c| c["flow"] == "echo").expect("echo CDR");
+    assert_eq!(echo["end_cause"], "caller-hangup", "{echo}");
+    assert_eq!(echo["flow_outcome"], "flow-completed", "{echo}");
+}
