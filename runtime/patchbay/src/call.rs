@@ -100,7 +100,6 @@ pub(crate) fn feed_prompt(
     false
 }
 
-const NO_MEDIA: &str = "not implemented yet (comes with the calls-end-to-end work)";
 
 /// Audio queued ahead of the wire while a prompt plays (the rest is fed as it goes out).
 const PROMPT_AHEAD_FRAMES: usize = 50;
@@ -376,9 +375,35 @@ impl CallControl for SipCall {
         }
     }
 
-    async fn agent(&self, _endpoint: &str, _params: &[(String, String)]) -> Result<AgentEnd, CallError> {
+    async fn agent(&self, endpoint: &str, params: &[(String, String)]) -> Result<AgentEnd, CallError> {
         self.live()?;
-        Err(CallError::Unavailable(format!("agent: {NO_MEDIA}")))
+        if self.media.get().is_none() {
+            self.answer().await?;
+        }
+        let media = Arc::clone(self.rtp()?);
+        if self.stream.try_lock().map_or(true, |stream| stream.is_some()) {
+            return Err(CallError::NotAllowed("close the audio stream before connecting an agent".into()));
+        }
+        let start = patchbay_agent::StartInfo {
+            account_sid: self.info.tenant.clone(),
+            call_sid: self.info.call_id.clone(),
+            stream_sid: format!(
+                "MZ{:016x}{:016x}",
+                crate::sip_server::random_u64(0xa6e),
+                crate::sip_server::random_u64(0x5e1d)
+            ),
+            custom_parameters: params.to_vec(),
+        };
+        let mut dtmf = self.dtmf.lock().await;
+        let next_mark = || self.marks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let call = crate::agent::AgentCall {
+            media: &media,
+            pool: &self.pool,
+            dtmf: &mut dtmf,
+            played: self.played.clone(),
+            next_mark: &next_mark,
+        };
+        crate::agent::run(call, endpoint, &start, None, self.until_hangup()).await
     }
 
     async fn record(&self, options: RecordOptions) -> Result<Recording, CallError> {

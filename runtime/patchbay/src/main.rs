@@ -2,10 +2,12 @@
 //! registry and serves calls.
 //!
 //! **Status:** SIP over UDP, TCP and TLS is served (inbound calls routed to flows, outbound test
-//! calls with `patchbay call`) with media (RTP/SRTP, G.711, DTMF, prompts, audio streams); a
-//! flow's `record`, `dial` and `agent`, and outbound TLS connections are not implemented yet,
-//! and `patchbay run` says so.
+//! calls with `patchbay call`) with media (RTP/SRTP, G.711, DTMF, prompts, audio streams,
+//! recording), flows' `dial` (UDP legs, bridged) and `agent` (websocket AI agents), and one CDR
+//! per call. Outbound TLS connections and trunks are not implemented yet, and `patchbay run`
+//! says so.
 
+mod agent;
 mod bench_media;
 mod call;
 mod caller;
@@ -222,6 +224,19 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                     tokio::spawn(transport::tcp_listener(listener, Arc::clone(&streams)));
                 }
             }
+            if let Some(listen) = config.demo_agent.listen {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("binding the demo agent on {listen}"))?;
+                let greeting = prompts::stock_ulaw("agent-greeting.wav").context("the demo agent's greeting")?;
+                let agent = patchbay_agent::server::DemoAgent::new(patchbay_agent::server::DemoAgentConfig {
+                    greeting,
+                    transfer_target: config.demo_agent.transfer_to.clone(),
+                    ..Default::default()
+                });
+                println!("demo AI agent on ws://{listen}/agent (greets, repeats what you say; 0 transfers, # hangs up)");
+                tokio::spawn(agent.serve(listener));
+            }
             let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
             if let Some(contact) = contact {
                 let endpoint = sip_server::run_endpoint(contact, inbound_rx, outbound, engine, registry, routing, shutdown_rx);
@@ -313,8 +328,8 @@ fn report(config: &Config, engine: &FlowEngine, registry: &FlowRegistry) {
     let served: Vec<_> = listeners.iter().map(|l| format!("{}:{}", l.transport, l.addr)).collect();
     println!("SIP on {} (outbound TLS connections are not implemented yet).", served.join(", "));
     println!(
-        "Media: G.711 (PCMU/PCMA) over RTP or SRTP (SDES), RFC 4733 / in-band / SIP INFO DTMF, prompts, paced on one \
-         clock. NOT YET: record, dial and agent return `unavailable` to flows."
+        "Media: G.711 (PCMU/PCMA) over RTP or SRTP (SDES), RFC 4733 / in-band / SIP INFO DTMF, prompts, recording, \
+         dial + bridge (UDP), AI agents over websockets (Twilio Media Streams), paced on one clock."
     );
     println!("Try: sipp -sn uac -s echo 127.0.0.1:{port} -m 1   (or point a softphone at sip:echo@127.0.0.1:{port})");
 }

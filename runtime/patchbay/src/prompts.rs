@@ -10,7 +10,7 @@ use patchbay_host::CallError;
 use patchbay_media::prompt::Prompt;
 
 /// The stock prompts (8 kHz μ-law WAV; the speech was made with espeak-ng).
-const STOCK: [(&str, &[u8]); 11] = [
+const STOCK: [(&str, &[u8]); 12] = [
     ("menu.wav", include_bytes!("../prompts/menu.wav")),
     ("invalid.wav", include_bytes!("../prompts/invalid.wav")),
     ("goodbye.wav", include_bytes!("../prompts/goodbye.wav")),
@@ -21,6 +21,8 @@ const STOCK: [(&str, &[u8]); 11] = [
     ("extension.wav", include_bytes!("../prompts/extension.wav")),
     ("connecting.wav", include_bytes!("../prompts/connecting.wav")),
     ("agent-unavailable.wav", include_bytes!("../prompts/agent-unavailable.wav")),
+    // The built-in demo agent's greeting.
+    ("agent-greeting.wav", include_bytes!("../prompts/agent-greeting.wav")),
     // North American ringback (440 + 480 Hz, 2 s on, 4 s off), played while `dial` rings.
     ("ringback.wav", include_bytes!("../prompts/ringback.wav")),
 ];
@@ -117,4 +119,18 @@ mod tests {
         let Err(CallError::InvalidArgument(message)) = store.get("nothing") else { panic!("accepted") };
         assert!(message.contains("no prompt"), "{message}");
     }
+}
+
+/// A stock prompt's audio as μ-law octets (for the demo agent, which speaks Twilio's format).
+pub fn stock_ulaw(name: &str) -> Option<Vec<u8>> {
+    let (_, bytes) = STOCK.iter().find(|(n, _)| *n == name)?;
+    let prompt = Prompt::from_wav(name, bytes).ok()?;
+    let mut out = Vec::new();
+    let mut frame = [0u8; 160];
+    let mut index = 0;
+    while prompt.frame_into(patchbay_media::prompt::PromptCodec::Pcmu, index, &mut frame) {
+        out.extend_from_slice(&frame);
+        index += 1;
+    }
+    Some(out)
 }

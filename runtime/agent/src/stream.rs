@@ -1,0 +1,705 @@
+//! The client: one websocket to an agent server per call.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt as _, StreamExt as _};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, Uri};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tracing::{Instrument as _, debug, info, warn};
+
+use crate::error::AgentError;
+use crate::protocol::{
+    AgentMessage, Frame160, MAX_MEDIA_FRAME, SAMPLES_PER_MS, StartInfo, StreamEncoder, is_dtmf_digit,
+    parse_agent_message,
+};
+use crate::repacketize::Repacketizer;
+
+/// Default bound of the caller-audio queue: one second of 20 ms frames.
+pub const DEFAULT_MEDIA_QUEUE: usize = 50;
+
+/// Bound of the DTMF/mark queue; these are rare, so a full queue means the agent is stuck.
+const CONTROL_QUEUE: usize = 64;
+
+/// Most messages written before a flush, so a backlog goes out in few syscalls.
+const WRITE_BATCH: usize = 32;
+
+/// A flush that takes longer than this means the agent stopped reading: the stream fails.
+const WRITE_STALL: Duration = Duration::from_secs(10);
+
+/// How long [`AgentStream::stop`] waits for queued messages and the close handshake.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the agent may take to end the connection after its close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Largest websocket message accepted from an agent: about 6 minutes of base64 μ-law.
+const MAX_MESSAGE: usize = 4 << 20;
+
+/// What the agent asked for, in the order it asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AgentEvent {
+    /// 20 ms of agent audio (μ-law) to play to the caller, re-packetised from the agent's
+    /// `media` payloads.
+    Audio(Frame160),
+    /// The agent's `mark`: once every frame received before it has played, call
+    /// [`AgentStream::send_mark`] with this name.
+    Mark(String),
+    /// The agent's `clear`: drop agent audio queued but not yet played, and echo (send back)
+    /// the marks queued among it, as Twilio does.
+    Clear,
+    /// Patchbay extension: transfer the caller to this target (a SIP URI).
+    Transfer(String),
+    /// Patchbay extension: end the call.
+    Hangup,
+    /// The agent closed the websocket normally. Terminal: every later `recv` returns it again.
+    Closed,
+    /// The connection dropped or broke (reset, protocol error, abnormal close code, the
+    /// agent stopped reading). Terminal: every later `recv` returns it again.
+    Failed(String),
+}
+
+/// How to connect. Build with [`ConnectOptions::new`] and the `with_*` methods.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConnectOptions {
+    /// TLS configuration for `wss://`; `None` uses the public web roots (webpki-roots).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Bound on the whole connect: TCP, TLS, websocket upgrade, `connected` and `start`.
+    pub timeout: Duration,
+    /// Caller frames queued for the agent before new ones are dropped.
+    pub media_queue: usize,
+}
+
+impl ConnectOptions {
+    /// Options with the given connect timeout, public TLS roots and the default queue.
+    pub fn new(timeout: Duration) -> Self {
+        Self { tls: None, timeout, media_queue: DEFAULT_MEDIA_QUEUE }
+    }
+
+    /// Uses this TLS client configuration for `wss://` (for private CAs).
+    pub fn with_tls(mut self, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Queues up to `frames` caller frames (at least 1) before dropping.
+    pub fn with_media_queue(mut self, frames: usize) -> Self {
+        self.media_queue = frames.max(1);
+        self
+    }
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(5))
+    }
+}
+
+/// Connects to the agent at `url` (`ws://` or `wss://`), sends `connected` and `start`,
+/// and returns the stream. Agents do not answer either message, so nothing is awaited
+/// after the websocket upgrade.
+///
+/// `tls` overrides the public web roots for `wss://`; `timeout` bounds the whole connect.
+pub async fn connect(
+    url: &str,
+    start: &StartInfo,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    timeout: Duration,
+) -> Result<AgentStream, AgentError> {
+    connect_with(url, start, &ConnectOptions::new(timeout).with_tls(tls)).await
+}
+
+/// [`connect`] with every option.
+pub async fn connect_with(url: &str, start: &StartInfo, options: &ConnectOptions) -> Result<AgentStream, AgentError> {
+    let target = Target::parse(url)?;
+    let tls = if target.tls {
+        Some(match &options.tls {
+            Some(config) => config.clone(),
+            None => default_tls_config()?,
+        })
+    } else {
+        None
+    };
+    let connecting = async {
+        let transport = target.open(tls).await?;
+        let mut request = (&target.uri).into_client_request().map_err(AgentError::websocket)?;
+        request
+            .headers_mut()
+            .insert("user-agent", HeaderValue::from_static(concat!("patchbay/", env!("CARGO_PKG_VERSION"))));
+        let config = WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE)).max_frame_size(Some(MAX_MESSAGE));
+        let (ws, _response) = tokio_tungstenite::client_async_with_config(request, transport, Some(config))
+            .await
+            .map_err(AgentError::websocket)?;
+        let (mut sink, reader) = ws.split();
+        let mut encoder = StreamEncoder::new(start);
+        sink.feed(Message::text(encoder.connected())).await.map_err(AgentError::websocket)?;
+        sink.feed(Message::text(encoder.start(&start.custom_parameters))).await.map_err(AgentError::websocket)?;
+        sink.flush().await.map_err(AgentError::websocket)?;
+        Ok::<_, AgentError>((sink, reader, encoder))
+    };
+    let (sink, reader, encoder) =
+        tokio::time::timeout(options.timeout, connecting).await.map_err(|_| AgentError::Timeout(options.timeout))??;
+    info!(
+        url = %target.uri,
+        stream_sid = %start.stream_sid,
+        call_sid = %start.call_sid,
+        "agent stream connected"
+    );
+
+    let (media_tx, media_rx) = mpsc::channel(options.media_queue.max(1));
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (failure_tx, failure_rx) = oneshot::channel();
+    let span = tracing::info_span!("agent_writer", stream_sid = %start.stream_sid);
+    let writer = tokio::spawn(run_writer(sink, encoder, control_rx, media_rx, failure_tx).instrument(span));
+    Ok(AgentStream {
+        sender: AgentSender { shared: Arc::new(SenderShared::default()), media_tx, control_tx },
+        reader,
+        writer: Some(writer),
+        writer_failure: failure_rx,
+        writer_ended: false,
+        repacketizer: Repacketizer::default(),
+        pending: VecDeque::new(),
+        scratch: Vec::new(),
+        terminal: None,
+        closing: None,
+        malformed: 0,
+        stream_sid: start.stream_sid.clone(),
+    })
+}
+
+/// One open media stream to an agent.
+///
+/// Writes go through a writer task: the `send_*` methods only queue and never block, so
+/// they are safe on the media path. Reads happen in [`recv`](Self::recv), in the caller's
+/// task: the websocket is read only while `recv` is awaited, so poll it continuously (the
+/// caller keeps its own playout queue) or the agent's `clear` arrives late.
+#[derive(Debug)]
+pub struct AgentStream {
+    sender: AgentSender,
+    reader: SplitStream<WebSocketStream<Transport>>,
+    writer: Option<JoinHandle<()>>,
+    writer_failure: oneshot::Receiver<String>,
+    writer_ended: bool,
+    repacketizer: Repacketizer,
+    pending: VecDeque<AgentEvent>,
+    scratch: Vec<u8>,
+    terminal: Option<AgentEvent>,
+    /// The agent's close arrived: the event to report once the connection has ended.
+    closing: Option<(AgentEvent, Instant)>,
+    malformed: u64,
+    stream_sid: String,
+}
+
+impl AgentStream {
+    /// Queues one frame of caller audio (μ-law, normally 160 bytes = 20 ms; at most
+    /// [`MAX_MEDIA_FRAME`]). See [`AgentSender::send_media`].
+    pub fn send_media(&self, mulaw: &[u8]) -> Result<(), AgentError> {
+        self.sender.send_media(mulaw)
+    }
+
+    /// Queues a `dtmf` message for a key the caller pressed. See [`AgentSender::send_dtmf`].
+    pub fn send_dtmf(&self, digit: char) -> Result<(), AgentError> {
+        self.sender.send_dtmf(digit)
+    }
+
+    /// Queues a `mark` message: the agent audio before the agent's mark `name` has played
+    /// (or was cleared).
+    pub fn send_mark(&self, name: &str) -> Result<(), AgentError> {
+        self.sender.send_mark(name)
+    }
+
+    /// A cloneable handle to send from another task.
+    pub fn sender(&self) -> AgentSender {
+        self.sender.clone()
+    }
+
+    /// Caller frames dropped so far because the agent could not keep up.
+    pub fn dropped_media_frames(&self) -> u64 {
+        self.sender.dropped_media_frames()
+    }
+
+    /// The next event from the agent.
+    ///
+    /// Cancel-safe: a message read from the socket is parsed into an internal queue before
+    /// anything is returned, so dropping the future loses nothing. After
+    /// [`AgentEvent::Closed`] or [`AgentEvent::Failed`] every call returns that event again.
+    pub async fn recv(&mut self) -> AgentEvent {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return event;
+            }
+            if let Some(terminal) = &self.terminal {
+                return terminal.clone();
+            }
+            let close_deadline = self.closing.as_ref().map(|(_, deadline)| *deadline);
+            tokio::select! {
+                biased;
+                message = self.reader.next() => self.on_websocket(message),
+                () = tokio::time::sleep_until(close_deadline.unwrap_or_else(Instant::now)),
+                    if close_deadline.is_some() =>
+                {
+                    debug!(stream_sid = %self.stream_sid, "agent did not end the connection after its close");
+                    self.end_close();
+                }
+                failure = &mut self.writer_failure, if !self.writer_ended => {
+                    self.writer_ended = true;
+                    // Writes fail once the agent's close arrived: that is not a failure.
+                    if let (Ok(reason), None) = (failure, &self.closing) {
+                        self.finish(AgentEvent::Failed(reason));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends `stop` after the queued caller audio, closes the websocket with a normal close
+    /// and waits (briefly) for the agent's close reply.
+    pub async fn stop(mut self) {
+        let sent = tokio::time::timeout(STOP_TIMEOUT, self.sender.control_tx.send(Control::Stop))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if let Some(mut writer) = self.writer.take()
+            && (!sent || tokio::time::timeout(STOP_TIMEOUT, &mut writer).await.is_err())
+        {
+            // Stuck writing to an agent that does not read: do not leave it behind.
+            debug!(stream_sid = %self.stream_sid, "agent writer did not finish; aborting it");
+            writer.abort();
+        }
+        if sent && self.terminal.is_none() {
+            // The close handshake (RFC 6455 §7.1.2): read until the agent's close reply and
+            // the end of the connection, ignoring whatever else it still sends.
+            let drained =
+                tokio::time::timeout(STOP_TIMEOUT, async { while let Some(Ok(_)) = self.reader.next().await {} }).await;
+            if drained.is_err() {
+                debug!(stream_sid = %self.stream_sid, "agent did not answer the close in time");
+            }
+        }
+        info!(
+            stream_sid = %self.stream_sid,
+            dropped_media_frames = self.sender.dropped_media_frames(),
+            "agent stream stopped"
+        );
+    }
+
+    fn finish(&mut self, event: AgentEvent) {
+        if self.terminal.is_none() {
+            self.repacketizer.flush(&mut self.pending);
+            match &event {
+                AgentEvent::Failed(reason) => {
+                    warn!(stream_sid = %self.stream_sid, %reason, "agent stream failed")
+                }
+                _ => info!(stream_sid = %self.stream_sid, "agent closed the stream"),
+            }
+            self.terminal = Some(event);
+        }
+    }
+
+    fn on_websocket(&mut self, message: Option<Result<Message, tungstenite::Error>>) {
+        match message {
+            Some(Ok(Message::Text(text))) => self.on_text(&text),
+            Some(Ok(Message::Binary(data))) => {
+                debug!(stream_sid = %self.stream_sid, len = data.len(), "ignoring binary frame from agent");
+            }
+            Some(Ok(Message::Close(frame))) => {
+                let normal = frame
+                    .as_ref()
+                    .is_none_or(|f| matches!(f.code, CloseCode::Normal | CloseCode::Away | CloseCode::Status));
+                let event = if normal {
+                    AgentEvent::Closed
+                } else {
+                    AgentEvent::Failed(
+                        frame
+                            .map(|f| format!("agent closed with code {}: {}", u16::from(f.code), f.reason))
+                            .unwrap_or_default(),
+                    )
+                };
+                // tungstenite sends our close reply on the next read, and the server ends
+                // the TCP connection after it (RFC 6455 §7.1.1): keep reading until then.
+                self.closing = Some((event, Instant::now() + CLOSE_TIMEOUT));
+            }
+            // Pings are answered by tungstenite itself.
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+            Some(Err(_)) | None if self.closing.is_some() => self.end_close(),
+            Some(Err(tungstenite::Error::ConnectionClosed)) => self.finish(AgentEvent::Closed),
+            Some(Err(err)) => self.finish(AgentEvent::Failed(err.to_string())),
+            None => self.finish(AgentEvent::Failed("connection ended".to_owned())),
+        }
+    }
+
+    fn end_close(&mut self) {
+        if let Some((event, _)) = self.closing.take() {
+            self.finish(event);
+        }
+    }
+
+    fn on_text(&mut self, text: &str) {
+        match parse_agent_message(text, &mut self.scratch) {
+            Ok(AgentMessage::Media) => {
+                self.repacketizer.push_audio(&self.scratch, &mut self.pending);
+            }
+            Ok(AgentMessage::Mark(name)) => {
+                debug!(stream_sid = %self.stream_sid, %name, "agent mark");
+                self.repacketizer.push_after_audio(AgentEvent::Mark(name), &mut self.pending);
+            }
+            Ok(AgentMessage::Clear) => {
+                debug!(stream_sid = %self.stream_sid, "agent clear");
+                self.repacketizer.clear(&mut self.pending);
+            }
+            Ok(AgentMessage::Transfer(target)) => {
+                info!(stream_sid = %self.stream_sid, %target, "agent asks to transfer");
+                self.repacketizer.push_after_audio(AgentEvent::Transfer(target), &mut self.pending);
+            }
+            Ok(AgentMessage::Hangup) => {
+                info!(stream_sid = %self.stream_sid, "agent asks to hang up");
+                self.repacketizer.push_after_audio(AgentEvent::Hangup, &mut self.pending);
+            }
+            Ok(AgentMessage::Unknown(event)) => {
+                debug!(stream_sid = %self.stream_sid, %event, "ignoring unknown agent event");
+            }
+            Err(err) => {
+                // A misbehaving agent must not flood the log: warn once, then debug.
+                self.malformed += 1;
+                if self.malformed == 1 {
+                    warn!(stream_sid = %self.stream_sid, %err, "ignoring malformed agent message");
+                } else {
+                    debug!(stream_sid = %self.stream_sid, %err, count = self.malformed, "ignoring malformed agent message");
+                }
+            }
+        }
+    }
+}
+
+/// A cloneable, non-blocking handle that queues messages to the agent.
+#[derive(Debug, Clone)]
+pub struct AgentSender {
+    shared: Arc<SenderShared>,
+    media_tx: mpsc::Sender<MediaChunk>,
+    control_tx: mpsc::Sender<Control>,
+}
+
+#[derive(Debug, Default)]
+struct SenderShared {
+    /// Caller samples offered so far, dropped ones included: the media clock.
+    samples: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl AgentSender {
+    /// Queues one frame of caller audio (μ-law, 1 to [`MAX_MEDIA_FRAME`] bytes, normally
+    /// 160 = 20 ms) without blocking or allocating.
+    ///
+    /// If the agent cannot keep up and the queue is full, the frame is dropped and counted
+    /// ([`dropped_media_frames`](Self::dropped_media_frames)); that is not an error. The
+    /// `timestamp` sent with each frame is media time (8 samples per ms), so it advances over
+    /// dropped frames too; `chunk` counts frames actually sent.
+    pub fn send_media(&self, mulaw: &[u8]) -> Result<(), AgentError> {
+        let len = mulaw.len();
+        if len == 0 || len > MAX_MEDIA_FRAME {
+            return Err(AgentError::InvalidFrame { len, max: MAX_MEDIA_FRAME });
+        }
+        let samples = self.shared.samples.fetch_add(len as u64, Ordering::Relaxed);
+        let mut chunk = MediaChunk { timestamp_ms: samples / SAMPLES_PER_MS, len, bytes: [0; MAX_MEDIA_FRAME] };
+        chunk.bytes[..len].copy_from_slice(mulaw);
+        match self.media_tx.try_send(chunk) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let dropped = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if dropped.is_power_of_two() {
+                    warn!(dropped, "agent is not keeping up; dropping caller audio");
+                }
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(AgentError::Closed),
+        }
+    }
+
+    /// Queues a `dtmf` message. `digit` is one of `0-9 * # A-D` (lower-case `a-d` accepted).
+    pub fn send_dtmf(&self, digit: char) -> Result<(), AgentError> {
+        let digit = digit.to_ascii_uppercase();
+        if !is_dtmf_digit(digit) {
+            return Err(AgentError::InvalidDigit(digit));
+        }
+        self.control(Control::Dtmf(digit))
+    }
+
+    /// Queues a `mark` message: the agent audio before the agent's mark `name` has played.
+    pub fn send_mark(&self, name: &str) -> Result<(), AgentError> {
+        self.control(Control::Mark(name.to_owned()))
+    }
+
+    /// Caller frames dropped so far because the agent could not keep up.
+    pub fn dropped_media_frames(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    fn control(&self, control: Control) -> Result<(), AgentError> {
+        self.control_tx.try_send(control).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => AgentError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => AgentError::Closed,
+        })
+    }
+}
+
+/// A caller frame on its way to the writer, inline so queueing does not allocate.
+#[derive(Debug)]
+struct MediaChunk {
+    timestamp_ms: u64,
+    len: usize,
+    bytes: [u8; MAX_MEDIA_FRAME],
+}
+
+#[derive(Debug)]
+enum Control {
+    Dtmf(char),
+    Mark(String),
+    Stop,
+}
+
+#[allow(clippy::large_enum_variant, reason = "a short-lived stack value; boxing would allocate per frame")]
+enum Outgoing {
+    Media(MediaChunk),
+    Control(Control),
+}
+
+type Sink = SplitSink<WebSocketStream<Transport>, Message>;
+
+async fn run_writer(
+    mut sink: Sink,
+    mut encoder: StreamEncoder,
+    mut control_rx: mpsc::Receiver<Control>,
+    mut media_rx: mpsc::Receiver<MediaChunk>,
+    failure_tx: oneshot::Sender<String>,
+) {
+    match write_loop(&mut sink, &mut encoder, &mut control_rx, &mut media_rx).await {
+        Ok(()) => debug!("agent writer finished"),
+        Err(reason) => {
+            debug!(%reason, "agent writer failed");
+            let _ = failure_tx.send(reason);
+        }
+    }
+}
+
+async fn write_loop(
+    sink: &mut Sink,
+    encoder: &mut StreamEncoder,
+    control_rx: &mut mpsc::Receiver<Control>,
+    media_rx: &mut mpsc::Receiver<MediaChunk>,
+) -> Result<(), String> {
+    let fail = |err: tungstenite::Error| err.to_string();
+    loop {
+        // Control first: a mark or DTMF is small and the agent may be waiting on it.
+        let first = tokio::select! {
+            biased;
+            control = control_rx.recv() => control.map(Outgoing::Control),
+            media = media_rx.recv() => media.map(Outgoing::Media),
+        };
+        let Some(first) = first else {
+            // Every handle was dropped without `stop`: leave politely.
+            let _ = tokio::time::timeout(WRITE_STALL, close(sink, CloseCode::Away)).await;
+            return Ok(());
+        };
+        let mut next = Some(first);
+        let mut written = 0;
+        while let Some(outgoing) = next.take() {
+            let text = match outgoing {
+                Outgoing::Media(chunk) => encoder.media(chunk.timestamp_ms, &chunk.bytes[..chunk.len]),
+                Outgoing::Control(Control::Dtmf(digit)) => encoder.dtmf(digit),
+                Outgoing::Control(Control::Mark(name)) => encoder.mark(&name),
+                Outgoing::Control(Control::Stop) => {
+                    while let Ok(chunk) = media_rx.try_recv() {
+                        let text = encoder.media(chunk.timestamp_ms, &chunk.bytes[..chunk.len]);
+                        sink.feed(Message::text(text)).await.map_err(fail)?;
+                    }
+                    sink.feed(Message::text(encoder.stop())).await.map_err(fail)?;
+                    return tokio::time::timeout(WRITE_STALL, close(sink, CloseCode::Normal))
+                        .await
+                        .map_err(|_| "agent did not accept the close".to_owned())?
+                        .map_err(fail);
+                }
+            };
+            sink.feed(Message::text(text)).await.map_err(fail)?;
+            written += 1;
+            if written < WRITE_BATCH {
+                next = match control_rx.try_recv() {
+                    Ok(control) => Some(Outgoing::Control(control)),
+                    Err(_) => media_rx.try_recv().ok().map(Outgoing::Media),
+                };
+            }
+        }
+        tokio::time::timeout(WRITE_STALL, sink.flush())
+            .await
+            .map_err(|_| format!("agent stopped reading for {WRITE_STALL:?}"))?
+            .map_err(fail)?;
+    }
+}
+
+async fn close(sink: &mut Sink, code: CloseCode) -> Result<(), tungstenite::Error> {
+    sink.send(Message::Close(Some(CloseFrame { code, reason: "".into() }))).await
+}
+
+/// A parsed `ws://` or `wss://` URL.
+#[derive(Debug)]
+struct Target {
+    uri: Uri,
+    tls: bool,
+    /// Host without IPv6 brackets, for DNS and the TLS server name.
+    host: String,
+    port: u16,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Self, AgentError> {
+        let invalid = |reason| AgentError::InvalidUrl { url: url.to_owned(), reason };
+        let uri = Uri::from_str(url).map_err(|_| invalid("not a URL"))?;
+        let tls = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            Some(_) => return Err(invalid("scheme must be ws or wss")),
+            None => return Err(invalid("missing ws:// or wss://")),
+        };
+        let host = uri.host().ok_or(invalid("missing host"))?;
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host).to_owned();
+        if host.is_empty() {
+            return Err(invalid("missing host"));
+        }
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        Ok(Self { uri, tls, host, port })
+    }
+
+    async fn open(&self, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Transport, AgentError> {
+        let addr = format!("{}:{}", self.host, self.port);
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|source| AgentError::Connect { addr: addr.clone(), source })?;
+        // 20 ms frames are small: Nagle plus delayed ACKs would add tens of ms.
+        if let Err(err) = tcp.set_nodelay(true) {
+            debug!(%err, "could not set TCP_NODELAY on the agent connection");
+        }
+        let Some(config) = tls else {
+            return Ok(Transport::Plain(tcp));
+        };
+        let name = ServerName::try_from(self.host.clone()).map_err(|_| AgentError::InvalidUrl {
+            url: self.uri.to_string(),
+            reason: "host is not a valid TLS server name",
+        })?;
+        let stream = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(AgentError::Tls)?;
+        Ok(Transport::Tls(Box::new(stream)))
+    }
+}
+
+/// The public web PKI with the `ring` provider, built once.
+fn default_tls_config() -> Result<Arc<rustls::ClientConfig>, AgentError> {
+    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    if let Some(config) = CONFIG.get() {
+        return Ok(config.clone());
+    }
+    let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(AgentError::TlsConfig)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(CONFIG.get_or_init(|| Arc::new(config)).clone())
+}
+
+/// The byte stream under the websocket.
+#[derive(Debug)]
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Transport::Plain(s) => s.is_write_vectored(),
+            Transport::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked() {
+        let t = Target::parse("ws://127.0.0.1:9000/agent?x=1").expect("ws");
+        assert!(!t.tls);
+        assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 9000));
+        let t = Target::parse("wss://agent.example.com/s").expect("wss");
+        assert!(t.tls);
+        assert_eq!(t.port, 443);
+        let t = Target::parse("ws://[::1]:81/").expect("v6");
+        assert_eq!(t.host, "::1");
+        for bad in ["http://x/", "x", "", "ws://", "ws:///path"] {
+            assert!(matches!(Target::parse(bad), Err(AgentError::InvalidUrl { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn default_tls_config_uses_ring() {
+        let config = default_tls_config().expect("config");
+        assert!(Arc::ptr_eq(&config, &default_tls_config().expect("again")));
+    }
+}

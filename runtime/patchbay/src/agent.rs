@@ -1,0 +1,188 @@
+//! A flow's `agent`: the call's audio streamed to an AI agent over a websocket (Twilio Media
+//! Streams, see `patchbay-agent` and `docs/agents.md`) and the agent's audio paced back into
+//! the call.
+//!
+//! - Caller → agent: every 20 ms frame after the jitter buffer, as μ-law (A-law calls are
+//!   converted), and key presses as `dtmf` messages.
+//! - Agent → caller: the agent's audio, re-cut into 20 ms frames by the stream, queued behind
+//!   what is already playing; about a second is kept in the call's playout queue and the rest
+//!   waits here, so a whole sentence sent at once is fine. Between utterances the media clock
+//!   sends silence (or comfort noise): the wire never goes quiet.
+//! - Marks: an agent's `mark` is queued after its audio and echoed back when that audio has
+//!   been sent; `clear` (barge-in) drops everything queued at once and echoes the marks it
+//!   dropped, as Twilio does.
+//! - The session ends when the agent closes (`completed`), asks to hang up or transfer
+//!   (Patchbay's `hangup` / `transfer` events), drops (`disconnected`), or the caller hangs up.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use patchbay_agent::{AgentEvent, AgentStream, ConnectOptions, StartInfo};
+use patchbay_host::{AgentEnd, CallError, Dtmf};
+use patchbay_media::{AudioEncoding, FramePool};
+use tokio::sync::{mpsc, watch};
+
+use crate::media::CallMedia;
+
+/// How long connecting (TCP, TLS, websocket upgrade) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Agent audio kept in the call's playout queue; the rest waits in [`Playout`].
+const AHEAD_FRAMES: usize = 50;
+
+/// Agent audio and marks not yet handed to the call's playout queue.
+enum Pending {
+    Audio(patchbay_agent::Frame160),
+    Mark(u64),
+}
+
+/// The agent's side of the call's playout: audio and marks in order, and the marks waiting
+/// for their audio to be sent.
+struct Playout {
+    pending: VecDeque<Pending>,
+    /// (mark id in the media session, the agent's mark name), oldest first.
+    marks: VecDeque<(u64, String)>,
+}
+
+impl Playout {
+    /// Moves pending audio and marks into the session until about a second is queued.
+    fn feed(&mut self, media: &CallMedia, pool: &FramePool) {
+        if self.pending.is_empty() {
+            return;
+        }
+        media.with(|session| {
+            while session.queued() < AHEAD_FRAMES {
+                match self.pending.pop_front() {
+                    Some(Pending::Audio(octets)) => {
+                        let Ok(frame) = pool.g711(AudioEncoding::Pcmu, &octets, 0) else { break };
+                        if session.play(frame).is_err() {
+                            break;
+                        }
+                    }
+                    Some(Pending::Mark(id)) => session.mark(id),
+                    None => break,
+                }
+            }
+        });
+    }
+
+    /// Echoes the marks whose audio has been sent (or dropped by a clear).
+    fn echo_played(&mut self, played: u64, stream: &AgentStream) {
+        while self.marks.front().is_some_and(|(id, _)| *id <= played) {
+            if let Some((_, name)) = self.marks.pop_front() {
+                let _ = stream.send_mark(&name);
+            }
+        }
+    }
+}
+
+/// What the call gives an agent session.
+pub struct AgentCall<'a> {
+    /// The call's media (answered).
+    pub media: &'a CallMedia,
+    /// The frame pool.
+    pub pool: &'a FramePool,
+    /// The caller's key presses.
+    pub dtmf: &'a mut mpsc::Receiver<Dtmf>,
+    /// The id of the last mark the call's media has played.
+    pub played: watch::Receiver<u64>,
+    /// Allocates mark ids shared with the call's prompts.
+    pub next_mark: &'a (dyn Fn() -> u64 + Sync),
+}
+
+/// Connects to `endpoint` and runs the session until it ends; `caller_gone` resolves when the
+/// caller hangs up.
+pub async fn run(
+    call: AgentCall<'_>,
+    endpoint: &str,
+    start: &StartInfo,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    caller_gone: impl Future<Output = ()>,
+) -> Result<AgentEnd, CallError> {
+    let options = ConnectOptions::new(CONNECT_TIMEOUT).with_tls(tls);
+    let mut stream = patchbay_agent::connect_with(endpoint, start, &options)
+        .await
+        .map_err(|e| CallError::Unavailable(format!("agent {endpoint}: {e}")))?;
+    tracing::info!(%endpoint, stream_sid = %start.stream_sid, "agent connected");
+    let (frames_tx, mut frames) = mpsc::channel(crate::media::FLOW_AUDIO_QUEUE);
+    call.media.listen(Some(frames_tx));
+    let mut playout = Playout { pending: VecDeque::new(), marks: VecDeque::new() };
+    let mut played = call.played;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tokio::pin!(caller_gone);
+    let mut octets = [0u8; 160];
+    let end = loop {
+        tokio::select! {
+            event = stream.recv() => match event {
+                AgentEvent::Audio(frame) => {
+                    playout.pending.push_back(Pending::Audio(frame));
+                    playout.feed(call.media, call.pool);
+                }
+                AgentEvent::Mark(name) => {
+                    let id = (call.next_mark)();
+                    playout.marks.push_back((id, name));
+                    playout.pending.push_back(Pending::Mark(id));
+                    playout.feed(call.media, call.pool);
+                }
+                AgentEvent::Clear => {
+                    // Barge-in: nothing the agent queued is played any more.
+                    playout.pending.clear();
+                    call.media.with(|session| session.clear());
+                    let dropped: Vec<String> = playout.marks.drain(..).map(|(_, name)| name).collect();
+                    for name in dropped {
+                        let _ = stream.send_mark(&name);
+                    }
+                }
+                AgentEvent::Transfer(target) => break Ok(AgentEnd::TransferRequested(target)),
+                AgentEvent::Hangup => break Ok(AgentEnd::HangupRequested),
+                AgentEvent::Closed => break Ok(AgentEnd::Completed),
+                AgentEvent::Failed(why) => break Ok(AgentEnd::Disconnected(why)),
+                other => tracing::debug!(?other, "agent event"),
+            },
+            Some(frame) = frames.recv() => {
+                let n = frame.encode_into(AudioEncoding::Pcmu, &mut octets);
+                if n > 0 && stream.send_media(&octets[..n]).is_err() {
+                    tracing::debug!("agent stream closed while sending media");
+                }
+            }
+            Some(key) = call.dtmf.recv() => {
+                let _ = stream.send_dtmf(key.digit);
+            }
+            Ok(()) = played.changed() => {
+                let last = *played.borrow_and_update();
+                playout.echo_played(last, &stream);
+            }
+            _ = tick.tick() => playout.feed(call.media, call.pool),
+            () = &mut caller_gone => break Err(CallError::Hangup),
+        }
+    };
+    call.media.listen(None);
+    let dropped = stream.dropped_media_frames();
+    if dropped > 0 {
+        tracing::warn!(dropped, "caller audio frames dropped because the agent did not keep up");
+    }
+    match &end {
+        // The agent is gone or asked to end: tell it we stopped, close cleanly.
+        Ok(AgentEnd::TransferRequested(_) | AgentEnd::HangupRequested) | Err(_) => stream.stop().await,
+        _ => {}
+    }
+    // Let what the agent said before it ended play out (not after a hang-up or a drop).
+    if matches!(end, Ok(AgentEnd::TransferRequested(_) | AgentEnd::HangupRequested | AgentEnd::Completed)) {
+        while !playout.pending.is_empty() {
+            playout.feed(call.media, call.pool);
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = &mut caller_gone => return Err(CallError::Hangup),
+            }
+        }
+        let id = (call.next_mark)();
+        call.media.with(|session| session.mark(id));
+        tokio::select! {
+            _ = played.wait_for(|p| *p >= id) => {}
+            () = &mut caller_gone => return Err(CallError::Hangup),
+        }
+    }
+    tracing::info!(?end, "agent session ended");
+    end
+}

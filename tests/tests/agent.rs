@@ -1,0 +1,119 @@
+//! The issue's headline call: a caller reaches the IVR menu, presses 2, talks to an AI agent
+//! over a websocket (Twilio Media Streams; here the in-repo scripted agent), the agent speaks,
+//! is barged in on with `clear`, then asks for a transfer — and the call arrives at a sipp UAS
+//! playing the human.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use patchbay_agent::server::{Observed, ScriptStep, ScriptedAgent, tone_ulaw};
+use patchbay_e2e::{free_port, patchbay, start_patchbay_with, wav_samples};
+
+/// 20 ms frames of `samples` in which `hz` carries most of the frame's energy (Goertzel).
+fn frames_with_tone(samples: &[i16], hz: f64) -> usize {
+    samples
+        .chunks_exact(160)
+        .filter(|frame| {
+            let w = 2.0 * std::f64::consts::PI * hz / 8_000.0;
+            let (mut s1, mut s2) = (0.0f64, 0.0f64);
+            for &x in *frame {
+                let s = f64::from(x) + 2.0 * w.cos() * s1 - s2;
+                s2 = s1;
+                s1 = s;
+            }
+            let power = s1 * s1 + s2 * s2 - 2.0 * w.cos() * s1 * s2;
+            let energy: f64 = frame.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+            // A pure tone puts energy · N / 2 into its bin.
+            energy > 1e5 && power > 0.5 * energy * 160.0 / 2.0
+        })
+        .count()
+}
+
+#[test]
+fn menu_then_agent_with_barge_in_then_transfer_to_a_human_over_sip() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio");
+    let human_port = free_port();
+    let script = vec![
+        ScriptStep::WaitForMedia(10),
+        // One second of 1 kHz, marked: Patchbay echoes the mark once it has played.
+        ScriptStep::SendAudio(tone_ulaw(1_000.0, 1_000, 8_000), 100),
+        ScriptStep::Mark("first".into()),
+        ScriptStep::WaitForMark("first".into()),
+        // Five seconds of 600 Hz sent at once, then a barge-in half a second later.
+        ScriptStep::SendAudio(tone_ulaw(600.0, 5_000, 8_000), 0),
+        ScriptStep::Mark("long".into()),
+        ScriptStep::WaitMs(500),
+        ScriptStep::Clear,
+        ScriptStep::WaitForMark("long".into()),
+        ScriptStep::Transfer(format!("sip:human@127.0.0.1:{human_port}")),
+        ScriptStep::WaitMs(2_000),
+    ];
+    let (agent, mut observed) = ScriptedAgent::new(script);
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind the agent");
+    let agent_port = listener.local_addr().expect("agent address").port();
+    runtime.spawn(agent.serve(listener));
+
+    let flows = format!(
+        "[[tenant.flow]]\nname = \"menu\"\nstock = \"menu\"\n[tenant.flow.vars]\n\
+         \"menu.2\" = \"agent:ws://127.0.0.1:{agent_port}/agent\"\n"
+    );
+    let pb = start_patchbay_with("", &flows);
+    let sipp_dir = tempfile::tempdir().expect("tempdir");
+    let human = Command::new("sipp")
+        .current_dir(sipp_dir.path())
+        .args(["-sn", "uas", "-i", "127.0.0.1", "-p", &human_port.to_string(), "-m", "1"])
+        .args(["-timeout", "60", "-timeout_error", "-nostdin", "-trace_err"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sipp (Debian package sip-tester)");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recording = dir.path().join("heard.wav");
+    let out = patchbay(dir.path())
+        .args(["call", &format!("sip:menu@127.0.0.1:{}", pb.port), "--dtmf", "2", "--dtmf-after", "1"])
+        .args(["--hangup-after", "9", "--record"])
+        .arg(&recording)
+        .output()
+        .expect("run patchbay call");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    let human = human.wait_with_output().expect("sipp UAS");
+    assert!(
+        human.status.success(),
+        "the transferred call should reach the human (sipp UAS) and end cleanly: {}\n{text}",
+        String::from_utf8_lossy(&human.stderr)
+    );
+
+    // What the agent saw, in order.
+    let mut events = Vec::new();
+    while let Ok(seen) = observed.try_recv() {
+        if let Observed::Received { json, .. } = seen {
+            events.push(json);
+        }
+    }
+    let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(names.first(), Some(&"connected"), "{names:?}");
+    let start = events.iter().find(|e| e["event"] == "start").expect("a start message");
+    assert_eq!(start["start"]["mediaFormat"]["encoding"], "audio/x-mulaw", "{start}");
+    assert_eq!(start["start"]["mediaFormat"]["sampleRate"], 8000, "{start}");
+    assert!(names.iter().filter(|n| **n == "media").count() >= 50, "the caller's audio streams to the agent");
+    let marks: Vec<&str> = events.iter().filter(|e| e["event"] == "mark").filter_map(|e| e["mark"]["name"].as_str()).collect();
+    assert_eq!(marks, ["first", "long"], "each mark echoed once: after it played, or when cleared");
+    assert_eq!(names.last(), Some(&"stop"), "Patchbay stops the stream after the transfer request: {names:?}");
+
+    // What the caller heard: the whole first second, and only about half a second of the five
+    // second utterance the barge-in cleared.
+    let heard = wav_samples(&std::fs::read(&recording).expect("recording"));
+    let first = frames_with_tone(&heard, 1_000.0);
+    let long = frames_with_tone(&heard, 600.0);
+    eprintln!("caller heard {first} frames of the first utterance and {long} of the cleared one");
+    assert!((45..=52).contains(&first), "1 s of agent audio should be heard whole: {first} frames");
+    assert!((10..=60).contains(&long), "clear should cut the 5 s utterance after ~0.5 s: {long} frames");
+
+    let cdrs = pb.wait_for_cdrs(1, Duration::from_secs(5));
+    let menu = cdrs.iter().find(|c| c["flow"] == "menu").unwrap_or_else(|| panic!("menu CDR: {cdrs:?}"));
+    assert_eq!(menu["vars"]["menu.path"], "main:2", "{menu}");
+    assert_eq!(menu["hung_up_by"], "caller", "{menu}");
+}
