@@ -167,6 +167,43 @@ pub fn fraction_heard(sent: &[i16], heard: &[i16]) -> Option<f64> {
     Some(matched as f64 / sent.len() as f64)
 }
 
+/// componentize-py's version, installed from PyPI on first use.
+const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+
+/// The Python flow `plugins/python-menu` built as a component with componentize-py (into
+/// `target/python-flows/`; componentize-py is installed from PyPI into a virtualenv under
+/// `target/` the first time). Rebuilt when `app.py` is newer than the component.
+pub fn python_menu_component() -> PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = root.join("target");
+    let venv = target.join("pyflow-venv");
+    let tool = venv.join("bin/componentize-py");
+    let out_dir = target.join("python-flows");
+    let out = out_dir.join("python_menu.wasm");
+    let source = root.join("plugins/python-menu");
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if out.is_file() && modified(&out) >= modified(&source.join("app.py")) {
+        return out;
+    }
+    let run = |what: &str, cmd: &mut Command| {
+        let status = cmd.status().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(status.success(), "{what} failed ({status})");
+    };
+    if !tool.is_file() {
+        run("python3 -m venv", Command::new("python3").arg("-m").arg("venv").arg(&venv));
+        run("pip install componentize-py", Command::new(venv.join("bin/pip")).args(["install", "-q", COMPONENTIZE_PY]));
+    }
+    std::fs::create_dir_all(&out_dir).expect("create target/python-flows");
+    run(
+        "componentize-py",
+        Command::new(&tool)
+            .current_dir(&source)
+            .args(["-q", "-d", "../../wit", "-w", "flow", "componentize", "-p", ".", "app", "-o"])
+            .arg(&out),
+    );
+    out
+}
+
 /// Runs sipp against `port`: `scenario_args` pick the scenario (`-sf FILE` or `-sn NAME`),
 /// `extra` adds options (transport, rate, loss). Returns whether sipp reported success, and
 /// its output and error log for the assertion message.

@@ -31,6 +31,18 @@ fn frames_with_tone(samples: &[i16], hz: f64) -> usize {
 
 #[test]
 fn menu_then_agent_with_barge_in_then_transfer_to_a_human_over_sip() {
+    menu_agent_transfer("stock = \"menu\"");
+}
+
+/// The same call through the Python twin of the menu (componentize-py).
+#[test]
+fn the_python_menu_passes_the_same_test() {
+    let component = patchbay_e2e::python_menu_component();
+    menu_agent_transfer(&format!("path = \"{}\"", component.display()));
+}
+
+/// Caller → menu (the flow `source` gives) → 2 → scripted agent → clear → transfer → sipp UAS.
+fn menu_agent_transfer(source: &str) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio");
     let human_port = free_port();
     let script = vec![
@@ -54,7 +66,7 @@ fn menu_then_agent_with_barge_in_then_transfer_to_a_human_over_sip() {
     runtime.spawn(agent.serve(listener));
 
     let flows = format!(
-        "[[tenant.flow]]\nname = \"menu\"\nstock = \"menu\"\n[tenant.flow.vars]\n\
+        "[[tenant.flow]]\nname = \"menu\"\n{source}\n[tenant.flow.vars]\n\
          \"menu.2\" = \"agent:ws://127.0.0.1:{agent_port}/agent\"\n"
     );
     let pb = start_patchbay_with("", &flows);

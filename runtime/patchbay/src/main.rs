@@ -8,6 +8,7 @@
 //! says so.
 
 mod agent;
+mod bench_agent;
 mod bench_media;
 mod call;
 mod caller;
@@ -57,6 +58,16 @@ enum Command {
     DefaultConfig,
     /// Place a test call: dial a SIP URI, wait, hang up, report (exit 0 when it was answered).
     Call(Box<caller::CallArgs>),
+    /// Benchmark: latency added between callers' RTP and AI agents' websockets (see BENCHMARKS.md).
+    #[command(hide = true)]
+    BenchAgent {
+        /// Concurrent agent calls.
+        #[arg(long, default_value_t = 500)]
+        calls: usize,
+        /// Seconds to measure.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// Benchmark: pacing of the shared media clock with many calls (see BENCHMARKS.md).
     #[command(hide = true)]
     BenchMedia {
@@ -85,6 +96,7 @@ fn main() -> ExitCode {
         }
         Command::Check { config } => run(config, false),
         Command::Run { config } => run(config, true),
+        Command::BenchAgent { calls, seconds } => bench_agent::run(calls, seconds).map(|()| true),
         Command::BenchMedia { calls, seconds } => bench_media::run(calls, seconds).map(|()| true),
         Command::Call(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

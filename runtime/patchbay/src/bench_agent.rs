@@ -1,0 +1,279 @@
+//! `patchbay bench-agent`: the latency Patchbay adds between a caller's RTP and an AI agent's
+//! websocket and back, with many agent calls at once.
+//!
+//! Each of `--calls` calls is a real media session on the shared clock and a real agent session
+//! (`crate::agent::run`, the code flows' `agent` runs) connected over loopback to an echo agent
+//! (`patchbay_agent::server::EchoAgent`, which returns every `media` payload at once). One
+//! thread plays all the callers: every 20 ms it sends each call an RTP packet whose payload
+//! carries a tag (call, sequence); μ-law crosses the agent path octet for octet, so the echo
+//! comes back with the same tag.
+//!
+//! What an ideal runtime would do with that frame, given the same 20 ms packetisation and the
+//! jitter buffer's 20 ms minimum delay: release it to the agent at the call's first clock tick
+//! at least 20 ms after it was sent, and send the agent's answer at the tick after that. The
+//! caller sees that tick grid in the call's own outbound packets, so for every echoed frame the
+//! bench knows when it would have arrived from an ideal runtime. **Added latency** is how much
+//! later it really arrived; since audio leaves only on ticks, it is 0 when Patchbay (websocket
+//! framing, JSON, base64, tasks, locks) made the tick, and 20 ms per missed tick otherwise.
+//! The round-trip time is printed as well.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use patchbay_media::session::{Codec, MediaSession, SessionConfig};
+
+use crate::media::{CallSinks, MediaEngine, PTIME};
+
+/// Marks a payload as a tagged test frame (the clock's own silence is all 0xFF).
+const MAGIC: [u8; 4] = *b"PBag";
+
+/// Runs the benchmark and prints its figures.
+pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
+    crate::bench_media::raise_fd_limit();
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting tokio")?;
+    let engine = MediaEngine::start().context("starting the media clock")?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).context("binding the agent")?;
+    let agent_url = format!("ws://{}/agent", listener.local_addr().context("agent address")?);
+    runtime.spawn(patchbay_agent::server::EchoAgent.serve(listener));
+
+    // All callers share one socket: calls are told apart by the SSRC Patchbay sends with.
+    let phone = UdpSocket::bind("127.0.0.1:0").context("binding the callers' socket")?;
+    phone.set_read_timeout(Some(Duration::from_millis(100))).context("socket timeout")?;
+    let phone_addr = phone.local_addr().context("callers' address")?;
+    let mut targets: Vec<SocketAddr> = Vec::with_capacity(calls);
+    let mut media = Vec::with_capacity(calls);
+    let connected = Arc::new(AtomicU64::new(0));
+    for i in 0..calls {
+        let (rtp, _rtcp) = crate::media::bind_rtp_pair([127, 0, 0, 1].into()).context("RTP ports (open files?)")?;
+        targets.push(rtp.local_addr().context("RTP address")?);
+        let session = MediaSession::new(
+            SessionConfig {
+                codec: Codec::Pcmu,
+                payload_type: 0,
+                telephone_event: Some(101),
+                comfort_noise: None,
+                ptime_ms: PTIME.as_millis() as u32,
+                remote: Some(phone_addr),
+                ssrc: i as u32,
+                initial_sequence: 0,
+                initial_timestamp: 0,
+                inactivity_timeout: None,
+                inband_dtmf: false,
+                jitter: Default::default(),
+                srtp: None,
+            },
+            engine.pool().clone(),
+        );
+        let (dtmf, mut dtmf_rx) = tokio::sync::mpsc::channel(4);
+        let (played, played_rx) = tokio::sync::watch::channel(0);
+        let (inactive, _) = tokio::sync::mpsc::unbounded_channel();
+        let _guard = runtime.enter();
+        let call = engine.start_call(session, rtp, None, CallSinks { dtmf, played, inactive })?;
+        media.push(Arc::clone(&call));
+        let (url, pool, connected) = (agent_url.clone(), engine.pool().clone(), Arc::clone(&connected));
+        runtime.spawn(async move {
+            let marks = AtomicU64::new(0);
+            let next_mark = || marks.fetch_add(1, Ordering::Relaxed) + 1;
+            let start = patchbay_agent::StartInfo {
+                account_sid: "bench".into(),
+                call_sid: format!("call-{i}"),
+                stream_sid: format!("MZ{i:032x}"),
+                custom_parameters: Vec::new(),
+            };
+            connected.fetch_add(1, Ordering::Relaxed);
+            let agent_call = crate::agent::AgentCall {
+                media: &call,
+                pool: &pool,
+                dtmf: &mut dtmf_rx,
+                played: played_rx,
+                next_mark: &next_mark,
+            };
+            let end = crate::agent::run(agent_call, &url, &start, None, std::future::pending()).await;
+            tracing::debug!(call = i, ?end, "bench agent session ended");
+        });
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let frames = seconds as usize * 1000 / PTIME.as_millis() as usize + 1;
+    let sender = {
+        let (phone, stop) = (phone.try_clone().context("socket clone")?, Arc::clone(&stop));
+        std::thread::spawn(move || send(&phone, &targets, frames, &stop))
+    };
+    let receiver = {
+        let (phone, stop) = (phone.try_clone().context("socket clone")?, Arc::clone(&stop));
+        std::thread::spawn(move || receive(&phone, calls, &stop))
+    };
+    let cpu_before = process_cpu();
+    let sent_at = sender.join().map_err(|_| anyhow::anyhow!("sender thread panicked"))?;
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Release);
+    let cpu = process_cpu().saturating_sub(cpu_before);
+    let (grid, echoes) = receiver.join().map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
+    for m in &media {
+        m.close();
+    }
+
+    let mut added = Vec::with_capacity(echoes.len());
+    // Missed ticks of frames sent more than 1 ms before their release tick's deadline (closer
+    // than that, the loopback hop and the sender thread's own scheduling can legitimately put
+    // the frame past the jitter buffer's 20 ms by the time it arrives).
+    let mut clear_misses = 0usize;
+    let mut rtt = Vec::with_capacity(echoes.len());
+    for (call, seq, arrived) in &echoes {
+        let Some(sent) = sent_at.get(*seq as usize).and_then(|row| row.get(*call as usize)).copied().flatten() else {
+            continue;
+        };
+        rtt.push(arrived.duration_since(sent).as_micros() as u32);
+        // The caller sees the call's ticks as its outbound packets: the frame is released at
+        // the first tick 20 ms after it was sent and answered on the next one.
+        let ticks = &grid[*call as usize];
+        let release = ticks.partition_point(|t| *t < sent + PTIME);
+        if let (Some(tick), Some(ideal)) = (ticks.get(release), ticks.get(release + 1)) {
+            let late = arrived.saturating_duration_since(*ideal);
+            if late >= PTIME / 2 && tick.saturating_duration_since(sent + PTIME) >= Duration::from_millis(1) {
+                clear_misses += 1;
+            }
+            added.push(late.as_micros() as u32);
+        }
+    }
+    added.sort_unstable();
+    rtt.sort_unstable();
+    let sent_total = sent_at.iter().flatten().filter(|s| s.is_some()).count();
+    println!("patchbay bench-agent --calls {calls} --seconds {seconds}");
+    println!(
+        "agent calls: {calls} ({} sessions started) on one echo agent over loopback websockets",
+        connected.load(Ordering::Relaxed)
+    );
+    println!("caller frames sent: {sent_total}, echoed back: {} ({:.2} %)", echoes.len(), pct(echoes.len(), sent_total));
+    let ms = |us: u32| f64::from(us) / 1000.0;
+    println!(
+        "round trip caller → agent → caller (ms): p50 {:.2} p99 {:.2} max {:.2}  (ideal: 40–60, two ticks and the \
+         jitter buffer's 20 ms)",
+        ms(percentile(&rtt, 0.5)),
+        ms(percentile(&rtt, 0.99)),
+        ms(rtt.last().copied().unwrap_or_default())
+    );
+    println!(
+        "added beyond packetisation (ms): p50 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}; frames that missed their tick: {} \
+         ({:.3} %)",
+        ms(percentile(&added, 0.5)),
+        ms(percentile(&added, 0.99)),
+        ms(percentile(&added, 0.999)),
+        ms(added.last().copied().unwrap_or_default()),
+        added.iter().filter(|a| **a >= 10_000).count(),
+        pct(added.iter().filter(|a| **a >= 10_000).count(), added.len())
+    );
+    println!(
+        "  of which sent ≥ 1 ms clear of their release tick (not a boundary case): {clear_misses} ({:.3} %)",
+        pct(clear_misses, added.len())
+    );
+    println!(
+        "process CPU (Patchbay + the echo agent + the callers) during the run: {:.1} % of one core",
+        cpu.as_secs_f64() * 100.0 / seconds as f64
+    );
+    Ok(())
+}
+
+fn pct(part: usize, whole: usize) -> f64 {
+    if whole == 0 { 0.0 } else { part as f64 * 100.0 / whole as f64 }
+}
+
+/// The `p` quantile of sorted values (0 when there are none).
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    let index = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(index).copied().unwrap_or_default()
+}
+
+/// This process's CPU time (user + system).
+fn process_cpu() -> Duration {
+    let mut usage = libc::rusage {
+        ru_utime: libc::timeval { tv_sec: 0, tv_usec: 0 },
+        ru_stime: libc::timeval { tv_sec: 0, tv_usec: 0 },
+        ru_maxrss: 0,
+        ru_ixrss: 0,
+        ru_idrss: 0,
+        ru_isrss: 0,
+        ru_minflt: 0,
+        ru_majflt: 0,
+        ru_nswap: 0,
+        ru_inblock: 0,
+        ru_oublock: 0,
+        ru_msgsnd: 0,
+        ru_msgrcv: 0,
+        ru_nsignals: 0,
+        ru_nvcsw: 0,
+        ru_nivcsw: 0,
+    };
+    // SAFETY: getrusage only writes the struct passed in.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Plays every caller: each 20 ms, one tagged PCMU packet per call. Returns when each frame
+/// went out, by [sequence][call].
+fn send(socket: &UdpSocket, targets: &[SocketAddr], frames: usize, stop: &AtomicBool) -> Vec<Vec<Option<Instant>>> {
+    let mut sent = vec![vec![None; targets.len()]; frames];
+    let mut packet = [0u8; 12 + 160];
+    packet[0] = 0x80; // RTP version 2, PT 0 (PCMU)
+    let start = Instant::now();
+    for (seq, row) in sent.iter_mut().enumerate() {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        let due = start + PTIME * seq as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        for (call, target) in targets.iter().enumerate() {
+            packet[2..4].copy_from_slice(&(seq as u16).to_be_bytes());
+            packet[4..8].copy_from_slice(&((seq as u32) * 160).to_be_bytes());
+            packet[8..12].copy_from_slice(&(0x1000_0000 + call as u32).to_be_bytes());
+            let payload = &mut packet[12..];
+            payload.fill(0x7E);
+            payload[..4].copy_from_slice(&MAGIC);
+            payload[4..8].copy_from_slice(&(call as u32).to_be_bytes());
+            payload[8..12].copy_from_slice(&(seq as u32).to_be_bytes());
+            if socket.send_to(&packet, target).is_ok() {
+                row[call] = Some(Instant::now());
+            }
+        }
+    }
+    sent
+}
+
+/// Receives Patchbay's packets for every call: the tick grid (arrival of every packet, per
+/// call) and the tagged echoes (call, sequence, arrival).
+#[allow(clippy::type_complexity)]
+fn receive(socket: &UdpSocket, calls: usize, stop: &AtomicBool) -> (Vec<Vec<Instant>>, Vec<(u32, u32, Instant)>) {
+    let mut grid: Vec<Vec<Instant>> = vec![Vec::with_capacity(4096); calls];
+    let mut echoes = Vec::with_capacity(1 << 20);
+    let mut buf = [0u8; 2048];
+    let mut seen: HashMap<(u32, u32), ()> = HashMap::new();
+    while !stop.load(Ordering::Acquire) {
+        let Ok((len, _)) = socket.recv_from(&mut buf) else { continue };
+        let now = Instant::now();
+        if len < 12 + 12 {
+            continue;
+        }
+        let ssrc = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+        let Some(ticks) = grid.get_mut(ssrc) else { continue };
+        ticks.push(now);
+        let payload = &buf[12..len];
+        if payload[..4] == MAGIC {
+            let call = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+            let seq = u32::from_be_bytes([payload[8], payload[9], payload[10], payload[11]]);
+            if seen.insert((call, seq), ()).is_none() {
+                echoes.push((call, seq, now));
+            }
+        }
+    }
+    (grid, echoes)
+}
