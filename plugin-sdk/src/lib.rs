@@ -103,7 +103,7 @@ impl CollectOptions {
 }
 
 impl DialOptions {
-    /// Ring for `timeout_ms`, with the tenant's default caller ID and no extra headers.
+    /// Ring for `timeout_ms`, presenting the caller's own From URI, with no extra headers.
     pub fn ringing_for(timeout_ms: u32) -> Self {
         Self { caller_id: None, timeout_ms, headers: Vec::new() }
     }

@@ -111,7 +111,8 @@ fn menu_agent_transfer(source: &str) {
     assert_eq!(start["start"]["mediaFormat"]["encoding"], "audio/x-mulaw", "{start}");
     assert_eq!(start["start"]["mediaFormat"]["sampleRate"], 8000, "{start}");
     assert!(names.iter().filter(|n| **n == "media").count() >= 50, "the caller's audio streams to the agent");
-    let marks: Vec<&str> = events.iter().filter(|e| e["event"] == "mark").filter_map(|e| e["mark"]["name"].as_str()).collect();
+    let marks: Vec<&str> =
+        events.iter().filter(|e| e["event"] == "mark").filter_map(|e| e["mark"]["name"].as_str()).collect();
     assert_eq!(marks, ["first", "long"], "each mark echoed once: after it played, or when cleared");
     assert_eq!(names.last(), Some(&"stop"), "Patchbay stops the stream after the transfer request: {names:?}");
 

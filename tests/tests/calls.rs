@@ -69,7 +69,8 @@ fn voicemail_stores_what_the_caller_said_with_its_metadata_and_cdr() {
     assert_eq!(meta["ended_by"], "terminator", "{meta}");
     assert_eq!(meta["tenant"], "test");
     let heard = wav_samples(&std::fs::read(&files[1]).expect("recording"));
-    let fraction = fraction_heard(&said, &heard).unwrap_or_else(|| panic!("the speech is not in the recording: {meta}"));
+    let fraction =
+        fraction_heard(&said, &heard).unwrap_or_else(|| panic!("the speech is not in the recording: {meta}"));
     assert!(fraction >= 0.95, "only {:.1} % of the speech was recorded intact", fraction * 100.0);
 
     let cdrs = pb.wait_for_cdrs(1, Duration::from_secs(5));
@@ -113,7 +114,8 @@ fn the_router_dials_an_extension_and_bridges_the_audio_both_ways() {
     );
     assert!(ok, "{text}");
     let heard = wav_samples(&std::fs::read(&recording).expect("recording"));
-    let fraction = fraction_heard(&said, &heard).unwrap_or_else(|| panic!("nothing came back through the bridge: {text}"));
+    let fraction =
+        fraction_heard(&said, &heard).unwrap_or_else(|| panic!("nothing came back through the bridge: {text}"));
     assert!(fraction >= 0.95, "only {:.1} % came back intact through two bridges", fraction * 100.0);
 
     let cdrs = pb.wait_for_cdrs(2, Duration::from_secs(5));
@@ -134,9 +136,8 @@ fn a_flow_that_traps_mid_call_ends_only_its_call_with_a_cdr_saying_why() {
     let dir = tempfile::tempdir().expect("tempdir");
     let echo_dir = dir.path().to_owned();
     let port = pb.port;
-    let echo = std::thread::spawn(move || {
-        call(&echo_dir, &[&format!("sip:echo@127.0.0.1:{port}"), "--hangup-after", "4"])
-    });
+    let echo =
+        std::thread::spawn(move || call(&echo_dir, &[&format!("sip:echo@127.0.0.1:{port}"), "--hangup-after", "4"]));
     std::thread::sleep(Duration::from_millis(300));
     let (_, trapped) = call(dir.path(), &[&format!("sip:trap-later@127.0.0.1:{port}"), "--hangup-after", "10"]);
     assert!(trapped.contains("the callee hung up"), "the trapped flow's call should be hung up by Patchbay: {trapped}");

@@ -23,12 +23,13 @@ fn check_with_the_embedded_config_loads_the_stock_flows_and_says_what_is_missing
     let out = patchbay(dir.path()).arg("check").output().expect("run patchbay");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("sip:echo@127.0.0.1:5060"), "{stdout}");
-    assert!(stdout.contains("sip:menu@127.0.0.1:5060"), "{stdout}");
-    assert!(stdout.contains("NOT YET: record, dial and agent"), "{stdout}");
+    for flow in ["echo", "menu", "voicemail", "agent", "router"] {
+        assert!(stdout.contains(&format!("sip:{flow}@127.0.0.1:5060")), "{stdout}");
+    }
+    assert!(stdout.contains("outbound TLS connections are not implemented yet"), "{stdout}");
     // The precompiled flows were cached for the next start.
     let cached = std::fs::read_dir(dir.path().join("patchbay/flows")).expect("cache dir").count();
-    assert_eq!(cached, 2);
+    assert_eq!(cached, 5);
 }
 
 #[test]

@@ -1,11 +1,12 @@
 //! Agent handoff: connects the caller to an AI voice agent over a websocket (Twilio Media
-//! Streams protocol) and falls back to a human over SIP when the agent is unreachable, drops,
-//! or asks for a transfer.
+//! Streams protocol), transfers the caller where the agent asks, and falls back to a human over
+//! SIP when the agent is unreachable or drops.
 //!
 //! | variable | meaning | default |
 //! | --- | --- | --- |
 //! | `agent.url` | the agent's websocket (`ws://` or `wss://`) | `ws://127.0.0.1:8765/agent` |
-//! | `agent.param.<name>` | custom parameters sent in the `start` message | none |
+//! | `agent.params` | names of the custom parameters to send, comma-separated | none |
+//! | `agent.param.<name>` | a custom parameter's value (`from` and `to` are always sent) | none |
 //! | `agent.fallback` | the human to dial when the agent fails (empty: hang up) | `sip:operator@127.0.0.1:5070` |
 //! | `agent.fallback-prompt` | played before dialling the fallback | `agent-unavailable.wav` |
 //! | `agent.ring-ms` | how long the human may ring | `30000` |
@@ -33,8 +34,8 @@ fn params(call: &Call) -> Vec<(String, String)> {
 }
 
 /// Hands the caller to a human: the fallback destination, dialled and bridged.
-fn to_human(call: &Call, target: Option<String>) -> Result<(), FlowError> {
-    let fallback = target.or_else(|| call.get_var("agent.fallback")).unwrap_or_else(|| DEFAULT_FALLBACK.into());
+fn to_human(call: &Call) -> Result<(), FlowError> {
+    let fallback = call.get_var("agent.fallback").unwrap_or_else(|| DEFAULT_FALLBACK.into());
     if fallback.is_empty() {
         finish(call)?;
         return Ok(());
@@ -61,7 +62,7 @@ impl Flow for AgentHandoff {
             Err(CallError::Unavailable(why)) => {
                 warn(&format!("agent-handoff: agent {url} unavailable: {why}"));
                 let _ = call.set_var("agent.end", "unavailable");
-                return to_human(call, None);
+                return to_human(call);
             }
             Err(e) => return Err(e.into()),
         };
@@ -78,7 +79,7 @@ impl Flow for AgentHandoff {
             }
             AgentEnd::Disconnected(why) => {
                 warn(&format!("agent-handoff: agent dropped: {why}"));
-                to_human(call, None)
+                to_human(call)
             }
         }
     }

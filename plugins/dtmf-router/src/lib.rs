@@ -16,8 +16,8 @@
 //! Sets `router.extension`, `router.target` and `router.outcome` for the CDR.
 
 use patchbay_plugin_sdk::{
-    Call, CollectOptions, DialOptions, DialOutcome, Flow, FlowError, PlayOptions, export_flow, finish, info,
-    var_or, warn,
+    Call, CollectOptions, DialOptions, DialOutcome, Flow, FlowError, PlayOptions, export_flow, finish, info, var_or,
+    warn,
 };
 
 /// Where `extension` goes, from the routing table in the call's variables.

@@ -11,6 +11,7 @@
 //! | `menu.<id>.retries` | extra attempts after no input or a bad key | `2` |
 //! | `menu.<id>.timeout-ms` | time for a key after the prompt | `5000` |
 //! | `menu.<id>.<key>` | the key's action (below) | see [`DEFAULT_ROUTES`] for `main` |
+//! | `menu.ring-ms` | how long a `dial:` destination may ring | `30000` |
 //!
 //! Actions: `menu:<id>` (a sub-menu), `dial:<sip-uri>`, `agent:<ws-url>` (an AI agent; when it
 //! asks for a transfer the caller is transferred), `voicemail` (take a message, see the
@@ -18,8 +19,8 @@
 //! `hangup`. Each choice is recorded as the call variable `menu.path` (for example `main:2`).
 
 use patchbay_plugin_sdk::{
-    AgentEnd, Call, CallError, DialOptions, Flow, FlowError, MenuOptions, VoicemailOptions, export_flow,
-    finish, info, menu, var_or, voicemail, warn,
+    AgentEnd, Call, CallError, DialOptions, Flow, FlowError, MenuOptions, VoicemailOptions, export_flow, finish, info,
+    menu, var_or, voicemail, warn,
 };
 
 /// The root menu's actions when the call has no variables for them.
@@ -60,7 +61,8 @@ fn parse_action(spec: &str) -> Option<Action> {
 
 /// A menu setting: `menu.<id>.<name>`, and for the root also `menu.<name>`.
 fn setting(call: &Call, id: &str, name: &str) -> Option<String> {
-    call.get_var(&format!("menu.{id}.{name}")).or_else(|| (id == ROOT).then(|| call.get_var(&format!("menu.{name}")))?)
+    call.get_var(&format!("menu.{id}.{name}"))
+        .or_else(|| (id == ROOT).then(|| call.get_var(&format!("menu.{name}")))?)
 }
 
 fn route(call: &Call, id: &str, key: char) -> Option<String> {

@@ -10,9 +10,7 @@
 //!
 //! Sets `voicemail.recording` (the recording id) and `voicemail.duration-ms` for the CDR.
 
-use patchbay_plugin_sdk::{
-    Call, CallError, Flow, FlowError, VoicemailOptions, export_flow, finish, info, voicemail,
-};
+use patchbay_plugin_sdk::{Call, CallError, Flow, FlowError, VoicemailOptions, export_flow, finish, info, voicemail};
 
 struct Voicemail;
 

@@ -149,7 +149,11 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
         "agent calls: {calls} ({} sessions started) on one echo agent over loopback websockets",
         connected.load(Ordering::Relaxed)
     );
-    println!("caller frames sent: {sent_total}, echoed back: {} ({:.2} %)", echoes.len(), pct(echoes.len(), sent_total));
+    println!(
+        "caller frames sent: {sent_total}, echoed back: {} ({:.2} %)",
+        echoes.len(),
+        pct(echoes.len(), sent_total)
+    );
     let ms = |us: u32| f64::from(us) / 1000.0;
     println!(
         "round trip caller → agent → caller (ms): p50 {:.2} p99 {:.2} max {:.2}  (ideal: 40–60, two ticks and the \

@@ -14,9 +14,9 @@ use patchbay_media::{Frame, FramePool};
 use patchbay_sip::ua::CallRef;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::dial::LegEvent;
 use crate::media::CallMedia;
 use crate::prompts::PromptStore;
-use crate::dial::LegEvent;
 use crate::sip_server::{Command, MediaSlot};
 
 /// A call as its flow sees it. Waiting operations end with `hangup` as soon as the call ends.
@@ -100,12 +100,14 @@ pub(crate) fn feed_prompt(
     false
 }
 
-
 /// Audio queued ahead of the wire while a prompt plays (the rest is fed as it goes out).
 const PROMPT_AHEAD_FRAMES: usize = 50;
 
 /// How long a transfer by bridge lets the target ring.
 const TRANSFER_RING_MS: u32 = 30_000;
+
+/// The pause a `,` in `send-dtmf` makes.
+const DTMF_COMMA_PAUSE: Duration = Duration::from_millis(500);
 
 /// How long each DTMF digit we send lasts, and the pause after it.
 const DTMF_DIGIT_MS: u32 = 100;
@@ -481,7 +483,9 @@ impl CallControl for SipCall {
         };
         let dir = crate::recording::dir(&self.routing.storage, &self.info.tenant);
         match crate::recording::store(&dir, &meta, &samples).await {
-            Ok(path) => tracing::info!(call = ?self.call, path = %path.display(), duration_ms, ended_by = meta.ended_by, "recording stored"),
+            Ok(path) => {
+                tracing::info!(call = ?self.call, path = %path.display(), duration_ms, ended_by = meta.ended_by, "recording stored")
+            }
             Err(e) => {
                 tracing::error!(call = ?self.call, dir = %dir.display(), "storing a recording failed: {e}");
                 return Err(CallError::Unavailable(format!("recording storage: {e}")));
@@ -492,20 +496,32 @@ impl CallControl for SipCall {
 
     async fn send_dtmf(&self, digits: &str) -> Result<(), CallError> {
         let media = Arc::clone(self.rtp()?);
-        if let Some(bad) = digits.chars().find(|c| !matches!(c.to_ascii_uppercase(), '0'..='9' | '*' | '#' | 'A'..='D'))
-        {
-            return Err(CallError::InvalidArgument(format!("{bad:?} is not a DTMF key")));
+        let valid = |c: char| matches!(c.to_ascii_uppercase(), '0'..='9' | '*' | '#' | 'A'..='D' | ',');
+        if let Some(bad) = digits.chars().find(|c| !valid(*c)) {
+            return Err(CallError::InvalidArgument(format!("{bad:?} is not a DTMF key or ','")));
         }
-        let digits = digits.to_ascii_uppercase();
-        if !media.with(|session| session.send_dtmf(&digits, DTMF_DIGIT_MS)) {
+        if !digits.is_empty() && !media.with(|session| session.send_dtmf("", DTMF_DIGIT_MS)) {
             return Err(CallError::Unavailable("the peer did not negotiate telephone-event (RFC 4733)".into()));
         }
-        // Return once they have been sent: each digit, its end packets and the pause after it.
-        let total = media.with(|session| session.dtmf_send_time(digits.chars().count(), DTMF_DIGIT_MS));
-        tokio::select! {
-            () = tokio::time::sleep(total) => Ok(()),
-            () = self.until_hangup() => Err(CallError::Hangup),
+        let digits = digits.to_ascii_uppercase();
+        // Keys between commas go out as one run; each `,` is a 500 ms pause (WIT `send-dtmf`).
+        let mut runs = digits.split(',').peekable();
+        while let Some(run) = runs.next() {
+            let mut wait = Duration::ZERO;
+            if !run.is_empty() {
+                media.with(|session| session.send_dtmf(run, DTMF_DIGIT_MS));
+                // Each digit, its end packets and the pause after it.
+                wait += media.with(|session| session.dtmf_send_time(run.chars().count(), DTMF_DIGIT_MS));
+            }
+            if runs.peek().is_some() {
+                wait += DTMF_COMMA_PAUSE;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.until_hangup() => return Err(CallError::Hangup),
+            }
         }
+        Ok(())
     }
 
     async fn next_dtmf(&self, timeout_ms: u32) -> Result<Dtmf, CallError> {

@@ -231,7 +231,8 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
                             audio.recorded.extend_from_slice(&frame.linear());
                         }
                         if let Some(path) = &args.record {
-                            std::fs::write(path, crate::recording::wav_bytes(&audio.recorded)).with_context(|| format!("writing {}", path.display()))?;
+                            std::fs::write(path, crate::recording::wav_bytes(&audio.recorded))
+                                .with_context(|| format!("writing {}", path.display()))?;
                             println!("recorded {:.2} s to {}", audio.recorded.len() as f64 / 8_000.0, path.display());
                         }
                     }

@@ -46,14 +46,15 @@ pub struct Cdr {
     pub billable_ms: u64,
     /// Billable time rounded up to whole seconds (what per-second billing charges).
     pub billable_secs: u64,
-    /// What ended the call (see `docs/operations.md`): `caller-hangup`, `caller-cancel`,
+    /// What ended the call (see `docs/calls.md`): `caller-hangup`, `caller-cancel`,
     /// `flow-hangup`, `flow-completed`, `flow-error`, `flow-trap`, `cpu-limit-exceeded`,
     /// `memory-limit-exceeded`, `transferred`, `rtp-timeout`, `ack-timeout`, `media-refused`,
     /// `shutdown`, ...
     pub end_cause: String,
     /// The INVITE's final response: 200 when answered, else the rejection (487 when cancelled).
     pub sip_code: u16,
-    /// `caller`, `flow`, `patchbay` (the runtime itself: timeouts, shutdown) or `network`.
+    /// `caller`, `flow`, `patchbay` (the runtime itself: timeouts, shutdown), `network`, or
+    /// `callee` (outbound calls, which get no record yet).
     pub hung_up_by: &'static str,
     /// How the flow's run ended (`flow-completed`, `flow-error`, `flow-trap`, ...).
     pub flow_outcome: String,
@@ -199,13 +200,21 @@ fn rfc3339(t: SystemTime) -> String {
 /// record) by one writer task, and logged.
 #[derive(Debug, Clone)]
 pub struct CdrSink {
-    records: mpsc::UnboundedSender<Cdr>,
+    records: mpsc::UnboundedSender<ToWriter>,
+}
+
+/// What the writer task is asked to do.
+#[derive(Debug)]
+enum ToWriter {
+    Record(Box<Cdr>),
+    /// Answer once everything sent before has been written.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 impl CdrSink {
     /// Starts the writer task. `path`: the file to append to (none: log only).
     pub fn start(path: Option<PathBuf>) -> Self {
-        let (records, mut rx) = mpsc::unbounded_channel::<Cdr>();
+        let (records, mut rx) = mpsc::unbounded_channel::<ToWriter>();
         tokio::spawn(async move {
             let mut file = None;
             if let Some(path) = &path {
@@ -216,10 +225,19 @@ impl CdrSink {
                 }
                 match tokio::fs::OpenOptions::new().create(true).append(true).open(path).await {
                     Ok(f) => file = Some(f),
-                    Err(e) => tracing::error!(path = %path.display(), "cannot open the CDR file (CDRs only logged): {e}"),
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), "cannot open the CDR file (CDRs only logged): {e}")
+                    }
                 }
             }
-            while let Some(cdr) = rx.recv().await {
+            while let Some(message) = rx.recv().await {
+                let cdr = match message {
+                    ToWriter::Record(cdr) => cdr,
+                    ToWriter::Flush(done) => {
+                        let _ = done.send(());
+                        continue;
+                    }
+                };
                 let line = match serde_json::to_string(&cdr) {
                     Ok(line) => line,
                     Err(e) => {
@@ -245,8 +263,16 @@ impl CdrSink {
 
     /// Queues a finished record.
     pub fn write(&self, cdr: Cdr) {
-        if self.records.send(cdr).is_err() {
+        if self.records.send(ToWriter::Record(Box::new(cdr))).is_err() {
             tracing::error!("the CDR writer has stopped: record lost");
+        }
+    }
+
+    /// Waits until every record queued before has been written (at shutdown).
+    pub async fn flush(&self) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        if self.records.send(ToWriter::Flush(done)).is_ok() {
+            let _ = written.await;
         }
     }
 }

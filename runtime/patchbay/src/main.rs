@@ -246,12 +246,16 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                     transfer_target: config.demo_agent.transfer_to.clone(),
                     ..Default::default()
                 });
-                println!("demo AI agent on ws://{listen}/agent (greets, repeats what you say; 0 transfers, # hangs up)");
+                println!(
+                    "demo AI agent on ws://{listen}/agent (greets, repeats what you say; 0 transfers, # hangs up)"
+                );
                 tokio::spawn(agent.serve(listener));
             }
+            let cdrs = routing.cdr.clone();
             let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
             if let Some(contact) = contact {
-                let endpoint = sip_server::run_endpoint(contact, inbound_rx, outbound, engine, registry, routing, shutdown_rx);
+                let endpoint =
+                    sip_server::run_endpoint(contact, inbound_rx, outbound, engine, registry, routing, shutdown_rx);
                 tokio::spawn(endpoint);
             }
             wait_for_shutdown().await;
@@ -260,6 +264,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
             if shutdown.send(done).is_ok() {
                 let _ = tokio::time::timeout(Duration::from_secs(5), all_ended).await;
             }
+            let _ = tokio::time::timeout(Duration::from_secs(2), cdrs.flush()).await;
         }
         Ok(all_loaded)
     })

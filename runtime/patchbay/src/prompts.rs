@@ -84,6 +84,20 @@ impl PromptStore {
     }
 }
 
+/// A stock prompt's audio as μ-law octets (for the demo agent, which speaks Twilio's format).
+pub fn stock_ulaw(name: &str) -> Option<Vec<u8>> {
+    let (_, bytes) = STOCK.iter().find(|(n, _)| *n == name)?;
+    let prompt = Prompt::from_wav(name, bytes).ok()?;
+    let mut out = Vec::new();
+    let mut frame = [0u8; 160];
+    let mut index = 0;
+    while prompt.frame_into(patchbay_media::prompt::PromptCodec::Pcmu, index, &mut frame) {
+        out.extend_from_slice(&frame);
+        index += 1;
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,18 +133,4 @@ mod tests {
         let Err(CallError::InvalidArgument(message)) = store.get("nothing") else { panic!("accepted") };
         assert!(message.contains("no prompt"), "{message}");
     }
-}
-
-/// A stock prompt's audio as μ-law octets (for the demo agent, which speaks Twilio's format).
-pub fn stock_ulaw(name: &str) -> Option<Vec<u8>> {
-    let (_, bytes) = STOCK.iter().find(|(n, _)| *n == name)?;
-    let prompt = Prompt::from_wav(name, bytes).ok()?;
-    let mut out = Vec::new();
-    let mut frame = [0u8; 160];
-    let mut index = 0;
-    while prompt.frame_into(patchbay_media::prompt::PromptCodec::Pcmu, index, &mut frame) {
-        out.extend_from_slice(&frame);
-        index += 1;
-    }
-    Some(out)
 }

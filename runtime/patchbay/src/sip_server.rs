@@ -6,11 +6,12 @@
 //! or locked.
 //!
 //! Media: answering a call starts its RTP session on the shared media clock (see
-//! [`crate::media`]); `play`, `collect-digits`, the audio stream, `send-dtmf` and key presses
-//! (RFC 4733, in-band, SIP INFO) work on it.
+//! [`crate::media`]); flows' operations on it live in [`crate::call`] (prompts, digits,
+//! recording, audio streams), [`crate::dial`] (outbound legs and bridges) and
+//! [`crate::agent`] (AI agents over websockets). Every call that reached a flow leaves one
+//! record ([`crate::cdr`]).
 //!
-//! **Not implemented yet:** `record`, `dial` and `agent` return `unavailable` (they come with
-//! the calls-end-to-end work), and late-offer INVITEs (no SDP) get 488.
+//! **Not implemented yet:** late-offer INVITEs (no SDP) get 488; outbound legs go over UDP only.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -31,8 +32,8 @@ use rsip::prelude::HeadersExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::call::SipCall;
-use crate::dial::{Leg, LegEvent};
 use crate::cdr::{CdrDraft, CdrSink, FlowEnd, SipEnd};
+use crate::dial::{Leg, LegEvent};
 use crate::media::{CallMedia, CallSinks, MediaEngine};
 use crate::prompts::PromptStore;
 use crate::transport::{Inbound, Outbound};
@@ -263,7 +264,7 @@ impl LiveCall {
 }
 
 /// Runs the endpoint until `shutdown` brings a sender; then it hangs up every call and reports
-/// on that sender once their records are written.
+/// on that sender once their records are written (or after [`SHUTDOWN_GRACE`]).
 ///
 /// Runs the endpoint: the user agent core fed by every transport's [`Inbound`] messages,
 /// sending through [`Outbound`]. `contact` is the `host:port` put in Contact and Via.
@@ -365,16 +366,17 @@ impl Endpoint {
                 if let Some(live) = self.calls.get_mut(&call) {
                     live.cdr.ending("flow-hangup", "flow");
                 }
-                let result = match cause {
-                    HangupCause::SipCode(code) => ua.reject(now, call, code).or_else(|_| ua.hangup(now, call)),
-                    HangupCause::Busy => ua.reject(now, call, 486).or_else(|_| ua.hangup(now, call)),
-                    HangupCause::Rejected => ua.reject(now, call, 603).or_else(|_| ua.hangup(now, call)),
-                    HangupCause::Normal => {
-                        self.bye(now, call);
-                        Ok(())
-                    }
+                let answered = self.calls.get(&call).is_some_and(|live| live.media.is_some());
+                let code = match cause {
+                    HangupCause::SipCode(code) => code,
+                    HangupCause::Busy => 486,
+                    HangupCause::Rejected => 603,
+                    HangupCause::Normal => 480,
                 };
-                if let Err(e) = result {
+                // After answer every cause is a BYE (WIT `hangup-cause`); before, a final response.
+                if answered || matches!(cause, HangupCause::Normal) {
+                    self.bye(now, call);
+                } else if let Err(e) = ua.reject(now, call, code) {
                     tracing::debug!(?call, "hangup: {e}");
                 }
             }
@@ -461,7 +463,8 @@ impl Endpoint {
             }
         };
         let headers = headers.into_iter().map(|h| rsip::Header::Other(h.name, h.value)).collect();
-        let peer = patchbay_sip::transaction::Peer { transport: patchbay_sip::transaction::Transport::Udp, addr: target.peer };
+        let peer =
+            patchbay_sip::transaction::Peer { transport: patchbay_sip::transaction::Transport::Udp, addr: target.peer };
         let leg = self.ua.dial(
             now,
             patchbay_sip::ua::Dial {
@@ -495,7 +498,9 @@ impl Endpoint {
 
     /// Shutdown finishes once every call has ended and every record is written.
     fn check_shutdown_done(&mut self) {
-        if self.shutdown.is_some() && self.calls.is_empty() && self.ending.is_empty()
+        if self.shutdown.is_some()
+            && self.calls.is_empty()
+            && self.ending.is_empty()
             && let Some((done, _)) = self.shutdown.take()
         {
             let _ = done.send(());
@@ -515,7 +520,8 @@ impl Endpoint {
             .chain(self.ending.drain().map(|(_, draft)| draft))
             .collect();
         for mut draft in unfinished {
-            draft.sip_ended(SipEnd { cause: "shutdown".into(), by: "patchbay", sip_code: 200 });
+            let sip_code = if draft.is_answered() { 200 } else { 480 };
+            draft.sip_ended(SipEnd { cause: "shutdown".into(), by: "patchbay", sip_code });
             draft.flow_ended(FlowEnd { outcome: "shutdown", detail: None, vars: Default::default() });
             if let Some(cdr) = draft.finish() {
                 self.routing.cdr.write(cdr);
@@ -609,194 +615,201 @@ fn media_session(negotiated: &patchbay_sip::sdp::Negotiated, routing: &Routing) 
 }
 
 impl Endpoint {
-fn on_event(&mut self, event: UaEvent) {
-    let Self { ua, calls, ending, legs, digest, engine, registry, routing, commands, .. } = self;
-    let now = std::time::Instant::now();
-    match event {
-        UaEvent::IncomingCall { call, peer, request } => {
-            let host = request.uri.host_with_port.host.to_string();
-            let user = request.uri.auth.as_ref().map(|a| a.user.clone()).unwrap_or_default();
-            let tenant =
-                routing.tenants.iter().find(|(_, domains, _)| domains.iter().any(|d| d.eq_ignore_ascii_case(&host)));
-            let Some((tenant, _, limits)) = tenant else {
-                tracing::info!(?call, %host, "no tenant serves this domain");
-                let _ = ua.reject(now, call, 404);
-                return;
-            };
-            if let Some(auth) = routing.auth.get(tenant)
-                && let Err((status, headers)) = authenticate(digest, auth, tenant, peer.addr, &request)
-            {
-                let _ = ua.reject_with(now, call, status, &headers);
-                return;
-            }
-            let flow = match registry.get(tenant, &user) {
-                Ok(flow) => flow,
-                Err(e) => {
-                    tracing::info!(?call, "{e}");
+    fn on_event(&mut self, event: UaEvent) {
+        let Self { ua, calls, ending, legs, digest, engine, registry, routing, commands, .. } = self;
+        let now = std::time::Instant::now();
+        match event {
+            UaEvent::IncomingCall { call, peer, request } => {
+                let host = request.uri.host_with_port.host.to_string();
+                let user = request.uri.auth.as_ref().map(|a| a.user.clone()).unwrap_or_default();
+                let tenant = routing
+                    .tenants
+                    .iter()
+                    .find(|(_, domains, _)| domains.iter().any(|d| d.eq_ignore_ascii_case(&host)));
+                let Some((tenant, _, limits)) = tenant else {
+                    tracing::info!(?call, %host, "no tenant serves this domain");
                     let _ = ua.reject(now, call, 404);
                     return;
+                };
+                if let Some(auth) = routing.auth.get(tenant)
+                    && let Err((status, headers)) = authenticate(digest, auth, tenant, peer.addr, &request)
+                {
+                    let _ = ua.reject_with(now, call, status, &headers);
+                    return;
                 }
-            };
-            let _ = ua.ring(now, call);
-            let (ended, ended_rx) = watch::channel(false);
-            // Bounded: a flow that never reads key presses must not let a peer grow this queue.
-            let (dtmf, dtmf_rx) = mpsc::channel(DTMF_QUEUE);
-            let info = CallInfo {
-                call_id: request.call_id_header().map(|h| h.value().to_owned()).unwrap_or_default(),
-                tenant: tenant.clone(),
-                flow: user.clone(),
-                from: request.from_header().ok().and_then(|f| f.uri().ok()).map(|u| u.to_string()).unwrap_or_default(),
-                to: request.uri.to_string(),
-                direction: Direction::Inbound,
-                headers: request
+                let flow = match registry.get(tenant, &user) {
+                    Ok(flow) => flow,
+                    Err(e) => {
+                        tracing::info!(?call, "{e}");
+                        let _ = ua.reject(now, call, 404);
+                        return;
+                    }
+                };
+                let _ = ua.ring(now, call);
+                let (ended, ended_rx) = watch::channel(false);
+                // Bounded: a flow that never reads key presses must not let a peer grow this queue.
+                let (dtmf, dtmf_rx) = mpsc::channel(DTMF_QUEUE);
+                let info = CallInfo {
+                    call_id: request.call_id_header().map(|h| h.value().to_owned()).unwrap_or_default(),
+                    tenant: tenant.clone(),
+                    flow: user.clone(),
+                    from: request
+                        .from_header()
+                        .ok()
+                        .and_then(|f| f.uri().ok())
+                        .map(|u| u.to_string())
+                        .unwrap_or_default(),
+                    to: request.uri.to_string(),
+                    direction: Direction::Inbound,
+                    headers: request
+                        .headers
+                        .iter()
+                        .filter_map(|h| match h {
+                            rsip::Header::Other(name, value) if name.to_ascii_lowercase().starts_with("x-") => {
+                                Some(Header { name: name.clone(), value: value.clone() })
+                            }
+                            _ => None,
+                        })
+                        .collect(),
+                };
+                tracing::info!(?call, from = %peer.addr, tenant = %info.tenant, flow = %info.flow, version = &flow.version()[..12], "call started");
+                // RFC 3261 §20.5: no Allow says nothing about REFER; an Allow without it says no.
+                let allows: Vec<&str> = request
                     .headers
                     .iter()
                     .filter_map(|h| match h {
-                        rsip::Header::Other(name, value) if name.to_ascii_lowercase().starts_with("x-") => {
-                            Some(Header { name: name.clone(), value: value.clone() })
-                        }
+                        rsip::Header::Allow(allow) => Some(allow.value()),
                         _ => None,
                     })
-                    .collect(),
-            };
-            tracing::info!(?call, from = %peer.addr, tenant = %info.tenant, flow = %info.flow, version = &flow.version()[..12], "call started");
-            // RFC 3261 §20.5: no Allow says nothing about REFER; an Allow without it says no.
-            let allows: Vec<&str> = request
-                .headers
-                .iter()
-                .filter_map(|h| match h {
-                    rsip::Header::Allow(allow) => Some(allow.value()),
-                    _ => None,
-                })
-                .collect();
-            let refer = allows.is_empty()
-                || allows.iter().flat_map(|v| v.split(',')).any(|m| m.trim().eq_ignore_ascii_case("REFER"));
-            let rtp_session: MediaSlot = Arc::default();
-            let (played, played_rx) = watch::channel(0);
-            calls.insert(
-                call,
-                LiveCall {
-                    ended,
-                    dtmf,
-                    invite: *request,
-                    media: None,
-                    transfer: None,
-                    rtp_session: Arc::clone(&rtp_session),
-                    played,
-                    cdr: CdrDraft::new(&info, flow.version()),
-                },
-            );
-            let prompts = routing.prompts.get(tenant).cloned().unwrap_or_else(|| Arc::new(PromptStore::new(None)));
-            let control = Arc::new(SipCall::new(
-                call,
-                info,
-                commands.clone(),
-                ended_rx,
-                dtmf_rx,
-                rtp_session,
-                played_rx,
-                prompts,
-                Arc::clone(routing),
-                refer,
-            ));
-            let (engine, commands, limits) = (Arc::clone(engine), commands.clone(), *limits);
-            let vars = routing.flow_vars.get(&(tenant.clone(), user.clone())).cloned().unwrap_or_default();
-            let kv: Arc<dyn patchbay_host::KvStore> = match routing.kv.get(tenant) {
-                Some(kv) => Arc::clone(kv) as Arc<dyn patchbay_host::KvStore>,
-                None => Arc::new(MemoryKv::new(TENANT_KV_QUOTA)),
-            };
-            tokio::spawn(async move {
-                let flow_call = FlowCall { control, kv, vars, limits: Some(limits) };
-                let exit = engine.run(&flow, flow_call).await;
-                let detail = match &exit.outcome {
-                    FlowOutcome::Completed => None,
-                    FlowOutcome::Failed(FlowError::Failed(message)) => Some(message.clone()),
-                    other => Some(format!("{other:?}")),
+                    .collect();
+                let refer = allows.is_empty()
+                    || allows.iter().flat_map(|v| v.split(',')).any(|m| m.trim().eq_ignore_ascii_case("REFER"));
+                let rtp_session: MediaSlot = Arc::default();
+                let (played, played_rx) = watch::channel(0);
+                calls.insert(
+                    call,
+                    LiveCall {
+                        ended,
+                        dtmf,
+                        invite: *request,
+                        media: None,
+                        transfer: None,
+                        rtp_session: Arc::clone(&rtp_session),
+                        played,
+                        cdr: CdrDraft::new(&info, flow.version()),
+                    },
+                );
+                let prompts = routing.prompts.get(tenant).cloned().unwrap_or_else(|| Arc::new(PromptStore::new(None)));
+                let control = Arc::new(SipCall::new(
+                    call,
+                    info,
+                    commands.clone(),
+                    ended_rx,
+                    dtmf_rx,
+                    rtp_session,
+                    played_rx,
+                    prompts,
+                    Arc::clone(routing),
+                    refer,
+                ));
+                let (engine, commands, limits) = (Arc::clone(engine), commands.clone(), *limits);
+                let vars = routing.flow_vars.get(&(tenant.clone(), user.clone())).cloned().unwrap_or_default();
+                let kv: Arc<dyn patchbay_host::KvStore> = match routing.kv.get(tenant) {
+                    Some(kv) => Arc::clone(kv) as Arc<dyn patchbay_host::KvStore>,
+                    None => Arc::new(MemoryKv::new(TENANT_KV_QUOTA)),
                 };
-                match &detail {
-                    None => tracing::info!(?call, cause = exit.outcome.cause(), "flow ended"),
-                    Some(detail) => tracing::info!(?call, cause = exit.outcome.cause(), "flow ended: {detail}"),
-                }
-                let end = FlowEnd { outcome: exit.outcome.cause(), detail, vars: exit.vars };
-                let _ = commands.send(Command::FlowDone { call, end });
-            });
-        }
-        UaEvent::Confirmed { call } => tracing::debug!(?call, "call confirmed (ACK)"),
-        // Outbound legs and our own re-INVITEs are not started by the server yet (flows'
-        // `dial` arrives with the media engine); log anything that shows up regardless.
-        UaEvent::Progress { call, status, sdp } => {
-            let Some(leg) = legs.get_mut(&call) else { return };
-            tracing::debug!(?call, status, early_media = sdp.is_some(), "outbound leg progress");
-            let early = match sdp {
-                Some(sdp) if leg.media.is_none() => start_leg_media(leg, call, &sdp, routing, commands),
-                _ => None,
-            };
-            let _ = leg.events.send(LegEvent::Progress { status, early });
-        }
-        UaEvent::Answered { call, sdp } => {
-            let Some(leg) = legs.get_mut(&call) else { return };
-            tracing::info!(?call, owner = ?leg.owner, "outbound leg answered");
-            if leg.media.is_none() {
-                start_leg_media(leg, call, &sdp, routing, commands);
-            }
-            match (leg.media.clone(), leg.dtmf.take()) {
-                (Some(media), Some(dtmf)) => {
-                    let _ = leg.events.send(LegEvent::Answered { media, dtmf });
-                }
-                _ => {
-                    tracing::warn!(?call, "the callee's answer has no usable media: hanging up the leg");
-                    let _ = ua.hangup(now, call);
-                }
-            }
-        }
-        UaEvent::ReInviteAnswered { call, result } => {
-            tracing::debug!(?call, ok = result.is_ok(), "our re-INVITE answered")
-        }
-        UaEvent::Transfer { call, status, final_ } => {
-            tracing::info!(?call, status, final_, "transfer progress");
-            if final_ && let Some(reply) = calls.get_mut(&call).and_then(|live| live.transfer.take()) {
-                if (200..300).contains(&status) {
-                    let _ = reply.send(Ok(()));
-                    if let Some(live) = calls.get_mut(&call) {
-                        live.cdr.ending("transferred", "flow");
+                tokio::spawn(async move {
+                    let flow_call = FlowCall { control, kv, vars, limits: Some(limits) };
+                    let exit = engine.run(&flow, flow_call).await;
+                    let detail = match &exit.outcome {
+                        FlowOutcome::Completed => None,
+                        FlowOutcome::Failed(FlowError::Failed(message)) => Some(message.clone()),
+                        other => Some(format!("{other:?}")),
+                    };
+                    match &detail {
+                        None => tracing::info!(?call, cause = exit.outcome.cause(), "flow ended"),
+                        Some(detail) => tracing::info!(?call, cause = exit.outcome.cause(), "flow ended: {detail}"),
                     }
-                    // RFC 5589 §6.1: the transferor ends its call once the transfer succeeded.
-                    if ua.hangup(now, call).is_ok() {
-                        call_ended(calls, ending, &routing.cdr, call, EndCause::LocalBye);
+                    let end = FlowEnd { outcome: exit.outcome.cause(), detail, vars: exit.vars };
+                    let _ = commands.send(Command::FlowDone { call, end });
+                });
+            }
+            UaEvent::Confirmed { call } => tracing::debug!(?call, "call confirmed (ACK)"),
+            // Outbound legs' progress and answer (flows' `dial`); our own re-INVITEs are not
+            // sent by the server yet.
+            UaEvent::Progress { call, status, sdp } => {
+                let Some(leg) = legs.get_mut(&call) else { return };
+                tracing::debug!(?call, status, early_media = sdp.is_some(), "outbound leg progress");
+                let early = match sdp {
+                    Some(sdp) if leg.media.is_none() => start_leg_media(leg, call, &sdp, routing, commands),
+                    _ => None,
+                };
+                let _ = leg.events.send(LegEvent::Progress { status, early });
+            }
+            UaEvent::Answered { call, sdp } => {
+                let Some(leg) = legs.get_mut(&call) else { return };
+                tracing::info!(?call, owner = ?leg.owner, "outbound leg answered");
+                if leg.media.is_none() {
+                    start_leg_media(leg, call, &sdp, routing, commands);
+                }
+                match (leg.media.clone(), leg.dtmf.take()) {
+                    (Some(media), Some(dtmf)) => {
+                        let _ = leg.events.send(LegEvent::Answered { media, dtmf });
                     }
-                } else {
-                    let _ = reply.send(Err(CallError::Unavailable(format!("transfer failed with SIP {status}"))));
+                    _ => {
+                        tracing::warn!(?call, "the callee's answer has no usable media: hanging up the leg");
+                        let _ = ua.hangup(now, call);
+                    }
                 }
             }
-        }
-        UaEvent::ReInvite { call, offer } => {
-            let answer = calls.get_mut(&call).map_or(Err(481), |live| live.reinvite(call, &offer, routing));
-            if let Err(e) = ua.answer_reinvite(now, call, answer) {
-                tracing::debug!(?call, "re-INVITE: {e}");
+            UaEvent::ReInviteAnswered { call, result } => {
+                tracing::debug!(?call, ok = result.is_ok(), "our re-INVITE answered")
             }
-        }
-        UaEvent::InfoDtmf { call, digit, duration_ms } => {
-            if let Some(live) = calls.get(&call) {
-                let _ = live.dtmf.try_send(Dtmf { digit, duration_ms });
-            }
-        }
-        UaEvent::Ended { call, cause } => {
-            if let Some(leg) = legs.remove(&call) {
-                tracing::info!(?call, owner = ?leg.owner, ?cause, "outbound leg ended");
-                if let Some(media) = &leg.media {
-                    media.close();
+            UaEvent::Transfer { call, status, final_ } => {
+                tracing::info!(?call, status, final_, "transfer progress");
+                if final_ && let Some(reply) = calls.get_mut(&call).and_then(|live| live.transfer.take()) {
+                    if (200..300).contains(&status) {
+                        let _ = reply.send(Ok(()));
+                        if let Some(live) = calls.get_mut(&call) {
+                            live.cdr.ending("transferred", "flow");
+                        }
+                        // RFC 5589 §6.1: the transferor ends its call once the transfer succeeded.
+                        if ua.hangup(now, call).is_ok() {
+                            call_ended(calls, ending, &routing.cdr, call, EndCause::LocalBye);
+                        }
+                    } else {
+                        let _ = reply.send(Err(CallError::Unavailable(format!("transfer failed with SIP {status}"))));
+                    }
                 }
-                let _ = leg.events.send(LegEvent::Ended { cause });
-                return;
             }
-            if cause == EndCause::AckTimeout {
-                tracing::warn!(?call, "our 200 OK was never ACKed (wrong Contact/Record-Route or NAT?); sent BYE");
+            UaEvent::ReInvite { call, offer } => {
+                let answer = calls.get_mut(&call).map_or(Err(481), |live| live.reinvite(call, &offer, routing));
+                if let Err(e) = ua.answer_reinvite(now, call, answer) {
+                    tracing::debug!(?call, "re-INVITE: {e}");
+                }
             }
-            call_ended(calls, ending, &routing.cdr, call, cause);
-            hangup_legs(ua, legs, call, now);
+            UaEvent::InfoDtmf { call, digit, duration_ms } => {
+                if let Some(live) = calls.get(&call) {
+                    let _ = live.dtmf.try_send(Dtmf { digit, duration_ms });
+                }
+            }
+            UaEvent::Ended { call, cause } => {
+                if let Some(leg) = legs.remove(&call) {
+                    tracing::info!(?call, owner = ?leg.owner, ?cause, "outbound leg ended");
+                    if let Some(media) = &leg.media {
+                        media.close();
+                    }
+                    let _ = leg.events.send(LegEvent::Ended { cause });
+                    return;
+                }
+                if cause == EndCause::AckTimeout {
+                    tracing::warn!(?call, "our 200 OK was never ACKed (wrong Contact/Record-Route or NAT?); sent BYE");
+                }
+                call_ended(calls, ending, &routing.cdr, call, cause);
+                hangup_legs(ua, legs, call, now);
+            }
         }
     }
-}
 }
 
 /// The call's session is over (RFC 3261 §15: for us as soon as we send BYE): stop its media,
