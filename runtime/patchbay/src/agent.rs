@@ -89,6 +89,9 @@ pub struct AgentCall<'a> {
     pub played: watch::Receiver<u64>,
     /// Allocates mark ids shared with the call's prompts.
     pub next_mark: &'a (dyn Fn() -> u64 + Sync),
+    /// Benchmarks only: records, per caller frame, the time from its delivery to this task to
+    /// the arrival of the agent's audio that answers it (an echo agent answers frame for frame).
+    pub probe: Option<&'a std::sync::Mutex<Vec<u32>>>,
 }
 
 /// Connects to `endpoint` and runs the session until it ends; `caller_gone` resolves when the
@@ -112,10 +115,16 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tokio::pin!(caller_gone);
     let mut octets = [0u8; 160];
+    // Delivery times of caller frames not yet answered (with `probe` only).
+    let mut in_flight: VecDeque<std::time::Instant> = VecDeque::new();
     let end = loop {
         tokio::select! {
             event = stream.recv() => match event {
                 AgentEvent::Audio(frame) => {
+                    if let (Some(probe), Some(sent)) = (call.probe, in_flight.pop_front()) {
+                        let us = u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX);
+                        probe.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(us);
+                    }
                     playout.pending.push_back(Pending::Audio(frame));
                     playout.feed(call.media, call.pool);
                 }
@@ -141,6 +150,9 @@ pub async fn run(
                 other => tracing::debug!(?other, "agent event"),
             },
             Some(frame) = frames.recv() => {
+                if call.probe.is_some() {
+                    in_flight.push_back(std::time::Instant::now());
+                }
                 let n = frame.encode_into(AudioEncoding::Pcmu, &mut octets);
                 if n > 0 && stream.send_media(&octets[..n]).is_err() {
                     tracing::debug!("agent stream closed while sending media");

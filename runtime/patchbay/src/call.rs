@@ -404,6 +404,7 @@ impl CallControl for SipCall {
             dtmf: &mut dtmf,
             played: self.played.clone(),
             next_mark: &next_mark,
+            probe: None,
         };
         crate::agent::run(call, endpoint, &start, None, self.until_hangup()).await
     }
