@@ -149,5 +149,13 @@ fn test(args: &[String]) -> Result<(), String> {
 
 fn bench(args: &[String]) -> Result<(), String> {
     ensure_wasm_target()?;
-    step("benchmarks", cargo().args(["bench", "--workspace", "--locked"]).args(args))
+    step("benchmarks", cargo().args(["bench", "--workspace", "--locked"]).args(args))?;
+    // The binary's own benchmarks: pacing of the media clock and the agent path under load.
+    step("patchbay (release)", cargo().args(["build", "--release", "--package", "patchbay", "--locked"]))?;
+    let patchbay = root().join("target/release/patchbay");
+    step("media clock pacing", Command::new(&patchbay).args(["bench-media", "--calls", "2000", "--seconds", "10"]))?;
+    for calls in ["100", "500"] {
+        step("agent latency", Command::new(&patchbay).args(["bench-agent", "--calls", calls, "--seconds", "10"]))?;
+    }
+    Ok(())
 }
