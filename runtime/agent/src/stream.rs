@@ -36,7 +36,7 @@ use crate::repacketize::Repacketizer;
 pub const DEFAULT_MEDIA_QUEUE: usize = 50;
 
 /// Bound of the DTMF/mark queue; these are rare, so a full queue means the agent is stuck.
-const CONTROL_QUEUE: usize = 64;
+const CONTROL_QUEUE: usize = 4_096;
 
 /// Most messages written before a flush, so a backlog goes out in few syscalls.
 const WRITE_BATCH: usize = 32;

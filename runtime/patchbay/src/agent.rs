@@ -31,6 +31,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Agent audio kept in the call's playout queue; the rest waits in [`Playout`].
 const AHEAD_FRAMES: usize = 50;
 
+/// Most agent audio waiting to be played (five minutes): an agent that sends more is cut off
+/// (`disconnected`) rather than growing host memory without bound.
+const MAX_BACKLOG_FRAMES: usize = 5 * 60 * 50;
+
 /// Agent audio and marks not yet handed to the call's playout queue.
 enum Pending {
     Audio(patchbay_agent::Frame160),
@@ -120,6 +124,9 @@ pub async fn run(
     let end = loop {
         tokio::select! {
             event = stream.recv() => match event {
+                AgentEvent::Audio(_) if playout.pending.len() >= MAX_BACKLOG_FRAMES => {
+                    break Ok(AgentEnd::Disconnected("the agent sent more than five minutes of audio ahead".into()));
+                }
                 AgentEvent::Audio(frame) => {
                     if let (Some(probe), Some(sent)) = (call.probe, in_flight.pop_front()) {
                         let us = u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX);
@@ -175,8 +182,11 @@ pub async fn run(
         tracing::warn!(dropped, "caller audio frames dropped because the agent did not keep up");
     }
     match &end {
-        // The agent is gone or asked to end: tell it we stopped, close cleanly.
-        Ok(AgentEnd::TransferRequested(_) | AgentEnd::HangupRequested) | Err(_) => stream.stop().await,
+        // The agent asked to end, the caller left, or we cut it off: tell it we stopped and
+        // close cleanly, beside the play-out below (the close handshake may take seconds).
+        Ok(AgentEnd::TransferRequested(_) | AgentEnd::HangupRequested | AgentEnd::Disconnected(_)) | Err(_) => {
+            tokio::spawn(stream.stop());
+        }
         _ => {}
     }
     // Let what the agent said before it ended play out (not after a hang-up or a drop).

@@ -103,6 +103,21 @@ pub(crate) fn feed_prompt(
 /// Audio queued ahead of the wire while a prompt plays (the rest is fed as it goes out).
 const PROMPT_AHEAD_FRAMES: usize = 50;
 
+/// Hangs up an outbound leg when the `dial` that placed it returns, however it returns.
+struct LegGuard<'a> {
+    commands: &'a mpsc::UnboundedSender<Command>,
+    leg: CallRef,
+}
+
+impl Drop for LegGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::HangupLeg { leg: self.leg });
+    }
+}
+
+/// Longest recording `record` keeps (the samples are held in host memory until stored).
+const MAX_RECORD_MS: u32 = 60 * 60 * 1_000;
+
 /// How long a transfer by bridge lets the target ring.
 const TRANSFER_RING_MS: u32 = 30_000;
 
@@ -256,6 +271,10 @@ impl CallControl for SipCall {
             self.answer().await?;
         }
         let media = Arc::clone(self.rtp()?);
+        if self.stream.try_lock().map_or(true, |stream| stream.is_some()) {
+            return Err(CallError::NotAllowed("close the audio stream before dialling".into()));
+        }
+        let ringback = self.prompts.get("ringback.wav")?;
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let (reply, leg) = oneshot::channel();
         let command = Command::Dial {
@@ -268,10 +287,8 @@ impl CallControl for SipCall {
         };
         self.commands.send(command).map_err(|_| CallError::Hangup)?;
         let leg = leg.await.unwrap_or(Err(CallError::Hangup))?;
-        let hang_up_leg = || {
-            let _ = self.commands.send(Command::HangupLeg { leg });
-        };
-        let ringback = self.prompts.get("ringback.wav")?;
+        // However this ends, a leg still up is hung up (a no-op once it has ended).
+        let _leg_guard = LegGuard { commands: &self.commands, leg };
         let codec = patchbay_media::prompt::PromptCodec::from(media.with(|s| s.codec()));
         let mut next = 0;
         let mut ringing = true;
@@ -280,7 +297,7 @@ impl CallControl for SipCall {
         let deadline = tokio::time::sleep(Duration::from_millis(u64::from(options.timeout_ms.max(1))));
         tokio::pin!(deadline);
         let mut dtmf = self.dtmf.lock().await;
-        let outcome = loop {
+        let outcome: Result<DialOutcome, CallError> = loop {
             if ringing {
                 media.with(|session| {
                     if feed_prompt(session, &self.pool, &ringback, codec, &mut next, 0) {
@@ -305,13 +322,10 @@ impl CallControl for SipCall {
                         let exit =
                             crate::dial::bridge(&media, &mut dtmf, &leg_media, leg_dtmf, &mut events, self.until_hangup())
                                 .await;
-                        if matches!(exit, crate::dial::BridgeExit::Caller) {
-                            hang_up_leg();
-                        }
-                        break DialOutcome::from(exit);
+                        break Ok(DialOutcome::from(exit));
                     }
-                    Some(LegEvent::Ended { cause }) => break crate::dial::unanswered_outcome(&cause),
-                    None => return Err(CallError::Hangup),
+                    Some(LegEvent::Ended { cause }) => break Ok(crate::dial::unanswered_outcome(&cause)),
+                    None => break Err(CallError::Hangup),
                 },
                 Some(frame) = early_rx.recv() => {
                     media.with(|session| {
@@ -321,7 +335,7 @@ impl CallControl for SipCall {
                     });
                 }
                 () = &mut deadline => {
-                    hang_up_leg();
+                    let _ = self.commands.send(Command::HangupLeg { leg });
                     // Wait for the CANCEL's outcome: the callee may have answered meanwhile.
                     let _ = tokio::time::timeout(crate::dial::CANCEL_WAIT, async {
                         while let Some(event) = events.recv().await {
@@ -331,12 +345,9 @@ impl CallControl for SipCall {
                         }
                     })
                     .await;
-                    break DialOutcome::NoAnswer;
+                    break Ok(DialOutcome::NoAnswer);
                 }
-                () = self.until_hangup() => {
-                    hang_up_leg();
-                    return Err(CallError::Hangup);
-                }
+                () = self.until_hangup() => break Err(CallError::Hangup),
                 () = tokio::time::sleep(Duration::from_millis(200)), if ringing => {}
             }
         };
@@ -345,7 +356,7 @@ impl CallControl for SipCall {
         }
         media.with(|session| session.clear());
         tracing::info!(call = ?self.call, ?outcome, "dial finished");
-        Ok(outcome)
+        outcome
     }
 
     async fn transfer(&self, target: &str) -> Result<(), CallError> {
@@ -423,7 +434,7 @@ impl CallControl for SipCall {
         }
         media.listen(Some(frames));
         let started = std::time::SystemTime::now();
-        let max = Duration::from_millis(u64::from(options.max_duration_ms.max(1)));
+        let max = Duration::from_millis(u64::from(options.max_duration_ms.clamp(1, MAX_RECORD_MS)));
         let silence_limit = (options.silence_timeout_ms > 0).then_some(options.silence_timeout_ms);
         let deadline = tokio::time::sleep(max);
         tokio::pin!(deadline);

@@ -42,12 +42,18 @@ pub(crate) struct Leg {
     pub events: mpsc::UnboundedSender<LegEvent>,
     /// The SDP offer we sent (to read the answer against).
     pub offer: String,
+    /// Our side of the session until media starts.
+    pub local: Option<patchbay_sip::sdp::LocalMedia>,
+    /// Our side and what was agreed, once media started (for the callee's re-INVITEs).
+    pub agreed: Option<(patchbay_sip::sdp::LocalMedia, patchbay_sip::sdp::Negotiated)>,
     /// Its RTP and RTCP sockets until media starts.
     pub sockets: Option<(std::net::UdpSocket, std::net::UdpSocket)>,
     /// Its media once started (early media or answer).
     pub media: Option<Arc<CallMedia>>,
     /// Its key presses, handed to the flow on answer.
     pub dtmf: Option<mpsc::Receiver<Dtmf>>,
+    /// Where the callee's SIP INFO key presses go (the same channel).
+    pub dtmf_sink: Option<mpsc::Sender<Dtmf>>,
 }
 
 /// A parsed and resolved `dial` target.

@@ -99,7 +99,14 @@ impl CallMedia {
                     }
                 }
                 SessionEvent::Played(id) => {
-                    self.sinks.played.send_replace(id);
+                    // The highest mark played: a `clear` may report older marks after newer ones.
+                    self.sinks.played.send_if_modified(|played| {
+                        let newer = id > *played;
+                        if newer {
+                            *played = id;
+                        }
+                        newer
+                    });
                 }
                 SessionEvent::Inactive => {
                     let _ = self.sinks.inactive.send(());

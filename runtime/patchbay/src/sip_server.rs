@@ -216,50 +216,76 @@ struct LiveCall {
 impl LiveCall {
     /// Answers a re-INVITE's offer with the same local media and a bumped `o=` version.
     fn reinvite(&mut self, call: CallRef, offer: &[u8], routing: &Routing) -> Result<Vec<u8>, u16> {
-        let Some((local, current)) = self.media.as_mut() else { return Err(488) };
-        if offer.iter().all(u8::is_ascii_whitespace) {
-            // An offer-less re-INVITE asks us to offer (RFC 3261 §14.2): offer sendrecv, so
-            // that it also takes a call off hold. Not done: the answer comes in the ACK, which
-            // is not applied; the media keeps the session it has.
-            return patchbay_sip::sdp::reoffer(local, current, patchbay_sip::sdp::Direction::SendRecv)
-                .map(String::into_bytes)
-                .map_err(|e| e.sip_status());
-        }
-        local.bump_version();
-        match patchbay_sip::sdp::answer(&String::from_utf8_lossy(offer), local) {
-            Ok(negotiated) => {
-                if negotiated.direction != current.direction {
-                    tracing::info!(?call, from = ?current.direction, to = ?negotiated.direction, "media direction changed (hold/resume)");
-                }
-                let sdp = negotiated.local_sdp.clone().into_bytes();
-                if let Some(media) = self.rtp_session.get() {
-                    let same_stream = negotiated.codec == current.codec
-                        && negotiated.telephone_event == current.telephone_event
-                        && negotiated.srtp == current.srtp;
-                    if same_stream {
-                        let remote = (!negotiated.remote_rtp.ip().is_unspecified()).then_some(negotiated.remote_rtp);
-                        let hold = !negotiated.direction.receives() || remote.is_none();
-                        media.with(|session| {
-                            session.set_remote(remote);
-                            session.set_hold(hold);
-                            session.set_sending(negotiated.direction.sends());
-                        });
-                    } else {
-                        // New codec, payload types or SRTP keys: a new RTP stream (new SSRC, as
-                        // RFC 3550 §8 allows), keyed and numbered for what was agreed now.
-                        tracing::info!(?call, codec = negotiated.codec.name(), "media renegotiated: new RTP stream");
-                        let session = media_session(&negotiated, routing);
-                        media.with(|old| *old = session);
-                    }
-                }
-                *current = negotiated;
-                Ok(sdp)
+        answer_reoffer(self.rtp_session.get().map(|m| &**m), &mut self.media, call, offer, routing)
+    }
+}
+
+/// Answers a re-INVITE's offer (or an offer-less re-INVITE) with the same local media and a
+/// bumped `o=` version, and applies what was agreed to the running media. Shared by inbound
+/// calls and outbound legs.
+fn answer_reoffer(
+    media: Option<&CallMedia>,
+    agreed: &mut Option<(patchbay_sip::sdp::LocalMedia, patchbay_sip::sdp::Negotiated)>,
+    call: CallRef,
+    offer: &[u8],
+    routing: &Routing,
+) -> Result<Vec<u8>, u16> {
+    let Some((local, current)) = agreed.as_mut() else { return Err(488) };
+    if offer.iter().all(u8::is_ascii_whitespace) {
+        // An offer-less re-INVITE asks us to offer (RFC 3261 §14.2): offer sendrecv, so that
+        // it also takes a call off hold. Not done: the answer comes in the ACK, which is not
+        // applied; the media keeps the session it has.
+        return patchbay_sip::sdp::reoffer(local, current, patchbay_sip::sdp::Direction::SendRecv)
+            .map(String::into_bytes)
+            .map_err(|e| e.sip_status());
+    }
+    local.bump_version();
+    match patchbay_sip::sdp::answer(&String::from_utf8_lossy(offer), local) {
+        Ok(negotiated) => {
+            if negotiated.direction != current.direction {
+                tracing::info!(?call, from = ?current.direction, to = ?negotiated.direction, "media direction changed (hold/resume)");
             }
-            Err(e) => {
-                tracing::info!(?call, "re-INVITE offer not acceptable: {e}");
-                Err(e.sip_status())
+            let sdp = negotiated.local_sdp.clone().into_bytes();
+            if let Some(media) = media {
+                apply_negotiated(media, current, &negotiated, routing);
             }
+            *current = negotiated;
+            Ok(sdp)
         }
+        Err(e) => {
+            tracing::info!(?call, "re-INVITE offer not acceptable: {e}");
+            Err(e.sip_status())
+        }
+    }
+}
+
+/// Points a running RTP session at what a new offer/answer agreed: the same stream with a new
+/// address or direction (hold/resume, RFC 3264 §8), or a new stream (new SSRC, RFC 3550 §8)
+/// when the codec, payload types or SRTP keys changed.
+fn apply_negotiated(
+    media: &CallMedia,
+    current: &patchbay_sip::sdp::Negotiated,
+    negotiated: &patchbay_sip::sdp::Negotiated,
+    routing: &Routing,
+) {
+    let same_stream = negotiated.codec == current.codec
+        && negotiated.telephone_event == current.telephone_event
+        && negotiated.srtp == current.srtp;
+    if same_stream {
+        let remote = (!negotiated.remote_rtp.ip().is_unspecified()).then_some(negotiated.remote_rtp);
+        let hold = !negotiated.direction.receives() || remote.is_none();
+        media.with(|session| {
+            session.set_remote(remote);
+            session.set_hold(hold);
+            session.set_sending(negotiated.direction.sends());
+        });
+    } else {
+        tracing::info!(codec = negotiated.codec.name(), "media renegotiated: new RTP stream");
+        let session = media_session(negotiated, routing);
+        // What the old stream still had queued is dropped: report its marks first, so nobody
+        // waits for them.
+        media.with(MediaSession::clear);
+        media.with(|old| *old = session);
     }
 }
 
@@ -478,7 +504,20 @@ impl Endpoint {
             },
         );
         tracing::info!(call = ?owner, ?leg, to = %target.peer, "dialling");
-        self.legs.insert(leg, Leg { owner, events, offer, sockets: Some((rtp, rtcp)), media: None, dtmf: None });
+        self.legs.insert(
+            leg,
+            Leg {
+                owner,
+                events,
+                offer,
+                local: Some(local),
+                agreed: None,
+                sockets: Some((rtp, rtcp)),
+                media: None,
+                dtmf: None,
+                dtmf_sink: None,
+            },
+        );
         Ok(leg)
     }
 
@@ -720,7 +759,18 @@ impl Endpoint {
                 };
                 tokio::spawn(async move {
                     let flow_call = FlowCall { control, kv, vars, limits: Some(limits) };
-                    let exit = engine.run(&flow, flow_call).await;
+                    // Run in its own task: should the host panic inside it, the call still gets
+                    // its FlowDone (and so its hang-up and its record).
+                    let exit = match tokio::spawn(async move { engine.run(&flow, flow_call).await }).await {
+                        Ok(exit) => exit,
+                        Err(e) => {
+                            tracing::error!(?call, "the flow's task failed: {e}");
+                            let detail = Some(e.to_string());
+                            let end = FlowEnd { outcome: "host-error", detail, vars: Default::default() };
+                            let _ = commands.send(Command::FlowDone { call, end });
+                            return;
+                        }
+                    };
                     let detail = match &exit.outcome {
                         FlowOutcome::Completed => None,
                         FlowOutcome::Failed(FlowError::Failed(message)) => Some(message.clone()),
@@ -741,7 +791,7 @@ impl Endpoint {
                 let Some(leg) = legs.get_mut(&call) else { return };
                 tracing::debug!(?call, status, early_media = sdp.is_some(), "outbound leg progress");
                 let early = match sdp {
-                    Some(sdp) if leg.media.is_none() => start_leg_media(leg, call, &sdp, routing, commands),
+                    Some(sdp) if leg.media.is_none() => start_leg_media(leg, call, &sdp, routing, commands, true),
                     _ => None,
                 };
                 let _ = leg.events.send(LegEvent::Progress { status, early });
@@ -750,7 +800,19 @@ impl Endpoint {
                 let Some(leg) = legs.get_mut(&call) else { return };
                 tracing::info!(?call, owner = ?leg.owner, "outbound leg answered");
                 if leg.media.is_none() {
-                    start_leg_media(leg, call, &sdp, routing, commands);
+                    start_leg_media(leg, call, &sdp, routing, commands, false);
+                } else if let (Some(media), Some((_, current))) = (&leg.media, leg.agreed.as_mut()) {
+                    // Without reliable provisionals the 2xx's answer is the one that counts
+                    // (RFC 3261 §13.2.1): it may point elsewhere than the early media did.
+                    match patchbay_sip::sdp::accept_answer(&leg.offer, &String::from_utf8_lossy(&sdp)) {
+                        Ok(negotiated) => {
+                            apply_negotiated(media, current, &negotiated, routing);
+                            *current = negotiated;
+                        }
+                        Err(e) => {
+                            tracing::info!(?call, "the callee's 2xx SDP is not usable ({e}): keeping the early media's")
+                        }
+                    }
                 }
                 match (leg.media.clone(), leg.dtmf.take()) {
                     (Some(media), Some(dtmf)) => {
@@ -783,14 +845,23 @@ impl Endpoint {
                 }
             }
             UaEvent::ReInvite { call, offer } => {
-                let answer = calls.get_mut(&call).map_or(Err(481), |live| live.reinvite(call, &offer, routing));
+                let answer = match (calls.get_mut(&call), legs.get_mut(&call)) {
+                    (Some(live), _) => live.reinvite(call, &offer, routing),
+                    // The callee of a bridged leg holds, resumes or refreshes the session.
+                    (None, Some(leg)) => answer_reoffer(leg.media.as_deref(), &mut leg.agreed, call, &offer, routing),
+                    (None, None) => Err(481),
+                };
                 if let Err(e) = ua.answer_reinvite(now, call, answer) {
                     tracing::debug!(?call, "re-INVITE: {e}");
                 }
             }
             UaEvent::InfoDtmf { call, digit, duration_ms } => {
-                if let Some(live) = calls.get(&call) {
-                    let _ = live.dtmf.try_send(Dtmf { digit, duration_ms });
+                let sink = calls
+                    .get(&call)
+                    .map(|live| &live.dtmf)
+                    .or_else(|| legs.get(&call).and_then(|leg| leg.dtmf_sink.as_ref()));
+                if let Some(sink) = sink {
+                    let _ = sink.try_send(Dtmf { digit, duration_ms });
                 }
             }
             UaEvent::Ended { call, cause } => {
@@ -879,13 +950,15 @@ fn hangup_legs(ua: &mut UserAgent, legs: &HashMap<CallRef, Leg>, owner: CallRef,
     }
 }
 
-/// Starts an outbound leg's media from the callee's SDP (in a 18x or the 2xx).
+/// Starts an outbound leg's media from the callee's SDP (in a 18x or the 2xx). Early media
+/// gets no RTP inactivity timeout: a callee may send SDP and no audio while it rings.
 fn start_leg_media(
     leg: &mut Leg,
     call: CallRef,
     sdp: &[u8],
     routing: &Routing,
     commands: &mpsc::UnboundedSender<Command>,
+    early: bool,
 ) -> Option<Arc<CallMedia>> {
     let negotiated = match patchbay_sip::sdp::accept_answer(&leg.offer, &String::from_utf8_lossy(sdp)) {
         Ok(negotiated) => negotiated,
@@ -895,10 +968,14 @@ fn start_leg_media(
         }
     };
     let (rtp, rtcp) = leg.sockets.take()?;
+    let local = leg.local.take()?;
     let (dtmf, dtmf_rx) = mpsc::channel(DTMF_QUEUE);
+    leg.dtmf_sink = Some(dtmf.clone());
     let (inactive, mut inactive_rx) = mpsc::unbounded_channel();
     let sinks = CallSinks { dtmf, played: watch::channel(0).0, inactive };
-    let media = match routing.media.start_call(media_session(&negotiated, routing), rtp, Some(rtcp), sinks) {
+    let timeout = if early { None } else { routing.rtp_timeout };
+    let session = crate::media::session_for(&negotiated, routing.media.pool(), timeout, random_u64(0x1e6));
+    let media = match routing.media.start_call(session, rtp, Some(rtcp), sinks) {
         Ok(media) => media,
         Err(e) => {
             tracing::error!(?call, "starting the leg's media: {e}");
@@ -914,5 +991,6 @@ fn start_leg_media(
     });
     leg.media = Some(Arc::clone(&media));
     leg.dtmf = Some(dtmf_rx);
+    leg.agreed = Some((local, negotiated));
     Some(media)
 }
