@@ -125,8 +125,16 @@ fn menu_agent_transfer(source: &str) {
     assert!((45..=52).contains(&first), "1 s of agent audio should be heard whole: {first} frames");
     assert!((10..=60).contains(&long), "clear should cut the 5 s utterance after ~0.5 s: {long} frames");
 
-    let cdrs = pb.wait_for_cdrs(1, Duration::from_secs(5));
-    let menu = cdrs.iter().find(|c| c["flow"] == "menu").unwrap_or_else(|| panic!("menu CDR: {cdrs:?}"));
+    let cdrs = pb.wait_for_cdrs(2, Duration::from_secs(5));
+    let menu = cdrs
+        .iter()
+        .find(|c| c["flow"] == "menu" && c["direction"] == "inbound")
+        .unwrap_or_else(|| panic!("menu CDR: {cdrs:?}"));
     assert_eq!(menu["vars"]["menu.path"], "main:2", "{menu}");
     assert_eq!(menu["hung_up_by"], "caller", "{menu}");
+    // The transfer went out as a leg of the menu's call (the caller does not take REFER).
+    let leg = cdrs.iter().find(|c| c["direction"] == "outbound").unwrap_or_else(|| panic!("leg CDR: {cdrs:?}"));
+    assert_eq!(leg["parent_call_id"], menu["call_id"], "{leg}");
+    assert_eq!(leg["to"], format!("sip:human@127.0.0.1:{human_port}"), "{leg}");
+    assert_eq!(leg["sip_code"], 200, "{leg}");
 }

@@ -111,7 +111,7 @@ struct LegGuard<'a> {
 
 impl Drop for LegGuard<'_> {
     fn drop(&mut self) {
-        let _ = self.commands.send(Command::HangupLeg { leg: self.leg });
+        let _ = self.commands.send(Command::HangupLeg { leg: self.leg, reason: "caller-hangup", by: "caller" });
     }
 }
 
@@ -327,15 +327,9 @@ impl CallControl for SipCall {
                     Some(LegEvent::Ended { cause }) => break Ok(crate::dial::unanswered_outcome(&cause)),
                     None => break Err(CallError::Hangup),
                 },
-                Some(frame) = early_rx.recv() => {
-                    media.with(|session| {
-                        if session.queued() < 3 {
-                            let _ = session.play(frame);
-                        }
-                    });
-                }
+                Some(frame) = early_rx.recv() => crate::dial::forward(&media, frame),
                 () = &mut deadline => {
-                    let _ = self.commands.send(Command::HangupLeg { leg });
+                    let _ = self.commands.send(Command::HangupLeg { leg, reason: "no-answer", by: "patchbay" });
                     // Wait for the CANCEL's outcome: the callee may have answered meanwhile.
                     let _ = tokio::time::timeout(crate::dial::CANCEL_WAIT, async {
                         while let Some(event) = events.recv().await {

@@ -28,8 +28,10 @@ pub struct Cdr {
     pub flow: String,
     /// The flow's version (SHA-256 of the component) the call ran with.
     pub flow_version: String,
-    /// `inbound` or `outbound`.
+    /// `inbound`, or `outbound` for a leg a flow placed with `dial`.
     pub direction: &'static str,
+    /// For an outbound leg: the Call-ID of the call whose flow placed it (else `null`).
+    pub parent_call_id: Option<String>,
     /// The caller's URI.
     pub from: String,
     /// The called URI.
@@ -54,9 +56,10 @@ pub struct Cdr {
     /// The INVITE's final response: 200 when answered, else the rejection (487 when cancelled).
     pub sip_code: u16,
     /// `caller`, `flow`, `patchbay` (the runtime itself: timeouts, shutdown), `network`, or
-    /// `callee` (outbound calls, which get no record yet).
+    /// `callee` (the far end of an outbound leg).
     pub hung_up_by: &'static str,
-    /// How the flow's run ended (`flow-completed`, `flow-error`, `flow-trap`, ...).
+    /// How the flow's run ended (`flow-completed`, `flow-error`, `flow-trap`, ...;
+    /// `outbound-leg` for a leg, which runs no flow).
     pub flow_outcome: String,
     /// The flow's error or trap message, when there is one.
     pub flow_detail: Option<String>,
@@ -96,6 +99,7 @@ pub struct CdrDraft {
     direction: &'static str,
     from: String,
     to: String,
+    parent_call_id: Option<String>,
     started: (SystemTime, Instant),
     answered: Option<(SystemTime, Instant)>,
     /// Why we ended the call ourselves, set when we send the BYE or the rejection.
@@ -118,11 +122,32 @@ impl CdrDraft {
             },
             from: info.from.clone(),
             to: info.to.clone(),
+            parent_call_id: None,
             started: (SystemTime::now(), Instant::now()),
             answered: None,
             local_reason: None,
             ended: None,
             flow_end: None,
+        }
+    }
+
+    /// The record of an outbound leg this call's flow placed now (`call_id` is the leg's).
+    /// A leg runs no flow of its own: its flow side is done from the start.
+    pub fn leg(&self, call_id: &str, from: &str, to: &str) -> Self {
+        Self {
+            call_id: call_id.to_owned(),
+            tenant: self.tenant.clone(),
+            flow: self.flow.clone(),
+            flow_version: self.flow_version.clone(),
+            direction: "outbound",
+            from: from.to_owned(),
+            to: to.to_owned(),
+            parent_call_id: Some(self.call_id.clone()),
+            started: (SystemTime::now(), Instant::now()),
+            answered: None,
+            local_reason: None,
+            ended: None,
+            flow_end: Some(FlowEnd { outcome: "outbound-leg", detail: None, vars: BTreeMap::new() }),
         }
     }
 
@@ -170,6 +195,7 @@ impl CdrDraft {
             flow: std::mem::take(&mut self.flow),
             flow_version: std::mem::take(&mut self.flow_version),
             direction: self.direction,
+            parent_call_id: self.parent_call_id.take(),
             from: std::mem::take(&mut self.from),
             to: std::mem::take(&mut self.to),
             start: rfc3339(self.started.0),

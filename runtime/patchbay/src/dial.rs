@@ -54,6 +54,8 @@ pub(crate) struct Leg {
     pub dtmf: Option<mpsc::Receiver<Dtmf>>,
     /// Where the callee's SIP INFO key presses go (the same channel).
     pub dtmf_sink: Option<mpsc::Sender<Dtmf>>,
+    /// The leg's own call detail record.
+    pub cdr: crate::cdr::CdrDraft,
 }
 
 /// A parsed and resolved `dial` target.
@@ -100,10 +102,10 @@ pub(crate) fn unanswered_outcome(cause: &EndCause) -> DialOutcome {
 
 /// Audio queued on a bridged leg beyond which new frames are dropped: a bridge must not build
 /// up delay when one side's clock runs faster.
-const BRIDGE_MAX_QUEUED: usize = 3;
+const BRIDGE_MAX_QUEUED: usize = 5;
 
 /// Queues a bridged frame unless the leg is already that far behind.
-fn forward(to: &CallMedia, frame: patchbay_media::Frame) {
+pub(crate) fn forward(to: &CallMedia, frame: patchbay_media::Frame) {
     to.with(|session| {
         if session.queued() < BRIDGE_MAX_QUEUED {
             let _ = session.play(frame);

@@ -186,6 +186,9 @@ pub(crate) enum Command {
     /// Cancel or hang up an outbound leg.
     HangupLeg {
         leg: CallRef,
+        /// For the leg's record: why, and on whose behalf.
+        reason: &'static str,
+        by: &'static str,
     },
     /// Hang up every call and report when their records are written (or the grace is over).
     Shutdown {
@@ -440,7 +443,10 @@ impl Endpoint {
                 let result = self.dial(now, call, target, caller_id, headers, events);
                 let _ = reply.send(result);
             }
-            Command::HangupLeg { leg } => {
+            Command::HangupLeg { leg, reason, by } => {
+                if let Some(l) = self.legs.get_mut(&leg) {
+                    l.cdr.ending(reason, by);
+                }
                 if let Err(e) = self.ua.hangup(now, leg) {
                     tracing::debug!(?leg, "leg hangup: {e}");
                 }
@@ -491,6 +497,7 @@ impl Endpoint {
         let headers = headers.into_iter().map(|h| rsip::Header::Other(h.name, h.value)).collect();
         let peer =
             patchbay_sip::transaction::Peer { transport: patchbay_sip::transaction::Transport::Udp, addr: target.peer };
+        let (leg_from, leg_to) = (from.clone(), target.uri.to_string());
         let leg = self.ua.dial(
             now,
             patchbay_sip::ua::Dial {
@@ -504,6 +511,7 @@ impl Endpoint {
             },
         );
         tracing::info!(call = ?owner, ?leg, to = %target.peer, "dialling");
+        let cdr = live_cdr_leg(&self.calls, owner, self.ua.call_id(leg).unwrap_or_default(), &leg_from, &leg_to);
         self.legs.insert(
             leg,
             Leg {
@@ -516,6 +524,7 @@ impl Endpoint {
                 media: None,
                 dtmf: None,
                 dtmf_sink: None,
+                cdr,
             },
         );
         Ok(leg)
@@ -528,7 +537,7 @@ impl Endpoint {
         match self.ua.hangup(now, call) {
             Ok(()) if answered => {
                 call_ended(&mut self.calls, &mut self.ending, &self.routing.cdr, call, EndCause::LocalBye);
-                hangup_legs(&mut self.ua, &self.legs, call, now);
+                hangup_legs(&mut self.ua, &mut self.legs, call, now);
             }
             Ok(()) => {}
             Err(e) => tracing::debug!(?call, "hangup: {e}"),
@@ -799,6 +808,7 @@ impl Endpoint {
             UaEvent::Answered { call, sdp } => {
                 let Some(leg) = legs.get_mut(&call) else { return };
                 tracing::info!(?call, owner = ?leg.owner, "outbound leg answered");
+                leg.cdr.answered();
                 if leg.media.is_none() {
                     start_leg_media(leg, call, &sdp, routing, commands, false);
                 } else if let (Some(media), Some((_, current))) = (&leg.media, leg.agreed.as_mut()) {
@@ -865,10 +875,15 @@ impl Endpoint {
                 }
             }
             UaEvent::Ended { call, cause } => {
-                if let Some(leg) = legs.remove(&call) {
+                if let Some(mut leg) = legs.remove(&call) {
                     tracing::info!(?call, owner = ?leg.owner, ?cause, "outbound leg ended");
                     if let Some(media) = &leg.media {
                         media.close();
+                    }
+                    let end = leg_end(&leg.cdr, &cause);
+                    leg.cdr.sip_ended(end);
+                    if let Some(record) = leg.cdr.finish() {
+                        routing.cdr.write(record);
                     }
                     let _ = leg.events.send(LegEvent::Ended { cause });
                     return;
@@ -942,8 +957,10 @@ fn call_ended(
 }
 
 /// Hangs up (or cancels) every outbound leg `owner`'s flow placed.
-fn hangup_legs(ua: &mut UserAgent, legs: &HashMap<CallRef, Leg>, owner: CallRef, now: std::time::Instant) {
-    for (leg, _) in legs.iter().filter(|(_, l)| l.owner == owner) {
+fn hangup_legs(ua: &mut UserAgent, legs: &mut HashMap<CallRef, Leg>, owner: CallRef, now: std::time::Instant) {
+    for (leg, l) in legs.iter_mut().filter(|(_, l)| l.owner == owner) {
+        // The leg's own record: its parent call went away.
+        l.cdr.ending("caller-hangup", "caller");
         if let Err(e) = ua.hangup(now, *leg) {
             tracing::debug!(?leg, "hanging up the leg: {e}");
         }
@@ -986,11 +1003,52 @@ fn start_leg_media(
     let commands = commands.clone();
     tokio::spawn(async move {
         if inactive_rx.recv().await.is_some() {
-            let _ = commands.send(Command::HangupLeg { leg: call });
+            let _ = commands.send(Command::HangupLeg { leg: call, reason: "rtp-timeout", by: "patchbay" });
         }
     });
     leg.media = Some(Arc::clone(&media));
     leg.dtmf = Some(dtmf_rx);
     leg.agreed = Some((local, negotiated));
     Some(media)
+}
+
+/// A new record for an outbound leg of `owner`'s flow.
+fn live_cdr_leg(calls: &HashMap<CallRef, LiveCall>, owner: CallRef, call_id: &str, from: &str, to: &str) -> CdrDraft {
+    let from = from.trim_start_matches('<').trim_end_matches('>');
+    match calls.get(&owner) {
+        Some(live) => live.cdr.leg(call_id, from, to),
+        None => CdrDraft::new(
+            &CallInfo {
+                call_id: call_id.to_owned(),
+                tenant: String::new(),
+                flow: String::new(),
+                from: from.to_owned(),
+                to: to.to_owned(),
+                direction: Direction::Outbound,
+                headers: Vec::new(),
+            },
+            "",
+        ),
+    }
+}
+
+/// The record's end of an outbound leg: what ended it and on whose behalf.
+fn leg_end(draft: &CdrDraft, cause: &EndCause) -> SipEnd {
+    let local = draft.local_reason().map(|(c, b)| (c.to_owned(), b));
+    let (cause, by, code) = match cause {
+        EndCause::RemoteBye => ("callee-hangup".to_owned(), "callee", 200),
+        EndCause::LocalBye => local.map_or(("patchbay-hangup".to_owned(), "patchbay", 200), |(c, b)| (c, b, 200)),
+        // Our CANCEL (or BYE) crossed: the reason we gave stands.
+        EndCause::Failed(code) | EndCause::Rejected(code) if local.is_some() => {
+            let (c, b) = local.unwrap_or_default();
+            (c, b, *code)
+        }
+        EndCause::Failed(code @ (486 | 600)) => ("busy".to_owned(), "callee", *code),
+        EndCause::Failed(code @ (408 | 480)) => ("no-answer".to_owned(), "callee", *code),
+        EndCause::Failed(code) | EndCause::Rejected(code) => ("failed".to_owned(), "callee", *code),
+        EndCause::Cancelled => ("cancelled".to_owned(), "patchbay", 487),
+        EndCause::AckTimeout => ("ack-timeout".to_owned(), "network", 200),
+        EndCause::SessionExpired => ("session-expired".to_owned(), "network", 200),
+    };
+    SipEnd { cause, by, sip_code: if draft.is_answered() { 200 } else { code } }
 }

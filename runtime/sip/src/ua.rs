@@ -920,6 +920,11 @@ impl UserAgent {
         Ok(())
     }
 
+    /// The Call-ID of one of this user agent's calls.
+    pub fn call_id(&self, call: CallRef) -> Option<&str> {
+        self.calls.get(&call).map(|c| c.call_id.as_str())
+    }
+
     /// The `host:port` this user agent puts in Contact and Via.
     pub fn contact_host(&self) -> &str {
         &self.config.contact_host
