@@ -154,6 +154,25 @@ pub fn wav_samples(bytes: &[u8]) -> Vec<i16> {
     }
 }
 
+/// Writes 8 kHz μ-law octets as a WAV file (format 7) at `path`.
+pub fn write_ulaw_wav(path: &std::path::Path, octets: &[u8]) {
+    let mut wav = Vec::with_capacity(44 + octets.len());
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + octets.len() as u32).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    wav.extend_from_slice(&16u32.to_le_bytes());
+    wav.extend_from_slice(&7u16.to_le_bytes()); // μ-law
+    wav.extend_from_slice(&1u16.to_le_bytes());
+    wav.extend_from_slice(&8_000u32.to_le_bytes());
+    wav.extend_from_slice(&8_000u32.to_le_bytes());
+    wav.extend_from_slice(&1u16.to_le_bytes());
+    wav.extend_from_slice(&8u16.to_le_bytes());
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&(octets.len() as u32).to_le_bytes());
+    wav.extend_from_slice(octets);
+    std::fs::write(path, wav).expect("write WAV");
+}
+
 /// How much of `sent` is found in `heard` sample for sample, once aligned on a stretch of it
 /// (the fraction of `sent`'s samples that match), or `None` when that stretch is not heard.
 pub fn fraction_heard(sent: &[i16], heard: &[i16]) -> Option<f64> {

@@ -71,15 +71,7 @@ fn menu_agent_transfer(source: &str) {
     );
     let pb = start_patchbay_with("", &flows);
     let sipp_dir = tempfile::tempdir().expect("tempdir");
-    let human = Command::new("sipp")
-        .current_dir(sipp_dir.path())
-        .args(["-sn", "uas", "-i", "127.0.0.1", "-p", &human_port.to_string(), "-m", "1"])
-        .args(["-timeout", "60", "-timeout_error", "-nostdin", "-trace_err"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start sipp (Debian package sip-tester)");
+    let human = human(human_port, sipp_dir.path());
 
     let dir = tempfile::tempdir().expect("tempdir");
     let recording = dir.path().join("heard.wav");
@@ -135,6 +127,90 @@ fn menu_agent_transfer(source: &str) {
     // The transfer went out as a leg of the menu's call (the caller does not take REFER).
     let leg = cdrs.iter().find(|c| c["direction"] == "outbound").unwrap_or_else(|| panic!("leg CDR: {cdrs:?}"));
     assert_eq!(leg["parent_call_id"], menu["call_id"], "{leg}");
+    assert_eq!(leg["to"], format!("sip:human@127.0.0.1:{human_port}"), "{leg}");
+    assert_eq!(leg["sip_code"], 200, "{leg}");
+}
+
+/// Runs a sipp UAS (the "human") on `port` for one call.
+fn human(port: u16, dir: &std::path::Path) -> std::process::Child {
+    Command::new("sipp")
+        .current_dir(dir)
+        .args(["-sn", "uas", "-i", "127.0.0.1", "-p", &port.to_string(), "-m", "1"])
+        .args(["-timeout", "60", "-timeout_error", "-nostdin", "-trace_err"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sipp (Debian package sip-tester)")
+}
+
+/// The README's path: the menu, key 2, and the built-in demo agent, which greets and then
+/// repeats what the caller said.
+#[test]
+fn the_demo_agent_greets_and_repeats_what_the_caller_says() {
+    let agent_port = free_port();
+    let extra = format!("[demo_agent]\nlisten = \"127.0.0.1:{agent_port}\"\n");
+    let flows = format!(
+        "[[tenant.flow]]\nname = \"menu\"\nstock = \"menu\"\n[tenant.flow.vars]\n\
+         \"menu.2\" = \"agent:ws://127.0.0.1:{agent_port}/agent\"\n"
+    );
+    let pb = start_patchbay_with(&extra, &flows);
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Key 2 at 1 s; the greeting lasts about 8 s; then one second of 800 Hz, then silence.
+    let mut said = vec![0xFFu8; 11 * 8_000];
+    said.extend(tone_ulaw(800.0, 1_000, 8_000));
+    said.extend(vec![0xFFu8; 5 * 8_000]);
+    let speech = dir.path().join("say.wav");
+    patchbay_e2e::write_ulaw_wav(&speech, &said);
+    let recording = dir.path().join("heard.wav");
+    let out = patchbay(dir.path())
+        .args(["call", &format!("sip:menu@127.0.0.1:{}", pb.port), "--dtmf", "2", "--dtmf-after", "1"])
+        .args(["--hangup-after", "16", "--play"])
+        .arg(&speech)
+        .arg("--record")
+        .arg(&recording)
+        .output()
+        .expect("run patchbay call");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    let heard = wav_samples(&std::fs::read(&recording).expect("recording"));
+    // The greeting is speech; the tone the caller made comes back only through the agent.
+    let second = &heard[heard.len().min(10 * 8_000)..];
+    let echoed = frames_with_tone(second, 800.0);
+    eprintln!("the demo agent repeated {echoed} frames of the caller's tone");
+    assert!(echoed >= 35, "the demo agent should repeat the 1 s tone: {echoed} frames heard\n{text}");
+    let energetic =
+        heard[..heard.len().min(9 * 8_000)].chunks_exact(160).filter(|f| f.iter().any(|s| s.abs() > 2_000)).count();
+    assert!(energetic >= 100, "the menu prompt and the greeting should be heard: {energetic} loud frames");
+}
+
+/// agent-handoff: the agent cannot be reached, so the caller hears the fallback prompt and is
+/// bridged to a human over SIP.
+#[test]
+fn agent_handoff_falls_back_to_a_human_when_the_agent_is_unreachable() {
+    let human_port = free_port();
+    let dead_agent = free_port();
+    let flows = format!(
+        "[[tenant.flow]]\nname = \"agent\"\nstock = \"agent\"\n[tenant.flow.vars]\n\
+         \"agent.url\" = \"ws://127.0.0.1:{dead_agent}/agent\"\n\
+         \"agent.fallback\" = \"sip:human@127.0.0.1:{human_port}\"\n"
+    );
+    let pb = start_patchbay_with("", &flows);
+    let sipp_dir = tempfile::tempdir().expect("tempdir");
+    let human = human(human_port, sipp_dir.path());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = patchbay(dir.path())
+        .args(["call", &format!("sip:agent@127.0.0.1:{}", pb.port), "--hangup-after", "9"])
+        .output()
+        .expect("run patchbay call");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    let human = human.wait_with_output().expect("sipp UAS");
+    assert!(human.status.success(), "the human should get the call: {}", String::from_utf8_lossy(&human.stderr));
+    let cdrs = pb.wait_for_cdrs(2, Duration::from_secs(5));
+    let call = cdrs.iter().find(|c| c["direction"] == "inbound").unwrap_or_else(|| panic!("{cdrs:?}"));
+    assert_eq!(call["vars"]["agent.end"], "unavailable", "{call}");
+    let leg = cdrs.iter().find(|c| c["direction"] == "outbound").unwrap_or_else(|| panic!("{cdrs:?}"));
     assert_eq!(leg["to"], format!("sip:human@127.0.0.1:{human_port}"), "{leg}");
     assert_eq!(leg["sip_code"], 200, "{leg}");
 }

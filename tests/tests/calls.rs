@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use patchbay_e2e::{fraction_heard, patchbay, start_patchbay_with, wav_samples};
+use patchbay_e2e::{fraction_heard, patchbay, start_patchbay_with, wav_samples, write_ulaw_wav};
 
 fn prompt(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/patchbay/prompts").join(name)
@@ -19,22 +19,8 @@ fn delayed_speech(dir: &Path, silence_s: f64, name: &str) -> (PathBuf, Vec<i16>)
     let data = bytes.windows(4).position(|w| w == b"data").expect("data chunk") + 8;
     let mut octets = vec![0xFFu8; (silence_s * 8_000.0) as usize];
     octets.extend_from_slice(&bytes[data..]);
-    let mut wav = Vec::new();
-    wav.extend_from_slice(b"RIFF");
-    wav.extend_from_slice(&(36 + octets.len() as u32).to_le_bytes());
-    wav.extend_from_slice(b"WAVEfmt ");
-    wav.extend_from_slice(&16u32.to_le_bytes());
-    wav.extend_from_slice(&7u16.to_le_bytes()); // μ-law
-    wav.extend_from_slice(&1u16.to_le_bytes());
-    wav.extend_from_slice(&8_000u32.to_le_bytes());
-    wav.extend_from_slice(&8_000u32.to_le_bytes());
-    wav.extend_from_slice(&1u16.to_le_bytes());
-    wav.extend_from_slice(&8u16.to_le_bytes());
-    wav.extend_from_slice(b"data");
-    wav.extend_from_slice(&(octets.len() as u32).to_le_bytes());
-    wav.extend_from_slice(&octets);
     let path = dir.join(format!("delayed-{name}"));
-    std::fs::write(&path, wav).expect("write WAV");
+    write_ulaw_wav(&path, &octets);
     (path, wav_samples(&bytes))
 }
 
