@@ -43,7 +43,9 @@ async fn ivr_menu_routes_key_1_to_dial() {
             Cmd::Answer,
             Cmd::Play("menu.wav".into()),
             Cmd::Collect { max: 1, prompt: None },
-            Cmd::Dial("sip:sales@127.0.0.1".into()),
+            Cmd::Dial("sip:sales@127.0.0.1:5070".into()),
+            // The flow ends the call once the bridge is over.
+            Cmd::Hangup("HangupCause::Normal".into()),
         ]
     );
 }
@@ -74,6 +76,7 @@ async fn ivr_menu_retries_then_routes_barge_in_key_to_agent() {
             Cmd::Play("invalid.wav".into()),
             Cmd::Play("menu.wav".into()),
             Cmd::Agent("ws://127.0.0.1:8765/agent".into()),
+            Cmd::Hangup("HangupCause::Normal".into()),
         ]
     );
 }
@@ -97,7 +100,8 @@ async fn ivr_menu_uses_routes_from_call_variables() {
     let exit = ENGINE.run(&MENU_FLOW, flow_call).await;
     assert!(matches!(exit.outcome, FlowOutcome::Completed), "{:?}", exit.outcome);
     assert_eq!(call.cmds()[1], Cmd::Play("support-menu.wav".into()));
-    assert_eq!(call.cmds().last(), Some(&Cmd::Dial("sip:support@pbx.example.com".into())));
+    let cmds = call.cmds();
+    assert_eq!(cmds[cmds.len() - 2], Cmd::Dial("sip:support@pbx.example.com".into()), "{cmds:?}");
 }
 
 #[tokio::test]
@@ -281,7 +285,8 @@ async fn a_thousand_concurrent_calls_on_one_flow_complete() {
     }
     assert_eq!(completed, 1_000);
     for call in &calls {
-        assert_eq!(call.cmds().last(), Some(&Cmd::Dial("sip:sales@127.0.0.1".into())));
+        let cmds = call.cmds();
+        assert_eq!(cmds[cmds.len() - 2], Cmd::Dial("sip:sales@127.0.0.1:5070".into()), "{cmds:?}");
     }
     assert_eq!(ENGINE.free_slots(), HostConfig::default().max_instances as usize);
 }

@@ -29,18 +29,37 @@ use patchbay_media::session::{Codec, MediaSession, SessionConfig};
 
 use crate::media::{CallSinks, MediaEngine, PTIME};
 
+/// `patchbay echo-agent`: serves [`patchbay_agent::server::EchoAgent`] until killed (run it
+/// beside `bench-agent --agent ws://ADDR/agent` to keep the agent's CPU out of the figures).
+pub fn serve_echo(listen: SocketAddr) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+        println!("echo agent on ws://{listen}/agent");
+        patchbay_agent::server::EchoAgent.serve(listener).await;
+        Ok(())
+    })
+}
+
 /// Marks a payload as a tagged test frame (the clock's own silence is all 0xFF).
 const MAGIC: [u8; 4] = *b"PBag";
 
 /// Runs the benchmark and prints its figures.
-pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
+pub fn run(calls: usize, seconds: u64, external_agent: Option<String>) -> anyhow::Result<()> {
     crate::bench_media::raise_fd_limit();
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting tokio")?;
     let engine = MediaEngine::start().context("starting the media clock")?;
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).context("binding the agent")?;
-    let agent_url = format!("ws://{}/agent", listener.local_addr().context("agent address")?);
-    runtime.spawn(patchbay_agent::server::EchoAgent.serve(listener));
+    let agent_url = match &external_agent {
+        Some(url) => url.clone(),
+        None => {
+            let listener =
+                runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).context("binding the agent")?;
+            let url = format!("ws://{}/agent", listener.local_addr().context("agent address")?);
+            runtime.spawn(patchbay_agent::server::EchoAgent.serve(listener));
+            url
+        }
+    };
 
     // All callers share one socket: calls are told apart by the SSRC Patchbay sends with.
     let phone = UdpSocket::bind("127.0.0.1:0").context("binding the callers' socket")?;
@@ -133,10 +152,15 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
     websocket.sort_unstable();
     rtt.sort_unstable();
     let sent_total = sent_at.iter().flatten().filter(|s| s.is_some()).count();
-    println!("patchbay bench-agent --calls {calls} --seconds {seconds}");
+    let where_agent = match &external_agent {
+        Some(url) => format!(" --agent {url}"),
+        None => String::new(),
+    };
+    println!("patchbay bench-agent --calls {calls} --seconds {seconds}{where_agent}");
     println!(
-        "agent calls: {calls} ({} sessions started) on one echo agent over loopback websockets",
-        connected.load(Ordering::Relaxed)
+        "agent calls: {calls} ({} sessions started) on one echo agent over loopback websockets ({})",
+        connected.load(Ordering::Relaxed),
+        if external_agent.is_some() { "in another process" } else { "in this process" }
     );
     println!(
         "caller frames sent: {sent_total}, echoed back: {} ({:.2} %)",
@@ -159,7 +183,8 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
         ms(websocket.last().copied().unwrap_or_default())
     );
     println!(
-        "process CPU (Patchbay + the echo agent + the callers) during the run: {:.1} % of one core",
+        "process CPU (Patchbay + the callers{}) during the run: {:.1} % of one core",
+        if external_agent.is_some() { "" } else { " + the echo agent" },
         cpu.as_secs_f64() * 100.0 / seconds as f64
     );
     Ok(())

@@ -67,6 +67,17 @@ enum Command {
         /// Seconds to measure.
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+        /// Use this echo agent (`ws://…`, e.g. from `patchbay echo-agent`) instead of one in
+        /// this process.
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Benchmark helper: serve the echo agent (returns every media payload at once).
+    #[command(hide = true)]
+    EchoAgent {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8766")]
+        listen: std::net::SocketAddr,
     },
     /// Benchmark: pacing of the shared media clock with many calls (see BENCHMARKS.md).
     #[command(hide = true)]
@@ -96,7 +107,8 @@ fn main() -> ExitCode {
         }
         Command::Check { config } => run(config, false),
         Command::Run { config } => run(config, true),
-        Command::BenchAgent { calls, seconds } => bench_agent::run(calls, seconds).map(|()| true),
+        Command::BenchAgent { calls, seconds, agent } => bench_agent::run(calls, seconds, agent).map(|()| true),
+        Command::EchoAgent { listen } => bench_agent::serve_echo(listen).map(|()| true),
         Command::BenchMedia { calls, seconds } => bench_media::run(calls, seconds).map(|()| true),
         Command::Call(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
