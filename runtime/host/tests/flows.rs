@@ -105,6 +105,34 @@ async fn ivr_menu_uses_routes_from_call_variables() {
 }
 
 #[tokio::test]
+async fn ivr_menu_follows_a_sub_menu_and_records_the_path() {
+    let call = Arc::new(FakeCall::new("sip:menu@127.0.0.1").with_collects(&["4", "2"]));
+    let mut flow_call = call_for(Arc::clone(&call) as Arc<dyn CallControl>, None);
+    for (name, value) in [
+        ("menu.4", "menu:support"),
+        ("menu.support.prompt", "support.wav"),
+        ("menu.support.2", "dial:sip:tier2@pbx.example.com"),
+    ] {
+        flow_call.vars.insert(name.into(), value.into());
+    }
+    let exit = ENGINE.run(&MENU_FLOW, flow_call).await;
+    assert!(matches!(exit.outcome, FlowOutcome::Completed), "{:?}", exit.outcome);
+    assert_eq!(
+        call.cmds(),
+        vec![
+            Cmd::Answer,
+            Cmd::Play("menu.wav".into()),
+            Cmd::Collect { max: 1, prompt: None },
+            Cmd::Play("support.wav".into()),
+            Cmd::Collect { max: 1, prompt: None },
+            Cmd::Dial("sip:tier2@pbx.example.com".into()),
+            Cmd::Hangup("HangupCause::Normal".into()),
+        ]
+    );
+    assert_eq!(exit.vars.get("menu.path").map(String::as_str), Some("main:4,support:2"));
+}
+
+#[tokio::test]
 async fn caller_hangup_unwinds_the_flow_with_a_hangup_error() {
     let call = Arc::new(FakeCall::new("sip:menu@127.0.0.1").with_plays(vec![Err(CallError::Hangup)]));
     let exit = run(&MENU_FLOW, &call, None).await;
