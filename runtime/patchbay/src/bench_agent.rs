@@ -4,7 +4,8 @@
 //! Each of `--calls` calls is a real media session on the shared clock and a real agent session
 //! (`crate::agent::run`, the code flows' `agent` runs) connected over loopback to an echo agent
 //! (`patchbay_agent::server::EchoAgent`, which returns every `media` payload at once). One
-//! thread plays all the callers: every 20 ms it sends each call an RTP packet whose payload
+//! thread plays all the callers: every 20 ms it sends each call an RTP packet (the calls spread
+//! over the 20 ms in 1 ms groups, as real callers are not in phase) whose payload
 //! carries a tag (call, sequence); μ-law crosses the agent path octet for octet, so the echo
 //! comes back with the same tag.
 //!
@@ -228,6 +229,9 @@ fn process_cpu() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
+/// Callers are sent in this many groups spread evenly over each 20 ms.
+const GROUPS: usize = 20;
+
 /// Plays every caller: each 20 ms, one tagged PCMU packet per call. Returns when each frame
 /// went out, by [sequence][call].
 fn send(socket: &UdpSocket, targets: &[SocketAddr], frames: usize, stop: &AtomicBool) -> Vec<Vec<Option<Instant>>> {
@@ -240,10 +244,15 @@ fn send(socket: &UdpSocket, targets: &[SocketAddr], frames: usize, stop: &Atomic
             break;
         }
         let due = start + PTIME * seq as u32;
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
         for (call, target) in targets.iter().enumerate() {
+            // Real callers are not in phase: spread them over the 20 ms in 1 ms groups.
+            if call % targets.len().div_ceil(GROUPS) == 0 {
+                let group = (call / targets.len().div_ceil(GROUPS)) as u32;
+                let at = due + PTIME * group / GROUPS as u32;
+                if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
             packet[2..4].copy_from_slice(&(seq as u16).to_be_bytes());
             packet[4..8].copy_from_slice(&((seq as u32) * 160).to_be_bytes());
             packet[8..12].copy_from_slice(&(0x1000_0000 + call as u32).to_be_bytes());

@@ -63,7 +63,10 @@ async fn accept_websocket<S>(stream: S) -> Result<WebSocketStream<S>, AgentError
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let config = WebSocketConfig::default().max_message_size(Some(1 << 20)).max_frame_size(Some(1 << 20));
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(1 << 20))
+        .max_frame_size(Some(1 << 20))
+        .read_buffer_size(crate::stream::READ_BUFFER);
     tokio_tungstenite::accept_async_with_config(stream, Some(config)).await.map_err(AgentError::websocket)
 }
 
