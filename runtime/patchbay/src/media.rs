@@ -184,18 +184,27 @@ pub struct ClockStats {
 #[derive(Debug, Clone)]
 pub struct MediaEngine {
     pool: FramePool,
-    register: std::sync::mpsc::Sender<Arc<CallMedia>>,
+    /// One registration channel per clock thread; calls are dealt round robin.
+    register: Arc<[std::sync::mpsc::Sender<Arc<CallMedia>>]>,
+    next_clock: Arc<std::sync::atomic::AtomicUsize>,
     stats: Arc<ClockStats>,
 }
 
 impl MediaEngine {
-    /// Starts the clock thread.
+    /// Starts the clock threads.
     pub fn start() -> std::io::Result<Self> {
-        let (register, calls) = std::sync::mpsc::channel();
         let stats = Arc::new(ClockStats::default());
-        let thread_stats = Arc::clone(&stats);
-        std::thread::Builder::new().name("patchbay-media-clock".into()).spawn(move || clock(calls, &thread_stats))?;
-        Ok(Self { pool: FramePool::new(16_384), register, stats })
+        let mut register = Vec::with_capacity(CLOCK_THREADS);
+        for index in 0..CLOCK_THREADS {
+            let (sender, calls) = std::sync::mpsc::channel();
+            let thread_stats = Arc::clone(&stats);
+            std::thread::Builder::new()
+                .name(format!("patchbay-media-clock-{index}"))
+                .spawn(move || clock(calls, &thread_stats, index))?;
+            register.push(sender);
+        }
+        let register = register.into();
+        Ok(Self { pool: FramePool::new(16_384), register, next_clock: Arc::default(), stats })
     }
 
     /// The frame pool every call shares.
@@ -238,7 +247,8 @@ impl MediaEngine {
             close: Notify::new(),
             dispatching: Mutex::new(()),
         });
-        self.register
+        let clock = self.next_clock.fetch_add(1, Ordering::Relaxed) % self.register.len();
+        self.register[clock]
             .send(Arc::clone(&media))
             .map_err(|_| std::io::Error::other("the media clock thread has stopped"))?;
         tokio::spawn(receive(Arc::clone(&media), receiver, rtcp_receiver));
@@ -360,9 +370,16 @@ pub fn bind_rtp_pair(ip: std::net::IpAddr) -> std::io::Result<(std::net::UdpSock
 /// offset in every period.
 const SLOTS: usize = 10;
 
-/// The clock thread: ticks every live call once per [`PTIME`].
+/// Clock threads; each owns the calls dealt to it and runs its own wheel, the second offset by
+/// half a step so that their bursts of sends interleave rather than coincide. Two halve each
+/// step's burst at 2,000 calls and let a second core send while one thread is late (figures in
+/// BENCHMARKS.md).
+const CLOCK_THREADS: usize = 2;
+
+/// A clock thread (`index` of [`CLOCK_THREADS`]): ticks every call dealt to it once per
+/// [`PTIME`].
 ///
-/// One thread, no timer per call, and a wheel of [`SLOTS`] steps (2 ms at 20 ms ptime): each
+/// No timer per call, and a wheel of [`SLOTS`] steps (2 ms at 20 ms ptime): each
 /// new call joins the emptiest step, and each wake-up serves only its step's calls. Serving all
 /// calls back to back at one deadline (tried first) takes milliseconds of `sendto` for 2,000 calls on
 /// a small VM, and the last calls' packets then wander by milliseconds from one period to the
@@ -372,14 +389,14 @@ const SLOTS: usize = 10;
 /// a clock that falls far behind (a suspended VM) starts over instead of bursting. Spinning
 /// before each deadline to beat slow wake-ups was tried and dropped: it made stalls more
 /// frequent on this project's 2-vCPU VM.
-fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats) {
+fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats, index: usize) {
     realtime_priority();
     let mut slots: Vec<Vec<Arc<CallMedia>>> = vec![Vec::new(); SLOTS];
     let step = PTIME / SLOTS as u32;
     let mut slot = 0;
     let mut out = Buffers { rtp: [0u8; MAX_PACKET], rtcp: [0u8; MAX_RTCP] };
     let ntp = wall_clock();
-    let mut deadline = Instant::now();
+    let mut deadline = Instant::now() + step * index as u32 / CLOCK_THREADS as u32;
     let mut departures: Vec<(usize, Instant)> = Vec::new();
     loop {
         loop {
