@@ -247,3 +247,26 @@ pub fn finish(call: &Call) -> Result<(), CallError> {
         Err(e) => Err(e),
     }
 }
+
+/// A short, stable text for a dial outcome, for call variables and CDRs: `answered:caller`,
+/// `answered:callee`, `busy`, `no-answer` or `failed:<code>`.
+pub fn dial_outcome_text(outcome: &DialOutcome) -> String {
+    match outcome {
+        DialOutcome::Answered(BridgeEnd::Caller) => "answered:caller".into(),
+        DialOutcome::Answered(BridgeEnd::Callee) => "answered:callee".into(),
+        DialOutcome::Busy => "busy".into(),
+        DialOutcome::NoAnswer => "no-answer".into(),
+        DialOutcome::Failed(code) => format!("failed:{code}"),
+    }
+}
+
+/// A short, stable text for how an agent session ended: `completed`, `hangup-requested`,
+/// `transfer-requested:<target>` or `disconnected:<detail>`.
+pub fn agent_end_text(end: &AgentEnd) -> String {
+    match end {
+        AgentEnd::Completed => "completed".into(),
+        AgentEnd::HangupRequested => "hangup-requested".into(),
+        AgentEnd::TransferRequested(target) => format!("transfer-requested:{target}"),
+        AgentEnd::Disconnected(detail) => format!("disconnected:{detail}"),
+    }
+}

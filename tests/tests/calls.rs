@@ -120,6 +120,7 @@ fn the_router_dials_an_extension_and_bridges_the_audio_both_ways() {
     assert!(leg["billable_ms"].as_u64().is_some_and(|ms| ms > 2_000), "{leg}");
     assert_eq!(echo["call_id"], leg["call_id"], "the echo's inbound call is the leg itself");
     assert_eq!(router["vars"]["router.extension"], "1000", "{router}");
+    assert_eq!(router["vars"]["router.outcome"], "answered:caller", "{router}");
     assert_eq!(router["hung_up_by"], "caller", "{router}");
     // The router's leg was hung up by Patchbay when the caller left: the echo saw a BYE.
     assert_eq!(echo["hung_up_by"], "caller", "{echo}");

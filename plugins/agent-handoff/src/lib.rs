@@ -14,7 +14,8 @@
 //! Sets `agent.end` (how the agent session ended) for the CDR.
 
 use patchbay_plugin_sdk::{
-    AgentEnd, Call, CallError, DialOptions, Flow, FlowError, PlayOptions, export_flow, finish, info, var_or, warn,
+    AgentEnd, Call, CallError, DialOptions, Flow, FlowError, PlayOptions, agent_end_text, export_flow, finish, info,
+    var_or, warn,
 };
 
 /// Variables passed to the agent as custom parameters: `agent.param.<name>`.
@@ -66,7 +67,7 @@ impl Flow for AgentHandoff {
             }
             Err(e) => return Err(e.into()),
         };
-        let _ = call.set_var("agent.end", &format!("{end:?}"));
+        let _ = call.set_var("agent.end", &agent_end_text(&end));
         match end {
             AgentEnd::Completed | AgentEnd::HangupRequested => {
                 finish(call)?;

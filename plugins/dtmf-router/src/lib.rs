@@ -16,8 +16,8 @@
 //! Sets `router.extension`, `router.target` and `router.outcome` for the CDR.
 
 use patchbay_plugin_sdk::{
-    Call, CollectOptions, DialOptions, DialOutcome, Flow, FlowError, PlayOptions, export_flow, finish, info, var_or,
-    warn,
+    Call, CollectOptions, DialOptions, DialOutcome, Flow, FlowError, PlayOptions, dial_outcome_text, export_flow,
+    finish, info, var_or, warn,
 };
 
 /// Where `extension` goes, from the routing table in the call's variables.
@@ -58,7 +58,7 @@ impl Flow for DtmfRouter {
             info(&format!("dtmf-router: extension {extension} -> {target}"));
             let _ = call.set_var("router.target", &target);
             let outcome = call.dial(&target, &DialOptions::ringing_for(var_or(call, "router.ring-ms", 30_000)))?;
-            let _ = call.set_var("router.outcome", &format!("{outcome:?}"));
+            let _ = call.set_var("router.outcome", &dial_outcome_text(&outcome));
             if !matches!(outcome, DialOutcome::Answered(_)) {
                 info(&format!("dtmf-router: {target} did not answer: {outcome:?}"));
                 let failed = call.get_var("router.failed-prompt").unwrap_or_else(|| "goodbye.wav".into());
