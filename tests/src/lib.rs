@@ -31,6 +31,14 @@ pub fn patchbay(cache: &std::path::Path) -> Command {
     cmd
 }
 
+/// Runs `patchbay call ARGS…` (the test caller) with its cache in `dir`; returns whether it
+/// exited successfully and everything it printed (for assertion messages).
+pub fn patchbay_call<S: AsRef<std::ffi::OsStr>>(dir: &std::path::Path, args: &[S]) -> (bool, String) {
+    let out = patchbay(dir).arg("call").args(args).output().expect("run patchbay call");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
 /// A port free for both UDP and TCP on 127.0.0.1 (bound, read, released).
 pub fn free_port() -> u16 {
     loop {

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use patchbay_agent::server::{Observed, ScriptStep, ScriptedAgent, tone_ulaw};
-use patchbay_e2e::{free_port, patchbay, start_patchbay_with, wav_samples};
+use patchbay_e2e::{free_port, patchbay_call, start_patchbay_with, wav_samples};
 
 /// 20 ms frames of `samples` in which `hz` carries most of the frame's energy (Goertzel).
 fn frames_with_tone(samples: &[i16], hz: f64) -> usize {
@@ -75,14 +75,13 @@ fn menu_agent_transfer(source: &str) {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let recording = dir.path().join("heard.wav");
-    let out = patchbay(dir.path())
-        .args(["call", &format!("sip:menu@127.0.0.1:{}", pb.port), "--dtmf", "2", "--dtmf-after", "1"])
-        .args(["--hangup-after", "9", "--record"])
-        .arg(&recording)
-        .output()
-        .expect("run patchbay call");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{text}");
+    let uri = format!("sip:menu@127.0.0.1:{}", pb.port);
+    let recording_arg = recording.to_string_lossy();
+    let (ok, text) = patchbay_call(
+        dir.path(),
+        &[uri.as_str(), "--dtmf", "2", "--dtmf-after", "1", "--hangup-after", "9", "--record", &recording_arg],
+    );
+    assert!(ok, "{text}");
     let human = human.wait_with_output().expect("sipp UAS");
     assert!(
         human.status.success(),
@@ -163,16 +162,25 @@ fn the_demo_agent_greets_and_repeats_what_the_caller_says() {
     let speech = dir.path().join("say.wav");
     patchbay_e2e::write_ulaw_wav(&speech, &said);
     let recording = dir.path().join("heard.wav");
-    let out = patchbay(dir.path())
-        .args(["call", &format!("sip:menu@127.0.0.1:{}", pb.port), "--dtmf", "2", "--dtmf-after", "1"])
-        .args(["--hangup-after", "16", "--play"])
-        .arg(&speech)
-        .arg("--record")
-        .arg(&recording)
-        .output()
-        .expect("run patchbay call");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{text}");
+    let uri = format!("sip:menu@127.0.0.1:{}", pb.port);
+    let (speech, recording_arg) = (speech.to_string_lossy(), recording.to_string_lossy());
+    let (ok, text) = patchbay_call(
+        dir.path(),
+        &[
+            uri.as_str(),
+            "--dtmf",
+            "2",
+            "--dtmf-after",
+            "1",
+            "--hangup-after",
+            "16",
+            "--play",
+            &speech,
+            "--record",
+            &recording_arg,
+        ],
+    );
+    assert!(ok, "{text}");
     let heard = wav_samples(&std::fs::read(&recording).expect("recording"));
     // The greeting is speech; the tone the caller made comes back only through the agent.
     let second = &heard[heard.len().min(10 * 8_000)..];
@@ -199,12 +207,8 @@ fn agent_handoff_falls_back_to_a_human_when_the_agent_is_unreachable() {
     let sipp_dir = tempfile::tempdir().expect("tempdir");
     let human = human(human_port, sipp_dir.path());
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = patchbay(dir.path())
-        .args(["call", &format!("sip:agent@127.0.0.1:{}", pb.port), "--hangup-after", "9"])
-        .output()
-        .expect("run patchbay call");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{text}");
+    let (ok, text) = patchbay_call(dir.path(), &[&format!("sip:agent@127.0.0.1:{}", pb.port), "--hangup-after", "9"]);
+    assert!(ok, "{text}");
     let human = human.wait_with_output().expect("sipp UAS");
     assert!(human.status.success(), "the human should get the call: {}", String::from_utf8_lossy(&human.stderr));
     let cdrs = pb.wait_for_cdrs(2, Duration::from_secs(5));

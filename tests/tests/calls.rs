@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use patchbay_e2e::{fraction_heard, patchbay, start_patchbay_with, wav_samples, write_ulaw_wav};
+use patchbay_e2e::{fraction_heard, patchbay_call as call, start_patchbay_with, wav_samples, write_ulaw_wav};
 
 fn prompt(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/patchbay/prompts").join(name)
@@ -22,13 +22,6 @@ fn delayed_speech(dir: &Path, silence_s: f64, name: &str) -> (PathBuf, Vec<i16>)
     let path = dir.join(format!("delayed-{name}"));
     write_ulaw_wav(&path, &octets);
     (path, wav_samples(&bytes))
-}
-
-/// Runs `patchbay call` with `args`; returns whether it succeeded and what it printed.
-fn call(dir: &Path, args: &[&str]) -> (bool, String) {
-    let out = patchbay(dir).arg("call").args(args).output().expect("run patchbay call");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use patchbay_e2e::{free_port, patchbay, scenario};
+use patchbay_e2e::{free_port, scenario};
 
 /// Starts sipp as a UAS running `xml` on a free port; returns the child and the port.
 fn trunk(xml: &str, dir: &std::path::Path) -> (std::process::Child, u16) {
@@ -33,13 +33,10 @@ fn trunk(xml: &str, dir: &std::path::Path) -> (std::process::Child, u16) {
 }
 
 fn place_call(port: u16, password: &str, cache: &std::path::Path) -> (bool, String) {
-    let out = patchbay(cache)
-        .args(["call", &format!("sip:+15550100@127.0.0.1:{port}"), "--user", "acct", "--password", password])
-        .args(["--hangup-after", "0.3", "--ring-timeout", "10"])
-        .output()
-        .expect("run patchbay call");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
+    let uri = format!("sip:+15550100@127.0.0.1:{port}");
+    let args =
+        [uri.as_str(), "--user", "acct", "--password", password, "--hangup-after", "0.3", "--ring-timeout", "10"];
+    patchbay_e2e::patchbay_call(cache, &args)
 }
 
 #[test]
@@ -72,15 +69,13 @@ fn patchbay_call_plays_a_file_into_the_echo_flow_and_records_it_coming_back() {
     let dir = tempfile::tempdir().expect("tempdir");
     let prompt = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/patchbay/prompts/welcome.wav");
     let recording = dir.path().join("heard.wav");
-    let out = patchbay(dir.path())
-        .args(["call", &format!("sip:echo@127.0.0.1:{}", pb.port), "--hangup-after", "3.5", "--play"])
-        .arg(&prompt)
-        .arg("--record")
-        .arg(&recording)
-        .output()
-        .expect("run patchbay call");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{text}");
+    let uri = format!("sip:echo@127.0.0.1:{}", pb.port);
+    let (prompt_arg, recording_arg) = (prompt.to_string_lossy(), recording.to_string_lossy());
+    let (ok, text) = patchbay_e2e::patchbay_call(
+        dir.path(),
+        &[uri.as_str(), "--hangup-after", "3.5", "--play", &prompt_arg, "--record", &recording_arg],
+    );
+    assert!(ok, "{text}");
     let sent = patchbay_e2e::wav_samples(&std::fs::read(&prompt).expect("prompt"));
     let heard = patchbay_e2e::wav_samples(&std::fs::read(&recording).expect("recording"));
     // The echo is octet-exact in μ-law: a stretch of the prompt is found verbatim in what came

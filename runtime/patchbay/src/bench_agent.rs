@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use patchbay_media::session::{Codec, MediaSession, SessionConfig};
 
 use crate::media::{CallSinks, MediaEngine, PTIME};
 
@@ -73,24 +72,7 @@ pub fn run(calls: usize, seconds: u64, external_agent: Option<String>) -> anyhow
     for i in 0..calls {
         let (rtp, _rtcp) = crate::media::bind_rtp_pair([127, 0, 0, 1].into()).context("RTP ports (open files?)")?;
         targets.push(rtp.local_addr().context("RTP address")?);
-        let session = MediaSession::new(
-            SessionConfig {
-                codec: Codec::Pcmu,
-                payload_type: 0,
-                telephone_event: Some(101),
-                comfort_noise: None,
-                ptime_ms: PTIME.as_millis() as u32,
-                remote: Some(phone_addr),
-                ssrc: i as u32,
-                initial_sequence: 0,
-                initial_timestamp: 0,
-                inactivity_timeout: None,
-                inband_dtmf: false,
-                jitter: Default::default(),
-                srtp: None,
-            },
-            engine.pool().clone(),
-        );
+        let session = crate::bench_media::bench_session(engine.pool(), phone_addr, i as u32);
         let (dtmf, mut dtmf_rx) = tokio::sync::mpsc::channel(4);
         let (played, played_rx) = tokio::sync::watch::channel(0);
         let (inactive, _) = tokio::sync::mpsc::unbounded_channel();

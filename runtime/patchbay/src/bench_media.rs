@@ -39,6 +39,29 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// A PCMU session at 20 ms sending to `remote`, as benchmarks start them (no SDP, no SRTP,
+/// no inactivity timeout).
+pub fn bench_session(pool: &patchbay_media::FramePool, remote: SocketAddr, ssrc: u32) -> MediaSession {
+    MediaSession::new(
+        SessionConfig {
+            codec: Codec::Pcmu,
+            payload_type: 0,
+            telephone_event: Some(101),
+            comfort_noise: None,
+            ptime_ms: PTIME.as_millis() as u32,
+            remote: Some(remote),
+            ssrc,
+            initial_sequence: 0,
+            initial_timestamp: 0,
+            inactivity_timeout: None,
+            inband_dtmf: false,
+            jitter: Default::default(),
+            srtp: None,
+        },
+        pool.clone(),
+    )
+}
+
 /// Runs the benchmark and prints its figures.
 pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
     raise_fd_limit();
@@ -60,24 +83,8 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
     let mut media = Vec::with_capacity(calls);
     for i in 0..calls {
         let socket = UdpSocket::bind("127.0.0.1:0").context("binding an RTP socket (open-file limit?)")?;
-        let session = MediaSession::new(
-            SessionConfig {
-                codec: Codec::Pcmu,
-                payload_type: 0,
-                telephone_event: Some(101),
-                comfort_noise: None,
-                ptime_ms: PTIME.as_millis() as u32,
-                remote: Some(if i % SAMPLE_EVERY == 0 { sink_addr } else { blackhole_addr }),
-                ssrc: i as u32,
-                initial_sequence: 0,
-                initial_timestamp: 0,
-                inactivity_timeout: None,
-                inband_dtmf: false,
-                jitter: Default::default(),
-                srtp: None,
-            },
-            engine.pool().clone(),
-        );
+        let remote = if i % SAMPLE_EVERY == 0 { sink_addr } else { blackhole_addr };
+        let session = bench_session(engine.pool(), remote, i as u32);
         let (dtmf, _) = tokio::sync::mpsc::channel(1);
         let (inactive, _) = tokio::sync::mpsc::unbounded_channel();
         let sinks = CallSinks { dtmf, played: tokio::sync::watch::channel(0).0, inactive };
