@@ -22,7 +22,7 @@ pub const FRAME_BYTES: usize = 160;
 pub type Frame160 = [u8; FRAME_BYTES];
 
 /// μ-law encoding of a zero sample, used to pad a partial frame before a mark.
-pub const ULAW_SILENCE: u8 = 0xFF;
+pub use patchbay_media::g711::ULAW_SILENCE;
 
 /// Largest caller frame [`AgentStream::send_media`](crate::AgentStream::send_media) accepts:
 /// 60 ms, the longest packetisation time in common use.
@@ -95,11 +95,6 @@ impl Serialize for Digit {
 fn to_json<T: Serialize>(value: &T) -> String {
     // Serialising these structs cannot fail: no maps with non-string keys, no floats.
     serde_json::to_string(value).unwrap_or_default()
-}
-
-/// Whether `c` is a key of the DTMF keypad (RFC 4733 §3.2 events 0-15).
-pub(crate) fn is_dtmf_digit(c: char) -> bool {
-    matches!(c, '0'..='9' | '*' | '#' | 'A'..='D')
 }
 
 /// Builds the Patchbay → agent messages of one stream and owns its counters:

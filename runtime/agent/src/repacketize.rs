@@ -40,9 +40,9 @@ impl Repacketizer {
         }
         let mut frames = payload.chunks_exact(FRAME_BYTES);
         for frame in &mut frames {
-            let mut full = [0u8; FRAME_BYTES];
-            full.copy_from_slice(frame);
-            out.push_back(AgentEvent::Audio(full));
+            if let Ok(full) = Frame160::try_from(frame) {
+                out.push_back(AgentEvent::Audio(full));
+            }
         }
         let rest = frames.remainder();
         self.carry[..rest.len()].copy_from_slice(rest);

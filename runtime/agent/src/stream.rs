@@ -27,8 +27,7 @@ use tracing::{Instrument as _, debug, info, warn};
 
 use crate::error::AgentError;
 use crate::protocol::{
-    AgentMessage, Frame160, MAX_MEDIA_FRAME, SAMPLES_PER_MS, StartInfo, StreamEncoder, is_dtmf_digit,
-    parse_agent_message,
+    AgentMessage, Frame160, MAX_MEDIA_FRAME, SAMPLES_PER_MS, StartInfo, StreamEncoder, parse_agent_message,
 };
 use crate::repacketize::Repacketizer;
 
@@ -442,11 +441,9 @@ impl AgentSender {
 
     /// Queues a `dtmf` message. `digit` is one of `0-9 * # A-D` (lower-case `a-d` accepted).
     pub fn send_dtmf(&self, digit: char) -> Result<(), AgentError> {
-        let digit = digit.to_ascii_uppercase();
-        if !is_dtmf_digit(digit) {
-            return Err(AgentError::InvalidDigit(digit));
-        }
-        self.control(Control::Dtmf(digit))
+        let key = patchbay_media::dtmf::DtmfDigit::from_char(digit)
+            .ok_or(AgentError::InvalidDigit(digit.to_ascii_uppercase()))?;
+        self.control(Control::Dtmf(key.as_char()))
     }
 
     /// Queues a `mark` message: the agent audio before the agent's mark `name` has played.

@@ -357,7 +357,7 @@ impl CallControl for SipCall {
         self.live()?;
         let scheme_ok = target.starts_with("sip:") || target.starts_with("sips:") || target.starts_with("tel:");
         // The target goes into a Refer-To header: nothing that could end or break out of it.
-        let clean = !target.chars().any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"'));
+        let clean = crate::dial::is_plain_uri(target);
         if !scheme_ok || !clean {
             return Err(CallError::InvalidArgument(format!(
                 "transfer target {target:?} is not a plain sip:, sips: or tel: URI"

@@ -151,6 +151,11 @@ impl CdrDraft {
         }
     }
 
+    /// Sets the record's Call-ID (a leg's is known once its INVITE is built).
+    pub fn set_call_id(&mut self, call_id: &str) {
+        call_id.clone_into(&mut self.call_id);
+    }
+
     /// The call was answered now.
     pub fn answered(&mut self) {
         self.answered.get_or_insert((SystemTime::now(), Instant::now()));

@@ -65,6 +65,12 @@ pub(crate) struct Target {
     pub peer: SocketAddr,
 }
 
+/// Whether `uri` can go into a header as is: nothing that could end or break out of it
+/// (`Refer-To`, the request line).
+pub(crate) fn is_plain_uri(uri: &str) -> bool {
+    !uri.chars().any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"'))
+}
+
 /// Checks a dial target and resolves where to send the INVITE (the URI's host and port,
 /// 5060 by default; RFC 3263's NAPTR/SRV steps are not done).
 pub(crate) async fn resolve(target: &str) -> Result<Target, CallError> {
@@ -72,7 +78,7 @@ pub(crate) async fn resolve(target: &str) -> Result<Target, CallError> {
     if !target.starts_with("sip:") {
         return Err(bad("only sip: URIs can be dialled (sips: and tel: need trunks)"));
     }
-    if target.chars().any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"')) {
+    if !is_plain_uri(target) {
         return Err(bad("not a plain SIP URI"));
     }
     let uri = rsip::Uri::try_from(target).map_err(|e| bad(&e.to_string()))?;

@@ -68,8 +68,16 @@ impl CallMedia {
 
     /// Runs `f` on the session under its lock (keep it short: the clock thread waits on it).
     pub fn with<R>(&self, f: impl FnOnce(&mut MediaSession) -> R) -> R {
-        let result = f(&mut self.lock());
-        self.dispatch();
+        let (result, events) = {
+            let mut session = self.lock();
+            let result = f(&mut session);
+            (result, session.has_events())
+        };
+        // Most calls (every bridged frame, every agent frame) raise nothing: skip the second
+        // lock then.
+        if events {
+            self.dispatch();
+        }
         result
     }
 
@@ -276,8 +284,14 @@ async fn receive(media: Arc<CallMedia>, socket: tokio::net::UdpSocket, rtcp: Opt
                 match received {
                     Ok((len, from)) => {
                         let now = Instant::now();
-                        media.lock().receive(now, from, &mut buf[..len]);
-                        media.dispatch();
+                        let events = {
+                            let mut session = media.lock();
+                            session.receive(now, from, &mut buf[..len]);
+                            session.has_events()
+                        };
+                        if events {
+                            media.dispatch();
+                        }
                     }
                     // ICMP port unreachable from an earlier send, and the like: keep listening.
                     Err(e) => tracing::trace!("rtp receive: {e}"),

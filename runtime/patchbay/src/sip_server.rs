@@ -397,16 +397,20 @@ impl Endpoint {
                 }
                 let answered = self.calls.get(&call).is_some_and(|live| live.media.is_some());
                 let code = match cause {
-                    HangupCause::SipCode(code) => code,
-                    HangupCause::Busy => 486,
-                    HangupCause::Rejected => 603,
-                    HangupCause::Normal => 480,
+                    HangupCause::SipCode(code) => Some(code),
+                    HangupCause::Busy => Some(486),
+                    HangupCause::Rejected => Some(603),
+                    HangupCause::Normal => None,
                 };
-                // After answer every cause is a BYE (WIT `hangup-cause`); before, a final response.
-                if answered || matches!(cause, HangupCause::Normal) {
-                    self.bye(now, call);
-                } else if let Err(e) = ua.reject(now, call, code) {
-                    tracing::debug!(?call, "hangup: {e}");
+                // After answer every cause is a BYE (WIT `hangup-cause`); before, a final
+                // response (`bye` sends 480 for a normal clearing).
+                match code {
+                    Some(code) if !answered => {
+                        if let Err(e) = ua.reject(now, call, code) {
+                            tracing::debug!(?call, "hangup: {e}");
+                        }
+                    }
+                    _ => self.bye(now, call),
                 }
             }
             Command::Transfer { call, target, reply } => match ua.refer(now, call, &target) {
@@ -486,18 +490,22 @@ impl Endpoint {
         }
         let offer =
             patchbay_sip::sdp::offer(&local).map_err(|e| CallError::Unavailable(format!("building the offer: {e}")))?;
-        let from = match caller_id {
-            Some(id) if id.starts_with("sip:") || id.starts_with("sips:") => format!("<{id}>"),
-            Some(id) => format!("<sip:{id}@{}>", self.ua.contact_host()),
-            None => {
-                let from = live.invite.from_header().ok().and_then(|f| f.uri().ok()).map(|u| u.to_string());
-                format!("<{}>", from.unwrap_or_else(|| format!("sip:patchbay@{}", self.ua.contact_host())))
-            }
+        let from_uri = match caller_id {
+            Some(id) if id.starts_with("sip:") || id.starts_with("sips:") => id,
+            Some(id) => format!("sip:{id}@{}", self.ua.contact_host()),
+            None => live
+                .invite
+                .from_header()
+                .ok()
+                .and_then(|f| f.uri().ok())
+                .map_or_else(|| format!("sip:patchbay@{}", self.ua.contact_host()), |u| u.to_string()),
         };
+        // The leg's record, billed to the flow that places it (its Call-ID is set below).
+        let mut cdr = live.cdr.leg("", &from_uri, &target.uri.to_string());
+        let from = format!("<{from_uri}>");
         let headers = headers.into_iter().map(|h| rsip::Header::Other(h.name, h.value)).collect();
         let peer =
             patchbay_sip::transaction::Peer { transport: patchbay_sip::transaction::Transport::Udp, addr: target.peer };
-        let (leg_from, leg_to) = (from.clone(), target.uri.to_string());
         let leg = self.ua.dial(
             now,
             patchbay_sip::ua::Dial {
@@ -511,7 +519,7 @@ impl Endpoint {
             },
         );
         tracing::info!(call = ?owner, ?leg, to = %target.peer, "dialling");
-        let cdr = live_cdr_leg(&self.calls, owner, self.ua.call_id(leg).unwrap_or_default(), &leg_from, &leg_to);
+        cdr.set_call_id(self.ua.call_id(leg).unwrap_or_default());
         self.legs.insert(
             leg,
             Leg {
@@ -848,6 +856,7 @@ impl Endpoint {
                         // RFC 5589 §6.1: the transferor ends its call once the transfer succeeded.
                         if ua.hangup(now, call).is_ok() {
                             call_ended(calls, ending, &routing.cdr, call, EndCause::LocalBye);
+                            hangup_legs(ua, legs, call, now);
                         }
                     } else {
                         let _ = reply.send(Err(CallError::Unavailable(format!("transfer failed with SIP {status}"))));
@@ -1012,26 +1021,6 @@ fn start_leg_media(
     Some(media)
 }
 
-/// A new record for an outbound leg of `owner`'s flow.
-fn live_cdr_leg(calls: &HashMap<CallRef, LiveCall>, owner: CallRef, call_id: &str, from: &str, to: &str) -> CdrDraft {
-    let from = from.trim_start_matches('<').trim_end_matches('>');
-    match calls.get(&owner) {
-        Some(live) => live.cdr.leg(call_id, from, to),
-        None => CdrDraft::new(
-            &CallInfo {
-                call_id: call_id.to_owned(),
-                tenant: String::new(),
-                flow: String::new(),
-                from: from.to_owned(),
-                to: to.to_owned(),
-                direction: Direction::Outbound,
-                headers: Vec::new(),
-            },
-            "",
-        ),
-    }
-}
-
 /// The record's end of an outbound leg: what ended it and on whose behalf.
 fn leg_end(draft: &CdrDraft, cause: &EndCause) -> SipEnd {
     let local = draft.local_reason().map(|(c, b)| (c.to_owned(), b));
@@ -1044,7 +1033,7 @@ fn leg_end(draft: &CdrDraft, cause: &EndCause) -> SipEnd {
             (c, b, *code)
         }
         EndCause::Failed(code @ (486 | 600)) => ("busy".to_owned(), "callee", *code),
-        EndCause::Failed(code @ (408 | 480)) => ("no-answer".to_owned(), "callee", *code),
+        EndCause::Failed(code @ (408 | 480 | 487)) => ("no-answer".to_owned(), "callee", *code),
         EndCause::Failed(code) | EndCause::Rejected(code) => ("failed".to_owned(), "callee", *code),
         EndCause::Cancelled => ("cancelled".to_owned(), "patchbay", 487),
         EndCause::AckTimeout => ("ack-timeout".to_owned(), "network", 200),
