@@ -24,6 +24,21 @@ pub fn patchbay_bin() -> PathBuf {
     bin
 }
 
+/// Path of the `patchbay-loadgen` binary (the load generator, crate `patchbay-bench`) of this
+/// build, building it first if needed.
+pub fn loadgen_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile> directory");
+    let bin = profile_dir.join("patchbay-loadgen");
+    if !bin.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status =
+            Command::new(cargo).args(["build", "--package", "patchbay-bench"]).status().expect("running cargo build");
+        assert!(status.success(), "building the patchbay-loadgen binary failed");
+    }
+    bin
+}
+
 /// A `patchbay` command with its flow cache in a private directory.
 pub fn patchbay(cache: &std::path::Path) -> Command {
     let mut cmd = Command::new(patchbay_bin());
@@ -132,6 +147,11 @@ pub fn start_patchbay_with(extra: &str, flows: &str) -> Patchbay {
 }
 
 impl Patchbay {
+    /// The process id (for /proc figures).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The call detail records written so far (one JSON object per line of `cdr.jsonl`).
     pub fn cdrs(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(self.dir.path().join("cdr.jsonl")).unwrap_or_default();

@@ -5,7 +5,10 @@
 //! - `cargo xtask test`: everything CI checks — formatting, clippy with warnings as errors
 //!   (host crates and the wasm flows), and the whole test suite, including the sipp interop
 //!   tests (sipp, sox, espeak-ng and tshark are installed from Debian when missing).
-//! - `cargo xtask bench`: the benchmarks whose figures go into `BENCHMARKS.md`.
+//! - `cargo xtask bench`: the benchmarks whose figures go into `BENCHMARKS.md`: the micro
+//!   benchmarks, the media clock and agent path, then the system benchmark suite
+//!   (`patchbay-loadgen suite`: load generator, sipp, rtpengine). `cargo xtask bench system
+//!   [ARGS…]` runs only the suite (arguments go to `patchbay-loadgen suite`).
 //!
 //! Each command first installs what it needs and can install itself (the `wasm32-wasip2`
 //! target through rustup, sipp/sox/espeak-ng/tshark through apt-get), so that they work on a fresh machine with only rustup and cargo.
@@ -79,10 +82,20 @@ const TEST_TOOLS: [(&str, &str, &str); 4] = [
     ("tshark", "--version", "tshark"),
 ];
 
+/// The system benchmark's peers: rtpengine, the floor for relaying media (sipp is in
+/// [`TEST_TOOLS`]).
+const BENCH_TOOLS: [(&str, &str, &str); 1] = [("rtpengine", "--version", "rtpengine-daemon")];
+
 /// Installs the tools the tests need when they are missing and this is a Debian machine we may
 /// install on (root, apt-get present).
 fn ensure_test_tools() -> Result<(), String> {
-    let missing: Vec<&str> = TEST_TOOLS
+    ensure_tools(&TEST_TOOLS)
+}
+
+/// Installs the Debian packages of the `(program, version flag, package)` entries whose
+/// programs do not run.
+fn ensure_tools(tools: &[(&str, &str, &str)]) -> Result<(), String> {
+    let missing: Vec<&str> = tools
         .iter()
         .filter(|(program, arg, _)| {
             Command::new(program)
@@ -143,12 +156,18 @@ fn test(args: &[String]) -> Result<(), String> {
     step("formatting (flows)", cargo().current_dir(root().join("plugins")).args(["fmt", "--all", "--check"]))?;
     // The end-to-end tests start the real binary from target/debug; build it first so they
     // never have to build it themselves while the test run is under way.
-    step("patchbay binary", cargo().args(["build", "--package", "patchbay", "--locked"]))?;
+    step(
+        "patchbay binaries",
+        cargo().args(["build", "--package", "patchbay", "--package", "patchbay-bench", "--locked"]),
+    )?;
     step("tests", cargo().args(["test", "--workspace", "--locked"]).args(args))
 }
 
 fn bench(args: &[String]) -> Result<(), String> {
     ensure_wasm_target()?;
+    if args.first().map(String::as_str) == Some("system") {
+        return system_bench(&args[1..]);
+    }
     step("benchmarks", cargo().args(["bench", "--workspace", "--locked"]).args(args))?;
     // The binary's own benchmarks: pacing of the media clock and the agent path under load.
     step("patchbay (release)", cargo().args(["build", "--release", "--package", "patchbay", "--locked"]))?;
@@ -157,5 +176,20 @@ fn bench(args: &[String]) -> Result<(), String> {
     for calls in ["100", "500"] {
         step("agent latency", Command::new(&patchbay).args(["bench-agent", "--calls", calls, "--seconds", "10"]))?;
     }
-    Ok(())
+    system_bench(&[])
+}
+
+/// The system benchmark suite: Patchbay under the load generator next to its peers (sipp's UAS,
+/// rtpengine), results in `target/bench-system/`.
+fn system_bench(args: &[String]) -> Result<(), String> {
+    ensure_test_tools()?;
+    ensure_tools(&BENCH_TOOLS)?;
+    step(
+        "patchbay and patchbay-loadgen (release)",
+        cargo().args(["build", "--release", "--package", "patchbay", "--package", "patchbay-bench", "--locked"]),
+    )?;
+    step(
+        "system benchmark",
+        Command::new(root().join("target/release/patchbay-loadgen")).current_dir(root()).arg("suite").args(args),
+    )
 }
