@@ -11,12 +11,11 @@
 //! Peers send from the address they advertised (symmetric RTP, RFC 4961), so a packet's source
 //! address says which stream it belongs to.
 //!
-//! Written against `libc`: the per-message control data of `recvmmsg` is what this needs and
-//! the workspace already builds `libc`.
+//! The batching and the arrival stamps are `patchbay-udp`'s, the same code Patchbay's media
+//! clock reads its sockets with.
 
 use std::collections::HashMap;
 use std::io;
-use std::mem::{size_of, zeroed};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::mpsc;
@@ -25,6 +24,8 @@ use std::time::{Duration, Instant};
 use patchbay_media::dtmf::{DtmfDigit, DtmfSender, DtmfSenderConfig, DtmfSequence};
 use patchbay_media::rtp::RtpHeader;
 use serde::Serialize;
+
+use patchbay_udp::{Batch, Destination};
 
 use crate::stats::Histogram;
 
@@ -36,7 +37,6 @@ const SLOTS: usize = 20;
 const TICK: Duration = Duration::from_millis(1);
 /// Messages per `sendmmsg`/`recvmmsg`.
 const BATCH: usize = 128;
-const MTU: usize = 1500;
 /// A key press: 100 ms down, 100 ms before the next.
 const KEY_MS: u64 = 100;
 const KEY_GAP_MS: u64 = 100;
@@ -111,17 +111,10 @@ impl RtpEngine {
         let socket = UdpSocket::bind(bind)?;
         socket.set_nonblocking(true)?;
         let fd = socket.as_raw_fd();
-        // A deep receive queue: 2,000 streams deliver 100 packets a millisecond. FORCE needs
-        // CAP_NET_ADMIN; without it the plain option is capped at net.core.rmem_max.
-        let size: libc::c_int = 16 << 20;
-        if setsockopt(fd, libc::SO_RCVBUFFORCE, size).is_err() {
-            let _ = setsockopt(fd, libc::SO_RCVBUF, size);
-        }
-        if setsockopt(fd, libc::SO_SNDBUFFORCE, size).is_err() {
-            let _ = setsockopt(fd, libc::SO_SNDBUF, size);
-        }
-        setsockopt(fd, libc::SO_TIMESTAMPNS, 1)?;
-        setsockopt(fd, libc::SO_RXQ_OVFL, 1)?;
+        // A deep queue: 2,000 streams deliver 100 packets a millisecond.
+        patchbay_udp::set_buffer_sizes(fd, 16 << 20);
+        patchbay_udp::enable_timestamps(fd)?;
+        patchbay_udp::enable_drop_counter(fd)?;
         let local = socket.local_addr()?;
         let (commands, rx) = mpsc::channel();
         let thread =
@@ -167,20 +160,6 @@ impl Drop for RtpEngine {
     }
 }
 
-fn setsockopt(fd: libc::c_int, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: `value` outlives the call and its size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            option,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
-}
-
 /// Receive state of one stream (RFC 3550 A.1 and A.8, simplified: no probation, no restart).
 #[derive(Default)]
 struct Receive {
@@ -196,8 +175,7 @@ struct Receive {
 }
 
 struct Stream {
-    name: libc::sockaddr_storage,
-    name_len: libc::socklen_t,
+    to: Destination,
     header: RtpHeader,
     telephone_event: Option<u8>,
     /// Keys still to press, each at a tick; the press under way.
@@ -246,8 +224,8 @@ impl Engine {
             late_ticks: 0,
             send_errors: 0,
             tone: [ulaw, alaw],
-            send: Batch::new(),
-            recv: Batch::new(),
+            send: Batch::new(BATCH),
+            recv: Batch::new(BATCH),
             tick: 0,
         }
     }
@@ -287,7 +265,6 @@ impl Engine {
     }
 
     fn start(&mut self, id: usize, spec: StreamSpec) {
-        let (name, name_len) = sockaddr(spec.remote);
         let now = self.tick;
         let keys = match (&spec.keys, spec.telephone_event) {
             (Some((keys, after)), Some(_)) => {
@@ -305,8 +282,7 @@ impl Engine {
             _ => Vec::new(),
         };
         let stream = Stream {
-            name,
-            name_len,
+            to: Destination::from(spec.remote),
             header: RtpHeader {
                 marker: true,
                 payload_type: spec.payload_type,
@@ -362,41 +338,36 @@ impl Engine {
     fn send_slot(&mut self, tick: u64) {
         let slot = (tick % SLOTS as u64) as usize;
         for i in 0..self.slots[slot].len() {
-            let id = self.slots[slot][i];
-            let Some(Some(stream)) = self.streams.get_mut(id) else { continue };
-            let buf = self.send.next_buf();
-            let len = stream.next_packet(tick, &self.tone, buf);
-            let (name, name_len) = (stream.name, stream.name_len);
-            self.send.push(len, name, name_len);
-            if self.send.full() {
+            if self.send.is_full() {
                 self.flush();
             }
+            let id = self.slots[slot][i];
+            let Some(Some(stream)) = self.streams.get_mut(id) else { continue };
+            let (to, tone) = (stream.to, &self.tone);
+            self.send.queue(&to, |buf| stream.next_packet(tick, tone, buf));
         }
     }
 
     fn flush(&mut self) {
-        let fd = self.socket.as_raw_fd();
-        self.send_errors += self.send.send(fd);
+        self.send_errors += self.send.send(self.socket.as_raw_fd());
     }
 
     fn receive_all(&mut self) {
         let fd = self.socket.as_raw_fd();
         loop {
             let n = match self.recv.receive(fd) {
-                Ok(0) => return,
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(_) => return,
             };
             for i in 0..n {
-                let (from, data, arrival_ns, drops) = self.recv.message(i);
-                if let Some(drops) = drops {
+                let datagram = self.recv.received(i);
+                if let Some(drops) = datagram.drops {
                     self.socket_drops = u64::from(drops);
                 }
-                let Some(from) = from else { continue };
+                let Some(from) = datagram.from else { continue };
                 match self.by_source.get(&from).and_then(|id| self.streams.get_mut(*id)) {
                     Some(Some(stream)) => {
-                        if let Some(gap) = stream.rx.on_packet(data, arrival_ns)
+                        if let Some(gap) = stream.rx.on_packet(datagram.data, datagram.arrival_ns)
                             && self.measuring
                             && stream.active
                         {
@@ -518,199 +489,9 @@ impl Receive {
     }
 }
 
-/// Buffers and headers for one `sendmmsg`/`recvmmsg` batch.
-struct Batch {
-    bufs: Vec<[u8; MTU]>,
-    lens: Vec<usize>,
-    names: Vec<libc::sockaddr_storage>,
-    name_lens: Vec<libc::socklen_t>,
-    control: Vec<[u64; 16]>,
-    iovs: Vec<libc::iovec>,
-    headers: Vec<libc::mmsghdr>,
-    filled: usize,
-}
-
-// SAFETY (for the raw pointers in `iovs`/`headers`): they are rebuilt from the owned buffers
-// immediately before each system call and not used after it.
-unsafe impl Send for Batch {}
-
-impl Batch {
-    fn new() -> Self {
-        Self {
-            bufs: vec![[0; MTU]; BATCH],
-            lens: vec![0; BATCH],
-            // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
-            names: vec![unsafe { zeroed() }; BATCH],
-            name_lens: vec![0; BATCH],
-            control: vec![[0; 16]; BATCH],
-            // SAFETY: plain C structs; null pointers and zero lengths are valid placeholders.
-            iovs: vec![unsafe { zeroed() }; BATCH],
-            headers: vec![unsafe { zeroed() }; BATCH],
-            filled: 0,
-        }
-    }
-
-    fn next_buf(&mut self) -> &mut [u8] {
-        &mut self.bufs[self.filled]
-    }
-
-    fn push(&mut self, len: usize, name: libc::sockaddr_storage, name_len: libc::socklen_t) {
-        if len == 0 {
-            return;
-        }
-        self.lens[self.filled] = len;
-        self.names[self.filled] = name;
-        self.name_lens[self.filled] = name_len;
-        self.filled += 1;
-    }
-
-    fn full(&self) -> bool {
-        self.filled == BATCH
-    }
-
-    fn prepare(&mut self, count: usize, receiving: bool) {
-        for i in 0..count {
-            self.iovs[i] = libc::iovec {
-                iov_base: self.bufs[i].as_mut_ptr().cast(),
-                iov_len: if receiving { MTU } else { self.lens[i] },
-            };
-            // SAFETY: plain C struct.
-            let mut header: libc::mmsghdr = unsafe { zeroed() };
-            header.msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
-            header.msg_hdr.msg_namelen =
-                if receiving { size_of::<libc::sockaddr_storage>() as libc::socklen_t } else { self.name_lens[i] };
-            header.msg_hdr.msg_iov = &mut self.iovs[i];
-            header.msg_hdr.msg_iovlen = 1;
-            if receiving {
-                header.msg_hdr.msg_control = self.control[i].as_mut_ptr().cast();
-                header.msg_hdr.msg_controllen = size_of::<[u64; 16]>() as _;
-            }
-            self.headers[i] = header;
-        }
-    }
-
-    /// Sends what was pushed; returns how many sends failed.
-    fn send(&mut self, fd: libc::c_int) -> u64 {
-        let total = self.filled;
-        self.prepare(total, false);
-        let mut done = 0;
-        let mut errors = 0;
-        while done < total {
-            // SAFETY: headers[done..total] point into buffers owned by self, alive for the call.
-            let n = unsafe { libc::sendmmsg(fd, self.headers[done..].as_mut_ptr(), (total - done) as u32, 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    // Send buffer full: wait a moment rather than drop (the generator must not
-                    // invent loss).
-                    std::thread::sleep(Duration::from_micros(50));
-                    continue;
-                }
-                // ECONNREFUSED and the like concern one destination: skip that message.
-                errors += 1;
-                done += 1;
-                continue;
-            }
-            done += n as usize;
-        }
-        self.filled = 0;
-        errors
-    }
-
-    /// Receives up to a batch without blocking; returns how many messages arrived.
-    fn receive(&mut self, fd: libc::c_int) -> io::Result<usize> {
-        self.prepare(BATCH, true);
-        // SAFETY: every header points into buffers owned by self, alive for the call.
-        let n = unsafe {
-            libc::recvmmsg(fd, self.headers.as_mut_ptr(), BATCH as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
-        };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
-    }
-
-    /// Message `i` of the last receive: source, data, kernel arrival time (ns since the epoch,
-    /// 0 without one) and the socket's drop counter when the kernel attached it.
-    fn message(&self, i: usize) -> (Option<SocketAddr>, &[u8], i64, Option<u32>) {
-        let header = &self.headers[i];
-        let len = (header.msg_len as usize).min(MTU);
-        let from = from_sockaddr(&self.names[i]);
-        let mut arrival = 0;
-        let mut drops = None;
-        let msg = &header.msg_hdr;
-        // SAFETY: the kernel filled msg_control/msg_controllen for this message; the CMSG
-        // macros walk within it.
-        unsafe {
-            let mut cmsg = libc::CMSG_FIRSTHDR(msg);
-            while !cmsg.is_null() {
-                let c = &*cmsg;
-                if c.cmsg_level == libc::SOL_SOCKET && c.cmsg_type == libc::SCM_TIMESTAMPNS {
-                    let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
-                    arrival = ts.tv_sec * 1_000_000_000 + ts.tv_nsec;
-                } else if c.cmsg_level == libc::SOL_SOCKET && c.cmsg_type == libc::SO_RXQ_OVFL {
-                    drops = Some(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<u32>()));
-                }
-                cmsg = libc::CMSG_NXTHDR(msg, cmsg);
-            }
-        }
-        (from, &self.bufs[i][..len], arrival, drops)
-    }
-}
-
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all zeroes is a valid sockaddr_storage; the casts below write within it
-    // (sockaddr_in and sockaddr_in6 are smaller than sockaddr_storage).
-    unsafe {
-        let mut storage: libc::sockaddr_storage = zeroed();
-        match addr {
-            SocketAddr::V4(v4) => {
-                let sin = &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>();
-                sin.sin_family = libc::AF_INET as libc::sa_family_t;
-                sin.sin_port = v4.port().to_be();
-                sin.sin_addr = libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) };
-                (storage, size_of::<libc::sockaddr_in>() as libc::socklen_t)
-            }
-            SocketAddr::V6(v6) => {
-                let sin6 = &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
-                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-                sin6.sin6_port = v6.port().to_be();
-                sin6.sin6_addr = libc::in6_addr { s6_addr: v6.ip().octets() };
-                sin6.sin6_scope_id = v6.scope_id();
-                (storage, size_of::<libc::sockaddr_in6>() as libc::socklen_t)
-            }
-        }
-    }
-}
-
-fn from_sockaddr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    // SAFETY: the family says which struct the kernel wrote.
-    unsafe {
-        match i32::from(storage.ss_family) {
-            libc::AF_INET => {
-                let sin = &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>();
-                let ip = std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
-                Some(SocketAddr::from((ip, u16::from_be(sin.sin_port))))
-            }
-            libc::AF_INET6 => {
-                let sin6 = &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
-                let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-                Some(SocketAddr::from((ip, u16::from_be(sin6.sin6_port))))
-            }
-            _ => None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sockaddr_round_trips() {
-        for addr in ["127.0.0.1:4000", "[::1]:5004"] {
-            let addr: SocketAddr = addr.parse().expect("address");
-            let (storage, _) = sockaddr(addr);
-            assert_eq!(from_sockaddr(&storage), Some(addr));
-        }
-    }
 
     #[test]
     fn loss_reordering_and_gaps_are_counted() {

@@ -201,17 +201,34 @@ pub fn write_ulaw_wav(path: &std::path::Path, octets: &[u8]) {
     std::fs::write(path, wav).expect("write WAV");
 }
 
-/// How much of `sent` is found in `heard` sample for sample, once aligned on a stretch of it
-/// (the fraction of `sent`'s samples that match), or `None` when that stretch is not heard.
+/// How much of `sent` is found in `heard` sample for sample: the fraction of its 20 ms frames
+/// (160 samples) that are heard intact, or `None` when a stretch from its middle is not heard at
+/// all. The alignment is found on that stretch, then followed frame by frame: an adaptive jitter
+/// buffer on the way may move the delay by whole frames (growing by a concealment frame,
+/// shrinking by dropping one), so each frame is looked for at the current delay first, then up
+/// to ten frames either side of it. A frame that never arrived, or arrived damaged, is not
+/// found; a delay change costs at most the frame it dropped.
 pub fn fraction_heard(sent: &[i16], heard: &[i16]) -> Option<f64> {
+    const FRAME: isize = 160;
     let start = sent.len() / 3;
-    let probe = &sent[start..start + 160];
+    let probe = &sent[start..start + FRAME as usize];
     let at = heard.windows(probe.len()).position(|w| w == probe)?;
-    let lag = at as isize - start as isize;
-    let matched = (0..sent.len())
-        .filter(|&i| usize::try_from(i as isize + lag).ok().and_then(|j| heard.get(j)) == Some(&sent[i]))
-        .count();
-    Some(matched as f64 / sent.len() as f64)
+    let mut lag = at as isize - start as isize;
+    let frames = sent.len() / FRAME as usize;
+    let heard_at = |frame: &[i16], begin: isize| {
+        usize::try_from(begin).ok().and_then(|b| heard.get(b..b + frame.len())).is_some_and(|h| h == frame)
+    };
+    let mut intact = 0;
+    for f in 0..frames {
+        let begin = f as isize * FRAME;
+        let frame = &sent[begin as usize..(begin + FRAME) as usize];
+        let shifts = std::iter::once(0).chain((1..=10).flat_map(|k| [k * FRAME, -k * FRAME]));
+        if let Some(shift) = shifts.into_iter().find(|shift| heard_at(frame, begin + lag + shift)) {
+            lag += shift;
+            intact += 1;
+        }
+    }
+    Some(intact as f64 / frames.max(1) as f64)
 }
 
 /// componentize-py's version, installed from PyPI on first use.

@@ -1,20 +1,31 @@
-//! The media shell: each call's RTP socket and receive task, and the one clock thread that
-//! ticks every call's [`MediaSession`] once per packetisation interval.
+//! The media shell: each call's RTP socket, and the clock threads that tick every call's
+//! [`MediaSession`] once per packetisation interval.
 //!
 //! The clock is a dedicated OS thread, not a tokio timer: flows run on the tokio workers and
-//! may keep them busy for a whole CPU slice, and the wire must not notice. Every 2 ms the thread
-//! walks one tenth of the live calls (each call at a fixed step of the 20 ms period), takes one
-//! short per-call lock to let the session write its packet (and take the caller's next frame for
+//! may keep them busy for a whole CPU slice, and the wire must not notice. Every 2 ms a thread
+//! walks one tenth of its calls (each call at a fixed step of the 20 ms period); for each it
+//! reads everything that arrived on the call's socket since the last visit (one `recvmmsg`,
+//! each datagram with the kernel's arrival time), takes one short per-call lock to feed those
+//! packets to the session and let it write its packet (and take the caller's next frame for
 //! whoever listens), releases it, and sends. See [`clock`] for how it keeps time.
 //!
+//! Receiving on the clock rather than in a task per call: a task cost an epoll wake-up, a
+//! successful `recvfrom`, a second one that found nothing, and a scheduler round trip for every
+//! packet; the clock pays one `recvmmsg` per call per period and no wake-up. Packets wait up to
+//! one period in the kernel, which the jitter buffer (played out on this same clock) hid
+//! anyway, and the kernel's arrival stamps keep the jitter figures and the buffer's timing
+//! true (BENCHMARKS.md, "System benchmark").
+//!
 //! RTCP runs on the RTP port + 1 (RFC 3550 §11): the clock sends each call's reports when its
-//! session says one is due, and the receive task feeds the peer's reports back.
+//! session says one is due, and reads the peer's every tenth period (200 ms; reports come
+//! every few seconds and carry their own timing).
 //!
 //! **Not implemented yet:** RTCP multiplexed on the RTP port (RFC 5761), ptime other than the
 //! engine's (20 ms: every session is ticked at the same rate, so
 //! a call that negotiated 30 ms is sent 20 ms frames — we answer with our ptime, which callers
 //! accept), and several clock threads for hosts beyond one core's worth of calls.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -23,7 +34,8 @@ use patchbay_host::Dtmf;
 use patchbay_media::rtp::{NtpClock, NtpTime};
 use patchbay_media::session::{Codec, MAX_PACKET, MAX_RTCP, MediaSession, SessionConfig, SessionEvent, SrtpKeys};
 use patchbay_media::{Frame, FramePool};
-use tokio::sync::{Notify, mpsc, watch};
+use patchbay_udp::{ArrivalClock, Batch};
+use tokio::sync::{mpsc, watch};
 
 /// The engine's packetisation interval.
 pub const PTIME: Duration = Duration::from_millis(20);
@@ -54,10 +66,9 @@ pub struct CallMedia {
     /// Whether `listener` is set (read without its lock on every tick).
     listening: AtomicBool,
     closed: AtomicBool,
-    close: Notify,
     /// Held while events are taken and delivered, so that key presses and marks reach the
-    /// call in the order the session raised them (the clock thread and the receive task both
-    /// deliver).
+    /// call in the order the session raised them (the clock thread and the flow's commands
+    /// both deliver).
     dispatching: Mutex<()>,
 }
 
@@ -89,10 +100,9 @@ impl CallMedia {
         *slot = listener;
     }
 
-    /// Stops the media: the receive task ends, the clock forgets the call.
+    /// Stops the media: the clock forgets the call (and closes its sockets).
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        self.close.notify_one();
     }
 
     /// Delivers the session's pending events.
@@ -124,10 +134,21 @@ impl CallMedia {
         }
     }
 
-    /// Runs one tick; returns whether a packet was sent.
-    fn tick(&self, now: Instant, ntp: &NtpClock, out: &mut Buffers, stats: &ClockStats) -> bool {
+    /// Runs one tick: takes in what arrived, sends what is due. Returns whether a packet was
+    /// sent.
+    fn tick(&self, now: Instant, ntp: &NtpClock, out: &mut Buffers, stats: &ClockStats, rtcp_due: bool) -> bool {
+        let arrivals = ArrivalClock::now();
         let (packet, report, frame, events) = {
             let mut session = self.lock();
+            // Everything that arrived since the last visit, at the times the kernel saw it.
+            drain(&self.socket, &mut out.inbox, now, &arrivals, |arrival, from, data| {
+                session.receive(arrival, from, data);
+            });
+            if rtcp_due && let Some(rtcp) = &self.rtcp_socket {
+                drain(rtcp, &mut out.inbox, now, &arrivals, |arrival, from, data| {
+                    session.receive_rtcp(arrival, ntp.at(arrival), from, data);
+                });
+            }
             let packet = session.tick(now, &mut out.rtp);
             let report = match self.rtcp_socket {
                 Some(_) => session.rtcp_tick(now, ntp.at(now), &mut out.rtcp),
@@ -226,8 +247,8 @@ impl MediaEngine {
     }
 
     /// Starts a call's media on `socket` (already bound: its port is in our SDP) and, when
-    /// given, RTCP on `rtcp_socket` (the port + 1): registers it with the clock and spawns its
-    /// receive task on the current tokio runtime.
+    /// given, RTCP on `rtcp_socket` (the port + 1): registers it with a clock thread, which
+    /// reads and writes both sockets from then on.
     pub fn start_call(
         &self,
         session: MediaSession,
@@ -235,15 +256,13 @@ impl MediaEngine {
         rtcp_socket: Option<std::net::UdpSocket>,
         sinks: CallSinks,
     ) -> std::io::Result<Arc<CallMedia>> {
-        socket.set_nonblocking(true)?;
-        let receiver = tokio::net::UdpSocket::from_std(socket.try_clone()?)?;
-        let rtcp_receiver = match &rtcp_socket {
-            Some(rtcp) => {
-                rtcp.set_nonblocking(true)?;
-                Some(tokio::net::UdpSocket::from_std(rtcp.try_clone()?)?)
+        for socket in std::iter::once(&socket).chain(rtcp_socket.as_ref()) {
+            socket.set_nonblocking(true)?;
+            // Without arrival stamps packets count as arriving when read (up to a period late).
+            if let Err(e) = patchbay_udp::enable_timestamps(socket.as_raw_fd()) {
+                tracing::debug!("SO_TIMESTAMPNS: {e}");
             }
-            None => None,
-        };
+        }
         let media = Arc::new(CallMedia {
             session: Mutex::new(session),
             socket,
@@ -252,58 +271,48 @@ impl MediaEngine {
             listener: Mutex::new(None),
             listening: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            close: Notify::new(),
             dispatching: Mutex::new(()),
         });
         let clock = self.next_clock.fetch_add(1, Ordering::Relaxed) % self.register.len();
         self.register[clock]
             .send(Arc::clone(&media))
             .map_err(|_| std::io::Error::other("the media clock thread has stopped"))?;
-        tokio::spawn(receive(Arc::clone(&media), receiver, rtcp_receiver));
         Ok(media)
     }
 }
 
-/// A call's receive loop: every datagram on its RTP port goes through its session.
-async fn receive(media: Arc<CallMedia>, socket: tokio::net::UdpSocket, rtcp: Option<tokio::net::UdpSocket>) {
-    let mut buf = [0u8; 2048];
-    let mut rtcp_buf = [0u8; 1500];
-    let ntp = wall_clock();
-    loop {
-        let rtcp_received = async {
-            match &rtcp {
-                Some(rtcp) => rtcp.recv_from(&mut rtcp_buf).await,
-                None => std::future::pending().await,
+/// Datagrams a clock thread reads from one socket per system call.
+const INBOX: usize = 8;
+
+/// The peer's RTCP is read every this many periods (200 ms).
+const RTCP_EVERY: u64 = 10;
+
+/// Feeds everything waiting on `socket` to `deliver` with its arrival time (the kernel's stamp,
+/// else `now`). A backlog larger than the inbox (after a stall) takes a few reads.
+fn drain(
+    socket: &std::net::UdpSocket,
+    inbox: &mut Batch,
+    now: Instant,
+    arrivals: &ArrivalClock,
+    mut deliver: impl FnMut(Instant, std::net::SocketAddr, &mut [u8]),
+) {
+    for _ in 0..16 {
+        let count = match inbox.receive(socket.as_raw_fd()) {
+            Ok(count) => count,
+            // ICMP port unreachable from an earlier send, and the like.
+            Err(e) => {
+                tracing::trace!("rtp receive: {e}");
+                return;
             }
         };
-        tokio::select! {
-            received = socket.recv_from(&mut buf) => {
-                if media.closed.load(Ordering::Acquire) {
-                    return;
-                }
-                match received {
-                    Ok((len, from)) => {
-                        let now = Instant::now();
-                        let events = {
-                            let mut session = media.lock();
-                            session.receive(now, from, &mut buf[..len]);
-                            session.has_events()
-                        };
-                        if events {
-                            media.dispatch();
-                        }
-                    }
-                    // ICMP port unreachable from an earlier send, and the like: keep listening.
-                    Err(e) => tracing::trace!("rtp receive: {e}"),
-                }
-            }
-            received = rtcp_received => {
-                if let Ok((len, from)) = received {
-                    let now = Instant::now();
-                    media.lock().receive_rtcp(now, ntp.at(now), from, &mut rtcp_buf[..len]);
-                }
-            }
-            () = media.close.notified() => return,
+        for i in 0..count {
+            let datagram = inbox.received(i);
+            let Some(from) = datagram.from else { continue };
+            let arrival = if datagram.arrival_ns > 0 { arrivals.arrival(datagram.arrival_ns) } else { now };
+            deliver(arrival, from, datagram.data);
+        }
+        if count < INBOX {
+            return;
         }
     }
 }
@@ -318,6 +327,7 @@ fn wall_clock() -> NtpClock {
 struct Buffers {
     rtp: [u8; MAX_PACKET],
     rtcp: [u8; MAX_RTCP],
+    inbox: Batch,
 }
 
 /// The media session for what an offer/answer exchange agreed (either side of it). `random`
@@ -408,7 +418,9 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
     let mut slots: Vec<Vec<Arc<CallMedia>>> = vec![Vec::new(); SLOTS];
     let step = PTIME / SLOTS as u32;
     let mut slot = 0;
-    let mut out = Buffers { rtp: [0u8; MAX_PACKET], rtcp: [0u8; MAX_RTCP] };
+    let mut out = Buffers { rtp: [0u8; MAX_PACKET], rtcp: [0u8; MAX_RTCP], inbox: Batch::new(INBOX) };
+    // Periods run; the peer's RTCP is read every RTCP_EVERY-th.
+    let mut cycle: u64 = 0;
     let ntp = wall_clock();
     let mut deadline = Instant::now() + step * index as u32 / CLOCK_THREADS as u32;
     let mut departures: Vec<(usize, Instant)> = Vec::new();
@@ -439,8 +451,9 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
         }
         stats.ticks.fetch_add(1, Ordering::Relaxed);
         let record = stats.record_departures.load(Ordering::Relaxed);
+        let rtcp_due = cycle.is_multiple_of(RTCP_EVERY);
         for call in calls.iter() {
-            if call.tick(now, &ntp, &mut out, stats) && record {
+            if call.tick(now, &ntp, &mut out, stats, rtcp_due) && record {
                 departures.push((Arc::as_ptr(call) as usize, Instant::now()));
             }
         }
@@ -448,6 +461,9 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
             stats.departures.lock().unwrap_or_else(PoisonError::into_inner).append(&mut departures);
         }
         slot = (slot + 1) % SLOTS;
+        if slot == 0 {
+            cycle += 1;
+        }
         // An idle host wakes once per period, not once per step.
         deadline += if slots.iter().all(Vec::is_empty) { PTIME } else { step };
         let after = Instant::now();
