@@ -239,6 +239,8 @@ impl Engine {
                     Ok(Command::Stop(id)) => self.stop(id),
                     Ok(Command::Measure(on)) => self.measuring = on,
                     Ok(Command::Report(reply, reset)) => {
+                        // Whatever is already in the socket belongs in the figures.
+                        self.receive_all();
                         let _ = reply.send(self.take_report(reset));
                     }
                     Ok(Command::Quit) | Err(mpsc::TryRecvError::Disconnected) => return,

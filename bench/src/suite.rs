@@ -8,10 +8,8 @@
 //! rate with sipp's UAC, against Patchbay and against sipp's own UAS (the signalling floor);
 //! (c) AI agent calls (Patchbay's echo agent in a second process); (d) bridged calls (the
 //! router flow dials the generator back) next to the same media relayed by rtpengine (the
-//! media-relay floor).
-//!
-//! Not measured: baresip as a conventional endpoint (it is one softphone with a handful of
-//! calls, not a server; see BENCHMARKS.md).
+//! media-relay floor); (e) echo calls to Patchbay's echo flow next to the same calls to
+//! baresip's echo module (a conventional SIP endpoint terminating media).
 
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
 use std::path::{Path, PathBuf};
@@ -59,8 +57,11 @@ pub struct SuiteArgs {
     /// Calls per second while ramping up.
     #[arg(long, default_value_t = 200.0)]
     pub ramp: f64,
-    /// Only these scenarios (ivr, setup, agent, bridge).
-    #[arg(long, value_delimiter = ',', default_value = "ivr,setup,agent,bridge")]
+    /// Endpoint rounds: Patchbay's echo flow next to baresip's echo module.
+    #[arg(long, value_delimiter = ',', default_value = "100,250")]
+    pub endpoint_calls: Vec<usize>,
+    /// Only these scenarios (ivr, setup, agent, bridge, endpoint).
+    #[arg(long, value_delimiter = ',', default_value = "ivr,setup,agent,bridge,endpoint")]
     pub only: Vec<String>,
 }
 
@@ -69,6 +70,31 @@ const LOADGEN_SIP_PORT: u16 = 15070;
 const SIPP_UAS_PORT: u16 = 15090;
 const AGENT_PORT: u16 = 18766;
 const NG_PORT: u16 = 12223;
+const BARESIP_PORT: u16 = 15080;
+
+/// baresip as a conventional endpoint: its `echo` module answers every call and sends the
+/// caller's audio back (decoded, through an `aubridge` device per call, and encoded again),
+/// like Patchbay's echo flow. Bound to loopback (`net_interface 127.0.0.1`) so that it sends RTP from
+/// the address it advertises.
+fn baresip_config() -> String {
+    format!(
+        "# Written by `patchbay-loadgen suite`.\n\
+         poll_method\t\tepoll\n\
+         sip_listen\t\t127.0.0.1:{BARESIP_PORT}\n\
+         net_interface\t\t127.0.0.1\n\
+         call_max_calls\t\t4096\n\
+         audio_player\t\taubridge,echo\n\
+         audio_source\t\taubridge,echo\n\
+         audio_alert\t\taufile,/dev/null\n\
+         rtp_ports\t\t40000-60000\n\
+         module_path\t\t/usr/lib/baresip/modules\n\
+         module\t\t\tg711.so\n\
+         module\t\t\taccount.so\n\
+         module\t\t\taufile.so\n\
+         module\t\t\taubridge.so\n\
+         module_app\t\techo.so\n"
+    )
+}
 
 /// One set-up rate step.
 #[derive(Debug, Clone, Serialize)]
@@ -95,6 +121,8 @@ struct Results {
     agent: Vec<RoundReport>,
     bridge: Vec<RoundReport>,
     rtpengine: Vec<RoundReport>,
+    endpoint: Vec<RoundReport>,
+    baresip: Vec<RoundReport>,
 }
 
 /// A child process killed when dropped.
@@ -283,6 +311,33 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         let load = load_args(&args.agent_calls, args.short_hold, args.ramp, pids, false);
         results.agent = crate::run_rounds(&mut generator, target, "sip:agent@127.0.0.1", None, &load).await?;
         agent.stop().await;
+    }
+    if only("endpoint") {
+        let load =
+            load_args(&args.endpoint_calls, args.short_hold, args.ramp, vec![("patchbay".into(), patchbay_pid)], false);
+        results.endpoint = crate::run_rounds(&mut generator, target, "sip:echo@127.0.0.1", None, &load).await?;
+        let dir = out.join("baresip");
+        std::fs::create_dir_all(&dir).context("baresip config directory")?;
+        std::fs::write(dir.join("config"), baresip_config()).context("writing the baresip config")?;
+        std::fs::write(dir.join("accounts"), format!("<sip:echo@127.0.0.1:{BARESIP_PORT}>;regint=0\n"))
+            .context("writing the baresip accounts")?;
+        match Process::spawn("baresip", Command::new("baresip").arg("-f").arg(&dir), &out.join("baresip.log")) {
+            Ok(baresip) => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let load = load_args(
+                    &args.endpoint_calls,
+                    args.short_hold,
+                    args.ramp,
+                    vec![("baresip".into(), baresip.pid()?)],
+                    false,
+                );
+                let baresip_target = SocketAddr::from(([127, 0, 0, 1], BARESIP_PORT));
+                let uri = format!("sip:echo@127.0.0.1:{BARESIP_PORT}");
+                results.baresip = crate::run_rounds(&mut generator, baresip_target, &uri, None, &load).await?;
+                baresip.stop().await;
+            }
+            Err(e) => eprintln!("loadgen: baresip not run ({e:#}); apt-get install baresip"),
+        }
     }
     if only("bridge") {
         let load =
@@ -481,7 +536,15 @@ fn media_table(title: &str, rounds: &[RoundReport], names: &[&str]) -> String {
             }
         }
         let gen_cpu = process(r, "loadgen").map_or(0.0, |p| p.cpu_percent);
-        s += &format!(" {gen_cpu:.0} | {} |\n", if r.pass { "yes" } else { "**no**" });
+        // A generator that dropped datagrams or ran whole periods late limits the round, not
+        // the target.
+        let generator_limited = r.generator_socket_drops > 0 || r.generator_late_ticks > (r.window_s * 10.0) as u64;
+        let verdict = match (r.pass, generator_limited) {
+            (true, _) => "yes",
+            (false, true) => "**no** (generator-limited)",
+            (false, false) => "**no**",
+        };
+        s += &format!(" {gen_cpu:.0} | {verdict} |\n");
     }
     s
 }
@@ -516,6 +579,25 @@ fn summary(r: &Results) -> String {
                     "\nAt {}/s Patchbay spends {:.1}× the CPU per call of sipp's UAS.",
                     x.rate,
                     x.target_cpu_us_per_call / floor.target_cpu_us_per_call
+                );
+            }
+        }
+        s += "\n";
+    }
+    if !r.endpoint.is_empty() {
+        s += &media_table("(e) Echo endpoint: Patchbay's echo flow", &r.endpoint, &["patchbay"]);
+    }
+    if !r.baresip.is_empty() {
+        s += &media_table("(e′) The same calls to baresip's echo module", &r.baresip, &["baresip"]);
+        for e in &r.endpoint {
+            let floor = r.baresip.iter().find(|x| x.calls == e.calls);
+            if let (Some(p), Some(b)) = (process(e, "patchbay"), floor.and_then(|f| process(f, "baresip")))
+                && b.cpu_us_per_call_second > 0.0
+            {
+                s += &format!(
+                    "\nAt {} echo calls Patchbay spends {:.2}× baresip's CPU per call-second.",
+                    e.calls,
+                    p.cpu_us_per_call_second / b.cpu_us_per_call_second
                 );
             }
         }

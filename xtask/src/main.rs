@@ -82,9 +82,10 @@ const TEST_TOOLS: [(&str, &str, &str); 4] = [
     ("tshark", "--version", "tshark"),
 ];
 
-/// The system benchmark's peers: rtpengine, the floor for relaying media (sipp is in
-/// [`TEST_TOOLS`]).
-const BENCH_TOOLS: [(&str, &str, &str); 1] = [("rtpengine", "--version", "rtpengine-daemon")];
+/// The system benchmark's peers: rtpengine, the floor for relaying media, and baresip, a
+/// conventional SIP endpoint (sipp is in [`TEST_TOOLS`]).
+const BENCH_TOOLS: [(&str, &str, &str); 2] =
+    [("rtpengine", "--version", "rtpengine-daemon"), ("baresip", "-h", "baresip")];
 
 /// Installs the tools the tests need when they are missing and this is a Debian machine we may
 /// install on (root, apt-get present).
