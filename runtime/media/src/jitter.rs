@@ -41,6 +41,7 @@
 //!   not done.
 //! - Storage is allocated once at construction; `push` and `pop` do not allocate.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::rtp::{SequenceUnwrapper, TimestampUnwrapper};
@@ -230,9 +231,15 @@ pub struct JitterBuffer<T> {
     epoch: Option<Instant>,
     slots: Vec<Slot<T>>,
     stream: Option<Stream>,
-    /// Ring of recent transits (arrival − timestamp), in timestamp units.
-    transits: Vec<i64>,
-    transit_next: usize,
+    /// The smallest and largest transit (arrival − timestamp, in timestamp units) of the last
+    /// `window` packets, as monotonic queues of (packet number, transit): each packet enters and
+    /// leaves each queue once, so keeping the window's extremes is O(1) per packet amortised.
+    /// (A ring rescanned whenever its extreme left it cost a 128-entry scan on most packets of a
+    /// steady stream, whose transits repeat.)
+    transit_lows: VecDeque<(u64, i64)>,
+    transit_highs: VecDeque<(u64, i64)>,
+    /// Packets whose transit was recorded since the last reset.
+    transits_seen: u64,
     min_transit: i64,
     max_transit: i64,
     pops_since_shrink: u32,
@@ -257,8 +264,9 @@ impl<T> JitterBuffer<T> {
             epoch: None,
             slots: std::iter::repeat_with(|| Slot::Empty).take(config.capacity).collect(),
             stream: None,
-            transits: Vec::with_capacity(config.window),
-            transit_next: 0,
+            transit_lows: VecDeque::with_capacity(config.window.max(1) + 1),
+            transit_highs: VecDeque::with_capacity(config.window.max(1) + 1),
+            transits_seen: 0,
             min_transit: 0,
             max_transit: 0,
             pops_since_shrink: 0,
@@ -287,7 +295,7 @@ impl<T> JitterBuffer<T> {
 
     /// The delay the buffer is steering towards, in timestamp units.
     fn target_units(&self) -> i64 {
-        let spread = if self.transits.is_empty() { 0 } else { self.max_transit - self.min_transit };
+        let spread = if self.transits_seen == 0 { 0 } else { self.max_transit - self.min_transit };
         spread.clamp(self.units(self.config.min_delay), self.units(self.config.max_delay))
     }
 
@@ -306,23 +314,28 @@ impl<T> JitterBuffer<T> {
     }
 
     fn record_transit(&mut self, transit: i64) {
-        let evicted = if self.transits.len() < self.config.window {
-            self.transits.push(transit);
-            None
-        } else {
-            Some(std::mem::replace(&mut self.transits[self.transit_next], transit))
-        };
-        self.transit_next = (self.transit_next + 1) % self.config.window;
-        // Rescan the window only when the value that left it was its minimum or maximum;
-        // otherwise the new value can only widen the range (keeps `push` O(1) in the usual case).
-        let first = self.transits.len() == 1;
-        if first || evicted.is_some_and(|old| old == self.min_transit || old == self.max_transit) {
-            self.min_transit = self.transits.iter().copied().min().unwrap_or(0);
-            self.max_transit = self.transits.iter().copied().max().unwrap_or(0);
-        } else {
-            self.min_transit = self.min_transit.min(transit);
-            self.max_transit = self.max_transit.max(transit);
+        let n = self.transits_seen;
+        self.transits_seen += 1;
+        let window = self.config.window as u64;
+        // A value no lower (higher) than the newcomer can never be the window's minimum
+        // (maximum) again: it leaves before the newcomer does.
+        while self.transit_lows.back().is_some_and(|&(_, v)| v >= transit) {
+            self.transit_lows.pop_back();
         }
+        self.transit_lows.push_back((n, transit));
+        while self.transit_highs.back().is_some_and(|&(_, v)| v <= transit) {
+            self.transit_highs.pop_back();
+        }
+        self.transit_highs.push_back((n, transit));
+        // Packets older than the window.
+        while self.transit_lows.front().is_some_and(|&(i, _)| i + window <= n) {
+            self.transit_lows.pop_front();
+        }
+        while self.transit_highs.front().is_some_and(|&(i, _)| i + window <= n) {
+            self.transit_highs.pop_front();
+        }
+        self.min_transit = self.transit_lows.front().map_or(transit, |&(_, v)| v);
+        self.max_transit = self.transit_highs.front().map_or(transit, |&(_, v)| v);
     }
 
     fn reset(&mut self) {
@@ -330,8 +343,9 @@ impl<T> JitterBuffer<T> {
         for s in &mut self.slots {
             *s = Slot::Empty;
         }
-        self.transits.clear();
-        self.transit_next = 0;
+        self.transit_lows.clear();
+        self.transit_highs.clear();
+        self.transits_seen = 0;
         self.pops_since_shrink = 0;
         self.underrun_credit = 0;
         self.stats.resets += 1;
@@ -651,6 +665,22 @@ mod tests {
                     _ => None,
                 })
                 .collect()
+        }
+    }
+
+    #[test]
+    fn the_window_extremes_match_a_scan_of_the_window() {
+        let mut jb: JitterBuffer<u16> = JitterBuffer::new(JitterConfig { window: 8, ..JitterConfig::default() });
+        let mut rng = Rng(0x9E37_79B9);
+        let mut all = Vec::new();
+        for _ in 0..2_000 {
+            // Few distinct values, so equal extremes enter and leave the window often.
+            let transit = i64::from(rng.below(6)) - 2;
+            all.push(transit);
+            jb.record_transit(transit);
+            let window = &all[all.len().saturating_sub(8)..];
+            let (min, max) = (window.iter().min().copied(), window.iter().max().copied());
+            assert_eq!((Some(jb.min_transit), Some(jb.max_transit)), (min, max), "after {all:?}");
         }
     }
 
