@@ -541,7 +541,7 @@ fn media_table(title: &str, rounds: &[RoundReport], names: &[&str]) -> String {
         let generator_limited = r.generator_socket_drops > 0 || r.generator_late_ticks > (r.window_s * 10.0) as u64;
         let verdict = match (r.pass, generator_limited) {
             (true, _) => "yes",
-            (false, true) => "**no** (generator-limited)",
+            (false, true) => "**no** (generator late or dropping)",
             (false, false) => "**no**",
         };
         s += &format!(" {gen_cpu:.0} | {verdict} |\n");

