@@ -23,7 +23,8 @@
 //! **Not implemented yet:** RTCP multiplexed on the RTP port (RFC 5761), ptime other than the
 //! engine's (20 ms: every session is ticked at the same rate, so
 //! a call that negotiated 30 ms is sent 20 ms frames — we answer with our ptime, which callers
-//! accept), and several clock threads for hosts beyond one core's worth of calls.
+//! accept), and a number of clock threads that follows the host's cores (two, whatever the
+//! host).
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
