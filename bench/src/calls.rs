@@ -101,6 +101,8 @@ pub struct RoundReport {
     pub generator_socket_drops: u64,
     /// Generator ticks run late (the generator could not keep up).
     pub generator_late_ticks: u64,
+    /// Datagrams the kernel refused to send (e.g. the far port was closed).
+    pub generator_send_errors: u64,
     /// Per measured process (the generator itself is `loadgen`).
     pub processes: Vec<ProcessFigures>,
     /// Zero failures, drops, loss and silent streams, and arrival jitter p99 ≤ 2 ms.
@@ -171,16 +173,6 @@ impl LoadGenerator {
             next_stream: 0,
             round: RoundState::default(),
         })
-    }
-
-    /// Where we take SIP (far ends of bridged calls are dialled here).
-    pub fn sip_addr(&self) -> anyhow::Result<SocketAddr> {
-        self.socket.local_addr().context("SIP address")
-    }
-
-    /// The RTP engine (for streams set up outside SIP, e.g. through rtpengine).
-    pub fn engine(&self) -> &RtpEngine {
-        &self.engine
     }
 
     fn local_media(&self) -> LocalMedia {
@@ -305,7 +297,7 @@ impl LoadGenerator {
                     break;
                 }
                 if now.duration_since(since) > Duration::from_secs(40) + interval * dialled as u32 {
-                    tracing_warn(&format!("{} calls did not end in time", self.calls.len()));
+                    warn(&format!("{} calls did not end in time", self.calls.len()));
                     break;
                 }
             }
@@ -388,7 +380,7 @@ impl LoadGenerator {
                         ssrc: ssrc_for(call),
                     })),
                     Err(e) => {
-                        tracing_warn(&format!("unusable SDP answer: {e}"));
+                        warn(&format!("unusable SDP answer: {e}"));
                         None
                     }
                 };
@@ -464,7 +456,8 @@ fn ssrc_for(call: CallRef) -> u32 {
     (call.0 as u32).wrapping_mul(0x9E37_79B9) | 1
 }
 
-fn tracing_warn(message: &str) {
+/// The generator reports on stderr (its stdout carries the JSON reports).
+fn warn(message: &str) {
     eprintln!("loadgen: {message}");
 }
 
@@ -480,6 +473,7 @@ pub fn fill_rtp(report: &mut RoundReport, rtp: &EngineReport) {
     report.unknown_source = rtp.unknown_source;
     report.generator_socket_drops = rtp.socket_drops;
     report.generator_late_ticks = rtp.late_ticks;
+    report.generator_send_errors = rtp.send_errors;
     report.pass = report.failed.is_empty()
         && report.answered == report.calls
         && report.dropped == 0

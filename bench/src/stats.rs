@@ -52,17 +52,6 @@ impl Histogram {
         self.max = self.max.max(us);
     }
 
-    /// Adds another histogram's samples.
-    pub fn merge(&mut self, other: &Histogram) {
-        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
-            *a += b;
-        }
-        self.overflow += other.overflow;
-        self.count += other.count;
-        self.sum += other.sum;
-        self.max = self.max.max(other.max);
-    }
-
     /// The smallest value with at least `q` of the samples at or below it (overflowed samples
     /// report the maximum).
     pub fn quantile(&self, q: f64) -> u64 {
