@@ -88,6 +88,11 @@ pub struct RoundReport {
     pub packets_lost: u64,
     /// Streams that received nothing.
     pub silent_streams: usize,
+    /// Streams (each call's audio toward the generator; a bridged call has two) that lost any
+    /// packet.
+    pub streams_with_loss: usize,
+    /// The most packets any one stream lost.
+    pub worst_stream_loss: u64,
     /// Packets that arrived after a later one.
     pub reordered: u64,
     /// Deviation of each packet's arrival from 20 ms after the previous one of its stream, over
@@ -467,6 +472,8 @@ pub fn fill_rtp(report: &mut RoundReport, rtp: &EngineReport) {
     report.packets_received = rtp.streams.iter().map(|s| s.received).sum();
     report.packets_lost = rtp.streams.iter().map(|s| s.lost.max(0) as u64).sum();
     report.silent_streams = rtp.streams.iter().filter(|s| s.received == 0).count();
+    report.streams_with_loss = rtp.streams.iter().filter(|s| s.lost > 0).count();
+    report.worst_stream_loss = rtp.streams.iter().map(|s| s.lost.max(0) as u64).max().unwrap_or(0);
     report.reordered = rtp.streams.iter().map(|s| s.reordered).sum();
     report.max_rfc3550_jitter_ms = rtp.streams.iter().map(|s| s.jitter_ms).fold(0.0, f64::max);
     report.arrival_jitter = rtp.gaps.summary();
