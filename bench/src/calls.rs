@@ -124,6 +124,9 @@ impl RoundReport {
     }
 }
 
+/// How long a call may ring before the generator cancels it.
+const RING_TIMEOUT: Duration = Duration::from_secs(32);
+
 #[derive(Debug)]
 struct CallState {
     /// Caller legs have a stream once answered; callee legs at once.
@@ -244,6 +247,21 @@ impl LoadGenerator {
                     },
                 );
                 dialled += 1;
+            }
+            // A call still unanswered after RING_TIMEOUT (ringing forever: an INVITE
+            // transaction that got a provisional response has no timeout of its own, RFC 3261
+            // §17.1.1.2) is cancelled and counts as failed.
+            let stuck: Vec<CallRef> = self
+                .calls
+                .iter()
+                .filter(|(_, c)| c.caller && !c.answered && !c.hung_up && now.duration_since(c.invited) > RING_TIMEOUT)
+                .map(|(call, _)| *call)
+                .collect();
+            for call in stuck {
+                if let Some(c) = self.calls.get_mut(&call) {
+                    c.hung_up = true;
+                }
+                let _ = self.ua.hangup(now, call);
             }
             self.pump(now).await;
             let settled = self.round.answered + self.round.failed.values().sum::<usize>();
@@ -440,6 +458,8 @@ impl LoadGenerator {
                 if !state.answered {
                     let code = match cause {
                         EndCause::Failed(code) | EndCause::Rejected(code) => code,
+                        // We gave up on it (ring timeout, or the round ended): no final answer.
+                        EndCause::Cancelled if state.hung_up => 408,
                         EndCause::Cancelled => 487,
                         _ => 0,
                     };
