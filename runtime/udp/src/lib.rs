@@ -100,6 +100,11 @@ fn setsockopt(fd: RawFd, option: libc::c_int, value: libc::c_int) -> io::Result<
 }
 
 /// Asks the kernel to stamp each datagram's arrival time (`SO_TIMESTAMPNS`).
+///
+/// Linux switches arrival stamping on for the whole host when the first socket asks, through a
+/// deferred work item: for a few milliseconds after that first request, datagrams are stamped
+/// when they are read instead (seen in CI, where the test below ran first on a fresh machine).
+/// Later sockets are stamped on arrival from the start.
 pub fn enable_timestamps(fd: RawFd) -> io::Result<()> {
     setsockopt(fd, libc::SO_TIMESTAMPNS, 1)
 }
@@ -342,6 +347,9 @@ mod tests {
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         enable_timestamps(rx.as_raw_fd()).expect("SO_TIMESTAMPNS");
         enable_drop_counter(rx.as_raw_fd()).expect("SO_RXQ_OVFL");
+        // The first socket on the host to ask switches stamping on asynchronously (see
+        // `enable_timestamps`): give it a moment, as a media host has long before its calls.
+        std::thread::sleep(Duration::from_millis(200));
         let to = Destination::from(rx.local_addr().expect("addr"));
         let mut out = Batch::new(4);
         for i in 0..3u8 {
