@@ -134,7 +134,6 @@ struct CallState {
     caller: bool,
     invited: Instant,
     answered: bool,
-    offer: String,
     hung_up: bool,
 }
 
@@ -151,6 +150,8 @@ pub struct LoadGenerator {
 
 #[derive(Debug, Default)]
 struct RoundState {
+    /// The SDP offer every call of the round sends.
+    offer: String,
     keys: Option<(String, Duration)>,
     answered: usize,
     callee_legs: usize,
@@ -208,7 +209,9 @@ impl LoadGenerator {
 
         let target: rsip::Uri =
             rsip::Uri::try_from(round.uri.as_str()).with_context(|| format!("not a SIP URI: {}", round.uri))?;
+        // Every call offers the same SDP: one RTP socket serves them all.
         let offer = sdp::offer(&self.local_media()).context("building the SDP offer")?;
+        self.round.offer = offer.clone();
         let interval = Duration::from_secs_f64(1.0 / round.rate.max(0.1));
         let started = Instant::now();
         let mut dialled = 0;
@@ -217,6 +220,7 @@ impl LoadGenerator {
         let mut window_end: Option<Instant> = None;
         let mut hung_up = 0usize;
         let mut teardown_started: Option<Instant> = None;
+        let mut next_stuck_check = started + RING_TIMEOUT;
         let mut report = RoundReport { uri: round.uri.clone(), calls: round.calls, ..RoundReport::default() };
         let mut buf = vec![0u8; 65_536];
         loop {
@@ -237,26 +241,26 @@ impl LoadGenerator {
                 );
                 self.calls.insert(
                     call,
-                    CallState {
-                        stream: None,
-                        caller: true,
-                        invited: now,
-                        answered: false,
-                        offer: offer.clone(),
-                        hung_up: false,
-                    },
+                    CallState { stream: None, caller: true, invited: now, answered: false, hung_up: false },
                 );
                 dialled += 1;
             }
             // A call still unanswered after RING_TIMEOUT (ringing forever: an INVITE
             // transaction that got a provisional response has no timeout of its own, RFC 3261
-            // §17.1.1.2) is cancelled and counts as failed.
-            let stuck: Vec<CallRef> = self
-                .calls
-                .iter()
-                .filter(|(_, c)| c.caller && !c.answered && !c.hung_up && now.duration_since(c.invited) > RING_TIMEOUT)
-                .map(|(call, _)| *call)
-                .collect();
+            // §17.1.1.2) is cancelled and counts as failed. Looked for once a second, not on
+            // every datagram.
+            let stuck: Vec<CallRef> = if now < next_stuck_check {
+                Vec::new()
+            } else {
+                next_stuck_check = now + Duration::from_secs(1);
+                self.calls
+                    .iter()
+                    .filter(|(_, c)| {
+                        c.caller && !c.answered && !c.hung_up && now.duration_since(c.invited) > RING_TIMEOUT
+                    })
+                    .map(|(call, _)| *call)
+                    .collect()
+            };
             for call in stuck {
                 if let Some(c) = self.calls.get_mut(&call) {
                     c.hung_up = true;
@@ -390,11 +394,11 @@ impl LoadGenerator {
         match event {
             UaEvent::Answered { call, sdp } => {
                 let Some(state) = self.calls.get(&call) else { return };
-                let (invited, offer) = (state.invited, state.offer.clone());
+                let invited = state.invited;
                 let keys = self.round.keys.clone();
                 self.round.answered += 1;
                 self.round.setup_ms.push(now.duration_since(invited).as_secs_f64() * 1e3);
-                let stream = match sdp::accept_answer(&offer, &String::from_utf8_lossy(&sdp)) {
+                let stream = match sdp::accept_answer(&self.round.offer, &String::from_utf8_lossy(&sdp)) {
                     Ok(n) => Some(self.new_stream(StreamSpec {
                         remote: n.remote_rtp,
                         payload_type: n.codec.payload_type,
@@ -432,7 +436,6 @@ impl LoadGenerator {
                                 caller: false,
                                 invited: now,
                                 answered: true,
-                                offer: String::new(),
                                 hung_up: false,
                             },
                         );

@@ -589,18 +589,7 @@ fn summary(r: &Results) -> String {
     }
     if !r.baresip.is_empty() {
         s += &media_table("(e′) The same calls to baresip's echo module", &r.baresip, &["baresip"]);
-        for e in &r.endpoint {
-            let floor = r.baresip.iter().find(|x| x.calls == e.calls);
-            if let (Some(p), Some(b)) = (process(e, "patchbay"), floor.and_then(|f| process(f, "baresip")))
-                && b.cpu_us_per_call_second > 0.0
-            {
-                s += &format!(
-                    "\nAt {} echo calls Patchbay spends {:.2}× baresip's CPU per call-second.",
-                    e.calls,
-                    p.cpu_us_per_call_second / b.cpu_us_per_call_second
-                );
-            }
-        }
+        s += &ratio_lines(&r.endpoint, &r.baresip, "baresip", "echo calls", "baresip's");
         s += "\n";
     }
     if !r.agent.is_empty() {
@@ -611,19 +600,27 @@ fn summary(r: &Results) -> String {
     }
     if !r.rtpengine.is_empty() {
         s += &media_table("(d′) The same media relayed by rtpengine (userspace)", &r.rtpengine, &["rtpengine"]);
-        for b in &r.bridge {
-            let floor = r.rtpengine.iter().find(|x| x.calls == b.calls);
-            if let (Some(p), Some(f)) = (process(b, "patchbay"), floor.and_then(|f| process(f, "rtpengine")))
-                && f.cpu_us_per_call_second > 0.0
-            {
-                s += &format!(
-                    "\nAt {} bridged calls Patchbay spends {:.1}× rtpengine's CPU per call-second.",
-                    b.calls,
-                    p.cpu_us_per_call_second / f.cpu_us_per_call_second
-                );
-            }
-        }
+        s += &ratio_lines(&r.bridge, &r.rtpengine, "rtpengine", "bridged calls", "rtpengine's");
         s += "\n";
+    }
+    s
+}
+
+/// "At N <what> Patchbay spends R× <whose> CPU per call-second." for each round of `ours` with a
+/// round of the same size in `theirs` (whose process is named `peer`).
+fn ratio_lines(ours: &[RoundReport], theirs: &[RoundReport], peer: &str, what: &str, whose: &str) -> String {
+    let mut s = String::new();
+    for round in ours {
+        let floor = theirs.iter().find(|x| x.calls == round.calls);
+        if let (Some(p), Some(f)) = (process(round, "patchbay"), floor.and_then(|f| process(f, peer)))
+            && f.cpu_us_per_call_second > 0.0
+        {
+            s += &format!(
+                "\nAt {} {what} Patchbay spends {:.2}× {whose} CPU per call-second.",
+                round.calls,
+                p.cpu_us_per_call_second / f.cpu_us_per_call_second
+            );
+        }
     }
     s
 }

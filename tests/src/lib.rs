@@ -8,33 +8,26 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Path of the `patchbay` binary of this build, building it first if needed.
-///
-/// The binary lives in the same profile directory as this test executable
-/// (`target/<profile>/deps/<test>` → `target/<profile>/patchbay`).
 pub fn patchbay_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile> directory");
-    let bin = profile_dir.join("patchbay");
-    if !bin.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status =
-            Command::new(cargo).args(["build", "--package", "patchbay"]).status().expect("running cargo build");
-        assert!(status.success(), "building the patchbay binary failed");
-    }
-    bin
+    workspace_bin("patchbay", "patchbay")
 }
 
 /// Path of the `patchbay-loadgen` binary (the load generator, crate `patchbay-bench`) of this
 /// build, building it first if needed.
 pub fn loadgen_bin() -> PathBuf {
+    workspace_bin("patchbay-loadgen", "patchbay-bench")
+}
+
+/// A binary of this workspace in the same profile directory as this test executable
+/// (`target/<profile>/deps/<test>` → `target/<profile>/<name>`), built from `package` if missing.
+fn workspace_bin(name: &str, package: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile> directory");
-    let bin = profile_dir.join("patchbay-loadgen");
+    let bin = profile_dir.join(name);
     if !bin.is_file() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status =
-            Command::new(cargo).args(["build", "--package", "patchbay-bench"]).status().expect("running cargo build");
-        assert!(status.success(), "building the patchbay-loadgen binary failed");
+        let status = Command::new(cargo).args(["build", "--package", package]).status().expect("running cargo build");
+        assert!(status.success(), "building the {name} binary failed");
     }
     bin
 }
