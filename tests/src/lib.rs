@@ -195,18 +195,23 @@ pub fn write_ulaw_wav(path: &std::path::Path, octets: &[u8]) {
 }
 
 /// How much of `sent` is found in `heard` sample for sample: the fraction of its 20 ms frames
-/// (160 samples) that are heard intact, or `None` when a stretch from its middle is not heard at
-/// all. The alignment is found on that stretch, then followed frame by frame: an adaptive jitter
+/// (160 samples) that are heard intact, or `None` when none of 50 frames from a third of the
+/// way in is heard at all. The alignment is found on that stretch, then followed frame by frame: an adaptive jitter
 /// buffer on the way may move the delay by whole frames (growing by a concealment frame,
 /// shrinking by dropping one), so each frame is looked for at the current delay first, then up
 /// to ten frames either side of it. A frame that never arrived, or arrived damaged, is not
 /// found; a delay change costs at most the frame it dropped.
 pub fn fraction_heard(sent: &[i16], heard: &[i16]) -> Option<f64> {
     const FRAME: isize = 160;
-    let start = sent.len() / 3;
-    let probe = &sent[start..start + FRAME as usize];
-    let at = heard.windows(probe.len()).position(|w| w == probe)?;
-    let mut lag = at as isize - start as isize;
+    // Anchored on the first frame from a third of the way in that is heard at all (one frame
+    // lost on the way must not hide the rest).
+    let first = sent.len() / 3 / FRAME as usize;
+    let mut lag = (first..(first + 50).min(sent.len() / FRAME as usize)).find_map(|f| {
+        let start = f * FRAME as usize;
+        let probe = &sent[start..start + FRAME as usize];
+        let at = heard.windows(probe.len()).position(|w| w == probe)?;
+        Some(at as isize - start as isize)
+    })?;
     let frames = sent.len() / FRAME as usize;
     let heard_at = |frame: &[i16], begin: isize| {
         usize::try_from(begin).ok().and_then(|b| heard.get(b..b + frame.len())).is_some_and(|h| h == frame)

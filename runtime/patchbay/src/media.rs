@@ -137,16 +137,16 @@ impl CallMedia {
 
     /// Runs one tick: takes in what arrived, sends what is due. Returns whether a packet was
     /// sent.
-    fn tick(&self, step: &Step<'_>, out: &mut Buffers, stats: &ClockStats) -> bool {
-        let Step { now, ntp, arrivals, rtcp_due } = *step;
+    fn tick(&self, now: Instant, ntp: &NtpClock, out: &mut Buffers, stats: &ClockStats, rtcp_due: bool) -> bool {
+        let arrivals = ArrivalClock::now();
         let (packet, report, frame, events) = {
             let mut session = self.lock();
             // Everything that arrived since the last visit, at the times the kernel saw it.
-            drain(&self.socket, &mut out.inbox, &arrivals, |arrival, from, data| {
+            drain(&self.socket, &mut out.inbox, now, &arrivals, |arrival, from, data| {
                 session.receive(arrival, from, data);
             });
             if rtcp_due && let Some(rtcp) = &self.rtcp_socket {
-                drain(rtcp, &mut out.inbox, &arrivals, |arrival, from, data| {
+                drain(rtcp, &mut out.inbox, now, &arrivals, |arrival, from, data| {
                     session.receive_rtcp(arrival, ntp.at(arrival), from, data);
                 });
             }
@@ -288,22 +288,12 @@ const INBOX: usize = 8;
 /// The peer's RTCP is read every this many periods (200 ms).
 const RTCP_EVERY: u64 = 10;
 
-/// One step of a clock thread: what each call's tick needs to know.
-#[derive(Clone, Copy)]
-struct Step<'a> {
-    now: Instant,
-    ntp: &'a NtpClock,
-    /// Converts kernel arrival stamps; read once per step.
-    arrivals: ArrivalClock,
-    /// Whether the peers' RTCP is read this period.
-    rtcp_due: bool,
-}
-
 /// Feeds everything waiting on `socket` to `deliver` with its arrival time (the kernel's stamp,
-/// else the step's time). A backlog larger than the inbox (after a stall) takes a few reads.
+/// else `now`). A backlog larger than the inbox (after a stall) takes a few reads.
 fn drain(
     socket: &std::net::UdpSocket,
     inbox: &mut Batch,
+    now: Instant,
     arrivals: &ArrivalClock,
     mut deliver: impl FnMut(Instant, std::net::SocketAddr, &mut [u8]),
 ) {
@@ -319,8 +309,7 @@ fn drain(
         for i in 0..count {
             let datagram = inbox.received(i);
             let Some(from) = datagram.from else { continue };
-            let arrival =
-                if datagram.arrival_ns > 0 { arrivals.arrival(datagram.arrival_ns) } else { arrivals.instant() };
+            let arrival = if datagram.arrival_ns > 0 { arrivals.arrival(datagram.arrival_ns) } else { now };
             deliver(arrival, from, datagram.data);
         }
         if count < INBOX {
@@ -455,9 +444,7 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
         }
         let calls = &mut slots[slot];
         calls.retain(|c| !c.closed.load(Ordering::Acquire));
-        // One reading of both clocks per step converts every kernel arrival stamp of the step.
-        let arrivals = ArrivalClock::now();
-        let now = arrivals.instant();
+        let now = Instant::now();
         let late = now.saturating_duration_since(deadline).as_micros() as u64;
         stats.max_late_us.fetch_max(late, Ordering::Relaxed);
         if late > 1_000 {
@@ -465,9 +452,9 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
         }
         stats.ticks.fetch_add(1, Ordering::Relaxed);
         let record = stats.record_departures.load(Ordering::Relaxed);
-        let visit = Step { now, ntp: &ntp, arrivals, rtcp_due: cycle.is_multiple_of(RTCP_EVERY) };
+        let rtcp_due = cycle.is_multiple_of(RTCP_EVERY);
         for call in calls.iter() {
-            if call.tick(&visit, &mut out, stats) && record {
+            if call.tick(now, &ntp, &mut out, stats, rtcp_due) && record {
                 departures.push((Arc::as_ptr(call) as usize, Instant::now()));
             }
         }

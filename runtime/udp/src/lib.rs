@@ -141,18 +141,10 @@ impl ArrivalClock {
         Self { instant: Instant::now(), wall_ns }
     }
 
-    /// The monotonic half of the reading.
-    pub fn instant(&self) -> Instant {
-        self.instant
-    }
-
-    /// When a datagram stamped `wall_ns` arrived, before or after the reading (one reading can
-    /// serve a whole batch of sockets read over the following moments).
+    /// When a datagram stamped `wall_ns` arrived (never later than the reading).
     pub fn arrival(&self, wall_ns: i64) -> Instant {
-        let ago = self.wall_ns - i128::from(wall_ns);
-        let by = Duration::from_nanos(ago.unsigned_abs().min(u128::from(u64::MAX)) as u64);
-        let at = if ago >= 0 { self.instant.checked_sub(by) } else { self.instant.checked_add(by) };
-        at.unwrap_or(self.instant)
+        let ago = (self.wall_ns - i128::from(wall_ns)).max(0);
+        self.instant.checked_sub(Duration::from_nanos(ago.min(u64::MAX as i128) as u64)).unwrap_or(self.instant)
     }
 }
 
