@@ -51,12 +51,16 @@ fn echo_returns_the_callers_speech_and_repeats_each_key_once() {
     let sent = octets(&rtp(&datagrams, false, media_port, 8));
     let returned = octets(&rtp(&datagrams, true, media_port, 8));
     assert!(sent.len() > 8_000 * 3, "sipp sent only {} samples", sent.len());
-    // Align each half second on its own (the echo is octet-exact, so a stretch of it is found
+    // Align each 100 ms on its own (the echo is octet-exact, so a stretch of it is found
     // verbatim): a jitter buffer that grows or shrinks its delay by a frame mid-call shifts the
-    // alignment without spoiling the audio, and one global lag would count that as noise.
-    let chunk = 4_000;
+    // alignment, and one global lag would count all the audio after it as noise. What the shift
+    // itself cost (a concealed or a dropped frame) still counts: the stretch of a chunk on the
+    // wrong side of it is compared at the wrong lag, and a chunk whose probe did not come back
+    // is compared at the lag before it.
+    let chunk = 800;
     let mut pairs: Vec<(i16, i16)> = Vec::new();
     let (mut chunks, mut aligned, mut lags) = (0, 0, Vec::new());
+    let mut lag = None;
     for start in (0..sent.len().saturating_sub(chunk)).step_by(chunk) {
         let part = &sent[start..start + chunk];
         // Skip the pcap's silent stretches: silence aligns anywhere.
@@ -64,21 +68,35 @@ fn echo_returns_the_callers_speech_and_repeats_each_key_once() {
             continue;
         }
         chunks += 1;
-        let probe = &part[chunk / 2..chunk / 2 + 160];
-        let Some(at) = returned.windows(probe.len()).position(|w| w == probe) else { continue };
-        let lag = at as isize - (start + chunk / 2) as isize;
-        aligned += 1;
-        lags.push(lag / 8);
-        pairs.extend(part.iter().enumerate().filter_map(|(i, &o)| {
-            let j = usize::try_from((start + i) as isize + lag).ok()?;
-            Some((g711::alaw_decode(o), g711::alaw_decode(*returned.get(j)?)))
+        let probe = &part[chunk / 2 - 80..chunk / 2 + 80];
+        // Near the last lag first (the pcap repeats some stretches verbatim), then anywhere.
+        let probe_at = (start + chunk / 2 - 80) as isize;
+        let near = lag.map(|l: isize| {
+            let from = (probe_at + l - 1_600).clamp(0, returned.len() as isize) as usize;
+            let to = (probe_at + l + 1_600 + 160).clamp(0, returned.len() as isize) as usize;
+            (from, &returned[from..to])
+        });
+        let found = near
+            .and_then(|(from, window)| Some(from + window.windows(probe.len()).position(|w| w == probe)?))
+            .or_else(|| returned.windows(probe.len()).position(|w| w == probe));
+        if let Some(at) = found {
+            lag = Some(at as isize - probe_at);
+            aligned += 1;
+        }
+        let Some(lag) = lag else { continue };
+        if lags.last() != Some(&(lag / 8)) {
+            lags.push(lag / 8);
+        }
+        pairs.extend(part.iter().enumerate().map(|(i, &o)| {
+            let back = usize::try_from((start + i) as isize + lag).ok().and_then(|j| returned.get(j));
+            (g711::alaw_decode(o), back.map_or(0, |&b| g711::alaw_decode(b)))
         }));
     }
-    assert!(chunks >= 6, "only {chunks} half-seconds of speech sent");
-    assert!(aligned * 10 >= chunks * 9, "only {aligned} of {chunks} half-seconds came back (delays {lags:?} ms)");
+    assert!(chunks >= 30, "only {chunks} tenths of a second of speech sent");
+    assert!(aligned * 10 >= chunks * 9, "only {aligned} of {chunks} tenths of a second came back (delays {lags:?} ms)");
     let (a, b): (Vec<i16>, Vec<i16>) = pairs.into_iter().unzip();
     let r = correlation(&a, &b);
-    eprintln!("echo: correlation {r:.4} over {aligned} of {chunks} half-seconds, delays {lags:?} ms");
+    eprintln!("echo: correlation {r:.4} over {aligned} of {chunks} tenths of a second, delays {lags:?} ms");
     assert!(r >= 0.95, "correlation {r:.3} (delays {lags:?} ms)");
 
     // DTMF: sipp pressed 1, 2, # (RFC 2833 pcaps); the echo flow repeats each key it saw, once.

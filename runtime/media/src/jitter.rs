@@ -6,8 +6,13 @@
 //! Every packet's *transit* is its arrival time minus its RTP timestamp, both in timestamp units
 //! (RFC 3550 A.8 uses the same quantity for jitter). Over a window of recent packets the smallest
 //! transit is the fastest path through the network; the spread between the slowest and the
-//! fastest is how long a packet can lag behind it. The *target delay* is that spread, clamped to
-//! `min_delay..=max_delay`.
+//! fastest is how long a packet can lag behind it. The *target delay* is the largest spread seen
+//! in the last `peak_hold` (10 s by default), clamped to `min_delay..=max_delay`: the delay grows
+//! at once when a packet comes late but only comes back down once the path has been calm for that
+//! long. (With the window alone, each late burst — a scheduling stall on a busy host, a Wi-Fi
+//! retry storm — cost two glitches 2.5 s apart, a concealed frame going up and a dropped one
+//! coming down, and a second burst soon after cost two more; CI showed exactly that on a speech
+//! echo. Holding the peak turns a cluster of bursts into one concealment.)
 //!
 //! The playout side is driven by the caller's pacing clock: [`JitterBuffer::pop`] is called once
 //! per frame interval and returns the next frame in sequence-number order, or a
@@ -68,6 +73,8 @@ pub struct JitterConfig {
     pub window: usize,
     /// Pops between two frames dropped to shrink the delay.
     pub shrink_interval: u32,
+    /// How long the largest spread seen keeps the target up after it was seen.
+    pub peak_hold: Duration,
     /// A timestamp this far from where the sequence number puts it resets the buffer.
     pub reset_after: Duration,
 }
@@ -82,6 +89,7 @@ impl Default for JitterConfig {
             capacity: 32,
             window: 128,
             shrink_interval: 25,
+            peak_hold: Duration::from_secs(10),
             reset_after: Duration::from_secs(2),
         }
     }
@@ -242,6 +250,9 @@ pub struct JitterBuffer<T> {
     transits_seen: u64,
     min_transit: i64,
     max_transit: i64,
+    /// The largest spread seen, and the arrival time (timestamp units) until which it holds.
+    peak_spread: i64,
+    peak_until: i64,
     pops_since_shrink: u32,
     /// Concealment frames already played while waiting (underrun) in the current gap: lost
     /// packets found afterwards are passed over against them instead of concealed twice.
@@ -269,6 +280,8 @@ impl<T> JitterBuffer<T> {
             transits_seen: 0,
             min_transit: 0,
             max_transit: 0,
+            peak_spread: 0,
+            peak_until: 0,
             pops_since_shrink: 0,
             underrun_credit: 0,
             stats: JitterStats::default(),
@@ -295,7 +308,8 @@ impl<T> JitterBuffer<T> {
 
     /// The delay the buffer is steering towards, in timestamp units.
     fn target_units(&self) -> i64 {
-        let spread = if self.transits_seen == 0 { 0 } else { self.max_transit - self.min_transit };
+        let spread =
+            if self.transits_seen == 0 { 0 } else { self.peak_spread.max(self.max_transit - self.min_transit) };
         spread.clamp(self.units(self.config.min_delay), self.units(self.config.max_delay))
     }
 
@@ -313,7 +327,7 @@ impl<T> JitterBuffer<T> {
         ext_seq.rem_euclid(self.config.capacity as i64) as usize
     }
 
-    fn record_transit(&mut self, transit: i64) {
+    fn record_transit(&mut self, arrival: i64, transit: i64) {
         let n = self.transits_seen;
         self.transits_seen += 1;
         let window = self.config.window as u64;
@@ -336,6 +350,11 @@ impl<T> JitterBuffer<T> {
         }
         self.min_transit = self.transit_lows.front().map_or(transit, |&(_, v)| v);
         self.max_transit = self.transit_highs.front().map_or(transit, |&(_, v)| v);
+        let spread = self.max_transit - self.min_transit;
+        if spread >= self.peak_spread || arrival >= self.peak_until {
+            self.peak_spread = spread;
+            self.peak_until = arrival + self.units(self.config.peak_hold);
+        }
     }
 
     fn reset(&mut self) {
@@ -346,6 +365,8 @@ impl<T> JitterBuffer<T> {
         self.transit_lows.clear();
         self.transit_highs.clear();
         self.transits_seen = 0;
+        self.peak_spread = 0;
+        self.peak_until = 0;
         self.pops_since_shrink = 0;
         self.underrun_credit = 0;
         self.stats.resets += 1;
@@ -402,7 +423,7 @@ impl<T> JitterBuffer<T> {
             }
             Slot::Skipped { ext_seq: s } if *s == ext_seq => {
                 // Declared lost or dropped already: arriving now, it is simply too late.
-                self.record_transit(arrival - ext_ts);
+                self.record_transit(arrival, arrival - ext_ts);
                 self.stats.too_late += 1;
                 return PushOutcome::TooLate;
             }
@@ -411,7 +432,7 @@ impl<T> JitterBuffer<T> {
         if ext_seq < next_seq {
             if started || newest - ext_seq >= capacity || ext_seq < newest - MAX_MISORDER {
                 // Even late, it tells how slow the path can be.
-                self.record_transit(arrival - ext_ts);
+                self.record_transit(arrival, arrival - ext_ts);
                 self.stats.too_late += 1;
                 return PushOutcome::TooLate;
             }
@@ -420,7 +441,7 @@ impl<T> JitterBuffer<T> {
                 s.next_seq = ext_seq;
             }
         }
-        self.record_transit(arrival - ext_ts);
+        self.record_transit(arrival, arrival - ext_ts);
         // Make room: frames further back than the capacity cannot be kept.
         let oldest_kept = ext_seq - capacity + 1;
         if let Some(s) = self.stream.as_mut()
@@ -677,7 +698,7 @@ mod tests {
             // Few distinct values, so equal extremes enter and leave the window often.
             let transit = i64::from(rng.below(6)) - 2;
             all.push(transit);
-            jb.record_transit(transit);
+            jb.record_transit(0, transit);
             let window = &all[all.len().saturating_sub(8)..];
             let (min, max) = (window.iter().min().copied(), window.iter().max().copied());
             assert_eq!((Some(jb.min_transit), Some(jb.max_transit)), (min, max), "after {all:?}");
@@ -775,15 +796,19 @@ mod tests {
     fn the_delay_adapts_to_jitter_and_comes_back_down() {
         let mut sim = Sim::new(JitterConfig::default());
         let mut rng = Rng(7);
-        // 10 s of 0–60 ms jitter, then 10 s of a clean network.
-        sim.stream(0, 0, 0, 1000, |i| Some(if i < 500 { 5 + u64::from(rng.below(61)) } else { 5 }));
+        // 10 s of 0–60 ms jitter, then 20 s of a clean network.
+        sim.stream(0, 0, 0, 1500, |i| Some(if i < 500 { 5 + u64::from(rng.below(61)) } else { 5 }));
         sim.run(10_000);
         let during = sim.jb.target_delay();
         assert!(during >= Duration::from_millis(50) && during <= Duration::from_millis(61), "{during:?}");
         let stats = sim.jb.stats();
         // Losses only while the target was still learning (first second).
         assert!(stats.lost <= 5, "{stats:?}");
-        sim.run(20_100);
+        // Calm for less than the peak hold: the delay stays up.
+        sim.run(19_000);
+        assert_eq!(sim.jb.target_delay(), during);
+        assert_eq!(sim.jb.stats().shrunk, 0);
+        sim.run(30_100);
         let after = sim.jb.target_delay();
         assert_eq!(after, Duration::from_millis(20));
         let stats = sim.jb.stats();
@@ -791,7 +816,28 @@ mod tests {
         // Every packet is played or was accounted as lost or too late; order is kept.
         let frames = sim.frames();
         assert!(frames.windows(2).all(|w| w[0] < w[1]));
-        assert_eq!(frames.len() as u64 + stats.lost + stats.shrunk, 1000);
+        assert_eq!(frames.len() as u64 + stats.lost + stats.shrunk, 1500);
+    }
+
+    #[test]
+    fn late_bursts_a_few_seconds_apart_cost_one_concealment_not_one_per_burst() {
+        let mut sim = Sim::new(JitterConfig::default());
+        // A clean stream with two 80 ms stalls 3 s apart (every packet of a stall arrives at its
+        // end), as a busy host's scheduler produces.
+        let delay = |i: u32| match i {
+            100..104 => 5 + 20 * u64::from(104 - i),
+            250..254 => 5 + 20 * u64::from(254 - i),
+            _ => 5,
+        };
+        sim.stream(0, 0, 0, 400, |i| Some(delay(i)));
+        sim.run(8_100);
+        let stats = sim.jb.stats();
+        // The first stall grew the delay; the second found it grown; nothing shrank in between.
+        assert_eq!(stats.shrunk, 0, "{stats:?}");
+        assert_eq!(stats.lost, 0, "{stats:?}");
+        assert!(stats.underruns <= 4, "{stats:?}");
+        assert!(sim.jb.target_delay() >= Duration::from_millis(80), "{:?}", sim.jb.target_delay());
+        assert_eq!(sim.frames().len(), 400);
     }
 
     #[test]
