@@ -3,7 +3,8 @@
 //! the call.
 //!
 //! - Caller → agent: every 20 ms frame after the jitter buffer, as μ-law (A-law calls are
-//!   converted), and key presses as `dtmf` messages.
+//!   converted), queued by the media clock straight to the stream's writer (this task is not
+//!   woken per frame), and key presses as `dtmf` messages.
 //! - Agent → caller: the agent's audio, re-cut into 20 ms frames by the stream, queued behind
 //!   what is already playing; about a second is kept in the call's playout queue and the rest
 //!   waits here, so a whole sentence sent at once is fine. Between utterances the media clock
@@ -16,6 +17,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use patchbay_agent::{AgentEvent, AgentStream, ConnectOptions, StartInfo};
@@ -23,7 +25,11 @@ use patchbay_host::{AgentEnd, CallError, Dtmf};
 use patchbay_media::{AudioEncoding, FramePool};
 use tokio::sync::{mpsc, watch};
 
-use crate::media::CallMedia;
+use crate::media::{CallMedia, Listener};
+
+/// Benchmarks only: when the media clock handed each caller frame to the agent stream, oldest
+/// first (see [`AgentCall::probe`]).
+pub type HandOffTimes = Arc<std::sync::Mutex<VecDeque<std::time::Instant>>>;
 
 /// How long connecting (TCP, TLS, websocket upgrade) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -84,127 +90,173 @@ impl Playout {
 /// What the call gives an agent session.
 pub struct AgentCall<'a> {
     /// The call's media (answered).
-    pub media: &'a CallMedia,
+    pub media: Arc<CallMedia>,
     /// The frame pool.
-    pub pool: &'a FramePool,
+    pub pool: FramePool,
     /// The caller's key presses.
     pub dtmf: &'a mut mpsc::Receiver<Dtmf>,
     /// The id of the last mark the call's media has played.
     pub played: watch::Receiver<u64>,
-    /// Allocates mark ids shared with the call's prompts.
-    pub next_mark: &'a (dyn Fn() -> u64 + Sync),
-    /// Benchmarks only: records, per caller frame, the time from its delivery to this task to
-    /// the arrival of the agent's audio that answers it (an echo agent answers frame for frame).
-    pub probe: Option<&'a std::sync::Mutex<Vec<u32>>>,
+    /// Allocates mark ids shared with the call's prompts (the next id is one more).
+    pub marks: Arc<AtomicU64>,
+    /// Benchmarks only: records, per caller frame, the time from the media clock handing it to
+    /// the agent stream to the arrival in the session of the agent's audio that answers it (an
+    /// echo agent answers frame for frame).
+    pub probe: Option<Arc<std::sync::Mutex<Vec<u32>>>>,
+}
+
+/// Ends the session's task if the future awaiting it is dropped (the flow was killed, the
+/// engine is shutting down), and stops the caller's audio going to the agent.
+struct SessionTask {
+    handle: tokio::task::JoinHandle<Result<AgentEnd, CallError>>,
+    media: Arc<CallMedia>,
+}
+
+impl Drop for SessionTask {
+    fn drop(&mut self) {
+        if !self.handle.is_finished() {
+            self.handle.abort();
+            self.media.listen(None);
+        }
+    }
 }
 
 /// Connects to `endpoint` and runs the session until it ends; `caller_gone` resolves when the
 /// caller hangs up.
+///
+/// The session runs in a task of its own and this future only waits for it (and passes key
+/// presses on): a flow's host call is polled inside the flow's wasm fiber, and every wake-up of
+/// a future polled there switches into that fiber — per agent message, that was ~6 % of the
+/// process's CPU at 500 agent calls (perf, BENCHMARKS.md "AI agent path").
 pub async fn run(
     call: AgentCall<'_>,
     endpoint: &str,
     start: &StartInfo,
     tls: Option<Arc<rustls::ClientConfig>>,
-    caller_gone: impl Future<Output = ()>,
+    caller_gone: impl Future<Output = ()> + Send + 'static,
 ) -> Result<AgentEnd, CallError> {
     let options = ConnectOptions::new(CONNECT_TIMEOUT).with_tls(tls);
-    let mut stream = patchbay_agent::connect_with(endpoint, start, &options)
+    let stream = patchbay_agent::connect_with(endpoint, start, &options)
         .await
         .map_err(|e| CallError::Unavailable(format!("agent {endpoint}: {e}")))?;
     tracing::info!(%endpoint, stream_sid = %start.stream_sid, "agent connected");
-    let (frames_tx, mut frames) = mpsc::channel(crate::media::FLOW_AUDIO_QUEUE);
-    call.media.listen(Some(frames_tx));
-    let mut playout = Playout { pending: VecDeque::new(), marks: VecDeque::new() };
-    let mut played = call.played;
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tokio::pin!(caller_gone);
-    let mut octets = [0u8; 160];
-    // Delivery times of caller frames not yet answered (with `probe` only).
-    let mut in_flight: VecDeque<std::time::Instant> = VecDeque::new();
-    let end = loop {
+    let sender = stream.sender();
+    let AgentCall { media, pool, dtmf, played, marks, probe } = call;
+    let session = Session { media: Arc::clone(&media), pool, played, marks, probe };
+    let handle = tokio::spawn(tracing::Instrument::in_current_span(session.run(stream, caller_gone)));
+    let mut task = SessionTask { handle, media };
+    loop {
         tokio::select! {
-            event = stream.recv() => match event {
-                AgentEvent::Audio(_) if playout.pending.len() >= MAX_BACKLOG_FRAMES => {
-                    break Ok(AgentEnd::Disconnected("the agent sent more than five minutes of audio ahead".into()));
-                }
-                AgentEvent::Audio(frame) => {
-                    if let (Some(probe), Some(sent)) = (call.probe, in_flight.pop_front()) {
-                        let us = u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX);
-                        probe.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(us);
-                    }
-                    playout.pending.push_back(Pending::Audio(frame));
-                    playout.feed(call.media, call.pool);
-                }
-                AgentEvent::Mark(name) => {
-                    let id = (call.next_mark)();
-                    playout.marks.push_back((id, name));
-                    playout.pending.push_back(Pending::Mark(id));
-                    playout.feed(call.media, call.pool);
-                }
-                AgentEvent::Clear => {
-                    // Barge-in: nothing the agent queued is played any more.
-                    playout.pending.clear();
-                    call.media.with(|session| session.clear());
-                    let dropped: Vec<String> = playout.marks.drain(..).map(|(_, name)| name).collect();
-                    for name in dropped {
-                        let _ = stream.send_mark(&name);
-                    }
-                }
-                AgentEvent::Transfer(target) => break Ok(AgentEnd::TransferRequested(target)),
-                AgentEvent::Hangup => break Ok(AgentEnd::HangupRequested),
-                AgentEvent::Closed => break Ok(AgentEnd::Completed),
-                AgentEvent::Failed(why) => break Ok(AgentEnd::Disconnected(why)),
-                other => tracing::debug!(?other, "agent event"),
-            },
-            Some(frame) = frames.recv() => {
-                if call.probe.is_some() {
-                    in_flight.push_back(std::time::Instant::now());
-                }
-                let n = frame.encode_into(AudioEncoding::Pcmu, &mut octets);
-                if n > 0 && stream.send_media(&octets[..n]).is_err() {
-                    tracing::debug!("agent stream closed while sending media");
-                }
+            joined = &mut task.handle => {
+                return joined.unwrap_or_else(|e| Err(CallError::Unavailable(format!("agent session failed: {e}"))));
             }
-            Some(key) = call.dtmf.recv() => {
-                let _ = stream.send_dtmf(key.digit);
+            Some(key) = dtmf.recv() => {
+                let _ = sender.send_dtmf(key.digit);
             }
-            Ok(()) = played.changed() => {
-                let last = *played.borrow_and_update();
-                playout.echo_played(last, &stream);
-            }
-            _ = tick.tick() => playout.feed(call.media, call.pool),
-            () = &mut caller_gone => break Err(CallError::Hangup),
         }
-    };
-    call.media.listen(None);
-    let dropped = stream.dropped_media_frames();
-    if dropped > 0 {
-        tracing::warn!(dropped, "caller audio frames dropped because the agent did not keep up");
     }
-    match &end {
-        // The agent asked to end, the caller left, or we cut it off: tell it we stopped and
-        // close cleanly, beside the play-out below (the close handshake may take seconds).
-        Ok(AgentEnd::TransferRequested(_) | AgentEnd::HangupRequested | AgentEnd::Disconnected(_)) | Err(_) => {
-            tokio::spawn(stream.stop());
-        }
-        _ => {}
+}
+
+/// An agent session's own state, in its task.
+struct Session {
+    media: Arc<CallMedia>,
+    pool: FramePool,
+    played: watch::Receiver<u64>,
+    marks: Arc<AtomicU64>,
+    probe: Option<Arc<std::sync::Mutex<Vec<u32>>>>,
+}
+
+impl Session {
+    fn next_mark(&self) -> u64 {
+        self.marks.fetch_add(1, Ordering::Relaxed) + 1
     }
-    // Let what the agent said before it ended play out (not after a hang-up or a drop).
-    if matches!(end, Ok(AgentEnd::TransferRequested(_) | AgentEnd::HangupRequested | AgentEnd::Completed)) {
-        while !playout.pending.is_empty() {
-            playout.feed(call.media, call.pool);
+
+    async fn run(
+        mut self,
+        mut stream: AgentStream,
+        caller_gone: impl Future<Output = ()>,
+    ) -> Result<AgentEnd, CallError> {
+        let handed_over: Option<HandOffTimes> = self.probe.as_ref().map(|_| HandOffTimes::default());
+        self.media.listen(Some(Listener::Agent { sender: stream.sender(), handed_over: handed_over.clone() }));
+        let mut playout = Playout { pending: VecDeque::new(), marks: VecDeque::new() };
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tokio::pin!(caller_gone);
+        let end = loop {
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                event = stream.recv() => match event {
+                    AgentEvent::Audio(_) if playout.pending.len() >= MAX_BACKLOG_FRAMES => {
+                        break Ok(AgentEnd::Disconnected("the agent sent more than five minutes of audio ahead".into()));
+                    }
+                    AgentEvent::Audio(frame) => {
+                        let sent = handed_over
+                            .as_ref()
+                            .and_then(|times| times.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop_front());
+                        if let (Some(probe), Some(sent)) = (&self.probe, sent) {
+                            let us = u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX);
+                            probe.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(us);
+                        }
+                        playout.pending.push_back(Pending::Audio(frame));
+                        playout.feed(&self.media, &self.pool);
+                    }
+                    AgentEvent::Mark(name) => {
+                        let id = self.next_mark();
+                        playout.marks.push_back((id, name));
+                        playout.pending.push_back(Pending::Mark(id));
+                        playout.feed(&self.media, &self.pool);
+                    }
+                    AgentEvent::Clear => {
+                        // Barge-in: nothing the agent queued is played any more.
+                        playout.pending.clear();
+                        self.media.with(|session| session.clear());
+                        let dropped: Vec<String> = playout.marks.drain(..).map(|(_, name)| name).collect();
+                        for name in dropped {
+                            let _ = stream.send_mark(&name);
+                        }
+                    }
+                    AgentEvent::Transfer(target) => break Ok(AgentEnd::TransferRequested(target)),
+                    AgentEvent::Hangup => break Ok(AgentEnd::HangupRequested),
+                    AgentEvent::Closed => break Ok(AgentEnd::Completed),
+                    AgentEvent::Failed(why) => break Ok(AgentEnd::Disconnected(why)),
+                    other => tracing::debug!(?other, "agent event"),
+                },
+                Ok(()) = self.played.changed() => {
+                    let last = *self.played.borrow_and_update();
+                    playout.echo_played(last, &stream);
+                }
+                _ = tick.tick() => playout.feed(&self.media, &self.pool),
+                () = &mut caller_gone => break Err(CallError::Hangup),
+            }
+        };
+        self.media.listen(None);
+        let dropped = stream.dropped_media_frames();
+        if dropped > 0 {
+            tracing::warn!(dropped, "caller audio frames dropped because the agent did not keep up");
+        }
+        match &end {
+            // The agent asked to end, the caller left, or we cut it off: tell it we stopped and
+            // close cleanly, beside the play-out below (the close handshake may take seconds).
+            Ok(AgentEnd::TransferRequested(_) | AgentEnd::HangupRequested | AgentEnd::Disconnected(_)) | Err(_) => {
+                tokio::spawn(stream.stop());
+            }
+            _ => {}
+        }
+        // Let what the agent said before it ended play out (not after a hang-up or a drop).
+        if matches!(end, Ok(AgentEnd::TransferRequested(_) | AgentEnd::HangupRequested | AgentEnd::Completed)) {
+            while !playout.pending.is_empty() {
+                playout.feed(&self.media, &self.pool);
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    () = &mut caller_gone => return Err(CallError::Hangup),
+                }
+            }
+            let id = self.next_mark();
+            self.media.with(|session| session.mark(id));
+            tokio::select! {
+                _ = self.played.wait_for(|p| *p >= id) => {}
                 () = &mut caller_gone => return Err(CallError::Hangup),
             }
         }
-        let id = (call.next_mark)();
-        call.media.with(|session| session.mark(id));
-        tokio::select! {
-            _ = played.wait_for(|p| *p >= id) => {}
-            () = &mut caller_gone => return Err(CallError::Hangup),
-        }
+        tracing::info!(?end, "agent session ended");
+        end
     }
-    tracing::info!(?end, "agent session ended");
-    end
 }

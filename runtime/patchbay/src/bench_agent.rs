@@ -82,8 +82,6 @@ pub fn run(calls: usize, seconds: u64, external_agent: Option<String>) -> anyhow
         let (url, pool, connected) = (agent_url.clone(), engine.pool().clone(), Arc::clone(&connected));
         let probe = Arc::clone(&probe);
         runtime.spawn(async move {
-            let marks = AtomicU64::new(0);
-            let next_mark = || marks.fetch_add(1, Ordering::Relaxed) + 1;
             let start = patchbay_agent::StartInfo {
                 account_sid: "bench".into(),
                 call_sid: format!("call-{i}"),
@@ -92,12 +90,12 @@ pub fn run(calls: usize, seconds: u64, external_agent: Option<String>) -> anyhow
             };
             connected.fetch_add(1, Ordering::Relaxed);
             let agent_call = crate::agent::AgentCall {
-                media: &call,
-                pool: &pool,
+                media: call,
+                pool,
                 dtmf: &mut dtmf_rx,
                 played: played_rx,
-                next_mark: &next_mark,
-                probe: Some(&probe),
+                marks: Arc::default(),
+                probe: Some(probe),
             };
             let end = crate::agent::run(agent_call, &url, &start, None, std::future::pending()).await;
             tracing::debug!(call = i, ?end, "bench agent session ended");

@@ -15,7 +15,7 @@ use patchbay_sip::ua::CallRef;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dial::LegEvent;
-use crate::media::CallMedia;
+use crate::media::{CallMedia, Listener};
 use crate::prompts::PromptStore;
 use crate::sip_server::{Command, MediaSlot};
 
@@ -30,7 +30,7 @@ pub(crate) struct SipCall {
     media: MediaSlot,
     /// The last mark played out (see `MediaSession::mark`).
     played: watch::Receiver<u64>,
-    marks: std::sync::atomic::AtomicU64,
+    marks: Arc<std::sync::atomic::AtomicU64>,
     prompts: Arc<PromptStore>,
     pool: FramePool,
     /// The caller's audio while the flow has its audio stream open.
@@ -63,7 +63,7 @@ impl SipCall {
             dtmf: tokio::sync::Mutex::new(dtmf),
             media,
             played,
-            marks: std::sync::atomic::AtomicU64::new(0),
+            marks: Arc::default(),
             prompts,
             pool: routing.media.pool().clone(),
             stream: tokio::sync::Mutex::new(None),
@@ -311,7 +311,7 @@ impl CallControl for SipCall {
                         // Early media (RFC 3960): the caller hears the callee's tones instead.
                         ringing = false;
                         media.with(|session| session.clear());
-                        leg_media.listen(Some(early_tx.clone()));
+                        leg_media.listen(Some(Listener::Frames(early_tx.clone())));
                         early = Some(leg_media);
                     }
                     Some(LegEvent::Progress { status, .. }) => tracing::debug!(call = ?self.call, status, "ringing"),
@@ -402,16 +402,19 @@ impl CallControl for SipCall {
             custom_parameters: params.to_vec(),
         };
         let mut dtmf = self.dtmf.lock().await;
-        let next_mark = || self.marks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let call = crate::agent::AgentCall {
-            media: &media,
-            pool: &self.pool,
+            media,
+            pool: self.pool.clone(),
             dtmf: &mut dtmf,
             played: self.played.clone(),
-            next_mark: &next_mark,
+            marks: Arc::clone(&self.marks),
             probe: None,
         };
-        crate::agent::run(call, endpoint, &start, None, self.until_hangup()).await
+        let mut ended = self.ended.clone();
+        let caller_gone = async move {
+            let _ = ended.wait_for(|e| *e).await;
+        };
+        crate::agent::run(call, endpoint, &start, None, caller_gone).await
     }
 
     async fn record(&self, options: RecordOptions) -> Result<Recording, CallError> {
@@ -426,7 +429,7 @@ impl CallControl for SipCall {
         if stream.is_some() {
             return Err(CallError::NotAllowed("close the audio stream before recording".into()));
         }
-        media.listen(Some(frames));
+        media.listen(Some(Listener::Frames(frames)));
         let started = std::time::SystemTime::now();
         let max = Duration::from_millis(u64::from(options.max_duration_ms.clamp(1, MAX_RECORD_MS)));
         let silence_limit = (options.silence_timeout_ms > 0).then_some(options.silence_timeout_ms);
@@ -549,7 +552,7 @@ impl CallControl for SipCall {
             return Err(CallError::NotAllowed("the audio stream is being read".into()));
         };
         *stream = Some(frames_rx);
-        media.listen(Some(frames));
+        media.listen(Some(Listener::Frames(frames)));
         Ok(())
     }
 

@@ -198,7 +198,7 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
                             if let Some((rtp, rtcp)) = sockets.take() {
                                 let started_media =
                                     engine.start_call(session, rtp, Some(rtcp), sinks).context("starting media")?;
-                                started_media.listen(Some(tx));
+                                started_media.listen(Some(crate::media::Listener::Frames(tx)));
                                 println!("media: {} with {}", negotiated.codec.name(), negotiated.remote_rtp);
                                 audio = Some(CallAudio {
                                     media: started_media,

@@ -21,7 +21,7 @@ use patchbay_host::{BridgeEnd, CallError, DialOutcome, Dtmf};
 use patchbay_sip::ua::{CallRef, EndCause};
 use tokio::sync::mpsc;
 
-use crate::media::CallMedia;
+use crate::media::{CallMedia, Listener};
 
 /// What happens to an outbound leg, reported to the flow that placed it.
 #[derive(Debug)]
@@ -141,8 +141,8 @@ pub(crate) async fn bridge(
     let (a_tx, mut from_a) = mpsc::channel(crate::media::FLOW_AUDIO_QUEUE);
     let (b_tx, mut from_b) = mpsc::channel(crate::media::FLOW_AUDIO_QUEUE);
     a.with(|session| session.clear());
-    a.listen(Some(a_tx));
-    b.listen(Some(b_tx));
+    a.listen(Some(Listener::Frames(a_tx)));
+    b.listen(Some(Listener::Frames(b_tx)));
     tokio::pin!(caller_gone);
     let exit = loop {
         tokio::select! {

@@ -55,6 +55,45 @@ pub struct CallSinks {
     pub inactive: mpsc::UnboundedSender<()>,
 }
 
+/// Who receives the caller's audio (after the jitter buffer), straight from the clock thread.
+#[derive(Debug)]
+pub enum Listener {
+    /// A flow's audio stream, a recording, an early-media bridge: frames by handle.
+    Frames(mpsc::Sender<Frame>),
+    /// An AI agent session: the frame as μ-law, queued to the agent's websocket writer without
+    /// a hop through the session's own task (one task wake-up per frame fewer; see
+    /// BENCHMARKS.md, "AI agent path").
+    Agent {
+        /// The agent stream's writer queue.
+        sender: patchbay_agent::AgentSender,
+        /// Benchmarks only: when each frame was handed over, for the agent turnaround figure.
+        handed_over: Option<crate::agent::HandOffTimes>,
+    },
+}
+
+impl Listener {
+    /// Hands one frame over; a listener that does not keep up loses audio, never the clock.
+    fn deliver(&self, frame: Frame) {
+        match self {
+            Listener::Frames(tx) => {
+                let _ = tx.try_send(frame);
+            }
+            Listener::Agent { sender, handed_over } => {
+                let mut mulaw = [0u8; 160];
+                let n = frame.encode_into(patchbay_media::AudioEncoding::Pcmu, &mut mulaw);
+                if n == 0 {
+                    return;
+                }
+                if let Some(times) = handed_over {
+                    times.lock().unwrap_or_else(PoisonError::into_inner).push_back(std::time::Instant::now());
+                }
+                // Fails only once the agent's writer has ended, which its session notices itself.
+                let _ = sender.send_media(&mulaw[..n]);
+            }
+        }
+    }
+}
+
 /// One call's media as the shell holds it.
 #[derive(Debug)]
 pub struct CallMedia {
@@ -63,7 +102,7 @@ pub struct CallMedia {
     rtcp_socket: Option<std::net::UdpSocket>,
     sinks: CallSinks,
     /// Receives the caller's audio while a flow has its audio stream open.
-    listener: Mutex<Option<mpsc::Sender<Frame>>>,
+    listener: Mutex<Option<Listener>>,
     /// Whether `listener` is set (read without its lock on every tick).
     listening: AtomicBool,
     closed: AtomicBool,
@@ -95,7 +134,7 @@ impl CallMedia {
 
     /// Sends the caller's audio to `listener` from now on (`None`: nobody listens; frames are
     /// dropped after the jitter buffer).
-    pub fn listen(&self, listener: Option<mpsc::Sender<Frame>>) {
+    pub fn listen(&self, listener: Option<Listener>) {
         let mut slot = self.listener.lock().unwrap_or_else(PoisonError::into_inner);
         self.listening.store(listener.is_some(), Ordering::Relaxed);
         *slot = listener;
@@ -178,10 +217,10 @@ impl CallMedia {
         if let Some(frame) = frame
             && self.listening.load(Ordering::Relaxed)
         {
-            let listener = self.listener.lock().unwrap_or_else(PoisonError::into_inner).clone();
-            if let Some(listener) = listener {
-                // A flow that does not keep up loses audio, never the clock.
-                let _ = listener.try_send(frame);
+            // Delivered under the lock (never blocks: queues only), which `listen` alone
+            // contends for, rather than cloning the listener per frame.
+            if let Some(listener) = &*self.listener.lock().unwrap_or_else(PoisonError::into_inner) {
+                listener.deliver(frame);
             }
         }
         if events {
