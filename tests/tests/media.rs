@@ -38,14 +38,45 @@ fn correlation(a: &[i16], b: &[i16]) -> f64 {
 
 #[test]
 fn echo_returns_the_callers_speech_and_repeats_each_key_once() {
+    echo_call("uac_pcap_echo.xml", 20);
+}
+
+/// The same call asking for 30 ms packets (`a=ptime:30`): Patchbay paces it at 30 ms.
+#[test]
+fn a_caller_that_asks_for_30_ms_packets_gets_them_and_its_echo() {
+    echo_call("uac_pcap_echo_ptime30.xml", 30);
+}
+
+/// sipp plays speech and three keys into the echo flow; Patchbay's packets must be `ptime_ms`
+/// long and that far apart, the speech must come back and each key once.
+fn echo_call(sipp_scenario: &str, ptime_ms: u32) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let pb = start_patchbay();
     let media_port = free_port();
     let capture = Capture::start(&format!("udp port {media_port}"));
-    let (ok, log) =
-        run_sipp(pb.port, "echo", &["-sf", &scenario("uac_pcap_echo.xml")], 1, &["-mp", &media_port.to_string()]);
+    let (ok, log) = run_sipp(pb.port, "echo", &["-sf", &scenario(sipp_scenario)], 1, &["-mp", &media_port.to_string()]);
     let datagrams = capture.finish();
     assert!(ok, "{log}");
+
+    // Packetisation of what Patchbay sent: every audio packet `ptime_ms` long, and consecutive
+    // ones (timestamps one packet apart) typically `ptime_ms` apart on the wire.
+    let ours: Vec<(u64, RtpPacket<'_>)> = datagrams
+        .iter()
+        .filter(|d| d.dst_port == media_port)
+        .filter_map(|d| Some((d.time_us, RtpPacket::parse(&d.payload).ok()?)))
+        .filter(|(_, p)| p.header.payload_type == 8)
+        .collect();
+    assert!(ours.len() > 100, "only {} audio packets from Patchbay", ours.len());
+    let samples = ptime_ms as usize * 8;
+    assert!(ours.iter().all(|(_, p)| p.payload.len() == samples), "every packet is {ptime_ms} ms");
+    let mut gaps: Vec<u64> = ours
+        .windows(2)
+        .filter(|w| w[1].1.header.timestamp.wrapping_sub(w[0].1.header.timestamp) == samples as u32)
+        .map(|w| w[1].0 - w[0].0)
+        .collect();
+    gaps.sort_unstable();
+    let median_ms = gaps[gaps.len() / 2] as f64 / 1_000.0;
+    assert!((median_ms - f64::from(ptime_ms)).abs() < 1.0, "packets {median_ms:.2} ms apart, not {ptime_ms}");
 
     // Speech: sipp's A-law pcap (30 ms packets) against what Patchbay sent back (20 ms packets).
     let sent = octets(&rtp(&datagrams, false, media_port, 8));

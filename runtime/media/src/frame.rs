@@ -192,17 +192,36 @@ impl Frame {
     /// written at 8 kHz by keeping every second sample — flows that produce 16 kHz audio should
     /// filter it first (prompts are filtered when they are loaded).
     pub fn encode_into(&self, encoding: AudioEncoding, out: &mut [u8]) -> usize {
+        self.encode_into_from(encoding, 0, out)
+    }
+
+    /// Samples in the frame at 8 kHz (what [`encode_into`](Self::encode_into) writes at most).
+    pub fn samples_at_8k(&self) -> usize {
         let data = &self.0;
+        if data.format.encoding == AudioEncoding::Linear16 && data.format.sample_rate == 16_000 {
+            data.linear.len().div_ceil(2)
+        } else if data.format.encoding == AudioEncoding::Linear16 {
+            data.linear.len()
+        } else {
+            data.octets.len()
+        }
+    }
+
+    /// [`encode_into`](Self::encode_into) from the `skip`-th 8 kHz sample on: how a call whose
+    /// packets are not this frame's length re-cuts it.
+    pub fn encode_into_from(&self, encoding: AudioEncoding, skip: usize, out: &mut [u8]) -> usize {
+        let data = &self.0;
+        let octets = data.octets.get(skip..).unwrap_or_default();
         match (data.format.encoding, encoding) {
             (from, to) if from == to && from != AudioEncoding::Linear16 => {
-                let n = data.octets.len().min(out.len());
-                out[..n].copy_from_slice(&data.octets[..n]);
+                let n = octets.len().min(out.len());
+                out[..n].copy_from_slice(&octets[..n]);
                 n
             }
             (AudioEncoding::Linear16, to) => {
                 let step = if data.format.sample_rate == 16_000 { 2 } else { 1 };
                 let mut n = 0;
-                for (slot, &sample) in out.iter_mut().zip(data.linear.iter().step_by(step)) {
+                for (slot, &sample) in out.iter_mut().zip(data.linear.iter().step_by(step).skip(skip)) {
                     *slot = match to {
                         AudioEncoding::Pcma => g711::alaw_encode(sample),
                         _ => g711::ulaw_encode(sample),
@@ -212,8 +231,8 @@ impl Frame {
                 n
             }
             (from, to) => {
-                let n = data.octets.len().min(out.len());
-                for (slot, &octet) in out.iter_mut().zip(data.octets.iter()) {
+                let n = octets.len().min(out.len());
+                for (slot, &octet) in out.iter_mut().zip(octets.iter()) {
                     let sample =
                         if from == AudioEncoding::Pcmu { g711::ulaw_decode(octet) } else { g711::alaw_decode(octet) };
                     *slot =

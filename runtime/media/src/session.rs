@@ -184,13 +184,13 @@ pub enum PlayRefused {
     /// The queue holds [`MAX_QUEUED`] frames already.
     #[error("the playout queue is full")]
     Full,
-    /// The frame is not one packetisation interval long.
-    #[error("a frame of {samples} samples is not {expected_ms} ms, the call's packetisation interval")]
+    /// The frame is empty or longer than the longest packetisation interval (40 ms).
+    #[error("a frame of {samples} samples is empty or longer than {max_ms} ms")]
     WrongLength {
         /// Samples in the frame.
         samples: u32,
-        /// The call's ptime.
-        expected_ms: u32,
+        /// The longest frame accepted.
+        max_ms: u32,
     },
 }
 
@@ -227,6 +227,9 @@ pub struct MediaSession {
     /// frame size (a 30 ms peer in a 20 ms call).
     reframe: VecDeque<u8>,
     queue: VecDeque<Out>,
+    /// 8 kHz samples of the frame at the front of `queue` already sent (frames that are not
+    /// the call's packet length are re-cut as they go out).
+    queue_offset: usize,
     events: VecDeque<SessionEvent>,
     remote: Option<SocketAddr>,
     latched: bool,
@@ -252,6 +255,9 @@ pub struct MediaSession {
     samples_per_frame: u32,
     decode_scratch: Vec<i16>,
 }
+
+/// Longest frame [`MediaSession::play`] accepts, and the longest ptime: 40 ms at 8 kHz.
+pub const MAX_FRAME_SAMPLES: usize = 320;
 
 /// Largest RTP packet the session writes: header, 40 ms of G.711, SRTP tag room.
 pub const MAX_PACKET: usize = 12 + 320 + 16;
@@ -281,6 +287,7 @@ impl MediaSession {
             peer_frame: None,
             reframe: VecDeque::with_capacity(640),
             queue: VecDeque::new(),
+            queue_offset: 0,
             events: VecDeque::new(),
             remote: config.remote,
             latched: false,
@@ -517,10 +524,12 @@ impl MediaSession {
     /// Queues a frame to be sent after what is queued. Refused when the queue is full or the
     /// frame is not one packetisation interval long (each tick sends exactly one interval).
     pub fn play(&mut self, frame: Frame) -> Result<(), PlayRefused> {
-        let format = frame.format();
-        let samples_at_8k = u64::from(format.samples) * 8_000 / u64::from(format.sample_rate.max(1));
-        if samples_at_8k != u64::from(self.samples_per_frame) {
-            return Err(PlayRefused::WrongLength { samples: format.samples, expected_ms: self.samples_per_frame / 8 });
+        let samples = frame.samples_at_8k();
+        if samples == 0 || samples > MAX_FRAME_SAMPLES {
+            return Err(PlayRefused::WrongLength {
+                samples: frame.format().samples,
+                max_ms: MAX_FRAME_SAMPLES as u32 / 8,
+            });
         }
         if self.queue.len() >= MAX_QUEUED {
             return Err(PlayRefused::Full);
@@ -548,6 +557,7 @@ impl MediaSession {
 
     /// Drops all queued audio (barge-in, an agent's `clear`). Marks are reported as played.
     pub fn clear(&mut self) {
+        self.queue_offset = 0;
         for out in self.queue.drain(..) {
             if let Out::Mark(id) = out {
                 self.events.push_back(SessionEvent::Played(id));
@@ -603,20 +613,38 @@ impl MediaSession {
         {
             return remote.and_then(|r| self.protect(out, len).map(|len| (r, len)));
         }
-        let mut payload = [0u8; 320];
+        let mut payload = [0u8; MAX_FRAME_SAMPLES];
         let n = self.samples_per_frame as usize;
-        let mut silence = true;
-        loop {
-            match self.queue.pop_front() {
-                Some(Out::Mark(id)) => self.events.push_back(SessionEvent::Played(id)),
+        // Fill one packet from the queue: a frame of the call's length is one packet; other
+        // lengths (an agent's 20 ms frames in a 30 ms call, a flow's odd-sized writes) are
+        // re-cut across packets. Marks are reported when the audio before them has gone out.
+        let mut filled = 0;
+        while filled < n {
+            match self.queue.front() {
+                Some(Out::Mark(_)) => {
+                    if let Some(Out::Mark(id)) = self.queue.pop_front() {
+                        self.events.push_back(SessionEvent::Played(id));
+                    }
+                }
                 Some(Out::Frame(frame)) => {
-                    let written = frame.encode_into(self.config.codec.encoding(), &mut payload[..n]);
-                    payload[written..n].fill(self.config.codec.silence());
-                    silence = false;
-                    break;
+                    let written = frame.encode_into_from(
+                        self.config.codec.encoding(),
+                        self.queue_offset,
+                        &mut payload[filled..n],
+                    );
+                    filled += written;
+                    self.queue_offset += written;
+                    if written == 0 || self.queue_offset >= frame.samples_at_8k() {
+                        self.queue.pop_front();
+                        self.queue_offset = 0;
+                    }
                 }
                 None => break,
             }
+        }
+        let silence = filled == 0;
+        if !silence {
+            payload[filled..n].fill(self.config.codec.silence());
         }
         if silence {
             payload[..n].fill(self.config.codec.silence());

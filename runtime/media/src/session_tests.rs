@@ -212,6 +212,43 @@ fn marks_report_when_queued_audio_has_gone_out_and_clear_flushes() {
 }
 
 #[test]
+fn frames_that_are_not_the_calls_ptime_are_recut_across_its_packets() {
+    // A 30 ms call fed 20 ms frames (an agent's audio, a 20 ms bridge leg).
+    let mut s = MediaSession::new(SessionConfig { ptime_ms: 30, ..config() }, FramePool::new(8));
+    let t0 = Instant::now();
+    let pool = FramePool::new(8);
+    let octets: Vec<u8> = (0..480u32).map(|i| (i % 251) as u8).collect();
+    for part in octets.chunks(160) {
+        s.play(pool.g711(AudioEncoding::Pcmu, part, 0).unwrap()).unwrap();
+    }
+    s.mark(3);
+    let ms30 = Duration::from_millis(30);
+    let mut sent = Vec::new();
+    let mut timestamps = Vec::new();
+    for i in 0..2u32 {
+        let packet = tick(&mut s, t0 + ms30 * i).unwrap().1;
+        let p = RtpPacket::parse(&packet).unwrap();
+        assert_eq!(p.payload.len(), 240, "30 ms packets");
+        sent.extend_from_slice(p.payload);
+        timestamps.push(p.header.timestamp);
+        assert!(events(&mut s).is_empty(), "the mark waits for its audio");
+    }
+    assert_eq!(sent, octets, "every sample once, in order, across packet boundaries");
+    assert_eq!(timestamps[1].wrapping_sub(timestamps[0]), 240);
+    let last = tick(&mut s, t0 + ms30 * 2).unwrap().1;
+    assert_eq!(RtpPacket::parse(&last).unwrap().payload, &[0xFF; 240][..]);
+    assert_eq!(events(&mut s), vec![SessionEvent::Played(3)]);
+
+    // A 10 ms frame in a 20 ms call is padded with silence, not held back.
+    let mut s = session();
+    s.play(pool.g711(AudioEncoding::Pcmu, &[0x11; 80], 0).unwrap()).unwrap();
+    let p = tick(&mut s, t0).unwrap().1;
+    let payload = RtpPacket::parse(&p).unwrap().payload.to_vec();
+    assert_eq!(&payload[..80], &[0x11; 80][..]);
+    assert_eq!(&payload[80..], &[0xFF; 80][..]);
+}
+
+#[test]
 fn srtp_sessions_understand_each_other_and_drop_forgeries_and_replays() {
     let a_key = MasterKey::from_concatenated(&[1; 30]);
     let b_key = MasterKey::from_concatenated(&[2; 30]);

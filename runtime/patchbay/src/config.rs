@@ -114,6 +114,23 @@ pub struct MediaConfig {
     /// Offer SRTP (SDES, RFC 4568) to callers whose offer carries `a=crypto`.
     #[serde(default = "default_true")]
     pub srtp: bool,
+    /// Our packetisation interval (`a=ptime`): 10, 20, 30 or 40 ms. A caller's own `a=ptime`
+    /// wins when it states one (RFC 4566 §6: ptime is what each side prefers to receive).
+    #[serde(default = "default_ptime_ms", deserialize_with = "ptime_ms")]
+    pub ptime_ms: u16,
+}
+
+fn default_ptime_ms() -> u16 {
+    20
+}
+
+fn ptime_ms<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
+    let ms = <u16 as serde::Deserialize>::deserialize(deserializer)?;
+    if [10, 20, 30, 40].contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(serde::de::Error::custom(format!("ptime_ms must be 10, 20, 30 or 40 (got {ms})")))
+    }
 }
 
 fn default_rtp_timeout_secs() -> u64 {
@@ -126,7 +143,7 @@ fn default_true() -> bool {
 
 impl Default for MediaConfig {
     fn default() -> Self {
-        Self { rtp_timeout_secs: default_rtp_timeout_secs(), rtp_bind: None, srtp: true }
+        Self { rtp_timeout_secs: default_rtp_timeout_secs(), rtp_bind: None, srtp: true, ptime_ms: default_ptime_ms() }
     }
 }
 
@@ -456,6 +473,16 @@ mod tests {
         let err = Config::parse(text, "test.toml", PathBuf::new()).expect_err("unknown field").to_string();
         assert!(err.starts_with("test.toml:5: "), "{err}");
         assert!(err.contains("max_instance"), "{err}");
+    }
+
+    #[test]
+    fn a_ptime_the_clock_cannot_pace_names_its_line_and_field() {
+        let text = "[sip]\nlisten = []\n\n[media]\nsrtp = true\nptime_ms = 25\n";
+        let err = Config::parse(text, "test.toml", PathBuf::new()).expect_err("ptime 25").to_string();
+        assert!(err.starts_with("test.toml:6: ") && err.contains("ptime_ms must be 10, 20, 30 or 40"), "{err}");
+        let text = "[sip]\nlisten = []\n[media]\nptime_ms = 30\n[[tenant]]\nid = \"t\"\n[[tenant.flow]]\nname = \"e\"\nstock = \"echo\"\n";
+        let ok = Config::parse(text, "test.toml", PathBuf::new()).expect("30");
+        assert_eq!(ok.media.ptime_ms, 30);
     }
 
     #[test]

@@ -17,14 +17,15 @@
 //! true (BENCHMARKS.md, "System benchmark").
 //!
 //! RTCP runs on the RTP port + 1 (RFC 3550 §11): the clock sends each call's reports when its
-//! session says one is due, and reads the peer's every tenth period (200 ms; reports come
+//! session says one is due, and reads the peer's every other turn of its wheel (240 ms; reports come
 //! every few seconds and carry their own timing).
 //!
-//! **Not implemented yet:** RTCP multiplexed on the RTP port (RFC 5761), ptime other than the
-//! engine's (20 ms: every session is ticked at the same rate, so
-//! a call that negotiated 30 ms is sent 20 ms frames — we answer with our ptime, which callers
-//! accept), and a number of clock threads that follows the host's cores (two, whatever the
-//! host).
+//! Each call is paced at its own negotiated ptime (10, 20, 30 or 40 ms; `[media] ptime_ms` is
+//! ours, 20 by default): the wheel turns in 2 ms steps over 120 ms, and a call sits in every
+//! (ptime / 2 ms)-th step.
+//!
+//! **Not implemented yet:** RTCP multiplexed on the RTP port (RFC 5761), and a number of clock
+//! threads that follows the host's cores (two, whatever the host).
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,7 +39,7 @@ use patchbay_media::{Frame, FramePool};
 use patchbay_udp::{ArrivalClock, Batch};
 use tokio::sync::{mpsc, watch};
 
-/// The engine's packetisation interval.
+/// The default packetisation interval (ours in SDP unless `[media] ptime_ms` says otherwise).
 pub const PTIME: Duration = Duration::from_millis(20);
 
 /// Frames buffered between the clock and a flow reading the caller's audio (1 s).
@@ -79,7 +80,9 @@ impl Listener {
                 let _ = tx.try_send(frame);
             }
             Listener::Agent { sender, handed_over } => {
-                let mut mulaw = [0u8; 160];
+                // One message per frame, as long as the call's ptime (Twilio's own streams are
+                // 20 ms; agents read any length).
+                let mut mulaw = [0u8; patchbay_media::session::MAX_FRAME_SAMPLES];
                 let n = frame.encode_into(patchbay_media::AudioEncoding::Pcmu, &mut mulaw);
                 if n == 0 {
                     return;
@@ -97,6 +100,8 @@ impl Listener {
 /// One call's media as the shell holds it.
 #[derive(Debug)]
 pub struct CallMedia {
+    /// The call's packetisation interval, as the clock paces it.
+    ptime_ms: u32,
     session: Mutex<MediaSession>,
     socket: std::net::UdpSocket,
     rtcp_socket: Option<std::net::UdpSocket>,
@@ -233,7 +238,7 @@ impl CallMedia {
 /// How the shared clock is doing.
 #[derive(Debug, Default)]
 pub struct ClockStats {
-    /// Steps of the wheel run (ten per ptime).
+    /// Steps of the wheel run (one per 2 ms).
     pub ticks: AtomicU64,
     /// Packets sent.
     pub sent: AtomicU64,
@@ -303,7 +308,9 @@ impl MediaEngine {
                 tracing::debug!("SO_TIMESTAMPNS: {e}");
             }
         }
+        let ptime_ms = clock_ptime_ms(session.samples_per_frame() / 8);
         let media = Arc::new(CallMedia {
+            ptime_ms,
             session: Mutex::new(session),
             socket,
             rtcp_socket,
@@ -324,8 +331,8 @@ impl MediaEngine {
 /// Datagrams a clock thread reads from one socket per system call.
 const INBOX: usize = 8;
 
-/// The peer's RTCP is read every this many periods (200 ms).
-const RTCP_EVERY: u64 = 10;
+/// The peer's RTCP is read every this many turns of the wheel (240 ms).
+const RTCP_EVERY: u64 = 2;
 
 /// Feeds everything waiting on `socket` to `deliver` with its arrival time (the kernel's stamp,
 /// else `now`). A backlog larger than the inbox (after a stall) takes a few reads.
@@ -396,7 +403,7 @@ pub fn session_for(
             payload_type: negotiated.codec.payload_type,
             telephone_event: negotiated.telephone_event,
             comfort_noise: negotiated.comfort_noise,
-            ptime_ms: PTIME.as_millis() as u32,
+            ptime_ms: clock_ptime_ms(u32::from(negotiated.ptime)),
             remote,
             ssrc: random as u32,
             initial_sequence: (random >> 32) as u16,
@@ -430,9 +437,19 @@ pub fn bind_rtp_pair(ip: std::net::IpAddr) -> std::io::Result<(std::net::UdpSock
     Err(last)
 }
 
-/// Steps of the clock's wheel per period: a call belongs to one step and is served at the same
-/// offset in every period.
-const SLOTS: usize = 10;
+/// One step of the clock's wheel.
+const STEP: Duration = Duration::from_millis(2);
+
+/// Steps in one turn of the wheel: 120 ms, the least common multiple of the ptimes a call can
+/// have (10, 20, 30, 40 ms), so that every call is served at the same offsets in every turn.
+const WHEEL_STEPS: usize = 60;
+
+/// The ptimes the clock paces (ms): multiples of its 2 ms step that divide its 120 ms turn.
+/// SDP allows up to 60 ms; a longer ptime is served at 40 ms (ptime states what the peer prefers
+/// to receive, and every receiver handles any packet length, RFC 4566 §6).
+pub fn clock_ptime_ms(negotiated: u32) -> u32 {
+    (negotiated / 10 * 10).clamp(10, 40)
+}
 
 /// Clock threads; each owns the calls dealt to it and runs its own wheel, the second offset by
 /// half a step so that their bursts of sends interleave rather than coincide. Two halve each
@@ -440,11 +457,12 @@ const SLOTS: usize = 10;
 /// BENCHMARKS.md).
 const CLOCK_THREADS: usize = 2;
 
-/// A clock thread (`index` of [`CLOCK_THREADS`]): ticks every call dealt to it once per
-/// [`PTIME`].
+/// A clock thread (`index` of [`CLOCK_THREADS`]): ticks every call dealt to it once per its
+/// ptime.
 ///
-/// No timer per call, and a wheel of [`SLOTS`] steps (2 ms at 20 ms ptime): each
-/// new call joins the emptiest step, and each wake-up serves only its step's calls. Serving all
+/// No timer per call, and a wheel of [`WHEEL_STEPS`] steps of 2 ms: a call of ptime P sits in
+/// every (P / 2 ms)-th step from the offset where its steps are least loaded, and each wake-up
+/// serves only its step's calls. Serving all
 /// calls back to back at one deadline (tried first) takes milliseconds of `sendto` for 2,000 calls on
 /// a small VM, and the last calls' packets then wander by milliseconds from one period to the
 /// next; spreading them keeps each call at a fixed offset, give or take one step's work. Finer
@@ -455,11 +473,12 @@ const CLOCK_THREADS: usize = 2;
 /// frequent on this project's 2-vCPU VM.
 fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats, index: usize) {
     realtime_priority();
-    let mut slots: Vec<Vec<Arc<CallMedia>>> = vec![Vec::new(); SLOTS];
-    let step = PTIME / SLOTS as u32;
+    // Each call with whether this is its first step of the turn (its RTCP socket is read then).
+    let mut slots: Vec<Vec<(Arc<CallMedia>, bool)>> = vec![Vec::new(); WHEEL_STEPS];
+    let step = STEP;
     let mut slot = 0;
     let mut out = Buffers { rtp: [0u8; MAX_PACKET], rtcp: [0u8; MAX_RTCP], inbox: Batch::new(INBOX) };
-    // Periods run; the peer's RTCP is read every RTCP_EVERY-th.
+    // Turns of the wheel; the peer's RTCP is read every RTCP_EVERY-th.
     let mut cycle: u64 = 0;
     let ntp = wall_clock();
     let mut deadline = Instant::now() + step * index as u32 / CLOCK_THREADS as u32;
@@ -468,8 +487,11 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
         loop {
             match register.try_recv() {
                 Ok(call) => {
-                    if let Some(emptiest) = slots.iter_mut().min_by_key(|s| s.len()) {
-                        emptiest.push(call);
+                    let every = (call.ptime_ms / 2) as usize;
+                    let load = |offset: usize| slots.iter().skip(offset).step_by(every).map(Vec::len).sum::<usize>();
+                    let offset = (0..every).min_by_key(|&o| load(o)).unwrap_or(0);
+                    for (k, at) in (offset..WHEEL_STEPS).step_by(every).enumerate() {
+                        slots[at].push((Arc::clone(&call), k == 0));
                     }
                 }
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
@@ -482,7 +504,7 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
             }
         }
         let calls = &mut slots[slot];
-        calls.retain(|c| !c.closed.load(Ordering::Acquire));
+        calls.retain(|(c, _)| !c.closed.load(Ordering::Acquire));
         let now = Instant::now();
         let late = now.saturating_duration_since(deadline).as_micros() as u64;
         stats.max_late_us.fetch_max(late, Ordering::Relaxed);
@@ -491,16 +513,16 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
         }
         stats.ticks.fetch_add(1, Ordering::Relaxed);
         let record = stats.record_departures.load(Ordering::Relaxed);
-        let rtcp_due = cycle.is_multiple_of(RTCP_EVERY);
-        for call in calls.iter() {
-            if call.tick(now, &ntp, &mut out, stats, rtcp_due) && record {
+        let rtcp_turn = cycle.is_multiple_of(RTCP_EVERY);
+        for (call, first) in calls.iter() {
+            if call.tick(now, &ntp, &mut out, stats, rtcp_turn && *first) && record {
                 departures.push((Arc::as_ptr(call) as usize, Instant::now()));
             }
         }
         if !departures.is_empty() {
             stats.departures.lock().unwrap_or_else(PoisonError::into_inner).append(&mut departures);
         }
-        slot = (slot + 1) % SLOTS;
+        slot = (slot + 1) % WHEEL_STEPS;
         if slot == 0 {
             cycle += 1;
         }

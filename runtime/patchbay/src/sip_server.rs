@@ -58,6 +58,8 @@ pub struct Routing {
     pub rtp_timeout: Option<Duration>,
     /// Answer offers carrying `a=crypto` with SRTP.
     pub srtp: bool,
+    /// Our ptime in SDP (the peer's own `a=ptime` wins in an answer).
+    pub ptime_ms: u16,
     /// Where finished calls' records go.
     pub cdr: CdrSink,
     /// Call variables each (tenant, flow) starts with.
@@ -485,6 +487,7 @@ impl Endpoint {
             .map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
         let bind = rtp.local_addr().map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
         let mut local = patchbay_sip::sdp::LocalMedia::new(bind, self.routing.external_ip, random_u64(0xd1a1), 1);
+        local.ptime = self.routing.ptime_ms;
         if live.media.as_ref().is_some_and(|(_, n)| n.codec.codec == patchbay_sip::sdp::AudioCodec::Pcma) {
             local.codecs.reverse();
         }
@@ -614,6 +617,7 @@ fn answer(
         .map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
     let bind = rtp.local_addr().map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
     let mut local = patchbay_sip::sdp::LocalMedia::new(bind, routing.external_ip, call.0, 1);
+    local.ptime = routing.ptime_ms;
     // Accept RFC 3389 comfort noise when offered: silence then goes out as CN packets.
     local.comfort_noise = true;
     if routing.srtp {
