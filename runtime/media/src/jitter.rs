@@ -294,7 +294,12 @@ impl<T> JitterBuffer<T> {
     }
 
     fn units(&self, d: Duration) -> i64 {
-        (d.as_nanos() * u128::from(self.config.clock_rate) / 1_000_000_000) as i64
+        // In u64 while it fits (26 days at 8 kHz): the u128 division showed in profiles.
+        let nanos = d.as_nanos();
+        match u64::try_from(nanos).ok().and_then(|n| n.checked_mul(u64::from(self.config.clock_rate))) {
+            Some(product) => (product / 1_000_000_000) as i64,
+            None => (nanos * u128::from(self.config.clock_rate) / 1_000_000_000) as i64,
+        }
     }
 
     fn to_duration(&self, units: i64) -> Duration {
