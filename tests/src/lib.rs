@@ -194,6 +194,18 @@ pub fn write_ulaw_wav(path: &std::path::Path, octets: &[u8]) {
     std::fs::write(path, wav).expect("write WAV");
 }
 
+/// Normalised cross-correlation of two equally long signals (0 when either is all zeros).
+pub fn correlation(a: &[i16], b: &[i16]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(x), f64::from(y));
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 { 0.0 } else { ab / (aa * bb).sqrt() }
+}
+
 /// How much of `sent` is found in `heard` sample for sample: the fraction of its 20 ms frames
 /// (160 samples) that are heard intact, or `None` when none of 50 frames from a third of the
 /// way in is heard at all. The alignment is found on that stretch, then followed frame by frame: an adaptive jitter

@@ -2,7 +2,7 @@
 //! both directions on loopback and the test compares them. And a caller whose flow "thinks" for
 //! 30 s still receives RTP every 20 ms.
 
-use patchbay_e2e::{Capture, Datagram, free_port, run_sipp, scenario, start_patchbay};
+use patchbay_e2e::{Capture, Datagram, correlation, free_port, run_sipp, scenario, start_patchbay};
 use patchbay_media::g711;
 use patchbay_media::rtp::RtpPacket;
 
@@ -22,18 +22,6 @@ fn rtp<'a>(datagrams: &'a [Datagram], to_sipp: bool, sipp_port: u16, pt: u8) -> 
 
 fn octets(packets: &[RtpPacket<'_>]) -> Vec<u8> {
     packets.iter().flat_map(|p| p.payload.iter().copied()).collect()
-}
-
-/// Normalised cross-correlation of two equally long signals.
-fn correlation(a: &[i16], b: &[i16]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (f64::from(x), f64::from(y));
-        ab += x * y;
-        aa += x * x;
-        bb += y * y;
-    }
-    ab / (aa * bb).sqrt()
 }
 
 #[test]

@@ -74,12 +74,14 @@ fn ensure_wasm_target() -> Result<(), String> {
 
 /// Programs the tests drive, with the Debian package that provides each: sipp for the SIP and
 /// RTP interop tests, sox and espeak-ng for the G.711 conformance test (speech, and a reference
-/// encoder), tshark to capture what goes over the wire.
-const TEST_TOOLS: [(&str, &str, &str); 4] = [
+/// encoder), tshark to capture what goes over the wire, baresip (core: no sound system) for
+/// SRTP against an outside implementation.
+const TEST_TOOLS: [(&str, &str, &str); 5] = [
     ("sipp", "-v", "sip-tester"),
     ("sox", "--version", "sox"),
     ("espeak-ng", "--version", "espeak-ng"),
     ("tshark", "--version", "tshark"),
+    ("baresip", "-h", "baresip-core"),
 ];
 
 /// The system benchmark's peers: rtpengine, the floor for relaying media, and baresip, a
