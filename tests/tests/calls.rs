@@ -146,3 +146,21 @@ fn a_flow_that_traps_mid_call_ends_only_its_call_with_a_cdr_saying_why() {
     assert_eq!(echo["end_cause"], "caller-hangup", "{echo}");
     assert_eq!(echo["flow_outcome"], "flow-completed", "{echo}");
 }
+
+#[test]
+fn a_call_to_an_extension_the_tenant_lacks_is_refused_with_a_cdr() {
+    let pb = start_patchbay_with("", "[[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ok, text) = call(dir.path(), &[&format!("sip:nosuch@127.0.0.1:{}", pb.port), "--hangup-after", "2"]);
+    assert!(!ok && text.contains("404"), "{text}");
+    let cdrs = pb.wait_for_cdrs(1, Duration::from_secs(5));
+    assert_eq!(cdrs.len(), 1, "{cdrs:?}");
+    let cdr = &cdrs[0];
+    assert_eq!(cdr["end_cause"], "no-route", "{cdr}");
+    assert_eq!(cdr["sip_code"], 404, "{cdr}");
+    assert_eq!(cdr["flow"], "nosuch", "{cdr}");
+    assert_eq!(cdr["tenant"], "test", "{cdr}");
+    assert_eq!(cdr["flow_outcome"], "not-run", "{cdr}");
+    assert_eq!(cdr["hung_up_by"], "patchbay", "{cdr}");
+    assert!(cdr["answer"].is_null() && cdr["billable_ms"] == 0, "{cdr}");
+}

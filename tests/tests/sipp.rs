@@ -62,6 +62,7 @@ fn start_challenging_patchbay() -> Patchbay {
     let port = free_port();
     let config = format!(
         "[sip]\nlisten = [\"udp:127.0.0.1:{port}\"]\n\
+         [cdr]\npath = \"cdr.jsonl\"\n\
          [[tenant]]\nid = \"secure\"\ndomains = [\"127.0.0.1\"]\n\
          [tenant.auth]\nrealm = \"patchbay.test\"\nusers = {{ alice = \"s3cret\" }}\n\
          # sipp answers only the first challenge and knows only MD5.\n\
@@ -92,6 +93,15 @@ fn a_wrong_password_is_refused() {
     let (ok, log) = sipp(&pb, "echo", &["-sf", &xml], 1, &["-au", "alice", "-ap", "wrong", "-auth_uri", &auth_uri]);
     assert!(!ok, "a wrong password must not get the call through:\n{log}");
     assert!(log.contains("403 Forbidden"), "{log}");
+    // One record, for the refusal; the 407 challenge before it writes none.
+    pb.wait_for_cdrs(1, std::time::Duration::from_secs(5));
+    // Time for a stray second record to land before counting.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let cdrs = pb.cdrs();
+    assert_eq!(cdrs.len(), 1, "{cdrs:?}");
+    assert_eq!(cdrs[0]["end_cause"], "auth-failed", "{}", cdrs[0]);
+    assert_eq!(cdrs[0]["sip_code"], 403, "{}", cdrs[0]);
+    assert_eq!(cdrs[0]["tenant"], "secure", "{}", cdrs[0]);
 }
 
 #[test]

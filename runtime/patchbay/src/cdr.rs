@@ -6,8 +6,11 @@
 //! arrive and hands the finished [`Cdr`] to the [`CdrSink`], which appends it to the configured
 //! file and logs it (target `patchbay::cdr`).
 //!
-//! Calls refused before a flow was chosen (no tenant for the domain, digest challenges, unknown
-//! flow) get no CDR: there is no tenant or flow to bill them to. They are logged.
+//! A call refused once its tenant is known — an unknown extension (`no-route`, 404) or failed
+//! digest authentication (`auth-failed`, 403) — gets a record too, with `flow_outcome`
+//! `not-run` and an empty `flow_version`. A digest challenge (407) does not: the caller answers
+//! it with a new INVITE. A call to a domain no tenant serves is only logged (there is no tenant
+//! to attribute it to).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -51,7 +54,7 @@ pub struct Cdr {
     /// What ended the call (see `docs/calls.md`): `caller-hangup`, `caller-cancel`,
     /// `flow-hangup`, `flow-completed`, `flow-error`, `flow-trap`, `cpu-limit-exceeded`,
     /// `memory-limit-exceeded`, `transferred`, `rtp-timeout`, `ack-timeout`, `media-refused`,
-    /// `shutdown`, ...
+    /// `shutdown`, `no-route`, `auth-failed`, ...
     pub end_cause: String,
     /// The INVITE's final response: 200 when answered, else the rejection (487 when cancelled).
     pub sip_code: u16,

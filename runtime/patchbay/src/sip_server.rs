@@ -691,24 +691,6 @@ impl Endpoint {
                     let _ = ua.reject(now, call, 404);
                     return;
                 };
-                if let Some(auth) = routing.auth.get(tenant)
-                    && let Err((status, headers)) = authenticate(digest, auth, tenant, peer.addr, &request)
-                {
-                    let _ = ua.reject_with(now, call, status, &headers);
-                    return;
-                }
-                let flow = match registry.get(tenant, &user) {
-                    Ok(flow) => flow,
-                    Err(e) => {
-                        tracing::info!(?call, "{e}");
-                        let _ = ua.reject(now, call, 404);
-                        return;
-                    }
-                };
-                let _ = ua.ring(now, call);
-                let (ended, ended_rx) = watch::channel(false);
-                // Bounded: a flow that never reads key presses must not let a peer grow this queue.
-                let (dtmf, dtmf_rx) = mpsc::channel(DTMF_QUEUE);
                 let info = CallInfo {
                     call_id: request.call_id_header().map(|h| h.value().to_owned()).unwrap_or_default(),
                     tenant: tenant.clone(),
@@ -732,6 +714,39 @@ impl Endpoint {
                         })
                         .collect(),
                 };
+                // A call refused once its tenant is known gets a record of its own (no flow ran):
+                // the tenant's failed attempts, as a carrier bills and audits them. A digest
+                // challenge (407) is not a refusal: the caller answers it with a new INVITE.
+                let refused = |cause: &str, sip_code: u16| {
+                    let mut draft = CdrDraft::new(&info, "");
+                    draft.sip_ended(SipEnd { cause: cause.to_owned(), by: "patchbay", sip_code });
+                    draft.flow_ended(FlowEnd { outcome: "not-run", detail: None, vars: Default::default() });
+                    if let Some(cdr) = draft.finish() {
+                        routing.cdr.write(cdr);
+                    }
+                };
+                if let Some(auth) = routing.auth.get(tenant)
+                    && let Err((status, headers)) = authenticate(digest, auth, tenant, peer.addr, &request)
+                {
+                    let _ = ua.reject_with(now, call, status, &headers);
+                    if status != 407 {
+                        refused("auth-failed", status);
+                    }
+                    return;
+                }
+                let flow = match registry.get(tenant, &user) {
+                    Ok(flow) => flow,
+                    Err(e) => {
+                        tracing::info!(?call, "{e}");
+                        let _ = ua.reject(now, call, 404);
+                        refused("no-route", 404);
+                        return;
+                    }
+                };
+                let _ = ua.ring(now, call);
+                let (ended, ended_rx) = watch::channel(false);
+                // Bounded: a flow that never reads key presses must not let a peer grow this queue.
+                let (dtmf, dtmf_rx) = mpsc::channel(DTMF_QUEUE);
                 tracing::info!(?call, from = %peer.addr, tenant = %info.tenant, flow = %info.flow, version = &flow.version()[..12], "call started");
                 // RFC 3261 §20.5: no Allow says nothing about REFER; an Allow without it says no.
                 let allows: Vec<&str> = request
