@@ -175,23 +175,35 @@ pub fn wav_samples(bytes: &[u8]) -> Vec<i16> {
     }
 }
 
-/// Writes 8 kHz μ-law octets as a WAV file (format 7) at `path`.
-pub fn write_ulaw_wav(path: &std::path::Path, octets: &[u8]) {
-    let mut wav = Vec::with_capacity(44 + octets.len());
+/// A mono 8 kHz WAV file: `format` 1 (PCM) or 7 (μ-law), `bits` per sample, `data` as stored.
+fn wav_8k(format: u16, bits: u16, data: &[u8]) -> Vec<u8> {
+    let block = bits / 8;
+    let mut wav = Vec::with_capacity(44 + data.len());
     wav.extend_from_slice(b"RIFF");
-    wav.extend_from_slice(&(36 + octets.len() as u32).to_le_bytes());
+    wav.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
     wav.extend_from_slice(b"WAVEfmt ");
     wav.extend_from_slice(&16u32.to_le_bytes());
-    wav.extend_from_slice(&7u16.to_le_bytes()); // μ-law
+    wav.extend_from_slice(&format.to_le_bytes());
     wav.extend_from_slice(&1u16.to_le_bytes());
     wav.extend_from_slice(&8_000u32.to_le_bytes());
-    wav.extend_from_slice(&8_000u32.to_le_bytes());
-    wav.extend_from_slice(&1u16.to_le_bytes());
-    wav.extend_from_slice(&8u16.to_le_bytes());
+    wav.extend_from_slice(&(8_000 * u32::from(block)).to_le_bytes());
+    wav.extend_from_slice(&block.to_le_bytes());
+    wav.extend_from_slice(&bits.to_le_bytes());
     wav.extend_from_slice(b"data");
-    wav.extend_from_slice(&(octets.len() as u32).to_le_bytes());
-    wav.extend_from_slice(octets);
-    std::fs::write(path, wav).expect("write WAV");
+    wav.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    wav.extend_from_slice(data);
+    wav
+}
+
+/// Writes 8 kHz μ-law octets as a WAV file (format 7) at `path`.
+pub fn write_ulaw_wav(path: &std::path::Path, octets: &[u8]) {
+    std::fs::write(path, wav_8k(7, 8, octets)).expect("write WAV");
+}
+
+/// Writes 8 kHz 16-bit PCM samples as a WAV file at `path`.
+pub fn write_pcm16_wav(path: &std::path::Path, samples: &[i16]) {
+    let data: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+    std::fs::write(path, wav_8k(1, 16, &data)).expect("write WAV");
 }
 
 /// Normalised cross-correlation of two equally long signals (0 when either is all zeros).

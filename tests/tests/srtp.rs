@@ -4,30 +4,8 @@
 //! takes both sides encrypting and authenticating what the other can decrypt and verify — and
 //! every RTP packet on the wire must carry the 80-bit tag.
 
-use patchbay_e2e::{Capture, correlation, free_port, start_patchbay, wav_samples};
+use patchbay_e2e::{Capture, correlation, free_port, start_patchbay, wav_samples, write_pcm16_wav};
 use patchbay_media::rtp::RtpPacket;
-
-/// A 16-bit PCM mono WAV (baresip's `aufile` reads only that).
-fn pcm16_wav(samples: &[i16], rate: u32) -> Vec<u8> {
-    let data_len = (samples.len() * 2) as u32;
-    let mut out = Vec::with_capacity(44 + samples.len() * 2);
-    out.extend_from_slice(b"RIFF");
-    out.extend_from_slice(&(36 + data_len).to_le_bytes());
-    out.extend_from_slice(b"WAVEfmt ");
-    out.extend_from_slice(&16u32.to_le_bytes());
-    out.extend_from_slice(&1u16.to_le_bytes());
-    out.extend_from_slice(&1u16.to_le_bytes());
-    out.extend_from_slice(&rate.to_le_bytes());
-    out.extend_from_slice(&(rate * 2).to_le_bytes());
-    out.extend_from_slice(&2u16.to_le_bytes());
-    out.extend_from_slice(&16u16.to_le_bytes());
-    out.extend_from_slice(b"data");
-    out.extend_from_slice(&data_len.to_le_bytes());
-    for s in samples {
-        out.extend_from_slice(&s.to_le_bytes());
-    }
-    out
-}
 
 #[test]
 fn baresip_calls_the_echo_flow_over_srtp_and_hears_itself() {
@@ -38,7 +16,8 @@ fn baresip_calls_the_echo_flow_over_srtp_and_hears_itself() {
         .expect("the stock menu prompt");
     let speech = wav_samples(&prompt);
     let speech_path = dir.path().join("speech.wav");
-    std::fs::write(&speech_path, pcm16_wav(&speech, 8_000)).expect("write speech");
+    // baresip's `aufile` reads only 16-bit PCM.
+    write_pcm16_wav(&speech_path, &speech);
     // baresip's RTP port range, narrow enough to capture.
     // (Linux hands out odd ports for bind to port 0; RTP wants an even one.)
     let rtp_low = loop {

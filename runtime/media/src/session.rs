@@ -522,7 +522,8 @@ impl MediaSession {
     }
 
     /// Queues a frame to be sent after what is queued. Refused when the queue is full or the
-    /// frame is not one packetisation interval long (each tick sends exactly one interval).
+    /// frame is empty or longer than 40 ms; a frame that is not the call's packet length is
+    /// re-cut across packets as it goes out (each tick sends exactly one interval).
     pub fn play(&mut self, frame: Frame) -> Result<(), PlayRefused> {
         let samples = frame.samples_at_8k();
         if samples == 0 || samples > MAX_FRAME_SAMPLES {

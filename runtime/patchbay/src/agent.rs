@@ -2,7 +2,7 @@
 //! Streams, see `patchbay-agent` and `docs/agents.md`) and the agent's audio paced back into
 //! the call.
 //!
-//! - Caller → agent: every 20 ms frame after the jitter buffer, as μ-law (A-law calls are
+//! - Caller → agent: every frame after the jitter buffer (20 ms, or the call's ptime), as μ-law (A-law calls are
 //!   converted), queued by the media clock straight to the stream's writer (this task is not
 //!   woken per frame), and key presses as `dtmf` messages.
 //! - Agent → caller: the agent's audio, re-cut into 20 ms frames by the stream, queued behind
@@ -106,7 +106,8 @@ pub struct AgentCall<'a> {
 }
 
 /// Ends the session's task if the future awaiting it is dropped (the flow was killed, the
-/// engine is shutting down), and stops the caller's audio going to the agent.
+/// engine is shutting down), and in every case — that, a panic in the task, a normal end —
+/// stops the caller's audio going to the agent.
 struct SessionTask {
     handle: tokio::task::JoinHandle<Result<AgentEnd, CallError>>,
     media: Arc<CallMedia>,
@@ -114,10 +115,8 @@ struct SessionTask {
 
 impl Drop for SessionTask {
     fn drop(&mut self) {
-        if !self.handle.is_finished() {
-            self.handle.abort();
-            self.media.listen(None);
-        }
+        self.handle.abort();
+        self.media.listen(None);
     }
 }
 
@@ -142,15 +141,24 @@ pub async fn run(
     tracing::info!(%endpoint, stream_sid = %start.stream_sid, "agent connected");
     let sender = stream.sender();
     let AgentCall { media, pool, dtmf, played, marks, probe } = call;
-    let session = Session { media: Arc::clone(&media), pool, played, marks, probe };
+    // The caller's audio goes to the agent from now on (registered here, before the task runs,
+    // so that the guard below always finds it to remove).
+    let handed_over: Option<HandOffTimes> = probe.as_ref().map(|_| HandOffTimes::default());
+    media.listen(Some(Listener::Agent { sender: sender.clone(), handed_over: handed_over.clone() }));
+    // Told when the agent side has ended (before the agent's last words play out): key presses
+    // from then on stay queued for the flow.
+    let (ended, mut agent_ended) = tokio::sync::oneshot::channel();
+    let session = Session { media: Arc::clone(&media), pool, played, marks, probe, handed_over, ended: Some(ended) };
     let handle = tokio::spawn(tracing::Instrument::in_current_span(session.run(stream, caller_gone)));
     let mut task = SessionTask { handle, media };
+    let mut keys_to_agent = true;
     loop {
         tokio::select! {
             joined = &mut task.handle => {
                 return joined.unwrap_or_else(|e| Err(CallError::Unavailable(format!("agent session failed: {e}"))));
             }
-            Some(key) = dtmf.recv() => {
+            _ = &mut agent_ended, if keys_to_agent => keys_to_agent = false,
+            Some(key) = dtmf.recv(), if keys_to_agent => {
                 let _ = sender.send_dtmf(key.digit);
             }
         }
@@ -164,6 +172,8 @@ struct Session {
     played: watch::Receiver<u64>,
     marks: Arc<AtomicU64>,
     probe: Option<Arc<std::sync::Mutex<Vec<u32>>>>,
+    handed_over: Option<HandOffTimes>,
+    ended: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Session {
@@ -176,8 +186,6 @@ impl Session {
         mut stream: AgentStream,
         caller_gone: impl Future<Output = ()>,
     ) -> Result<AgentEnd, CallError> {
-        let handed_over: Option<HandOffTimes> = self.probe.as_ref().map(|_| HandOffTimes::default());
-        self.media.listen(Some(Listener::Agent { sender: stream.sender(), handed_over: handed_over.clone() }));
         let mut playout = Playout { pending: VecDeque::new(), marks: VecDeque::new() };
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tokio::pin!(caller_gone);
@@ -188,7 +196,7 @@ impl Session {
                         break Ok(AgentEnd::Disconnected("the agent sent more than five minutes of audio ahead".into()));
                     }
                     AgentEvent::Audio(frame) => {
-                        let sent = handed_over
+                        let sent = self.handed_over
                             .as_ref()
                             .and_then(|times| times.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop_front());
                         if let (Some(probe), Some(sent)) = (&self.probe, sent) {
@@ -228,6 +236,9 @@ impl Session {
             }
         };
         self.media.listen(None);
+        if let Some(ended) = self.ended.take() {
+            let _ = ended.send(());
+        }
         let dropped = stream.dropped_media_frames();
         if dropped > 0 {
             tracing::warn!(dropped, "caller audio frames dropped because the agent did not keep up");

@@ -73,7 +73,8 @@ impl SipCall {
     }
 }
 
-/// Queues the next frames of `prompt` (from frame `next` on) until about a second is queued;
+/// Queues the next frames of `prompt` (from frame `next` on) until 50 frames are queued (a
+/// second at 20 ms);
 /// once all of it is queued, queues the mark `id` and returns true. Shared by flows' `play` and
 /// `patchbay call --play`.
 pub(crate) fn feed_prompt(
@@ -129,8 +130,15 @@ const DTMF_DIGIT_MS: u32 = 100;
 
 impl SipCall {
     async fn until_hangup(&self) {
+        self.hangup_signal().await;
+    }
+
+    /// Resolves when the call has ended; owns what it waits on (for a task of its own).
+    fn hangup_signal(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut ended = self.ended.clone();
-        let _ = ended.wait_for(|e| *e).await;
+        async move {
+            let _ = ended.wait_for(|e| *e).await;
+        }
     }
 
     fn is_over(&self) -> bool {
@@ -161,7 +169,8 @@ impl SipCall {
         let mut played = self.played.clone();
         let mut dtmf = if barge_in { Some(self.dtmf.lock().await) } else { None };
         loop {
-            // Keep about a second queued ahead of the wire; the rest is fed as it plays.
+            // Keep 50 frames (a second at 20 ms) queued ahead of the wire; the rest is fed as it
+            // plays.
             if !marked {
                 marked = media.with(|session| feed_prompt(session, &self.pool, prompt, codec, &mut next, id));
             }
@@ -410,11 +419,7 @@ impl CallControl for SipCall {
             marks: Arc::clone(&self.marks),
             probe: None,
         };
-        let mut ended = self.ended.clone();
-        let caller_gone = async move {
-            let _ = ended.wait_for(|e| *e).await;
-        };
-        crate::agent::run(call, endpoint, &start, None, caller_gone).await
+        crate::agent::run(call, endpoint, &start, None, self.hangup_signal()).await
     }
 
     async fn record(&self, options: RecordOptions) -> Result<Recording, CallError> {
@@ -590,7 +595,7 @@ impl CallControl for SipCall {
         let media = self.rtp()?;
         media.with(|session| session.play(frame)).map_err(|refused| match refused {
             patchbay_media::session::PlayRefused::Full => {
-                CallError::LimitExceeded("the call's playout queue is full (10 s of audio)".into())
+                CallError::LimitExceeded("the call's playout queue is full (500 frames)".into())
             }
             wrong => CallError::InvalidArgument(wrong.to_string()),
         })

@@ -137,6 +137,11 @@ impl CallMedia {
         result
     }
 
+    /// The call's packetisation interval as the clock paces it (ms).
+    pub fn ptime_ms(&self) -> u16 {
+        self.ptime_ms as u16
+    }
+
     /// Sends the caller's audio to `listener` from now on (`None`: nobody listens; frames are
     /// dropped after the jitter buffer).
     pub fn listen(&self, listener: Option<Listener>) {

@@ -286,7 +286,11 @@ fn apply_negotiated(
         });
     } else {
         tracing::info!(codec = negotiated.codec.name(), "media renegotiated: new RTP stream");
-        let session = media_session(negotiated, routing);
+        // The clock paces the call at the ptime it started with (its steps on the wheel are
+        // fixed): the new stream keeps it, whatever the new SDP prefers.
+        let mut paced = negotiated.clone();
+        paced.ptime = media.ptime_ms();
+        let session = media_session(&paced, routing);
         // What the old stream still had queued is dropped: report its marks first, so nobody
         // waits for them.
         media.with(MediaSession::clear);
@@ -729,7 +733,7 @@ impl Endpoint {
                     && let Err((status, headers)) = authenticate(digest, auth, tenant, peer.addr, &request)
                 {
                     let _ = ua.reject_with(now, call, status, &headers);
-                    if status != 407 {
+                    if status == 403 {
                         refused("auth-failed", status);
                     }
                     return;

@@ -23,7 +23,7 @@
 //!   mid-call;
 //! - includes telephone-event with the offerer's payload type and `a=fmtp` (RFC 4733 §7.1.1);
 //! - answers the packetisation time: the offer's `a=ptime` when it is sane, else ours, never
-//!   above the offer's `a=maxptime` (RFC 4566 §6);
+//!   above 40 ms ([`MAX_PTIME_MS`]) or the offer's `a=maxptime` (RFC 4566 §6);
 //! - answers the direction by reversing the offer's (§6.1), intersected with ours; the legacy
 //!   RFC 2543 hold form `c=0.0.0.0` means the offerer does not want to receive (§8.4);
 //! - with SRTP, picks the first `a=crypto` line with a suite we support and answers it with the
@@ -74,9 +74,13 @@ pub const MAX_SDP_BYTES: usize = 64 * 1024;
 /// Most m-lines we accept in one session description.
 pub const MAX_MEDIA_LINES: usize = 32;
 
-/// Packetisation times we agree to, in milliseconds. G.711 at 10–60 ms is what phones,
+/// Packetisation times we understand in a peer's SDP, in milliseconds. G.711 at 10–60 ms is what phones,
 /// PBXs and carriers use; outside that range we fall back to our own ptime.
 pub const PTIME_RANGE_MS: std::ops::RangeInclusive<u16> = 10..=60;
+
+/// The longest ptime we answer with (and send): what Patchbay's media clock paces. A peer that
+/// prefers 50 or 60 ms is answered with 40 (ptime is a preference, RFC 4566 §6).
+pub const MAX_PTIME_MS: u16 = 40;
 
 /// Media direction, from our side of the stream (RFC 3264 §5.1, RFC 4566 §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -271,8 +275,8 @@ impl LocalMedia {
         if self.codecs.is_empty() {
             return Err(SdpError::InvalidLocal("no codecs configured"));
         }
-        if !PTIME_RANGE_MS.contains(&self.ptime) {
-            return Err(SdpError::InvalidLocal("ptime outside 10..=60 ms"));
+        if !(*PTIME_RANGE_MS.start()..=MAX_PTIME_MS).contains(&self.ptime) {
+            return Err(SdpError::InvalidLocal("ptime outside 10..=40 ms"));
         }
         if self.port == 0 {
             return Err(SdpError::InvalidLocal("RTP port 0"));

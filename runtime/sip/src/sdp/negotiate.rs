@@ -64,10 +64,11 @@ fn sane_ptime(ms: u32) -> Option<u16> {
     u16::try_from(ms).ok().filter(|ms| PTIME_RANGE_MS.contains(ms) && ms % 10 == 0)
 }
 
-/// The ptime to use: the peer's `a=ptime` when sane, else `fallback`, never above the peer's
-/// `a=maxptime` (RFC 4566 §6: both describe what the peer wants to receive).
+/// The ptime to use: the peer's `a=ptime` when sane, else `fallback`, never above
+/// [`MAX_PTIME_MS`](super::MAX_PTIME_MS) or the peer's `a=maxptime` (RFC 4566 §6: both describe
+/// what the peer wants to receive).
 fn choose_ptime(ptime: Option<u32>, maxptime: Option<u32>, fallback: u16) -> u16 {
-    let mut chosen = ptime.and_then(sane_ptime).unwrap_or(fallback);
+    let mut chosen = ptime.and_then(sane_ptime).unwrap_or(fallback).min(super::MAX_PTIME_MS);
     let ceiling = maxptime.map(|max| max.min(u32::from(*PTIME_RANGE_MS.end())));
     if let Some(ceiling) = ceiling.and_then(|max| u16::try_from(max - max % 10).ok())
         && ceiling >= *PTIME_RANGE_MS.start()
