@@ -187,6 +187,8 @@ impl LoadGenerator {
     fn local_media(&self) -> LocalMedia {
         let mut media = LocalMedia::new(self.engine.local_addr(), None, 1, 1);
         media.codecs = vec![sdp::AudioCodec::Pcmu];
+        // The generator's one socket carries RTP only: RTCP stays on port + 1, unread.
+        media.rtcp_mux = false;
         media
     }
 

@@ -149,6 +149,8 @@ async fn relay_call(control: &mut Control, engine: &RtpEngine, n: usize) -> anyh
     let call_id = format!("loadgen-{}-{n}", std::process::id());
     let mut media = LocalMedia::new(engine.local_addr(), None, 1, 1);
     media.codecs = vec![sdp::AudioCodec::Pcmu];
+    // RTP only on the generator's socket (as in `calls`).
+    media.rtcp_mux = false;
     let offer_a = sdp::offer(&media).context("SDP offer")?;
     let to_b = control
         .sdp(&dict(&[("command", "offer"), ("call-id", &call_id), ("from-tag", "a"), ("sdp", &offer_a)]))

@@ -114,6 +114,7 @@ fn config(remote: SocketAddr, ssrc: u32, srtp: Option<SrtpKeys>) -> SessionConfi
         initial_timestamp: ssrc.rotate_left(7),
         inactivity_timeout: Some(Duration::from_secs(60)),
         inband_dtmf: false,
+        rtcp_mux: false,
         jitter: JitterConfig::default(),
         srtp,
     }

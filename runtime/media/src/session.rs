@@ -100,6 +100,10 @@ pub struct SessionConfig {
     pub inactivity_timeout: Option<Duration>,
     /// Detect DTMF tones in the audio (for peers that send no telephone-events).
     pub inband_dtmf: bool,
+    /// RTCP shares the RTP port (RFC 5761): reports go to the peer's RTP address, and the shell
+    /// hands RTCP arriving on the RTP port to [`MediaSession::receive_rtcp`]
+    /// (see [`is_rtcp`]).
+    pub rtcp_mux: bool,
     /// Jitter buffer settings.
     pub jitter: JitterConfig,
     /// SRTP keys (SDES, RFC 4568) when the call is encrypted.
@@ -256,6 +260,13 @@ pub struct MediaSession {
     decode_scratch: Vec<i16>,
 }
 
+/// Whether a datagram on a multiplexed RTP port is RTCP (RFC 5761 §4): its second octet, the
+/// RTCP packet type, is 192–223 (RTCP's range, which RTP payload types 64–95 would collide with
+/// once the marker bit is set; no audio profile uses them).
+pub fn is_rtcp(datagram: &[u8]) -> bool {
+    datagram.get(1).is_some_and(|b| (192..=223).contains(b))
+}
+
 /// Longest frame [`MediaSession::play`] accepts, and the longest ptime: 40 ms at 8 kHz.
 pub const MAX_FRAME_SAMPLES: usize = 320;
 
@@ -338,6 +349,11 @@ impl MediaSession {
     /// The codec.
     pub fn codec(&self) -> Codec {
         self.config.codec
+    }
+
+    /// Whether RTCP shares the RTP port (RFC 5761).
+    pub fn rtcp_mux(&self) -> bool {
+        self.config.rtcp_mux
     }
 
     /// Samples per frame (8 per millisecond of ptime).
@@ -682,7 +698,9 @@ impl MediaSession {
         x ^= x >> 15;
         let factor = 500 + (x % 1001);
         self.next_rtcp = Some(now + RTCP_INTERVAL * factor / 1000);
-        let to = self.rtcp_remote.or_else(|| self.remote.map(|r| SocketAddr::new(r.ip(), r.port().wrapping_add(1))))?;
+        let rtcp_port =
+            |r: SocketAddr| if self.config.rtcp_mux { r } else { SocketAddr::new(r.ip(), r.port().wrapping_add(1)) };
+        let to = self.rtcp_remote.or_else(|| self.remote.map(rtcp_port))?;
         if !self.sending {
             return None;
         }

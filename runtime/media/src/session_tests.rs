@@ -26,6 +26,7 @@ fn config() -> SessionConfig {
         initial_timestamp: 4_294_967_000,
         inactivity_timeout: Some(Duration::from_secs(60)),
         inband_dtmf: false,
+        rtcp_mux: false,
         jitter: JitterConfig::default(),
         srtp: None,
     }
@@ -352,6 +353,31 @@ fn rtcp_reports_flow_both_ways_and_give_the_round_trip_time() {
     let before = a.stats().rtcp_received;
     a.receive_rtcp(t0, ntp(t0), b_addr, &mut [0x80, 200, 0, 99]);
     assert_eq!(a.stats().rtcp_received, before);
+}
+
+#[test]
+fn with_rtcp_mux_reports_go_to_the_rtp_port_and_are_told_apart_from_rtp() {
+    let peer = addr("192.0.2.10:6000");
+    let mut s = MediaSession::new(SessionConfig { remote: Some(peer), rtcp_mux: true, ..config() }, FramePool::new(8));
+    let t0 = Instant::now();
+    let ntp = NtpTime::from_unix(Duration::from_secs(3_900_000_000));
+    let mut rtcp = [0u8; MAX_RTCP];
+    let mut report = None;
+    for i in 0..400u32 {
+        let now = t0 + MS20 * i;
+        let (_, packet) = tick(&mut s, now).expect("RTP every tick");
+        assert!(!is_rtcp(&packet), "our RTP (PT 0) never looks like RTCP");
+        if let Some((to, len)) = s.rtcp_tick(now, ntp, &mut rtcp) {
+            assert_eq!(to, peer, "RTCP goes to the RTP port (RFC 5761)");
+            report = Some(rtcp[..len].to_vec());
+        }
+    }
+    let report = report.expect("a report within 8 s");
+    assert!(is_rtcp(&report), "an SR's packet type (200) marks it as RTCP");
+    // RTP with the marker bit and payload types up to 127 is still RTP, except 64–95 (which
+    // RFC 5761 §4 reserves for this demultiplexing).
+    assert!(!is_rtcp(&rtp(101, 1, 0, true, &[1, 0, 0, 160])));
+    assert!(!is_rtcp(&rtp(8, 1, 0, true, &[0xd5; 160])));
 }
 
 #[test]

@@ -55,6 +55,7 @@ pub fn bench_session(pool: &patchbay_media::FramePool, remote: SocketAddr, ssrc:
             initial_timestamp: 0,
             inactivity_timeout: None,
             inband_dtmf: false,
+            rtcp_mux: false,
             jitter: Default::default(),
             srtp: None,
         },

@@ -16,16 +16,18 @@
 //! anyway, and the kernel's arrival stamps keep the jitter figures and the buffer's timing
 //! true (BENCHMARKS.md, "System benchmark").
 //!
-//! RTCP runs on the RTP port + 1 (RFC 3550 §11): the clock sends each call's reports when its
-//! session says one is due, and reads the peer's every other turn of its wheel (240 ms; reports come
-//! every few seconds and carry their own timing).
+//! RTCP runs on the RTP port + 1 (RFC 3550 §11), or on the RTP port when both sides said
+//! `a=rtcp-mux` (RFC 5761; the clock then sorts what arrives by packet type, §4): the clock
+//! sends each call's reports when its session says one is due, and reads the peer's port + 1
+//! every other turn of its wheel (240 ms; reports come every few seconds and carry their own
+//! timing).
 //!
 //! Each call is paced at its own negotiated ptime (10, 20, 30 or 40 ms; `[media] ptime_ms` is
 //! ours, 20 by default): the wheel turns in 2 ms steps over 120 ms, and a call sits in every
 //! (ptime / 2 ms)-th step.
 //!
-//! **Not implemented yet:** RTCP multiplexed on the RTP port (RFC 5761), and a number of clock
-//! threads that follows the host's cores (two, whatever the host).
+//! **Not implemented yet:** a number of clock threads that follows the host's cores (two,
+//! whatever the host).
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -188,11 +190,17 @@ impl CallMedia {
     /// sent.
     fn tick(&self, now: Instant, ntp: &NtpClock, out: &mut Buffers, stats: &ClockStats, rtcp_due: bool) -> bool {
         let arrivals = ArrivalClock::now();
-        let (packet, report, frame, events) = {
+        let (packet, report, frame, events, mux) = {
             let mut session = self.lock();
-            // Everything that arrived since the last visit, at the times the kernel saw it.
+            // Everything that arrived since the last visit, at the times the kernel saw it; on a
+            // multiplexed port (RFC 5761 §4) the RTCP among it goes to the RTCP side.
+            let mux = session.rtcp_mux();
             drain(&self.socket, &mut out.inbox, now, &arrivals, |arrival, from, data| {
-                session.receive(arrival, from, data);
+                if mux && patchbay_media::session::is_rtcp(data) {
+                    session.receive_rtcp(arrival, ntp.at(arrival), from, data);
+                } else {
+                    session.receive(arrival, from, data);
+                }
             });
             if rtcp_due && let Some(rtcp) = &self.rtcp_socket {
                 drain(rtcp, &mut out.inbox, now, &arrivals, |arrival, from, data| {
@@ -200,15 +208,16 @@ impl CallMedia {
                 });
             }
             let packet = session.tick(now, &mut out.rtp);
-            let report = match self.rtcp_socket {
-                Some(_) => session.rtcp_tick(now, ntp.at(now), &mut out.rtcp),
-                None => None,
+            let report = match (&self.rtcp_socket, mux) {
+                (Some(_), _) | (None, true) => session.rtcp_tick(now, ntp.at(now), &mut out.rtcp),
+                (None, false) => None,
             };
             // The jitter buffer's playout runs on this clock whether or not anybody listens.
-            (packet, report, session.take_received(now), session.has_events())
+            (packet, report, session.take_received(now), session.has_events(), mux)
         };
-        if let (Some((to, len)), Some(rtcp)) = (report, &self.rtcp_socket) {
-            let _ = rtcp.send_to(&out.rtcp[..len], to);
+        let rtcp_out = if mux { Some(&self.socket) } else { self.rtcp_socket.as_ref() };
+        if let (Some((to, len)), Some(socket)) = (report, rtcp_out) {
+            let _ = socket.send_to(&out.rtcp[..len], to);
         }
         let out = &out.rtp;
         let sent = match packet {
@@ -415,6 +424,7 @@ pub fn session_for(
             initial_timestamp: (random >> 16) as u32,
             inactivity_timeout,
             inband_dtmf: negotiated.telephone_event.is_none(),
+            rtcp_mux: negotiated.rtcp_mux,
             jitter: Default::default(),
             srtp,
         },

@@ -794,3 +794,48 @@ proptest! {
         }
     }
 }
+
+/// A WebRTC-gateway-style offer that multiplexes RTCP on the RTP port.
+const RTCP_MUX_OFFER: &str = "v=0
+    o=- 1 1 IN IP4 192.0.2.40
+    s=-
+    c=IN IP4 192.0.2.40
+    t=0 0
+    m=audio 10000 RTP/AVP 0 101
+    a=rtpmap:0 PCMU/8000
+    a=rtpmap:101 telephone-event/8000
+    a=rtcp-mux
+    a=sendrecv
+";
+
+#[test]
+fn rtcp_mux_is_answered_only_when_offered_and_wanted() {
+    // RFC 5761 §5.1.1: the answer says a=rtcp-mux only to an offer that did.
+    let muxed = answer(&crlf(RTCP_MUX_OFFER), &local()).expect("answer");
+    assert!(muxed.rtcp_mux);
+    assert!(lines(&muxed.local_sdp).contains(&"a=rtcp-mux"), "{}", muxed.local_sdp);
+    strictly_valid(&muxed.local_sdp);
+
+    let plain = answer(&crlf(BARESIP), &local()).expect("answer");
+    assert!(!plain.rtcp_mux);
+    assert!(!plain.local_sdp.contains("rtcp-mux"), "{}", plain.local_sdp);
+
+    let mut unwilling = local();
+    unwilling.rtcp_mux = false;
+    let declined = answer(&crlf(RTCP_MUX_OFFER), &unwilling).expect("answer");
+    assert!(!declined.rtcp_mux && !declined.local_sdp.contains("rtcp-mux"), "{}", declined.local_sdp);
+}
+
+#[test]
+fn our_offer_of_rtcp_mux_holds_once_the_answer_accepts_it() {
+    let ours = local();
+    let sent = offer(&ours).expect("offer");
+    assert!(lines(&sent).contains(&"a=rtcp-mux"), "{sent}");
+    let with = |mux: &str| {
+        crlf(&format!(
+            "v=0\no=- 2 2 IN IP4 192.0.2.50\ns=-\nc=IN IP4 192.0.2.50\nt=0 0\nm=audio 20000 RTP/AVP 0\n{mux}a=sendrecv\n"
+        ))
+    };
+    assert!(accept_answer(&sent, &with("a=rtcp-mux\n")).expect("answer").rtcp_mux);
+    assert!(!accept_answer(&sent, &with("")).expect("answer").rtcp_mux, "an answer without it keeps port + 1");
+}

@@ -230,8 +230,12 @@ pub struct LocalMedia {
     /// The address written in `c=` and `o=`: the configured `external_ip` behind NAT, else the
     /// address the RTP socket is bound to (see [`LocalMedia::new`]).
     pub address: IpAddr,
-    /// Our RTP port. RTCP is on port + 1 (RFC 3550 §11).
+    /// Our RTP port. RTCP is on port + 1 (RFC 3550 §11), or on this port too when RTCP
+    /// multiplexing is agreed.
     pub port: u16,
+    /// Offer and accept RTCP multiplexed on the RTP port (RFC 5761; `a=rtcp-mux`). We still
+    /// listen on port + 1, as §5.1.1 asks of an offerer until the answer is in.
+    pub rtcp_mux: bool,
     /// SRTP policy and our SDES key.
     pub srtp: SrtpPolicy,
     /// The direction we want: `SendOnly` while we hold the far end.
@@ -255,6 +259,7 @@ impl LocalMedia {
             telephone_event_pt: 101,
             comfort_noise: false,
             ptime: 20,
+            rtcp_mux: true,
             address: external_ip.unwrap_or(bind.ip()),
             port: bind.port(),
             srtp: SrtpPolicy::Off,
@@ -352,6 +357,8 @@ pub struct Negotiated {
     pub direction: Direction,
     /// SRTP parameters, when SRTP was negotiated.
     pub srtp: Option<SrtpParams>,
+    /// RTCP goes on the RTP port both ways (RFC 5761): both sides said `a=rtcp-mux`.
+    pub rtcp_mux: bool,
 }
 
 /// Who caused an [`SdpError`].

@@ -115,6 +115,7 @@ struct Served<'a> {
     ptime: u16,
     direction: Direction,
     crypto: Option<CryptoAttribute>,
+    rtcp_mux: bool,
 }
 
 fn serve<'a>(offer: &Session<'a>, media: &Media<'a>, local: &LocalMedia) -> Result<Served<'a>, SdpError> {
@@ -143,6 +144,8 @@ fn serve<'a>(offer: &Session<'a>, media: &Media<'a>, local: &LocalMedia) -> Resu
         ptime: choose_ptime(media.ptime, media.maxptime, local.ptime),
         direction: intersect(offer.direction_for(media), local.direction),
         crypto,
+        // RFC 5761 §5.1.1: only when offered, and then at our choice.
+        rtcp_mux: media.rtcp_mux && local.rtcp_mux,
     })
 }
 
@@ -198,6 +201,7 @@ pub fn answer(offer_sdp: &str, local: &LocalMedia) -> Result<Negotiated, SdpErro
         direction: stream.direction,
         // Same tag, same suite, our key (RFC 4568 §7.1.2).
         crypto: srtp.iter().map(|params| (params.tag, params.suite, &params.local_key)).collect(),
+        rtcp_mux: stream.rtcp_mux,
     };
     let mut out = String::new();
     write::session_header(&mut out, local);
@@ -218,6 +222,7 @@ pub fn answer(offer_sdp: &str, local: &LocalMedia) -> Result<Negotiated, SdpErro
         ptime: stream.ptime,
         direction: stream.direction,
         srtp,
+        rtcp_mux: stream.rtcp_mux,
     })
 }
 
@@ -252,6 +257,7 @@ fn offer_line<'a>(
         ptime: local.ptime,
         direction: local.direction,
         crypto,
+        rtcp_mux: local.rtcp_mux,
     }
 }
 
@@ -396,6 +402,8 @@ pub fn accept_answer(offer_we_sent: &str, answer_sdp: &str) -> Result<Negotiated
         ptime: choose_ptime(theirs.ptime, theirs.maxptime, fallback_ptime),
         direction,
         srtp,
+        // RFC 5761 §5.1.1: multiplexed once the answer says so to our offer of it.
+        rtcp_mux: theirs.rtcp_mux && ours.rtcp_mux,
     })
 }
 

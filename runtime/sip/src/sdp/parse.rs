@@ -51,6 +51,8 @@ pub(crate) struct Media<'a> {
     pub crypto: Vec<CryptoAttribute>,
     /// Whether any `a=crypto` line was present, usable or not.
     pub has_crypto_lines: bool,
+    /// `a=rtcp-mux` (RFC 5761 §5.1.1): RTCP on the RTP port.
+    pub rtcp_mux: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,6 +226,7 @@ fn parse_media(value: &str, line: usize) -> Result<Media<'_>, SdpError> {
         direction: None,
         crypto: Vec::new(),
         has_crypto_lines: false,
+        rtcp_mux: false,
     })
 }
 
@@ -242,6 +245,10 @@ fn parse_attribute<'a>(session: &mut Session<'a>, value: &'a str) {
     };
     if let Some(direction) = Direction::from_attribute(name) {
         media.direction = Some(direction);
+        return;
+    }
+    if name.eq_ignore_ascii_case("rtcp-mux") {
+        media.rtcp_mux = true;
         return;
     }
     let Some(attr_value) = attr_value else { return };

@@ -16,6 +16,8 @@ pub(crate) struct AudioLine<'a> {
     pub ptime: u16,
     pub direction: Direction,
     pub crypto: Vec<(u32, CryptoSuite, &'a SdesKey)>,
+    /// `a=rtcp-mux` (RFC 5761 §5.1.1).
+    pub rtcp_mux: bool,
 }
 
 fn address_type(address: IpAddr) -> &'static str {
@@ -56,6 +58,9 @@ pub(crate) fn audio(out: &mut String, port: u16, line: &AudioLine<'_>) {
         }
     }
     let _ = write!(out, "a=ptime:{}\r\na={}\r\n", line.ptime, line.direction.attribute());
+    if line.rtcp_mux {
+        out.push_str("a=rtcp-mux\r\n");
+    }
     for (tag, suite, key) in &line.crypto {
         crypto::write(out, *tag, *suite, key);
     }
