@@ -466,6 +466,17 @@ pub fn clock_ptime_ms(negotiated: u32) -> u32 {
     (negotiated / 10 * 10).clamp(10, 40)
 }
 
+/// Puts `call` (paced every `ptime_ms`) on the wheel: in every (ptime / 2 ms)-th step from the
+/// offset whose steps hold the fewest calls, marked as first in the turn at its first step.
+fn place<T: Clone>(slots: &mut [Vec<(T, bool)>], call: T, ptime_ms: u32) {
+    let every = (clock_ptime_ms(ptime_ms) / 2) as usize;
+    let load = |offset: usize| slots.iter().skip(offset).step_by(every).map(Vec::len).sum::<usize>();
+    let offset = (0..every).min_by_key(|&o| load(o)).unwrap_or(0);
+    for (k, at) in (offset..slots.len()).step_by(every).enumerate() {
+        slots[at].push((call.clone(), k == 0));
+    }
+}
+
 /// Clock threads; each owns the calls dealt to it and runs its own wheel, the second offset by
 /// half a step so that their bursts of sends interleave rather than coincide. Two halve each
 /// step's burst at 2,000 calls and let a second core send while one thread is late (figures in
@@ -502,12 +513,8 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
         loop {
             match register.try_recv() {
                 Ok(call) => {
-                    let every = (call.ptime_ms / 2) as usize;
-                    let load = |offset: usize| slots.iter().skip(offset).step_by(every).map(Vec::len).sum::<usize>();
-                    let offset = (0..every).min_by_key(|&o| load(o)).unwrap_or(0);
-                    for (k, at) in (offset..WHEEL_STEPS).step_by(every).enumerate() {
-                        slots[at].push((Arc::clone(&call), k == 0));
-                    }
+                    let ptime_ms = call.ptime_ms;
+                    place(&mut slots, call, ptime_ms);
                 }
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => {
@@ -569,5 +576,38 @@ fn realtime_priority() {
         tracing::info!(
             "media clock runs at normal priority (no permission for SCHED_FIFO; grant CAP_SYS_NICE for steadier pacing)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{WHEEL_STEPS, place};
+
+    /// The steps (2 ms each) at which `call` is served in one turn.
+    fn steps(slots: &[Vec<(u32, bool)>], call: u32) -> Vec<usize> {
+        (0..slots.len()).filter(|&i| slots[i].iter().any(|(c, _)| *c == call)).collect()
+    }
+
+    #[test]
+    fn each_ptime_is_served_once_per_ptime_at_the_least_loaded_offset() {
+        let mut slots: Vec<Vec<(u32, bool)>> = vec![Vec::new(); WHEEL_STEPS];
+        for (call, ptime) in [(1, 20), (2, 20), (3, 10), (4, 30), (5, 40)] {
+            place(&mut slots, call, ptime);
+        }
+        for (call, ptime) in [(1u32, 20usize), (2, 20), (3, 10), (4, 30), (5, 40)] {
+            let at = steps(&slots, call);
+            assert_eq!(at.len(), 120 / ptime, "call {call}: once per {ptime} ms in a 120 ms turn");
+            assert!(at.windows(2).all(|w| w[1] - w[0] == ptime / 2), "call {call} at {at:?}");
+            let firsts: Vec<usize> =
+                (0..WHEEL_STEPS).filter(|&i| slots[i].iter().any(|&(c, first)| c == call && first)).collect();
+            assert_eq!(firsts, vec![at[0]], "one first step per turn (RTCP is read there)");
+        }
+        // The second 20 ms call avoids the first one's steps; the 10 ms call avoids both.
+        assert_ne!(steps(&slots, 1)[0], steps(&slots, 2)[0]);
+        let busy: Vec<usize> = steps(&slots, 1).into_iter().chain(steps(&slots, 2)).collect();
+        assert!(steps(&slots, 3).iter().all(|s| !busy.contains(s)), "{busy:?} {:?}", steps(&slots, 3));
+        // 50 and 60 ms (which SDP allows) are served at 40.
+        place(&mut slots, 6, 60);
+        assert_eq!(steps(&slots, 6).len(), 3);
     }
 }
