@@ -258,6 +258,10 @@ pub struct MediaSession {
     srtp: Option<(SrtpContext, SrtpContext)>,
     samples_per_frame: u32,
     decode_scratch: Vec<i16>,
+    /// The level (-dBov) of the peer's last comfort-noise packet while it is in DTX (RFC 3389).
+    peer_noise_dbov: Option<u8>,
+    /// State of the generator of that noise.
+    noise_state: u32,
 }
 
 /// Whether a datagram on a multiplexed RTP port is RTCP (RFC 5761 §4): its second octet, the
@@ -320,6 +324,8 @@ impl MediaSession {
                 .map(|k| (SrtpContext::new(k.profile, &k.local), SrtpContext::new(k.profile, &k.remote))),
             samples_per_frame,
             decode_scratch: Vec::with_capacity(320),
+            peer_noise_dbov: None,
+            noise_state: config.ssrc | 1,
             pool,
             config,
         }
@@ -407,8 +413,9 @@ impl MediaSession {
         let header = packet.header;
         let pt = header.payload_type;
         let is_event = Some(pt) == self.config.telephone_event;
-        if pt != self.config.payload_type && !is_event {
-            // Comfort noise, a codec we did not agree on, or RTCP on the RTP port (rtcp-mux).
+        let is_noise = Some(pt) == self.config.comfort_noise;
+        if pt != self.config.payload_type && !is_event && !is_noise {
+            // A codec we did not agree on, or RTCP on a port we did not agree to share.
             self.stats.dropped += 1;
             return;
         }
@@ -439,6 +446,15 @@ impl MediaSession {
             }
             return;
         }
+        if is_noise {
+            // RFC 3389 §3: the peer went quiet (DTX) and sends its background level now and
+            // then: the first octet is the level in -dBov (spectral coefficients, if any, are
+            // not used). Until its audio resumes, what we conceal is noise at that level. The
+            // packet counts as RTP received: a peer in DTX is not inactive.
+            self.peer_noise_dbov = Some(packet.payload.first().map_or(127, |level| level & 0x7f));
+            return;
+        }
+        self.peer_noise_dbov = None;
         let frame = match self.pool.g711(self.config.codec.encoding(), packet.payload, u64::from(header.timestamp)) {
             Ok(frame) => frame,
             Err(_) => {
@@ -503,7 +519,11 @@ impl MediaSession {
         if peer == ours && self.reframe.is_empty() {
             return match self.pop_received(now)? {
                 Some(frame) => Some(frame),
-                None => self.pool.g711(self.config.codec.encoding(), &[silence; 320][..ours], 0).ok(),
+                None => {
+                    let mut octets = [silence; MAX_FRAME_SAMPLES];
+                    self.conceal(&mut octets[..ours]);
+                    self.pool.g711(self.config.codec.encoding(), &octets[..ours], 0).ok()
+                }
             };
         }
         while self.reframe.len() < ours {
@@ -513,7 +533,12 @@ impl MediaSession {
             let starts_at = now + Duration::from_micros(self.reframe.len() as u64 * 125);
             match self.pop_received(starts_at)? {
                 Some(frame) => self.reframe.extend(frame.octets()),
-                None => self.reframe.extend(std::iter::repeat_n(silence, peer)),
+                None => {
+                    let mut octets = [silence; 480];
+                    let n = peer.min(octets.len());
+                    self.conceal(&mut octets[..n]);
+                    self.reframe.extend(&octets[..n]);
+                }
             }
         }
         let mut octets = [silence; 320];
@@ -521,6 +546,33 @@ impl MediaSession {
             *slot = octet;
         }
         self.pool.g711(self.config.codec.encoding(), &octets[..ours], 0).ok()
+    }
+
+    /// Fills `octets` (the call's law) for a frame that did not arrive: silence, or — while the
+    /// peer is in DTX — white noise at the level its last comfort-noise packet gave (RFC 3389
+    /// §3, 0 dBov taken as a full-scale sine).
+    fn conceal(&mut self, octets: &mut [u8]) {
+        let Some(dbov) = self.peer_noise_dbov else {
+            octets.fill(self.config.codec.silence());
+            return;
+        };
+        let rms = 23_170.0 * 10f64.powf(-f64::from(dbov) / 20.0);
+        // Uniform noise in [-a, a] has an RMS of a / √3.
+        let amplitude = (rms * 3f64.sqrt()).min(32_767.0);
+        for octet in octets {
+            // xorshift32: cheap, and noise needs nothing better.
+            let mut x = self.noise_state;
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            self.noise_state = x;
+            let unit = f64::from(x) / f64::from(u32::MAX) * 2.0 - 1.0;
+            let sample = (unit * amplitude) as i16;
+            *octet = match self.config.codec {
+                Codec::Pcmu => crate::g711::ulaw_encode(sample),
+                Codec::Pcma => crate::g711::alaw_encode(sample),
+            };
+        }
     }
 
     /// One jitter-buffer playout: `Some(Some(frame))`, `Some(None)` for a frame to conceal,

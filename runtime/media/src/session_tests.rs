@@ -381,6 +381,48 @@ fn with_rtcp_mux_reports_go_to_the_rtp_port_and_are_told_apart_from_rtp() {
 }
 
 #[test]
+fn comfort_noise_from_a_peer_in_dtx_keeps_the_call_alive_and_is_heard_as_noise() {
+    let mut s = MediaSession::new(SessionConfig { comfort_noise: Some(13), ..config() }, FramePool::new(64));
+    let t0 = Instant::now();
+    let rms = |frame: &Frame| {
+        let linear = frame.linear();
+        (linear.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / linear.len() as f64).sqrt()
+    };
+    // 1 s of speech-level audio, then the peer goes quiet: nothing for 200 ms, then one CN
+    // packet (level 40 dBov) every 200 ms for 61 s, then audio again.
+    let (mut seq, mut ts) = (1u16, 0u32);
+    let (mut heard_before_cn, mut heard_in_dtx) = (Vec::new(), Vec::new());
+    for i in 0..3_150u32 {
+        let now = t0 + MS20 * i;
+        let audio = !(50..3_100).contains(&i);
+        if audio || (i >= 60 && i % 10 == 0) {
+            let packet = if audio { rtp(0, seq, ts, false, &[0x90; 160]) } else { rtp(13, seq, ts, false, &[40]) };
+            s.receive(now, addr(PEER), &mut packet.clone());
+            seq = seq.wrapping_add(1);
+        }
+        ts = ts.wrapping_add(160);
+        tick(&mut s, now);
+        if let Some(frame) = s.take_received(now) {
+            match i {
+                50..60 => heard_before_cn.push(rms(&frame)),
+                500..3_000 => heard_in_dtx.push(rms(&frame)),
+                _ => {}
+            }
+        }
+    }
+    assert!(!events(&mut s).contains(&SessionEvent::Inactive), "CN is RTP: a peer in DTX is not inactive");
+    // In DTX the caller's side is heard as noise at about -40 dBov (0 dBov = full-scale sine):
+    // 23170 × 10^(-2) ≈ 232 RMS, within 3 dB.
+    let mean = heard_in_dtx.iter().sum::<f64>() / heard_in_dtx.len() as f64;
+    assert!(heard_in_dtx.len() > 2_000, "{} frames", heard_in_dtx.len());
+    assert!((164.0..328.0).contains(&mean), "noise RMS {mean:.0}");
+    assert!(heard_in_dtx.iter().all(|&r| r > 100.0), "no silent frame while in DTX");
+    // Before any CN, a missing frame is silence.
+    assert!(heard_before_cn.contains(&0.0), "{heard_before_cn:?}");
+    assert_eq!(s.stats().dropped, 0, "CN packets are not dropped");
+}
+
+#[test]
 fn with_comfort_noise_negotiated_silence_goes_out_as_cn_every_interval() {
     let mut s = MediaSession::new(SessionConfig { comfort_noise: Some(13), ..config() }, FramePool::new(4));
     let t0 = Instant::now();
