@@ -264,6 +264,9 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
     let patchbay_bin = std::fs::canonicalize(&args.patchbay)
         .with_context(|| format!("{} (build it: cargo build --release -p patchbay)", args.patchbay.display()))?;
     let only = |s: &str| args.only.iter().any(|o| o == s);
+    // The agent, endpoint and bridged rounds: held `short_hold`, measuring `pids`.
+    let short_load =
+        |calls: &[usize], pids: Vec<(String, u32)>| load_args(calls, args.short_hold, args.ramp, pids, false);
     let mut results = Results {
         machine: machine(),
         date: String::from_utf8_lossy(
@@ -308,13 +311,12 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         )?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let pids = vec![("patchbay".into(), patchbay_pid), ("agent".into(), agent.pid()?)];
-        let load = load_args(&args.agent_calls, args.short_hold, args.ramp, pids, false);
+        let load = short_load(&args.agent_calls, pids);
         results.agent = crate::run_rounds(&mut generator, target, "sip:agent@127.0.0.1", None, &load).await?;
         agent.stop().await;
     }
     if only("endpoint") {
-        let load =
-            load_args(&args.endpoint_calls, args.short_hold, args.ramp, vec![("patchbay".into(), patchbay_pid)], false);
+        let load = short_load(&args.endpoint_calls, vec![("patchbay".into(), patchbay_pid)]);
         results.endpoint = crate::run_rounds(&mut generator, target, "sip:echo@127.0.0.1", None, &load).await?;
         let dir = out.join("baresip");
         std::fs::create_dir_all(&dir).context("baresip config directory")?;
@@ -324,13 +326,7 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         match Process::spawn("baresip", Command::new("baresip").arg("-f").arg(&dir), &out.join("baresip.log")) {
             Ok(baresip) => {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let load = load_args(
-                    &args.endpoint_calls,
-                    args.short_hold,
-                    args.ramp,
-                    vec![("baresip".into(), baresip.pid()?)],
-                    false,
-                );
+                let load = short_load(&args.endpoint_calls, vec![("baresip".into(), baresip.pid()?)]);
                 let baresip_target = SocketAddr::from(([127, 0, 0, 1], BARESIP_PORT));
                 let uri = format!("sip:echo@127.0.0.1:{BARESIP_PORT}");
                 results.baresip = crate::run_rounds(&mut generator, baresip_target, &uri, None, &load).await?;
@@ -340,8 +336,7 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         }
     }
     if only("bridge") {
-        let load =
-            load_args(&args.bridge_calls, args.short_hold, args.ramp, vec![("patchbay".into(), patchbay_pid)], false);
+        let load = short_load(&args.bridge_calls, vec![("patchbay".into(), patchbay_pid)]);
         let keys = Some(("2000".to_owned(), Duration::from_secs(3)));
         results.bridge = crate::run_rounds(&mut generator, target, "sip:bridge@127.0.0.1", keys, &load).await?;
         match Process::spawn(
@@ -360,13 +355,7 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         ) {
             Ok(rtpengine) => {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let load = load_args(
-                    &args.bridge_calls,
-                    args.short_hold,
-                    args.ramp,
-                    vec![("rtpengine".into(), rtpengine.pid()?)],
-                    false,
-                );
+                let load = short_load(&args.bridge_calls, vec![("rtpengine".into(), rtpengine.pid()?)]);
                 results.rtpengine =
                     crate::rtpengine::run_rounds(SocketAddr::from(([127, 0, 0, 1], NG_PORT)), &load).await?;
                 rtpengine.stop().await;
