@@ -280,7 +280,7 @@ pub const MAX_PACKET: usize = 12 + 320 + 16;
 impl MediaSession {
     /// A session about to send its first packet.
     pub fn new(config: SessionConfig, pool: FramePool) -> Self {
-        let samples_per_frame = 8 * config.ptime_ms.clamp(10, 40);
+        let samples_per_frame = 8 * config.ptime_ms.clamp(10, MAX_FRAME_SAMPLES as u32 / 8);
         let sender = RtpSender::new(RtpSenderConfig {
             ssrc: config.ssrc,
             payload_type: config.payload_type,

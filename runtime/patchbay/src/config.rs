@@ -126,7 +126,7 @@ fn default_ptime_ms() -> u16 {
 
 fn ptime_ms<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
     let ms = <u16 as serde::Deserialize>::deserialize(deserializer)?;
-    if [10, 20, 30, 40].contains(&ms) {
+    if patchbay_sip::sdp::valid_ptime(ms) {
         Ok(ms)
     } else {
         Err(serde::de::Error::custom(format!("ptime_ms must be 10, 20, 30 or 40 (got {ms})")))

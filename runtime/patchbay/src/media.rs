@@ -463,7 +463,7 @@ const WHEEL_STEPS: usize = 60;
 /// SDP allows up to 60 ms; a longer ptime is served at 40 ms (ptime states what the peer prefers
 /// to receive, and every receiver handles any packet length, RFC 4566 §6).
 pub fn clock_ptime_ms(negotiated: u32) -> u32 {
-    (negotiated / 10 * 10).clamp(10, 40)
+    (negotiated / 10 * 10).clamp(10, u32::from(patchbay_sip::sdp::MAX_PTIME_MS))
 }
 
 /// Puts `call` (paced every `ptime_ms`) on the wheel: in every (ptime / 2 ms)-th step from the

@@ -275,7 +275,9 @@ fn apply_negotiated(
 ) {
     let same_stream = negotiated.codec == current.codec
         && negotiated.telephone_event == current.telephone_event
-        && negotiated.srtp == current.srtp;
+        && negotiated.srtp == current.srtp
+        // Where RTCP goes and comes from is the session's (RFC 5761).
+        && negotiated.rtcp_mux == current.rtcp_mux;
     if same_stream {
         let remote = (!negotiated.remote_rtp.ip().is_unspecified()).then_some(negotiated.remote_rtp);
         let hold = !negotiated.direction.receives() || remote.is_none();

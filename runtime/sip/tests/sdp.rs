@@ -665,7 +665,7 @@ fn arb_local() -> impl Strategy<Value = LocalMedia> {
     (
         codecs,
         (any::<bool>(), 96u8..=127, any::<bool>()),
-        prop::sample::select(vec![10u16, 20, 30, 40]),
+        (prop::sample::select(vec![10u16, 20, 30, 40]), any::<bool>()),
         (address, 1u16..=u16::MAX),
         srtp,
         direction,
@@ -675,7 +675,7 @@ fn arb_local() -> impl Strategy<Value = LocalMedia> {
             |(
                 codecs,
                 (telephone_event, telephone_event_pt, comfort_noise),
-                ptime,
+                (ptime, rtcp_mux),
                 (address, port),
                 srtp,
                 direction,
@@ -687,6 +687,7 @@ fn arb_local() -> impl Strategy<Value = LocalMedia> {
                 media.telephone_event_pt = telephone_event_pt;
                 media.comfort_noise = comfort_noise;
                 media.ptime = ptime;
+                media.rtcp_mux = rtcp_mux;
                 media.srtp = srtp.unwrap_or_default();
                 media.direction = direction;
                 media
@@ -762,6 +763,9 @@ proptest! {
         prop_assert_eq!(accepted.remote_rtp, SocketAddr::new(answerer.address, answerer.port));
         prop_assert_eq!(answered.ptime, offerer.ptime);
         prop_assert_eq!(accepted.ptime, offerer.ptime);
+        // RFC 5761 §5.1.1: multiplexed only when both want it, and both sides agree on it.
+        prop_assert_eq!(answered.rtcp_mux, offerer.rtcp_mux && answerer.rtcp_mux);
+        prop_assert_eq!(accepted.rtcp_mux, answered.rtcp_mux);
         prop_assert_eq!(accepted.direction, answered.direction.reversed());
         prop_assert!(!answered.direction.sends() || (offerer.direction.receives() && answerer.direction.sends()));
         prop_assert!(!answered.direction.receives() || (offerer.direction.sends() && answerer.direction.receives()));

@@ -82,6 +82,12 @@ pub const PTIME_RANGE_MS: std::ops::RangeInclusive<u16> = 10..=60;
 /// prefers 50 or 60 ms is answered with 40 (ptime is a preference, RFC 4566 §6).
 pub const MAX_PTIME_MS: u16 = 40;
 
+/// Whether we can use `ms` as our own ptime: a multiple of 10 from 10 to [`MAX_PTIME_MS`] (what
+/// Patchbay's media clock paces).
+pub fn valid_ptime(ms: u16) -> bool {
+    (*PTIME_RANGE_MS.start()..=MAX_PTIME_MS).contains(&ms) && ms % 10 == 0
+}
+
 /// Media direction, from our side of the stream (RFC 3264 §5.1, RFC 4566 §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -280,8 +286,8 @@ impl LocalMedia {
         if self.codecs.is_empty() {
             return Err(SdpError::InvalidLocal("no codecs configured"));
         }
-        if !(*PTIME_RANGE_MS.start()..=MAX_PTIME_MS).contains(&self.ptime) {
-            return Err(SdpError::InvalidLocal("ptime outside 10..=40 ms"));
+        if !valid_ptime(self.ptime) {
+            return Err(SdpError::InvalidLocal("ptime not 10, 20, 30 or 40 ms"));
         }
         if self.port == 0 {
             return Err(SdpError::InvalidLocal("RTP port 0"));
