@@ -196,20 +196,14 @@ impl Frame {
     }
 
     /// Samples in the frame at 8 kHz (what [`encode_into`](Self::encode_into) writes at most).
-    pub fn samples_at_8k(&self) -> usize {
-        let data = &self.0;
-        if data.format.encoding == AudioEncoding::Linear16 && data.format.sample_rate == 16_000 {
-            data.linear.len().div_ceil(2)
-        } else if data.format.encoding == AudioEncoding::Linear16 {
-            data.linear.len()
-        } else {
-            data.octets.len()
-        }
+    pub(crate) fn samples_at_8k(&self) -> usize {
+        let format = self.0.format;
+        (u64::from(format.samples) * 8_000 / u64::from(format.sample_rate.max(1))) as usize
     }
 
     /// [`encode_into`](Self::encode_into) from the `skip`-th 8 kHz sample on: how a call whose
     /// packets are not this frame's length re-cuts it.
-    pub fn encode_into_from(&self, encoding: AudioEncoding, skip: usize, out: &mut [u8]) -> usize {
+    pub(crate) fn encode_into_from(&self, encoding: AudioEncoding, skip: usize, out: &mut [u8]) -> usize {
         let data = &self.0;
         let octets = data.octets.get(skip..).unwrap_or_default();
         match (data.format.encoding, encoding) {

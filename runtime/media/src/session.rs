@@ -258,8 +258,9 @@ pub struct MediaSession {
     srtp: Option<(SrtpContext, SrtpContext)>,
     samples_per_frame: u32,
     decode_scratch: Vec<i16>,
-    /// The level (-dBov) of the peer's last comfort-noise packet while it is in DTX (RFC 3389).
-    peer_noise_dbov: Option<u8>,
+    /// While the peer is in DTX: the peak amplitude of uniform noise at the level of its last
+    /// comfort-noise packet (RFC 3389).
+    peer_noise_amplitude: Option<f64>,
     /// State of the generator of that noise.
     noise_state: u32,
 }
@@ -280,7 +281,8 @@ pub const MAX_PACKET: usize = 12 + 320 + 16;
 impl MediaSession {
     /// A session about to send its first packet.
     pub fn new(config: SessionConfig, pool: FramePool) -> Self {
-        let samples_per_frame = 8 * config.ptime_ms.clamp(10, MAX_FRAME_SAMPLES as u32 / 8);
+        // Whole 10 ms, 10–40 ms: what the media clock paces (a 2 ms wheel turning every 120 ms).
+        let samples_per_frame = 8 * (config.ptime_ms / 10 * 10).clamp(10, MAX_FRAME_SAMPLES as u32 / 8);
         let sender = RtpSender::new(RtpSenderConfig {
             ssrc: config.ssrc,
             payload_type: config.payload_type,
@@ -324,7 +326,7 @@ impl MediaSession {
                 .map(|k| (SrtpContext::new(k.profile, &k.local), SrtpContext::new(k.profile, &k.remote))),
             samples_per_frame,
             decode_scratch: Vec::with_capacity(320),
-            peer_noise_dbov: None,
+            peer_noise_amplitude: None,
             noise_state: config.ssrc | 1,
             pool,
             config,
@@ -451,10 +453,13 @@ impl MediaSession {
             // then: the first octet is the level in -dBov (spectral coefficients, if any, are
             // not used). Until its audio resumes, what we conceal is noise at that level. The
             // packet counts as RTP received: a peer in DTX is not inactive.
-            self.peer_noise_dbov = Some(packet.payload.first().map_or(127, |level| level & 0x7f));
+            let dbov = packet.payload.first().map_or(127, |level| level & 0x7f);
+            let rms = 23_170.0 * 10f64.powf(-f64::from(dbov) / 20.0);
+            // Uniform noise in [-a, a] has an RMS of a / √3.
+            self.peer_noise_amplitude = Some((rms * 3f64.sqrt()).min(32_767.0));
             return;
         }
-        self.peer_noise_dbov = None;
+        self.peer_noise_amplitude = None;
         let frame = match self.pool.g711(self.config.codec.encoding(), packet.payload, u64::from(header.timestamp)) {
             Ok(frame) => frame,
             Err(_) => {
@@ -534,10 +539,9 @@ impl MediaSession {
             match self.pop_received(starts_at)? {
                 Some(frame) => self.reframe.extend(frame.octets()),
                 None => {
-                    let mut octets = [silence; 480];
-                    let n = peer.min(octets.len());
-                    self.conceal(&mut octets[..n]);
-                    self.reframe.extend(&octets[..n]);
+                    let mut octets = [silence; MAX_FRAME_SAMPLES];
+                    self.conceal(&mut octets[..peer]);
+                    self.reframe.extend(&octets[..peer]);
                 }
             }
         }
@@ -552,27 +556,25 @@ impl MediaSession {
     /// peer is in DTX — white noise at the level its last comfort-noise packet gave (RFC 3389
     /// §3, 0 dBov taken as a full-scale sine).
     fn conceal(&mut self, octets: &mut [u8]) {
-        let Some(dbov) = self.peer_noise_dbov else {
+        let Some(amplitude) = self.peer_noise_amplitude else {
             octets.fill(self.config.codec.silence());
             return;
         };
-        let rms = 23_170.0 * 10f64.powf(-f64::from(dbov) / 20.0);
-        // Uniform noise in [-a, a] has an RMS of a / √3.
-        let amplitude = (rms * 3f64.sqrt()).min(32_767.0);
-        for octet in octets {
+        let mut noise = [0i16; MAX_FRAME_SAMPLES];
+        let n = octets.len().min(MAX_FRAME_SAMPLES);
+        for sample in &mut noise[..n] {
             // xorshift32: cheap, and noise needs nothing better.
             let mut x = self.noise_state;
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
             self.noise_state = x;
-            let unit = f64::from(x) / f64::from(u32::MAX) * 2.0 - 1.0;
-            let sample = (unit * amplitude) as i16;
-            *octet = match self.config.codec {
-                Codec::Pcmu => crate::g711::ulaw_encode(sample),
-                Codec::Pcma => crate::g711::alaw_encode(sample),
-            };
+            *sample = ((f64::from(x) / f64::from(u32::MAX) * 2.0 - 1.0) * amplitude) as i16;
         }
+        match self.config.codec {
+            Codec::Pcmu => crate::g711::encode_ulaw(&noise[..n], octets),
+            Codec::Pcma => crate::g711::encode_alaw(&noise[..n], octets),
+        };
     }
 
     /// One jitter-buffer playout: `Some(Some(frame))`, `Some(None)` for a frame to conceal,
@@ -690,10 +692,9 @@ impl MediaSession {
         let mut filled = 0;
         while filled < n {
             match self.queue.front() {
-                Some(Out::Mark(_)) => {
-                    if let Some(Out::Mark(id)) = self.queue.pop_front() {
-                        self.events.push_back(SessionEvent::Played(id));
-                    }
+                Some(&Out::Mark(id)) => {
+                    self.queue.pop_front();
+                    self.events.push_back(SessionEvent::Played(id));
                 }
                 Some(Out::Frame(frame)) => {
                     let written = frame.encode_into_from(
@@ -712,11 +713,8 @@ impl MediaSession {
             }
         }
         let silence = filled == 0;
-        if !silence {
-            payload[filled..n].fill(self.config.codec.silence());
-        }
+        payload[filled..n].fill(self.config.codec.silence());
         if silence {
-            payload[..n].fill(self.config.codec.silence());
             self.stats.silence_sent += 1;
         }
         if silence && let Some(cn) = self.config.comfort_noise {

@@ -86,9 +86,6 @@ impl Listener {
                 // 20 ms; agents read any length).
                 let mut mulaw = [0u8; patchbay_media::session::MAX_FRAME_SAMPLES];
                 let n = frame.encode_into(patchbay_media::AudioEncoding::Pcmu, &mut mulaw);
-                if n == 0 {
-                    return;
-                }
                 if let Some(times) = handed_over {
                     times.lock().unwrap_or_else(PoisonError::into_inner).push_back(std::time::Instant::now());
                 }
@@ -202,7 +199,11 @@ impl CallMedia {
                     session.receive(arrival, from, data);
                 }
             });
-            if rtcp_due && let Some(rtcp) = &self.rtcp_socket {
+            // Port + 1 only while RTCP has a port of its own (RFC 5761).
+            if rtcp_due
+                && !mux
+                && let Some(rtcp) = &self.rtcp_socket
+            {
                 drain(rtcp, &mut out.inbox, now, &arrivals, |arrival, from, data| {
                     session.receive_rtcp(arrival, ntp.at(arrival), from, data);
                 });
@@ -322,7 +323,7 @@ impl MediaEngine {
                 tracing::debug!("SO_TIMESTAMPNS: {e}");
             }
         }
-        let ptime_ms = clock_ptime_ms(session.samples_per_frame() / 8);
+        let ptime_ms = session.samples_per_frame() / 8;
         let media = Arc::new(CallMedia {
             ptime_ms,
             session: Mutex::new(session),
@@ -417,7 +418,7 @@ pub fn session_for(
             payload_type: negotiated.codec.payload_type,
             telephone_event: negotiated.telephone_event,
             comfort_noise: negotiated.comfort_noise,
-            ptime_ms: clock_ptime_ms(u32::from(negotiated.ptime)),
+            ptime_ms: u32::from(negotiated.ptime),
             remote,
             ssrc: random as u32,
             initial_sequence: (random >> 32) as u16,
@@ -459,21 +460,15 @@ const STEP: Duration = Duration::from_millis(2);
 /// have (10, 20, 30, 40 ms), so that every call is served at the same offsets in every turn.
 const WHEEL_STEPS: usize = 60;
 
-/// The ptimes the clock paces (ms): multiples of its 2 ms step that divide its 120 ms turn.
-/// SDP allows up to 60 ms; a longer ptime is served at 40 ms (ptime states what the peer prefers
-/// to receive, and every receiver handles any packet length, RFC 4566 §6).
-pub fn clock_ptime_ms(negotiated: u32) -> u32 {
-    (negotiated / 10 * 10).clamp(10, u32::from(patchbay_sip::sdp::MAX_PTIME_MS))
-}
-
-/// Puts `call` (paced every `ptime_ms`) on the wheel: in every (ptime / 2 ms)-th step from the
-/// offset whose steps hold the fewest calls, marked as first in the turn at its first step.
-fn place<T: Clone>(slots: &mut [Vec<(T, bool)>], call: T, ptime_ms: u32) {
-    let every = (clock_ptime_ms(ptime_ms) / 2) as usize;
+/// Puts `call` (paced every `ptime_ms`: 10, 20, 30 or 40, as [`MediaSession`] rounds it) on the
+/// wheel: in every (ptime / 2 ms)-th step from the offset whose steps hold the fewest calls. Its
+/// first step in a turn is therefore the one below ptime / 2 ms.
+fn place<T: Clone>(slots: &mut [Vec<T>], call: T, ptime_ms: u32) {
+    let every = (ptime_ms / 2).max(1) as usize;
     let load = |offset: usize| slots.iter().skip(offset).step_by(every).map(Vec::len).sum::<usize>();
     let offset = (0..every).min_by_key(|&o| load(o)).unwrap_or(0);
-    for (k, at) in (offset..slots.len()).step_by(every).enumerate() {
-        slots[at].push((call.clone(), k == 0));
+    for at in (offset..slots.len()).step_by(every) {
+        slots[at].push(call.clone());
     }
 }
 
@@ -499,8 +494,7 @@ const CLOCK_THREADS: usize = 2;
 /// frequent on this project's 2-vCPU VM.
 fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats, index: usize) {
     realtime_priority();
-    // Each call with whether this is its first step of the turn (its RTCP socket is read then).
-    let mut slots: Vec<Vec<(Arc<CallMedia>, bool)>> = vec![Vec::new(); WHEEL_STEPS];
+    let mut slots: Vec<Vec<Arc<CallMedia>>> = vec![Vec::new(); WHEEL_STEPS];
     let step = STEP;
     let mut slot = 0;
     let mut out = Buffers { rtp: [0u8; MAX_PACKET], rtcp: [0u8; MAX_RTCP], inbox: Batch::new(INBOX) };
@@ -526,7 +520,7 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
             }
         }
         let calls = &mut slots[slot];
-        calls.retain(|(c, _)| !c.closed.load(Ordering::Acquire));
+        calls.retain(|c| !c.closed.load(Ordering::Acquire));
         let now = Instant::now();
         let late = now.saturating_duration_since(deadline).as_micros() as u64;
         stats.max_late_us.fetch_max(late, Ordering::Relaxed);
@@ -536,8 +530,10 @@ fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats
         stats.ticks.fetch_add(1, Ordering::Relaxed);
         let record = stats.record_departures.load(Ordering::Relaxed);
         let rtcp_turn = cycle.is_multiple_of(RTCP_EVERY);
-        for (call, first) in calls.iter() {
-            if call.tick(now, &ntp, &mut out, stats, rtcp_turn && *first) && record {
+        for call in calls.iter() {
+            // A call's RTCP port is read at its first step of the turn.
+            let first = slot < (call.ptime_ms / 2) as usize;
+            if call.tick(now, &ntp, &mut out, stats, rtcp_turn && first) && record {
                 departures.push((Arc::as_ptr(call) as usize, Instant::now()));
             }
         }
@@ -584,13 +580,13 @@ mod tests {
     use super::{WHEEL_STEPS, place};
 
     /// The steps (2 ms each) at which `call` is served in one turn.
-    fn steps(slots: &[Vec<(u32, bool)>], call: u32) -> Vec<usize> {
-        (0..slots.len()).filter(|&i| slots[i].iter().any(|(c, _)| *c == call)).collect()
+    fn steps(slots: &[Vec<u32>], call: u32) -> Vec<usize> {
+        (0..slots.len()).filter(|&i| slots[i].contains(&call)).collect()
     }
 
     #[test]
     fn each_ptime_is_served_once_per_ptime_at_the_least_loaded_offset() {
-        let mut slots: Vec<Vec<(u32, bool)>> = vec![Vec::new(); WHEEL_STEPS];
+        let mut slots: Vec<Vec<u32>> = vec![Vec::new(); WHEEL_STEPS];
         for (call, ptime) in [(1, 20), (2, 20), (3, 10), (4, 30), (5, 40)] {
             place(&mut slots, call, ptime);
         }
@@ -598,16 +594,12 @@ mod tests {
             let at = steps(&slots, call);
             assert_eq!(at.len(), 120 / ptime, "call {call}: once per {ptime} ms in a 120 ms turn");
             assert!(at.windows(2).all(|w| w[1] - w[0] == ptime / 2), "call {call} at {at:?}");
-            let firsts: Vec<usize> =
-                (0..WHEEL_STEPS).filter(|&i| slots[i].iter().any(|&(c, first)| c == call && first)).collect();
-            assert_eq!(firsts, vec![at[0]], "one first step per turn (RTCP is read there)");
+            // The clock reads RTCP at the one step below ptime / 2 ms.
+            assert_eq!(at.iter().filter(|&&s| s < ptime / 2).count(), 1, "call {call} at {at:?}");
         }
         // The second 20 ms call avoids the first one's steps; the 10 ms call avoids both.
         assert_ne!(steps(&slots, 1)[0], steps(&slots, 2)[0]);
         let busy: Vec<usize> = steps(&slots, 1).into_iter().chain(steps(&slots, 2)).collect();
         assert!(steps(&slots, 3).iter().all(|s| !busy.contains(s)), "{busy:?} {:?}", steps(&slots, 3));
-        // 50 and 60 ms (which SDP allows) are served at 40.
-        place(&mut slots, 6, 60);
-        assert_eq!(steps(&slots, 6).len(), 3);
     }
 }

@@ -85,7 +85,7 @@ pub const MAX_PTIME_MS: u16 = 40;
 /// Whether we can use `ms` as our own ptime: a multiple of 10 from 10 to [`MAX_PTIME_MS`] (what
 /// Patchbay's media clock paces).
 pub fn valid_ptime(ms: u16) -> bool {
-    (*PTIME_RANGE_MS.start()..=MAX_PTIME_MS).contains(&ms) && ms % 10 == 0
+    (*PTIME_RANGE_MS.start()..=MAX_PTIME_MS).contains(&ms) && ms.is_multiple_of(10)
 }
 
 /// Media direction, from our side of the stream (RFC 3264 §5.1, RFC 4566 §6).
