@@ -258,6 +258,27 @@ pub struct JitterBuffer<T> {
     /// packets found afterwards are passed over against them instead of concealed twice.
     underrun_credit: u32,
     stats: JitterStats,
+    /// The configuration's durations in timestamp units, converted once.
+    limits: Limits,
+}
+
+/// [`JitterConfig`] durations in timestamp units.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    min_delay: i64,
+    max_delay: i64,
+    peak_hold: i64,
+    reset_after: i64,
+}
+
+/// `d` in units of a `clock_rate` clock: in u64 while it fits (26 days at 8 kHz; the u128
+/// division showed in profiles).
+fn units(d: Duration, clock_rate: u32) -> i64 {
+    let nanos = d.as_nanos();
+    match u64::try_from(nanos).ok().and_then(|n| n.checked_mul(u64::from(clock_rate))) {
+        Some(product) => (product / 1_000_000_000) as i64,
+        None => (nanos * u128::from(clock_rate) / 1_000_000_000) as i64,
+    }
 }
 
 impl<T> JitterBuffer<T> {
@@ -285,6 +306,12 @@ impl<T> JitterBuffer<T> {
             pops_since_shrink: 0,
             underrun_credit: 0,
             stats: JitterStats::default(),
+            limits: Limits {
+                min_delay: units(config.min_delay, config.clock_rate),
+                max_delay: units(config.max_delay, config.clock_rate),
+                peak_hold: units(config.peak_hold, config.clock_rate),
+                reset_after: units(config.reset_after, config.clock_rate),
+            },
         }
     }
 
@@ -293,29 +320,19 @@ impl<T> JitterBuffer<T> {
         self.stats
     }
 
-    fn units(&self, d: Duration) -> i64 {
-        // In u64 while it fits (26 days at 8 kHz): the u128 division showed in profiles.
-        let nanos = d.as_nanos();
-        match u64::try_from(nanos).ok().and_then(|n| n.checked_mul(u64::from(self.config.clock_rate))) {
-            Some(product) => (product / 1_000_000_000) as i64,
-            None => (nanos * u128::from(self.config.clock_rate) / 1_000_000_000) as i64,
-        }
-    }
-
     fn to_duration(&self, units: i64) -> Duration {
         Duration::from_nanos((units.max(0) as u64).saturating_mul(1_000_000_000) / u64::from(self.config.clock_rate))
     }
 
     fn now_units(&mut self, now: Instant) -> i64 {
         let epoch = *self.epoch.get_or_insert(now);
-        self.units(now.saturating_duration_since(epoch))
+        units(now.saturating_duration_since(epoch), self.config.clock_rate)
     }
 
     /// The delay the buffer is steering towards, in timestamp units.
     fn target_units(&self) -> i64 {
-        let spread =
-            if self.transits_seen == 0 { 0 } else { self.peak_spread.max(self.max_transit - self.min_transit) };
-        spread.clamp(self.units(self.config.min_delay), self.units(self.config.max_delay))
+        // The held peak is never below the window's spread, and 0 before any packet.
+        self.peak_spread.clamp(self.limits.min_delay, self.limits.max_delay)
     }
 
     /// The delay the buffer is steering towards.
@@ -358,7 +375,7 @@ impl<T> JitterBuffer<T> {
         let spread = self.max_transit - self.min_transit;
         if spread >= self.peak_spread || arrival >= self.peak_until {
             self.peak_spread = spread;
-            self.peak_until = arrival + self.units(self.config.peak_hold);
+            self.peak_until = arrival + self.limits.peak_hold;
         }
     }
 
@@ -390,7 +407,7 @@ impl<T> JitterBuffer<T> {
             return Some(ResetReason::SequenceJump);
         }
         let ts_error = (ext_ts - stream.newest.1) - seq_delta * i64::from(self.config.frame_samples);
-        if ts_error.abs() > self.units(self.config.reset_after) {
+        if ts_error.abs() > self.limits.reset_after {
             return Some(ResetReason::TimestampJump);
         }
         None
