@@ -90,7 +90,7 @@ pub struct EngineReport {
     pub gaps: Histogram,
     /// Packets from addresses that belong to no stream.
     pub unknown_source: u64,
-    /// Datagrams the kernel dropped because our socket's buffer was full.
+    /// Datagrams the kernel dropped because our socket's buffer was full, since the last report.
     pub socket_drops: u64,
     /// Ticks run more than one interval late (the generator fell behind).
     pub late_ticks: u64,
@@ -194,7 +194,10 @@ struct Engine {
     measuring: bool,
     gaps: Histogram,
     unknown_source: u64,
-    socket_drops: u64,
+    /// The kernel's drop counter (`SO_RXQ_OVFL`, cumulative over the socket's life) as last
+    /// seen, and as it stood at the last report: a report counts the difference.
+    drops_seen: u32,
+    drops_reported: u32,
     late_ticks: u64,
     send_errors: u64,
     /// One second of a 440 Hz tone at −20 dBFS, μ-law and A-law, 50 packets each.
@@ -220,7 +223,8 @@ impl Engine {
             measuring: false,
             gaps: Histogram::default(),
             unknown_source: 0,
-            socket_drops: 0,
+            drops_seen: 0,
+            drops_reported: 0,
             late_ticks: 0,
             send_errors: 0,
             tone: [ulaw, alaw],
@@ -323,7 +327,9 @@ impl Engine {
             streams,
             gaps: std::mem::take(&mut self.gaps),
             unknown_source: std::mem::take(&mut self.unknown_source),
-            socket_drops: std::mem::take(&mut self.socket_drops),
+            socket_drops: u64::from(
+                self.drops_seen.wrapping_sub(std::mem::replace(&mut self.drops_reported, self.drops_seen)),
+            ),
             late_ticks: std::mem::take(&mut self.late_ticks),
             send_errors: std::mem::take(&mut self.send_errors),
         };
@@ -364,7 +370,7 @@ impl Engine {
             for i in 0..n {
                 let datagram = self.recv.received(i);
                 if let Some(drops) = datagram.drops {
-                    self.socket_drops = u64::from(drops);
+                    self.drops_seen = drops;
                 }
                 let Some(from) = datagram.from else { continue };
                 match self.by_source.get(&from).and_then(|id| self.streams.get_mut(*id)) {
