@@ -151,6 +151,14 @@ impl Patchbay {
         text.lines().map(|line| serde_json::from_str(line).expect("a CDR line is JSON")).collect()
     }
 
+    /// Waits for `count` records as [`wait_for_cdrs`](Self::wait_for_cdrs), then 300 ms more,
+    /// and returns every record by then: for tests that check no further record is written.
+    pub fn settled_cdrs(&self, count: usize, timeout: Duration) -> Vec<serde_json::Value> {
+        self.wait_for_cdrs(count, timeout);
+        std::thread::sleep(Duration::from_millis(300));
+        self.cdrs()
+    }
+
     /// Waits up to `timeout` until `count` records have been written, and returns them.
     pub fn wait_for_cdrs(&self, count: usize, timeout: Duration) -> Vec<serde_json::Value> {
         let started = Instant::now();

@@ -153,7 +153,7 @@ fn a_call_to_an_extension_the_tenant_lacks_is_refused_with_a_cdr() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (ok, text) = call(dir.path(), &[&format!("sip:nosuch@127.0.0.1:{}", pb.port), "--hangup-after", "2"]);
     assert!(!ok && text.contains("404"), "{text}");
-    let cdrs = pb.wait_for_cdrs(1, Duration::from_secs(5));
+    let cdrs = pb.settled_cdrs(1, Duration::from_secs(5));
     assert_eq!(cdrs.len(), 1, "{cdrs:?}");
     let cdr = &cdrs[0];
     assert_eq!(cdr["end_cause"], "no-route", "{cdr}");

@@ -26,23 +26,37 @@ fn octets(packets: &[RtpPacket<'_>]) -> Vec<u8> {
 
 #[test]
 fn echo_returns_the_callers_speech_and_repeats_each_key_once() {
-    echo_call("uac_pcap_echo.xml", 20);
+    echo_call(None);
 }
 
 /// The same call asking for 30 ms packets (`a=ptime:30`): Patchbay paces it at 30 ms.
 #[test]
 fn a_caller_that_asks_for_30_ms_packets_gets_them_and_its_echo() {
-    echo_call("uac_pcap_echo_ptime30.xml", 30);
+    echo_call(Some(30));
 }
 
-/// sipp plays speech and three keys into the echo flow; Patchbay's packets must be `ptime_ms`
+/// sipp (`uac_pcap_echo.xml`, with `a=ptime:N` added when `asked_ptime` is given) plays speech
+/// and three keys into the echo flow; Patchbay's packets must be the asked ptime (else 20 ms)
 /// long and that far apart, the speech must come back and each key once.
-fn echo_call(sipp_scenario: &str, ptime_ms: u32) {
+fn echo_call(asked_ptime: Option<u32>) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let ptime_ms = asked_ptime.unwrap_or(20);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let xml = match asked_ptime {
+        None => scenario("uac_pcap_echo.xml"),
+        Some(ms) => {
+            let text = std::fs::read_to_string(scenario("uac_pcap_echo.xml")).expect("read the scenario");
+            let fmtp = "      a=fmtp:101 0-11,16\n";
+            assert!(text.contains(fmtp), "the scenario's SDP changed");
+            let path = dir.path().join("uac_pcap_echo_ptime.xml");
+            std::fs::write(&path, text.replace(fmtp, &format!("{fmtp}      a=ptime:{ms}\n"))).expect("write");
+            path.to_string_lossy().into_owned()
+        }
+    };
     let pb = start_patchbay();
     let media_port = free_port();
     let capture = Capture::start(&format!("udp port {media_port}"));
-    let (ok, log) = run_sipp(pb.port, "echo", &["-sf", &scenario(sipp_scenario)], 1, &["-mp", &media_port.to_string()]);
+    let (ok, log) = run_sipp(pb.port, "echo", &["-sf", &xml], 1, &["-mp", &media_port.to_string()]);
     let datagrams = capture.finish();
     assert!(ok, "{log}");
 
@@ -66,7 +80,7 @@ fn echo_call(sipp_scenario: &str, ptime_ms: u32) {
     let median_ms = gaps[gaps.len() / 2] as f64 / 1_000.0;
     assert!((median_ms - f64::from(ptime_ms)).abs() < 1.0, "packets {median_ms:.2} ms apart, not {ptime_ms}");
 
-    // Speech: sipp's A-law pcap (30 ms packets) against what Patchbay sent back (20 ms packets).
+    // Speech: sipp's A-law pcap (30 ms packets) against what Patchbay sent back (`ptime_ms`).
     let sent = octets(&rtp(&datagrams, false, media_port, 8));
     let returned = octets(&rtp(&datagrams, true, media_port, 8));
     assert!(sent.len() > 8_000 * 3, "sipp sent only {} samples", sent.len());

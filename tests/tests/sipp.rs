@@ -94,10 +94,7 @@ fn a_wrong_password_is_refused() {
     assert!(!ok, "a wrong password must not get the call through:\n{log}");
     assert!(log.contains("403 Forbidden"), "{log}");
     // One record, for the refusal; the 407 challenge before it writes none.
-    pb.wait_for_cdrs(1, std::time::Duration::from_secs(5));
-    // Time for a stray second record to land before counting.
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let cdrs = pb.cdrs();
+    let cdrs = pb.settled_cdrs(1, std::time::Duration::from_secs(5));
     assert_eq!(cdrs.len(), 1, "{cdrs:?}");
     assert_eq!(cdrs[0]["end_cause"], "auth-failed", "{}", cdrs[0]);
     assert_eq!(cdrs[0]["sip_code"], 403, "{}", cdrs[0]);
