@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use patchbay_agent::{AgentEvent, AgentStream, ConnectOptions, StartInfo};
@@ -178,7 +178,7 @@ struct Session {
 
 impl Session {
     fn next_mark(&self) -> u64 {
-        self.marks.fetch_add(1, Ordering::Relaxed) + 1
+        crate::call::next_mark(&self.marks)
     }
 
     async fn run(

@@ -73,6 +73,12 @@ impl SipCall {
     }
 }
 
+/// A new mark id from a call's counter, shared by its prompts and its agent sessions (ids start
+/// at 1; 0 means "nothing played yet").
+pub(crate) fn next_mark(marks: &std::sync::atomic::AtomicU64) -> u64 {
+    marks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+}
+
 /// Queues the next frames of `prompt` (from frame `next` on) until 50 frames are queued (a
 /// second at 20 ms);
 /// once all of it is queued, queues the mark `id` and returns true. Shared by flows' `play` and
@@ -164,7 +170,7 @@ impl SipCall {
     ) -> Result<Option<char>, CallError> {
         let codec = patchbay_media::prompt::PromptCodec::from(media.with(|s| s.codec()));
         let mut next = 0;
-        let id = self.marks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let id = next_mark(&self.marks);
         let mut marked = false;
         let mut played = self.played.clone();
         let mut dtmf = if barge_in { Some(self.dtmf.lock().await) } else { None };

@@ -191,6 +191,13 @@ impl CdrDraft {
         self.flow_end.get_or_insert(end);
     }
 
+    /// Ends both sides now (each keeps what it already reported) and returns the record.
+    pub fn close(mut self, sip: SipEnd, flow: FlowEnd) -> Option<Cdr> {
+        self.sip_ended(sip);
+        self.flow_ended(flow);
+        self.finish()
+    }
+
     /// The finished record once both sides have ended, else `None`.
     pub fn finish(&mut self) -> Option<Cdr> {
         let (end_wall, end_at, sip) = self.ended.clone()?;

@@ -584,11 +584,11 @@ impl Endpoint {
             })
             .chain(self.ending.drain().map(|(_, draft)| draft))
             .collect();
-        for mut draft in unfinished {
+        for draft in unfinished {
             let sip_code = if draft.is_answered() { 200 } else { 480 };
-            draft.sip_ended(SipEnd { cause: "shutdown".into(), by: "patchbay", sip_code });
-            draft.flow_ended(FlowEnd { outcome: "shutdown", detail: None, vars: Default::default() });
-            if let Some(cdr) = draft.finish() {
+            let sip = SipEnd { cause: "shutdown".into(), by: "patchbay", sip_code };
+            let flow = FlowEnd { outcome: "shutdown", detail: None, vars: Default::default() };
+            if let Some(cdr) = draft.close(sip, flow) {
                 self.routing.cdr.write(cdr);
             }
         }
@@ -697,7 +697,8 @@ impl Endpoint {
                     let _ = ua.reject(now, call, 404);
                     return;
                 };
-                let info = CallInfo {
+                // Built only for a call that gets this far: not for a digest challenge (407).
+                let call_info = || CallInfo {
                     call_id: request.call_id_header().map(|h| h.value().to_owned()).unwrap_or_default(),
                     tenant: tenant.clone(),
                     flow: user.clone(),
@@ -724,10 +725,9 @@ impl Endpoint {
                 // the tenant's failed attempts, as a carrier bills and audits them. A digest
                 // challenge (407) is not a refusal: the caller answers it with a new INVITE.
                 let refused = |cause: &str, sip_code: u16| {
-                    let mut draft = CdrDraft::new(&info, "");
-                    draft.sip_ended(SipEnd { cause: cause.to_owned(), by: "patchbay", sip_code });
-                    draft.flow_ended(FlowEnd { outcome: "not-run", detail: None, vars: Default::default() });
-                    if let Some(cdr) = draft.finish() {
+                    let sip = SipEnd { cause: cause.to_owned(), by: "patchbay", sip_code };
+                    let flow = FlowEnd { outcome: "not-run", detail: None, vars: Default::default() };
+                    if let Some(cdr) = CdrDraft::new(&call_info(), "").close(sip, flow) {
                         routing.cdr.write(cdr);
                     }
                 };
@@ -753,6 +753,7 @@ impl Endpoint {
                 let (ended, ended_rx) = watch::channel(false);
                 // Bounded: a flow that never reads key presses must not let a peer grow this queue.
                 let (dtmf, dtmf_rx) = mpsc::channel(DTMF_QUEUE);
+                let info = call_info();
                 tracing::info!(?call, from = %peer.addr, tenant = %info.tenant, flow = %info.flow, version = &flow.version()[..12], "call started");
                 // RFC 3261 §20.5: no Allow says nothing about REFER; an Allow without it says no.
                 let allows: Vec<&str> = request
