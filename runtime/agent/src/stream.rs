@@ -91,12 +91,21 @@ pub struct ConnectOptions {
     pub timeout: Duration,
     /// Caller frames queued for the agent before new ones are dropped.
     pub media_queue: usize,
+    /// Benchmarks only: record, per caller frame, the time from [`AgentSender::send_media`]
+    /// to the writer's flush that put it in the socket ([`AgentStream::take_write_latency`]).
+    pub write_probe: bool,
 }
 
 impl ConnectOptions {
     /// Options with the given connect timeout, public TLS roots and the default queue.
     pub fn new(timeout: Duration) -> Self {
-        Self { tls: None, timeout, media_queue: DEFAULT_MEDIA_QUEUE }
+        Self { tls: None, timeout, media_queue: DEFAULT_MEDIA_QUEUE, write_probe: false }
+    }
+
+    /// Benchmarks only: see [`ConnectOptions::write_probe`].
+    pub fn with_write_probe(mut self, probe: bool) -> Self {
+        self.write_probe = probe;
+        self
     }
 
     /// Uses this TLS client configuration for `wss://` (for private CAs).
@@ -176,9 +185,12 @@ pub async fn connect_with(url: &str, start: &StartInfo, options: &ConnectOptions
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let (failure_tx, failure_rx) = oneshot::channel();
     let span = tracing::info_span!("agent_writer", stream_sid = %start.stream_sid);
-    let writer = tokio::spawn(run_writer(sink, encoder, control_rx, media_rx, failure_tx).instrument(span));
+    let shared =
+        Arc::new(SenderShared { write_times: options.write_probe.then(Default::default), ..SenderShared::default() });
+    let queues = Queues { control_rx, media_rx, shared: Arc::clone(&shared) };
+    let writer = tokio::spawn(run_writer(sink, encoder, queues, failure_tx).instrument(span));
     Ok(AgentStream {
-        sender: AgentSender { shared: Arc::new(SenderShared::default()), media_tx, control_tx },
+        sender: AgentSender { shared, media_tx, control_tx },
         reader,
         writer: Some(writer),
         writer_failure: failure_rx,
@@ -242,6 +254,13 @@ impl AgentStream {
     /// Caller frames dropped so far because the agent could not keep up.
     pub fn dropped_media_frames(&self) -> u64 {
         self.sender.dropped_media_frames()
+    }
+
+    /// Benchmarks only ([`ConnectOptions::write_probe`]): for the oldest caller frame not asked
+    /// about yet, how long it took from [`AgentSender::send_media`] to the flush that wrote it.
+    pub fn take_write_latency(&self) -> Option<std::time::Duration> {
+        let times = self.sender.shared.write_times.as_ref()?;
+        times.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop_front()
     }
 
     /// The next event from the agent.
@@ -408,6 +427,8 @@ struct SenderShared {
     /// Caller samples offered so far, dropped ones included: the media clock.
     samples: AtomicU64,
     dropped: AtomicU64,
+    /// Benchmarks only: per media frame written, the time from `send_media` to its flush.
+    write_times: Option<std::sync::Mutex<VecDeque<Duration>>>,
 }
 
 impl AgentSender {
@@ -424,7 +445,12 @@ impl AgentSender {
             return Err(AgentError::InvalidFrame { len, max: MAX_MEDIA_FRAME });
         }
         let samples = self.shared.samples.fetch_add(len as u64, Ordering::Relaxed);
-        let mut chunk = MediaChunk { timestamp_ms: samples / SAMPLES_PER_MS, len, bytes: [0; MAX_MEDIA_FRAME] };
+        let mut chunk = MediaChunk {
+            timestamp_ms: samples / SAMPLES_PER_MS,
+            len,
+            bytes: [0; MAX_MEDIA_FRAME],
+            queued: self.shared.write_times.is_some().then(std::time::Instant::now),
+        };
         chunk.bytes[..len].copy_from_slice(mulaw);
         match self.media_tx.try_send(chunk) {
             Ok(()) => Ok(()),
@@ -470,6 +496,8 @@ struct MediaChunk {
     timestamp_ms: u64,
     len: usize,
     bytes: [u8; MAX_MEDIA_FRAME],
+    /// Benchmarks only: when it was queued.
+    queued: Option<std::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -487,14 +515,20 @@ enum Outgoing {
 
 type Sink = SplitSink<WebSocketStream<Transport>, Message>;
 
+/// What the writer task reads from.
+struct Queues {
+    control_rx: mpsc::Receiver<Control>,
+    media_rx: mpsc::Receiver<MediaChunk>,
+    shared: Arc<SenderShared>,
+}
+
 async fn run_writer(
     mut sink: Sink,
     mut encoder: StreamEncoder,
-    mut control_rx: mpsc::Receiver<Control>,
-    mut media_rx: mpsc::Receiver<MediaChunk>,
+    mut queues: Queues,
     failure_tx: oneshot::Sender<String>,
 ) {
-    match write_loop(&mut sink, &mut encoder, &mut control_rx, &mut media_rx).await {
+    match write_loop(&mut sink, &mut encoder, &mut queues).await {
         Ok(()) => debug!("agent writer finished"),
         Err(reason) => {
             debug!(%reason, "agent writer failed");
@@ -503,13 +537,11 @@ async fn run_writer(
     }
 }
 
-async fn write_loop(
-    sink: &mut Sink,
-    encoder: &mut StreamEncoder,
-    control_rx: &mut mpsc::Receiver<Control>,
-    media_rx: &mut mpsc::Receiver<MediaChunk>,
-) -> Result<(), String> {
+async fn write_loop(sink: &mut Sink, encoder: &mut StreamEncoder, queues: &mut Queues) -> Result<(), String> {
     let fail = |err: tungstenite::Error| err.to_string();
+    let Queues { control_rx, media_rx, shared } = queues;
+    // Benchmarks only: when each media frame of the batch was queued.
+    let mut queued: Vec<std::time::Instant> = Vec::new();
     loop {
         // Control first: a mark or DTMF is small and the agent may be waiting on it.
         let first = tokio::select! {
@@ -526,7 +558,10 @@ async fn write_loop(
         let mut written = 0;
         while let Some(outgoing) = next.take() {
             let text = match outgoing {
-                Outgoing::Media(chunk) => encoder.media(chunk.timestamp_ms, &chunk.bytes[..chunk.len]),
+                Outgoing::Media(chunk) => {
+                    queued.extend(chunk.queued);
+                    encoder.media(chunk.timestamp_ms, &chunk.bytes[..chunk.len])
+                }
                 Outgoing::Control(Control::Dtmf(digit)) => encoder.dtmf(digit),
                 Outgoing::Control(Control::Mark(name)) => encoder.mark(&name),
                 Outgoing::Control(Control::Stop) => {
@@ -554,6 +589,13 @@ async fn write_loop(
             .await
             .map_err(|_| format!("agent stopped reading for {WRITE_STALL:?}"))?
             .map_err(fail)?;
+        if let Some(times) = &shared.write_times
+            && !queued.is_empty()
+        {
+            let flushed = std::time::Instant::now();
+            let mut times = times.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            times.extend(queued.drain(..).map(|at| flushed.duration_since(at)));
+        }
     }
 }
 

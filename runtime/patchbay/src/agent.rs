@@ -31,6 +31,24 @@ use crate::media::{CallMedia, Listener};
 /// first (see [`AgentCall::probe`]).
 pub type HandOffTimes = Arc<std::sync::Mutex<VecDeque<std::time::Instant>>>;
 
+/// Benchmarks only: where a stamping echo agent
+/// ([`patchbay_agent::server::EchoAgent::stamping`]) writes its send time in each answer.
+pub const AGENT_STAMP_AT: usize = 12;
+
+/// Benchmarks only: per caller frame an echo agent answered, in microseconds.
+#[derive(Debug, Default)]
+pub struct AgentProbe {
+    /// From the media clock handing the frame to the agent stream to the agent's answer
+    /// arriving in the session: everything, the agent's own time included.
+    pub turnaround: Vec<u32>,
+    /// Patchbay's share of that: [`AgentProbe::to_agent`] + [`AgentProbe::from_agent`].
+    pub patchbay: Vec<u32>,
+    /// From the hand-over to the writer's flush that put the frame in the agent's socket.
+    pub to_agent: Vec<u32>,
+    /// From the agent sending its answer (its stamp) to the answer arriving in the session.
+    pub from_agent: Vec<u32>,
+}
+
 /// How long connecting (TCP, TLS, websocket upgrade) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -99,10 +117,9 @@ pub struct AgentCall<'a> {
     pub played: watch::Receiver<u64>,
     /// Allocates mark ids shared with the call's prompts (the next id is one more).
     pub marks: Arc<AtomicU64>,
-    /// Benchmarks only: records, per caller frame, the time from the media clock handing it to
-    /// the agent stream to the arrival in the session of the agent's audio that answers it (an
-    /// echo agent answers frame for frame).
-    pub probe: Option<Arc<std::sync::Mutex<Vec<u32>>>>,
+    /// Benchmarks only: records, per caller frame, how long the agent's answer took and which
+    /// part of that was Patchbay's (an echo agent answers frame for frame; see [`AgentProbe`]).
+    pub probe: Option<Arc<std::sync::Mutex<AgentProbe>>>,
 }
 
 /// Ends the session's task if the future awaiting it is dropped (the flow was killed, the
@@ -134,7 +151,7 @@ pub async fn run(
     tls: Option<Arc<rustls::ClientConfig>>,
     caller_gone: impl Future<Output = ()> + Send + 'static,
 ) -> Result<AgentEnd, CallError> {
-    let options = ConnectOptions::new(CONNECT_TIMEOUT).with_tls(tls);
+    let options = ConnectOptions::new(CONNECT_TIMEOUT).with_tls(tls).with_write_probe(call.probe.is_some());
     let stream = patchbay_agent::connect_with(endpoint, start, &options)
         .await
         .map_err(|e| CallError::Unavailable(format!("agent {endpoint}: {e}")))?;
@@ -171,7 +188,7 @@ struct Session {
     pool: FramePool,
     played: watch::Receiver<u64>,
     marks: Arc<AtomicU64>,
-    probe: Option<Arc<std::sync::Mutex<Vec<u32>>>>,
+    probe: Option<Arc<std::sync::Mutex<AgentProbe>>>,
     handed_over: Option<HandOffTimes>,
     ended: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -179,6 +196,30 @@ struct Session {
 impl Session {
     fn next_mark(&self) -> u64 {
         crate::call::next_mark(&self.marks)
+    }
+
+    /// Benchmarks only: fills the probe for the agent's answer `frame` to the oldest frame
+    /// handed over.
+    fn record(&self, probe: &std::sync::Mutex<AgentProbe>, stream: &AgentStream, frame: &[u8]) {
+        let us = |d: Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        let handed_over = self
+            .handed_over
+            .as_ref()
+            .and_then(|times| times.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop_front());
+        let Some(handed_over) = handed_over else { return };
+        let mut probe = probe.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        probe.turnaround.push(us(handed_over.elapsed()));
+        let written = stream.take_write_latency();
+        let stamp =
+            frame.get(AGENT_STAMP_AT..AGENT_STAMP_AT + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+        let now = patchbay_agent::server::unix_nanos();
+        // A stamp from a clock that stepped, or no stamp at all, is left out.
+        let back = stamp.filter(|&at| at > 0 && at <= now).map(|at| Duration::from_nanos(now - at));
+        if let (Some(written), Some(back)) = (written, back) {
+            probe.to_agent.push(us(written));
+            probe.from_agent.push(us(back));
+            probe.patchbay.push(us(written + back));
+        }
     }
 
     async fn run(
@@ -196,12 +237,8 @@ impl Session {
                         break Ok(AgentEnd::Disconnected("the agent sent more than five minutes of audio ahead".into()));
                     }
                     AgentEvent::Audio(frame) => {
-                        let sent = self.handed_over
-                            .as_ref()
-                            .and_then(|times| times.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop_front());
-                        if let (Some(probe), Some(sent)) = (&self.probe, sent) {
-                            let us = u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX);
-                            probe.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(us);
+                        if let Some(probe) = &self.probe {
+                            self.record(probe, &stream, &frame);
                         }
                         playout.pending.push_back(Pending::Audio(frame));
                         playout.feed(&self.media, &self.pool);

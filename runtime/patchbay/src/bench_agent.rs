@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::agent::{AGENT_STAMP_AT, AgentProbe};
 use crate::media::{CallSinks, MediaEngine, PTIME};
 
 /// `patchbay echo-agent`: serves [`patchbay_agent::server::EchoAgent`] until killed (run it
@@ -36,9 +37,14 @@ pub fn serve_echo(listen: SocketAddr) -> anyhow::Result<()> {
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
         println!("echo agent on ws://{listen}/agent");
-        patchbay_agent::server::EchoAgent.serve(listener).await;
+        echo_agent().serve(listener).await;
         Ok(())
     })
+}
+
+/// The echo agent both modes use: it stamps its send time into each answer, past the tag.
+fn echo_agent() -> patchbay_agent::server::EchoAgent {
+    patchbay_agent::server::EchoAgent::stamping(AGENT_STAMP_AT)
 }
 
 /// Marks a payload as a tagged test frame (the clock's own silence is all 0xFF).
@@ -56,7 +62,7 @@ pub fn run(calls: usize, seconds: u64, external_agent: Option<String>) -> anyhow
             let listener =
                 runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).context("binding the agent")?;
             let url = format!("ws://{}/agent", listener.local_addr().context("agent address")?);
-            runtime.spawn(patchbay_agent::server::EchoAgent.serve(listener));
+            runtime.spawn(echo_agent().serve(listener));
             url
         }
     };
@@ -68,7 +74,7 @@ pub fn run(calls: usize, seconds: u64, external_agent: Option<String>) -> anyhow
     let mut targets: Vec<SocketAddr> = Vec::with_capacity(calls);
     let mut media = Vec::with_capacity(calls);
     let connected = Arc::new(AtomicU64::new(0));
-    let probe: Arc<std::sync::Mutex<Vec<u32>>> = Arc::new(std::sync::Mutex::new(Vec::with_capacity(1 << 20)));
+    let probe: Arc<std::sync::Mutex<AgentProbe>> = Arc::default();
     for i in 0..calls {
         let (rtp, _rtcp) = crate::media::bind_rtp_pair([127, 0, 0, 1].into()).context("RTP ports (open files?)")?;
         targets.push(rtp.local_addr().context("RTP address")?);
@@ -129,8 +135,10 @@ pub fn run(calls: usize, seconds: u64, external_agent: Option<String>) -> anyhow
         };
         rtt.push(arrived.duration_since(sent).as_micros() as u32);
     }
-    let mut websocket = std::mem::take(&mut *probe.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-    websocket.sort_unstable();
+    let mut probe = std::mem::take(&mut *probe.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    for figures in [&mut probe.turnaround, &mut probe.patchbay, &mut probe.to_agent, &mut probe.from_agent] {
+        figures.sort_unstable();
+    }
     rtt.sort_unstable();
     let sent_total = sent_at.iter().flatten().filter(|s| s.is_some()).count();
     let where_agent = match &external_agent {
@@ -155,14 +163,28 @@ pub fn run(calls: usize, seconds: u64, external_agent: Option<String>) -> anyhow
         ms(percentile(&rtt, 0.99)),
         ms(rtt.last().copied().unwrap_or_default())
     );
+    let figures = |sorted: &[u32]| {
+        format!(
+            "p50 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ({} frames)",
+            ms(percentile(sorted, 0.5)),
+            ms(percentile(sorted, 0.99)),
+            ms(percentile(sorted, 0.999)),
+            ms(sorted.last().copied().unwrap_or_default()),
+            sorted.len()
+        )
+    };
     println!(
-        "agent turnaround, beyond packetisation (frame handed to the agent task → the agent's answer back in it; \
-         ms): p50 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
-        ms(percentile(&websocket, 0.5)),
-        ms(percentile(&websocket, 0.99)),
-        ms(percentile(&websocket, 0.999)),
-        ms(websocket.last().copied().unwrap_or_default())
+        "agent turnaround, beyond packetisation (frame handed to the agent stream → the agent's answer back in \
+         the session; ms): {}",
+        figures(&probe.turnaround)
     );
+    println!(
+        "  of which Patchbay's, the echo agent's own time left out (hand-over → flushed to the agent's socket, \
+         plus the agent's send → its answer in the session; ms): {}",
+        figures(&probe.patchbay)
+    );
+    println!("    to the agent (ms): {}", figures(&probe.to_agent));
+    println!("    from the agent (ms): {}", figures(&probe.from_agent));
     println!(
         "process CPU (Patchbay + the callers{}) during the run: {:.1} % of one core",
         if external_agent.is_some() { "" } else { " + the echo agent" },

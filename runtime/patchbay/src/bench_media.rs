@@ -95,9 +95,23 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
     // Room for every departure up front, so recording them never reallocates on the clock.
     *engine.stats().departures.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
         Vec::with_capacity(calls * (seconds as usize + 1) * 1000 / PTIME.as_millis() as usize);
+    // The clock's counters cover the measured seconds only (not the calls' set-up).
+    for counter in [&engine.stats().ticks, &engine.stats().max_late_us, &engine.stats().late_ticks] {
+        counter.store(0, Ordering::Relaxed);
+    }
+    let cpu_before = cpu_times();
     engine.stats().record_departures.store(true, Ordering::Relaxed);
     std::thread::sleep(Duration::from_secs(seconds));
     engine.stats().record_departures.store(false, Ordering::Relaxed);
+    let stats = engine.stats();
+    let (ticks, max_late, late) = (
+        stats.ticks.load(Ordering::Relaxed),
+        stats.max_late_us.load(Ordering::Relaxed),
+        stats.late_ticks.load(Ordering::Relaxed),
+    );
+    let steal = cpu_times()
+        .zip(cpu_before)
+        .map(|((total, steal), (total0, steal0))| (steal - steal0) as f64 * 100.0 / (total - total0).max(1) as f64);
     stop.store(true, Ordering::Release);
     for m in &media {
         m.close();
@@ -105,7 +119,6 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
     let (mut deviations, received) = receiver.join().map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
     deviations.sort_unstable();
     let expected = calls.div_ceil(SAMPLE_EVERY) as u64 * seconds * 1000 / PTIME.as_millis() as u64;
-    let stats = engine.stats();
     // The clock's own pacing: per call, each departure's distance from 20 ms after the last.
     let departures = std::mem::take(&mut *stats.departures.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     let mut last: HashMap<usize, Instant> = HashMap::new();
@@ -139,16 +152,29 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
         deviations.last().copied().unwrap_or_default()
     );
     println!(
-        "clock: {} ticks, {} sends failed, latest tick start {} µs after its deadline, {} ticks more than 1 ms late",
-        stats.ticks.load(Ordering::Relaxed),
+        "clock (the measured seconds): {ticks} steps, {} sends failed, latest step start {max_late} µs after its \
+         deadline, {late} steps more than 1 ms late",
         stats.send_errors.load(Ordering::Relaxed),
-        stats.max_late_us.load(Ordering::Relaxed),
-        stats.late_ticks.load(Ordering::Relaxed)
     );
+    // A VM's vCPUs are sometimes not running at all (the host runs something else): the clock
+    // cannot be on time then, and this says how much of that the run had.
+    match steal {
+        Some(steal) => println!("VM steal time during the measured seconds: {steal:.1} % of all CPU time"),
+        None => println!("VM steal time: not available (/proc/stat)"),
+    }
     Ok(())
 }
 
 /// The `p` quantile of sorted values (0 when there are none).
+/// All CPUs' time and the part of it stolen by the hypervisor, in clock ticks (`/proc/stat`).
+fn cpu_times() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> =
+        stat.lines().next()?.split_whitespace().skip(1).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    Some((fields.iter().take(8).sum(), *fields.get(7)?))
+}
+
 fn percentile(sorted: &[u32], p: f64) -> u32 {
     let index = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
     sorted.get(index).copied().unwrap_or_default()

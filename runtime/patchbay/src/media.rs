@@ -1,9 +1,10 @@
 //! The media shell: each call's RTP socket, and the clock threads that tick every call's
 //! [`MediaSession`] once per packetisation interval.
 //!
-//! The clock is a dedicated OS thread, not a tokio timer: flows run on the tokio workers and
-//! may keep them busy for a whole CPU slice, and the wire must not notice. Every 2 ms a thread
-//! walks one tenth of its calls (each call at a fixed step of the 20 ms period); for each it
+//! The clock is dedicated OS threads (one per core, two to four), not a tokio timer: flows run
+//! on the tokio workers and may keep them busy for a whole CPU slice, and the wire must not
+//! notice. Every 0.5 ms one of the threads serves one step of a wheel shared by all of them:
+//! a fortieth of the 20 ms calls (each call at a fixed step of its period); for each it
 //! reads everything that arrived on the call's socket since the last visit (one `recvmmsg`,
 //! each datagram with the kernel's arrival time), takes one short per-call lock to feed those
 //! packets to the session and let it write its packet (and take the caller's next frame for
@@ -19,18 +20,15 @@
 //! RTCP runs on the RTP port + 1 (RFC 3550 §11), or on the RTP port when both sides said
 //! `a=rtcp-mux` (RFC 5761; the clock then sorts what arrives by packet type, §4): the clock
 //! sends each call's reports when its session says one is due, and reads the peer's port + 1
-//! every other turn of its wheel (240 ms; reports come every few seconds and carry their own
+//! every other turn of the wheel (240 ms; reports come every few seconds and carry their own
 //! timing).
 //!
 //! Each call is paced at its own negotiated ptime (10, 20, 30 or 40 ms; `[media] ptime_ms` is
-//! ours, 20 by default): the wheel turns in 2 ms steps over 120 ms, and a call sits in every
-//! (ptime / 2 ms)-th step.
-//!
-//! **Not implemented yet:** a number of clock threads that follows the host's cores (two,
-//! whatever the host).
+//! ours, 20 by default): the wheel turns in 0.5 ms steps over 120 ms, and a call sits in every
+//! (ptime / 0.5 ms)-th step.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -253,13 +251,13 @@ impl CallMedia {
 /// How the shared clock is doing.
 #[derive(Debug, Default)]
 pub struct ClockStats {
-    /// Steps of the wheel run (one per 2 ms).
+    /// Steps of the wheel served (one per 0.5 ms).
     pub ticks: AtomicU64,
     /// Packets sent.
     pub sent: AtomicU64,
     /// Sends that failed (socket buffer full, unreachable).
     pub send_errors: AtomicU64,
-    /// Latest tick start after its deadline, in microseconds.
+    /// Latest step start after its deadline, in microseconds.
     pub max_late_us: AtomicU64,
     /// Steps that started more than 1 ms after their deadline.
     pub late_ticks: AtomicU64,
@@ -269,31 +267,41 @@ pub struct ClockStats {
     pub departures: Mutex<Vec<(usize, Instant)>>,
 }
 
-/// The media engine: the frame pool and the clock thread.
+/// The media engine: the frame pool, the wheel of calls and the clock threads that turn it.
 #[derive(Debug, Clone)]
 pub struct MediaEngine {
     pool: FramePool,
-    /// One registration channel per clock thread; calls are dealt round robin.
-    register: Arc<[std::sync::mpsc::Sender<Arc<CallMedia>>]>,
-    next_clock: Arc<std::sync::atomic::AtomicUsize>,
+    wheel: Arc<Wheel>,
+    /// Tells the clock threads to end (once their calls have closed) when the last clone of
+    /// the engine is dropped.
+    _owner: Arc<EngineOwner>,
     stats: Arc<ClockStats>,
 }
 
+/// Dropped with the last clone of a [`MediaEngine`].
+#[derive(Debug)]
+struct EngineOwner(Arc<Wheel>);
+
+impl Drop for EngineOwner {
+    fn drop(&mut self) {
+        self.0.stopping.store(true, Ordering::Release);
+    }
+}
+
 impl MediaEngine {
-    /// Starts the clock threads.
+    /// Starts the clock threads (one per core, at least two and at most [`MAX_CLOCK_THREADS`]).
     pub fn start() -> std::io::Result<Self> {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, MAX_CLOCK_THREADS);
         let stats = Arc::new(ClockStats::default());
-        let mut register = Vec::with_capacity(CLOCK_THREADS);
-        for index in 0..CLOCK_THREADS {
-            let (sender, calls) = std::sync::mpsc::channel();
-            let thread_stats = Arc::clone(&stats);
+        let wheel = Arc::new(Wheel::new(Instant::now()));
+        for index in 0..threads {
+            let (thread_wheel, thread_stats) = (Arc::clone(&wheel), Arc::clone(&stats));
             std::thread::Builder::new()
                 .name(format!("patchbay-media-clock-{index}"))
-                .spawn(move || clock(calls, &thread_stats, index))?;
-            register.push(sender);
+                .spawn(move || clock(&thread_wheel, &thread_stats, index, threads))?;
         }
-        let register = register.into();
-        Ok(Self { pool: FramePool::new(16_384), register, next_clock: Arc::default(), stats })
+        let owner = Arc::new(EngineOwner(Arc::clone(&wheel)));
+        Ok(Self { pool: FramePool::new(16_384), wheel, _owner: owner, stats })
     }
 
     /// The frame pool every call shares.
@@ -307,8 +315,8 @@ impl MediaEngine {
     }
 
     /// Starts a call's media on `socket` (already bound: its port is in our SDP) and, when
-    /// given, RTCP on `rtcp_socket` (the port + 1): registers it with a clock thread, which
-    /// reads and writes both sockets from then on.
+    /// given, RTCP on `rtcp_socket` (the port + 1): puts it on the clock's wheel, whose threads
+    /// read and write both sockets from then on.
     pub fn start_call(
         &self,
         session: MediaSession,
@@ -335,10 +343,7 @@ impl MediaEngine {
             closed: AtomicBool::new(false),
             dispatching: Mutex::new(()),
         });
-        let clock = self.next_clock.fetch_add(1, Ordering::Relaxed) % self.register.len();
-        self.register[clock]
-            .send(Arc::clone(&media))
-            .map_err(|_| std::io::Error::other("the media clock thread has stopped"))?;
+        self.wheel.place(Arc::clone(&media));
         Ok(media)
     }
 }
@@ -453,106 +458,192 @@ pub fn bind_rtp_pair(ip: std::net::IpAddr) -> std::io::Result<(std::net::UdpSock
     Err(last)
 }
 
-/// One step of the clock's wheel.
-const STEP: Duration = Duration::from_millis(2);
+/// One step of the clock's wheel, in microseconds.
+const STEP_US: u64 = 500;
 
 /// Steps in one turn of the wheel: 120 ms, the least common multiple of the ptimes a call can
 /// have (10, 20, 30, 40 ms), so that every call is served at the same offsets in every turn.
-const WHEEL_STEPS: usize = 60;
+const WHEEL_STEPS: usize = 240;
 
-/// Puts `call` (paced every `ptime_ms`: 10, 20, 30 or 40, as [`MediaSession`] rounds it) on the
-/// wheel: in every (ptime / 2 ms)-th step from the offset whose steps hold the fewest calls. Its
-/// first step in a turn is therefore the one below ptime / 2 ms.
-fn place<T: Clone>(slots: &mut [Vec<T>], call: T, ptime_ms: u32) {
-    let every = (ptime_ms / 2).max(1) as usize;
-    let load = |offset: usize| slots.iter().skip(offset).step_by(every).map(Vec::len).sum::<usize>();
+/// At most this many clock threads, whatever the host's cores.
+const MAX_CLOCK_THREADS: usize = 4;
+
+/// How many steps apart a call of `ptime_ms` (10, 20, 30 or 40, as [`MediaSession`] rounds it)
+/// is served.
+fn steps_per_tick(ptime_ms: u32) -> usize {
+    ((u64::from(ptime_ms) * 1000 / STEP_US) as usize).max(1)
+}
+
+/// Puts `call` (paced every `ptime_ms`) on the wheel `slots`: in every
+/// [`steps_per_tick`]-th step from the offset whose steps hold the fewest calls. Its first step
+/// in a turn is therefore the one below `steps_per_tick`.
+fn place<T: Clone>(slots: &[Mutex<Vec<T>>], call: T, ptime_ms: u32) {
+    let every = steps_per_tick(ptime_ms);
+    let len = |at: usize| slots[at].lock().unwrap_or_else(PoisonError::into_inner).len();
+    let load = |offset: usize| (offset..slots.len()).step_by(every).map(len).sum::<usize>();
     let offset = (0..every).min_by_key(|&o| load(o)).unwrap_or(0);
     for at in (offset..slots.len()).step_by(every) {
-        slots[at].push(call.clone());
+        slots[at].lock().unwrap_or_else(PoisonError::into_inner).push(call.clone());
     }
 }
 
-/// Clock threads; each owns the calls dealt to it and runs its own wheel, the second offset by
-/// half a step so that their bursts of sends interleave rather than coincide. Two halve each
-/// step's burst at 2,000 calls and let a second core send while one thread is late (figures in
-/// BENCHMARKS.md).
-const CLOCK_THREADS: usize = 2;
+/// Every call, on a wheel of [`WHEEL_STEPS`] steps of [`STEP_US`], shared by the clock
+/// threads: whichever thread is awake serves the steps that are due and that no other thread
+/// has claimed.
+#[derive(Debug)]
+struct Wheel {
+    steps: Box<[Mutex<Vec<Arc<CallMedia>>>]>,
+    /// Serialises placements (the load per offset, then the pushes).
+    placing: Mutex<()>,
+    /// Step 0's deadline; step k is due `k` × [`STEP_US`] later.
+    start: Instant,
+    /// The next step to serve (claimed by one thread with a compare-and-swap).
+    next: AtomicU64,
+    /// Calls on the wheel (closed ones leave it when their first step of a turn is served).
+    live: AtomicUsize,
+    /// The engine was dropped: the threads end once every call has left the wheel.
+    stopping: AtomicBool,
+}
 
-/// A clock thread (`index` of [`CLOCK_THREADS`]): ticks every call dealt to it once per its
-/// ptime.
+impl Wheel {
+    fn new(start: Instant) -> Self {
+        Self {
+            steps: (0..WHEEL_STEPS).map(|_| Mutex::new(Vec::new())).collect(),
+            placing: Mutex::new(()),
+            start,
+            next: AtomicU64::new(0),
+            live: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    fn place(&self, call: Arc<CallMedia>) {
+        let _placing = self.placing.lock().unwrap_or_else(PoisonError::into_inner);
+        self.live.fetch_add(1, Ordering::Relaxed);
+        let ptime_ms = call.ptime_ms;
+        place(&self.steps, call, ptime_ms);
+    }
+
+    fn deadline(&self, step: u64) -> Instant {
+        self.start + Duration::from_micros(step * STEP_US)
+    }
+
+    /// The step due at `now` (the last one whose deadline has passed).
+    fn step_at(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.start).as_micros() as u64 / STEP_US
+    }
+
+    /// Claims the oldest step due at `now` that no thread has claimed yet, if any. A wheel far
+    /// behind (the machine was suspended or starved) skips to the present rather than sending
+    /// a burst of stale frames.
+    fn claim(&self, now: Instant) -> Option<u64> {
+        loop {
+            let step = self.next.load(Ordering::Acquire);
+            let deadline = self.deadline(step);
+            if deadline > now {
+                return None;
+            }
+            let skip = now > deadline + PTIME * 5;
+            let to = if skip { self.step_at(now) } else { step + 1 };
+            if self.next.compare_exchange(step, to, Ordering::AcqRel, Ordering::Acquire).is_ok() && !skip {
+                return Some(step);
+            }
+            // Another thread took it, or the wheel skipped ahead: look again.
+        }
+    }
+
+    /// Serves step `step`: ticks each of its calls (dropping the closed ones).
+    fn serve(&self, step: u64, now: Instant, clock: &mut ClockThread, stats: &ClockStats) {
+        let slot = (step % WHEEL_STEPS as u64) as usize;
+        // The peer's RTCP is read every RTCP_EVERY-th turn, at a call's first step of the turn.
+        let rtcp_turn = (step / WHEEL_STEPS as u64).is_multiple_of(RTCP_EVERY);
+        let record = stats.record_departures.load(Ordering::Relaxed);
+        let mut calls = self.steps[slot].lock().unwrap_or_else(PoisonError::into_inner);
+        calls.retain(|call| {
+            let open = !call.closed.load(Ordering::Acquire);
+            if !open && slot < steps_per_tick(call.ptime_ms) {
+                self.live.fetch_sub(1, Ordering::Relaxed);
+            }
+            open
+        });
+        for call in calls.iter() {
+            let first = slot < steps_per_tick(call.ptime_ms);
+            if call.tick(now, &clock.ntp, &mut clock.out, stats, rtcp_turn && first) && record {
+                clock.departures.push((Arc::as_ptr(call) as usize, Instant::now()));
+            }
+        }
+        drop(calls);
+        if !clock.departures.is_empty() {
+            stats.departures.lock().unwrap_or_else(PoisonError::into_inner).append(&mut clock.departures);
+        }
+    }
+}
+
+/// What one clock thread keeps between steps.
+struct ClockThread {
+    out: Buffers,
+    ntp: NtpClock,
+    departures: Vec<(usize, Instant)>,
+}
+
+/// A clock thread (`index` of `threads`): wakes at every `threads`-th step deadline, its own
+/// offset, and serves every step that is due and unclaimed.
 ///
-/// No timer per call, and a wheel of [`WHEEL_STEPS`] steps of 2 ms: a call of ptime P sits in
-/// every (P / 2 ms)-th step from the offset where its steps are least loaded, and each wake-up
-/// serves only its step's calls. Serving all
-/// calls back to back at one deadline (tried first) takes milliseconds of `sendto` for 2,000 calls on
-/// a small VM, and the last calls' packets then wander by milliseconds from one period to the
-/// next; spreading them keeps each call at a fixed offset, give or take one step's work. Finer
-/// steps (1 ms) were slower again on a VM, where every extra wake-up risks a late one (figures
-/// in BENCHMARKS.md). Deadlines are absolute (a late step does not shift the ones after it), and
-/// a clock that falls far behind (a suspended VM) starts over instead of bursting. Spinning
-/// before each deadline to beat slow wake-ups was tried and dropped: it made stalls more
-/// frequent on this project's 2-vCPU VM.
-fn clock(register: std::sync::mpsc::Receiver<Arc<CallMedia>>, stats: &ClockStats, index: usize) {
+/// No timer per call, and a wheel of [`WHEEL_STEPS`] steps of 0.5 ms shared by all threads: a
+/// call of ptime P sits in every (P / 0.5 ms)-th step from the offset where its steps are least
+/// loaded, so each step serves a 40th of the 20 ms calls. Serving all calls back to back at
+/// one deadline (tried first) takes milliseconds of `sendto` for 2,000 calls on a small VM, and
+/// the last calls' packets then wander by milliseconds from one period to the next; spreading
+/// them keeps each call at a fixed offset, give or take one step's work.
+///
+/// Why the threads share the wheel instead of each owning some calls (as they did before):
+/// on a VM a sleeping thread is now and then woken milliseconds late, and the threads' late
+/// wake-ups are nearly independent (`cyclictest`, two threads at 1 ms: 42 late wake-ups in
+/// 20 s, 1 of them on both at once). A step whose thread is late is served by the next thread
+/// to wake, half a millisecond later, so one late wake-up costs 0.5 ms, not its whole delay
+/// (figures in BENCHMARKS.md). Deadlines are absolute (a late step does not shift the ones
+/// after it), and a clock that falls far behind (a suspended VM) skips to the present instead
+/// of bursting. Spinning before each deadline to beat slow wake-ups was tried and dropped: it
+/// made stalls more frequent on this project's 2-vCPU VM.
+fn clock(wheel: &Wheel, stats: &ClockStats, index: usize, threads: usize) {
     realtime_priority();
-    let mut slots: Vec<Vec<Arc<CallMedia>>> = vec![Vec::new(); WHEEL_STEPS];
-    let step = STEP;
-    let mut slot = 0;
-    let mut out = Buffers { rtp: [0u8; MAX_PACKET], rtcp: [0u8; MAX_RTCP], inbox: Batch::new(INBOX) };
-    // Turns of the wheel; the peer's RTCP is read every RTCP_EVERY-th.
-    let mut cycle: u64 = 0;
-    let ntp = wall_clock();
-    let mut deadline = Instant::now() + step * index as u32 / CLOCK_THREADS as u32;
-    let mut departures: Vec<(usize, Instant)> = Vec::new();
+    let mut clock = ClockThread {
+        out: Buffers { rtp: [0u8; MAX_PACKET], rtcp: [0u8; MAX_RTCP], inbox: Batch::new(INBOX) },
+        ntp: wall_clock(),
+        departures: Vec::new(),
+    };
+    let threads = threads as u64;
     loop {
         loop {
-            match register.try_recv() {
-                Ok(call) => {
-                    let ptime_ms = call.ptime_ms;
-                    place(&mut slots, call, ptime_ms);
-                }
-                Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    if slots.iter().all(Vec::is_empty) {
-                        return;
-                    }
-                    break;
-                }
+            let now = Instant::now();
+            let Some(step) = wheel.claim(now) else { break };
+            let late = now.saturating_duration_since(wheel.deadline(step)).as_micros() as u64;
+            stats.max_late_us.fetch_max(late, Ordering::Relaxed);
+            if late > 1_000 {
+                stats.late_ticks.fetch_add(1, Ordering::Relaxed);
             }
+            stats.ticks.fetch_add(1, Ordering::Relaxed);
+            wheel.serve(step, now, &mut clock, stats);
         }
-        let calls = &mut slots[slot];
-        calls.retain(|c| !c.closed.load(Ordering::Acquire));
+        let idle = wheel.live.load(Ordering::Relaxed) == 0;
+        if idle && wheel.stopping.load(Ordering::Acquire) {
+            return;
+        }
         let now = Instant::now();
-        let late = now.saturating_duration_since(deadline).as_micros() as u64;
-        stats.max_late_us.fetch_max(late, Ordering::Relaxed);
-        if late > 1_000 {
-            stats.late_ticks.fetch_add(1, Ordering::Relaxed);
+        if idle {
+            // Nothing to serve: the steps slept through are empty, not late.
+            wheel.next.fetch_max(wheel.step_at(now) + 1, Ordering::AcqRel);
         }
-        stats.ticks.fetch_add(1, Ordering::Relaxed);
-        let record = stats.record_departures.load(Ordering::Relaxed);
-        let rtcp_turn = cycle.is_multiple_of(RTCP_EVERY);
-        for call in calls.iter() {
-            // A call's RTCP port is read at its first step of the turn.
-            let first = slot < (call.ptime_ms / 2) as usize;
-            if call.tick(now, &ntp, &mut out, stats, rtcp_turn && first) && record {
-                departures.push((Arc::as_ptr(call) as usize, Instant::now()));
-            }
-        }
-        if !departures.is_empty() {
-            stats.departures.lock().unwrap_or_else(PoisonError::into_inner).append(&mut departures);
-        }
-        slot = (slot + 1) % WHEEL_STEPS;
-        if slot == 0 {
-            cycle += 1;
-        }
-        // An idle host wakes once per period, not once per step.
-        deadline += if slots.iter().all(Vec::is_empty) { PTIME } else { step };
-        let after = Instant::now();
-        if after > deadline + PTIME * 5 {
-            // Far behind (the machine was suspended or starved): start over from now rather
-            // than sending a burst of stale frames.
-            deadline = after + step;
-        }
-        if let Some(wait) = deadline.checked_duration_since(after) {
+        let wake = if idle {
+            // An idle host wakes once per period, not once per step.
+            now + PTIME
+        } else {
+            // This thread's next own step: the first one after now that is `index` modulo
+            // `threads`.
+            let after = wheel.step_at(now) + 1;
+            wheel.deadline(after + (index as u64 + threads - after % threads) % threads)
+        };
+        if let Some(wait) = wake.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
     }
@@ -577,29 +668,56 @@ fn realtime_priority() {
 
 #[cfg(test)]
 mod tests {
-    use super::{WHEEL_STEPS, place};
+    use std::sync::Mutex;
 
-    /// The steps (2 ms each) at which `call` is served in one turn.
-    fn steps(slots: &[Vec<u32>], call: u32) -> Vec<usize> {
-        (0..slots.len()).filter(|&i| slots[i].contains(&call)).collect()
+    use std::time::{Duration, Instant};
+
+    use super::{WHEEL_STEPS, Wheel, place, steps_per_tick};
+
+    /// The steps at which `call` is served in one turn.
+    fn steps(slots: &[Mutex<Vec<u32>>], call: u32) -> Vec<usize> {
+        (0..slots.len()).filter(|&i| slots[i].lock().unwrap().contains(&call)).collect()
     }
 
     #[test]
     fn each_ptime_is_served_once_per_ptime_at_the_least_loaded_offset() {
-        let mut slots: Vec<Vec<u32>> = vec![Vec::new(); WHEEL_STEPS];
-        for (call, ptime) in [(1, 20), (2, 20), (3, 10), (4, 30), (5, 40)] {
-            place(&mut slots, call, ptime);
+        let slots: Vec<Mutex<Vec<u32>>> = (0..WHEEL_STEPS).map(|_| Mutex::new(Vec::new())).collect();
+        let calls = [(1u32, 20u32), (2, 20), (3, 10), (4, 30), (5, 40)];
+        for (call, ptime) in calls {
+            place(&slots, call, ptime);
         }
-        for (call, ptime) in [(1u32, 20usize), (2, 20), (3, 10), (4, 30), (5, 40)] {
+        for (call, ptime) in calls {
             let at = steps(&slots, call);
-            assert_eq!(at.len(), 120 / ptime, "call {call}: once per {ptime} ms in a 120 ms turn");
-            assert!(at.windows(2).all(|w| w[1] - w[0] == ptime / 2), "call {call} at {at:?}");
-            // The clock reads RTCP at the one step below ptime / 2 ms.
-            assert_eq!(at.iter().filter(|&&s| s < ptime / 2).count(), 1, "call {call} at {at:?}");
+            let every = steps_per_tick(ptime);
+            assert_eq!(every, ptime as usize * 2, "0.5 ms steps");
+            assert_eq!(at.len(), 120 / ptime as usize, "call {call}: once per {ptime} ms in a 120 ms turn");
+            assert!(at.windows(2).all(|w| w[1] - w[0] == every), "call {call} at {at:?}");
+            // The clock reads RTCP at the one step below `every`.
+            assert_eq!(at.iter().filter(|&&s| s < every).count(), 1, "call {call} at {at:?}");
         }
         // The second 20 ms call avoids the first one's steps; the 10 ms call avoids both.
         assert_ne!(steps(&slots, 1)[0], steps(&slots, 2)[0]);
         let busy: Vec<usize> = steps(&slots, 1).into_iter().chain(steps(&slots, 2)).collect();
         assert!(steps(&slots, 3).iter().all(|s| !busy.contains(s)), "{busy:?} {:?}", steps(&slots, 3));
+    }
+
+    #[test]
+    fn a_step_is_claimed_once_by_whichever_thread_is_awake_and_a_stalled_wheel_skips_ahead() {
+        let start = Instant::now();
+        let wheel = Wheel::new(start);
+        let at = |us: u64| start + Duration::from_micros(us);
+        // Thread 0 would have woken at 0 and 1 ms; it slept through both. Thread 1, awake at
+        // 1.2 ms, serves every step due (0, 0.5 and 1 ms), in order, each once.
+        assert_eq!(
+            [wheel.claim(at(1_200)), wheel.claim(at(1_200)), wheel.claim(at(1_200))],
+            [Some(0), Some(1), Some(2)]
+        );
+        assert_eq!(wheel.claim(at(1_200)), None, "step 3 is due at 1.5 ms");
+        // Thread 0 wakes at last: nothing is left for it.
+        assert_eq!(wheel.claim(at(1_300)), None);
+        assert_eq!(wheel.claim(at(1_500)), Some(3));
+        // 100 ms late: step 4 (2 ms) is not sent; the wheel goes on from the step due now.
+        assert_eq!(wheel.claim(at(1_500 + 101_000)), Some(205));
+        assert_eq!(wheel.claim(at(1_500 + 101_000)), None);
     }
 }

@@ -10,11 +10,22 @@ use super::{accept_loop, accept_websocket, send_text};
 use crate::error::AgentError;
 use crate::protocol::{AgentEncoder, PatchbayMessage, parse_patchbay_message};
 
-/// Sends every caller `media` payload straight back, unchanged, as soon as it arrives.
+/// Sends every caller `media` payload straight back as soon as it arrives (unchanged unless
+/// [`EchoAgent::stamping`]).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct EchoAgent;
+pub struct EchoAgent {
+    stamp_at: Option<usize>,
+}
 
 impl EchoAgent {
+    /// An echo agent that writes, at octet `offset` of each payload long enough, the time it
+    /// sends the answer: nanoseconds since the Unix epoch, little-endian `u64` (the system
+    /// clock, which a benchmark in another process reads too). The latency benchmark uses it
+    /// to leave the agent's own time out of the runtime's share.
+    pub fn stamping(offset: usize) -> Self {
+        Self { stamp_at: Some(offset) }
+    }
+
     /// Serves connections until the future is dropped.
     pub async fn serve(self, listener: TcpListener) {
         accept_loop(listener, "echo", move |tcp| async move {
@@ -46,7 +57,10 @@ impl EchoAgent {
                     info!(stream_sid = %start.stream_sid, "echo agent started");
                     encoder = Some(AgentEncoder::new(start.stream_sid));
                 }
-                PatchbayMessage::Media { payload, .. } => {
+                PatchbayMessage::Media { mut payload, .. } => {
+                    if let Some(stamp) = self.stamp_at.and_then(|at| payload.get_mut(at..at + 8)) {
+                        stamp.copy_from_slice(&unix_nanos().to_le_bytes());
+                    }
                     if let Some(encoder) = &encoder {
                         send_text(&mut ws, encoder.media(&payload)).await?;
                     }
@@ -57,4 +71,9 @@ impl EchoAgent {
         }
         Ok(())
     }
+}
+
+/// Now, in nanoseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_nanos() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }

@@ -23,7 +23,7 @@ mod echo;
 mod scripted;
 
 pub use demo::{DemoAgent, DemoAgentConfig, VadConfig};
-pub use echo::EchoAgent;
+pub use echo::{EchoAgent, unix_nanos};
 pub use scripted::{Observed, ScriptStep, ScriptedAgent};
 
 /// A sine tone as 8 kHz μ-law: `duration_ms` long, peak `amplitude` (16-bit linear).
