@@ -115,6 +115,7 @@ fn config(remote: SocketAddr, ssrc: u32, srtp: Option<SrtpKeys>) -> SessionConfi
         inactivity_timeout: Some(Duration::from_secs(60)),
         inband_dtmf: false,
         rtcp_mux: false,
+        remote_rtcp: None,
         jitter: JitterConfig::default(),
         srtp,
     }

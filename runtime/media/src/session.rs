@@ -104,6 +104,10 @@ pub struct SessionConfig {
     /// hands RTCP arriving on the RTP port to [`MediaSession::receive_rtcp`]
     /// (see [`is_rtcp`]).
     pub rtcp_mux: bool,
+    /// Where the SDP says to send RTCP (`a=rtcp`, RFC 3605), when not the RTP port + 1 (RFC
+    /// 3550 §11); replaced by where the peer's RTCP really comes from once it arrives. Not used
+    /// when `rtcp_mux`.
+    pub remote_rtcp: Option<SocketAddr>,
     /// Jitter buffer settings.
     pub jitter: JitterConfig,
     /// SRTP keys (SDES, RFC 4568) when the call is encrypted.
@@ -375,6 +379,15 @@ impl MediaSession {
         if remote != self.remote {
             self.remote = remote;
             self.latched = false;
+        }
+    }
+
+    /// A new offer/answer said where RTCP goes (`a=rtcp`, RFC 3605; `None`: the RTP port + 1):
+    /// reports go there until the peer's own RTCP shows where it really is.
+    pub fn set_remote_rtcp(&mut self, remote_rtcp: Option<SocketAddr>) {
+        if remote_rtcp != self.config.remote_rtcp {
+            self.config.remote_rtcp = remote_rtcp;
+            self.rtcp_remote = None;
         }
     }
 
@@ -748,9 +761,15 @@ impl MediaSession {
         x ^= x >> 15;
         let factor = 500 + (x % 1001);
         self.next_rtcp = Some(now + RTCP_INTERVAL * factor / 1000);
-        let rtcp_port =
-            |r: SocketAddr| if self.config.rtcp_mux { r } else { SocketAddr::new(r.ip(), r.port().wrapping_add(1)) };
-        let to = self.rtcp_remote.or_else(|| self.remote.map(rtcp_port))?;
+        let to = match (self.rtcp_remote, self.config.rtcp_mux) {
+            (Some(latched), _) => latched,
+            (None, true) => self.remote?,
+            // RFC 3605 §2.1, else RFC 3550 §11.
+            (None, false) => self
+                .config
+                .remote_rtcp
+                .or_else(|| self.remote.map(|r| SocketAddr::new(r.ip(), r.port().wrapping_add(1))))?,
+        };
         if !self.sending {
             return None;
         }

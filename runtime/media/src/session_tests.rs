@@ -27,6 +27,7 @@ fn config() -> SessionConfig {
         inactivity_timeout: Some(Duration::from_secs(60)),
         inband_dtmf: false,
         rtcp_mux: false,
+        remote_rtcp: None,
         jitter: JitterConfig::default(),
         srtp: None,
     }
@@ -378,6 +379,35 @@ fn with_rtcp_mux_reports_go_to_the_rtp_port_and_are_told_apart_from_rtp() {
     // RFC 5761 §4 reserves for this demultiplexing).
     assert!(!is_rtcp(&rtp(101, 1, 0, true, &[1, 0, 0, 160])));
     assert!(!is_rtcp(&rtp(8, 1, 0, true, &[0xd5; 160])));
+}
+
+#[test]
+fn reports_go_where_the_sdp_says_until_the_peers_own_rtcp_shows_where_it_is() {
+    let (peer, named, nat) = (addr("192.0.2.10:6000"), addr("192.0.2.10:7777"), addr("198.51.100.9:40001"));
+    let mut s = MediaSession::new(SessionConfig { remote: Some(peer), ..config() }, FramePool::new(8));
+    let t0 = Instant::now();
+    let ntp = NtpTime::from_unix(Duration::from_secs(3_900_000_000));
+    let mut rtcp = [0u8; MAX_RTCP];
+    let mut step = 0u32;
+    let mut next_report = |s: &mut MediaSession| loop {
+        step += 1;
+        let now = t0 + MS20 * step;
+        tick(s, now);
+        if let Some((to, len)) = s.rtcp_tick(now, ntp, &mut rtcp) {
+            return (to, rtcp[..len].to_vec());
+        }
+        assert!(step < 100_000, "no report");
+    };
+    assert_eq!(next_report(&mut s).0, addr("192.0.2.10:6001"), "no a=rtcp: the RTP port + 1 (RFC 3550 §11)");
+    s.set_remote_rtcp(Some(named));
+    assert_eq!(next_report(&mut s).0, named, "a=rtcp (RFC 3605)");
+    // The peer's reports come from behind a NAT: ours follow them.
+    let (_, mut report) = next_report(&mut s);
+    s.receive_rtcp(t0, ntp, nat, &mut report);
+    assert_eq!(next_report(&mut s).0, nat);
+    // A new offer names another port: it holds until the peer's RTCP says otherwise again.
+    s.set_remote_rtcp(None);
+    assert_eq!(next_report(&mut s).0, addr("192.0.2.10:6001"));
 }
 
 #[test]

@@ -56,6 +56,7 @@ pub fn bench_session(pool: &patchbay_media::FramePool, remote: SocketAddr, ssrc:
             inactivity_timeout: None,
             inband_dtmf: false,
             rtcp_mux: false,
+            remote_rtcp: None,
             jitter: Default::default(),
             srtp: None,
         },

@@ -431,6 +431,7 @@ pub fn session_for(
             inactivity_timeout,
             inband_dtmf: negotiated.telephone_event.is_none(),
             rtcp_mux: negotiated.rtcp_mux,
+            remote_rtcp: negotiated.remote_rtcp,
             jitter: Default::default(),
             srtp,
         },

@@ -283,6 +283,7 @@ fn apply_negotiated(
         let hold = !negotiated.direction.receives() || remote.is_none();
         media.with(|session| {
             session.set_remote(remote);
+            session.set_remote_rtcp(negotiated.remote_rtcp);
             session.set_hold(hold);
             session.set_sending(negotiated.direction.sends());
         });

@@ -843,3 +843,33 @@ fn our_offer_of_rtcp_mux_holds_once_the_answer_accepts_it() {
     assert!(accept_answer(&sent, &with("a=rtcp-mux\n")).expect("answer").rtcp_mux);
     assert!(!accept_answer(&sent, &with("")).expect("answer").rtcp_mux, "an answer without it keeps port + 1");
 }
+
+#[test]
+fn a_peer_that_names_its_rtcp_port_gets_its_reports_there() {
+    // RFC 3605 §2.1: `a=rtcp:<port>` at the stream's address, or with an address of its own
+    // (a NAT'd phone whose RTCP port is not RTP + 1).
+    let offer_with = |rtcp: &str| {
+        crlf(&format!(
+            "v=0\no=- 1 1 IN IP4 192.0.2.40\ns=-\nc=IN IP4 192.0.2.40\nt=0 0\nm=audio 10000 RTP/AVP 0\n{rtcp}a=sendrecv\n"
+        ))
+    };
+    let rtcp = |line: &str| answer(&offer_with(line), &local()).expect("answer").remote_rtcp;
+    assert_eq!(rtcp("a=rtcp:53020\n"), Some("192.0.2.40:53020".parse().expect("address")));
+    assert_eq!(rtcp("a=rtcp:53020 IN IP4 126.16.64.4\n"), Some("126.16.64.4:53020".parse().expect("address")));
+    assert_eq!(rtcp("a=rtcp:9 IN IP6 2001:db8::7\n"), Some("[2001:db8::7]:9".parse().expect("address")));
+    assert_eq!(rtcp(""), None, "without it: the RTP port + 1");
+    for unusable in
+        ["a=rtcp:x\n", "a=rtcp:0\n", "a=rtcp:70000\n", "a=rtcp:5000 IN IP4 0.0.0.0\n", "a=rtcp:5000 ATM NSAP x\n"]
+    {
+        assert_eq!(rtcp(unusable), None, "{unusable:?} is ignored, not fatal");
+    }
+    // The same in an answer to our offer.
+    let sent = offer(&local()).expect("offer");
+    let answered = crlf(
+        "v=0\no=- 2 2 IN IP4 192.0.2.50\ns=-\nc=IN IP4 192.0.2.50\nt=0 0\nm=audio 20000 RTP/AVP 0\na=rtcp:20011\na=sendrecv\n",
+    );
+    assert_eq!(
+        accept_answer(&sent, &answered).expect("answer").remote_rtcp,
+        Some("192.0.2.50:20011".parse().expect("address"))
+    );
+}

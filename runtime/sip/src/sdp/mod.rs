@@ -365,6 +365,9 @@ pub struct Negotiated {
     pub srtp: Option<SrtpParams>,
     /// RTCP goes on the RTP port both ways (RFC 5761): both sides said `a=rtcp-mux`.
     pub rtcp_mux: bool,
+    /// Where the peer wants RTCP when it said so (`a=rtcp`, RFC 3605; behind a NAT its RTCP
+    /// port is seldom the RTP port + 1); `None`: the RTP port + 1 (RFC 3550 §11).
+    pub remote_rtcp: Option<SocketAddr>,
 }
 
 /// Who caused an [`SdpError`].

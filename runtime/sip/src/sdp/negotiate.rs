@@ -86,6 +86,12 @@ fn remote_ip(session: &Session<'_>, media: &Media<'_>) -> Result<IpAddr, SdpErro
     }
 }
 
+/// Where the peer's `a=rtcp` (RFC 3605 §2.1) says its RTCP goes: its port, at its address or
+/// else the stream's.
+fn remote_rtcp(media: &Media<'_>, stream_ip: IpAddr) -> Option<SocketAddr> {
+    media.rtcp.map(|(port, ip)| SocketAddr::new(ip.unwrap_or(stream_ip), port))
+}
+
 /// Our side of the stream: send only if the peer receives and we want to send; receive only
 /// if the peer sends and we want to receive (RFC 3264 §6.1).
 fn intersect(peer: Direction, ours: Direction) -> Direction {
@@ -116,6 +122,7 @@ struct Served<'a> {
     direction: Direction,
     crypto: Option<CryptoAttribute>,
     rtcp_mux: bool,
+    remote_rtcp: Option<SocketAddr>,
 }
 
 fn serve<'a>(offer: &Session<'a>, media: &Media<'a>, local: &LocalMedia) -> Result<Served<'a>, SdpError> {
@@ -146,6 +153,7 @@ fn serve<'a>(offer: &Session<'a>, media: &Media<'a>, local: &LocalMedia) -> Resu
         crypto,
         // RFC 5761 §5.1.1: only when offered, and then at our choice.
         rtcp_mux: media.rtcp_mux && local.rtcp_mux,
+        remote_rtcp: remote_rtcp(media, ip),
     })
 }
 
@@ -223,6 +231,7 @@ pub fn answer(offer_sdp: &str, local: &LocalMedia) -> Result<Negotiated, SdpErro
         direction: stream.direction,
         srtp,
         rtcp_mux: stream.rtcp_mux,
+        remote_rtcp: stream.remote_rtcp,
     })
 }
 
@@ -404,6 +413,7 @@ pub fn accept_answer(offer_we_sent: &str, answer_sdp: &str) -> Result<Negotiated
         srtp,
         // RFC 5761 §5.1.1: multiplexed once the answer says so to our offer of it.
         rtcp_mux: theirs.rtcp_mux && ours.rtcp_mux,
+        remote_rtcp: remote_rtcp(theirs, ip),
     })
 }
 

@@ -53,6 +53,8 @@ pub(crate) struct Media<'a> {
     pub has_crypto_lines: bool,
     /// `a=rtcp-mux` (RFC 5761 §5.1.1): RTCP on the RTP port.
     pub rtcp_mux: bool,
+    /// `a=rtcp` (RFC 3605 §2.1): the peer's RTCP port, and its address when not the stream's.
+    pub rtcp: Option<(u16, Option<IpAddr>)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,6 +229,7 @@ fn parse_media(value: &str, line: usize) -> Result<Media<'_>, SdpError> {
         crypto: Vec::new(),
         has_crypto_lines: false,
         rtcp_mux: false,
+        rtcp: None,
     })
 }
 
@@ -264,6 +267,7 @@ fn parse_attribute<'a>(session: &mut Session<'a>, value: &'a str) {
                 media.fmtps.push((pt, params.trim()));
             }
         }
+        "rtcp" => media.rtcp = parse_rtcp(attr_value),
         "ptime" => media.ptime = parse_milliseconds(attr_value),
         "maxptime" => media.maxptime = parse_milliseconds(attr_value),
         "crypto" => {
@@ -271,6 +275,24 @@ fn parse_attribute<'a>(session: &mut Session<'a>, value: &'a str) {
             media.crypto.extend(crypto::parse(attr_value));
         }
         _ => {}
+    }
+}
+
+/// `a=rtcp:<port> [<nettype> <addrtype> <connection-address>]` (RFC 3605 §2.1). A line we
+/// cannot use (no port, an address of another network type) is ignored: RTCP then goes to the
+/// RTP port + 1, as without it.
+fn parse_rtcp(value: &str) -> Option<(u16, Option<IpAddr>)> {
+    let (port, address) = match value.split_once(' ') {
+        Some((port, address)) => (port, Some(address.trim())),
+        None => (value, None),
+    };
+    let port: u16 = port.trim().parse().ok().filter(|&p| p != 0)?;
+    match address {
+        None => Some((port, None)),
+        Some(address) => match parse_connection(address, 0) {
+            Ok(ConnectionAddress::Ip(ip)) if !ip.is_unspecified() => Some((port, Some(ip))),
+            _ => None,
+        },
     }
 }
 
