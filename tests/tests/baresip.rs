@@ -174,5 +174,23 @@ fn baresip_offering_rtcp_mux_gets_reports_on_its_rtp_port() {
     let reports = call.to_port(call.rtp_port).filter(|d| d.payload.get(1) == Some(&200)).count();
     assert!(reports >= 1, "no RTCP from Patchbay on baresip's RTP port:\n{}", call.log);
     assert_eq!(call.to_port(call.rtp_port + 1).count(), 0, "RTCP still sent to the port above");
+    // When baresip hangs up, Patchbay's last report carries a BYE for its stream (RFC 3550
+    // §6.6), on the same port.
+    let byes = call.to_port(call.rtp_port).filter(|d| rtcp_packet_types(&d.payload).contains(&203)).count();
+    assert_eq!(byes, 1, "one RTCP BYE at the end of the call:\n{}", call.log);
     call.assert_heard_itself("rtcp-mux echo");
+}
+
+/// The packet types of an RTCP compound packet (RFC 3550 §6.1); empty for anything else.
+fn rtcp_packet_types(datagram: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    let mut at = 0;
+    while let Some(header) = datagram.get(at..at + 4) {
+        if header[0] >> 6 != 2 || !(200..=204).contains(&header[1]) {
+            return Vec::new();
+        }
+        types.push(header[1]);
+        at += 4 * (usize::from(u16::from_be_bytes([header[2], header[3]])) + 1);
+    }
+    types
 }

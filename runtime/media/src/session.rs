@@ -761,6 +761,28 @@ impl MediaSession {
         x ^= x >> 15;
         let factor = 500 + (x % 1001);
         self.next_rtcp = Some(now + RTCP_INTERVAL * factor / 1000);
+        self.write_rtcp(now, ntp, out, false)
+    }
+
+    /// The call is ending: writes a last report with a BYE for our SSRC (RFC 3550 §6.6) into
+    /// `out` and returns where to send it — unless we never sent RTP or RTCP (§6.3.7: then no
+    /// BYE) or are not sending (hold).
+    pub fn rtcp_bye(&mut self, now: Instant, ntp: NtpTime, out: &mut [u8; MAX_RTCP]) -> Option<(SocketAddr, usize)> {
+        if self.stats.sent == 0 && self.stats.rtcp_sent == 0 {
+            return None;
+        }
+        self.write_rtcp(now, ntp, out, true)
+    }
+
+    /// A compound RTCP packet (RFC 3550 §6.1): SR (or RR before we have sent anything), SDES
+    /// CNAME, and a BYE when `bye`; SRTCP-protected on an SRTP call.
+    fn write_rtcp(
+        &mut self,
+        now: Instant,
+        ntp: NtpTime,
+        out: &mut [u8; MAX_RTCP],
+        bye: bool,
+    ) -> Option<(SocketAddr, usize)> {
         let to = match (self.rtcp_remote, self.config.rtcp_mux) {
             (Some(latched), _) => latched,
             (None, true) => self.remote?,
@@ -784,6 +806,9 @@ impl MediaSession {
         };
         written.ok()?;
         writer.sdes_cname(self.config.ssrc, cname.as_bytes()).ok()?;
+        if bye {
+            writer.bye(&[self.config.ssrc]).ok()?;
+        }
         let len = writer.finish();
         let len = match self.srtp.as_mut() {
             Some((outbound, _)) => outbound.protect_rtcp(out, len).ok()?,

@@ -411,6 +411,33 @@ fn reports_go_where_the_sdp_says_until_the_peers_own_rtcp_shows_where_it_is() {
 }
 
 #[test]
+fn a_session_that_sent_says_goodbye_with_its_last_report_and_one_that_never_did_stays_silent() {
+    let peer = addr("192.0.2.10:6000");
+    let ntp = NtpTime::from_unix(Duration::from_secs(3_900_000_000));
+    let mut rtcp = [0u8; MAX_RTCP];
+    let t0 = Instant::now();
+    // RFC 3550 §6.3.7: never sent RTP or RTCP, no BYE.
+    let mut quiet = MediaSession::new(SessionConfig { remote: Some(peer), ..config() }, FramePool::new(8));
+    assert_eq!(quiet.rtcp_bye(t0, ntp, &mut rtcp), None);
+
+    let mut s = MediaSession::new(SessionConfig { remote: Some(peer), ..config() }, FramePool::new(8));
+    for i in 0..5u32 {
+        tick(&mut s, t0 + MS20 * i);
+    }
+    let (to, len) = s.rtcp_bye(t0 + MS20 * 5, ntp, &mut rtcp).expect("a BYE");
+    assert_eq!(to, addr("192.0.2.10:6001"), "where its reports go");
+    // §6.1: a compound packet that starts with a report; here SR, SDES, BYE for our SSRC.
+    let compound = crate::rtp::CompoundPacket::parse(&rtcp[..len]).expect("a valid compound packet");
+    let packets: Vec<_> = compound.iter().collect();
+    assert!(matches!(packets[0], crate::rtp::RtcpPacket::SenderReport(_)), "{packets:?}");
+    let ssrc = config().ssrc.to_be_bytes();
+    assert!(
+        packets.iter().any(|p| matches!(p, crate::rtp::RtcpPacket::Other { packet_type: crate::rtp::RTCP_BYE, count: 1, body } if body[..4] == ssrc)),
+        "{packets:?}"
+    );
+}
+
+#[test]
 fn comfort_noise_from_a_peer_in_dtx_keeps_the_call_alive_and_is_heard_as_noise() {
     let mut s = MediaSession::new(SessionConfig { comfort_noise: Some(13), ..config() }, FramePool::new(64));
     let t0 = Instant::now();

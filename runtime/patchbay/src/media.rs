@@ -181,6 +181,17 @@ impl CallMedia {
         }
     }
 
+    /// The call has ended: sends its last RTCP report with a BYE (RFC 3550 §6.6), where its
+    /// reports go.
+    fn goodbye(&self, now: Instant, ntp: &NtpClock, out: &mut Buffers) {
+        let mut session = self.lock();
+        let mux = session.rtcp_mux();
+        let Some(socket) = (if mux { Some(&self.socket) } else { self.rtcp_socket.as_ref() }) else { return };
+        if let Some((to, len)) = session.rtcp_bye(now, ntp.at(now), &mut out.rtcp) {
+            let _ = socket.send_to(&out.rtcp[..len], to);
+        }
+    }
+
     /// Runs one tick: takes in what arrived, sends what is due. Returns whether a packet was
     /// sent.
     fn tick(&self, now: Instant, ntp: &NtpClock, out: &mut Buffers, stats: &ClockStats, rtcp_due: bool) -> bool {
@@ -563,6 +574,8 @@ impl Wheel {
         calls.retain(|call| {
             let open = !call.closed.load(Ordering::Acquire);
             if !open && slot < steps_per_tick(call.ptime_ms) {
+                // The call leaves the wheel at its first step of the turn (it is in others).
+                call.goodbye(now, &clock.ntp, &mut clock.out);
                 self.live.fetch_sub(1, Ordering::Relaxed);
             }
             open
