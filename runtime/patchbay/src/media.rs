@@ -335,6 +335,9 @@ impl MediaEngine {
         rtcp_socket: Option<std::net::UdpSocket>,
         sinks: CallSinks,
     ) -> std::io::Result<Arc<CallMedia>> {
+        // Multiplexed (RFC 5761): port + 1 is not used; free it rather than hold a socket per
+        // call. (A re-INVITE that later turns multiplexing off leaves such a call without RTCP.)
+        let rtcp_socket = rtcp_socket.filter(|_| !session.rtcp_mux());
         for socket in std::iter::once(&socket).chain(rtcp_socket.as_ref()) {
             socket.set_nonblocking(true)?;
             // Without arrival stamps packets count as arriving when read (up to a period late).
