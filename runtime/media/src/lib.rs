@@ -35,7 +35,7 @@
 //! Said loudly, so nobody mistakes this crate for the whole media engine:
 //!
 //! - the shared **pacing clock** and the **sockets** live in the `patchbay` binary (it calls
-//!   [`session::MediaSession::tick`] for every call from one clock thread);
+//!   [`session::MediaSession::tick`] for every call from its clock threads);
 //! - comfort noise (RFC 3389), RTCP scheduling, re-packetisation of agent audio;
 //! - the per-module gaps listed in each module's documentation (RFC 4733 multi-event packets,
 //!   SRTP MKI, jitter-buffer time-stretching, …);

@@ -285,7 +285,7 @@ pub const MAX_PACKET: usize = 12 + 320 + 16;
 impl MediaSession {
     /// A session about to send its first packet.
     pub fn new(config: SessionConfig, pool: FramePool) -> Self {
-        // Whole 10 ms, 10–40 ms: what the media clock paces (a 2 ms wheel turning every 120 ms).
+        // Whole 10 ms, 10–40 ms: what the media clock paces (a 0.5 ms wheel turning every 120 ms).
         let samples_per_frame = 8 * (config.ptime_ms / 10 * 10).clamp(10, MAX_FRAME_SAMPLES as u32 / 8);
         let sender = RtpSender::new(RtpSenderConfig {
             ssrc: config.ssrc,
@@ -766,7 +766,7 @@ impl MediaSession {
 
     /// The call is ending: writes a last report with a BYE for our SSRC (RFC 3550 §6.6) into
     /// `out` and returns where to send it — unless we never sent RTP or RTCP (§6.3.7: then no
-    /// BYE) or are not sending (hold).
+    /// BYE).
     pub fn rtcp_bye(&mut self, now: Instant, ntp: NtpTime, out: &mut [u8; MAX_RTCP]) -> Option<(SocketAddr, usize)> {
         if self.stats.sent == 0 && self.stats.rtcp_sent == 0 {
             return None;
@@ -792,9 +792,10 @@ impl MediaSession {
                 .remote_rtcp
                 .or_else(|| self.remote.map(|r| SocketAddr::new(r.ip(), r.port().wrapping_add(1))))?,
         };
-        if !self.sending {
-            return None;
-        }
+        // RTCP goes on while a stream is held with a direction (RFC 3264 §5.1: recvonly and
+        // inactive streams still send RTCP), not once the peer's address is gone (an RFC 2543
+        // hold, `c=0.0.0.0`).
+        self.remote?;
         let blocks: Vec<ReportBlock> = self.stats_rx.report_block(now).into_iter().collect();
         let cname = format!("patchbay-{:08x}", self.config.ssrc);
         let mut writer = RtcpWriter::new(&mut out[..]);

@@ -1,6 +1,6 @@
 //! `patchbay bench-media`: how evenly the shared media clock paces many calls.
 //!
-//! Starts `--calls` media sessions on the real clock thread, each with its own RTP socket and
+//! Starts `--calls` media sessions on the real clock threads, each with its own RTP socket and
 //! nothing to play (the keep-alive path every answered call runs). Two figures:
 //!
 //! - **departure**: the clock records when each packet left (after `sendto` returned); per call,
@@ -97,18 +97,19 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
     *engine.stats().departures.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
         Vec::with_capacity(calls * (seconds as usize + 1) * 1000 / PTIME.as_millis() as usize);
     // The clock's counters cover the measured seconds only (not the calls' set-up).
-    for counter in [&engine.stats().ticks, &engine.stats().max_late_us, &engine.stats().late_ticks] {
+    let clock = engine.stats();
+    for counter in [&clock.ticks, &clock.max_late_us, &clock.late_ticks, &clock.send_errors] {
         counter.store(0, Ordering::Relaxed);
     }
     let cpu_before = cpu_times();
-    engine.stats().record_departures.store(true, Ordering::Relaxed);
+    clock.record_departures.store(true, Ordering::Relaxed);
     std::thread::sleep(Duration::from_secs(seconds));
-    engine.stats().record_departures.store(false, Ordering::Relaxed);
-    let stats = engine.stats();
-    let (ticks, max_late, late) = (
-        stats.ticks.load(Ordering::Relaxed),
-        stats.max_late_us.load(Ordering::Relaxed),
-        stats.late_ticks.load(Ordering::Relaxed),
+    clock.record_departures.store(false, Ordering::Relaxed);
+    let (ticks, max_late, late, send_errors) = (
+        clock.ticks.load(Ordering::Relaxed),
+        clock.max_late_us.load(Ordering::Relaxed),
+        clock.late_ticks.load(Ordering::Relaxed),
+        clock.send_errors.load(Ordering::Relaxed),
     );
     let steal = cpu_times()
         .zip(cpu_before)
@@ -121,7 +122,7 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
     deviations.sort_unstable();
     let expected = calls.div_ceil(SAMPLE_EVERY) as u64 * seconds * 1000 / PTIME.as_millis() as u64;
     // The clock's own pacing: per call, each departure's distance from 20 ms after the last.
-    let departures = std::mem::take(&mut *stats.departures.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    let departures = std::mem::take(&mut *clock.departures.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     let mut last: HashMap<usize, Instant> = HashMap::new();
     let mut clock_dev: Vec<u32> = Vec::with_capacity(departures.len());
     for (call, at) in departures {
@@ -153,9 +154,8 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
         deviations.last().copied().unwrap_or_default()
     );
     println!(
-        "clock (the measured seconds): {ticks} steps, {} sends failed, latest step start {max_late} µs after its \
-         deadline, {late} steps more than 1 ms late",
-        stats.send_errors.load(Ordering::Relaxed),
+        "clock (the measured seconds): {ticks} steps, {send_errors} sends failed, latest step start {max_late} µs \
+         after its deadline, {late} steps more than 1 ms late"
     );
     // A VM's vCPUs are sometimes not running at all (the host runs something else): the clock
     // cannot be on time then, and this says how much of that the run had.
@@ -166,7 +166,6 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `p` quantile of sorted values (0 when there are none).
 /// All CPUs' time and the part of it stolen by the hypervisor, in clock ticks (`/proc/stat`).
 fn cpu_times() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -176,6 +175,7 @@ fn cpu_times() -> Option<(u64, u64)> {
     Some((fields.iter().take(8).sum(), *fields.get(7)?))
 }
 
+/// The `p` quantile of sorted values (0 when there are none).
 fn percentile(sorted: &[u32], p: f64) -> u32 {
     let index = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
     sorted.get(index).copied().unwrap_or_default()

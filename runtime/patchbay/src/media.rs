@@ -84,11 +84,19 @@ impl Listener {
                 // 20 ms; agents read any length).
                 let mut mulaw = [0u8; patchbay_media::session::MAX_FRAME_SAMPLES];
                 let n = frame.encode_into(patchbay_media::AudioEncoding::Pcmu, &mut mulaw);
-                if let Some(times) = handed_over {
-                    times.lock().unwrap_or_else(PoisonError::into_inner).push_back(std::time::Instant::now());
+                let Some(times) = handed_over else {
+                    // Fails only once the agent's writer has ended, which its session notices.
+                    let _ = sender.send_media(&mulaw[..n]);
+                    return;
+                };
+                // Benchmarks: stamped before it is queued (the answer may come back before
+                // this thread runs again), taken back if the queue was full and dropped it.
+                let lock = || times.lock().unwrap_or_else(PoisonError::into_inner);
+                lock().push_back(std::time::Instant::now());
+                let dropped = sender.dropped_media_frames();
+                if sender.send_media(&mulaw[..n]).is_err() || sender.dropped_media_frames() != dropped {
+                    lock().pop_back();
                 }
-                // Fails only once the agent's writer has ended, which its session notices itself.
-                let _ = sender.send_media(&mulaw[..n]);
             }
         }
     }
@@ -194,10 +202,15 @@ impl CallMedia {
 
     /// Runs one tick: takes in what arrived, sends what is due. Returns whether a packet was
     /// sent.
-    fn tick(&self, now: Instant, ntp: &NtpClock, out: &mut Buffers, stats: &ClockStats, rtcp_due: bool) -> bool {
-        let arrivals = ArrivalClock::now();
+    ///
+    /// The time is read under the call's lock: two clock threads may serve two of a call's
+    /// steps at once (one of them stalled mid-step for a whole ptime), and the session must
+    /// never see time go backwards.
+    fn tick(&self, ntp: &NtpClock, out: &mut Buffers, stats: &ClockStats, rtcp_due: bool) -> bool {
         let (packet, report, frame, events, mux) = {
             let mut session = self.lock();
+            let arrivals = ArrivalClock::now();
+            let now = arrivals.instant();
             // Everything that arrived since the last visit, at the times the kernel saw it; on a
             // multiplexed port (RFC 5761 §4) the RTCP among it goes to the RTCP side.
             let mux = session.rtcp_mux();
@@ -300,18 +313,24 @@ impl Drop for EngineOwner {
 }
 
 impl MediaEngine {
-    /// Starts the clock threads (one per core, at least two and at most [`MAX_CLOCK_THREADS`]).
+    /// Starts the clock threads: four on a host with four cores or more, else two.
+    ///
+    /// Two or four, not three: every ptime is an even number of steps (a multiple of four), so
+    /// all of a call's steps fall to the same thread unless it is covering for a late one — a
+    /// call's frames then come from and go back to one thread's shard of the frame pool.
     pub fn start() -> std::io::Result<Self> {
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, MAX_CLOCK_THREADS);
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = if cores >= MAX_CLOCK_THREADS { MAX_CLOCK_THREADS } else { 2 };
         let stats = Arc::new(ClockStats::default());
         let wheel = Arc::new(Wheel::new(Instant::now()));
+        // Made first, so that threads already started end if a later one cannot be.
+        let owner = Arc::new(EngineOwner(Arc::clone(&wheel)));
         for index in 0..threads {
             let (thread_wheel, thread_stats) = (Arc::clone(&wheel), Arc::clone(&stats));
             std::thread::Builder::new()
                 .name(format!("patchbay-media-clock-{index}"))
                 .spawn(move || clock(&thread_wheel, &thread_stats, index, threads))?;
         }
-        let owner = Arc::new(EngineOwner(Arc::clone(&wheel)));
         Ok(Self { pool: FramePool::new(16_384), wheel, _owner: owner, stats })
     }
 
@@ -518,6 +537,9 @@ struct Wheel {
     live: AtomicUsize,
     /// The engine was dropped: the threads end once every call has left the wheel.
     stopping: AtomicBool,
+    /// The wall clock for RTCP, one for every thread (a call is served by any of them, and its
+    /// reports' timestamps and round-trip times must come from one clock).
+    ntp: NtpClock,
 }
 
 impl Wheel {
@@ -529,6 +551,7 @@ impl Wheel {
             next: AtomicU64::new(0),
             live: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
+            ntp: wall_clock(),
         }
     }
 
@@ -578,14 +601,14 @@ impl Wheel {
             let open = !call.closed.load(Ordering::Acquire);
             if !open && slot < steps_per_tick(call.ptime_ms) {
                 // The call leaves the wheel at its first step of the turn (it is in others).
-                call.goodbye(now, &clock.ntp, &mut clock.out);
+                call.goodbye(now, &self.ntp, &mut clock.out);
                 self.live.fetch_sub(1, Ordering::Relaxed);
             }
             open
         });
         for call in calls.iter() {
             let first = slot < steps_per_tick(call.ptime_ms);
-            if call.tick(now, &clock.ntp, &mut clock.out, stats, rtcp_turn && first) && record {
+            if call.tick(&self.ntp, &mut clock.out, stats, rtcp_turn && first) && record {
                 clock.departures.push((Arc::as_ptr(call) as usize, Instant::now()));
             }
         }
@@ -599,7 +622,6 @@ impl Wheel {
 /// What one clock thread keeps between steps.
 struct ClockThread {
     out: Buffers,
-    ntp: NtpClock,
     departures: Vec<(usize, Instant)>,
 }
 
@@ -626,7 +648,6 @@ fn clock(wheel: &Wheel, stats: &ClockStats, index: usize, threads: usize) {
     realtime_priority();
     let mut clock = ClockThread {
         out: Buffers { rtp: [0u8; MAX_PACKET], rtcp: [0u8; MAX_RTCP], inbox: Batch::new(INBOX) },
-        ntp: wall_clock(),
         departures: Vec::new(),
     };
     let threads = threads as u64;
@@ -642,15 +663,12 @@ fn clock(wheel: &Wheel, stats: &ClockStats, index: usize, threads: usize) {
             stats.ticks.fetch_add(1, Ordering::Relaxed);
             wheel.serve(step, now, &mut clock, stats);
         }
-        let idle = wheel.live.load(Ordering::Relaxed) == 0;
-        if idle && wheel.stopping.load(Ordering::Acquire) {
+        let stopping = wheel.stopping.load(Ordering::Acquire);
+        let idle = wheel.live.load(Ordering::Acquire) == 0;
+        if idle && stopping {
             return;
         }
         let now = Instant::now();
-        if idle {
-            // Nothing to serve: the steps slept through are empty, not late.
-            wheel.next.fetch_max(wheel.step_at(now) + 1, Ordering::AcqRel);
-        }
         let wake = if idle {
             // An idle host wakes once per period, not once per step.
             now + PTIME
@@ -662,6 +680,11 @@ fn clock(wheel: &Wheel, stats: &ClockStats, index: usize, threads: usize) {
         };
         if let Some(wait) = wake.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
+        }
+        if wheel.live.load(Ordering::Acquire) == 0 {
+            // Nothing to serve: the steps slept through are empty, not late (and a call placed
+            // now starts at the present step, not after a burst of the ones before).
+            wheel.next.fetch_max(wheel.step_at(Instant::now()), Ordering::AcqRel);
         }
     }
 }

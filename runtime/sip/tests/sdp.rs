@@ -857,6 +857,11 @@ fn a_peer_that_names_its_rtcp_port_gets_its_reports_there() {
     assert_eq!(rtcp("a=rtcp:53020\n"), Some("192.0.2.40:53020".parse().expect("address")));
     assert_eq!(rtcp("a=rtcp:53020 IN IP4 126.16.64.4\n"), Some("126.16.64.4:53020".parse().expect("address")));
     assert_eq!(rtcp("a=rtcp:9 IN IP6 2001:db8::7\n"), Some("[2001:db8::7]:9".parse().expect("address")));
+    assert_eq!(rtcp("a=rtcp:53020\t IN IP4 126.16.64.4\n"), Some("126.16.64.4:53020".parse().expect("address")));
+    // An RFC 2543 hold (c=0.0.0.0) with a port only: nowhere to send.
+    let held =
+        crlf("v=0\no=- 1 1 IN IP4 192.0.2.40\ns=-\nc=IN IP4 0.0.0.0\nt=0 0\nm=audio 10000 RTP/AVP 0\na=rtcp:10001\n");
+    assert_eq!(answer(&held, &local()).expect("answer").remote_rtcp, None);
     assert_eq!(rtcp(""), None, "without it: the RTP port + 1");
     for unusable in
         ["a=rtcp:x\n", "a=rtcp:0\n", "a=rtcp:70000\n", "a=rtcp:5000 IN IP4 0.0.0.0\n", "a=rtcp:5000 ATM NSAP x\n"]

@@ -141,6 +141,11 @@ impl ArrivalClock {
         Self { instant: Instant::now(), wall_ns }
     }
 
+    /// The monotonic clock as it was read.
+    pub fn instant(&self) -> Instant {
+        self.instant
+    }
+
     /// When a datagram stamped `wall_ns` arrived (never later than the reading).
     pub fn arrival(&self, wall_ns: i64) -> Instant {
         let ago = (self.wall_ns - i128::from(wall_ns)).max(0);

@@ -87,9 +87,9 @@ fn remote_ip(session: &Session<'_>, media: &Media<'_>) -> Result<IpAddr, SdpErro
 }
 
 /// Where the peer's `a=rtcp` (RFC 3605 §2.1) says its RTCP goes: its port, at its address or
-/// else the stream's.
+/// else the stream's — none while the stream's address is the RFC 2543 hold (`0.0.0.0`).
 fn remote_rtcp(media: &Media<'_>, stream_ip: IpAddr) -> Option<SocketAddr> {
-    media.rtcp.map(|(port, ip)| SocketAddr::new(ip.unwrap_or(stream_ip), port))
+    media.rtcp.map(|(port, ip)| SocketAddr::new(ip.unwrap_or(stream_ip), port)).filter(|a| !a.ip().is_unspecified())
 }
 
 /// Our side of the stream: send only if the peer receives and we want to send; receive only

@@ -282,11 +282,12 @@ fn parse_attribute<'a>(session: &mut Session<'a>, value: &'a str) {
 /// cannot use (no port, an address of another network type) is ignored: RTCP then goes to the
 /// RTP port + 1, as without it.
 fn parse_rtcp(value: &str) -> Option<(u16, Option<IpAddr>)> {
-    let (port, address) = match value.split_once(' ') {
+    let value = value.trim();
+    let (port, address) = match value.split_once(|c: char| c.is_ascii_whitespace()) {
         Some((port, address)) => (port, Some(address.trim())),
         None => (value, None),
     };
-    let port: u16 = port.trim().parse().ok().filter(|&p| p != 0)?;
+    let port: u16 = port.parse().ok().filter(|&p| p != 0)?;
     match address {
         None => Some((port, None)),
         Some(address) => match parse_connection(address, 0) {
