@@ -411,6 +411,30 @@ fn reports_go_where_the_sdp_says_until_the_peers_own_rtcp_shows_where_it_is() {
 }
 
 #[test]
+fn reports_go_on_while_held_with_a_direction_but_not_once_the_peers_address_is_gone() {
+    let peer = addr("192.0.2.10:6000");
+    let ntp = NtpTime::from_unix(Duration::from_secs(3_900_000_000));
+    let mut rtcp = [0u8; MAX_RTCP];
+    let t0 = Instant::now();
+    let mut s = MediaSession::new(SessionConfig { remote: Some(peer), ..config() }, FramePool::new(8));
+    let reports = |s: &mut MediaSession, from: u32, rtcp: &mut [u8; MAX_RTCP]| {
+        (from..from + 500)
+            .filter(|&i| {
+                let now = t0 + MS20 * i;
+                tick(s, now);
+                s.rtcp_tick(now, ntp, rtcp).is_some()
+            })
+            .count()
+    };
+    // Held with a=recvonly/inactive: no RTP, but RTCP goes on (RFC 3264 §5.1).
+    s.set_sending(false);
+    assert!(reports(&mut s, 0, &mut rtcp) >= 1, "no report while held");
+    // An RFC 2543 hold (c=0.0.0.0): nowhere to send.
+    s.set_remote(None);
+    assert_eq!(reports(&mut s, 500, &mut rtcp), 0);
+}
+
+#[test]
 fn a_session_that_sent_says_goodbye_with_its_last_report_and_one_that_never_did_stays_silent() {
     let peer = addr("192.0.2.10:6000");
     let ntp = NtpTime::from_unix(Duration::from_secs(3_900_000_000));
