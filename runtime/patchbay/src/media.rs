@@ -1,9 +1,9 @@
 //! The media shell: each call's RTP socket, and the clock threads that tick every call's
 //! [`MediaSession`] once per packetisation interval.
 //!
-//! The clock is dedicated OS threads (one per core, two to four), not a tokio timer: flows run
-//! on the tokio workers and may keep them busy for a whole CPU slice, and the wire must not
-//! notice. Every 0.5 ms one of the threads serves one step of a wheel shared by all of them:
+//! The clock is dedicated OS threads (two, or four on hosts with four cores or more), not a
+//! tokio timer: flows run on the tokio workers and may keep them busy for a whole CPU slice,
+//! and the wire must not notice. Every 0.5 ms one of the threads serves one step of a wheel shared by all of them:
 //! a fortieth of the 20 ms calls (each call at a fixed step of its period); for each it
 //! reads everything that arrived on the call's socket since the last visit (one `recvmmsg`,
 //! each datagram with the kernel's arrival time), takes one short per-call lock to feed those
@@ -499,7 +499,7 @@ const STEP_US: u64 = 500;
 /// have (10, 20, 30, 40 ms), so that every call is served at the same offsets in every turn.
 const WHEEL_STEPS: usize = 240;
 
-/// At most this many clock threads, whatever the host's cores.
+/// Clock threads on a host with this many cores or more (two below that).
 const MAX_CLOCK_THREADS: usize = 4;
 
 /// How many steps apart a call of `ptime_ms` (10, 20, 30 or 40, as [`MediaSession`] rounds it)
