@@ -7,7 +7,7 @@
 //! - RTCP multiplexed on the RTP port (RFC 5761): baresip offers `a=rtcp-mux`; Patchbay's
 //!   reports must go to baresip's RTP port, none to the port above.
 
-use patchbay_e2e::{Capture, Datagram, correlation, free_port, start_patchbay, wav_samples, write_pcm16_wav};
+use patchbay_e2e::{Capture, Datagram, correlation, start_patchbay, wav_samples, write_pcm16_wav};
 use patchbay_media::rtp::RtpPacket;
 
 /// What one baresip call to the echo flow left behind.
@@ -37,15 +37,11 @@ fn baresip_echo_call(config_extra: &str, account_params: &str) -> EchoCall {
     let speech_path = dir.path().join("speech.wav");
     // baresip's `aufile` reads only 16-bit PCM.
     write_pcm16_wav(&speech_path, &speech);
-    // baresip's RTP port range, narrow enough to capture.
-    // (Linux hands out odd ports for bind to port 0; RTP wants an even one.)
-    let rtp_low = loop {
-        let p = free_port() & !1;
-        if p < 65_000 && (p..p + 2).all(|q| std::net::UdpSocket::bind(("127.0.0.1", q)).is_ok()) {
-            break p;
-        }
-    };
-    let sip_port = free_port();
+    // baresip's RTP port range, narrow enough to capture, and its SIP port: below the kernel's
+    // ephemeral range, where the Patchbay of a test running beside this one (which binds its
+    // RTP ports to port 0) cannot take them between this check and baresip's own bind.
+    let rtp_low = quiet_port(2);
+    let sip_port = quiet_port(1);
     let config = format!(
         "poll_method\tepoll\n\
          sip_listen\t127.0.0.1:{sip_port}\n\
@@ -179,6 +175,23 @@ fn baresip_offering_rtcp_mux_gets_reports_on_its_rtp_port() {
     let byes = call.to_port(call.rtp_port).filter(|d| rtcp_packet_types(&d.payload).contains(&203)).count();
     assert_eq!(byes, 1, "one RTCP BYE at the end of the call:\n{}", call.log);
     call.assert_heard_itself("rtcp-mux echo");
+}
+
+/// An even port with `count` free UDP ports from it, in 20000–32767 (below Linux's default
+/// ephemeral range, 32768–60999, which port-0 binds draw from).
+fn quiet_port(count: u16) -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(2_654_435_761);
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + ((seed.wrapping_add(n.wrapping_mul(7_919)) % 6_000) * 2) as u16;
+        let free = |q: u16| {
+            std::net::UdpSocket::bind(("127.0.0.1", q)).is_ok() && std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()
+        };
+        if (port..port + count).all(free) {
+            return port;
+        }
+    }
 }
 
 /// The packet types of an RTCP compound packet (RFC 3550 §6.1); empty for anything else.

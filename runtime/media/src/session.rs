@@ -14,8 +14,8 @@
 //! the wire never goes quiet while a flow or an agent is thinking (carriers and NATs drop calls
 //! after ~30 s without RTP).
 //!
-//! RTCP (RFC 3550 §6): [`MediaSession::rtcp_tick`] writes a compound SR (or RR before we have
-//! sent) with a reception report block and our CNAME about every 5 s (randomised 0.5–1.5×,
+//! RTCP (RFC 3550 §6): [`MediaSession::rtcp_tick`] writes a compound SR (RR while we have not
+//! sent since the report before last) with a reception report block and our CNAME about every 5 s (randomised 0.5–1.5×,
 //! §6.3.5); [`MediaSession::receive_rtcp`] takes the peer's reports: its SR time for our
 //! LSR/DLSR, its report on us for the round-trip time (§6.4.1) and the loss it sees. SRTCP when
 //! the call is encrypted.
@@ -258,6 +258,9 @@ pub struct MediaSession {
     remote_report: Option<ReportBlock>,
     rtt: Option<Duration>,
     rtcp_counter: u32,
+    /// RTP packets sent when each of our last two reports went out (newest first): we send an
+    /// SR only while we have sent since the one before last (RFC 3550 §6.4).
+    sent_at_reports: [u64; 2],
     /// (protect outgoing, unprotect incoming).
     srtp: Option<(SrtpContext, SrtpContext)>,
     samples_per_frame: u32,
@@ -324,6 +327,7 @@ impl MediaSession {
             remote_report: None,
             rtt: None,
             rtcp_counter: 0,
+            sent_at_reports: [0; 2],
             srtp: config
                 .srtp
                 .as_ref()
@@ -774,8 +778,8 @@ impl MediaSession {
         self.write_rtcp(now, ntp, out, true)
     }
 
-    /// A compound RTCP packet (RFC 3550 §6.1): SR (or RR before we have sent anything), SDES
-    /// CNAME, and a BYE when `bye`; SRTCP-protected on an SRTP call.
+    /// A compound RTCP packet (RFC 3550 §6.1): SR (RR unless we sent since the report before
+    /// last, §6.4), SDES CNAME, and a BYE when `bye`; SRTCP-protected on an SRTP call.
     fn write_rtcp(
         &mut self,
         now: Instant,
@@ -799,7 +803,9 @@ impl MediaSession {
         let blocks: Vec<ReportBlock> = self.stats_rx.report_block(now).into_iter().collect();
         let cname = format!("patchbay-{:08x}", self.config.ssrc);
         let mut writer = RtcpWriter::new(&mut out[..]);
-        let written = if self.stats.sent > 0 {
+        let we_sent = self.stats.sent > self.sent_at_reports[1];
+        self.sent_at_reports = [self.stats.sent, self.sent_at_reports[0]];
+        let written = if we_sent {
             let info = self.sender.sender_info(now, ntp);
             writer.sender_report(self.config.ssrc, &info, &blocks)
         } else {

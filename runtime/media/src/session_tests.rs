@@ -435,6 +435,33 @@ fn reports_go_on_while_held_with_a_direction_but_not_once_the_peers_address_is_g
 }
 
 #[test]
+fn a_held_stream_reports_as_a_receiver_once_two_reports_have_gone_by_without_sending() {
+    let peer = addr("192.0.2.10:6000");
+    let ntp = NtpTime::from_unix(Duration::from_secs(3_900_000_000));
+    let mut rtcp = [0u8; MAX_RTCP];
+    let t0 = Instant::now();
+    let mut s = MediaSession::new(SessionConfig { remote: Some(peer), ..config() }, FramePool::new(8));
+    let mut step = 0u32;
+    let mut next_report_is_sr = |s: &mut MediaSession| loop {
+        step += 1;
+        let now = t0 + MS20 * step;
+        tick(s, now);
+        if let Some((_, len)) = s.rtcp_tick(now, ntp, &mut rtcp) {
+            let compound = crate::rtp::CompoundPacket::parse(&rtcp[..len]).expect("a compound packet");
+            return matches!(compound.iter().next(), Some(crate::rtp::RtcpPacket::SenderReport(_)));
+        }
+        assert!(step < 100_000, "no report");
+    };
+    assert!(next_report_is_sr(&mut s), "sending: SR");
+    s.set_sending(false);
+    // RFC 3550 §6.4: SR while we sent since the report before last, then RR.
+    assert!(next_report_is_sr(&mut s), "sent since the report before last");
+    assert!(!next_report_is_sr(&mut s), "nothing sent across two reports: RR");
+    s.set_sending(true);
+    assert!(next_report_is_sr(&mut s), "sending again");
+}
+
+#[test]
 fn a_session_that_sent_says_goodbye_with_its_last_report_and_one_that_never_did_stays_silent() {
     let peer = addr("192.0.2.10:6000");
     let ntp = NtpTime::from_unix(Duration::from_secs(3_900_000_000));

@@ -119,10 +119,12 @@ pub fn run(calls: usize, seconds: u64, external_agent: Option<String>) -> anyhow
         std::thread::spawn(move || receive(&phone, &stop))
     };
     let cpu_before = process_cpu();
+    let machine_before = crate::bench_media::cpu_times();
     let sent_at = sender.join().map_err(|_| anyhow::anyhow!("sender thread panicked"))?;
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Release);
     let cpu = process_cpu().saturating_sub(cpu_before);
+    let steal = crate::bench_media::steal_since(machine_before);
     let echoes = receiver.join().map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
     for m in &media {
         m.close();
@@ -190,6 +192,10 @@ pub fn run(calls: usize, seconds: u64, external_agent: Option<String>) -> anyhow
         if external_agent.is_some() { "" } else { " + the echo agent" },
         cpu.as_secs_f64() * 100.0 / seconds as f64
     );
+    match steal {
+        Some(steal) => println!("VM steal time during the run: {steal:.1} % of all CPU time"),
+        None => println!("VM steal time: not available (/proc/stat)"),
+    }
     Ok(())
 }
 

@@ -111,9 +111,7 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
         clock.late_ticks.load(Ordering::Relaxed),
         clock.send_errors.load(Ordering::Relaxed),
     );
-    let steal = cpu_times()
-        .zip(cpu_before)
-        .map(|((total, steal), (total0, steal0))| (steal - steal0) as f64 * 100.0 / (total - total0).max(1) as f64);
+    let steal = steal_since(cpu_before);
     stop.store(true, Ordering::Release);
     for m in &media {
         m.close();
@@ -166,8 +164,15 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The share (%) of all CPU time the hypervisor stole since `before` (a [`cpu_times`] reading).
+pub(crate) fn steal_since(before: Option<(u64, u64)>) -> Option<f64> {
+    cpu_times().zip(before).map(|((total, steal), (total0, steal0))| {
+        steal.saturating_sub(steal0) as f64 * 100.0 / total.saturating_sub(total0).max(1) as f64
+    })
+}
+
 /// All CPUs' time and the part of it stolen by the hypervisor, in clock ticks (`/proc/stat`).
-fn cpu_times() -> Option<(u64, u64)> {
+pub(crate) fn cpu_times() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let fields: Vec<u64> =
         stat.lines().next()?.split_whitespace().skip(1).map(|f| f.parse().ok()).collect::<Option<_>>()?;
