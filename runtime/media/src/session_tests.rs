@@ -381,104 +381,116 @@ fn with_rtcp_mux_reports_go_to_the_rtp_port_and_are_told_apart_from_rtp() {
     assert!(!is_rtcp(&rtp(8, 1, 0, true, &[0xd5; 160])));
 }
 
+/// A session sending to 192.0.2.10:6000, ticked every 20 ms by [`RtcpRun`].
+fn peer_session() -> MediaSession {
+    MediaSession::new(SessionConfig { remote: Some(addr("192.0.2.10:6000")), ..config() }, FramePool::new(8))
+}
+
+/// Ticks a session every 20 ms, on from where the last call left off, and collects its RTCP.
+struct RtcpRun {
+    t0: Instant,
+    ntp: NtpTime,
+    ticks: u32,
+    out: [u8; MAX_RTCP],
+}
+
+impl RtcpRun {
+    fn new() -> Self {
+        Self {
+            t0: Instant::now(),
+            ntp: NtpTime::from_unix(Duration::from_secs(3_900_000_000)),
+            ticks: 0,
+            out: [0; MAX_RTCP],
+        }
+    }
+
+    /// Ticks until the session writes a report: where it goes and its bytes.
+    fn next_report(&mut self, s: &mut MediaSession) -> (SocketAddr, Vec<u8>) {
+        for _ in 0..100_000 {
+            if let Some(report) = self.tick(s) {
+                return report;
+            }
+        }
+        panic!("no report");
+    }
+
+    /// Whether the next report starts with an SR (else an RR).
+    fn next_report_is_sr(&mut self, s: &mut MediaSession) -> bool {
+        let (_, report) = self.next_report(s);
+        let compound = crate::rtp::CompoundPacket::parse(&report).expect("a compound packet");
+        matches!(compound.iter().next(), Some(crate::rtp::RtcpPacket::SenderReport(_)))
+    }
+
+    /// Reports written over the next `ticks` ticks.
+    fn reports_in(&mut self, s: &mut MediaSession, ticks: u32) -> usize {
+        (0..ticks).filter(|_| self.tick(s).is_some()).count()
+    }
+
+    fn tick(&mut self, s: &mut MediaSession) -> Option<(SocketAddr, Vec<u8>)> {
+        self.ticks += 1;
+        let now = self.t0 + MS20 * self.ticks;
+        tick(s, now);
+        s.rtcp_tick(now, self.ntp, &mut self.out).map(|(to, len)| (to, self.out[..len].to_vec()))
+    }
+}
+
 #[test]
 fn reports_go_where_the_sdp_says_until_the_peers_own_rtcp_shows_where_it_is() {
-    let (peer, named, nat) = (addr("192.0.2.10:6000"), addr("192.0.2.10:7777"), addr("198.51.100.9:40001"));
-    let mut s = MediaSession::new(SessionConfig { remote: Some(peer), ..config() }, FramePool::new(8));
-    let t0 = Instant::now();
-    let ntp = NtpTime::from_unix(Duration::from_secs(3_900_000_000));
-    let mut rtcp = [0u8; MAX_RTCP];
-    let mut step = 0u32;
-    let mut next_report = |s: &mut MediaSession| loop {
-        step += 1;
-        let now = t0 + MS20 * step;
-        tick(s, now);
-        if let Some((to, len)) = s.rtcp_tick(now, ntp, &mut rtcp) {
-            return (to, rtcp[..len].to_vec());
-        }
-        assert!(step < 100_000, "no report");
-    };
-    assert_eq!(next_report(&mut s).0, addr("192.0.2.10:6001"), "no a=rtcp: the RTP port + 1 (RFC 3550 §11)");
+    let (named, nat) = (addr("192.0.2.10:7777"), addr("198.51.100.9:40001"));
+    let mut s = peer_session();
+    let mut run = RtcpRun::new();
+    assert_eq!(run.next_report(&mut s).0, addr("192.0.2.10:6001"), "no a=rtcp: the RTP port + 1 (RFC 3550 §11)");
     s.set_remote_rtcp(Some(named));
-    assert_eq!(next_report(&mut s).0, named, "a=rtcp (RFC 3605)");
+    assert_eq!(run.next_report(&mut s).0, named, "a=rtcp (RFC 3605)");
     // The peer's reports come from behind a NAT: ours follow them.
-    let (_, mut report) = next_report(&mut s);
-    s.receive_rtcp(t0, ntp, nat, &mut report);
-    assert_eq!(next_report(&mut s).0, nat);
+    let (_, mut report) = run.next_report(&mut s);
+    s.receive_rtcp(run.t0, run.ntp, nat, &mut report);
+    assert_eq!(run.next_report(&mut s).0, nat);
     // A new offer names another port: it holds until the peer's RTCP says otherwise again.
     s.set_remote_rtcp(None);
-    assert_eq!(next_report(&mut s).0, addr("192.0.2.10:6001"));
+    assert_eq!(run.next_report(&mut s).0, addr("192.0.2.10:6001"));
 }
 
 #[test]
 fn reports_go_on_while_held_with_a_direction_but_not_once_the_peers_address_is_gone() {
-    let peer = addr("192.0.2.10:6000");
-    let ntp = NtpTime::from_unix(Duration::from_secs(3_900_000_000));
-    let mut rtcp = [0u8; MAX_RTCP];
-    let t0 = Instant::now();
-    let mut s = MediaSession::new(SessionConfig { remote: Some(peer), ..config() }, FramePool::new(8));
-    let reports = |s: &mut MediaSession, from: u32, rtcp: &mut [u8; MAX_RTCP]| {
-        (from..from + 500)
-            .filter(|&i| {
-                let now = t0 + MS20 * i;
-                tick(s, now);
-                s.rtcp_tick(now, ntp, rtcp).is_some()
-            })
-            .count()
-    };
+    let mut s = peer_session();
+    let mut run = RtcpRun::new();
     // Held with a=recvonly/inactive: no RTP, but RTCP goes on (RFC 3264 §5.1).
     s.set_sending(false);
-    assert!(reports(&mut s, 0, &mut rtcp) >= 1, "no report while held");
+    assert!(run.reports_in(&mut s, 500) >= 1, "no report while held");
     // An RFC 2543 hold (c=0.0.0.0): nowhere to send.
     s.set_remote(None);
-    assert_eq!(reports(&mut s, 500, &mut rtcp), 0);
+    assert_eq!(run.reports_in(&mut s, 500), 0);
 }
 
 #[test]
 fn a_held_stream_reports_as_a_receiver_once_two_reports_have_gone_by_without_sending() {
-    let peer = addr("192.0.2.10:6000");
-    let ntp = NtpTime::from_unix(Duration::from_secs(3_900_000_000));
-    let mut rtcp = [0u8; MAX_RTCP];
-    let t0 = Instant::now();
-    let mut s = MediaSession::new(SessionConfig { remote: Some(peer), ..config() }, FramePool::new(8));
-    let mut step = 0u32;
-    let mut next_report_is_sr = |s: &mut MediaSession| loop {
-        step += 1;
-        let now = t0 + MS20 * step;
-        tick(s, now);
-        if let Some((_, len)) = s.rtcp_tick(now, ntp, &mut rtcp) {
-            let compound = crate::rtp::CompoundPacket::parse(&rtcp[..len]).expect("a compound packet");
-            return matches!(compound.iter().next(), Some(crate::rtp::RtcpPacket::SenderReport(_)));
-        }
-        assert!(step < 100_000, "no report");
-    };
-    assert!(next_report_is_sr(&mut s), "sending: SR");
+    let mut s = peer_session();
+    let mut run = RtcpRun::new();
+    assert!(run.next_report_is_sr(&mut s), "sending: SR");
     s.set_sending(false);
     // RFC 3550 §6.4: SR while we sent since the report before last, then RR.
-    assert!(next_report_is_sr(&mut s), "sent since the report before last");
-    assert!(!next_report_is_sr(&mut s), "nothing sent across two reports: RR");
+    assert!(run.next_report_is_sr(&mut s), "sent since the report before last");
+    assert!(!run.next_report_is_sr(&mut s), "nothing sent across two reports: RR");
     s.set_sending(true);
-    assert!(next_report_is_sr(&mut s), "sending again");
+    assert!(run.next_report_is_sr(&mut s), "sending again");
 }
 
 #[test]
 fn a_session_that_sent_says_goodbye_with_its_last_report_and_one_that_never_did_stays_silent() {
-    let peer = addr("192.0.2.10:6000");
-    let ntp = NtpTime::from_unix(Duration::from_secs(3_900_000_000));
-    let mut rtcp = [0u8; MAX_RTCP];
-    let t0 = Instant::now();
+    let mut run = RtcpRun::new();
     // RFC 3550 §6.3.7: never sent RTP or RTCP, no BYE.
-    let mut quiet = MediaSession::new(SessionConfig { remote: Some(peer), ..config() }, FramePool::new(8));
-    assert_eq!(quiet.rtcp_bye(t0, ntp, &mut rtcp), None);
+    assert_eq!(peer_session().rtcp_bye(run.t0, run.ntp, &mut run.out), None);
 
-    let mut s = MediaSession::new(SessionConfig { remote: Some(peer), ..config() }, FramePool::new(8));
-    for i in 0..5u32 {
-        tick(&mut s, t0 + MS20 * i);
+    let mut s = peer_session();
+    for _ in 0..5 {
+        run.tick(&mut s);
     }
-    let (to, len) = s.rtcp_bye(t0 + MS20 * 5, ntp, &mut rtcp).expect("a BYE");
+    let now = run.t0 + MS20 * 6;
+    let (to, len) = s.rtcp_bye(now, run.ntp, &mut run.out).expect("a BYE");
     assert_eq!(to, addr("192.0.2.10:6001"), "where its reports go");
     // §6.1: a compound packet that starts with a report; here SR, SDES, BYE for our SSRC.
-    let compound = crate::rtp::CompoundPacket::parse(&rtcp[..len]).expect("a valid compound packet");
+    let compound = crate::rtp::CompoundPacket::parse(&run.out[..len]).expect("a valid compound packet");
     let packets: Vec<_> = compound.iter().collect();
     assert!(matches!(packets[0], crate::rtp::RtcpPacket::SenderReport(_)), "{packets:?}");
     let ssrc = config().ssrc.to_be_bytes();
