@@ -261,6 +261,8 @@ pub struct MediaSession {
     /// RTP packets sent when each of our last two reports went out (newest first): we send an
     /// SR only while we have sent since the one before last (RFC 3550 §6.4).
     sent_at_reports: [u64; 2],
+    /// Our SDES CNAME (RFC 3550 §6.5.1), from the SSRC.
+    cname: String,
     /// (protect outgoing, unprotect incoming).
     srtp: Option<(SrtpContext, SrtpContext)>,
     samples_per_frame: u32,
@@ -328,6 +330,7 @@ impl MediaSession {
             rtt: None,
             rtcp_counter: 0,
             sent_at_reports: [0; 2],
+            cname: format!("patchbay-{:08x}", config.ssrc),
             srtp: config
                 .srtp
                 .as_ref()
@@ -800,19 +803,19 @@ impl MediaSession {
         // inactive streams still send RTCP), not once the peer's address is gone (an RFC 2543
         // hold, `c=0.0.0.0`).
         self.remote?;
-        let blocks: Vec<ReportBlock> = self.stats_rx.report_block(now).into_iter().collect();
-        let cname = format!("patchbay-{:08x}", self.config.ssrc);
+        let block = self.stats_rx.report_block(now);
+        let blocks = block.as_slice();
         let mut writer = RtcpWriter::new(&mut out[..]);
         let we_sent = self.stats.sent > self.sent_at_reports[1];
         self.sent_at_reports = [self.stats.sent, self.sent_at_reports[0]];
         let written = if we_sent {
             let info = self.sender.sender_info(now, ntp);
-            writer.sender_report(self.config.ssrc, &info, &blocks)
+            writer.sender_report(self.config.ssrc, &info, blocks)
         } else {
-            writer.receiver_report(self.config.ssrc, &blocks)
+            writer.receiver_report(self.config.ssrc, blocks)
         };
         written.ok()?;
-        writer.sdes_cname(self.config.ssrc, cname.as_bytes()).ok()?;
+        writer.sdes_cname(self.config.ssrc, self.cname.as_bytes()).ok()?;
         if bye {
             writer.bye(&[self.config.ssrc]).ok()?;
         }

@@ -188,7 +188,8 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
                         Ok(negotiated) => {
                             let seed =
                                 std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 1u8);
-                            let session = crate::media::session_for(&negotiated, engine.pool(), None, seed);
+                            let session =
+                                crate::media::session_for(&negotiated, negotiated.ptime, engine.pool(), None, seed);
                             let to_play = prompt.clone().map(|p| (p, 0));
                             let (tx, heard) = tokio::sync::mpsc::channel(crate::media::FLOW_AUDIO_QUEUE * 4);
                             let (dtmf, _) = tokio::sync::mpsc::channel(16);

@@ -189,12 +189,17 @@ impl CallMedia {
         }
     }
 
+    /// The socket RTCP goes out on: the RTP one when multiplexed (RFC 5761), else port + 1 if
+    /// the call has it.
+    fn rtcp_out(&self, mux: bool) -> Option<&std::net::UdpSocket> {
+        if mux { Some(&self.socket) } else { self.rtcp_socket.as_ref() }
+    }
+
     /// The call has ended: sends its last RTCP report with a BYE (RFC 3550 §6.6), where its
     /// reports go.
     fn goodbye(&self, now: Instant, ntp: &NtpClock, out: &mut Buffers) {
         let mut session = self.lock();
-        let mux = session.rtcp_mux();
-        let Some(socket) = (if mux { Some(&self.socket) } else { self.rtcp_socket.as_ref() }) else { return };
+        let Some(socket) = self.rtcp_out(session.rtcp_mux()) else { return };
         if let Some((to, len)) = session.rtcp_bye(now, ntp.at(now), &mut out.rtcp) {
             let _ = socket.send_to(&out.rtcp[..len], to);
         }
@@ -207,7 +212,7 @@ impl CallMedia {
     /// steps at once (one of them stalled mid-step for a whole ptime), and the session must
     /// never see time go backwards.
     fn tick(&self, ntp: &NtpClock, out: &mut Buffers, stats: &ClockStats, rtcp_due: bool) -> bool {
-        let (packet, report, frame, events, mux) = {
+        let (packet, report, frame, events) = {
             let mut session = self.lock();
             let arrivals = ArrivalClock::now();
             let now = arrivals.instant();
@@ -231,24 +236,20 @@ impl CallMedia {
                 });
             }
             let packet = session.tick(now, &mut out.rtp);
-            let report = match (&self.rtcp_socket, mux) {
-                (Some(_), _) | (None, true) => session.rtcp_tick(now, ntp.at(now), &mut out.rtcp),
-                (None, false) => None,
+            let report = match self.rtcp_out(mux) {
+                Some(socket) => session.rtcp_tick(now, ntp.at(now), &mut out.rtcp).map(|report| (socket, report)),
+                None => None,
             };
             // The jitter buffer's playout runs on this clock whether or not anybody listens.
-            (packet, report, session.take_received(now), session.has_events(), mux)
+            (packet, report, session.take_received(now), session.has_events())
         };
-        let rtcp_out = if mux { Some(&self.socket) } else { self.rtcp_socket.as_ref() };
-        if let (Some((to, len)), Some(socket)) = (report, rtcp_out) {
+        if let Some((socket, (to, len))) = report {
             let _ = socket.send_to(&out.rtcp[..len], to);
         }
         let out = &out.rtp;
         let sent = match packet {
             Some((to, len)) => match self.socket.send_to(&out[..len], to) {
-                Ok(_) => {
-                    stats.sent.fetch_add(1, Ordering::Relaxed);
-                    true
-                }
+                Ok(_) => true,
                 Err(_) => {
                     stats.send_errors.fetch_add(1, Ordering::Relaxed);
                     false
@@ -277,8 +278,6 @@ impl CallMedia {
 pub struct ClockStats {
     /// Steps of the wheel served (one per 0.5 ms).
     pub ticks: AtomicU64,
-    /// Packets sent.
-    pub sent: AtomicU64,
     /// Sends that failed (socket buffer full, unreachable).
     pub send_errors: AtomicU64,
     /// Latest step start after its deadline, in microseconds.
@@ -295,10 +294,9 @@ pub struct ClockStats {
 #[derive(Debug, Clone)]
 pub struct MediaEngine {
     pool: FramePool,
-    wheel: Arc<Wheel>,
-    /// Tells the clock threads to end (once their calls have closed) when the last clone of
-    /// the engine is dropped.
-    _owner: Arc<EngineOwner>,
+    /// The wheel; it tells the clock threads to end (once their calls have closed) when the
+    /// last clone of the engine is dropped.
+    wheel: Arc<EngineOwner>,
     stats: Arc<ClockStats>,
 }
 
@@ -331,7 +329,7 @@ impl MediaEngine {
                 .name(format!("patchbay-media-clock-{index}"))
                 .spawn(move || clock(&thread_wheel, &thread_stats, index, threads))?;
         }
-        Ok(Self { pool: FramePool::new(16_384), wheel, _owner: owner, stats })
+        Ok(Self { pool: FramePool::new(16_384), wheel: owner, stats })
     }
 
     /// The frame pool every call shares.
@@ -376,7 +374,7 @@ impl MediaEngine {
             closed: AtomicBool::new(false),
             dispatching: Mutex::new(()),
         });
-        self.wheel.place(Arc::clone(&media));
+        self.wheel.0.place(Arc::clone(&media));
         Ok(media)
     }
 }
@@ -430,10 +428,12 @@ struct Buffers {
     inbox: Batch,
 }
 
-/// The media session for what an offer/answer exchange agreed (either side of it). `random`
-/// seeds the SSRC and the initial sequence number and timestamp (RFC 3550 §5.1).
+/// The media session for what an offer/answer exchange agreed (either side of it), paced every
+/// `ptime_ms` (the negotiated ptime, or the one the clock already paces a renegotiated call
+/// at). `random` seeds the SSRC and the initial sequence number and timestamp (RFC 3550 §5.1).
 pub fn session_for(
     negotiated: &patchbay_sip::sdp::Negotiated,
+    ptime_ms: u16,
     pool: &FramePool,
     inactivity_timeout: Option<Duration>,
     random: u64,
@@ -456,7 +456,7 @@ pub fn session_for(
             payload_type: negotiated.codec.payload_type,
             telephone_event: negotiated.telephone_event,
             comfort_noise: negotiated.comfort_noise,
-            ptime_ms: u32::from(negotiated.ptime),
+            ptime_ms: u32::from(ptime_ms),
             remote,
             ssrc: random as u32,
             initial_sequence: (random >> 32) as u16,
@@ -505,18 +505,20 @@ const MAX_CLOCK_THREADS: usize = 4;
 /// How many steps apart a call of `ptime_ms` (10, 20, 30 or 40, as [`MediaSession`] rounds it)
 /// is served.
 fn steps_per_tick(ptime_ms: u32) -> usize {
-    ((u64::from(ptime_ms) * 1000 / STEP_US) as usize).max(1)
+    (u64::from(ptime_ms) * 1000 / STEP_US) as usize
 }
 
 /// Puts `call` (paced every `ptime_ms`) on the wheel `slots`: in every
-/// [`steps_per_tick`]-th step from the offset whose steps hold the fewest calls. Its first step
-/// in a turn is therefore the one below `steps_per_tick`.
-fn place<T: Clone>(slots: &[Mutex<Vec<T>>], call: T, ptime_ms: u32) {
+/// [`steps_per_tick`]-th step from the offset whose steps hold the fewest calls by `loads` (the
+/// calls per step, kept beside the wheel so that placing a call does not wait on the steps the
+/// clock threads are serving). Its first step in a turn is therefore the one below
+/// `steps_per_tick`.
+fn place<T: Clone>(loads: &mut [usize], slots: &[Mutex<Vec<T>>], call: T, ptime_ms: u32) {
     let every = steps_per_tick(ptime_ms);
-    let len = |at: usize| slots[at].lock().unwrap_or_else(PoisonError::into_inner).len();
-    let load = |offset: usize| (offset..slots.len()).step_by(every).map(len).sum::<usize>();
+    let load = |offset: usize| loads.iter().skip(offset).step_by(every).sum::<usize>();
     let offset = (0..every).min_by_key(|&o| load(o)).unwrap_or(0);
     for at in (offset..slots.len()).step_by(every) {
+        loads[at] += 1;
         slots[at].lock().unwrap_or_else(PoisonError::into_inner).push(call.clone());
     }
 }
@@ -527,8 +529,8 @@ fn place<T: Clone>(slots: &[Mutex<Vec<T>>], call: T, ptime_ms: u32) {
 #[derive(Debug)]
 struct Wheel {
     steps: Box<[Mutex<Vec<Arc<CallMedia>>>]>,
-    /// Serialises placements (the load per offset, then the pushes).
-    placing: Mutex<()>,
+    /// Calls per step, for placing new ones (also serialises placements).
+    loads: Mutex<Vec<usize>>,
     /// Step 0's deadline; step k is due `k` × [`STEP_US`] later.
     start: Instant,
     /// The next step to serve (claimed by one thread with a compare-and-swap).
@@ -546,7 +548,7 @@ impl Wheel {
     fn new(start: Instant) -> Self {
         Self {
             steps: (0..WHEEL_STEPS).map(|_| Mutex::new(Vec::new())).collect(),
-            placing: Mutex::new(()),
+            loads: Mutex::new(vec![0; WHEEL_STEPS]),
             start,
             next: AtomicU64::new(0),
             live: AtomicUsize::new(0),
@@ -556,10 +558,10 @@ impl Wheel {
     }
 
     fn place(&self, call: Arc<CallMedia>) {
-        let _placing = self.placing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut loads = self.loads.lock().unwrap_or_else(PoisonError::into_inner);
         self.live.fetch_add(1, Ordering::Relaxed);
         let ptime_ms = call.ptime_ms;
-        place(&self.steps, call, ptime_ms);
+        place(&mut loads, &self.steps, call, ptime_ms);
     }
 
     fn deadline(&self, step: u64) -> Instant {
@@ -597,6 +599,7 @@ impl Wheel {
         let rtcp_turn = (step / WHEEL_STEPS as u64).is_multiple_of(RTCP_EVERY);
         let record = stats.record_departures.load(Ordering::Relaxed);
         let mut calls = self.steps[slot].lock().unwrap_or_else(PoisonError::into_inner);
+        let before = calls.len();
         calls.retain(|call| {
             let open = !call.closed.load(Ordering::Acquire);
             if !open && slot < steps_per_tick(call.ptime_ms) {
@@ -612,7 +615,12 @@ impl Wheel {
                 clock.departures.push((Arc::as_ptr(call) as usize, Instant::now()));
             }
         }
+        let left = before - calls.len();
         drop(calls);
+        if left > 0 {
+            // Not under the step's lock: placing takes the loads, then steps.
+            self.loads.lock().unwrap_or_else(PoisonError::into_inner)[slot] -= left;
+        }
         if !clock.departures.is_empty() {
             stats.departures.lock().unwrap_or_else(PoisonError::into_inner).append(&mut clock.departures);
         }
@@ -722,10 +730,12 @@ mod tests {
     #[test]
     fn each_ptime_is_served_once_per_ptime_at_the_least_loaded_offset() {
         let slots: Vec<Mutex<Vec<u32>>> = (0..WHEEL_STEPS).map(|_| Mutex::new(Vec::new())).collect();
+        let mut loads = vec![0; WHEEL_STEPS];
         let calls = [(1u32, 20u32), (2, 20), (3, 10), (4, 30), (5, 40)];
         for (call, ptime) in calls {
-            place(&slots, call, ptime);
+            place(&mut loads, &slots, call, ptime);
         }
+        assert!((0..WHEEL_STEPS).all(|i| loads[i] == slots[i].lock().unwrap().len()), "loads follow the steps");
         for (call, ptime) in calls {
             let at = steps(&slots, call);
             let every = steps_per_tick(ptime);

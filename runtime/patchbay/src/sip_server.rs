@@ -276,7 +276,9 @@ fn apply_negotiated(
     let same_stream = negotiated.codec == current.codec
         && negotiated.telephone_event == current.telephone_event
         && negotiated.srtp == current.srtp
-        // Where RTCP goes and comes from is the session's (RFC 5761).
+        // Where RTCP goes and comes from is the session's (RFC 5761), and a call that started
+        // multiplexed has no port + 1 any more (`MediaEngine::start_call`): a change of
+        // multiplexing starts a new stream rather than a setter beside `set_remote_rtcp`.
         && negotiated.rtcp_mux == current.rtcp_mux;
     if same_stream {
         let remote = (!negotiated.remote_rtp.ip().is_unspecified()).then_some(negotiated.remote_rtp);
@@ -291,9 +293,7 @@ fn apply_negotiated(
         tracing::info!(codec = negotiated.codec.name(), "media renegotiated: new RTP stream");
         // The clock paces the call at the ptime it started with (its steps on the wheel are
         // fixed): the new stream keeps it, whatever the new SDP prefers.
-        let mut paced = negotiated.clone();
-        paced.ptime = media.ptime_ms();
-        let session = media_session(&paced, routing);
+        let session = media_session(negotiated, media.ptime_ms(), routing);
         // What the old stream still had queued is dropped: report its marks first, so nobody
         // waits for them.
         media.with(MediaSession::clear);
@@ -639,7 +639,7 @@ fn answer(
         Ok(negotiated) => {
             let srtp = negotiated.srtp.as_ref().map(|p| p.suite.name()).unwrap_or("off");
             tracing::info!(?call, codec = negotiated.codec.name(), remote = %negotiated.remote_rtp, srtp, "answering");
-            let session = media_session(&negotiated, routing);
+            let session = media_session(&negotiated, negotiated.ptime, routing);
             let (inactive, mut inactive_rx) = mpsc::unbounded_channel();
             let sinks = CallSinks { dtmf: live.dtmf.clone(), played: live.played.clone(), inactive };
             let media = routing
@@ -677,8 +677,8 @@ pub(crate) fn random_u64(salt: u64) -> u64 {
 }
 
 /// The media session for what was negotiated.
-fn media_session(negotiated: &patchbay_sip::sdp::Negotiated, routing: &Routing) -> MediaSession {
-    crate::media::session_for(negotiated, routing.media.pool(), routing.rtp_timeout, random_u64(0x5eed))
+fn media_session(negotiated: &patchbay_sip::sdp::Negotiated, ptime_ms: u16, routing: &Routing) -> MediaSession {
+    crate::media::session_for(negotiated, ptime_ms, routing.media.pool(), routing.rtp_timeout, random_u64(0x5eed))
 }
 
 impl Endpoint {
@@ -1027,7 +1027,8 @@ fn start_leg_media(
     let (inactive, mut inactive_rx) = mpsc::unbounded_channel();
     let sinks = CallSinks { dtmf, played: watch::channel(0).0, inactive };
     let timeout = if early { None } else { routing.rtp_timeout };
-    let session = crate::media::session_for(&negotiated, routing.media.pool(), timeout, random_u64(0x1e6));
+    let session =
+        crate::media::session_for(&negotiated, negotiated.ptime, routing.media.pool(), timeout, random_u64(0x1e6));
     let media = match routing.media.start_call(session, rtp, Some(rtcp), sinks) {
         Ok(media) => media,
         Err(e) => {
