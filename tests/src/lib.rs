@@ -58,6 +58,23 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// An even port with `count` ports free for UDP and TCP from it, in 20000–32767 (below Linux's default
+/// ephemeral range, 32768–60999, which port-0 binds draw from).
+pub fn quiet_port(count: u16) -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(2_654_435_761);
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + ((seed.wrapping_add(n.wrapping_mul(7_919)) % 6_000) * 2) as u16;
+        let free = |q: u16| {
+            std::net::UdpSocket::bind(("127.0.0.1", q)).is_ok() && std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()
+        };
+        if (port..port + count).all(free) {
+            return port;
+        }
+    }
+}
+
 /// A running Patchbay; killed on drop.
 pub struct Patchbay {
     child: Child,

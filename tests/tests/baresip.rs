@@ -7,8 +7,8 @@
 //! - RTCP multiplexed on the RTP port (RFC 5761): baresip offers `a=rtcp-mux`; Patchbay's
 //!   reports must go to baresip's RTP port, none to the port above.
 
-use patchbay_e2e::{Capture, Datagram, correlation, start_patchbay, wav_samples, write_pcm16_wav};
-use patchbay_media::rtp::RtpPacket;
+use patchbay_e2e::{Capture, Datagram, correlation, quiet_port, start_patchbay, wav_samples, write_pcm16_wav};
+use patchbay_media::rtp::{CompoundPacket, RTCP_BYE, RtcpPacket, RtpPacket};
 
 /// What one baresip call to the echo flow left behind.
 struct EchoCall {
@@ -167,43 +167,23 @@ fn baresip_offering_rtcp_mux_gets_reports_on_its_rtp_port() {
     let call = baresip_echo_call("rtcp_mux\tyes\n", "");
     // Patchbay's sender reports (packet type 200) arrive on baresip's RTP port, none on the
     // port above (RFC 5761 §5.1.3).
-    let reports = call.to_port(call.rtp_port).filter(|d| d.payload.get(1) == Some(&200)).count();
+    let reports = call
+        .to_port(call.rtp_port)
+        .filter(|d| matches!(rtcp(&d.payload).first(), Some(RtcpPacket::SenderReport(_))))
+        .count();
     assert!(reports >= 1, "no RTCP from Patchbay on baresip's RTP port:\n{}", call.log);
     assert_eq!(call.to_port(call.rtp_port + 1).count(), 0, "RTCP still sent to the port above");
     // When baresip hangs up, Patchbay's last report carries a BYE for its stream (RFC 3550
     // §6.6), on the same port.
-    let byes = call.to_port(call.rtp_port).filter(|d| rtcp_packet_types(&d.payload).contains(&203)).count();
+    let byes = call
+        .to_port(call.rtp_port)
+        .filter(|d| rtcp(&d.payload).iter().any(|p| matches!(p, RtcpPacket::Other { packet_type: RTCP_BYE, .. })))
+        .count();
     assert_eq!(byes, 1, "one RTCP BYE at the end of the call:\n{}", call.log);
     call.assert_heard_itself("rtcp-mux echo");
 }
 
-/// An even port with `count` free UDP ports from it, in 20000–32767 (below Linux's default
-/// ephemeral range, 32768–60999, which port-0 binds draw from).
-fn quiet_port(count: u16) -> u16 {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let seed = std::process::id().wrapping_mul(2_654_435_761);
-    loop {
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let port = 20_000 + ((seed.wrapping_add(n.wrapping_mul(7_919)) % 6_000) * 2) as u16;
-        let free = |q: u16| {
-            std::net::UdpSocket::bind(("127.0.0.1", q)).is_ok() && std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()
-        };
-        if (port..port + count).all(free) {
-            return port;
-        }
-    }
-}
-
-/// The packet types of an RTCP compound packet (RFC 3550 §6.1); empty for anything else.
-fn rtcp_packet_types(datagram: &[u8]) -> Vec<u8> {
-    let mut types = Vec::new();
-    let mut at = 0;
-    while let Some(header) = datagram.get(at..at + 4) {
-        if header[0] >> 6 != 2 || !(200..=204).contains(&header[1]) {
-            return Vec::new();
-        }
-        types.push(header[1]);
-        at += 4 * (usize::from(u16::from_be_bytes([header[2], header[3]])) + 1);
-    }
-    types
+/// The RTCP packets of a datagram (RFC 3550 §6.1); none if it is not an RTCP compound packet.
+fn rtcp(datagram: &[u8]) -> Vec<RtcpPacket<'_>> {
+    CompoundPacket::parse(datagram).map(|compound| compound.iter().collect()).unwrap_or_default()
 }

@@ -554,15 +554,13 @@ async fn a_stamping_echo_agent_writes_its_send_time_and_the_writer_reports_each_
     let mut stream = patchbay_agent::connect_with(&url, &start_info(), &options).await.expect("connect");
     assert_eq!(stream.take_write_latency(), None, "nothing written yet");
     let before = patchbay_agent::server::unix_nanos();
-    let sent = Instant::now();
     stream.send_media(&[7; 160]).expect("media");
     let AgentEvent::Audio(echo) = next_event(&mut stream).await else { panic!("expected audio") };
     let after = patchbay_agent::server::unix_nanos();
     let stamp = u64::from_le_bytes(echo[12..20].try_into().expect("8 octets"));
     assert!((before..=after).contains(&stamp), "{before} <= {stamp} <= {after}");
     assert_eq!((&echo[..12], &echo[20..]), (&[7u8; 12][..], &[7u8; 140][..]), "the rest is echoed unchanged");
-    let written = stream.take_write_latency().expect("the frame's flush was recorded");
-    assert!(written <= sent.elapsed(), "{written:?}: flushed before the echo came back");
+    stream.take_write_latency().expect("the frame's flush was recorded");
     assert_eq!(stream.take_write_latency(), None, "one record per frame");
     stream.stop().await;
 }

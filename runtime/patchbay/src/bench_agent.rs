@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::agent::{AGENT_STAMP_AT, AgentProbe};
+use crate::bench_media::percentile;
 use crate::media::{CallSinks, MediaEngine, PTIME};
 
 /// `patchbay echo-agent`: serves [`patchbay_agent::server::EchoAgent`] until killed (run it
@@ -192,21 +193,12 @@ pub fn run(calls: usize, seconds: u64, external_agent: Option<String>) -> anyhow
         if external_agent.is_some() { "" } else { " + the echo agent" },
         cpu.as_secs_f64() * 100.0 / seconds as f64
     );
-    match steal {
-        Some(steal) => println!("VM steal time during the run: {steal:.1} % of all CPU time"),
-        None => println!("VM steal time: not available (/proc/stat)"),
-    }
+    crate::bench_media::print_steal(steal, "the run");
     Ok(())
 }
 
 fn pct(part: usize, whole: usize) -> f64 {
     if whole == 0 { 0.0 } else { part as f64 * 100.0 / whole as f64 }
-}
-
-/// The `p` quantile of sorted values (0 when there are none).
-fn percentile(sorted: &[u32], p: f64) -> u32 {
-    let index = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
-    sorted.get(index).copied().unwrap_or_default()
 }
 
 /// This process's CPU time (user + system).

@@ -155,12 +155,7 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
         "clock (the measured seconds): {ticks} steps, {send_errors} sends failed, latest step start {max_late} µs \
          after its deadline, {late} steps more than 1 ms late"
     );
-    // A VM's vCPUs are sometimes not running at all (the host runs something else): the clock
-    // cannot be on time then, and this says how much of that the run had.
-    match steal {
-        Some(steal) => println!("VM steal time during the measured seconds: {steal:.1} % of all CPU time"),
-        None => println!("VM steal time: not available (/proc/stat)"),
-    }
+    print_steal(steal, "the measured seconds");
     Ok(())
 }
 
@@ -169,6 +164,15 @@ pub(crate) fn steal_since(before: Option<(u64, u64)>) -> Option<f64> {
     cpu_times().zip(before).map(|((total, steal), (total0, steal0))| {
         steal.saturating_sub(steal0) as f64 * 100.0 / total.saturating_sub(total0).max(1) as f64
     })
+}
+
+/// Prints the VM's steal time `during` a run: a VM's vCPUs are sometimes not running at all
+/// (the host runs something else), and nothing inside it is on time then.
+pub(crate) fn print_steal(steal: Option<f64>, during: &str) {
+    match steal {
+        Some(steal) => println!("VM steal time during {during}: {steal:.1} % of all CPU time"),
+        None => println!("VM steal time: not available (/proc/stat)"),
+    }
 }
 
 /// All CPUs' time and the part of it stolen by the hypervisor, in clock ticks (`/proc/stat`).
@@ -181,7 +185,7 @@ pub(crate) fn cpu_times() -> Option<(u64, u64)> {
 }
 
 /// The `p` quantile of sorted values (0 when there are none).
-fn percentile(sorted: &[u32], p: f64) -> u32 {
+pub(crate) fn percentile(sorted: &[u32], p: f64) -> u32 {
     let index = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
     sorted.get(index).copied().unwrap_or_default()
 }
