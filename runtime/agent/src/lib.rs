@@ -50,15 +50,22 @@
 //!   clock.
 //! - [`AgentStream::stop`] sends `stop` after the queued audio and closes the websocket.
 //!
+//! [`connect_link`] opens a `ws://` stream without any task: a [`ClockLink`] that the media
+//! clock drives itself, writing each caller frame at the tick that releases it and reading
+//! the agent's answers at the call's own step (the `link` module says why).
+//!
 //! [`server`] holds agent servers for the demo, tests and benchmarks.
 
 mod error;
+mod inbound;
+mod link;
 mod protocol;
 mod repacketize;
 pub mod server;
 mod stream;
 
 pub use error::AgentError;
+pub use link::{ClockLink, connect_link};
 pub use protocol::{
     FRAME_BYTES, Frame160, MAX_MEDIA_FRAME, MediaFormat, PatchbayFrame, PatchbayMessage, StartInfo, ULAW_SILENCE,
 };

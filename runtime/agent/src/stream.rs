@@ -26,10 +26,8 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::{Instrument as _, debug, info, warn};
 
 use crate::error::AgentError;
-use crate::protocol::{
-    AgentMessage, Frame160, MAX_MEDIA_FRAME, SAMPLES_PER_MS, StartInfo, StreamEncoder, parse_agent_message,
-};
-use crate::repacketize::Repacketizer;
+use crate::inbound::Inbound;
+use crate::protocol::{Frame160, MAX_MEDIA_FRAME, SAMPLES_PER_MS, StartInfo, StreamEncoder};
 
 /// Default bound of the caller-audio queue: one second of 20 ms frames.
 pub const DEFAULT_MEDIA_QUEUE: usize = 50;
@@ -46,13 +44,13 @@ pub(crate) const READ_BUFFER: usize = 2 * 1024;
 const WRITE_BATCH: usize = 32;
 
 /// A flush that takes longer than this means the agent stopped reading: the stream fails.
-const WRITE_STALL: Duration = Duration::from_secs(10);
+pub(crate) const WRITE_STALL: Duration = Duration::from_secs(10);
 
 /// How long [`AgentStream::stop`] waits for queued messages and the close handshake.
-const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long the agent may take to end the connection after its close frame.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Largest websocket message accepted from an agent: about 6 minutes of base64 μ-law.
 const MAX_MESSAGE: usize = 4 << 20;
@@ -154,15 +152,8 @@ pub async fn connect_with(url: &str, start: &StartInfo, options: &ConnectOptions
     };
     let connecting = async {
         let transport = target.open(tls).await?;
-        let mut request = (&target.uri).into_client_request().map_err(AgentError::websocket)?;
-        request
-            .headers_mut()
-            .insert("user-agent", HeaderValue::from_static(concat!("patchbay/", env!("CARGO_PKG_VERSION"))));
-        let config = WebSocketConfig::default()
-            .max_message_size(Some(MAX_MESSAGE))
-            .max_frame_size(Some(MAX_MESSAGE))
-            .read_buffer_size(READ_BUFFER);
-        let (ws, _response) = tokio_tungstenite::client_async_with_config(request, transport, Some(config))
+        let request = target.request()?;
+        let (ws, _response) = tokio_tungstenite::client_async_with_config(request, transport, Some(websocket_config()))
             .await
             .map_err(AgentError::websocket)?;
         let (mut sink, reader) = ws.split();
@@ -195,12 +186,8 @@ pub async fn connect_with(url: &str, start: &StartInfo, options: &ConnectOptions
         writer: Some(writer),
         writer_failure: failure_rx,
         writer_ended: false,
-        repacketizer: Repacketizer::default(),
-        pending: VecDeque::new(),
-        scratch: Vec::new(),
-        terminal: None,
-        closing: None,
-        malformed: 0,
+        inbound: Inbound::new(&start.stream_sid),
+        close_deadline: None,
         stream_sid: start.stream_sid.clone(),
     })
 }
@@ -218,13 +205,9 @@ pub struct AgentStream {
     writer: Option<JoinHandle<()>>,
     writer_failure: oneshot::Receiver<String>,
     writer_ended: bool,
-    repacketizer: Repacketizer,
-    pending: VecDeque<AgentEvent>,
-    scratch: Vec<u8>,
-    terminal: Option<AgentEvent>,
-    /// The agent's close arrived: the event to report once the connection has ended.
-    closing: Option<(AgentEvent, Instant)>,
-    malformed: u64,
+    inbound: Inbound,
+    /// When to stop waiting for the agent to end the connection after its close.
+    close_deadline: Option<Instant>,
     stream_sid: String,
 }
 
@@ -270,27 +253,27 @@ impl AgentStream {
     /// [`AgentEvent::Closed`] or [`AgentEvent::Failed`] every call returns that event again.
     pub async fn recv(&mut self) -> AgentEvent {
         loop {
-            if let Some(event) = self.pending.pop_front() {
+            if let Some(event) = self.inbound.next() {
                 return event;
             }
-            if let Some(terminal) = &self.terminal {
-                return terminal.clone();
+            if self.inbound.closing() {
+                self.close_deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
             }
-            let close_deadline = self.closing.as_ref().map(|(_, deadline)| *deadline);
+            let close_deadline = self.close_deadline.filter(|_| self.inbound.closing());
             tokio::select! {
                 biased;
-                message = self.reader.next() => self.on_websocket(message),
+                message = self.reader.next() => self.inbound.on_websocket(message),
                 () = tokio::time::sleep_until(close_deadline.unwrap_or_else(Instant::now)),
                     if close_deadline.is_some() =>
                 {
                     debug!(stream_sid = %self.stream_sid, "agent did not end the connection after its close");
-                    self.end_close();
+                    self.inbound.end_close();
                 }
                 failure = &mut self.writer_failure, if !self.writer_ended => {
                     self.writer_ended = true;
                     // Writes fail once the agent's close arrived: that is not a failure.
-                    if let (Ok(reason), None) = (failure, &self.closing) {
-                        self.finish(AgentEvent::Failed(reason));
+                    if let (Ok(reason), false) = (failure, self.inbound.closing()) {
+                        self.inbound.finish(AgentEvent::Failed(reason));
                     }
                 }
             }
@@ -310,7 +293,7 @@ impl AgentStream {
             debug!(stream_sid = %self.stream_sid, "agent writer did not finish; aborting it");
             writer.abort();
         }
-        if sent && self.terminal.is_none() {
+        if sent && !self.inbound.ended() {
             // The close handshake (RFC 6455 §7.1.2): read until the agent's close reply and
             // the end of the connection, ignoring whatever else it still sends.
             let drained =
@@ -324,93 +307,6 @@ impl AgentStream {
             dropped_media_frames = self.sender.dropped_media_frames(),
             "agent stream stopped"
         );
-    }
-
-    fn finish(&mut self, event: AgentEvent) {
-        if self.terminal.is_none() {
-            self.repacketizer.flush(&mut self.pending);
-            match &event {
-                AgentEvent::Failed(reason) => {
-                    warn!(stream_sid = %self.stream_sid, %reason, "agent stream failed")
-                }
-                _ => info!(stream_sid = %self.stream_sid, "agent closed the stream"),
-            }
-            self.terminal = Some(event);
-        }
-    }
-
-    fn on_websocket(&mut self, message: Option<Result<Message, tungstenite::Error>>) {
-        match message {
-            Some(Ok(Message::Text(text))) => self.on_text(&text),
-            Some(Ok(Message::Binary(data))) => {
-                debug!(stream_sid = %self.stream_sid, len = data.len(), "ignoring binary frame from agent");
-            }
-            Some(Ok(Message::Close(frame))) => {
-                let normal = frame
-                    .as_ref()
-                    .is_none_or(|f| matches!(f.code, CloseCode::Normal | CloseCode::Away | CloseCode::Status));
-                let event = if normal {
-                    AgentEvent::Closed
-                } else {
-                    AgentEvent::Failed(
-                        frame
-                            .map(|f| format!("agent closed with code {}: {}", u16::from(f.code), f.reason))
-                            .unwrap_or_default(),
-                    )
-                };
-                // tungstenite sends our close reply on the next read, and the server ends
-                // the TCP connection after it (RFC 6455 §7.1.1): keep reading until then.
-                self.closing = Some((event, Instant::now() + CLOSE_TIMEOUT));
-            }
-            // Pings are answered by tungstenite itself.
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-            Some(Err(_)) | None if self.closing.is_some() => self.end_close(),
-            Some(Err(tungstenite::Error::ConnectionClosed)) => self.finish(AgentEvent::Closed),
-            Some(Err(err)) => self.finish(AgentEvent::Failed(err.to_string())),
-            None => self.finish(AgentEvent::Failed("connection ended".to_owned())),
-        }
-    }
-
-    fn end_close(&mut self) {
-        if let Some((event, _)) = self.closing.take() {
-            self.finish(event);
-        }
-    }
-
-    fn on_text(&mut self, text: &str) {
-        match parse_agent_message(text, &mut self.scratch) {
-            Ok(AgentMessage::Media) => {
-                self.repacketizer.push_audio(&self.scratch, &mut self.pending);
-            }
-            Ok(AgentMessage::Mark(name)) => {
-                debug!(stream_sid = %self.stream_sid, %name, "agent mark");
-                self.repacketizer.push_after_audio(AgentEvent::Mark(name), &mut self.pending);
-            }
-            Ok(AgentMessage::Clear) => {
-                debug!(stream_sid = %self.stream_sid, "agent clear");
-                self.repacketizer.clear(&mut self.pending);
-            }
-            Ok(AgentMessage::Transfer(target)) => {
-                info!(stream_sid = %self.stream_sid, %target, "agent asks to transfer");
-                self.repacketizer.push_after_audio(AgentEvent::Transfer(target), &mut self.pending);
-            }
-            Ok(AgentMessage::Hangup) => {
-                info!(stream_sid = %self.stream_sid, "agent asks to hang up");
-                self.repacketizer.push_after_audio(AgentEvent::Hangup, &mut self.pending);
-            }
-            Ok(AgentMessage::Unknown(event)) => {
-                debug!(stream_sid = %self.stream_sid, %event, "ignoring unknown agent event");
-            }
-            Err(err) => {
-                // A misbehaving agent must not flood the log: warn once, then debug.
-                self.malformed += 1;
-                if self.malformed == 1 {
-                    warn!(stream_sid = %self.stream_sid, %err, "ignoring malformed agent message");
-                } else {
-                    debug!(stream_sid = %self.stream_sid, %err, count = self.malformed, "ignoring malformed agent message");
-                }
-            }
-        }
     }
 }
 
@@ -603,18 +499,26 @@ async fn close(sink: &mut Sink, code: CloseCode) -> Result<(), tungstenite::Erro
     sink.send(Message::Close(Some(CloseFrame { code, reason: "".into() }))).await
 }
 
+/// The websocket limits for an agent's connection.
+pub(crate) fn websocket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+        .read_buffer_size(READ_BUFFER)
+}
+
 /// A parsed `ws://` or `wss://` URL.
 #[derive(Debug)]
-struct Target {
-    uri: Uri,
-    tls: bool,
+pub(crate) struct Target {
+    pub(crate) uri: Uri,
+    pub(crate) tls: bool,
     /// Host without IPv6 brackets, for DNS and the TLS server name.
     host: String,
     port: u16,
 }
 
 impl Target {
-    fn parse(url: &str) -> Result<Self, AgentError> {
+    pub(crate) fn parse(url: &str) -> Result<Self, AgentError> {
         let invalid = |reason| AgentError::InvalidUrl { url: url.to_owned(), reason };
         let uri = Uri::from_str(url).map_err(|_| invalid("not a URL"))?;
         let tls = match uri.scheme_str() {
@@ -632,15 +536,29 @@ impl Target {
         Ok(Self { uri, tls, host, port })
     }
 
-    async fn open(&self, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Transport, AgentError> {
-        let addr = format!("{}:{}", self.host, self.port);
+    /// The websocket upgrade request, with our user agent.
+    pub(crate) fn request(&self) -> Result<tungstenite::handshake::client::Request, AgentError> {
+        let mut request = (&self.uri).into_client_request().map_err(AgentError::websocket)?;
+        request
+            .headers_mut()
+            .insert("user-agent", HeaderValue::from_static(concat!("patchbay/", env!("CARGO_PKG_VERSION"))));
+        Ok(request)
+    }
+
+    /// The TCP connection, with Nagle off.
+    pub(crate) async fn connect_tcp(&self) -> Result<TcpStream, AgentError> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .map_err(|source| AgentError::Connect { addr: addr.clone(), source })?;
+            .map_err(|source| AgentError::Connect { addr: format!("{}:{}", self.host, self.port), source })?;
         // 20 ms frames are small: Nagle plus delayed ACKs would add tens of ms.
         if let Err(err) = tcp.set_nodelay(true) {
             debug!(%err, "could not set TCP_NODELAY on the agent connection");
         }
+        Ok(tcp)
+    }
+
+    async fn open(&self, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Transport, AgentError> {
+        let tcp = self.connect_tcp().await?;
         let Some(config) = tls else {
             return Ok(Transport::Plain(tcp));
         };

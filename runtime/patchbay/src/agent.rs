@@ -2,13 +2,26 @@
 //! Streams, see `patchbay-agent` and `docs/agents.md`) and the agent's audio paced back into
 //! the call.
 //!
-//! - Caller → agent: every frame after the jitter buffer (20 ms, or the call's ptime), as μ-law (A-law calls are
-//!   converted), queued by the media clock straight to the stream's writer (this task is not
-//!   woken per frame), and key presses as `dtmf` messages.
+//! Two ways to run a session, one behaviour:
+//!
+//! - **`ws://` agents run on the media clock** ([`AgentLink`] around
+//!   [`patchbay_agent::ClockLink`]): at each of the call's steps the clock thread reads what
+//!   the agent sent (before making the step's packet, so an answer that has arrived goes out
+//!   in it) and writes the caller's frame the step released straight to the agent's socket.
+//!   No task is woken per frame in either direction; the flow's side waits for the end (and
+//!   passes key presses on). At 500 agent calls this took Patchbay's share of the latency from
+//!   p99 12–13 ms to 1.7–3.2 ms (BENCHMARKS.md, "AI agent path").
+//! - **`wss://` agents run in a task** ([`AgentStream`]: a writer task, and this module's
+//!   session task reading the agent), TLS being a stream that wants an async driver.
+//!
+//! Either way:
+//!
+//! - Caller → agent: every frame after the jitter buffer (20 ms, or the call's ptime), as
+//!   μ-law (A-law calls are converted), and key presses as `dtmf` messages.
 //! - Agent → caller: the agent's audio, re-cut into 20 ms frames by the stream, queued behind
 //!   what is already playing; about a second is kept in the call's playout queue and the rest
-//!   waits here, so a whole sentence sent at once is fine. Between utterances the media clock
-//!   sends silence (or comfort noise): the wire never goes quiet.
+//!   waits in [`Playout`], so a whole sentence sent at once is fine. Between utterances the
+//!   media clock sends silence (or comfort noise): the wire never goes quiet.
 //! - Marks: an agent's `mark` is queued after its audio and echoed back when that audio has
 //!   been sent; `clear` (barge-in) drops everything queued at once and echoes the marks it
 //!   dropped, as Twilio does.
@@ -18,10 +31,11 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use patchbay_agent::{AgentEvent, AgentStream, ConnectOptions, StartInfo};
+use patchbay_agent::{AgentEvent, AgentStream, ClockLink, ConnectOptions, StartInfo};
 use patchbay_host::{AgentEnd, CallError, Dtmf};
+use patchbay_media::session::MediaSession;
 use patchbay_media::{AudioEncoding, FramePool};
 use tokio::sync::{mpsc, watch};
 
@@ -74,34 +88,193 @@ struct Playout {
 }
 
 impl Playout {
+    fn new() -> Self {
+        Self { pending: VecDeque::new(), marks: VecDeque::new() }
+    }
+
     /// Moves pending audio and marks into the session until about a second is queued.
     fn feed(&mut self, media: &CallMedia, pool: &FramePool) {
         if self.pending.is_empty() {
             return;
         }
-        media.with(|session| {
-            while session.queued() < AHEAD_FRAMES {
-                match self.pending.pop_front() {
-                    Some(Pending::Audio(octets)) => {
-                        let Ok(frame) = pool.g711(AudioEncoding::Pcmu, &octets, 0) else { break };
-                        if session.play(frame).is_err() {
-                            break;
-                        }
-                    }
-                    Some(Pending::Mark(id)) => session.mark(id),
-                    None => break,
-                }
-            }
-        });
+        media.with(|session| self.fill(session, pool));
     }
 
-    /// Echoes the marks whose audio has been sent (or dropped by a clear).
-    fn echo_played(&mut self, played: u64, stream: &AgentStream) {
-        while self.marks.front().is_some_and(|(id, _)| *id <= played) {
-            if let Some((_, name)) = self.marks.pop_front() {
-                let _ = stream.send_mark(&name);
+    /// [`Playout::feed`] with the session's lock already held.
+    fn fill(&mut self, session: &mut MediaSession, pool: &FramePool) {
+        while session.queued() < AHEAD_FRAMES {
+            match self.pending.pop_front() {
+                Some(Pending::Audio(octets)) => {
+                    let Ok(frame) = pool.g711(AudioEncoding::Pcmu, &octets, 0) else { break };
+                    if session.play(frame).is_err() {
+                        break;
+                    }
+                }
+                Some(Pending::Mark(id)) => session.mark(id),
+                None => break,
             }
         }
+    }
+
+    /// Echoes (with `send`) the marks whose audio has been sent (or dropped by a clear).
+    fn echo_played(&mut self, played: u64, mut send: impl FnMut(&str)) {
+        while self.marks.front().is_some_and(|(id, _)| *id <= played) {
+            if let Some((_, name)) = self.marks.pop_front() {
+                send(&name);
+            }
+        }
+    }
+
+    /// Barge-in: drops everything queued, in the session too, and returns the marks dropped
+    /// (to be echoed, as Twilio does).
+    fn clear(&mut self, session: &mut MediaSession) -> impl Iterator<Item = String> + '_ {
+        self.pending.clear();
+        session.clear();
+        self.marks.drain(..).map(|(_, name)| name)
+    }
+}
+
+/// The agent's answers the clock takes in at one step at most (the rest wait for the next).
+const MAX_EVENTS_PER_STEP: usize = 64;
+
+/// A `ws://` agent session as the media clock drives it ([`patchbay_agent::ClockLink`]): at
+/// each of the call's steps the clock reads the agent's answers into the playout before the
+/// step's packet is made, and writes the caller's frame once the step released it. The
+/// session's task is woken only when the agent side ends (and takes the link back then).
+pub struct AgentLink {
+    link: ClockLink,
+    playout: Playout,
+    pool: FramePool,
+    marks: Arc<AtomicU64>,
+    /// How the agent side ended, for the session's task.
+    end: Option<AgentEnd>,
+    wake: Arc<tokio::sync::Notify>,
+    probe: Option<LinkProbe>,
+}
+
+impl std::fmt::Debug for AgentLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentLink").field("link", &self.link).field("end", &self.end).finish_non_exhaustive()
+    }
+}
+
+/// Benchmarks only: the clock link's figures (see [`AgentProbe`]).
+struct LinkProbe {
+    figures: Arc<std::sync::Mutex<AgentProbe>>,
+    /// Per caller frame written and not answered yet: when its step handed it over, and how
+    /// long writing it took from then.
+    sent: VecDeque<(Instant, Duration)>,
+    ptime: Duration,
+}
+
+impl LinkProbe {
+    /// The agent's answer `frame` to the oldest frame written, read at the step due at `step`
+    /// (`now` on the clock).
+    fn record(&mut self, frame: &[u8], now: Instant, step: Instant) {
+        let us = |d: Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        let Some((handed_over, written)) = self.sent.pop_front() else { return };
+        let stamp =
+            frame.get(AGENT_STAMP_AT..AGENT_STAMP_AT + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+        let unix_now = patchbay_agent::server::unix_nanos();
+        let mut figures = self.figures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        figures.turnaround.push(us(now.saturating_duration_since(handed_over)));
+        // A stamp from a clock that stepped, or no stamp at all, is left out.
+        let Some(sent) = stamp
+            .filter(|&at| at > 0 && at <= unix_now)
+            .and_then(|at| Instant::now().checked_sub(Duration::from_nanos(unix_now - at)))
+        else {
+            return;
+        };
+        // The earliest of the call's steps that could have played the answer: the first one due
+        // after the agent sent it. Waiting for it is packetisation; what comes after is ours.
+        let late = if sent >= step {
+            Duration::ZERO
+        } else {
+            let missed = (step - sent).as_nanos() / self.ptime.as_nanos().max(1);
+            let earliest = step - self.ptime * u32::try_from(missed).unwrap_or(u32::MAX);
+            now.saturating_duration_since(earliest)
+        };
+        figures.to_agent.push(us(written));
+        figures.from_agent.push(us(late));
+        figures.patchbay.push(us(written + late));
+    }
+}
+
+impl AgentLink {
+    /// At the call's step `step` (`now` on the clock), before its packet is made: reads what
+    /// the agent sent into the playout (marks, clears and the session's end included).
+    pub(crate) fn take_in(&mut self, session: &mut MediaSession, now: Instant, step: Instant) {
+        if self.end.is_none() {
+            for _ in 0..MAX_EVENTS_PER_STEP {
+                let Some(event) = self.link.poll(now) else { break };
+                let end = match event {
+                    AgentEvent::Audio(_) if self.playout.pending.len() >= MAX_BACKLOG_FRAMES => {
+                        AgentEnd::Disconnected("the agent sent more than five minutes of audio ahead".into())
+                    }
+                    AgentEvent::Audio(frame) => {
+                        if let Some(probe) = &mut self.probe {
+                            probe.record(&frame, now, step);
+                        }
+                        self.playout.pending.push_back(Pending::Audio(frame));
+                        continue;
+                    }
+                    AgentEvent::Mark(name) => {
+                        let id = crate::call::next_mark(&self.marks);
+                        self.playout.marks.push_back((id, name));
+                        self.playout.pending.push_back(Pending::Mark(id));
+                        continue;
+                    }
+                    AgentEvent::Clear => {
+                        let dropped: Vec<String> = self.playout.clear(session).collect();
+                        for name in dropped {
+                            let _ = self.link.send_mark(&name, now);
+                        }
+                        continue;
+                    }
+                    AgentEvent::Transfer(target) => AgentEnd::TransferRequested(target),
+                    AgentEvent::Hangup => AgentEnd::HangupRequested,
+                    AgentEvent::Closed => AgentEnd::Completed,
+                    AgentEvent::Failed(why) => AgentEnd::Disconnected(why),
+                    other => {
+                        tracing::debug!(?other, "agent event");
+                        continue;
+                    }
+                };
+                self.end = Some(end);
+                self.wake.notify_one();
+                break;
+            }
+        }
+        self.playout.fill(session, &self.pool);
+    }
+
+    /// After the step's packet went: writes the caller's frame the step released, if any.
+    pub(crate) fn give(&mut self, frame: Option<patchbay_media::Frame>, now: Instant) {
+        let Some(frame) = frame else { return };
+        if self.end.is_some() {
+            return;
+        }
+        // One message per frame, as long as the call's ptime (Twilio's own streams are 20 ms;
+        // agents read any length).
+        let mut mulaw = [0u8; patchbay_media::session::MAX_FRAME_SAMPLES];
+        let n = frame.encode_into(AudioEncoding::Pcmu, &mut mulaw);
+        drop(frame);
+        let dropped = self.link.dropped_media_frames();
+        let sent = self.link.send_media(&mulaw[..n], now).is_ok();
+        if let Some(probe) = &mut self.probe
+            && sent
+            && self.link.dropped_media_frames() == dropped
+        {
+            probe.sent.push_back((now, Instant::now().saturating_duration_since(now)));
+        }
+    }
+
+    /// Echoes the marks whose audio has been sent (`played` is the last mark played).
+    pub(crate) fn echo_played(&mut self, played: u64, now: Instant) {
+        let link = &mut self.link;
+        self.playout.echo_played(played, |name| {
+            let _ = link.send_mark(name, now);
+        });
     }
 }
 
@@ -120,6 +293,9 @@ pub struct AgentCall<'a> {
     /// Benchmarks only: records, per caller frame, how long the agent's answer took and which
     /// part of that was Patchbay's (an echo agent answers frame for frame; see [`AgentProbe`]).
     pub probe: Option<Arc<std::sync::Mutex<AgentProbe>>>,
+    /// Drive a `ws://` agent from the media clock ([`AgentLink`]; the default everywhere but
+    /// in `bench-agent --task-path`). `wss://` agents always run in a task.
+    pub clock_link: bool,
 }
 
 /// Ends the session's task if the future awaiting it is dropped (the flow was killed, the
@@ -152,12 +328,15 @@ pub async fn run(
     caller_gone: impl Future<Output = ()> + Send + 'static,
 ) -> Result<AgentEnd, CallError> {
     let options = ConnectOptions::new(CONNECT_TIMEOUT).with_tls(tls).with_write_probe(call.probe.is_some());
+    if call.clock_link && endpoint.get(..5).is_some_and(|scheme| scheme.eq_ignore_ascii_case("ws://")) {
+        return run_linked(call, endpoint, start, &options, caller_gone).await;
+    }
     let stream = patchbay_agent::connect_with(endpoint, start, &options)
         .await
         .map_err(|e| CallError::Unavailable(format!("agent {endpoint}: {e}")))?;
     tracing::info!(%endpoint, stream_sid = %start.stream_sid, "agent connected");
     let sender = stream.sender();
-    let AgentCall { media, pool, dtmf, played, marks, probe } = call;
+    let AgentCall { media, pool, dtmf, played, marks, probe, .. } = call;
     // The caller's audio goes to the agent from now on (registered here, before the task runs,
     // so that the guard below always finds it to remove).
     let handed_over: Option<HandOffTimes> = probe.as_ref().map(|_| HandOffTimes::default());
@@ -189,6 +368,102 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Takes an agent link off the call's clock when dropped (however the session ended).
+struct Detach<'a>(&'a CallMedia);
+
+impl Drop for Detach<'_> {
+    fn drop(&mut self) {
+        self.0.detach_agent();
+    }
+}
+
+/// [`run`] for a `ws://` agent on the media clock ([`AgentLink`]): this future only waits for
+/// the agent side to end (the clock wakes it then) and passes key presses on.
+async fn run_linked(
+    call: AgentCall<'_>,
+    endpoint: &str,
+    start: &StartInfo,
+    options: &ConnectOptions,
+    caller_gone: impl Future<Output = ()>,
+) -> Result<AgentEnd, CallError> {
+    let link = patchbay_agent::connect_link(endpoint, start, options)
+        .await
+        .map_err(|e| CallError::Unavailable(format!("agent {endpoint}: {e}")))?;
+    tracing::info!(%endpoint, stream_sid = %start.stream_sid, "agent connected (on the media clock)");
+    let AgentCall { media, pool, dtmf, mut played, marks, probe, .. } = call;
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let ptime = Duration::from_millis(u64::from(media.ptime_ms()));
+    media.attach_agent(AgentLink {
+        link,
+        playout: Playout::new(),
+        pool: pool.clone(),
+        marks: Arc::clone(&marks),
+        end: None,
+        wake: Arc::clone(&wake),
+        probe: probe.map(|figures| LinkProbe { figures, sent: VecDeque::new(), ptime }),
+    });
+    let _detach = Detach(&media);
+    tokio::pin!(caller_gone);
+    let end = loop {
+        tokio::select! {
+            () = wake.notified() => {
+                if let Some(end) = media.with_agent(|agent| agent.end.take()).flatten() {
+                    break Ok(end);
+                }
+            }
+            Some(key) = dtmf.recv() => {
+                media.with_agent(|agent| agent.link.send_dtmf(key.digit, Instant::now()));
+            }
+            () = &mut caller_gone => break Err(CallError::Hangup),
+        }
+    };
+    let Some(AgentLink { link, playout, .. }) = media.detach_agent() else { return end };
+    let dropped = link.dropped_media_frames();
+    if dropped > 0 {
+        tracing::warn!(dropped, "caller audio frames dropped because the agent did not keep up");
+    }
+    if tells_the_agent(&end) {
+        tokio::spawn(link.stop());
+    }
+    play_out(end, playout, &media, &pool, &mut played, &marks, caller_gone.as_mut()).await
+}
+
+/// Whether the agent is told that we stopped (the agent asked to end, the caller left, or we
+/// cut it off; the close handshake may take seconds, so it goes beside the play-out).
+fn tells_the_agent(end: &Result<AgentEnd, CallError>) -> bool {
+    matches!(end, Ok(AgentEnd::TransferRequested(_) | AgentEnd::HangupRequested | AgentEnd::Disconnected(_)) | Err(_))
+}
+
+/// After the agent side ended: lets what the agent said before it ended play out (not after a
+/// hang-up or a drop), then returns `end`.
+async fn play_out(
+    end: Result<AgentEnd, CallError>,
+    mut playout: Playout,
+    media: &CallMedia,
+    pool: &FramePool,
+    played: &mut watch::Receiver<u64>,
+    marks: &AtomicU64,
+    mut caller_gone: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<AgentEnd, CallError> {
+    if matches!(end, Ok(AgentEnd::TransferRequested(_) | AgentEnd::HangupRequested | AgentEnd::Completed)) {
+        while !playout.pending.is_empty() {
+            playout.feed(media, pool);
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = &mut caller_gone => return Err(CallError::Hangup),
+            }
+        }
+        let id = crate::call::next_mark(marks);
+        media.with(|session| session.mark(id));
+        tokio::select! {
+            _ = played.wait_for(|p| *p >= id) => {}
+            () = &mut caller_gone => return Err(CallError::Hangup),
+        }
+    }
+    tracing::info!(?end, "agent session ended");
+    end
 }
 
 /// An agent session's own state, in its task.
@@ -246,7 +521,7 @@ impl Session {
         mut stream: AgentStream,
         caller_gone: impl Future<Output = ()>,
     ) -> Result<AgentEnd, CallError> {
-        let mut playout = Playout { pending: VecDeque::new(), marks: VecDeque::new() };
+        let mut playout = Playout::new();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tokio::pin!(caller_gone);
         let end = loop {
@@ -270,9 +545,7 @@ impl Session {
                     }
                     AgentEvent::Clear => {
                         // Barge-in: nothing the agent queued is played any more.
-                        playout.pending.clear();
-                        self.media.with(|session| session.clear());
-                        let dropped: Vec<String> = playout.marks.drain(..).map(|(_, name)| name).collect();
+                        let dropped: Vec<String> = self.media.with(|session| playout.clear(session).collect());
                         for name in dropped {
                             let _ = stream.send_mark(&name);
                         }
@@ -285,7 +558,9 @@ impl Session {
                 },
                 Ok(()) = self.played.changed() => {
                     let last = *self.played.borrow_and_update();
-                    playout.echo_played(last, &stream);
+                    playout.echo_played(last, |name| {
+                        let _ = stream.send_mark(name);
+                    });
                 }
                 _ = tick.tick() => playout.feed(&self.media, &self.pool),
                 () = &mut caller_gone => break Err(CallError::Hangup),
@@ -299,31 +574,9 @@ impl Session {
         if dropped > 0 {
             tracing::warn!(dropped, "caller audio frames dropped because the agent did not keep up");
         }
-        match &end {
-            // The agent asked to end, the caller left, or we cut it off: tell it we stopped and
-            // close cleanly, beside the play-out below (the close handshake may take seconds).
-            Ok(AgentEnd::TransferRequested(_) | AgentEnd::HangupRequested | AgentEnd::Disconnected(_)) | Err(_) => {
-                tokio::spawn(stream.stop());
-            }
-            _ => {}
+        if tells_the_agent(&end) {
+            tokio::spawn(stream.stop());
         }
-        // Let what the agent said before it ended play out (not after a hang-up or a drop).
-        if matches!(end, Ok(AgentEnd::TransferRequested(_) | AgentEnd::HangupRequested | AgentEnd::Completed)) {
-            while !playout.pending.is_empty() {
-                playout.feed(&self.media, &self.pool);
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    () = &mut caller_gone => return Err(CallError::Hangup),
-                }
-            }
-            let id = self.next_mark();
-            self.media.with(|session| session.mark(id));
-            tokio::select! {
-                _ = self.played.wait_for(|p| *p >= id) => {}
-                () = &mut caller_gone => return Err(CallError::Hangup),
-            }
-        }
-        tracing::info!(?end, "agent session ended");
-        end
+        play_out(end, playout, &self.media, &self.pool, &mut self.played, &self.marks, caller_gone.as_mut()).await
     }
 }

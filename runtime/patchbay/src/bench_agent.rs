@@ -11,13 +11,27 @@
 //!
 //! Two figures:
 //!
-//! - **agent turnaround**: in each call's agent task, from a caller frame being handed to it
-//!   (after the jitter buffer, on the clock tick that releases it) to the agent's answer to
-//!   that frame arriving back in the task — JSON and base64 both ways, the writer task, the
-//!   loopback websocket both ways and the echo agent. This is what the runtime adds on top of
-//!   packetisation (the 20 ms frames, the jitter buffer's hold, waiting for the next tick).
+//! - **agent turnaround**: from a caller frame being handed to the agent (after the jitter
+//!   buffer, on the clock step that releases it) to the agent's answer to that frame being
+//!   taken in — JSON and base64 both ways, the loopback websocket both ways and the echo agent.
+//!   Its **Patchbay share** leaves the echo agent's own time out (the agent stamps its send
+//!   time into each answer): *to the agent* is the hand-over → the frame in the agent's
+//!   socket; *from the agent* is what Patchbay adds after the agent sent.
 //! - **round trip** as the callers see it: RTP out → echoed RTP back, packetisation included
-//!   (at least two ticks and the jitter buffer's 20 ms minimum).
+//!   (the jitter buffer's 20 ms minimum, and waiting for the call's steps).
+//!
+//! Two ways of running the agent session, as Patchbay does: `ws://` agents on the media clock
+//! (the default; `patchbay_agent::ClockLink`) and, with `--task-path`, in tokio tasks (the path
+//! `wss://` agents take). Their *from the agent* figures are not measured the same way, since
+//! their answers are taken in at different places:
+//!
+//! - on the clock, the answer is read at one of the call's steps, the same step that plays it:
+//!   the turnaround is therefore a ptime or more by construction, and what Patchbay adds is
+//!   how late that step is after the earliest step due after the agent sent (the clock's own
+//!   lateness, plus a ptime for every step the answer missed);
+//! - in a task, the answer arrives in the session's task whenever that task runs, and then
+//!   waits for the next step, which is not counted: *from the agent* is the agent's send → the
+//!   answer in the task (the turnaround is then mostly well under a ptime).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -52,7 +66,7 @@ fn echo_agent() -> patchbay_agent::server::EchoAgent {
 const MAGIC: [u8; 4] = *b"PBag";
 
 /// Runs the benchmark and prints its figures.
-pub fn run(calls: usize, seconds: u64, external_agent: Option<String>) -> anyhow::Result<()> {
+pub fn run(calls: usize, seconds: u64, external_agent: Option<String>, clock_link: bool) -> anyhow::Result<()> {
     crate::bench_media::raise_fd_limit();
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting tokio")?;
@@ -103,6 +117,7 @@ pub fn run(calls: usize, seconds: u64, external_agent: Option<String>) -> anyhow
                 played: played_rx,
                 marks: Arc::default(),
                 probe: Some(probe),
+                clock_link,
             };
             let end = crate::agent::run(agent_call, &url, &start, None, std::future::pending()).await;
             tracing::debug!(call = i, ?end, "bench agent session ended");
@@ -148,7 +163,8 @@ pub fn run(calls: usize, seconds: u64, external_agent: Option<String>) -> anyhow
         Some(url) => format!(" --agent {url}"),
         None => String::new(),
     };
-    println!("patchbay bench-agent --calls {calls} --seconds {seconds}{where_agent}");
+    let task_path = if clock_link { "" } else { " --task-path" };
+    println!("patchbay bench-agent --calls {calls} --seconds {seconds}{where_agent}{task_path}");
     println!(
         "agent calls: {calls} ({} sessions started) on one echo agent over loopback websockets ({})",
         connected.load(Ordering::Relaxed),
@@ -176,18 +192,40 @@ pub fn run(calls: usize, seconds: u64, external_agent: Option<String>) -> anyhow
             sorted.len()
         )
     };
-    println!(
-        "agent turnaround, beyond packetisation (frame handed to the agent stream → the agent's answer back in \
-         the session; ms): {}",
-        figures(&probe.turnaround)
-    );
-    println!(
-        "  of which Patchbay's, the echo agent's own time left out (hand-over → flushed to the agent's socket, \
-         plus the agent's send → its answer in the session; ms): {}",
-        figures(&probe.patchbay)
-    );
-    println!("    to the agent (ms): {}", figures(&probe.to_agent));
-    println!("    from the agent (ms): {}", figures(&probe.from_agent));
+    if clock_link {
+        println!("agent sessions on the media clock (ws:// agents; --task-path for the task path)");
+        println!(
+            "agent turnaround (the step that hands a frame over → the step that reads the agent's answer, at least \
+             one ptime; ms): {}",
+            figures(&probe.turnaround)
+        );
+        println!(
+            "  Patchbay's share, the echo agent's own time and packetisation left out (ms): {}",
+            figures(&probe.patchbay)
+        );
+        println!(
+            "    to the agent (the step's hand-over → written to the agent's socket; ms): {}",
+            figures(&probe.to_agent)
+        );
+        println!(
+            "    from the agent (the earliest step due after the agent sent → the step that read it; ms): {}",
+            figures(&probe.from_agent)
+        );
+    } else {
+        println!("agent sessions in tokio tasks (--task-path: the path wss:// agents take)");
+        println!(
+            "agent turnaround, beyond packetisation (frame handed to the agent stream → the agent's answer back in \
+             the session; ms): {}",
+            figures(&probe.turnaround)
+        );
+        println!(
+            "  Patchbay's share, the echo agent's own time left out (hand-over → flushed to the agent's socket, \
+             plus the agent's send → its answer in the session; ms): {}",
+            figures(&probe.patchbay)
+        );
+        println!("    to the agent (ms): {}", figures(&probe.to_agent));
+        println!("    from the agent (ms): {}", figures(&probe.from_agent));
+    }
     println!(
         "process CPU (Patchbay + the callers{}) during the run: {:.1} % of one core",
         if external_agent.is_some() { "" } else { " + the echo agent" },

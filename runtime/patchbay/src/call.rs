@@ -424,6 +424,7 @@ impl CallControl for SipCall {
             played: self.played.clone(),
             marks: Arc::clone(&self.marks),
             probe: None,
+            clock_link: true,
         };
         crate::agent::run(call, endpoint, &start, None, self.hangup_signal()).await
     }

@@ -71,6 +71,10 @@ enum Command {
         /// this process.
         #[arg(long)]
         agent: Option<String>,
+        /// Run the agent sessions in tokio tasks (the path `wss://` agents take) instead of on
+        /// the media clock, for comparison.
+        #[arg(long)]
+        task_path: bool,
     },
     /// Benchmark helper: serve the echo agent (returns every media payload at once).
     #[command(hide = true)]
@@ -107,7 +111,9 @@ fn main() -> ExitCode {
         }
         Command::Check { config } => run(config, false),
         Command::Run { config } => run(config, true),
-        Command::BenchAgent { calls, seconds, agent } => bench_agent::run(calls, seconds, agent).map(|()| true),
+        Command::BenchAgent { calls, seconds, agent, task_path } => {
+            bench_agent::run(calls, seconds, agent, !task_path).map(|()| true)
+        }
         Command::EchoAgent { listen } => bench_agent::serve_echo(listen).map(|()| true),
         Command::BenchMedia { calls, seconds } => bench_media::run(calls, seconds).map(|()| true),
         Command::Call(args) => tokio::runtime::Builder::new_current_thread()

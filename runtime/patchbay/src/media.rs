@@ -37,6 +37,8 @@ use patchbay_media::rtp::{NtpClock, NtpTime};
 use patchbay_media::session::{Codec, MAX_PACKET, MAX_RTCP, MediaSession, SessionConfig, SessionEvent, SrtpKeys};
 use patchbay_media::{Frame, FramePool};
 use patchbay_udp::{ArrivalClock, Batch};
+
+use crate::agent::AgentLink;
 use tokio::sync::{mpsc, watch};
 
 /// The default packetisation interval (ours in SDP unless `[media] ptime_ms` says otherwise).
@@ -115,6 +117,11 @@ pub struct CallMedia {
     listener: Mutex<Option<Listener>>,
     /// Whether `listener` is set (read without its lock on every tick).
     listening: AtomicBool,
+    /// A `ws://` agent the clock drives at this call's steps (see [`AgentLink`]). Lock order:
+    /// this before `session`.
+    agent: Mutex<Option<AgentLink>>,
+    /// Whether `agent` is set (read without its lock on every tick).
+    has_agent: AtomicBool,
     closed: AtomicBool,
     /// Held while events are taken and delivered, so that key presses and marks reach the
     /// call in the order the session raised them (the clock thread and the flow's commands
@@ -153,6 +160,27 @@ impl CallMedia {
         let mut slot = self.listener.lock().unwrap_or_else(PoisonError::into_inner);
         self.listening.store(listener.is_some(), Ordering::Relaxed);
         *slot = listener;
+    }
+
+    /// Hands the call's agent session to the clock: from its next step on, the clock reads the
+    /// agent's answers into the playout and writes the caller's audio to the agent.
+    pub fn attach_agent(&self, link: AgentLink) {
+        let mut slot = self.agent.lock().unwrap_or_else(PoisonError::into_inner);
+        *slot = Some(link);
+        self.has_agent.store(true, Ordering::Relaxed);
+    }
+
+    /// Takes the agent session back from the clock.
+    pub fn detach_agent(&self) -> Option<AgentLink> {
+        let mut slot = self.agent.lock().unwrap_or_else(PoisonError::into_inner);
+        self.has_agent.store(false, Ordering::Relaxed);
+        slot.take()
+    }
+
+    /// Runs `f` on the call's agent session, if the clock has one (keep it short: the clock
+    /// thread waits on it).
+    pub fn with_agent<R>(&self, f: impl FnOnce(&mut AgentLink) -> R) -> Option<R> {
+        self.agent.lock().unwrap_or_else(PoisonError::into_inner).as_mut().map(f)
     }
 
     /// Stops the media: the clock forgets the call (and closes its sockets).
@@ -211,8 +239,15 @@ impl CallMedia {
     /// The time is read under the call's lock: two clock threads may serve two of a call's
     /// steps at once (one of them stalled mid-step for a whole ptime), and the session must
     /// never see time go backwards.
-    fn tick(&self, ntp: &NtpClock, out: &mut Buffers, stats: &ClockStats, rtcp_due: bool) -> bool {
-        let (packet, report, frame, events) = {
+    ///
+    /// A call with an agent on the clock ([`AgentLink`]) takes the agent's answers in before
+    /// its packet is made (an answer that arrived by this step goes out in it) and writes the
+    /// caller's frame to the agent after. `step` is when this step was due.
+    fn tick(&self, ntp: &NtpClock, out: &mut Buffers, stats: &ClockStats, rtcp_due: bool, step: Instant) -> bool {
+        let mut agent_slot =
+            self.has_agent.load(Ordering::Relaxed).then(|| self.agent.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut agent = agent_slot.as_deref_mut().and_then(Option::as_mut);
+        let (packet, report, frame, events, now) = {
             let mut session = self.lock();
             let arrivals = ArrivalClock::now();
             let now = arrivals.instant();
@@ -235,13 +270,16 @@ impl CallMedia {
                     session.receive_rtcp(arrival, ntp.at(arrival), from, data);
                 });
             }
+            if let Some(agent) = agent.as_deref_mut() {
+                agent.take_in(&mut session, now, step);
+            }
             let packet = session.tick(now, &mut out.rtp);
             let report = match self.rtcp_out(mux) {
                 Some(socket) => session.rtcp_tick(now, ntp.at(now), &mut out.rtcp).map(|report| (socket, report)),
                 None => None,
             };
             // The jitter buffer's playout runs on this clock whether or not anybody listens.
-            (packet, report, session.take_received(now), session.has_events())
+            (packet, report, session.take_received(now), session.has_events(), now)
         };
         if let Some((socket, (to, len))) = report {
             let _ = socket.send_to(&out.rtcp[..len], to);
@@ -257,7 +295,9 @@ impl CallMedia {
             },
             None => false,
         };
-        if let Some(frame) = frame
+        if let Some(agent) = agent.as_deref_mut() {
+            agent.give(frame, now);
+        } else if let Some(frame) = frame
             && self.listening.load(Ordering::Relaxed)
         {
             // Delivered under the lock (never blocks: queues only), which `listen` alone
@@ -268,6 +308,9 @@ impl CallMedia {
         }
         if events {
             self.dispatch();
+        }
+        if let Some(agent) = agent {
+            agent.echo_played(*self.sinks.played.borrow(), now);
         }
         sent
     }
@@ -371,6 +414,8 @@ impl MediaEngine {
             sinks,
             listener: Mutex::new(None),
             listening: AtomicBool::new(false),
+            agent: Mutex::new(None),
+            has_agent: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             dispatching: Mutex::new(()),
         });
@@ -598,6 +643,7 @@ impl Wheel {
         // The peer's RTCP is read every RTCP_EVERY-th turn, at a call's first step of the turn.
         let rtcp_turn = (step / WHEEL_STEPS as u64).is_multiple_of(RTCP_EVERY);
         let record = stats.record_departures.load(Ordering::Relaxed);
+        let due = self.deadline(step);
         let mut calls = self.steps[slot].lock().unwrap_or_else(PoisonError::into_inner);
         let before = calls.len();
         calls.retain(|call| {
@@ -611,7 +657,7 @@ impl Wheel {
         });
         for call in calls.iter() {
             let first = slot < steps_per_tick(call.ptime_ms);
-            if call.tick(&self.ntp, &mut clock.out, stats, rtcp_turn && first) && record {
+            if call.tick(&self.ntp, &mut clock.out, stats, rtcp_turn && first, due) && record {
                 clock.departures.push((Arc::as_ptr(call) as usize, Instant::now()));
             }
         }
