@@ -59,8 +59,12 @@ pub struct AgentProbe {
     pub patchbay: Vec<u32>,
     /// From the hand-over to the writer's flush that put the frame in the agent's socket.
     pub to_agent: Vec<u32>,
-    /// From the agent sending its answer (its stamp) to the answer arriving in the session.
+    /// From the agent sending its answer (its stamp) to the answer arriving in the session
+    /// (on the media clock: from the earliest step due after that to the step that read it).
     pub from_agent: Vec<u32>,
+    /// On the media clock: answers read one or more steps after the earliest step due after
+    /// the agent sent them (the rest of `from_agent` is the clock's own lateness).
+    pub missed_step: usize,
 }
 
 /// How long connecting (TCP, TLS, websocket upgrade) may take.
@@ -191,6 +195,9 @@ impl LinkProbe {
             Duration::ZERO
         } else {
             let missed = (step - sent).as_nanos() / self.ptime.as_nanos().max(1);
+            if missed > 0 {
+                figures.missed_step += 1;
+            }
             let earliest = step - self.ptime * u32::try_from(missed).unwrap_or(u32::MAX);
             now.saturating_duration_since(earliest)
         };

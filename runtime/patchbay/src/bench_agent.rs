@@ -211,6 +211,11 @@ pub fn run(calls: usize, seconds: u64, external_agent: Option<String>, clock_lin
             "    from the agent (the earliest step due after the agent sent → the step that read it; ms): {}",
             figures(&probe.from_agent)
         );
+        println!(
+            "      answers read a step or more after the earliest one: {} ({:.3} %); the rest is the clock's own lateness",
+            probe.missed_step,
+            pct(probe.missed_step, probe.from_agent.len())
+        );
     } else {
         println!("agent sessions in tokio tasks (--task-path: the path wss:// agents take)");
         println!(
