@@ -34,14 +34,24 @@ use crate::inbound::Inbound;
 use crate::protocol::{MAX_MEDIA_FRAME, SAMPLES_PER_MS, StartInfo, StreamEncoder};
 use crate::stream::{AgentEvent, CLOSE_TIMEOUT, ConnectOptions, STOP_TIMEOUT, Target, WRITE_STALL, websocket_config};
 
+/// Bytes one [`ClockLink::poll`] reads at most: the clock thread serves other calls in the
+/// same step, and an agent may send a message of megabytes (a whole speech at once). 32 KiB
+/// per 20 ms step is 1.6 MB/s, some 150 times the rate of real-time audio in base64 JSON;
+/// a larger message arrives over several steps.
+const READ_BUDGET: usize = 32 * 1024;
+
 /// The socket under a [`ClockLink`]: tokio's during the handshake (so that connecting can
-/// await readiness), then a plain non-blocking one.
+/// await readiness), then a plain non-blocking one whose reads are budgeted per poll.
 #[derive(Debug)]
 enum LinkIo {
     Handshaking(tokio::net::TcpStream),
     /// Between the two (never read or written).
     Detached,
-    Open(std::net::TcpStream),
+    Open {
+        tcp: std::net::TcpStream,
+        /// Bytes this poll may still read; reads past it "would block" until the next poll.
+        budget: usize,
+    },
 }
 
 fn detached() -> io::Error {
@@ -53,7 +63,13 @@ impl Read for LinkIo {
         match self {
             LinkIo::Handshaking(tcp) => tcp.try_read(buf),
             LinkIo::Detached => Err(detached()),
-            LinkIo::Open(tcp) => tcp.read(buf),
+            LinkIo::Open { budget: 0, .. } => Err(io::ErrorKind::WouldBlock.into()),
+            LinkIo::Open { tcp, budget } => {
+                let limit = buf.len().min(*budget);
+                let n = tcp.read(&mut buf[..limit])?;
+                *budget -= n;
+                Ok(n)
+            }
         }
     }
 }
@@ -63,7 +79,7 @@ impl Write for LinkIo {
         match self {
             LinkIo::Handshaking(tcp) => tcp.try_write(buf),
             LinkIo::Detached => Err(detached()),
-            LinkIo::Open(tcp) => tcp.write(buf),
+            LinkIo::Open { tcp, .. } => tcp.write(buf),
         }
     }
 
@@ -110,7 +126,8 @@ pub async fn connect_link(url: &str, start: &StartInfo, options: &ConnectOptions
         let LinkIo::Handshaking(tcp) = std::mem::replace(ws.get_mut(), LinkIo::Detached) else {
             return Err(AgentError::Websocket(Box::new(detached())));
         };
-        *ws.get_mut() = LinkIo::Open(tcp.into_std().map_err(|e| AgentError::Websocket(Box::new(e)))?);
+        let tcp = tcp.into_std().map_err(|e| AgentError::Websocket(Box::new(e)))?;
+        *ws.get_mut() = LinkIo::Open { tcp, budget: READ_BUDGET };
         Ok::<_, AgentError>(ws)
     };
     let ws =
@@ -221,10 +238,19 @@ impl ClockLink {
         self.dropped
     }
 
+    /// Whether written messages are waiting for the agent to read (the socket is full).
+    pub fn writes_waiting(&self) -> bool {
+        self.stalled.is_some()
+    }
+
     /// The next event from the agent, reading the socket without blocking; `None` when
     /// nothing more has arrived. After [`AgentEvent::Closed`] or [`AgentEvent::Failed`] every
     /// call returns that event again. Also sends what earlier writes left waiting.
+    /// Each call reads at most [`READ_BUDGET`] bytes from the socket.
     pub fn poll(&mut self, now: Instant) -> Option<AgentEvent> {
+        if let LinkIo::Open { budget, .. } = self.ws.get_mut() {
+            *budget = READ_BUDGET;
+        }
         loop {
             if let Some(event) = self.inbound.next() {
                 return Some(event);
@@ -257,14 +283,25 @@ impl ClockLink {
             let stop = self.encoder.stop();
             self.write(Message::text(stop), now);
             let _ = self.ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "".into() }));
-            // The close handshake (RFC 6455 §7.1.2): read until the agent's close reply and the
-            // end of the connection, ignoring whatever else it still sends.
+            // The close handshake (RFC 6455 §7.1.2): send what waits (`read` flushes only
+            // tungstenite's own replies), read until the agent's close reply and the end of the
+            // connection, ignoring whatever else it still sends.
             let deadline = now + STOP_TIMEOUT;
-            loop {
-                match self.ws.read() {
-                    Ok(_) => continue,
+            'handshake: loop {
+                if let LinkIo::Open { budget, .. } = self.ws.get_mut() {
+                    *budget = READ_BUDGET;
+                }
+                match self.ws.flush() {
+                    Ok(()) => {}
                     Err(err) if would_block(&err) => {}
                     Err(_) => break,
+                }
+                loop {
+                    match self.ws.read() {
+                        Ok(_) => {}
+                        Err(err) if would_block(&err) => break,
+                        Err(_) => break 'handshake,
+                    }
                 }
                 if Instant::now() >= deadline {
                     debug!(stream_sid = %self.stream_sid, "agent did not answer the close in time");

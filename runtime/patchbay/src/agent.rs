@@ -9,8 +9,9 @@
 //!   the agent sent (before making the step's packet, so an answer that has arrived goes out
 //!   in it) and writes the caller's frame the step released straight to the agent's socket.
 //!   No task is woken per frame in either direction; the flow's side waits for the end (and
-//!   passes key presses on). At 500 agent calls this took Patchbay's share of the latency from
-//!   p99 12–13 ms to 1.7–3.2 ms (BENCHMARKS.md, "AI agent path").
+//!   passes key presses on). At 500 agent calls on two busy vCPUs, Patchbay's share of the
+//!   latency went from p99 2.6–81 ms (median of seven runs 15 ms) to 0.5–11 ms (median of
+//!   eight 3.4 ms; the tail is the clock's own lateness; BENCHMARKS.md, "AI agent path").
 //! - **`wss://` agents run in a task** ([`AgentStream`]: a writer task, and this module's
 //!   session task reading the agent), TLS being a stream that wants an async driver.
 //!
@@ -129,6 +130,35 @@ impl Playout {
         }
     }
 
+    /// Queues what `event` adds to the playout (audio, marks); what it asks beyond that is
+    /// returned.
+    fn take(&mut self, event: AgentEvent, marks: &AtomicU64) -> Taken {
+        match event {
+            AgentEvent::Audio(_) if self.pending.len() >= MAX_BACKLOG_FRAMES => {
+                Taken::End(AgentEnd::Disconnected("the agent sent more than five minutes of audio ahead".into()))
+            }
+            AgentEvent::Audio(frame) => {
+                self.pending.push_back(Pending::Audio(frame));
+                Taken::Queued
+            }
+            AgentEvent::Mark(name) => {
+                let id = crate::call::next_mark(marks);
+                self.marks.push_back((id, name));
+                self.pending.push_back(Pending::Mark(id));
+                Taken::Queued
+            }
+            AgentEvent::Clear => Taken::Clear,
+            AgentEvent::Transfer(target) => Taken::End(AgentEnd::TransferRequested(target)),
+            AgentEvent::Hangup => Taken::End(AgentEnd::HangupRequested),
+            AgentEvent::Closed => Taken::End(AgentEnd::Completed),
+            AgentEvent::Failed(why) => Taken::End(AgentEnd::Disconnected(why)),
+            other => {
+                tracing::debug!(?other, "agent event");
+                Taken::Queued
+            }
+        }
+    }
+
     /// Barge-in: drops everything queued, in the session too, and returns the marks dropped
     /// (to be echoed, as Twilio does).
     fn clear(&mut self, session: &mut MediaSession) -> impl Iterator<Item = String> + '_ {
@@ -136,6 +166,30 @@ impl Playout {
         session.clear();
         self.marks.drain(..).map(|(_, name)| name)
     }
+}
+
+/// What an agent event asks of the session beyond [`Playout::take`].
+enum Taken {
+    /// Nothing (audio and marks are queued).
+    Queued,
+    /// `clear` (barge-in): [`Playout::clear`] with the session, and echo the marks it dropped.
+    Clear,
+    /// The agent side ended.
+    End(AgentEnd),
+}
+
+/// Benchmarks only: how long ago the agent sent `frame`, by the stamp a stamping echo agent
+/// wrote into it; `None` without a stamp, or for one from a clock that stepped.
+fn stamp_age(frame: &[u8]) -> Option<Duration> {
+    let stamp =
+        frame.get(AGENT_STAMP_AT..AGENT_STAMP_AT + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes)?;
+    let now = patchbay_agent::server::unix_nanos();
+    (stamp > 0 && stamp <= now).then(|| Duration::from_nanos(now - stamp))
+}
+
+/// Benchmarks only: a duration in whole microseconds.
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 /// The agent's answers the clock takes in at one step at most (the rest wait for the next).
@@ -166,8 +220,8 @@ impl std::fmt::Debug for AgentLink {
 struct LinkProbe {
     figures: Arc<std::sync::Mutex<AgentProbe>>,
     /// Per caller frame written and not answered yet: when its step handed it over, and how
-    /// long writing it took from then.
-    sent: VecDeque<(Instant, Duration)>,
+    /// long writing it took from then (`None`: it waited in the buffer for the agent to read).
+    sent: VecDeque<(Instant, Option<Duration>)>,
     ptime: Duration,
 }
 
@@ -175,20 +229,14 @@ impl LinkProbe {
     /// The agent's answer `frame` to the oldest frame written, read at the step due at `step`
     /// (`now` on the clock).
     fn record(&mut self, frame: &[u8], now: Instant, step: Instant) {
-        let us = |d: Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
         let Some((handed_over, written)) = self.sent.pop_front() else { return };
-        let stamp =
-            frame.get(AGENT_STAMP_AT..AGENT_STAMP_AT + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
-        let unix_now = patchbay_agent::server::unix_nanos();
+        // Both clocks read together, before waiting for the figures' lock.
+        let sent = stamp_age(frame).and_then(|age| Instant::now().checked_sub(age));
         let mut figures = self.figures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        figures.turnaround.push(us(now.saturating_duration_since(handed_over)));
-        // A stamp from a clock that stepped, or no stamp at all, is left out.
-        let Some(sent) = stamp
-            .filter(|&at| at > 0 && at <= unix_now)
-            .and_then(|at| Instant::now().checked_sub(Duration::from_nanos(unix_now - at)))
-        else {
-            return;
-        };
+        figures.turnaround.push(micros(now.saturating_duration_since(handed_over)));
+        // Without a stamp (or a frame written only once the agent read again), the split is
+        // not known.
+        let (Some(sent), Some(written)) = (sent, written) else { return };
         // The earliest of the call's steps that could have played the answer: the first one due
         // after the agent sent it. Waiting for it is packetisation; what comes after is ours.
         let late = if sent >= step {
@@ -201,9 +249,9 @@ impl LinkProbe {
             let earliest = step - self.ptime * u32::try_from(missed).unwrap_or(u32::MAX);
             now.saturating_duration_since(earliest)
         };
-        figures.to_agent.push(us(written));
-        figures.from_agent.push(us(late));
-        figures.patchbay.push(us(written + late));
+        figures.to_agent.push(micros(written));
+        figures.from_agent.push(micros(late));
+        figures.patchbay.push(micros(written + late));
     }
 }
 
@@ -214,42 +262,23 @@ impl AgentLink {
         if self.end.is_none() {
             for _ in 0..MAX_EVENTS_PER_STEP {
                 let Some(event) = self.link.poll(now) else { break };
-                let end = match event {
-                    AgentEvent::Audio(_) if self.playout.pending.len() >= MAX_BACKLOG_FRAMES => {
-                        AgentEnd::Disconnected("the agent sent more than five minutes of audio ahead".into())
-                    }
-                    AgentEvent::Audio(frame) => {
-                        if let Some(probe) = &mut self.probe {
-                            probe.record(&frame, now, step);
-                        }
-                        self.playout.pending.push_back(Pending::Audio(frame));
-                        continue;
-                    }
-                    AgentEvent::Mark(name) => {
-                        let id = crate::call::next_mark(&self.marks);
-                        self.playout.marks.push_back((id, name));
-                        self.playout.pending.push_back(Pending::Mark(id));
-                        continue;
-                    }
-                    AgentEvent::Clear => {
+                if let (Some(probe), AgentEvent::Audio(frame)) = (&mut self.probe, &event) {
+                    probe.record(frame, now, step);
+                }
+                match self.playout.take(event, &self.marks) {
+                    Taken::Queued => {}
+                    Taken::Clear => {
                         let dropped: Vec<String> = self.playout.clear(session).collect();
                         for name in dropped {
                             let _ = self.link.send_mark(&name, now);
                         }
-                        continue;
                     }
-                    AgentEvent::Transfer(target) => AgentEnd::TransferRequested(target),
-                    AgentEvent::Hangup => AgentEnd::HangupRequested,
-                    AgentEvent::Closed => AgentEnd::Completed,
-                    AgentEvent::Failed(why) => AgentEnd::Disconnected(why),
-                    other => {
-                        tracing::debug!(?other, "agent event");
-                        continue;
+                    Taken::End(end) => {
+                        self.end = Some(end);
+                        self.wake.notify_one();
+                        break;
                     }
-                };
-                self.end = Some(end);
-                self.wake.notify_one();
-                break;
+                }
             }
         }
         self.playout.fill(session, &self.pool);
@@ -272,12 +301,16 @@ impl AgentLink {
             && sent
             && self.link.dropped_media_frames() == dropped
         {
-            probe.sent.push_back((now, Instant::now().saturating_duration_since(now)));
+            let written = (!self.link.writes_waiting()).then(|| Instant::now().saturating_duration_since(now));
+            probe.sent.push_back((now, written));
         }
     }
 
     /// Echoes the marks whose audio has been sent (`played` is the last mark played).
     pub(crate) fn echo_played(&mut self, played: u64, now: Instant) {
+        if self.end.is_some() {
+            return;
+        }
         let link = &mut self.link;
         self.playout.echo_played(played, |name| {
             let _ = link.send_mark(name, now);
@@ -413,20 +446,29 @@ async fn run_linked(
     });
     let _detach = Detach(&media);
     tokio::pin!(caller_gone);
-    let end = loop {
+    // The end first: a key pressed as the agent side ends stays with the flow if this task
+    // sees the end first (and is not sent to an agent that has ended in any case).
+    let (end, agent) = loop {
         tokio::select! {
+            biased;
             () = wake.notified() => {
-                if let Some(end) = media.with_agent(|agent| agent.end.take()).flatten() {
-                    break Ok(end);
+                // Taken off the clock in the same lock as the end is read: no step runs between.
+                if let Some(mut agent) = media.detach_agent_if(|agent| agent.end.is_some()) {
+                    let end = agent.end.take().ok_or(CallError::Hangup);
+                    break (end, Some(agent));
                 }
             }
+            () = &mut caller_gone => break (Err(CallError::Hangup), media.detach_agent()),
             Some(key) = dtmf.recv() => {
-                media.with_agent(|agent| agent.link.send_dtmf(key.digit, Instant::now()));
+                media.with_agent(|agent| {
+                    if agent.end.is_none() {
+                        let _ = agent.link.send_dtmf(key.digit, Instant::now());
+                    }
+                });
             }
-            () = &mut caller_gone => break Err(CallError::Hangup),
         }
     };
-    let Some(AgentLink { link, playout, .. }) = media.detach_agent() else { return end };
+    let Some(AgentLink { link, playout, .. }) = agent else { return end };
     let dropped = link.dropped_media_frames();
     if dropped > 0 {
         tracing::warn!(dropped, "caller audio frames dropped because the agent did not keep up");
@@ -488,21 +530,17 @@ struct Session {
 }
 
 impl Session {
-    fn next_mark(&self) -> u64 {
-        crate::call::next_mark(&self.marks)
-    }
-
     /// Benchmarks only: fills the probe for the agent's answer `frame` to the oldest frame
     /// handed over.
     fn record(&self, probe: &std::sync::Mutex<AgentProbe>, stream: &AgentStream, frame: &[u8]) {
-        let us = |d: Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        let back = stamp_age(frame);
         let handed_over = self
             .handed_over
             .as_ref()
             .and_then(|times| times.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop_front());
         let Some(handed_over) = handed_over else { return };
         let mut probe = probe.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        probe.turnaround.push(us(handed_over.elapsed()));
+        probe.turnaround.push(micros(handed_over.elapsed()));
         let mut written = stream.take_write_latency();
         while written.is_some() && self.writes_owed.get() > 0 {
             self.writes_owed.set(self.writes_owed.get() - 1);
@@ -511,15 +549,10 @@ impl Session {
         if written.is_none() {
             self.writes_owed.set(self.writes_owed.get() + 1);
         }
-        let stamp =
-            frame.get(AGENT_STAMP_AT..AGENT_STAMP_AT + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
-        let now = patchbay_agent::server::unix_nanos();
-        // A stamp from a clock that stepped, or no stamp at all, is left out.
-        let back = stamp.filter(|&at| at > 0 && at <= now).map(|at| Duration::from_nanos(now - at));
         if let (Some(written), Some(back)) = (written, back) {
-            probe.to_agent.push(us(written));
-            probe.from_agent.push(us(back));
-            probe.patchbay.push(us(written + back));
+            probe.to_agent.push(micros(written));
+            probe.from_agent.push(micros(back));
+            probe.patchbay.push(micros(written + back));
         }
     }
 
@@ -533,36 +566,22 @@ impl Session {
         tokio::pin!(caller_gone);
         let end = loop {
             tokio::select! {
-                event = stream.recv() => match event {
-                    AgentEvent::Audio(_) if playout.pending.len() >= MAX_BACKLOG_FRAMES => {
-                        break Ok(AgentEnd::Disconnected("the agent sent more than five minutes of audio ahead".into()));
+                event = stream.recv() => {
+                    if let (Some(probe), AgentEvent::Audio(frame)) = (&self.probe, &event) {
+                        self.record(probe, &stream, frame);
                     }
-                    AgentEvent::Audio(frame) => {
-                        if let Some(probe) = &self.probe {
-                            self.record(probe, &stream, &frame);
+                    match playout.take(event, &self.marks) {
+                        Taken::Queued => playout.feed(&self.media, &self.pool),
+                        Taken::Clear => {
+                            // Barge-in: nothing the agent queued is played any more.
+                            let dropped: Vec<String> = self.media.with(|session| playout.clear(session).collect());
+                            for name in dropped {
+                                let _ = stream.send_mark(&name);
+                            }
                         }
-                        playout.pending.push_back(Pending::Audio(frame));
-                        playout.feed(&self.media, &self.pool);
+                        Taken::End(end) => break Ok(end),
                     }
-                    AgentEvent::Mark(name) => {
-                        let id = self.next_mark();
-                        playout.marks.push_back((id, name));
-                        playout.pending.push_back(Pending::Mark(id));
-                        playout.feed(&self.media, &self.pool);
-                    }
-                    AgentEvent::Clear => {
-                        // Barge-in: nothing the agent queued is played any more.
-                        let dropped: Vec<String> = self.media.with(|session| playout.clear(session).collect());
-                        for name in dropped {
-                            let _ = stream.send_mark(&name);
-                        }
-                    }
-                    AgentEvent::Transfer(target) => break Ok(AgentEnd::TransferRequested(target)),
-                    AgentEvent::Hangup => break Ok(AgentEnd::HangupRequested),
-                    AgentEvent::Closed => break Ok(AgentEnd::Completed),
-                    AgentEvent::Failed(why) => break Ok(AgentEnd::Disconnected(why)),
-                    other => tracing::debug!(?other, "agent event"),
-                },
+                }
                 Ok(()) = self.played.changed() => {
                     let last = *self.played.borrow_and_update();
                     playout.echo_played(last, |name| {

@@ -172,7 +172,16 @@ impl CallMedia {
 
     /// Takes the agent session back from the clock.
     pub fn detach_agent(&self) -> Option<AgentLink> {
+        self.detach_agent_if(|_| true)
+    }
+
+    /// Takes the agent session back from the clock if `ready` says so (under the lock the
+    /// clock takes it with, so no step runs between the check and the taking).
+    pub fn detach_agent_if(&self, ready: impl FnOnce(&AgentLink) -> bool) -> Option<AgentLink> {
         let mut slot = self.agent.lock().unwrap_or_else(PoisonError::into_inner);
+        if !slot.as_ref().is_some_and(ready) {
+            return None;
+        }
         self.has_agent.store(false, Ordering::Relaxed);
         slot.take()
     }
@@ -310,7 +319,8 @@ impl CallMedia {
             self.dispatch();
         }
         if let Some(agent) = agent {
-            agent.echo_played(*self.sinks.played.borrow(), now);
+            let played = *self.sinks.played.borrow();
+            agent.echo_played(played, now);
         }
         sent
     }
