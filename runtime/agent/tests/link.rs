@@ -4,46 +4,16 @@
 
 use std::time::{Duration, Instant};
 
-use patchbay_agent::server::{Observed, ScriptStep, ScriptedAgent};
-use patchbay_agent::{
-    AgentError, AgentEvent, ClockLink, ConnectOptions, FRAME_BYTES, StartInfo, ULAW_SILENCE, connect_link,
-};
+use patchbay_agent::server::{Observed, ScriptStep};
+use patchbay_agent::{AgentError, AgentEvent, ClockLink, ConnectOptions, FRAME_BYTES, ULAW_SILENCE, connect_link};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc::UnboundedReceiver;
 
-const WAIT: Duration = Duration::from_secs(5);
-
-fn start_info() -> StartInfo {
-    StartInfo {
-        account_sid: "ACtenant1".into(),
-        call_sid: "CAcall1".into(),
-        stream_sid: "MZstream1".into(),
-        custom_parameters: vec![("lang".into(), "en-GB".into())],
-    }
-}
+mod common;
+use common::{WAIT, observe, received_json, scripted, start_info};
 
 fn options() -> ConnectOptions {
     ConnectOptions::new(Duration::from_secs(2))
-}
-
-async fn scripted(script: Vec<ScriptStep>) -> (String, UnboundedReceiver<Observed>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("ws://{}/agent", listener.local_addr().expect("addr"));
-    let (agent, observed) = ScriptedAgent::new(script);
-    tokio::spawn(agent.serve(listener));
-    (url, observed)
-}
-
-async fn observe(observed: &mut UnboundedReceiver<Observed>) -> Observed {
-    tokio::time::timeout(WAIT, observed.recv()).await.expect("agent observation in time").expect("agent channel open")
-}
-
-async fn received_json(observed: &mut UnboundedReceiver<Observed>) -> serde_json::Value {
-    match observe(observed).await {
-        Observed::Received { json, .. } => json,
-        other => panic!("expected a message, got {other:?}"),
-    }
 }
 
 /// Polls the link as the media clock does (every 5 ms) until `last` accepts an event; returns
@@ -80,7 +50,7 @@ async fn a_clock_link_speaks_the_protocol_of_the_task_driven_stream() {
     );
     let start = received_json(&mut observed).await;
     assert_eq!((start["event"].as_str(), start["sequenceNumber"].as_str()), (Some("start"), Some("1")));
-    assert_eq!(start["start"]["customParameters"], json!({"lang": "en-GB"}));
+    assert_eq!(start["start"]["customParameters"], json!({"tenant": "acme", "lang": "en-GB"}));
 
     let now = Instant::now();
     link.send_media(&[0xFF; 160], now).expect("media");

@@ -6,53 +6,18 @@ use std::time::{Duration, Instant};
 
 use patchbay_agent::server::{DemoAgent, DemoAgentConfig, EchoAgent, Observed, ScriptStep, ScriptedAgent, tone_ulaw};
 use patchbay_agent::{
-    AgentError, AgentEvent, AgentStream, ConnectOptions, FRAME_BYTES, Frame160, PatchbayMessage, StartInfo,
-    ULAW_SILENCE, connect, connect_with,
+    AgentError, AgentEvent, AgentStream, ConnectOptions, FRAME_BYTES, Frame160, PatchbayMessage, ULAW_SILENCE, connect,
+    connect_with,
 };
 use serde_json::json;
-use tokio::net::TcpListener;
-use tokio::sync::mpsc::UnboundedReceiver;
 
-const WAIT: Duration = Duration::from_secs(5);
+mod common;
+use common::{WAIT, listener, observe, received_json, scripted, start_info};
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-fn start_info() -> StartInfo {
-    StartInfo {
-        account_sid: "ACtenant1".into(),
-        call_sid: "CAcall1".into(),
-        stream_sid: "MZstream1".into(),
-        custom_parameters: vec![("tenant".into(), "acme".into()), ("lang".into(), "en-GB".into())],
-    }
-}
-
-async fn listener() -> (TcpListener, String) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("ws://{}/agent", listener.local_addr().expect("addr"));
-    (listener, url)
-}
-
-/// Starts a scripted agent; returns its URL and what it observes.
-async fn scripted(script: Vec<ScriptStep>) -> (String, UnboundedReceiver<Observed>) {
-    let (listener, url) = listener().await;
-    let (agent, observed) = ScriptedAgent::new(script);
-    tokio::spawn(agent.serve(listener));
-    (url, observed)
-}
 
 async fn open(url: &str) -> AgentStream {
     connect(url, &start_info(), None, CONNECT_TIMEOUT).await.expect("connect")
-}
-
-async fn observe(observed: &mut UnboundedReceiver<Observed>) -> Observed {
-    tokio::time::timeout(WAIT, observed.recv()).await.expect("agent observation in time").expect("agent channel open")
-}
-
-/// The JSON of the next message the agent receives.
-async fn received_json(observed: &mut UnboundedReceiver<Observed>) -> serde_json::Value {
-    match observe(observed).await {
-        Observed::Received { json, .. } => json,
-        other => panic!("expected a message, got {other:?}"),
-    }
 }
 
 async fn next_event(stream: &mut AgentStream) -> AgentEvent {
