@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 
 use crate::protocol::{AgentMessage, parse_agent_message};
 use crate::repacketize::Repacketizer;
-use crate::stream::AgentEvent;
+use crate::stream::{AgentEvent, CLOSE_TIMEOUT};
 
 /// The events read from one agent and not handed out yet.
 #[derive(Debug)]
@@ -19,9 +19,9 @@ pub(crate) struct Inbound {
     pending: VecDeque<AgentEvent>,
     scratch: Vec<u8>,
     terminal: Option<AgentEvent>,
-    /// The agent's close arrived: the event to report once the connection has ended (the
-    /// driver bounds the wait, see [`Inbound::end_close`]).
-    closing: Option<AgentEvent>,
+    /// The agent's close arrived: the event to report once the connection has ended, and
+    /// until when to wait for that (the driver calls [`Inbound::end_close`] then).
+    closing: Option<(AgentEvent, std::time::Instant)>,
     malformed: u64,
     stream_sid: String,
 }
@@ -54,6 +54,11 @@ impl Inbound {
         self.closing.is_some()
     }
 
+    /// While closing: when to stop waiting for the agent to end the connection.
+    pub(crate) fn close_deadline(&self) -> Option<std::time::Instant> {
+        self.closing.as_ref().map(|(_, deadline)| *deadline)
+    }
+
     /// Ends the stream with `event` (the first end wins).
     pub(crate) fn finish(&mut self, event: AgentEvent) {
         if self.terminal.is_none() {
@@ -70,7 +75,7 @@ impl Inbound {
 
     /// The connection ended after the agent's close (or the driver stopped waiting for that).
     pub(crate) fn end_close(&mut self) {
-        if let Some(event) = self.closing.take() {
+        if let Some((event, _)) = self.closing.take() {
             self.finish(event);
         }
     }
@@ -97,7 +102,7 @@ impl Inbound {
                 };
                 // tungstenite sends our close reply on the next read, and the server ends
                 // the TCP connection after it (RFC 6455 §7.1.1): keep reading until then.
-                self.closing = Some(event);
+                self.closing = Some((event, std::time::Instant::now() + CLOSE_TIMEOUT));
             }
             // Pings are answered by tungstenite itself.
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}

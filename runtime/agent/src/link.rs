@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 use crate::error::AgentError;
 use crate::inbound::Inbound;
 use crate::protocol::{MAX_MEDIA_FRAME, SAMPLES_PER_MS, StartInfo, StreamEncoder};
-use crate::stream::{AgentEvent, CLOSE_TIMEOUT, ConnectOptions, STOP_TIMEOUT, Target, WRITE_STALL, websocket_config};
+use crate::stream::{AgentEvent, ConnectOptions, STOP_TIMEOUT, Target, WRITE_STALL, websocket_config};
 
 /// Bytes one [`ClockLink::poll`] reads at most: the clock thread serves other calls in the
 /// same step, and an agent may send a message of megabytes (a whole speech at once). 32 KiB
@@ -140,7 +140,6 @@ pub async fn connect_link(url: &str, start: &StartInfo, options: &ConnectOptions
         samples: 0,
         dropped: 0,
         stalled: None,
-        close_deadline: None,
         stopped: false,
         stream_sid: start.stream_sid.clone(),
     };
@@ -178,8 +177,6 @@ pub struct ClockLink {
     samples: u64,
     dropped: u64,
     stalled: Option<Stall>,
-    /// When to stop waiting for the agent to end the connection after its close.
-    close_deadline: Option<Instant>,
     stopped: bool,
     stream_sid: String,
 }
@@ -248,20 +245,15 @@ impl ClockLink {
     /// call returns that event again. Also sends what earlier writes left waiting.
     /// Each call reads at most [`READ_BUDGET`] bytes from the socket.
     pub fn poll(&mut self, now: Instant) -> Option<AgentEvent> {
-        if let LinkIo::Open { budget, .. } = self.ws.get_mut() {
-            *budget = READ_BUDGET;
-        }
+        self.refill_read_budget();
         loop {
             if let Some(event) = self.inbound.next() {
                 return Some(event);
             }
-            if self.inbound.closing() {
-                let deadline = *self.close_deadline.get_or_insert(now + CLOSE_TIMEOUT);
-                if now >= deadline {
-                    debug!(stream_sid = %self.stream_sid, "agent did not end the connection after its close");
-                    self.inbound.end_close();
-                    continue;
-                }
+            if self.inbound.close_deadline().is_some_and(|deadline| now >= deadline) {
+                debug!(stream_sid = %self.stream_sid, "agent did not end the connection after its close");
+                self.inbound.end_close();
+                continue;
             }
             match self.ws.read() {
                 Ok(message) => self.inbound.on_websocket(Some(Ok(message))),
@@ -288,9 +280,7 @@ impl ClockLink {
             // connection, ignoring whatever else it still sends.
             let deadline = now + STOP_TIMEOUT;
             'handshake: loop {
-                if let LinkIo::Open { budget, .. } = self.ws.get_mut() {
-                    *budget = READ_BUDGET;
-                }
+                self.refill_read_budget();
                 match self.ws.flush() {
                     Ok(()) => {}
                     Err(err) if would_block(&err) => {}
@@ -311,6 +301,13 @@ impl ClockLink {
             }
         }
         info!(stream_sid = %self.stream_sid, dropped_media_frames = self.dropped, "agent stream stopped");
+    }
+
+    /// A new poll's worth of reading ([`READ_BUDGET`]).
+    fn refill_read_budget(&mut self) {
+        if let LinkIo::Open { budget, .. } = self.ws.get_mut() {
+            *budget = READ_BUDGET;
+        }
     }
 
     fn check_open(&self) -> Result<(), AgentError> {

@@ -187,7 +187,6 @@ pub async fn connect_with(url: &str, start: &StartInfo, options: &ConnectOptions
         writer_failure: failure_rx,
         writer_ended: false,
         inbound: Inbound::new(&start.stream_sid),
-        close_deadline: None,
         stream_sid: start.stream_sid.clone(),
     })
 }
@@ -206,8 +205,6 @@ pub struct AgentStream {
     writer_failure: oneshot::Receiver<String>,
     writer_ended: bool,
     inbound: Inbound,
-    /// When to stop waiting for the agent to end the connection after its close.
-    close_deadline: Option<Instant>,
     stream_sid: String,
 }
 
@@ -256,10 +253,7 @@ impl AgentStream {
             if let Some(event) = self.inbound.next() {
                 return event;
             }
-            if self.inbound.closing() {
-                self.close_deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
-            }
-            let close_deadline = self.close_deadline.filter(|_| self.inbound.closing());
+            let close_deadline = self.inbound.close_deadline().map(Instant::from_std);
             tokio::select! {
                 biased;
                 message = self.reader.next() => self.inbound.on_websocket(message),
