@@ -545,7 +545,8 @@ impl MediaSession {
             return match self.pop_received(now)? {
                 Some(frame) => Some(frame),
                 None => {
-                    let mut octets = [silence; MAX_FRAME_SAMPLES];
+                    // `conceal` writes every octet.
+                    let mut octets = [0u8; MAX_FRAME_SAMPLES];
                     self.conceal(&mut octets[..ours]);
                     self.pool.g711(self.config.codec.encoding(), &octets[..ours], 0).ok()
                 }
@@ -559,7 +560,7 @@ impl MediaSession {
             match self.pop_received(starts_at)? {
                 Some(frame) => self.reframe.extend(frame.octets()),
                 None => {
-                    let mut octets = [silence; MAX_FRAME_SAMPLES];
+                    let mut octets = [0u8; MAX_FRAME_SAMPLES];
                     self.conceal(&mut octets[..peer]);
                     self.reframe.extend(&octets[..peer]);
                 }
@@ -790,19 +791,18 @@ impl MediaSession {
         out: &mut [u8; MAX_RTCP],
         bye: bool,
     ) -> Option<(SocketAddr, usize)> {
-        let to = match (self.rtcp_remote, self.config.rtcp_mux) {
-            (Some(latched), _) => latched,
-            (None, true) => self.remote?,
-            // RFC 3605 §2.1, else RFC 3550 §11.
-            (None, false) => self
-                .config
-                .remote_rtcp
-                .or_else(|| self.remote.map(|r| SocketAddr::new(r.ip(), r.port().wrapping_add(1))))?,
-        };
         // RTCP goes on while a stream is held with a direction (RFC 3264 §5.1: recvonly and
         // inactive streams still send RTCP), not once the peer's address is gone (an RFC 2543
         // hold, `c=0.0.0.0`).
-        self.remote?;
+        let remote = self.remote?;
+        let to = match (self.rtcp_remote, self.config.rtcp_mux) {
+            (Some(latched), _) => latched,
+            (None, true) => remote,
+            // RFC 3605 §2.1, else RFC 3550 §11.
+            (None, false) => {
+                self.config.remote_rtcp.unwrap_or_else(|| SocketAddr::new(remote.ip(), remote.port().wrapping_add(1)))
+            }
+        };
         let block = self.stats_rx.report_block(now);
         let blocks = block.as_slice();
         let mut writer = RtcpWriter::new(&mut out[..]);

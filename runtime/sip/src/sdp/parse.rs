@@ -291,7 +291,8 @@ fn parse_rtcp(value: &str) -> Option<(u16, Option<IpAddr>)> {
     match address {
         None => Some((port, None)),
         Some(address) => match parse_connection(address, 0) {
-            Ok(ConnectionAddress::Ip(ip)) if !ip.is_unspecified() => Some((port, Some(ip))),
+            // 0.0.0.0 is left to the negotiation, which drops any unspecified RTCP address.
+            Ok(ConnectionAddress::Ip(ip)) => Some((port, Some(ip))),
             _ => None,
         },
     }
