@@ -184,9 +184,10 @@ pub struct ClockLink {
 impl ClockLink {
     /// Writes one frame of caller audio (μ-law, 1 to [`MAX_MEDIA_FRAME`] bytes) as a `media`
     /// message, without blocking. A frame the agent has no room for is dropped and counted
-    /// ([`dropped_media_frames`](Self::dropped_media_frames)); that is not an error. The
-    /// `timestamp` is media time, so it advances over dropped frames too.
-    pub fn send_media(&mut self, mulaw: &[u8], now: Instant) -> Result<(), AgentError> {
+    /// ([`dropped_media_frames`](Self::dropped_media_frames)); that is not an error: returns
+    /// whether the frame was written. The `timestamp` is media time, so it advances over
+    /// dropped frames too.
+    pub fn send_media(&mut self, mulaw: &[u8], now: Instant) -> Result<bool, AgentError> {
         let len = mulaw.len();
         if len == 0 || len > MAX_MEDIA_FRAME {
             return Err(AgentError::InvalidFrame { len, max: MAX_MEDIA_FRAME });
@@ -200,14 +201,14 @@ impl ClockLink {
                 if self.dropped.is_power_of_two() {
                     warn!(stream_sid = %self.stream_sid, dropped = self.dropped, "agent is not keeping up; dropping caller audio");
                 }
-                return Ok(());
+                return Ok(false);
             }
             stall.frames += 1;
         }
         let text = self.encoder.media(timestamp_ms, mulaw);
         self.write(Message::text(text), now);
         self.flush(now);
-        Ok(())
+        Ok(true)
     }
 
     /// Writes a `dtmf` message. `digit` is one of `0-9 * # A-D` (lower-case `a-d` accepted).

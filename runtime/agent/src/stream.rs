@@ -211,7 +211,7 @@ pub struct AgentStream {
 impl AgentStream {
     /// Queues one frame of caller audio (μ-law, normally 160 bytes = 20 ms; at most
     /// [`MAX_MEDIA_FRAME`]). See [`AgentSender::send_media`].
-    pub fn send_media(&self, mulaw: &[u8]) -> Result<(), AgentError> {
+    pub fn send_media(&self, mulaw: &[u8]) -> Result<bool, AgentError> {
         self.sender.send_media(mulaw)
     }
 
@@ -326,10 +326,11 @@ impl AgentSender {
     /// 160 = 20 ms) without blocking or allocating.
     ///
     /// If the agent cannot keep up and the queue is full, the frame is dropped and counted
-    /// ([`dropped_media_frames`](Self::dropped_media_frames)); that is not an error. The
-    /// `timestamp` sent with each frame is media time (8 samples per ms), so it advances over
-    /// dropped frames too; `chunk` counts frames actually sent.
-    pub fn send_media(&self, mulaw: &[u8]) -> Result<(), AgentError> {
+    /// ([`dropped_media_frames`](Self::dropped_media_frames)); that is not an error: returns
+    /// whether the frame was queued. The `timestamp` sent with each frame is media time (8
+    /// samples per ms), so it advances over dropped frames too; `chunk` counts frames actually
+    /// sent.
+    pub fn send_media(&self, mulaw: &[u8]) -> Result<bool, AgentError> {
         let len = mulaw.len();
         if len == 0 || len > MAX_MEDIA_FRAME {
             return Err(AgentError::InvalidFrame { len, max: MAX_MEDIA_FRAME });
@@ -343,13 +344,13 @@ impl AgentSender {
         };
         chunk.bytes[..len].copy_from_slice(mulaw);
         match self.media_tx.try_send(chunk) {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(true),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 let dropped = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if dropped.is_power_of_two() {
                     warn!(dropped, "agent is not keeping up; dropping caller audio");
                 }
-                Ok(())
+                Ok(false)
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(AgentError::Closed),
         }

@@ -282,7 +282,7 @@ async fn agent_vanishing_gives_failed() {
     loop {
         match stream.send_media(&[0; 160]) {
             Err(AgentError::Closed) => break,
-            Ok(()) => assert!(Instant::now() < deadline, "send never failed"),
+            Ok(_) => assert!(Instant::now() < deadline, "send never failed"),
             Err(other) => panic!("unexpected {other}"),
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -356,10 +356,10 @@ async fn a_full_queue_drops_and_counts_instead_of_blocking() {
     let options = ConnectOptions::new(CONNECT_TIMEOUT).with_media_queue(4);
     let stream = connect_with(&url, &start_info(), &options).await.expect("connect");
     // The test runtime has one thread: the writer cannot run during this loop.
-    for _ in 0..100 {
-        stream.send_media(&[0xFF; 160]).expect("media");
-    }
+    let queued: Vec<bool> = (0..100).map(|_| stream.send_media(&[0xFF; 160]).expect("media")).collect();
     assert_eq!(stream.dropped_media_frames(), 96);
+    assert_eq!(queued.iter().filter(|&&q| q).count(), 4, "send_media says which frames were queued");
+    assert!(queued[..4].iter().all(|&q| q));
     stream.stop().await;
     let mut media = Vec::new();
     loop {

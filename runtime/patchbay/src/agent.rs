@@ -295,11 +295,9 @@ impl AgentLink {
         let mut mulaw = [0u8; patchbay_media::session::MAX_FRAME_SAMPLES];
         let n = frame.encode_into(AudioEncoding::Pcmu, &mut mulaw);
         drop(frame);
-        let dropped = self.link.dropped_media_frames();
-        let sent = self.link.send_media(&mulaw[..n], now).is_ok();
+        let written = matches!(self.link.send_media(&mulaw[..n], now), Ok(true));
         if let Some(probe) = &mut self.probe
-            && sent
-            && self.link.dropped_media_frames() == dropped
+            && written
         {
             let written = (!self.link.writes_waiting()).then(|| Instant::now().saturating_duration_since(now));
             probe.sent.push_back((now, written));
