@@ -477,7 +477,8 @@ impl LoadGenerator {
             | UaEvent::Confirmed { .. }
             | UaEvent::ReInviteAnswered { .. }
             | UaEvent::Transfer { .. }
-            | UaEvent::InfoDtmf { .. } => {}
+            | UaEvent::InfoDtmf { .. }
+            | UaEvent::Registration { .. } => {}
         }
     }
 }

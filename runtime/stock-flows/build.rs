@@ -14,6 +14,7 @@ const FLOWS: &[(&str, &str)] = &[
     ("voicemail", "voicemail"),
     ("dtmf-router", "dtmf_router"),
     ("agent-handoff", "agent_handoff"),
+    ("greet", "greet"),
     ("chaos", "chaos"),
 ];
 const TARGET: &str = "wasm32-wasip2";
@@ -30,6 +31,7 @@ fn main() {
         "plugins/voicemail",
         "plugins/dtmf-router",
         "plugins/agent-handoff",
+        "plugins/greet",
         "plugins/fixtures",
         "plugin-sdk",
         "wit",

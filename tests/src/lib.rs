@@ -445,3 +445,23 @@ pub fn parse_pcap(bytes: &[u8]) -> Vec<Datagram> {
     }
     out
 }
+
+/// One HTTP/1.1 request to `127.0.0.1:port` (the control API), with a bearer token; returns
+/// the status code, the headers and the body parsed as JSON (`Null` when empty or not JSON).
+pub fn http(method: &str, port: u16, path: &str, token: &str, body: Option<&str>) -> (u16, String, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the API");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("send the request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read the response");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_owned(), serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+}

@@ -81,8 +81,10 @@ fn ensure_wasm_target() -> Result<(), String> {
 /// RTP interop tests, sox and espeak-ng for the G.711 conformance test (speech, and a reference
 /// encoder), tshark to capture what goes over the wire, baresip (core: no sound system) for
 /// SRTP against an outside implementation.
-const TEST_TOOLS: [(&str, &str, &str); 5] = [
+const TEST_TOOLS: [(&str, &str, &str); 6] = [
     ("sipp", "-v", "sip-tester"),
+    // TLS in front of sipp (Debian's sipp is built without TLS) for the trunk tests.
+    ("socat", "-V", "socat"),
     ("sox", "--version", "sox"),
     ("espeak-ng", "--version", "espeak-ng"),
     ("tshark", "--version", "tshark"),

@@ -280,7 +280,10 @@ impl CallControl for SipCall {
 
     async fn dial(&self, target: &str, options: DialOptions) -> Result<DialOutcome, CallError> {
         self.live()?;
-        let target = crate::dial::resolve(target).await?;
+        let target = crate::dial::resolve_for(target, &self.info.tenant, &self.routing.trunks).await?;
+        for header in &options.headers {
+            crate::dial::check_header(&header.name, &header.value)?;
+        }
         if self.media.get().is_none() {
             // The caller hears ringback from us, so the call is answered first.
             self.answer().await?;
@@ -294,7 +297,7 @@ impl CallControl for SipCall {
         let (reply, leg) = oneshot::channel();
         let command = Command::Dial {
             call: self.call,
-            target,
+            target: Box::new(target),
             caller_id: options.caller_id,
             headers: options.headers,
             events: events_tx,
@@ -370,15 +373,18 @@ impl CallControl for SipCall {
 
     async fn transfer(&self, target: &str) -> Result<(), CallError> {
         self.live()?;
-        let scheme_ok = target.starts_with("sip:") || target.starts_with("sips:") || target.starts_with("tel:");
+        let scheme_ok = target.starts_with("sip:")
+            || target.starts_with("sips:")
+            || target.starts_with("tel:")
+            || target.starts_with("trunk:");
         // The target goes into a Refer-To header: nothing that could end or break out of it.
         let clean = crate::dial::is_plain_uri(target);
         if !scheme_ok || !clean {
             return Err(CallError::InvalidArgument(format!(
-                "transfer target {target:?} is not a plain sip:, sips: or tel: URI"
+                "transfer target {target:?} is not a plain sip:, sips:, tel: or trunk: URI"
             )));
         }
-        if !self.refer {
+        if !self.refer || target.starts_with("trunk:") {
             // The caller's Allow leaves REFER out (RFC 3261 §20.5): bridge through us instead.
             tracing::info!(call = ?self.call, %target, "the caller does not take REFER: transferring by bridge");
             let options = DialOptions { caller_id: None, timeout_ms: TRANSFER_RING_MS, headers: Vec::new() };

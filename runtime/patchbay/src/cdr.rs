@@ -23,6 +23,9 @@ use tokio::sync::mpsc;
 /// One finished call, as written (field names are the JSON keys).
 #[derive(Debug, Clone, Serialize)]
 pub struct Cdr {
+    /// The call's id: for a call placed through the API, the id `POST /v1/calls` answered
+    /// with; else the SIP Call-ID.
+    pub id: String,
     /// The SIP Call-ID of the call's leg.
     pub call_id: String,
     /// The tenant that owns the call.
@@ -95,6 +98,7 @@ pub struct FlowEnd {
 /// A record being filled while the call lives.
 #[derive(Debug)]
 pub struct CdrDraft {
+    id: Option<String>,
     call_id: String,
     tenant: String,
     flow: String,
@@ -115,6 +119,7 @@ impl CdrDraft {
     /// A call that has just been routed to a flow.
     pub fn new(info: &patchbay_host::CallInfo, flow_version: &str) -> Self {
         Self {
+            id: None,
             call_id: info.call_id.clone(),
             tenant: info.tenant.clone(),
             flow: info.flow.clone(),
@@ -138,6 +143,7 @@ impl CdrDraft {
     /// A leg runs no flow of its own: its flow side is done from the start.
     pub fn leg(&self, call_id: &str, from: &str, to: &str) -> Self {
         Self {
+            id: None,
             call_id: call_id.to_owned(),
             tenant: self.tenant.clone(),
             flow: self.flow.clone(),
@@ -152,6 +158,16 @@ impl CdrDraft {
             ended: None,
             flow_end: Some(FlowEnd { outcome: "outbound-leg", detail: None, vars: BTreeMap::new() }),
         }
+    }
+
+    /// The caller's and the called URI.
+    pub fn parties(&self) -> (&str, &str) {
+        (&self.from, &self.to)
+    }
+
+    /// Sets the record's id (a call placed through the API keeps the id the API gave it).
+    pub fn set_id(&mut self, id: &str) {
+        self.id = Some(id.to_owned());
     }
 
     /// Sets the record's Call-ID (a leg's is known once its INVITE is built).
@@ -204,8 +220,10 @@ impl CdrDraft {
         let flow = self.flow_end.take()?;
         let duration_ms = millis(end_at.saturating_duration_since(self.started.1));
         let billable_ms = self.answered.map_or(0, |(_, at)| millis(end_at.saturating_duration_since(at)));
+        let call_id = std::mem::take(&mut self.call_id);
         Some(Cdr {
-            call_id: std::mem::take(&mut self.call_id),
+            id: self.id.take().unwrap_or_else(|| call_id.clone()),
+            call_id,
             tenant: std::mem::take(&mut self.tenant),
             flow: std::mem::take(&mut self.flow),
             flow_version: std::mem::take(&mut self.flow_version),
@@ -233,7 +251,7 @@ fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 

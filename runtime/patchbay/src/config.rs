@@ -38,6 +38,8 @@ pub struct Config {
     /// The built-in demo AI agent.
     #[serde(default)]
     pub demo_agent: DemoAgentConfig,
+    /// The HTTP control API (off without this table).
+    pub api: Option<ApiConfig>,
     /// Tenants; at least one.
     #[serde(rename = "tenant", default)]
     pub tenants: Vec<TenantConfig>,
@@ -226,6 +228,166 @@ pub struct TenantConfig {
     /// Directory of the tenant's prompts (WAV files, relative to the config file); looked up
     /// before the stock prompts.
     pub prompts: Option<PathBuf>,
+    /// The tenant's bearer token for the control API.
+    pub api_token: Option<Secret>,
+    /// ... or the environment variable that holds it.
+    pub api_token_env: Option<Spanned<String>>,
+    /// Calls of this tenant up at once (inbound and outbound); more inbound calls get 503,
+    /// more originations wait in their trunk's queue.
+    pub max_calls: Option<u32>,
+    /// The tenant's carrier trunks.
+    #[serde(rename = "trunk", default)]
+    pub trunks: Vec<Spanned<TrunkConfig>>,
+}
+
+/// `[api]`: the HTTP/JSON control API (`docs/api.md`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `ADDR:PORT` to serve on.
+    #[serde(default = "default_api_listen")]
+    pub listen: std::net::SocketAddr,
+    /// The admin token (every tenant's calls).
+    pub admin_token: Option<Secret>,
+    /// ... or the environment variable that holds it.
+    pub admin_token_env: Option<Spanned<String>>,
+}
+
+fn default_api_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+/// A password or token: never printed (its `Debug` says `<redacted>`), wiped from memory when
+/// dropped.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(zeroize::Zeroizing<String>);
+
+impl Secret {
+    /// The secret itself, for the one place that needs it (a digest answer, a token check).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(zeroize::Zeroizing::new(value))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(Self::from)
+    }
+}
+
+/// How a trunk's signalling travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrunkTransport {
+    /// UDP (port 5060 by default).
+    #[default]
+    Udp,
+    /// TCP (port 5060 by default).
+    Tcp,
+    /// TLS (port 5061 by default; `sips:` targets).
+    Tls,
+}
+
+/// SRTP on a trunk's calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SrtpMode {
+    /// Plain RTP.
+    #[default]
+    Off,
+    /// Offer SDES keys in an `RTP/AVP` offer; plain RTP when the carrier answers without.
+    Optional,
+    /// `RTP/SAVP` only: a carrier that cannot do SRTP fails the call.
+    Mandatory,
+}
+
+/// `[[tenant.trunk]]`: a carrier SIP trunk (`docs/trunks.md`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrunkConfig {
+    /// The name flows and the API use (`trunk:NAME/+15551234567`).
+    pub name: String,
+    /// The carrier's SIP server: `host[:port]`. A name without a port is resolved as RFC
+    /// 3263 says (SRV, then A/AAAA); an IP address or an explicit port is used as is.
+    pub gateway: Spanned<String>,
+    /// `udp`, `tcp` or `tls`.
+    #[serde(default)]
+    pub transport: TrunkTransport,
+    /// Send every request to this `host[:port]` instead (the Request-URI still names the
+    /// gateway).
+    pub outbound_proxy: Option<Spanned<String>>,
+    /// Digest user name (REGISTER and INVITE challenges).
+    pub username: Option<String>,
+    /// Digest password.
+    pub password: Option<Secret>,
+    /// ... or the environment variable that holds it.
+    pub password_env: Option<Spanned<String>>,
+    /// Answer only challenges of this realm (default: any realm the gateway names).
+    pub realm: Option<String>,
+    /// Host part of our From and the registered address of record (default: the gateway's host).
+    pub from_domain: Option<String>,
+    /// Register with the gateway (RFC 3261 §10) and keep the registration fresh.
+    #[serde(default)]
+    pub register: bool,
+    /// Registration lifetime we ask for, in seconds.
+    #[serde(default = "default_register_expires")]
+    pub register_expires_secs: u32,
+    /// Caller IDs (E.164 numbers or user parts) the tenant may present on this trunk.
+    #[serde(default)]
+    pub caller_ids: Vec<Spanned<String>>,
+    /// The caller ID used when a call names none (must be one of `caller_ids`).
+    pub default_caller_id: Option<Spanned<String>>,
+    /// Assert the caller ID in `P-Asserted-Identity` (RFC 3325) as well as in From.
+    #[serde(default = "default_true")]
+    pub p_asserted_identity: bool,
+    /// Codecs to offer, in order of preference (`PCMU`, `PCMA`).
+    pub codecs: Option<Vec<Spanned<String>>>,
+    /// SRTP: `off`, `optional` or `mandatory`.
+    #[serde(default)]
+    pub srtp: SrtpMode,
+    /// New outbound calls per second (token bucket; bursts of one second's worth).
+    pub calls_per_second: Option<f64>,
+    /// Outbound calls up at once on this trunk.
+    pub max_calls: Option<u32>,
+    /// Originations waiting for a token or a free call before the API answers 429.
+    #[serde(default = "default_trunk_queue")]
+    pub queue: usize,
+    /// Seconds between keep-alives (OPTIONS over UDP, CRLF over TCP/TLS, RFC 5626 §3.5.1); 0 = none.
+    #[serde(default = "default_keepalive_secs")]
+    pub keepalive_secs: u64,
+    /// A private CA (PEM) trusted for the gateway's TLS certificate, besides the webpki roots.
+    pub ca: Option<Spanned<PathBuf>>,
+    /// Source addresses of the carrier's inbound calls: trusted (not challenged) for this
+    /// trunk's DIDs only.
+    #[serde(default)]
+    pub source_ips: Vec<std::net::IpAddr>,
+    /// Inbound numbers (request-URI or To user) → the flow that answers them.
+    #[serde(default)]
+    pub dids: std::collections::BTreeMap<String, Spanned<String>>,
+}
+
+fn default_register_expires() -> u32 {
+    3600
+}
+
+fn default_trunk_queue() -> usize {
+    1000
+}
+
+fn default_keepalive_secs() -> u64 {
+    30
 }
 
 /// `[tenant.auth]`: challenge INVITEs from untrusted sources (RFC 3261 §22, 407 with
@@ -294,7 +456,8 @@ impl Config {
             message,
         };
         // toml's message names the field; its span gives the line.
-        let mut config: Config = toml::from_str(text).map_err(|e| error(e.span(), e.message().to_owned()))?;
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| error(e.span(), name_the_field(text, e.span(), e.message())))?;
         config.base_dir = base_dir;
         let mut tls_listener = None;
         for listen in &config.sip.listen {
@@ -374,8 +537,138 @@ impl Config {
                 }
             }
         }
+        if let Some(api) = &mut config.api {
+            let (token, env) = (&mut api.admin_token, &api.admin_token_env);
+            secret_from_env(token, env, "api.admin_token").map_err(|(span, m)| error(span, m))?;
+        }
+        for tenant in &mut config.tenants {
+            secret_from_env(&mut tenant.api_token, &tenant.api_token_env, "tenant.api_token")
+                .map_err(|(span, m)| error(span, m))?;
+            let flows: Vec<String> = tenant.flows.iter().map(|f| f.get_ref().name.clone()).collect();
+            let mut names = std::collections::HashSet::new();
+            for trunk in &mut tenant.trunks {
+                let span = trunk.span();
+                let t = trunk.get_mut();
+                if !names.insert(t.name.clone()) {
+                    return Err(error(
+                        Some(span),
+                        format!("tenant.trunk.name: tenant {:?} has two trunks named {:?}", tenant.id, t.name),
+                    ));
+                }
+                check_trunk(t, &flows, &config.base_dir).map_err(|(at, m)| error(Some(at.unwrap_or(span)), m))?;
+            }
+        }
         Ok(config)
     }
+}
+
+/// Takes a secret from the environment variable `env` names when the value is not in the file.
+fn secret_from_env(
+    value: &mut Option<Secret>,
+    env: &Option<Spanned<String>>,
+    field: &str,
+) -> Result<(), (Option<std::ops::Range<usize>>, String)> {
+    let Some(env) = env else { return Ok(()) };
+    if value.is_some() {
+        return Err((Some(env.span()), format!("{field}: set `{field}` or `{field}_env`, not both")));
+    }
+    match std::env::var(env.get_ref()) {
+        Ok(secret) if !secret.is_empty() => {
+            *value = Some(Secret::from(secret));
+            Ok(())
+        }
+        _ => Err((Some(env.span()), format!("{field}_env: the environment variable {:?} is not set", env.get_ref()))),
+    }
+}
+
+/// Checks one `[[tenant.trunk]]`; an error carries the span of the field at fault when there
+/// is one (else the trunk's table is named).
+fn check_trunk(
+    t: &mut TrunkConfig,
+    flows: &[String],
+    base_dir: &Path,
+) -> Result<(), (Option<std::ops::Range<usize>>, String)> {
+    let at = |span: std::ops::Range<usize>, m: String| (Some(span), m);
+    let name = t.name.clone();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        return Err((None, format!("tenant.trunk.name: {name:?} must be letters, digits, '-', '_' or '.'")));
+    }
+    crate::trunk::HostPort::parse(t.gateway.get_ref())
+        .map_err(|m| at(t.gateway.span(), format!("tenant.trunk.gateway: {m}")))?;
+    if let Some(proxy) = &t.outbound_proxy {
+        crate::trunk::HostPort::parse(proxy.get_ref())
+            .map_err(|m| at(proxy.span(), format!("tenant.trunk.outbound_proxy: {m}")))?;
+    }
+    secret_from_env(&mut t.password, &t.password_env, "tenant.trunk.password")?;
+    match (&t.username, &t.password) {
+        (Some(_), None) => {
+            return Err((None, format!("tenant.trunk {name:?}: `username` needs `password` (or `password_env`)")));
+        }
+        (None, Some(_)) => return Err((None, format!("tenant.trunk {name:?}: `password` needs `username`"))),
+        (None, None) if t.register => {
+            return Err((None, format!("tenant.trunk {name:?}: `register = true` needs `username` and `password`")));
+        }
+        _ => {}
+    }
+    if t.register_expires_secs < 60 {
+        return Err((
+            None,
+            format!("tenant.trunk.register_expires_secs: at least 60 (got {})", t.register_expires_secs),
+        ));
+    }
+    for id in &t.caller_ids {
+        crate::trunk::check_caller_id(id.get_ref())
+            .map_err(|m| at(id.span(), format!("tenant.trunk.caller_ids: {m}")))?;
+    }
+    if let Some(default) = &t.default_caller_id
+        && !t.caller_ids.iter().any(|id| id.get_ref() == default.get_ref())
+    {
+        if !t.caller_ids.is_empty() {
+            return Err(at(
+                default.span(),
+                format!("tenant.trunk.default_caller_id: {:?} is not one of `caller_ids`", default.get_ref()),
+            ));
+        }
+        // A default alone is the one caller ID the trunk may present.
+        crate::trunk::check_caller_id(default.get_ref())
+            .map_err(|m| at(default.span(), format!("tenant.trunk.default_caller_id: {m}")))?;
+        t.caller_ids.push(default.clone());
+    }
+    for codec in t.codecs.iter().flatten() {
+        if !matches!(codec.get_ref().to_ascii_uppercase().as_str(), "PCMU" | "PCMA") {
+            return Err(at(
+                codec.span(),
+                format!("tenant.trunk.codecs: unknown codec {:?} (PCMU, PCMA)", codec.get_ref()),
+            ));
+        }
+    }
+    if t.codecs.as_ref().is_some_and(Vec::is_empty) {
+        return Err((None, format!("tenant.trunk {name:?}: `codecs` is empty")));
+    }
+    if let Some(cps) = t.calls_per_second
+        && !(cps > 0.0 && cps.is_finite())
+    {
+        return Err((None, format!("tenant.trunk.calls_per_second: must be above 0 (got {cps})")));
+    }
+    if t.max_calls == Some(0) {
+        return Err((None, "tenant.trunk.max_calls: must be at least 1 (leave it out for no cap)".into()));
+    }
+    if let Some(ca) = &t.ca {
+        let path = base_dir.join(ca.get_ref());
+        std::fs::read(&path).map_err(|e| at(ca.span(), format!("tenant.trunk.ca: {}: {e}", path.display())))?;
+    }
+    for (did, flow) in &t.dids {
+        if !flows.iter().any(|f| f == flow.get_ref()) {
+            return Err(at(
+                flow.span(),
+                format!(
+                    "tenant.trunk.dids: DID {did:?} names flow {:?}, which the tenant does not have",
+                    flow.get_ref()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl FlowConfig {
@@ -445,6 +738,21 @@ pub fn parse_listen(spec: &str) -> Result<Listen, String> {
     };
     let addr = addr.parse().map_err(|e| format!("{addr:?}: {e}"))?;
     Ok(Listen { transport, addr })
+}
+
+/// toml names the field in some messages (`unknown field`, `missing field`) but not in others
+/// (`unknown variant`, `invalid type`): prefix the key written on the error's line then.
+fn name_the_field(text: &str, span: Option<std::ops::Range<usize>>, message: &str) -> String {
+    let key = span.and_then(|span| {
+        let start = text.get(..span.start)?.rfind('\n').map_or(0, |i| i + 1);
+        let line = text.get(start..)?.lines().next()?;
+        let (key, _) = line.split_once('=')?;
+        Some(key.trim().trim_matches('"').to_owned())
+    });
+    match key {
+        Some(key) if !key.is_empty() && !message.contains(&key) => format!("{key}: {message}"),
+        _ => message.to_owned(),
+    }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -543,5 +851,66 @@ mod tests {
         let text = "[sip]\nlisten = []\n[flows]\nmax_memory_mb = \"lots\"\n[[tenant]]\nid = \"t\"\n";
         let err = Config::parse(text, "t.toml", PathBuf::new()).expect_err("wrong type").to_string();
         assert!(err.starts_with("t.toml:4: "), "{err}");
+    }
+
+    const TRUNK_TENANT: &str =
+        "[sip]\nlisten = []\n[[tenant]]\nid = \"t\"\n[[tenant.flow]]\nname = \"greet\"\nstock = \"greet\"\n";
+
+    fn with_trunk(trunk: &str) -> Result<Config, String> {
+        let text = format!("{TRUNK_TENANT}[[tenant.trunk]]\nname = \"carrier\"\n{trunk}");
+        Config::parse(&text, "t.toml", PathBuf::new()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_trunk_parses_and_its_password_never_prints() {
+        let config = with_trunk(
+            "gateway = \"sip.carrier.example:5070\"\ntransport = \"tls\"\nusername = \"acct\"\n\
+             password = \"hunter2\"\nregister = true\ncaller_ids = [\"+15550100\"]\ndefault_caller_id = \"+15550100\"\n\
+             calls_per_second = 10\nsrtp = \"mandatory\"\n[tenant.trunk.dids]\n\"+15550199\" = \"greet\"\n",
+        )
+        .expect("valid trunk");
+        let trunk = config.tenants[0].trunks[0].get_ref();
+        assert_eq!(trunk.transport, TrunkTransport::Tls);
+        assert_eq!(trunk.srtp, SrtpMode::Mandatory);
+        assert_eq!(trunk.password.as_ref().map(Secret::expose), Some("hunter2"));
+        assert!(!format!("{config:?}").contains("hunter2"), "the password shows in Debug output");
+    }
+
+    #[test]
+    fn bad_trunk_entries_name_their_line_and_field() {
+        // (the trunk's fields, the line the error must name, what it must say)
+        let cases = [
+            ("gateway = \"a b\"\n", 10, "tenant.trunk.gateway"),
+            ("gateway = \"h\"\ntransport = \"sctp\"\n", 11, "transport"),
+            (
+                "gateway = \"h\"\ncaller_ids = [\"+1\"]\ndefault_caller_id = \"+2\"\n",
+                12,
+                "tenant.trunk.default_caller_id",
+            ),
+            ("gateway = \"h\"\ncaller_ids = [\"+1\\r\\nX: y\"]\n", 11, "tenant.trunk.caller_ids"),
+            ("gateway = \"h\"\ncodecs = [\"G729\"]\n", 11, "tenant.trunk.codecs"),
+            ("gateway = \"h\"\n[tenant.trunk.dids]\n\"+1\" = \"nope\"\n", 12, "tenant.trunk.dids"),
+            ("gateway = \"h\"\npassword_env = \"PATCHBAY_TEST_SURELY_UNSET\"\n", 11, "password_env"),
+            ("gateway = \"h\"\nregister = true\n", 8, "needs `username` and `password`"),
+        ];
+        for (trunk, line, says) in cases {
+            let err = with_trunk(trunk).expect_err(trunk);
+            assert!(err.starts_with(&format!("t.toml:{line}: ")), "{trunk:?}: {err}");
+            assert!(err.contains(says), "{trunk:?}: {err}");
+        }
+        let two = format!(
+            "{TRUNK_TENANT}[[tenant.trunk]]\nname = \"c\"\ngateway = \"h\"\n[[tenant.trunk]]\nname = \"c\"\ngateway = \"h\"\n"
+        );
+        let err = Config::parse(&two, "t.toml", PathBuf::new()).expect_err("two trunks named c").to_string();
+        assert!(err.starts_with("t.toml:11: tenant.trunk.name"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_trunk_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/trunk.toml");
+        let config = Config::load(&path).expect("examples/trunk.toml");
+        let trunk = config.tenants[0].trunks[0].get_ref();
+        assert_eq!((trunk.name.as_str(), trunk.gateway.get_ref().as_str()), ("carrier", "127.0.0.1:5070"));
+        assert_eq!(config.api.as_ref().map(|a| a.listen.to_string()), Some("127.0.0.1:8080".to_owned()));
     }
 }

@@ -56,6 +56,9 @@ pub(crate) struct Leg {
     pub dtmf_sink: Option<mpsc::Sender<Dtmf>>,
     /// The leg's own call detail record.
     pub cdr: crate::cdr::CdrDraft,
+    /// A call placed through the API (no flow owns it: its own flow starts on answer) and the
+    /// channels its flow will use.
+    pub origination: Option<(Box<crate::originate::Origination>, crate::sip_server::CallChannels)>,
 }
 
 /// A parsed and resolved `dial` target.
@@ -63,6 +66,61 @@ pub(crate) struct Leg {
 pub(crate) struct Target {
     pub uri: rsip::Uri,
     pub peer: SocketAddr,
+    /// `trunk:NAME/NUMBER`: the tenant's trunk and the number to call through it.
+    pub trunk: Option<(Arc<crate::trunk::Trunk>, String)>,
+}
+
+/// Resolves a `dial` or bridged-`transfer` target: `trunk:NAME/NUMBER` goes through one of
+/// `tenant`'s trunks (its next hop and transport), anything else as [`resolve`] says.
+pub(crate) async fn resolve_for(
+    target: &str,
+    tenant: &str,
+    trunks: &[Arc<crate::trunk::Trunk>],
+) -> Result<Target, CallError> {
+    let Some(rest) = target.strip_prefix("trunk:") else { return resolve(target).await };
+    let bad = |why: String| CallError::InvalidArgument(format!("dial target {target:?}: {why}"));
+    let (name, number) = rest.split_once('/').ok_or_else(|| bad("write trunk:NAME/NUMBER".into()))?;
+    crate::trunk::check_number(number).map_err(bad)?;
+    // Only the tenant's own trunks: a flow cannot dial out through another tenant's account.
+    let trunk = trunks
+        .iter()
+        .find(|t| t.tenant == tenant && t.name == name)
+        .ok_or_else(|| CallError::NotAllowed(format!("the tenant has no trunk {name:?}")))?;
+    let uri = trunk.uri_for(number).map_err(bad)?;
+    let peer = trunk.next_hop().await.map_err(CallError::Unavailable)?;
+    Ok(Target { uri, peer: peer.addr, trunk: Some((Arc::clone(trunk), number.to_owned())) })
+}
+
+/// Whether a flow-supplied header may go out: a token name (RFC 3261 §25.1) that is not one
+/// the user agent writes itself, and a value without control characters (no CR/LF: nothing
+/// can start a header or a body of its own).
+pub(crate) fn check_header(name: &str, value: &str) -> Result<(), CallError> {
+    let token = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-.!%*_+`'~".contains(c));
+    const RESERVED: &[&str] = &[
+        "via",
+        "from",
+        "to",
+        "call-id",
+        "cseq",
+        "contact",
+        "content-length",
+        "content-type",
+        "max-forwards",
+        "route",
+        "record-route",
+        "authorization",
+        "proxy-authorization",
+        "p-asserted-identity",
+    ];
+    if !token || RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+        return Err(CallError::InvalidArgument(format!("header {name:?} cannot be set by a flow")));
+    }
+    if value.chars().any(|c| c.is_control() && c != '\t') || value.len() > 1024 {
+        return Err(CallError::InvalidArgument(format!(
+            "header {name:?}: the value has control characters or is too long"
+        )));
+    }
+    Ok(())
 }
 
 /// Whether `uri` can go into a header as is: nothing that could end or break out of it
@@ -89,7 +147,7 @@ pub(crate) async fn resolve(target: &str) -> Result<Target, CallError> {
         .map_err(|e| CallError::Unavailable(format!("resolving {host}: {e}")))?
         .next()
         .ok_or_else(|| CallError::Unavailable(format!("{host} has no address")))?;
-    Ok(Target { uri, peer })
+    Ok(Target { uri, peer, trunk: None })
 }
 
 /// The flow's view of the outcome of a leg that ended before it was answered

@@ -1,13 +1,15 @@
 //! The `patchbay` binary: loads the configuration, compiles the tenants' flows into the flow
 //! registry and serves calls.
 //!
-//! **Status:** SIP over UDP, TCP and TLS is served (inbound calls routed to flows, outbound test
-//! calls with `patchbay call`) with media (RTP/SRTP, G.711, DTMF, prompts, audio streams,
-//! recording), flows' `dial` (UDP legs, bridged) and `agent` (websocket AI agents), and one CDR
-//! per call. Outbound TLS connections and trunks are not implemented yet, and `patchbay run`
-//! says so.
+//! **Status:** SIP over UDP, TCP and TLS is served (inbound calls routed to flows by domain or
+//! by a trunk's DIDs, outbound test calls with `patchbay call`) with media (RTP/SRTP, G.711,
+//! DTMF, prompts, audio streams, recording), flows' `dial` (UDP legs, or through a tenant's
+//! trunk over UDP/TCP/TLS, bridged) and `agent` (websocket AI agents), carrier trunks
+//! ([`trunk`]: registration, outbound calls with digest and caller ID, caps) with the control
+//! API ([`api`]: `POST /v1/calls`), and one CDR per call.
 
 mod agent;
+mod api;
 mod bench_agent;
 mod bench_media;
 mod call;
@@ -16,10 +18,12 @@ mod cdr;
 mod config;
 mod dial;
 mod media;
+mod originate;
 mod prompts;
 mod recording;
 mod sip_server;
 mod transport;
+mod trunk;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +35,7 @@ use clap::{Parser, Subcommand};
 use patchbay_host::{CompiledFlow, FlowEngine, FlowKey, FlowLimits, FlowRegistry, HostConfig};
 
 use crate::config::{Config, FlowSource, parse_listen};
+use toml::Spanned;
 
 /// Patchbay: a programmable voice runtime. Call flows are WebAssembly components.
 #[derive(Debug, Parser)]
@@ -154,7 +159,26 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
         let all_loaded = load_flows(&config, &engine, &registry).await;
         report(&config, &engine, &registry);
         if serve {
+            let mut trunks = Vec::new();
+            for tenant in &config.tenants {
+                for trunk in &tenant.trunks {
+                    let built = trunk::Trunk::new(&tenant.id, trunk.get_ref(), &config.base_dir)
+                        .with_context(|| format!("tenant {:?} trunk {:?}", tenant.id, trunk.get_ref().name))?;
+                    trunks.push(Arc::new(built));
+                }
+            }
+            let registrations = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+            let tenant_slots: std::collections::HashMap<String, Arc<tokio::sync::Semaphore>> = config
+                .tenants
+                .iter()
+                .filter_map(|t| Some((t.id.clone(), Arc::new(tokio::sync::Semaphore::new(t.max_calls? as usize)))))
+                .collect();
+            let originations = Arc::new(originate::Originations::default());
             let routing = Arc::new(sip_server::Routing {
+                trunks: trunks.clone(),
+                originations: Arc::clone(&originations),
+                registrations: Arc::clone(&registrations),
+                tenant_slots: tenant_slots.clone(),
                 kv: config
                     .tenants
                     .iter()
@@ -271,10 +295,64 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                 tokio::spawn(agent.serve(listener));
             }
             let cdrs = routing.cdr.clone();
+            let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
+            // Each trunk's gate releases its queued originations; a tenant's cap on calls up at
+            // once is shared by its trunks.
+            for trunk in &trunks {
+                tokio::spawn(Arc::clone(&trunk.gate).run(tenant_slots.get(&trunk.tenant).cloned()));
+            }
+            // TCP/TLS trunks: keep-alives on the connections we open (RFC 5626 §3.5.1), and for
+            // TLS the name the gateway's certificate must carry.
+            for trunk in trunks.iter().filter(|t| t.transport != config::TrunkTransport::Udp) {
+                let peer = match trunk.next_hop().await {
+                    Ok(peer) => peer,
+                    Err(e) => {
+                        tracing::warn!(trunk = %trunk.name, "{e}");
+                        continue;
+                    }
+                };
+                streams.set_keepalive(peer.addr, trunk.keepalive);
+                if let Some(tls) = trunk.tls.clone() {
+                    match trunk.tls_server_name() {
+                        Some(name) => streams.add_tls_route(peer.addr, name, tls),
+                        None => {
+                            tracing::warn!(trunk = %trunk.name, "TLS trunk: the gateway is not a valid TLS server name")
+                        }
+                    }
+                }
+            }
+            if let Some(api) = &config.api {
+                let listener = tokio::net::TcpListener::bind(api.listen)
+                    .await
+                    .with_context(|| format!("binding the control API on {}", api.listen))?;
+                let state = Arc::new(api::ApiState {
+                    admin: api.admin_token.as_ref().map(|t| api::token_digest(t.expose())),
+                    tenant_tokens: config
+                        .tenants
+                        .iter()
+                        .filter_map(|t| Some((api::token_digest(t.api_token.as_ref()?.expose()), t.id.clone())))
+                        .collect(),
+                    trunks: trunks.iter().map(|t| ((t.tenant.clone(), t.name.clone()), Arc::clone(t))).collect(),
+                    registry: Arc::clone(&registry),
+                    flow_vars: routing.flow_vars.clone(),
+                    originations,
+                    commands: commands.clone(),
+                    cdr: routing.cdr.clone(),
+                    registrations,
+                });
+                tokio::spawn(api::serve(listener, state));
+            }
             let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
             if let Some(contact) = contact {
-                let endpoint =
-                    sip_server::run_endpoint(contact, inbound_rx, outbound, engine, registry, routing, shutdown_rx);
+                let endpoint = sip_server::run_endpoint(
+                    contact,
+                    inbound_rx,
+                    outbound,
+                    engine,
+                    registry,
+                    routing,
+                    sip_server::EndpointControl { commands, command_rx, shutdown: shutdown_rx },
+                );
                 tokio::spawn(endpoint);
             }
             wait_for_shutdown().await;
@@ -362,7 +440,23 @@ fn report(config: &Config, engine: &FlowEngine, registry: &FlowRegistry) {
         println!("external address for SDP and Contact: {ip}");
     }
     let served: Vec<_> = listeners.iter().map(|l| format!("{}:{}", l.transport, l.addr)).collect();
-    println!("SIP on {} (outbound TLS connections are not implemented yet).", served.join(", "));
+    println!("SIP on {}.", served.join(", "));
+    for tenant in &config.tenants {
+        for trunk in tenant.trunks.iter().map(Spanned::get_ref) {
+            println!(
+                "  tenant {:<8} trunk {:<8} {} over {}{}{}",
+                tenant.id,
+                trunk.name,
+                trunk.gateway.get_ref(),
+                format!("{:?}", trunk.transport).to_lowercase(),
+                if trunk.register { ", registering" } else { "" },
+                if trunk.dids.is_empty() { String::new() } else { format!(", {} DIDs", trunk.dids.len()) },
+            );
+        }
+    }
+    if let Some(api) = &config.api {
+        println!("control API on http://{}/v1/ (see docs/api.md)", api.listen);
+    }
     println!(
         "Media: G.711 (PCMU/PCMA) over RTP or SRTP (SDES), RFC 4733 / in-band / SIP INFO DTMF, prompts, recording, \
          dial + bridge (UDP), AI agents over websockets (Twilio Media Streams), paced on one clock."

@@ -66,6 +66,21 @@ pub struct Routing {
     pub flow_vars: HashMap<(String, String), std::collections::BTreeMap<String, String>>,
     /// Tenants' recordings: `storage/<tenant>/recordings/`.
     pub storage: std::path::PathBuf,
+    /// Every tenant's carrier trunks.
+    pub trunks: Vec<Arc<crate::trunk::Trunk>>,
+    /// Calls placed through the API, and their progress.
+    pub originations: Arc<crate::originate::Originations>,
+    /// Each capped tenant's call slots (`max_calls`).
+    pub tenant_slots: HashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// Each registering trunk's state, by (tenant, trunk), for the API.
+    pub registrations: Arc<std::sync::Mutex<HashMap<(String, String), String>>>,
+}
+
+impl Routing {
+    /// The per-call flow limits of `tenant`.
+    pub fn tenant_limits(&self, tenant: &str) -> patchbay_host::FlowLimits {
+        self.tenants.iter().find(|(id, _, _)| id == tenant).map(|(_, _, limits)| *limits).unwrap_or_default()
+    }
 }
 
 /// Key presses (SIP INFO) queued for a flow that has not read them yet; more are dropped.
@@ -179,7 +194,7 @@ pub(crate) enum Command {
     /// Place an outbound leg for the call's flow.
     Dial {
         call: CallRef,
-        target: crate::dial::Target,
+        target: Box<crate::dial::Target>,
         caller_id: Option<String>,
         headers: Vec<Header>,
         events: mpsc::UnboundedSender<LegEvent>,
@@ -191,6 +206,22 @@ pub(crate) enum Command {
         /// For the leg's record: why, and on whose behalf.
         reason: &'static str,
         by: &'static str,
+    },
+    /// Place a call through a trunk for the API; its flow runs on answer.
+    Originate {
+        origination: Box<crate::originate::Origination>,
+        peer: patchbay_sip::transaction::Peer,
+    },
+    /// An origination that could not be placed (its trunk's address did not resolve).
+    OriginationFailed {
+        origination: Box<crate::originate::Origination>,
+        reason: String,
+    },
+    /// Cancel or hang up a call placed through the API.
+    HangupOrigination {
+        id: String,
+        /// `canceled` (the API) or `no-answer` (the ring timeout).
+        reason: &'static str,
     },
     /// Hang up every call and report when their records are written (or the grace is over).
     Shutdown {
@@ -216,6 +247,10 @@ struct LiveCall {
     played: watch::Sender<u64>,
     /// The call's record, filled as it goes.
     cdr: CdrDraft,
+    /// For a call placed through the API: its id (its progress is reported there).
+    origination: Option<String>,
+    /// The tenant's and trunk's call slots it holds while it is up.
+    _slots: crate::trunk::CallSlots,
 }
 
 impl LiveCall {
@@ -313,8 +348,9 @@ pub async fn run_endpoint(
     engine: Arc<FlowEngine>,
     registry: Arc<FlowRegistry>,
     routing: Arc<Routing>,
-    mut shutdown: oneshot::Receiver<oneshot::Sender<()>>,
+    control: EndpointControl,
 ) {
+    let EndpointControl { commands, mut command_rx, mut shutdown } = control;
     let contact_host = match routing.external_ip {
         Some(ip) => SocketAddr::new(ip, contact.port()).to_string(),
         None => contact.to_string(),
@@ -326,20 +362,30 @@ pub async fn run_endpoint(
         timers: TimerConfig::default(),
         seed,
     });
-    let (commands, mut command_rx) = mpsc::unbounded_channel::<Command>();
     let mut endpoint = Endpoint {
         ua,
         calls: HashMap::new(),
         ending: HashMap::new(),
         legs: HashMap::new(),
+        origination_calls: HashMap::new(),
         digest: HashMap::new(),
         engine,
         registry,
         routing,
         commands,
         shutdown: None,
+        registrations: HashMap::new(),
     };
+    endpoint.register_trunks().await;
     loop {
+        // What the last input (or the trunks' first REGISTERs) made the user agent send.
+        while let Some(output) = endpoint.ua.poll_output() {
+            match output {
+                UaOutput::Transmit { peer, message } => outbound.send(peer, message.to_string().into_bytes()).await,
+                UaOutput::Event(event) => endpoint.on_event(event),
+            }
+        }
+        endpoint.check_shutdown_done();
         let deadline = endpoint.ua.poll_timeout().map(tokio::time::Instant::from_std);
         let grace = endpoint.shutdown.as_ref().map(|(_, at)| tokio::time::Instant::from_std(*at));
         tokio::select! {
@@ -360,14 +406,18 @@ pub async fn run_endpoint(
                 endpoint.shutdown_grace_over();
             }
         }
-        while let Some(output) = endpoint.ua.poll_output() {
-            match output {
-                UaOutput::Transmit { peer, message } => outbound.send(peer, message.to_string().into_bytes()).await,
-                UaOutput::Event(event) => endpoint.on_event(event),
-            }
-        }
-        endpoint.check_shutdown_done();
     }
+}
+
+/// How the rest of the process steers the endpoint: calls' and the API's commands, and the
+/// shutdown request (answered once every call's record is written).
+pub struct EndpointControl {
+    /// For call tasks and the API.
+    pub commands: mpsc::UnboundedSender<Command>,
+    /// The endpoint's end of it.
+    pub command_rx: mpsc::UnboundedReceiver<Command>,
+    /// Brings the sender to report on once shutdown is over.
+    pub shutdown: oneshot::Receiver<oneshot::Sender<()>>,
 }
 
 /// How long shutdown waits for calls to end (BYE answered, flows unwound) before writing the
@@ -380,8 +430,10 @@ struct Endpoint {
     calls: HashMap<CallRef, LiveCall>,
     /// Records of calls whose SIP side has ended while their flow is still unwinding.
     ending: HashMap<CallRef, CdrDraft>,
-    /// Outbound legs placed by flows' `dial`.
+    /// Outbound legs placed by flows' `dial`, and calls placed through the API until answered.
     legs: HashMap<CallRef, Leg>,
+    /// Calls placed through the API: id → call.
+    origination_calls: HashMap<String, CallRef>,
     digest: HashMap<String, DigestServer>,
     engine: Arc<FlowEngine>,
     registry: Arc<FlowRegistry>,
@@ -389,9 +441,48 @@ struct Endpoint {
     commands: mpsc::UnboundedSender<Command>,
     /// Set by `Command::Shutdown`: whom to tell, and when to stop waiting.
     shutdown: Option<(oneshot::Sender<()>, std::time::Instant)>,
+    /// Trunks' registrations: which (tenant, trunk) each is.
+    registrations: HashMap<patchbay_sip::ua::RegRef, (String, String)>,
 }
 
 impl Endpoint {
+    /// Starts the registration of every trunk that registers (RFC 3261 §10); the user agent
+    /// keeps them fresh and reports each change as [`UaEvent::Registration`].
+    async fn register_trunks(&mut self) {
+        let trunks: Vec<_> = self.routing.trunks.iter().filter(|t| t.register_expires.is_some()).cloned().collect();
+        for trunk in trunks {
+            let key = (trunk.tenant.clone(), trunk.name.clone());
+            let set_state = |state: String| {
+                let mut states = self.routing.registrations.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                states.insert(key.clone(), state);
+            };
+            let peer = match trunk.next_hop().await {
+                Ok(peer) => peer,
+                Err(e) => {
+                    tracing::warn!(tenant = %trunk.tenant, trunk = %trunk.name, "not registering: {e}");
+                    set_state(format!("failed: {e}"));
+                    continue;
+                }
+            };
+            let (Ok(registrar), Some(aor), Some(user)) = (trunk.registrar_uri(), trunk.aor(), trunk.username()) else {
+                set_state("failed: the trunk's registrar, address of record or user name is not valid".into());
+                continue;
+            };
+            let register = patchbay_sip::ua::Register {
+                peer,
+                registrar,
+                aor,
+                contact_user: user.to_owned(),
+                expires: trunk.register_expires.unwrap_or(3600),
+                credentials: trunk.digest_client(),
+            };
+            let reg = self.ua.register(std::time::Instant::now(), register);
+            tracing::info!(tenant = %trunk.tenant, trunk = %trunk.name, to = %peer.addr, "registering");
+            set_state("registering".into());
+            self.registrations.insert(reg, key);
+        }
+    }
+
     fn on_command(&mut self, command: Command) {
         let now = std::time::Instant::now();
         let ua = &mut self.ua;
@@ -453,7 +544,7 @@ impl Endpoint {
                 }
             }
             Command::Dial { call, target, caller_id, headers, events, reply } => {
-                let result = self.dial(now, call, target, caller_id, headers, events);
+                let result = self.dial(now, call, *target, caller_id, headers, events);
                 let _ = reply.send(result);
             }
             Command::HangupLeg { leg, reason, by } => {
@@ -464,8 +555,18 @@ impl Endpoint {
                     tracing::debug!(?leg, "leg hangup: {e}");
                 }
             }
+            Command::Originate { origination, peer } => self.originate(now, origination, peer),
+            Command::OriginationFailed { origination, reason } => self.origination_failed(&origination.id, reason),
+            Command::HangupOrigination { id, reason } => self.hangup_origination(now, &id, reason),
             Command::Shutdown { done } => {
                 tracing::info!(calls = self.calls.len(), "shutting down: hanging up every call");
+                // Take our bindings off the carriers' registrars (RFC 3261 §10.2.2).
+                let registrations: Vec<_> = self.registrations.keys().copied().collect();
+                for reg in registrations {
+                    if let Err(e) = self.ua.unregister(now, reg) {
+                        tracing::debug!(?reg, "unregister: {e}");
+                    }
+                }
                 let live: Vec<CallRef> = self.calls.keys().copied().collect();
                 for call in live {
                     if let Some(live) = self.calls.get_mut(&call) {
@@ -495,39 +596,71 @@ impl Endpoint {
         let bind = rtp.local_addr().map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
         let mut local = patchbay_sip::sdp::LocalMedia::new(bind, self.routing.external_ip, random_u64(0xd1a1), 1);
         local.ptime = self.routing.ptime_ms;
+        if let Some((trunk, _)) = &target.trunk {
+            local.codecs.clone_from(&trunk.codecs);
+            local.srtp = match trunk.srtp {
+                crate::config::SrtpMode::Off => patchbay_sip::sdp::SrtpPolicy::Off,
+                crate::config::SrtpMode::Optional => patchbay_sip::sdp::SrtpPolicy::Offer(sdes_key()),
+                crate::config::SrtpMode::Mandatory => patchbay_sip::sdp::SrtpPolicy::Require(sdes_key()),
+            };
+        }
         if live.media.as_ref().is_some_and(|(_, n)| n.codec.codec == patchbay_sip::sdp::AudioCodec::Pcma) {
-            local.codecs.reverse();
+            // The caller's codec first, so the bridge need not convert.
+            local.codecs.sort_by_key(|c| *c != patchbay_sip::sdp::AudioCodec::Pcma);
         }
         let offer =
             patchbay_sip::sdp::offer(&local).map_err(|e| CallError::Unavailable(format!("building the offer: {e}")))?;
-        let from_uri = match caller_id {
-            Some(id) if id.starts_with("sip:") || id.starts_with("sips:") => id,
-            Some(id) => format!("sip:{id}@{}", self.ua.contact_host()),
-            None => live
-                .invite
-                .from_header()
-                .ok()
-                .and_then(|f| f.uri().ok())
-                .map_or_else(|| format!("sip:patchbay@{}", self.ua.contact_host()), |u| u.to_string()),
+        let headers: Vec<rsip::Header> = headers.into_iter().map(|h| rsip::Header::Other(h.name, h.value)).collect();
+        let (dial, from_uri) = match &target.trunk {
+            Some((trunk, number)) => {
+                // RFC 3325: the caller ID goes out only when the tenant may present it.
+                let id = trunk
+                    .caller_id(caller_id.as_deref())
+                    .map_err(|e| CallError::NotAllowed(format!("caller-id-not-allowed: {e}")))?;
+                let peer = patchbay_sip::transaction::Peer { transport: trunk.sip_transport(), addr: target.peer };
+                let dial = trunk
+                    .dial(peer, number, &id, None, offer.clone().into_bytes(), headers)
+                    .map_err(CallError::InvalidArgument)?;
+                (dial, trunk.identity(&id))
+            }
+            None => {
+                let from_uri = match caller_id {
+                    Some(id) if id.starts_with("sip:") || id.starts_with("sips:") => {
+                        if !crate::dial::is_plain_uri(&id) || rsip::Uri::try_from(id.as_str()).is_err() {
+                            return Err(CallError::InvalidArgument(format!("caller ID {id:?} is not a plain SIP URI")));
+                        }
+                        id
+                    }
+                    Some(id) => {
+                        crate::trunk::check_caller_id(&id).map_err(CallError::InvalidArgument)?;
+                        format!("sip:{id}@{}", self.ua.contact_host())
+                    }
+                    None => live
+                        .invite
+                        .from_header()
+                        .ok()
+                        .and_then(|f| f.uri().ok())
+                        .map_or_else(|| format!("sip:patchbay@{}", self.ua.contact_host()), |u| u.to_string()),
+                };
+                let peer = patchbay_sip::transaction::Peer {
+                    transport: patchbay_sip::transaction::Transport::Udp,
+                    addr: target.peer,
+                };
+                let dial = patchbay_sip::ua::Dial {
+                    peer,
+                    target: target.uri.clone(),
+                    from: format!("<{from_uri}>"),
+                    to: None,
+                    sdp: offer.clone().into_bytes(),
+                    credentials: None,
+                    headers,
+                };
+                (dial, from_uri)
+            }
         };
         // The leg's record, billed to the flow that places it (its Call-ID is set below).
         let mut cdr = live.cdr.leg("", &from_uri, &target.uri.to_string());
-        let from = format!("<{from_uri}>");
-        let headers = headers.into_iter().map(|h| rsip::Header::Other(h.name, h.value)).collect();
-        let peer =
-            patchbay_sip::transaction::Peer { transport: patchbay_sip::transaction::Transport::Udp, addr: target.peer };
-        let leg = self.ua.dial(
-            now,
-            patchbay_sip::ua::Dial {
-                peer,
-                target: target.uri,
-                from,
-                to: None,
-                sdp: offer.clone().into_bytes(),
-                credentials: None,
-                headers,
-            },
-        );
+        let leg = self.ua.dial(now, dial);
         tracing::info!(call = ?owner, ?leg, to = %target.peer, "dialling");
         cdr.set_call_id(self.ua.call_id(leg).unwrap_or_default());
         self.legs.insert(
@@ -543,9 +676,113 @@ impl Endpoint {
                 dtmf: None,
                 dtmf_sink: None,
                 cdr,
+                origination: None,
             },
         );
         Ok(leg)
+    }
+
+    /// Places a call through a trunk for the API: RTP ports, an offer with the trunk's codecs
+    /// and SRTP setting, the INVITE with its caller ID and credentials, and a ring timeout.
+    fn originate(
+        &mut self,
+        now: std::time::Instant,
+        origination: Box<crate::originate::Origination>,
+        peer: patchbay_sip::transaction::Peer,
+    ) {
+        let trunk = Arc::clone(&origination.trunk);
+        let flow = match self.registry.get(&trunk.tenant, &origination.flow) {
+            Ok(flow) => flow,
+            Err(e) => return self.origination_failed(&origination.id, format!("{e}")),
+        };
+        let sockets = crate::media::bind_rtp_pair(self.routing.rtp_bind);
+        let Ok((rtp, rtcp)) = sockets else { return self.origination_failed(&origination.id, "no RTP port".into()) };
+        let Ok(bind) = rtp.local_addr() else { return self.origination_failed(&origination.id, "no RTP port".into()) };
+        let mut local = patchbay_sip::sdp::LocalMedia::new(bind, self.routing.external_ip, random_u64(0x0419), 1);
+        local.ptime = self.routing.ptime_ms;
+        local.codecs.clone_from(&trunk.codecs);
+        local.srtp = match trunk.srtp {
+            crate::config::SrtpMode::Off => patchbay_sip::sdp::SrtpPolicy::Off,
+            crate::config::SrtpMode::Optional => patchbay_sip::sdp::SrtpPolicy::Offer(sdes_key()),
+            crate::config::SrtpMode::Mandatory => patchbay_sip::sdp::SrtpPolicy::Require(sdes_key()),
+        };
+        let offer = match patchbay_sip::sdp::offer(&local) {
+            Ok(offer) => offer,
+            Err(e) => return self.origination_failed(&origination.id, format!("building the offer: {e}")),
+        };
+        let dial = match trunk.dial(
+            peer,
+            &origination.to,
+            &origination.caller_id,
+            None,
+            offer.clone().into_bytes(),
+            Vec::new(),
+        ) {
+            Ok(dial) => dial,
+            Err(e) => return self.origination_failed(&origination.id, e),
+        };
+        let (from, to) = (trunk.identity(&origination.caller_id), dial.target.to_string());
+        let leg = self.ua.dial(now, dial);
+        let call_id = self.ua.call_id(leg).unwrap_or_default().to_owned();
+        tracing::info!(id = %origination.id, ?leg, trunk = %trunk.name, to = %peer.addr, "originating");
+        let info = CallInfo {
+            call_id,
+            tenant: trunk.tenant.clone(),
+            flow: origination.flow.clone(),
+            from,
+            to,
+            direction: Direction::Outbound,
+            headers: Vec::new(),
+        };
+        let mut cdr = CdrDraft::new(&info, flow.version());
+        cdr.set_id(&origination.id);
+        self.origination_calls.insert(origination.id.clone(), leg);
+        let (commands, id, ring) = (self.commands.clone(), origination.id.clone(), origination.ring_timeout);
+        tokio::spawn(async move {
+            tokio::time::sleep(ring).await;
+            let _ = commands.send(Command::HangupOrigination { id, reason: "no-answer" });
+        });
+        self.legs.insert(
+            leg,
+            Leg {
+                owner: leg,
+                events: mpsc::unbounded_channel().0,
+                offer,
+                local: Some(local),
+                agreed: None,
+                sockets: Some((rtp, rtcp)),
+                media: None,
+                dtmf: None,
+                dtmf_sink: None,
+                cdr,
+                origination: Some((origination, CallChannels::new())),
+            },
+        );
+    }
+
+    /// An origination that never went out: its status and its record say why.
+    fn origination_failed(&mut self, id: &str, reason: String) {
+        tracing::warn!(id, "origination failed: {reason}");
+        let status = crate::originate::CallStatus::Failed;
+        if let Some(view) = self.routing.originations.update(id, status, None, Some(reason)) {
+            crate::api::write_refused(&self.routing.cdr, &view, "failed");
+        }
+    }
+
+    /// Cancels (before answer) or hangs up (after) a call placed through the API.
+    fn hangup_origination(&mut self, now: std::time::Instant, id: &str, reason: &'static str) {
+        let Some(&call) = self.origination_calls.get(id) else { return };
+        if let Some(leg) = self.legs.get_mut(&call) {
+            leg.cdr.ending(reason, if reason == "canceled" { "api" } else { "patchbay" });
+            if let Err(e) = self.ua.hangup(now, call) {
+                tracing::debug!(?call, "canceling the origination: {e}");
+            }
+        } else if reason == "canceled" && self.calls.contains_key(&call) {
+            if let Some(live) = self.calls.get_mut(&call) {
+                live.cdr.ending("api-hangup", "api");
+            }
+            self.bye(now, call);
+        }
     }
 
     /// Ends a call from our side: BYE once answered (the session is over for us at once, RFC
@@ -554,7 +791,7 @@ impl Endpoint {
         let answered = self.calls.get(&call).is_some_and(|live| live.media.is_some());
         match self.ua.hangup(now, call) {
             Ok(()) if answered => {
-                call_ended(&mut self.calls, &mut self.ending, &self.routing.cdr, call, EndCause::LocalBye);
+                call_ended(&mut self.calls, &mut self.ending, &self.routing, call, EndCause::LocalBye);
                 hangup_legs(&mut self.ua, &mut self.legs, call, now);
             }
             Ok(()) => {}
@@ -628,12 +865,7 @@ fn answer(
     // Accept RFC 3389 comfort noise when offered: silence then goes out as CN packets.
     local.comfort_noise = true;
     if routing.srtp {
-        let mut key = [0u8; 30];
-        for (chunk, i) in key.chunks_mut(8).zip(0u64..) {
-            let random = random_u64(i);
-            chunk.copy_from_slice(&random.to_le_bytes()[..chunk.len()]);
-        }
-        local.srtp = patchbay_sip::sdp::SrtpPolicy::Offer(patchbay_sip::sdp::SdesKey(key));
+        local.srtp = patchbay_sip::sdp::SrtpPolicy::Offer(sdes_key());
     }
     match patchbay_sip::sdp::answer(&offer, &local) {
         Ok(negotiated) => {
@@ -676,6 +908,15 @@ pub(crate) fn random_u64(salt: u64) -> u64 {
     std::collections::hash_map::RandomState::new().hash_one((salt, n))
 }
 
+/// A fresh SDES master key and salt (RFC 4568 §6.1) from the OS's CSPRNG.
+fn sdes_key() -> patchbay_sip::sdp::SdesKey {
+    let mut key = [0u8; 30];
+    if let Err(e) = getrandom::fill(&mut key) {
+        tracing::error!("no randomness from the OS for an SRTP key: {e}");
+    }
+    patchbay_sip::sdp::SdesKey(key)
+}
+
 /// The media session for what was negotiated.
 fn media_session(negotiated: &patchbay_sip::sdp::Negotiated, ptime_ms: u16, routing: &Routing) -> MediaSession {
     crate::media::session_for(negotiated, ptime_ms, routing.media.pool(), routing.rtp_timeout, random_u64(0x5eed))
@@ -683,32 +924,71 @@ fn media_session(negotiated: &patchbay_sip::sdp::Negotiated, ptime_ms: u16, rout
 
 impl Endpoint {
     fn on_event(&mut self, event: UaEvent) {
-        let Self { ua, calls, ending, legs, digest, engine, registry, routing, commands, .. } = self;
+        let Self {
+            ua,
+            calls,
+            ending,
+            legs,
+            origination_calls,
+            digest,
+            engine,
+            registry,
+            routing,
+            commands,
+            registrations,
+            ..
+        } = self;
         let now = std::time::Instant::now();
         match event {
             UaEvent::IncomingCall { call, peer, request } => {
                 let host = request.uri.host_with_port.host.to_string();
-                let user = request.uri.auth.as_ref().map(|a| a.user.clone()).unwrap_or_default();
-                let tenant = routing
-                    .tenants
-                    .iter()
-                    .find(|(_, domains, _)| domains.iter().any(|d| d.eq_ignore_ascii_case(&host)));
+                let uri_user = request.uri.auth.as_ref().map(|a| a.user.clone()).unwrap_or_default();
+                // A carrier's call to one of a trunk's numbers (DIDs): by the request-URI's user,
+                // else the To header's (carriers differ in which carries the dialled number).
+                let to_user = request.to_header().ok().and_then(|t| t.uri().ok()).and_then(|u| u.auth).map(|a| a.user);
+                let did = routing.trunks.iter().find_map(|trunk| {
+                    [Some(&uri_user), to_user.as_ref()]
+                        .into_iter()
+                        .flatten()
+                        .find_map(|number| trunk.dids.get(number))
+                        .map(|flow| (trunk, flow.clone()))
+                });
+                let (tenant_id, user) = match &did {
+                    Some((trunk, flow)) => (Some(trunk.tenant.as_str()), flow.clone()),
+                    None => (None, uri_user.clone()),
+                };
+                // A trunk's source addresses are trusted for its own DIDs only.
+                let trusted_trunk = did.as_ref().filter(|(trunk, _)| trunk.trusts(peer.addr.ip())).map(|(t, _)| t);
+                let tenant = routing.tenants.iter().find(|(id, domains, _)| match tenant_id {
+                    Some(tenant_id) => id == tenant_id,
+                    None => domains.iter().any(|d| d.eq_ignore_ascii_case(&host)),
+                });
                 let Some((tenant, _, limits)) = tenant else {
                     tracing::info!(?call, %host, "no tenant serves this domain");
                     let _ = ua.reject(now, call, 404);
                     return;
                 };
+                // RFC 3325 §9.1: P-Asserted-Identity is believed only from a trusted element — here
+                // the trunk the DID belongs to, calling from its own address.
+                let asserted = trusted_trunk.and_then(|_| {
+                    request.headers.iter().find_map(|h| match h {
+                        rsip::Header::Other(name, value) if name.eq_ignore_ascii_case("P-Asserted-Identity") => {
+                            let value = value.trim();
+                            let uri =
+                                value.split_once('<').and_then(|(_, r)| r.split_once('>')).map_or(value, |(u, _)| u);
+                            rsip::Uri::try_from(uri).ok().map(|u| u.to_string())
+                        }
+                        _ => None,
+                    })
+                });
                 // Built only for a call that gets this far: not for a digest challenge (407).
                 let call_info = || CallInfo {
                     call_id: request.call_id_header().map(|h| h.value().to_owned()).unwrap_or_default(),
                     tenant: tenant.clone(),
                     flow: user.clone(),
-                    from: request
-                        .from_header()
-                        .ok()
-                        .and_then(|f| f.uri().ok())
-                        .map(|u| u.to_string())
-                        .unwrap_or_default(),
+                    from: asserted.clone().unwrap_or_else(|| {
+                        request.from_header().ok().and_then(|f| f.uri().ok()).map(|u| u.to_string()).unwrap_or_default()
+                    }),
                     to: request.uri.to_string(),
                     direction: Direction::Inbound,
                     headers: request
@@ -732,15 +1012,41 @@ impl Endpoint {
                         routing.cdr.write(cdr);
                     }
                 };
-                if let Some(auth) = routing.auth.get(tenant)
-                    && let Err((status, headers)) = authenticate(digest, auth, tenant, peer.addr, &request)
-                {
-                    let _ = ua.reject_with(now, call, status, &headers);
-                    if status == 403 {
-                        refused("auth-failed", status);
+                match (routing.auth.get(tenant), trusted_trunk) {
+                    // The carrier calling its own DIDs from its own address.
+                    (_, Some(_)) => {}
+                    (Some(auth), None) => {
+                        if let Err((status, headers)) = authenticate(digest, auth, tenant, peer.addr, &request) {
+                            let _ = ua.reject_with(now, call, status, &headers);
+                            if status == 403 {
+                                refused("auth-failed", status);
+                            }
+                            return;
+                        }
                     }
-                    return;
+                    // A trunk's number called from elsewhere, and no credentials to challenge
+                    // with: only the carrier may reach it.
+                    (None, None) if did.is_some() => {
+                        tracing::info!(?call, from = %peer.addr, "a DID called from outside its trunk's addresses: refused");
+                        let _ = ua.reject(now, call, 403);
+                        refused("untrusted-source", 403);
+                        return;
+                    }
+                    (None, None) => {}
                 }
+                // The tenant's cap on calls up at once (RFC 3261 §21.5.4: 503 with Retry-After).
+                let slots = match routing.tenant_slots.get(tenant) {
+                    Some(slots) => match Arc::clone(slots).try_acquire_owned() {
+                        Ok(slot) => crate::trunk::CallSlots::from(slot),
+                        Err(_) => {
+                            let retry = [rsip::Header::RetryAfter("5".into())];
+                            let _ = ua.reject_with(now, call, 503, &retry);
+                            refused("tenant-busy", 503);
+                            return;
+                        }
+                    },
+                    None => crate::trunk::CallSlots::default(),
+                };
                 let flow = match registry.get(tenant, &user) {
                     Ok(flow) => flow,
                     Err(e) => {
@@ -751,9 +1057,6 @@ impl Endpoint {
                     }
                 };
                 let _ = ua.ring(now, call);
-                let (ended, ended_rx) = watch::channel(false);
-                // Bounded: a flow that never reads key presses must not let a peer grow this queue.
-                let (dtmf, dtmf_rx) = mpsc::channel(DTMF_QUEUE);
                 let info = call_info();
                 tracing::info!(?call, from = %peer.addr, tenant = %info.tenant, flow = %info.flow, version = &flow.version()[..12], "call started");
                 // RFC 3261 §20.5: no Allow says nothing about REFER; an Allow without it says no.
@@ -767,85 +1070,69 @@ impl Endpoint {
                     .collect();
                 let refer = allows.is_empty()
                     || allows.iter().flat_map(|v| v.split(',')).any(|m| m.trim().eq_ignore_ascii_case("REFER"));
-                let rtp_session: MediaSlot = Arc::default();
-                let (played, played_rx) = watch::channel(0);
-                calls.insert(
-                    call,
-                    LiveCall {
-                        ended,
-                        dtmf,
-                        invite: *request,
-                        media: None,
-                        transfer: None,
-                        rtp_session: Arc::clone(&rtp_session),
-                        played,
-                        cdr: CdrDraft::new(&info, flow.version()),
-                    },
-                );
-                let prompts = routing.prompts.get(tenant).cloned().unwrap_or_else(|| Arc::new(PromptStore::new(None)));
-                let control = Arc::new(SipCall::new(
+                let vars = routing.flow_vars.get(&(tenant.clone(), user.clone())).cloned().unwrap_or_default();
+                let cdr = CdrDraft::new(&info, flow.version());
+                let start = FlowStart {
                     call,
                     info,
-                    commands.clone(),
-                    ended_rx,
-                    dtmf_rx,
-                    rtp_session,
-                    played_rx,
-                    prompts,
-                    Arc::clone(routing),
+                    flow,
+                    limits: *limits,
+                    vars,
                     refer,
-                ));
-                let (engine, commands, limits) = (Arc::clone(engine), commands.clone(), *limits);
-                let vars = routing.flow_vars.get(&(tenant.clone(), user.clone())).cloned().unwrap_or_default();
-                let kv: Arc<dyn patchbay_host::KvStore> = match routing.kv.get(tenant) {
-                    Some(kv) => Arc::clone(kv) as Arc<dyn patchbay_host::KvStore>,
-                    None => Arc::new(MemoryKv::new(TENANT_KV_QUOTA)),
+                    invite: *request,
+                    media: None,
+                    cdr,
+                    origination: None,
+                    slots,
                 };
-                tokio::spawn(async move {
-                    let flow_call = FlowCall { control, kv, vars, limits: Some(limits) };
-                    // Run in its own task: should the host panic inside it, the call still gets
-                    // its FlowDone (and so its hang-up and its record).
-                    let exit = match tokio::spawn(async move { engine.run(&flow, flow_call).await }).await {
-                        Ok(exit) => exit,
-                        Err(e) => {
-                            tracing::error!(?call, "the flow's task failed: {e}");
-                            let detail = Some(e.to_string());
-                            let end = FlowEnd { outcome: "host-error", detail, vars: Default::default() };
-                            let _ = commands.send(Command::FlowDone { call, end });
-                            return;
-                        }
-                    };
-                    let detail = match &exit.outcome {
-                        FlowOutcome::Completed => None,
-                        FlowOutcome::Failed(FlowError::Failed(message)) => Some(message.clone()),
-                        other => Some(format!("{other:?}")),
-                    };
-                    match &detail {
-                        None => tracing::info!(?call, cause = exit.outcome.cause(), "flow ended"),
-                        Some(detail) => tracing::info!(?call, cause = exit.outcome.cause(), "flow ended: {detail}"),
-                    }
-                    let end = FlowEnd { outcome: exit.outcome.cause(), detail, vars: exit.vars };
-                    let _ = commands.send(Command::FlowDone { call, end });
-                });
+                start_flow(calls, routing, engine, commands, start);
             }
             UaEvent::Confirmed { call } => tracing::debug!(?call, "call confirmed (ACK)"),
+            UaEvent::Registration { reg, state } => {
+                let Some((tenant, trunk)) = registrations.get(&reg) else { return };
+                let shown = state.display_at(now).to_string();
+                match &state {
+                    patchbay_sip::ua::RegistrationState::Failed { .. } => {
+                        tracing::warn!(%tenant, %trunk, "trunk registration {shown}");
+                    }
+                    _ => tracing::info!(%tenant, %trunk, "trunk registration {shown}"),
+                }
+                let mut states = routing.registrations.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                states.insert((tenant.clone(), trunk.clone()), shown);
+            }
             // Outbound legs' progress and answer (flows' `dial`); our own re-INVITEs are not
             // sent by the server yet.
             UaEvent::Progress { call, status, sdp } => {
                 let Some(leg) = legs.get_mut(&call) else { return };
+                if let Some((origination, _)) = &leg.origination {
+                    // No flow listens before the answer: early media is reported, not played.
+                    let state = if sdp.is_some() {
+                        crate::originate::CallStatus::EarlyMedia
+                    } else {
+                        crate::originate::CallStatus::Ringing
+                    };
+                    routing.originations.update(&origination.id, state, None, None);
+                    return;
+                }
                 tracing::debug!(?call, status, early_media = sdp.is_some(), "outbound leg progress");
                 let early = match sdp {
-                    Some(sdp) if leg.media.is_none() => start_leg_media(leg, call, &sdp, routing, commands, true),
+                    Some(sdp) if leg.media.is_none() => start_leg_media(leg, call, &sdp, routing, commands, true, None),
                     _ => None,
                 };
                 let _ = leg.events.send(LegEvent::Progress { status, early });
             }
             UaEvent::Answered { call, sdp } => {
+                if legs.get(&call).is_some_and(|leg| leg.origination.is_some()) {
+                    if let Some(leg) = legs.remove(&call) {
+                        origination_answered(ua, calls, routing, engine, registry, commands, now, call, leg, &sdp);
+                    }
+                    return;
+                }
                 let Some(leg) = legs.get_mut(&call) else { return };
                 tracing::info!(?call, owner = ?leg.owner, "outbound leg answered");
                 leg.cdr.answered();
                 if leg.media.is_none() {
-                    start_leg_media(leg, call, &sdp, routing, commands, false);
+                    start_leg_media(leg, call, &sdp, routing, commands, false, None);
                 } else if let (Some(media), Some((_, current))) = (&leg.media, leg.agreed.as_mut()) {
                     // Without reliable provisionals the 2xx's answer is the one that counts
                     // (RFC 3261 §13.2.1): it may point elsewhere than the early media did.
@@ -882,7 +1169,7 @@ impl Endpoint {
                         }
                         // RFC 5589 §6.1: the transferor ends its call once the transfer succeeded.
                         if ua.hangup(now, call).is_ok() {
-                            call_ended(calls, ending, &routing.cdr, call, EndCause::LocalBye);
+                            call_ended(calls, ending, routing, call, EndCause::LocalBye);
                             hangup_legs(ua, legs, call, now);
                         }
                     } else {
@@ -911,7 +1198,26 @@ impl Endpoint {
                 }
             }
             UaEvent::Ended { call, cause } => {
-                if let Some(mut leg) = legs.remove(&call) {
+                if let Some(mut leg) = legs.remove(&call)
+                    && let Some((origination, _)) = leg.origination.take()
+                {
+                    origination_calls.remove(&origination.id);
+                    let end = leg_end(&leg.cdr, &cause);
+                    use crate::originate::CallStatus;
+                    let status = match (end.cause.as_str(), end.sip_code) {
+                        ("canceled", _) => CallStatus::Canceled,
+                        ("no-answer", _) | (_, 408 | 480 | 487) => CallStatus::NoAnswer,
+                        (_, 486 | 600) => CallStatus::Busy,
+                        _ => CallStatus::Failed,
+                    };
+                    let reason = Some(format!("{} ({})", end.cause, end.sip_code));
+                    routing.originations.update(&origination.id, status, Some(end.sip_code), reason);
+                    let flow = FlowEnd { outcome: "not-run", detail: None, vars: Default::default() };
+                    if let Some(record) = leg.cdr.close(end, flow) {
+                        routing.cdr.write(record);
+                    }
+                    return;
+                } else if let Some(mut leg) = legs.remove(&call) {
                     tracing::info!(?call, owner = ?leg.owner, ?cause, "outbound leg ended");
                     if let Some(media) = &leg.media {
                         media.close();
@@ -927,7 +1233,7 @@ impl Endpoint {
                 if cause == EndCause::AckTimeout {
                     tracing::warn!(?call, "our 200 OK was never ACKed (wrong Contact/Record-Route or NAT?); sent BYE");
                 }
-                call_ended(calls, ending, &routing.cdr, call, cause);
+                call_ended(calls, ending, routing, call, cause);
                 hangup_legs(ua, legs, call, now);
             }
         }
@@ -939,7 +1245,7 @@ impl Endpoint {
 fn call_ended(
     calls: &mut HashMap<CallRef, LiveCall>,
     ending: &mut HashMap<CallRef, CdrDraft>,
-    cdr: &CdrSink,
+    routing: &Routing,
     call: CallRef,
     cause: EndCause,
 ) {
@@ -961,6 +1267,10 @@ fn call_ended(
             media.close();
         }
         let _ = live.ended.send(true);
+        if let Some(id) = &live.origination {
+            let reason = Some("answered, then hung up".to_owned());
+            routing.originations.update(id, crate::originate::CallStatus::Completed, Some(200), reason);
+        }
         let mut draft = live.cdr;
         let answered = draft.is_answered();
         let local = draft.local_reason().map(|(c, b)| (c.to_owned(), b));
@@ -984,7 +1294,7 @@ fn call_ended(
         tracing::info!(?call, cause = %cause, hung_up_by = by, "call ended");
         draft.sip_ended(SipEnd { cause, by, sip_code });
         match draft.finish() {
-            Some(record) => cdr.write(record),
+            Some(record) => routing.cdr.write(record),
             None => {
                 ending.insert(call, draft);
             }
@@ -1012,6 +1322,7 @@ fn start_leg_media(
     routing: &Routing,
     commands: &mpsc::UnboundedSender<Command>,
     early: bool,
+    channels: Option<&CallChannels>,
 ) -> Option<Arc<CallMedia>> {
     let negotiated = match patchbay_sip::sdp::accept_answer(&leg.offer, &String::from_utf8_lossy(sdp)) {
         Ok(negotiated) => negotiated,
@@ -1022,10 +1333,17 @@ fn start_leg_media(
     };
     let (rtp, rtcp) = leg.sockets.take()?;
     let local = leg.local.take()?;
-    let (dtmf, dtmf_rx) = mpsc::channel(DTMF_QUEUE);
+    let (dtmf, dtmf_rx) = match channels {
+        Some(channels) => (channels.dtmf.clone(), None),
+        None => {
+            let (dtmf, dtmf_rx) = mpsc::channel(DTMF_QUEUE);
+            (dtmf, Some(dtmf_rx))
+        }
+    };
     leg.dtmf_sink = Some(dtmf.clone());
     let (inactive, mut inactive_rx) = mpsc::unbounded_channel();
-    let sinks = CallSinks { dtmf, played: watch::channel(0).0, inactive };
+    let played = channels.map_or_else(|| watch::channel(0).0, |c| c.played.clone());
+    let sinks = CallSinks { dtmf, played, inactive };
     let timeout = if early { None } else { routing.rtp_timeout };
     let session =
         crate::media::session_for(&negotiated, negotiated.ptime, routing.media.pool(), timeout, random_u64(0x1e6));
@@ -1044,7 +1362,7 @@ fn start_leg_media(
         }
     });
     leg.media = Some(Arc::clone(&media));
-    leg.dtmf = Some(dtmf_rx);
+    leg.dtmf = dtmf_rx;
     leg.agreed = Some((local, negotiated));
     Some(media)
 }
@@ -1068,4 +1386,191 @@ fn leg_end(draft: &CdrDraft, cause: &EndCause) -> SipEnd {
         EndCause::SessionExpired => ("session-expired".to_owned(), "network", 200),
     };
     SipEnd { cause, by, sip_code: if draft.is_answered() { 200 } else { code } }
+}
+
+/// A call's flow side channels: key presses in, marks played out.
+pub(crate) struct CallChannels {
+    dtmf: mpsc::Sender<Dtmf>,
+    dtmf_rx: mpsc::Receiver<Dtmf>,
+    played: watch::Sender<u64>,
+    played_rx: watch::Receiver<u64>,
+}
+
+impl CallChannels {
+    pub(crate) fn new() -> Self {
+        // Bounded: a flow that never reads key presses must not let a peer grow this queue.
+        let (dtmf, dtmf_rx) = mpsc::channel(DTMF_QUEUE);
+        let (played, played_rx) = watch::channel(0);
+        Self { dtmf, dtmf_rx, played, played_rx }
+    }
+}
+
+/// What it takes to start a call's flow: an inbound call routed to it, or a call placed
+/// through the API that was just answered.
+struct FlowStart {
+    call: CallRef,
+    info: CallInfo,
+    flow: Arc<patchbay_host::CompiledFlow>,
+    limits: patchbay_host::FlowLimits,
+    vars: std::collections::BTreeMap<String, String>,
+    refer: bool,
+    invite: rsip::Request,
+    /// An answered call's running media, channels, and what was agreed.
+    media: Option<(Arc<CallMedia>, CallChannels, (patchbay_sip::sdp::LocalMedia, patchbay_sip::sdp::Negotiated))>,
+    cdr: CdrDraft,
+    origination: Option<String>,
+    slots: crate::trunk::CallSlots,
+}
+
+/// Makes `start.call` a live call and runs its flow in a task of its own; the flow's end
+/// comes back as [`Command::FlowDone`].
+fn start_flow(
+    calls: &mut HashMap<CallRef, LiveCall>,
+    routing: &Arc<Routing>,
+    engine: &Arc<FlowEngine>,
+    commands: &mpsc::UnboundedSender<Command>,
+    start: FlowStart,
+) {
+    let FlowStart { call, info, flow, limits, vars, refer, invite, media, cdr, origination, slots } = start;
+    let (ended, ended_rx) = watch::channel(false);
+    let rtp_session: MediaSlot = Arc::default();
+    let (channels, agreed) = match media {
+        Some((running, channels, agreed)) => {
+            let _ = rtp_session.set(running);
+            (channels, Some(agreed))
+        }
+        None => (CallChannels::new(), None),
+    };
+    let CallChannels { dtmf, dtmf_rx, played, played_rx } = channels;
+    let tenant = info.tenant.clone();
+    calls.insert(
+        call,
+        LiveCall {
+            ended,
+            dtmf,
+            invite,
+            media: agreed,
+            transfer: None,
+            rtp_session: Arc::clone(&rtp_session),
+            played,
+            cdr,
+            origination,
+            _slots: slots,
+        },
+    );
+    let prompts = routing.prompts.get(&tenant).cloned().unwrap_or_else(|| Arc::new(PromptStore::new(None)));
+    let control = Arc::new(SipCall::new(
+        call,
+        info,
+        commands.clone(),
+        ended_rx,
+        dtmf_rx,
+        rtp_session,
+        played_rx,
+        prompts,
+        Arc::clone(routing),
+        refer,
+    ));
+    let (engine, commands) = (Arc::clone(engine), commands.clone());
+    let kv: Arc<dyn patchbay_host::KvStore> = match routing.kv.get(&tenant) {
+        Some(kv) => Arc::clone(kv) as Arc<dyn patchbay_host::KvStore>,
+        None => Arc::new(MemoryKv::new(TENANT_KV_QUOTA)),
+    };
+    tokio::spawn(async move {
+        let flow_call = FlowCall { control, kv, vars, limits: Some(limits) };
+        // Run in its own task: should the host panic inside it, the call still gets its
+        // FlowDone (and so its hang-up and its record).
+        let exit = match tokio::spawn(async move { engine.run(&flow, flow_call).await }).await {
+            Ok(exit) => exit,
+            Err(e) => {
+                tracing::error!(?call, "the flow's task failed: {e}");
+                let detail = Some(e.to_string());
+                let end = FlowEnd { outcome: "host-error", detail, vars: Default::default() };
+                let _ = commands.send(Command::FlowDone { call, end });
+                return;
+            }
+        };
+        let detail = match &exit.outcome {
+            FlowOutcome::Completed => None,
+            FlowOutcome::Failed(FlowError::Failed(message)) => Some(message.clone()),
+            other => Some(format!("{other:?}")),
+        };
+        match &detail {
+            None => tracing::info!(?call, cause = exit.outcome.cause(), "flow ended"),
+            Some(detail) => tracing::info!(?call, cause = exit.outcome.cause(), "flow ended: {detail}"),
+        }
+        let end = FlowEnd { outcome: exit.outcome.cause(), detail, vars: exit.vars };
+        let _ = commands.send(Command::FlowDone { call, end });
+    });
+}
+
+/// A call placed through the API was answered: start its media on the channels its flow will
+/// use, make it a live call and run its flow (direction `outbound`).
+#[allow(clippy::too_many_arguments)]
+fn origination_answered(
+    ua: &mut UserAgent,
+    calls: &mut HashMap<CallRef, LiveCall>,
+    routing: &Arc<Routing>,
+    engine: &Arc<FlowEngine>,
+    registry: &Arc<FlowRegistry>,
+    commands: &mpsc::UnboundedSender<Command>,
+    now: std::time::Instant,
+    call: CallRef,
+    mut leg: Leg,
+    sdp: &[u8],
+) {
+    let Some((origination, channels)) = leg.origination.take() else { return };
+    let crate::originate::Origination { id, trunk, flow: flow_name, vars, slots, .. } = *origination;
+    let flow = registry.get(&trunk.tenant, &flow_name);
+    let media = start_leg_media(&mut leg, call, sdp, routing, commands, false, Some(&channels));
+    let (Ok(flow), Some(media), Some(agreed)) = (flow, media, leg.agreed.take()) else {
+        tracing::warn!(%id, ?call, "the callee answered without usable media (or the flow is gone): hanging up");
+        leg.cdr.ending("media-refused", "patchbay");
+        let _ = ua.hangup(now, call);
+        let reason = Some("the answer's SDP is not usable".to_owned());
+        routing.originations.update(&id, crate::originate::CallStatus::Failed, Some(488), reason);
+        let flow = FlowEnd { outcome: "not-run", detail: None, vars: Default::default() };
+        let sip = SipEnd { cause: "media-refused".into(), by: "patchbay", sip_code: 200 };
+        if let Some(record) = leg.cdr.close(sip, flow) {
+            routing.cdr.write(record);
+        }
+        return;
+    };
+    leg.cdr.answered();
+    routing.originations.update(&id, crate::originate::CallStatus::Answered, Some(200), None);
+    let info = CallInfo {
+        call_id: ua.call_id(call).unwrap_or_default().to_owned(),
+        tenant: trunk.tenant.clone(),
+        flow: flow_name,
+        from: String::new(),
+        to: String::new(),
+        direction: Direction::Outbound,
+        headers: Vec::new(),
+    };
+    // The flow sees the call as the record has it: from our caller ID to the number called.
+    let (from, to) = leg.cdr.parties();
+    let info = CallInfo { from: from.to_owned(), to: to.to_owned(), ..info };
+    let mut invite = rsip::Request {
+        method: rsip::Method::Invite,
+        uri: rsip::Uri::try_from(info.to.as_str()).unwrap_or_default(),
+        version: rsip::Version::V2,
+        headers: Default::default(),
+        body: Vec::new(),
+    };
+    invite.headers.push(rsip::Header::From(format!("<{}>", info.from).into()));
+    tracing::info!(%id, ?call, tenant = %info.tenant, flow = %info.flow, "originated call answered: flow started");
+    let start = FlowStart {
+        call,
+        info,
+        flow,
+        limits: routing.tenant_limits(&trunk.tenant),
+        vars,
+        refer: true,
+        invite,
+        media: Some((media, channels, agreed)),
+        cdr: leg.cdr,
+        origination: Some(id),
+        slots,
+    };
+    start_flow(calls, routing, engine, commands, start);
 }

@@ -6,7 +6,9 @@
 //! - [`transaction`]: RFC 3261 §17 client and server transactions driven as
 //!   `handle(now, input)` / `poll_output()` / `poll_timeout()`.
 //! - [`ua`]: the user agent core: OPTIONS, inbound and outbound calls and their dialogs, BYE,
-//!   CANCEL, re-INVITE (with glare handling), REFER, session timers, digest answers.
+//!   CANCEL, re-INVITE (with glare handling), REFER, session timers, digest answers, and the
+//!   REGISTER client for carrier trunks (RFC 3261 §10.2: [`ua::UserAgent::register`],
+//!   [`ua::RegistrationState`]; refreshes, 401/407, 423 Min-Expires, back-off with jitter).
 //! - [`auth`]: digest authentication (RFC 2617/7616), client and server side.
 //! - [`sdp`]: SDP offer/answer (RFC 3264/4566) for G.711, telephone-event and SDES crypto.
 //!

@@ -12,7 +12,9 @@
 //! race (ACK, then BYE), digest challenges (401/407) answered on INVITE, re-INVITE, BYE and
 //! REFER with credentials reused preemptively. Re-INVITEs we send ([`UserAgent::reinvite`])
 //! with 491 glare handling (§14.1/§14.2). Blind transfer: REFER with Refer-To, progress from the
-//! NOTIFY sipfrag (RFC 3515).
+//! NOTIFY sipfrag (RFC 3515). Registration with a registrar ([`UserAgent::register`], in
+//! `ua_register.rs`, RFC 3261 §10.2): refreshes, digest answers, 423 and back-off, tracked as
+//! one [`RegistrationState`] per registration.
 //! **Not yet:** receiving REFER (405), forked early dialogs beyond the first (later 2xx from
 //! other forks are acknowledged and released with BYE), PRACK (RFC 3262).
 
@@ -156,6 +158,14 @@ pub enum UaEvent {
         /// Why.
         cause: EndCause,
     },
+    /// A registration ([`UserAgent::register`]) changed state; [`RegistrationState::Unregistered`]
+    /// is its last report.
+    Registration {
+        /// The registration.
+        reg: RegRef,
+        /// Its new state.
+        state: RegistrationState,
+    },
 }
 
 /// What the user agent wants done.
@@ -182,6 +192,9 @@ pub enum UaError {
     /// The call is in a state where this is not possible (answering twice, ringing after answer).
     #[error("call {0:?} cannot do that now: {1}")]
     WrongState(CallRef, &'static str),
+    /// The registration is unknown or already over.
+    #[error("no registration {0:?}")]
+    UnknownRegistration(RegRef),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,11 +217,19 @@ enum Purpose {
     Release,
 }
 
+/// Who a client transaction works for, which decides where its answer goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxOwner {
+    /// One of a call's requests, and which one.
+    Call(CallRef, Purpose),
+    /// A REGISTER of this registration (RFC 3261 §10.2).
+    Registration(RegRef),
+}
+
 /// One of our client transactions and what to do with its answer.
 #[derive(Debug)]
 struct ClientTx {
-    call: CallRef,
-    purpose: Purpose,
+    owner: TxOwner,
     peer: Peer,
     request: rsip::Request,
     /// Digest challenges answered for this request so far (a second refusal ends the retries).
@@ -293,7 +314,7 @@ pub struct UserAgent {
     dialogs: HashMap<(String, String), CallRef>,
     /// Server transaction of an INVITE → call, for CANCEL and ACK timeouts.
     by_invite_tx: HashMap<TransactionId, CallRef>,
-    /// Our client transactions (INVITE, re-INVITE, BYE, REFER, CANCEL).
+    /// Our client transactions (INVITE, re-INVITE, BYE, REFER, CANCEL, REGISTER).
     client_txs: HashMap<TransactionId, ClientTx>,
     /// (Call-ID, From tag, CSeq) of INVITE server transactions, to spot a request that reached
     /// us twice over different paths (§8.2.2.2, 482 Loop Detected).
@@ -304,6 +325,10 @@ pub struct UserAgent {
     /// Per-call deadlines: re-INVITE retries after 491 (§14.1) and the end of the wait for a
     /// 487 after CANCEL; stale entries are skipped.
     retry_deadlines: BinaryHeap<Reverse<(Instant, CallRef)>>,
+    /// Registrations with a registrar (RFC 3261 §10.2), in `ua_register.rs`.
+    registrations: HashMap<RegRef, register::Registration>,
+    /// When registrations next send a REGISTER (refresh or retry); stale entries are skipped.
+    reg_deadlines: BinaryHeap<Reverse<(Instant, RegRef)>>,
     counter: u64,
     outputs: VecDeque<UaOutput>,
 }
@@ -326,6 +351,8 @@ impl UserAgent {
             merge_key_of: HashMap::new(),
             session_deadlines: BinaryHeap::new(),
             retry_deadlines: BinaryHeap::new(),
+            registrations: HashMap::new(),
+            reg_deadlines: BinaryHeap::new(),
             counter: 0,
             outputs: VecDeque::new(),
         }
@@ -360,7 +387,8 @@ impl UserAgent {
             }
             self.retry_deadlines.pop();
         };
-        [self.layer.poll_timeout(), session, retry].into_iter().flatten().min()
+        let register = self.next_register_deadline();
+        [self.layer.poll_timeout(), session, retry, register].into_iter().flatten().min()
     }
 
     /// Fires due timers.
@@ -391,6 +419,7 @@ impl UserAgent {
             self.retry_reinvite(now, call, at);
             self.cancel_timeout(call, at);
         }
+        self.fire_register_deadlines(now);
         self.pump(now);
     }
 
@@ -910,8 +939,8 @@ impl UserAgent {
         headers.push(Header::Contact(contact.into()));
         headers.push(Header::ContentLength(0u32.into()));
         refer.headers = headers.into();
-        self.add_credentials(call, &mut refer);
-        if let Some(tx) = self.send_client(now, call, Purpose::Refer, peer, refer, 0)
+        self.add_credentials(TxOwner::Call(call, Purpose::Refer), &mut refer);
+        if let Some(tx) = self.send_client(now, TxOwner::Call(call, Purpose::Refer), peer, refer, 0)
             && let Some(c) = self.calls.get_mut(&call)
         {
             c.refer_tx = Some(tx);
@@ -951,26 +980,25 @@ impl UserAgent {
         let Some((peer, mut bye)) = self.in_dialog_request(call, Method::Bye, cseq) else {
             return Err(UaError::UnknownCall(call));
         };
-        self.add_credentials(call, &mut bye);
-        if self.send_client(now, call, Purpose::Bye, peer, bye, 0).is_none() {
+        self.add_credentials(TxOwner::Call(call, Purpose::Bye), &mut bye);
+        if self.send_client(now, TxOwner::Call(call, Purpose::Bye), peer, bye, 0).is_none() {
             self.finish(call, EndCause::LocalBye);
         }
         self.pump(now);
         Ok(())
     }
 
-    /// Starts a client transaction for one of a call's requests and remembers why.
+    /// Starts a client transaction for one of our requests and remembers whose it is.
     fn send_client(
         &mut self,
         now: Instant,
-        call: CallRef,
-        purpose: Purpose,
+        owner: TxOwner,
         peer: Peer,
         request: rsip::Request,
         auth_rounds: u8,
     ) -> Option<TransactionId> {
         let tx = self.layer.send_request(now, peer, request.clone()).ok()?;
-        self.client_txs.insert(tx, ClientTx { call, purpose, peer, request, auth_rounds, ack: None });
+        self.client_txs.insert(tx, ClientTx { owner, peer, request, auth_rounds, ack: None });
         Some(tx)
     }
 
@@ -1101,6 +1129,11 @@ fn session_timer_request(request: &rsip::Request) -> SessionTimer {
 mod client;
 
 pub use client::Dial;
+
+#[path = "ua_register.rs"]
+mod register;
+
+pub use register::{RegRef, Register, RegistrationState, RegistrationStateAt};
 
 #[cfg(test)]
 #[path = "ua_tests.rs"]

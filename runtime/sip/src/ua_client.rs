@@ -10,7 +10,7 @@ use rsip::prelude::HeadersExt;
 use rsip::{Header, Method};
 
 use super::{
-    ALLOW, Call, CallRef, ClientTx, EndCause, Phase, Purpose, Role, UaError, UaEvent, UserAgent, via_transport,
+    ALLOW, Call, CallRef, ClientTx, EndCause, Phase, Purpose, Role, TxOwner, UaError, UaEvent, UserAgent, via_transport,
 };
 use crate::auth::{AuthKind, DigestClient, DigestRequest};
 use crate::transaction::{Peer, TransactionId, Transport};
@@ -108,7 +108,7 @@ impl UserAgent {
                 cancel_deadline: None,
             },
         );
-        match self.send_client(now, call, Purpose::Invite, dial.peer, invite, 0) {
+        match self.send_client(now, TxOwner::Call(call, Purpose::Invite), dial.peer, invite, 0) {
             Some(tx) => {
                 if let Some(c) = self.calls.get_mut(&call) {
                     c.invite_tx = tx;
@@ -155,8 +155,8 @@ impl UserAgent {
         headers.push(Header::ContentLength((sdp.len() as u32).into()));
         request.headers = headers.into();
         request.body = sdp;
-        self.add_credentials(call, &mut request);
-        let tx = self.send_client(now, call, Purpose::ReInvite, peer, request, 0);
+        self.add_credentials(TxOwner::Call(call, Purpose::ReInvite), &mut request);
+        let tx = self.send_client(now, TxOwner::Call(call, Purpose::ReInvite), peer, request, 0);
         if let Some(c) = self.calls.get_mut(&call) {
             c.reinvite_tx = tx;
         }
@@ -231,17 +231,21 @@ impl UserAgent {
             body: Vec::new(),
         };
         let peer = c.peer;
-        self.send_client(now, call, Purpose::Cancel, peer, cancel, 0);
+        self.send_client(now, TxOwner::Call(call, Purpose::Cancel), peer, cancel, 0);
     }
 
     /// A response to one of our client transactions.
     pub(super) fn on_response(&mut self, now: Instant, id: TransactionId, response: rsip::Response) {
         let Some(tx) = self.client_txs.get(&id) else { return };
-        let (call, purpose) = (tx.call, tx.purpose);
+        let owner = tx.owner;
         let status = response.status_code.code();
         if matches!(status, 401 | 407) && self.retry_with_credentials(now, id, &response) {
             return;
         }
+        let (call, purpose) = match owner {
+            TxOwner::Call(call, purpose) => (call, purpose),
+            TxOwner::Registration(reg) => return self.on_register_response(now, id, reg, &response),
+        };
         match purpose {
             Purpose::Invite => self.on_invite_response(now, id, call, response),
             Purpose::ReInvite => self.on_reinvite_response(now, id, call, response),
@@ -267,8 +271,11 @@ impl UserAgent {
     /// A client transaction timed out (timer B or F): as if a 408 had arrived (§8.1.3.1).
     pub(super) fn on_client_timeout(&mut self, now: Instant, id: TransactionId) {
         let Some(tx) = self.client_txs.remove(&id) else { return };
-        let call = tx.call;
-        match tx.purpose {
+        let (call, purpose) = match tx.owner {
+            TxOwner::Call(call, purpose) => (call, purpose),
+            TxOwner::Registration(reg) => return self.on_register_timeout(now, id, reg),
+        };
+        match purpose {
             Purpose::Invite => {
                 let (ours, cancelled) =
                     self.calls.get(&call).map_or((false, false), |c| (c.invite_tx == id, c.cancel_wanted));
@@ -445,8 +452,8 @@ impl UserAgent {
     /// A 2xx from a second fork of our INVITE: ACK and BYE it without keeping a call
     /// (§13.2.2.4 allows keeping several dialogs; one call keeps one).
     fn release_fork(&mut self, now: Instant, id: TransactionId, response: &rsip::Response) {
-        let Some(tx) = self.client_txs.get(&id) else { return };
-        let (peer, call) = (tx.peer, tx.call);
+        let Some(ClientTx { owner: TxOwner::Call(call, _), peer, .. }) = self.client_txs.get(&id) else { return };
+        let (peer, call) = (*peer, *call);
         let target = response.contact_header().ok().and_then(|h| h.typed().ok()).map(|c| c.uri);
         let Some(target) = target else { return };
         let cseq = response.cseq_header().ok().and_then(|h| h.typed().ok()).map_or(1, |c| c.seq);
@@ -476,22 +483,35 @@ impl UserAgent {
             if method == Method::Ack {
                 self.layer.send_stateless(peer, request);
             } else {
-                self.send_client(now, call, Purpose::Release, peer, request, 0);
+                self.send_client(now, TxOwner::Call(call, Purpose::Release), peer, request, 0);
             }
         }
     }
 
-    /// Answers a 401/407 to one of our requests by sending it again with credentials
-    /// (§22.2): a new branch, the CSeq incremented. Returns false when it cannot (no
-    /// credentials, a refusal of the credentials we sent, too many rounds), leaving the
-    /// response to be handled as a failure.
+    /// Answers a 401/407 to one of our requests, a call's or a REGISTER, by sending it again
+    /// with credentials (§22.2): a new branch, the CSeq incremented. Returns false when it
+    /// cannot (no credentials, a refusal of the credentials we sent, too many rounds), leaving
+    /// the response to be handled as a failure.
     fn retry_with_credentials(&mut self, now: Instant, id: TransactionId, response: &rsip::Response) -> bool {
         let Some(tx) = self.client_txs.get(&id) else { return false };
-        if tx.auth_rounds >= MAX_AUTH_ROUNDS || matches!(tx.purpose, Purpose::Cancel | Purpose::Release) {
+        let (owner, peer, rounds) = (tx.owner, tx.peer, tx.auth_rounds);
+        if rounds >= MAX_AUTH_ROUNDS {
             return false;
         }
-        let (call, purpose, peer, rounds) = (tx.call, tx.purpose, tx.peer, tx.auth_rounds);
         let mut request = tx.request.clone();
+        let live = match owner {
+            TxOwner::Call(_, Purpose::Cancel | Purpose::Release) => false,
+            // A hung-up call is not re-sent after a challenge: the challenge ends it (as Cancelled).
+            TxOwner::Call(call, Purpose::Invite) => {
+                self.calls.get(&call).is_some_and(|c| c.invite_tx == id && !c.cancel_wanted)
+            }
+            TxOwner::Call(call, _) => self.calls.contains_key(&call),
+            // §10.2: only the REGISTER in flight is answered; an older one's challenge is moot.
+            TxOwner::Registration(reg) => self.registrations.get(&reg).is_some_and(|r| r.pending == Some(id)),
+        };
+        if !live {
+            return false;
+        }
         let kind = if response.status_code.code() == 401 { AuthKind::Www } else { AuthKind::Proxy };
         let challenges: Vec<&str> = response
             .headers
@@ -505,12 +525,7 @@ impl UserAgent {
         let previous: Vec<String> = credentials_of(&request, kind).map(str::to_owned).collect();
         let previous: Vec<&str> = previous.iter().map(String::as_str).collect();
         let cnonce = format!("{:016x}{:016x}", self.random(), self.random());
-        let Some(c) = self.calls.get_mut(&call) else { return false };
-        // A hung-up call is not re-sent after a challenge: the challenge ends it (as Cancelled).
-        if purpose == Purpose::Invite && (c.invite_tx != id || c.cancel_wanted) {
-            return false;
-        }
-        let Some(digest) = c.digest.as_mut() else { return false };
+        let Some(digest) = self.digest_mut(owner) else { return false };
         let method = request.method.to_string();
         let uri = request.uri.to_string();
         let header = match digest.respond(
@@ -523,8 +538,7 @@ impl UserAgent {
             Ok(header) => header,
             Err(_) => return false,
         };
-        c.local_cseq += 1;
-        let cseq = c.local_cseq;
+        let Some(cseq) = self.next_cseq(owner) else { return false };
         let via = self.new_via(peer.transport);
         let mut headers: Vec<Header> = Vec::with_capacity(16);
         let mut via_replaced = false;
@@ -545,29 +559,63 @@ impl UserAgent {
         headers.push(Header::ContentLength((request.body.len() as u32).into()));
         request.headers = headers.into();
         self.client_txs.remove(&id);
-        let new_tx = self.send_client(now, call, purpose, peer, request.clone(), rounds + 1);
-        if let Some(c) = self.calls.get_mut(&call) {
-            match purpose {
-                Purpose::Invite => {
-                    c.invite = request;
-                    c.invite_tx = new_tx.unwrap_or(TransactionId(u64::MAX));
-                    // A CANCEL may only follow a provisional response to this new INVITE.
-                    c.provisional = false;
-                    c.cancel_sent = false;
+        let new_tx = self.send_client(now, owner, peer, request.clone(), rounds + 1);
+        match owner {
+            TxOwner::Call(call, purpose) => {
+                if let Some(c) = self.calls.get_mut(&call) {
+                    match purpose {
+                        Purpose::Invite => {
+                            c.invite = request;
+                            c.invite_tx = new_tx.unwrap_or(TransactionId(u64::MAX));
+                            // A CANCEL may only follow a provisional response to this new INVITE.
+                            c.provisional = false;
+                            c.cancel_sent = false;
+                        }
+                        Purpose::ReInvite => c.reinvite_tx = new_tx,
+                        Purpose::Refer => c.refer_tx = new_tx,
+                        Purpose::Bye | Purpose::Cancel | Purpose::Release => {}
+                    }
                 }
-                Purpose::ReInvite => c.reinvite_tx = new_tx,
-                Purpose::Refer => c.refer_tx = new_tx,
-                Purpose::Bye | Purpose::Cancel | Purpose::Release => {}
+            }
+            TxOwner::Registration(reg) => {
+                if let Some(r) = self.registrations.get_mut(&reg) {
+                    r.pending = new_tx;
+                }
             }
         }
         new_tx.is_some()
     }
 
-    /// Adds credentials for challenges this call has answered before (§22.3), so in-dialog
-    /// requests to a trunk are not challenged again.
-    pub(super) fn add_credentials(&mut self, call: CallRef, request: &mut rsip::Request) {
+    /// The credentials that answer challenges to this owner's requests.
+    fn digest_mut(&mut self, owner: TxOwner) -> Option<&mut DigestClient> {
+        match owner {
+            TxOwner::Call(call, _) => self.calls.get_mut(&call)?.digest.as_mut(),
+            TxOwner::Registration(reg) => self.registrations.get_mut(&reg)?.credentials.as_mut(),
+        }
+    }
+
+    /// The next CSeq number of this owner's requests: the dialog's (§12.2.1.1) or the
+    /// registration's (§10.2: one more for every REGISTER with the same Call-ID).
+    pub(super) fn next_cseq(&mut self, owner: TxOwner) -> Option<u32> {
+        match owner {
+            TxOwner::Call(call, _) => {
+                let c = self.calls.get_mut(&call)?;
+                c.local_cseq += 1;
+                Some(c.local_cseq)
+            }
+            TxOwner::Registration(reg) => {
+                let r = self.registrations.get_mut(&reg)?;
+                r.cseq += 1;
+                Some(r.cseq)
+            }
+        }
+    }
+
+    /// Adds credentials for challenges this owner has answered before (§22.3), so in-dialog
+    /// requests and REGISTER refreshes to a trunk are not challenged again.
+    pub(super) fn add_credentials(&mut self, owner: TxOwner, request: &mut rsip::Request) {
         let cnonce = format!("{:016x}{:016x}", self.random(), self.random());
-        let Some(digest) = self.calls.get_mut(&call).and_then(|c| c.digest.as_mut()) else { return };
+        let Some(digest) = self.digest_mut(owner) else { return };
         let method = request.method.to_string();
         let uri = request.uri.to_string();
         let found = digest.authorize(&DigestRequest::new(&method, &uri, &request.body), &cnonce);
@@ -590,12 +638,19 @@ impl UserAgent {
     }
 
     fn contact(&self, transport: Transport) -> Header {
+        Header::Contact(format!("<{}>", self.contact_uri(None, transport)).into())
+    }
+
+    /// Our Contact URI (§8.1.1.8) over `transport`, with `user` for a registered binding
+    /// (§10.2.1) so that requests the registrar routes to us name the account.
+    pub(super) fn contact_uri(&self, user: Option<&str>, transport: Transport) -> String {
         let param = match transport {
             Transport::Udp => "",
             Transport::Tcp => ";transport=tcp",
             Transport::Tls => ";transport=tls",
         };
-        Header::Contact(format!("<sip:{}{param}>", self.config.contact_host).into())
+        let user = user.map(|u| format!("{u}@")).unwrap_or_default();
+        format!("sip:{user}{}{param}", self.config.contact_host)
     }
 
     /// A pseudo-random number from the seed (SplitMix64). The shell seeds it from the OS's

@@ -48,8 +48,15 @@ pub const AGENT_HANDOFF: StockFlow = StockFlow {
     component: include_bytes!(concat!(env!("OUT_DIR"), "/agent_handoff.wasm")),
 };
 
+/// Greet: plays a prompt (about three seconds) and hangs up; for outbound notification calls.
+pub const GREET: StockFlow = StockFlow {
+    name: "greet",
+    summary: "plays a prompt (greet.prompt, twice by default) and hangs up",
+    component: include_bytes!(concat!(env!("OUT_DIR"), "/greet.wasm")),
+};
+
 /// Every stock flow.
-pub const ALL: &[StockFlow] = &[ECHO, IVR_MENU, VOICEMAIL, DTMF_ROUTER, AGENT_HANDOFF];
+pub const ALL: &[StockFlow] = &[ECHO, IVR_MENU, VOICEMAIL, DTMF_ROUTER, AGENT_HANDOFF, GREET];
 
 /// Test fixtures: flows that misbehave on purpose. Not served by the binary.
 pub mod fixtures {

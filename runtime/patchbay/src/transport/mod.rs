@@ -4,8 +4,12 @@
 //! - **TCP and TLS** ([`tcp_listener`], [`tls_listener`], [`Streams`]): messages are cut from
 //!   the byte stream by Content-Length (mandatory on streams, RFC 3261 §18.3); one connection
 //!   per remote address, reused for later messages in both directions; idle connections are
-//!   closed; CRLFCRLF keep-alives are answered with CRLF (RFC 5626 §3.5.1). Outbound TLS
-//!   connections are not implemented: Patchbay answers over the connection a TLS peer opened.
+//!   closed; CRLFCRLF keep-alives are answered with CRLF (RFC 5626 §3.5.1). Connections are
+//!   opened on demand: TCP to any peer, TLS to addresses registered with
+//!   [`Streams::add_tls_route`] (a trunk's gateway, verified against the trunk's host name with
+//!   the webpki roots plus an optional private CA, [`tls_client_config`]); other TLS peers are
+//!   answered over the connection they opened. Connections we open to an address with a
+//!   keep-alive interval ([`Streams::set_keepalive`]) send CRLFCRLF pings (RFC 5626 §4.4.1).
 //!
 //! The receive side is bounded: datagrams larger than the message limit are cut off by the
 //! buffer and refused by the parser, a stream connection never buffers more than one maximal
@@ -19,12 +23,12 @@
 //! sent-by port; over TCP/TLS back over the connection the request came on, which is what the
 //! [`Peer`] of a stream message names (its remote address). When that TCP connection has closed,
 //! a new one is opened to the source address at the Via sent-by port (the same for our
-//! in-dialog requests to that peer).
+//! in-dialog requests to that peer; over TLS only when that address has a route).
 
 mod stream;
 mod udp;
 
-pub use stream::{StreamSettings, Streams, tcp_listener, tls_listener};
+pub use stream::{StreamSettings, Streams, tcp_listener, tls_client_config, tls_listener};
 pub use udp::udp_receiver;
 
 use std::collections::HashMap;
@@ -70,7 +74,8 @@ impl Outbound {
     /// Sends `bytes` to `peer`. Failures are logged: SIP recovers by retransmission or timeout.
     ///
     /// Over TCP/TLS the message is queued on the live connection to `peer.addr` (never waiting
-    /// for the peer to read); over TCP a connection is opened when there is none.
+    /// for the peer to read); a connection is opened when there is none (over TLS, only to an
+    /// address with a route, see [`Streams::add_tls_route`]).
     pub async fn send(&self, peer: Peer, bytes: Vec<u8>) {
         match (peer.transport, &self.udp, &self.streams) {
             (Transport::Udp, Some(socket), _) => {

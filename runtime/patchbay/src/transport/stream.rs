@@ -2,6 +2,12 @@
 //! "one connection per remote address"), keep-alives (RFC 5626 §3.5.1), idle timeouts and a cap
 //! on open connections.
 //!
+//! Connections are opened on demand by [`Streams::send`]: TCP to any peer, TLS only to an
+//! address registered with [`Streams::add_tls_route`] (a trunk's gateway), because a TLS client
+//! must know which name the server's certificate has to carry (RFC 3261 §26.2.1, RFC 5922), and
+//! an address alone does not say it. Connections we open to an address given a keep-alive
+//! interval ([`Streams::set_keepalive`]) send CRLFCRLF pings so that NATs keep the binding.
+//!
 //! Each connection is two tasks: a reader that cuts messages out of a bounded buffer with
 //! [`frame_stream`] and hands them to the endpoint, and a writer that drains the connection's
 //! bounded send queue. Splitting them means a connection whose reader is waiting for a busy
@@ -14,17 +20,19 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use patchbay_sip::message::{Limits, Parsed, StreamFrame, frame_stream, parse_stream_message};
 use patchbay_sip::transaction::{Peer, Transport};
 use rsip::SipMessage;
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_rustls::TlsConnector;
 
 use super::{Inbound, SourceLimiter, stamp_via};
 
@@ -39,6 +47,52 @@ const READ_CHUNK: usize = 8 * 1024;
 /// A receive buffer that grew past this is released once it is empty again, so an idle
 /// connection that once carried a large message does not keep its memory.
 const KEEP_BUFFER: usize = 16 * 1024;
+/// RFC 5626 §3.5.1: the client's keep-alive ping; the server answers with a single CRLF.
+const PING: &[u8] = b"\r\n\r\n";
+
+/// Why a TLS client configuration could not be built: always the local side (the CA file).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsClientError {
+    /// The extra CA is not valid PEM.
+    #[error("CA file is not valid PEM: {0}")]
+    Pem(rustls::pki_types::pem::Error),
+    /// The extra CA holds no `CERTIFICATE` block.
+    #[error("CA file holds no certificate")]
+    NoCertificate,
+    /// A certificate in the extra CA cannot be a trust anchor.
+    #[error("CA certificate refused: {0}")]
+    Certificate(rustls::Error),
+    /// The crypto provider offers no usable protocol version (a build problem, not a config one).
+    #[error("TLS provider: {0}")]
+    Provider(rustls::Error),
+}
+
+/// A TLS client configuration that trusts the public web PKI (the webpki roots) and, when
+/// given, a private CA (PEM, one or more certificates), for gateways whose certificate a
+/// carrier issued itself. Certificates are always verified: there is no way to turn it off.
+pub fn tls_client_config(extra_ca_pem: Option<&[u8]>) -> Result<Arc<rustls::ClientConfig>, TlsClientError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = extra_ca_pem {
+        let mut added = 0usize;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            roots.add(cert.map_err(TlsClientError::Pem)?).map_err(TlsClientError::Certificate)?;
+            added += 1;
+        }
+        // A file that parses but holds no certificate (a key, say) is a mistake, not "no CA".
+        if added == 0 {
+            return Err(TlsClientError::NoCertificate);
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(TlsClientError::Provider)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
 
 /// How stream connections behave.
 #[derive(Debug, Clone)]
@@ -70,6 +124,24 @@ struct Table {
     /// Where to reconnect to a peer whose connection closed (§18.2.2): its address with the
     /// port of its top Via's sent-by, learnt from the requests it sent.
     reopen_at: HashMap<Peer, SocketAddr>,
+    /// What we know about addresses we connect to (trunk gateways), set from configuration.
+    routes: HashMap<SocketAddr, Route>,
+}
+
+/// How connections we open to one address behave.
+#[derive(Debug, Clone, Default)]
+struct Route {
+    /// How to open TLS to it; without it, a TLS connection to this address cannot be opened.
+    tls: Option<TlsRoute>,
+    /// RFC 5626 §4.4.1: send CRLFCRLF this often on connections we open to it.
+    keepalive: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+struct TlsRoute {
+    /// The name the server's certificate must carry (sent as SNI too).
+    server_name: ServerName<'static>,
+    config: Arc<rustls::ClientConfig>,
 }
 
 /// Most peers whose reconnection address is remembered; beyond it the map starts over.
@@ -108,8 +180,38 @@ impl Streams {
         Arc::new(Self { settings, endpoint, limiter, table: Mutex::default(), open: AtomicUsize::new(0) })
     }
 
-    /// Queues `bytes` on the live connection to `peer`, opening a TCP connection if there is
-    /// none. Never waits: a connection whose queue is full is closed (its peer is not reading).
+    /// Lets [`Streams::send`] open TLS connections to `addr`, verifying that the server's
+    /// certificate is valid for `server_name` under `config`'s roots. A trunk registers each
+    /// resolved address of its gateway with the gateway's host name: RFC 5922 checks the
+    /// certificate against the configured SIP domain, never against what DNS returned. Replaces
+    /// an earlier route for `addr`; connections already open keep the one they were opened with.
+    pub fn add_tls_route(&self, addr: SocketAddr, server_name: ServerName<'static>, config: Arc<rustls::ClientConfig>) {
+        self.table().routes.entry(addr).or_default().tls = Some(TlsRoute { server_name, config });
+    }
+
+    /// Makes connections we open to `addr` from now on send a CRLFCRLF ping every `interval`
+    /// (RFC 5626 §3.5.1, §4.4.1) so that NATs and firewalls keep the binding; `None` stops it
+    /// for later connections. Pings count as traffic: such a connection is never closed as idle,
+    /// which is the point for a trunk's gateway. Connections the peer opened never ping: it is
+    /// the client's job, and we answer its pings.
+    pub fn set_keepalive(&self, addr: SocketAddr, interval: Option<Duration>) {
+        // A zero period would be a busy loop (and `tokio::time::interval` panics on it).
+        let interval = interval.filter(|i| !i.is_zero());
+        self.update_route(addr, |route| route.keepalive = interval);
+    }
+
+    fn update_route(&self, addr: SocketAddr, change: impl FnOnce(&mut Route)) {
+        let mut table = self.table();
+        let route = table.routes.entry(addr).or_default();
+        change(route);
+        if route.tls.is_none() && route.keepalive.is_none() {
+            table.routes.remove(&addr);
+        }
+    }
+
+    /// Queues `bytes` on the live connection to `peer`, opening a connection if there is none
+    /// (TCP always; TLS when the address has a route). Never waits: a connection whose queue is
+    /// full is closed (its peer is not reading).
     pub fn send(self: &Arc<Self>, peer: Peer, bytes: Vec<u8>) {
         let writer = self.table().by_peer.get(&peer).cloned();
         let bytes = match writer {
@@ -129,47 +231,77 @@ impl Streams {
             },
             None => bytes,
         };
-        match peer.transport {
-            Transport::Tcp => self.connect(peer, bytes),
-            // Not implemented yet: TLS peers are answered over the connection they opened;
-            // a closed TLS connection cannot be reopened from our side.
-            _ => {
-                tracing::warn!(to = %peer.addr, "no TLS connection to this peer (outbound TLS is not implemented); message dropped")
-            }
-        }
+        self.connect(peer, bytes);
     }
 
-    /// Opens a TCP connection to `peer` in the background; `first` and whatever is sent
-    /// meanwhile waits in the new connection's queue.
+    /// Opens a connection to `peer` in the background; `first` and whatever is sent meanwhile
+    /// waits in the new connection's queue.
     fn connect(self: &Arc<Self>, peer: Peer, first: Vec<u8>) {
+        // §18.2.2: when the connection a request came on is gone, the response (and, the same
+        // way, an in-dialog request) goes to the source address at the port the peer listens
+        // on (its sent-by), not to the ephemeral port it connected from.
+        let (addr, route) = {
+            let table = self.table();
+            let addr = table.reopen_at.get(&peer).copied().unwrap_or(peer.addr);
+            (addr, table.routes.get(&addr).cloned().unwrap_or_default())
+        };
+        let tls = match (peer.transport, route.tls) {
+            (Transport::Tcp, _) => None,
+            (Transport::Tls, Some(tls)) => Some(tls),
+            // TLS peers that reached us are answered over their own connection; without a
+            // route there is no name to verify a server certificate against.
+            (Transport::Tls, None) => {
+                tracing::warn!(to = %addr, "no TLS connection to this peer and no TLS route to open one; message dropped");
+                return;
+            }
+            (Transport::Udp, _) => {
+                tracing::warn!(to = %addr, "UDP is not a stream transport; message dropped");
+                return;
+            }
+        };
         let Some(slot) = self.reserve() else {
             tracing::warn!(to = %peer.addr, "SIP connection limit reached: message dropped");
             return;
         };
-        // §18.2.2: when the connection a request came on is gone, the response (and, the same
-        // way, an in-dialog request) goes to the source address at the port the peer listens
-        // on (its sent-by), not to the ephemeral port it connected from.
-        let addr = self.table().reopen_at.get(&peer).copied().unwrap_or(peer.addr);
         let registered = self.register(peer);
         let _ = registered.replies.try_send(first);
+        let keepalive = route.keepalive;
         let streams = Arc::clone(self);
         tokio::spawn(async move {
-            match tokio::time::timeout(SETUP_TIMEOUT, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => {
-                    let _ = stream.set_nodelay(true);
-                    tracing::debug!(to = %addr, "SIP connection opened");
-                    streams.serve(stream, peer, registered, slot).await;
+            let tcp = match tokio::time::timeout(SETUP_TIMEOUT, TcpStream::connect(addr)).await {
+                Ok(Ok(tcp)) => tcp,
+                Ok(Err(e)) => return streams.setup_failed(peer, addr, registered, format_args!("SIP connect: {e}")),
+                Err(_) => return streams.setup_failed(peer, addr, registered, format_args!("SIP connect timed out")),
+            };
+            let _ = tcp.set_nodelay(true);
+            let Some(TlsRoute { server_name, config }) = tls else {
+                tracing::debug!(to = %addr, "SIP connection opened");
+                return streams.serve(tcp, peer, registered, slot, keepalive).await;
+            };
+            let handshake = TlsConnector::from(config).connect(server_name.clone(), tcp);
+            match tokio::time::timeout(SETUP_TIMEOUT, handshake).await {
+                Ok(Ok(tls)) => {
+                    tracing::debug!(to = %addr, server_name = %server_name.to_str(), "SIP TLS connection opened");
+                    streams.serve(tls, peer, registered, slot, keepalive).await;
                 }
+                // The reason (an unknown issuer, a name mismatch, an expired certificate) is in
+                // `e`; the transaction learns of it by timing out (RFC 3261 §17.1.1.2 timer B,
+                // §17.1.2.2 timer F).
                 Ok(Err(e)) => {
-                    tracing::warn!(to = %peer.addr, "SIP connect: {e}; messages dropped");
-                    streams.unregister(peer, registered.id);
+                    let name = server_name.to_str();
+                    streams.setup_failed(peer, addr, registered, format_args!("SIP TLS handshake with {name}: {e}"));
                 }
-                Err(_) => {
-                    tracing::warn!(to = %peer.addr, "SIP connect timed out; messages dropped");
-                    streams.unregister(peer, registered.id);
-                }
+                Err(_) => streams.setup_failed(peer, addr, registered, format_args!("SIP TLS handshake timed out")),
             }
         });
+    }
+
+    /// A connection that never came up: the messages queued for it are dropped, and the next
+    /// send tries again.
+    fn setup_failed(&self, peer: Peer, addr: SocketAddr, registered: Registered, why: std::fmt::Arguments<'_>) {
+        self.unregister(peer, registered.id);
+        let dropped = registered.queue_rx.len();
+        tracing::warn!(to = %addr, dropped, "{why}; messages dropped");
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
@@ -201,15 +333,23 @@ impl Streams {
         }
     }
 
-    /// Runs one established connection until it closes, then gives its slot back.
-    async fn serve<S>(self: Arc<Self>, stream: S, peer: Peer, registered: Registered, slot: Slot)
-    where
+    /// Runs one established connection until it closes, then gives its slot back. `keepalive`
+    /// is for connections we opened only (RFC 5626 §4.4.1: the client pings).
+    async fn serve<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: Peer,
+        registered: Registered,
+        slot: Slot,
+        keepalive: Option<Duration>,
+    ) where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let Registered { id, queue_rx, replies, close } = registered;
         let (read, write) = tokio::io::split(stream);
         let activity = Arc::new(Activity::new());
-        let writer = tokio::spawn(write_loop(write, queue_rx, Arc::clone(&activity), Arc::clone(&close), peer));
+        let writer =
+            tokio::spawn(write_loop(write, queue_rx, Arc::clone(&activity), Arc::clone(&close), peer, keepalive));
         self.read_loop(read, peer, &replies, &close, &activity).await;
         self.unregister(peer, id);
         // With the table's and the reader's senders gone, the writer sends what is queued (an
@@ -233,6 +373,12 @@ impl Streams {
         let mut chunk = vec![0u8; READ_CHUNK];
         loop {
             loop {
+                // RFC 5626 §3.5.1: the CRLF answering our ping. Taken here, so that two pongs in
+                // a row are not read as a ping from the peer (and answered).
+                if buf.starts_with(b"\r\n") && activity.take_pong() {
+                    buf.drain(..2);
+                    continue;
+                }
                 match frame_stream(&buf, limits) {
                     StreamFrame::Incomplete => break,
                     StreamFrame::KeepAlive { len } => {
@@ -337,7 +483,7 @@ impl Streams {
                 // received/rport are noted as on UDP, but §18.2.2 sends responses back over this
                 // connection, so `peer` stays the connection's remote address.
                 let _ = stamp_via(&mut request, peer.addr);
-                if let Some(port) = sent_by_port(&request) {
+                if let Some(port) = sent_by_port(&request, peer.transport) {
                     let mut table = self.table();
                     if table.reopen_at.len() >= MAX_REOPEN_ENTRIES {
                         table.reopen_at.clear();
@@ -353,13 +499,20 @@ impl Streams {
     }
 }
 
-/// The port of a request's top Via sent-by, or the transport's default (§18.2.2: 5060 for TCP;
-/// 5061 for TLS, which is not reopened yet).
-fn sent_by_port(request: &rsip::Request) -> Option<u16> {
+/// The port of a request's top Via sent-by, or the transport's default (§18.2.2, §19.1.2: 5060
+/// for TCP, 5061 for TLS).
+fn sent_by_port(request: &rsip::Request, transport: Transport) -> Option<u16> {
     use rsip::headers::ToTypedHeader;
     use rsip::prelude::HeadersExt;
     let via = request.via_header().ok()?.typed().ok()?;
-    Some(via.uri.host_with_port.port.map_or(5060, |p| *p.value()))
+    let default = if transport == Transport::Tls { 5061 } else { 5060 };
+    Some(via.uri.host_with_port.port.map_or(default, |p| *p.value()))
+}
+
+/// What the writer sends next.
+enum Outgoing {
+    Queued(Vec<u8>),
+    Ping,
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(
@@ -368,9 +521,40 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     activity: Arc<Activity>,
     close: Arc<Notify>,
     peer: Peer,
+    keepalive: Option<Duration>,
 ) {
-    while let Some(bytes) = queue.recv().await {
-        match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&bytes)).await {
+    let mut pings = keepalive.map(|every| {
+        let mut pings = tokio::time::interval_at(Instant::now() + every, every);
+        // After a stalled write, one ping is enough: a burst would not refresh the NAT better.
+        pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        pings
+    });
+    loop {
+        let ping_due = async {
+            match pings.as_mut() {
+                Some(pings) => {
+                    pings.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        // Both branches are cancel-safe: a message is taken from the queue only when chosen.
+        let next = tokio::select! {
+            queued = queue.recv() => match queued {
+                Some(bytes) => Outgoing::Queued(bytes),
+                None => break,
+            },
+            () = ping_due => Outgoing::Ping,
+        };
+        let bytes = match &next {
+            Outgoing::Queued(bytes) => bytes.as_slice(),
+            Outgoing::Ping => PING,
+        };
+        // Before the write: the pong may be read before the write call returns.
+        if matches!(next, Outgoing::Ping) {
+            activity.expect_pong();
+        }
+        match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(bytes)).await {
             Ok(Ok(())) => activity.touch(),
             Ok(Err(e)) => {
                 tracing::debug!(to = %peer.addr, "SIP connection write: {e}");
@@ -387,16 +571,27 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     close.notify_one();
 }
 
-/// When a connection last carried bytes in either direction.
+/// When a connection last carried bytes in either direction, and whether a ping of ours
+/// awaits its pong.
 #[derive(Debug)]
 struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    pong_due: AtomicBool,
 }
 
 impl Activity {
     fn new() -> Self {
-        Self { start: Instant::now(), last_ms: AtomicU64::new(0) }
+        Self { start: Instant::now(), last_ms: AtomicU64::new(0), pong_due: AtomicBool::new(false) }
+    }
+
+    fn expect_pong(&self) {
+        self.pong_due.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a CRLF now is the pong to our last ping (consumed: one pong per ping).
+    fn take_pong(&self) -> bool {
+        self.pong_due.swap(false, Ordering::Relaxed)
     }
 
     fn touch(&self) {
@@ -416,7 +611,7 @@ pub async fn tcp_listener(listener: TcpListener, streams: Arc<Streams>) {
         let _ = stream.set_nodelay(true);
         let peer = Peer { transport: Transport::Tcp, addr: from };
         let registered = streams.register(peer);
-        tokio::spawn(Arc::clone(&streams).serve(stream, peer, registered, slot));
+        tokio::spawn(Arc::clone(&streams).serve(stream, peer, registered, slot, None));
     }
 }
 
@@ -432,7 +627,7 @@ pub async fn tls_listener(listener: TcpListener, acceptor: tokio_rustls::TlsAcce
                 Ok(Ok(tls)) => {
                     let peer = Peer { transport: Transport::Tls, addr: from };
                     let registered = streams.register(peer);
-                    streams.serve(tls, peer, registered, slot).await;
+                    streams.serve(tls, peer, registered, slot, None).await;
                 }
                 Ok(Err(e)) => tracing::debug!(%from, "TLS handshake: {e}"),
                 Err(_) => tracing::debug!(%from, "TLS handshake timed out"),
@@ -463,6 +658,7 @@ async fn accept(listener: &TcpListener, streams: &Arc<Streams>) -> Option<(TcpSt
 
 #[cfg(test)]
 mod tests {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     use tokio::io::DuplexStream;
 
     use super::*;
@@ -471,6 +667,13 @@ mod tests {
         Via: SIP/2.0/TCP 127.0.0.1:5070;branch=z9hG4bK1;rport\r\n\
         Max-Forwards: 70\r\nFrom: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:echo@127.0.0.1>\r\n\
         Call-ID: c1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+
+    const OK: &str = "SIP/2.0 200 OK\r\n\
+        Via: SIP/2.0/TLS 127.0.0.1:5061;branch=z9hG4bK1\r\n\
+        From: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:echo@127.0.0.1>;tag=2\r\n\
+        Call-ID: c1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+
+    const WAIT: Duration = Duration::from_secs(5);
 
     fn streams(max_connections: usize) -> (Arc<Streams>, mpsc::Receiver<Inbound>) {
         let (endpoint, inbound) = mpsc::channel(16);
@@ -488,7 +691,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(1 << 20);
         let slot = streams.reserve().expect("a free slot");
         let registered = streams.register(peer);
-        tokio::spawn(Arc::clone(streams).serve(server, peer, registered, slot));
+        tokio::spawn(Arc::clone(streams).serve(server, peer, registered, slot, None));
         client
     }
 
@@ -582,5 +785,183 @@ mod tests {
             assert!(Instant::now() < deadline, "the slot was never given back");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// A carrier's private PKI: a CA, and the certificate it issued to its gateway
+    /// `carrier.test`. `ca_pem` holds an unrelated certificate too: a CA file may hold several.
+    struct CarrierPki {
+        ca_pem: String,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    }
+
+    fn carrier_pki() -> CarrierPki {
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Carrier test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let gateway_key = rcgen::KeyPair::generate().expect("gateway key");
+        let gateway = rcgen::CertificateParams::new(vec!["carrier.test".to_owned()])
+            .expect("gateway params")
+            .signed_by(&gateway_key, &ca, &ca_key)
+            .expect("gateway certificate");
+        let other = rcgen::generate_simple_self_signed(vec!["other.test".to_owned()]).expect("other certificate");
+        CarrierPki {
+            ca_pem: format!("{}{}", other.cert.pem(), ca.pem()),
+            chain: vec![gateway.der().clone()],
+            key: PrivatePkcs8KeyDer::from(gateway_key.serialize_der()).into(),
+        }
+    }
+
+    type Accepted = std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>;
+
+    /// The carrier's gateway on loopback; each connection's handshake outcome is handed over.
+    async fn gateway(pki: &CarrierPki) -> (SocketAddr, mpsc::Receiver<Accepted>) {
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(pki.chain.clone(), pki.key.clone_key())
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (accepted, accepted_rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                if accepted.send(acceptor.accept(tcp).await).await.is_err() {
+                    break;
+                }
+            }
+        });
+        (addr, accepted_rx)
+    }
+
+    fn tls_route(streams: &Streams, addr: SocketAddr, pki: &CarrierPki, name: &'static str) {
+        let config = tls_client_config(Some(pki.ca_pem.as_bytes())).expect("client config");
+        streams.add_tls_route(addr, ServerName::try_from(name).expect("server name"), config);
+    }
+
+    #[tokio::test]
+    async fn outbound_tls_to_a_routed_gateway_carries_messages_both_ways() {
+        let pki = carrier_pki();
+        let (addr, mut accepted) = gateway(&pki).await;
+        let (streams, mut inbound) = streams(10);
+        tls_route(&streams, addr, &pki, "carrier.test");
+        let peer = Peer { transport: Transport::Tls, addr };
+        streams.send(peer, OPTIONS.as_bytes().to_vec());
+        let mut tls = tokio::time::timeout(WAIT, accepted.recv())
+            .await
+            .expect("a connection in time")
+            .expect("a connection")
+            .expect("the handshake, verified against the private CA");
+        let mut received = vec![0u8; OPTIONS.len()];
+        tls.read_exact(&mut received).await.expect("the request");
+        assert_eq!(received, OPTIONS.as_bytes());
+        tls.write_all(OK.as_bytes()).await.expect("write");
+        let Inbound { peer: from, message } =
+            tokio::time::timeout(WAIT, inbound.recv()).await.expect("in time").expect("the response");
+        assert_eq!(from, peer);
+        assert!(matches!(message, SipMessage::Response(_)), "{message}");
+        // Exactly the request: no keep-alive was asked for, nothing else follows.
+        let mut more = [0u8; 1];
+        assert!(tokio::time::timeout(Duration::from_millis(200), tls.read(&mut more)).await.is_err());
+        // Later messages reuse the connection (§18.2.2).
+        streams.send(peer, OPTIONS.as_bytes().to_vec());
+        tls.read_exact(&mut received).await.expect("the second request");
+        assert_eq!(received, OPTIONS.as_bytes());
+    }
+
+    #[tokio::test]
+    async fn outbound_tls_refuses_a_certificate_for_another_name() {
+        let pki = carrier_pki();
+        let (addr, mut accepted) = gateway(&pki).await;
+        let (streams, mut inbound) = streams(10);
+        tls_route(&streams, addr, &pki, "wrong.test");
+        let peer = Peer { transport: Transport::Tls, addr };
+        streams.send(peer, OPTIONS.as_bytes().to_vec());
+        let handshake = tokio::time::timeout(WAIT, accepted.recv()).await.expect("in time").expect("an attempt");
+        assert!(handshake.is_err(), "the client aborts the handshake");
+        // The failed connection leaves the table and its slot, so the next send tries afresh.
+        let deadline = Instant::now() + WAIT;
+        while streams.table().by_peer.contains_key(&peer) || streams.open.load(Ordering::Acquire) > 0 {
+            assert!(Instant::now() < deadline, "the failed connection was never cleared");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(inbound.try_recv().is_err(), "nothing reaches the endpoint");
+        streams.send(peer, OPTIONS.as_bytes().to_vec());
+        let again = tokio::time::timeout(WAIT, accepted.recv()).await.expect("in time").expect("a second attempt");
+        assert!(again.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_tls_peer_without_a_route_gets_no_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (streams, _inbound) = streams(10);
+        let peer = Peer { transport: Transport::Tls, addr };
+        streams.send(peer, OPTIONS.as_bytes().to_vec());
+        assert!(tokio::time::timeout(Duration::from_millis(200), listener.accept()).await.is_err());
+        assert!(!streams.table().by_peer.contains_key(&peer));
+        assert_eq!(streams.open.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_ca_file_must_hold_a_certificate() {
+        assert!(tls_client_config(None).is_ok());
+        // The likely mistake: the key file named where the CA belongs.
+        let key = rcgen::KeyPair::generate().expect("key").serialize_pem();
+        assert!(matches!(tls_client_config(Some(key.as_bytes())), Err(TlsClientError::NoCertificate)));
+        assert!(matches!(tls_client_config(Some(b"not a PEM file")), Err(TlsClientError::NoCertificate)));
+        let broken = b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n";
+        assert!(matches!(tls_client_config(Some(broken)), Err(TlsClientError::Pem(_))));
+    }
+
+    #[tokio::test]
+    async fn connections_we_open_ping_at_the_keepalive_interval() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (streams, _inbound) = streams(10);
+        let every = Duration::from_millis(100);
+        streams.set_keepalive(addr, Some(every));
+        let opened = Instant::now();
+        streams.send(Peer { transport: Transport::Tcp, addr }, OPTIONS.as_bytes().to_vec());
+        let (mut gateway, _) = tokio::time::timeout(WAIT, listener.accept()).await.expect("in time").expect("accept");
+        let mut received = vec![0u8; OPTIONS.len()];
+        gateway.read_exact(&mut received).await.expect("the request");
+        assert_eq!(received, OPTIONS.as_bytes());
+        for n in 1..=2 {
+            let mut ping = [0u8; 4];
+            tokio::time::timeout(WAIT, gateway.read_exact(&mut ping)).await.expect("a ping in time").expect("read");
+            assert_eq!(&ping, PING);
+            assert!(opened.elapsed() >= every * n, "ping {n} came early");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pongs_to_our_pings_are_not_taken_for_pings() {
+        let (streams, _inbound) = streams(10);
+        let (mut gateway, ours) = tokio::io::duplex(1 << 16);
+        let slot = streams.reserve().expect("a free slot");
+        let registered = streams.register(peer());
+        let every = Duration::from_secs(30);
+        tokio::spawn(Arc::clone(&streams).serve(ours, peer(), registered, slot, Some(every)));
+        let start = Instant::now();
+        for n in 1..=3 {
+            let mut ping = [0u8; 4];
+            gateway.read_exact(&mut ping).await.expect("a ping");
+            assert_eq!(&ping, PING);
+            assert_eq!(start.elapsed(), every * n);
+            gateway.write_all(b"\r\n").await.expect("pong");
+        }
+        // Two pongs in a row look like a ping; answered, a CRLF would arrive before the next ping.
+        let mut more = [0u8; 1];
+        assert!(tokio::time::timeout(every / 2, gateway.read(&mut more)).await.is_err());
+        // The peer's own ping is still answered.
+        gateway.write_all(PING).await.expect("ping");
+        let mut pong = [0u8; 2];
+        gateway.read_exact(&mut pong).await.expect("pong");
+        assert_eq!(&pong, b"\r\n");
     }
 }

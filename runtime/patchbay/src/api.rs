@@ -1,0 +1,367 @@
+//! The HTTP/JSON control API (`[api]`, `docs/api.md`).
+//!
+//! - `POST /v1/calls` places a call through a tenant's trunk and runs a flow when the callee
+//!   answers; `GET /v1/calls/{id}` reports its progress; `DELETE /v1/calls/{id}` hangs it up.
+//! - `GET /v1/trunks` lists the caller's trunks with their registration state.
+//!
+//! Every request carries `Authorization: Bearer TOKEN`: the admin token reaches every tenant
+//! (requests name the tenant with `"tenant"`), a tenant's token only its own calls and trunks.
+//! Errors are JSON `{"error": {"code": "...", "message": "..."}}` with a stable `code`.
+//! Secrets never appear in answers or logs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use patchbay_host::FlowRegistry;
+use serde::Deserialize;
+use sha2::Digest;
+use tokio::sync::mpsc;
+
+use crate::cdr::{CdrDraft, CdrSink, FlowEnd, SipEnd};
+use crate::originate::{CallStatus, CallView, Origination, Originations, new_call_id};
+use crate::sip_server::Command;
+use crate::trunk::{Trunk, check_number};
+
+/// What the API handlers share.
+pub struct ApiState {
+    /// SHA-256 of the admin token (tokens are compared as digests, so the comparison's time
+    /// says nothing about the token).
+    pub admin: Option<[u8; 32]>,
+    /// SHA-256 of each tenant's token → tenant id.
+    pub tenant_tokens: Vec<([u8; 32], String)>,
+    /// Every tenant's trunks, by (tenant, name).
+    pub trunks: HashMap<(String, String), Arc<Trunk>>,
+    /// Compiled flows (a call names one of its tenant's).
+    pub registry: Arc<FlowRegistry>,
+    /// The flows' configured variables.
+    pub flow_vars: HashMap<(String, String), BTreeMap<String, String>>,
+    /// Originations' progress.
+    pub originations: Arc<Originations>,
+    /// The SIP endpoint.
+    pub commands: mpsc::UnboundedSender<Command>,
+    /// Where refused calls' records go.
+    pub cdr: CdrSink,
+    /// Each trunk's registration state, as the endpoint last reported it.
+    pub registrations: Arc<std::sync::Mutex<HashMap<(String, String), String>>>,
+}
+
+/// SHA-256 of a token.
+pub fn token_digest(token: &str) -> [u8; 32] {
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+/// The routes, ready to serve.
+pub fn router(state: Arc<ApiState>) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/calls", post(create_call))
+        .route("/v1/calls/{id}", get(get_call).delete(delete_call))
+        .route("/v1/trunks", get(list_trunks))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such endpoint") })
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<ApiState>) {
+    if let Err(e) = axum::serve(listener, router(state)).await {
+        tracing::error!("control API stopped: {e}");
+    }
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), retry_after: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+/// Who is asking.
+enum Caller {
+    Admin,
+    Tenant(String),
+}
+
+impl Caller {
+    /// The tenant a request acts for: a tenant's own, or the one an admin names.
+    fn tenant(&self, named: Option<&str>) -> Result<String, ApiError> {
+        match (self, named) {
+            (Self::Tenant(own), None) => Ok(own.clone()),
+            (Self::Tenant(own), Some(named)) if named == own => Ok(own.clone()),
+            (Self::Tenant(_), Some(_)) => Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "not your tenant")),
+            (Self::Admin, Some(named)) => Ok(named.to_owned()),
+            (Self::Admin, None) => {
+                Err(ApiError::new(StatusCode::BAD_REQUEST, "tenant-required", "the admin token must name a \"tenant\""))
+            }
+        }
+    }
+
+    fn may_see(&self, tenant: &str) -> bool {
+        match self {
+            Self::Admin => true,
+            Self::Tenant(own) => own == tenant,
+        }
+    }
+}
+
+fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let unauthorized = || ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required");
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(unauthorized)?;
+    let digest = token_digest(token);
+    if state.admin == Some(digest) {
+        return Ok(Caller::Admin);
+    }
+    state
+        .tenant_tokens
+        .iter()
+        .find(|(d, _)| *d == digest)
+        .map(|(_, tenant)| Caller::Tenant(tenant.clone()))
+        .ok_or_else(unauthorized)
+}
+
+/// `POST /v1/calls`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateCall {
+    /// Number (or user) to call.
+    to: String,
+    /// Caller ID; the trunk's default when absent.
+    from: Option<String>,
+    /// Trunk name; may be left out when the tenant has one trunk.
+    trunk: Option<String>,
+    /// Flow to run on answer.
+    flow: String,
+    /// Variables for the flow.
+    #[serde(default)]
+    vars: BTreeMap<String, String>,
+    /// How long it may ring (default 30 s, at most 300).
+    ring_timeout_secs: Option<u64>,
+    /// Not supported yet.
+    webhook: Option<String>,
+    /// For the admin token: the tenant to act for.
+    tenant: Option<String>,
+}
+
+/// Most variables a call may bring, and the longest key and value.
+const MAX_VARS: usize = 64;
+const MAX_VAR_BYTES: usize = 1024;
+
+async fn create_call(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&state, &headers)?;
+    let request: CreateCall = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid-request", format!("body: {e}")))?;
+    let tenant = caller.tenant(request.tenant.as_deref())?;
+    if request.webhook.is_some() {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "webhook-not-supported",
+            "webhooks are not implemented yet: poll GET /v1/calls/{id}",
+        ));
+    }
+    let trunk = match &request.trunk {
+        Some(name) => state.trunks.get(&(tenant.clone(), name.clone())).cloned(),
+        None => {
+            let mut own = state.trunks.iter().filter(|((t, _), _)| *t == tenant);
+            match (own.next(), own.next()) {
+                (Some((_, trunk)), None) => Some(Arc::clone(trunk)),
+                _ => None,
+            }
+        }
+    }
+    .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "trunk-not-found", "no such trunk for this tenant"))?;
+    check_number(&request.to).map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid-number", m))?;
+    let caller_id = trunk
+        .caller_id(request.from.as_deref())
+        .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "caller-id-not-allowed", e.to_string()))?;
+    if state.registry.get(&tenant, &request.flow).is_err() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "flow-not-found", format!("no flow {:?}", request.flow)));
+    }
+    if request.vars.len() > MAX_VARS
+        || request.vars.iter().any(|(k, v)| k.len() > MAX_VAR_BYTES || v.len() > MAX_VAR_BYTES)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-request",
+            format!("vars: at most {MAX_VARS}, keys and values at most {MAX_VAR_BYTES} bytes"),
+        ));
+    }
+    let ring_timeout = request.ring_timeout_secs.unwrap_or(30);
+    if !(1..=300).contains(&ring_timeout) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid-request", "ring_timeout_secs: 1 to 300"));
+    }
+    let mut vars = state.flow_vars.get(&(tenant.clone(), request.flow.clone())).cloned().unwrap_or_default();
+    vars.extend(request.vars);
+    let id = new_call_id();
+    let view = CallView {
+        id: id.clone(),
+        tenant: tenant.clone(),
+        trunk: trunk.name.clone(),
+        flow: request.flow.clone(),
+        to: request.to.clone(),
+        from: caller_id.clone(),
+        status: CallStatus::Queued,
+        sip_code: None,
+        reason: None,
+        created: crate::cdr::rfc3339(SystemTime::now()),
+        answered: None,
+        ended: None,
+    };
+    state.originations.insert(view.clone());
+    let origination = Origination {
+        id: id.clone(),
+        trunk: Arc::clone(&trunk),
+        to: request.to,
+        caller_id,
+        flow: request.flow,
+        vars,
+        ring_timeout: Duration::from_secs(ring_timeout),
+        slots: Default::default(),
+    };
+    let (commands, originations) = (state.commands.clone(), Arc::clone(&state.originations));
+    let job = Box::new(move |slots| {
+        let mut origination = origination;
+        origination.slots = slots;
+        // Cancelled while it waited: nothing to place (its record was written then).
+        if originations.get(&origination.id).is_some_and(|v| v.status != CallStatus::Queued) {
+            return;
+        }
+        tokio::spawn(async move {
+            match origination.trunk.next_hop().await {
+                Ok(peer) => {
+                    let _ = commands.send(Command::Originate { origination: Box::new(origination), peer });
+                }
+                Err(reason) => {
+                    tracing::warn!(id = %origination.id, trunk = %origination.trunk.name, "{reason}");
+                    let _ = commands.send(Command::OriginationFailed { origination: Box::new(origination), reason });
+                }
+            }
+        });
+    });
+    if let Err(retry_after) = trunk.gate.enqueue(job) {
+        let reason = format!("trunk {:?} is at its cap and its queue is full", trunk.name);
+        state.originations.update(&id, CallStatus::Failed, None, Some(reason.clone()));
+        write_refused(&state.cdr, &view, "rate-limited");
+        let mut error = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate-limited", reason);
+        error.retry_after = Some(retry_after);
+        return Err(error);
+    }
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": id, "status": "queued" }))).into_response())
+}
+
+/// The record of a call refused before it was placed.
+pub fn write_refused(cdr: &CdrSink, view: &CallView, cause: &str) {
+    let info = patchbay_host::CallInfo {
+        call_id: String::new(),
+        tenant: view.tenant.clone(),
+        flow: view.flow.clone(),
+        from: view.from.clone(),
+        to: view.to.clone(),
+        direction: patchbay_host::Direction::Outbound,
+        headers: Vec::new(),
+    };
+    let mut draft = CdrDraft::new(&info, "");
+    draft.set_id(&view.id);
+    let sip = SipEnd { cause: cause.to_owned(), by: "patchbay", sip_code: 0 };
+    let flow = FlowEnd { outcome: "not-run", detail: None, vars: BTreeMap::new() };
+    if let Some(record) = draft.close(sip, flow) {
+        cdr.write(record);
+    }
+}
+
+async fn get_call(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<CallView>, ApiError> {
+    let caller = authenticate(&state, &headers)?;
+    match state.originations.get(&id) {
+        Some(view) if caller.may_see(&view.tenant) => Ok(Json(view)),
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "call-not-found", "no such call")),
+    }
+}
+
+async fn delete_call(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<CallView>, ApiError> {
+    let caller = authenticate(&state, &headers)?;
+    let view = match state.originations.get(&id) {
+        Some(view) if caller.may_see(&view.tenant) => view,
+        _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "call-not-found", "no such call")),
+    };
+    if view.status.is_final() {
+        return Ok(Json(view));
+    }
+    if view.status == CallStatus::Queued
+        && let Some(canceled) =
+            state.originations.update(&id, CallStatus::Canceled, None, Some("canceled while queued".into()))
+    {
+        write_refused(&state.cdr, &canceled, "canceled");
+        return Ok(Json(canceled));
+    }
+    let _ = state.commands.send(Command::HangupOrigination { id: id.clone(), reason: "canceled" });
+    Ok(Json(state.originations.get(&id).unwrap_or(view)))
+}
+
+async fn list_trunks(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = authenticate(&state, &headers)?;
+    let registrations = state.registrations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let mut trunks: Vec<_> = state
+        .trunks
+        .iter()
+        .filter(|((tenant, _), _)| caller.may_see(tenant))
+        .map(|((tenant, name), trunk)| {
+            let registration = match trunk.register_expires {
+                Some(_) => {
+                    registrations.get(&(tenant.clone(), name.clone())).cloned().unwrap_or_else(|| "starting".into())
+                }
+                None => "not registering".into(),
+            };
+            serde_json::json!({
+                "tenant": tenant,
+                "name": name,
+                "transport": format!("{:?}", trunk.transport).to_ascii_lowercase(),
+                "registration": registration,
+                "queued": trunk.gate.queued(),
+            })
+        })
+        .collect();
+    trunks.sort_by_key(|t| (t["tenant"].to_string(), t["name"].to_string()));
+    Ok(Json(serde_json::json!({ "trunks": trunks })))
+}

@@ -1,0 +1,535 @@
+//! Carrier trunks: a tenant's SIP account at its carrier, built once from `[[tenant.trunk]]`.
+//!
+//! A [`Trunk`] knows where the carrier is (gateway, transport, outbound proxy), how to
+//! authenticate (digest credentials; they never leave this type except into a digest answer),
+//! which caller IDs the tenant may present, what media to offer, and the [`CallGate`] that caps
+//! its outbound calls (calls per second and concurrent calls, with a bounded queue).
+//!
+//! Outbound INVITEs through a trunk are built by [`Trunk::dial`]: Request-URI
+//! `sip:NUMBER@gateway` (`sips:` over TLS), From the caller ID at the trunk's domain,
+//! P-Asserted-Identity (RFC 3325 §9.1) when the trunk asserts it.
+//!
+//! **Not done yet:** RFC 3263 NAPTR/SRV resolution and failover to the next target (a gateway
+//! name is resolved with the system resolver to its first address; an explicit port or an IP
+//! address is used as is), answering the carrier's OPTIONS keep-alives is done by the user
+//! agent but we send no OPTIONS keep-alives of our own over UDP.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use patchbay_sip::transaction::{Peer, Transport};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use crate::config::{Secret, SrtpMode, TrunkConfig, TrunkTransport};
+
+/// `host[:port]` as written in a trunk's `gateway` or `outbound_proxy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    /// A DNS name or an IP address (IPv6 without brackets).
+    pub host: String,
+    /// The port, when one was written.
+    pub port: Option<u16>,
+}
+
+impl HostPort {
+    /// Parses `host`, `host:port`, `[v6]` or `[v6]:port`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("{text:?} is not host[:port]: {why}");
+        if text.is_empty() {
+            return Err(bad("empty"));
+        }
+        let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+            let (v6, after) = rest.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+            v6.parse::<std::net::Ipv6Addr>().map_err(|_| bad("not an IPv6 address in brackets"))?;
+            match after {
+                "" => (v6, None),
+                _ => (v6, Some(after.strip_prefix(':').ok_or_else(|| bad("junk after ]"))?)),
+            }
+        } else {
+            match text.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (text, None),
+            }
+        };
+        let port = port.map(|p| p.parse::<u16>().map_err(|_| bad("bad port"))).transpose()?;
+        if port == Some(0) {
+            return Err(bad("port 0"));
+        }
+        let valid_name = host.parse::<IpAddr>().is_ok()
+            || (!host.is_empty()
+                && host.len() <= 253
+                && host.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                }));
+        if !valid_name {
+            return Err(bad("not a host name or IP address"));
+        }
+        Ok(Self { host: host.to_owned(), port })
+    }
+
+    /// As written in a URI: IPv6 in brackets, the port when there is one.
+    fn uri_host(&self) -> String {
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        match self.port {
+            Some(port) => format!("{host}:{port}"),
+            None => host,
+        }
+    }
+}
+
+/// Whether `id` may be a caller ID: an E.164 number (`+` and digits) or a SIP user part of
+/// letters, digits and `-_.` — nothing that could break out of a header (no CR/LF, `<`, `"`,
+/// `;`, `@`).
+pub fn check_caller_id(id: &str) -> Result<(), String> {
+    let digits = id.strip_prefix('+').unwrap_or(id);
+    if digits.is_empty() || id.len() > 32 {
+        return Err(format!("{id:?}: a caller ID is 1 to 32 characters"));
+    }
+    if id.starts_with('+') && !digits.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!("{id:?}: an E.164 number is + and digits"));
+    }
+    if !digits.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        return Err(format!("{id:?}: only digits, letters, '+', '-', '_' and '.' are allowed"));
+    }
+    Ok(())
+}
+
+/// A number or user to call through a trunk: the same characters as a caller ID.
+pub fn check_number(number: &str) -> Result<(), String> {
+    check_caller_id(number).map_err(|m| m.replace("a caller ID", "a number"))
+}
+
+/// Why a caller ID is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallerIdError {
+    /// Not one of the trunk's `caller_ids`.
+    #[error("caller ID {0:?} is not allowed on trunk {1:?}")]
+    NotAllowed(String, String),
+    /// None given and the trunk has no default.
+    #[error("trunk {0:?} has no default caller ID: name one")]
+    Missing(String),
+}
+
+/// A carrier trunk, as configured.
+pub struct Trunk {
+    /// The tenant that owns it.
+    pub tenant: String,
+    /// Its name within the tenant.
+    pub name: String,
+    gateway: HostPort,
+    proxy: Option<HostPort>,
+    /// How signalling travels.
+    pub transport: TrunkTransport,
+    username: Option<String>,
+    password: Option<Secret>,
+    realm: Option<String>,
+    /// The host of our From and of the registered address of record.
+    pub from_domain: String,
+    /// Registration lifetime asked for, when the trunk registers.
+    pub register_expires: Option<u32>,
+    caller_ids: Vec<String>,
+    default_caller_id: Option<String>,
+    pai: bool,
+    /// Codecs offered, in order.
+    pub codecs: Vec<patchbay_sip::sdp::AudioCodec>,
+    /// SRTP on its calls.
+    pub srtp: SrtpMode,
+    /// Keep-alive interval (CRLF on TCP/TLS connections).
+    pub keepalive: Option<Duration>,
+    /// The TLS client configuration (webpki roots plus the trunk's CA).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Addresses the carrier's inbound calls come from (trusted for its DIDs only).
+    pub source_ips: Vec<IpAddr>,
+    /// Inbound number → flow.
+    pub dids: BTreeMap<String, String>,
+    /// Its outbound cap.
+    pub gate: Arc<CallGate>,
+}
+
+impl std::fmt::Debug for Trunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trunk")
+            .field("tenant", &self.tenant)
+            .field("name", &self.name)
+            .field("gateway", &self.gateway)
+            .field("transport", &self.transport)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trunk {
+    /// Builds a trunk from its (checked) configuration.
+    pub fn new(tenant: &str, config: &TrunkConfig, base_dir: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let gateway = HostPort::parse(config.gateway.get_ref()).map_err(anyhow::Error::msg)?;
+        let proxy = config
+            .outbound_proxy
+            .as_ref()
+            .map(|p| HostPort::parse(p.get_ref()))
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        let tls = match config.transport {
+            TrunkTransport::Tls => {
+                let ca = match &config.ca {
+                    Some(path) => {
+                        let path = base_dir.join(path.get_ref());
+                        Some(std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)
+                    }
+                    None => None,
+                };
+                Some(crate::transport::tls_client_config(ca.as_deref()).context("trunk TLS")?)
+            }
+            _ => None,
+        };
+        let codecs = match &config.codecs {
+            Some(codecs) => codecs
+                .iter()
+                .map(|c| match c.get_ref().to_ascii_uppercase().as_str() {
+                    "PCMA" => patchbay_sip::sdp::AudioCodec::Pcma,
+                    _ => patchbay_sip::sdp::AudioCodec::Pcmu,
+                })
+                .collect(),
+            None => vec![patchbay_sip::sdp::AudioCodec::Pcmu, patchbay_sip::sdp::AudioCodec::Pcma],
+        };
+        Ok(Self {
+            tenant: tenant.to_owned(),
+            name: config.name.clone(),
+            from_domain: config.from_domain.clone().unwrap_or_else(|| gateway.host.clone()),
+            gateway,
+            proxy,
+            transport: config.transport,
+            username: config.username.clone(),
+            password: config.password.clone(),
+            realm: config.realm.clone(),
+            register_expires: config.register.then_some(config.register_expires_secs),
+            caller_ids: config.caller_ids.iter().map(|c| c.get_ref().clone()).collect(),
+            default_caller_id: config.default_caller_id.as_ref().map(|c| c.get_ref().clone()),
+            pai: config.p_asserted_identity,
+            codecs,
+            srtp: config.srtp,
+            keepalive: (config.keepalive_secs > 0).then(|| Duration::from_secs(config.keepalive_secs)),
+            tls,
+            source_ips: config.source_ips.clone(),
+            dids: config.dids.iter().map(|(did, flow)| (did.clone(), flow.get_ref().clone())).collect(),
+            gate: Arc::new(CallGate::new(config.calls_per_second, config.max_calls, config.queue)),
+        })
+    }
+
+    /// The transaction layer's transport for this trunk.
+    pub fn sip_transport(&self) -> Transport {
+        match self.transport {
+            TrunkTransport::Udp => Transport::Udp,
+            TrunkTransport::Tcp => Transport::Tcp,
+            TrunkTransport::Tls => Transport::Tls,
+        }
+    }
+
+    /// The caller ID to present: `requested` when the tenant may present it on this trunk,
+    /// else the default when none was requested.
+    pub fn caller_id(&self, requested: Option<&str>) -> Result<String, CallerIdError> {
+        match requested {
+            Some(id) if self.caller_ids.iter().any(|allowed| allowed == id) => Ok(id.to_owned()),
+            Some(id) => Err(CallerIdError::NotAllowed(id.to_owned(), self.name.clone())),
+            None => self.default_caller_id.clone().ok_or_else(|| CallerIdError::Missing(self.name.clone())),
+        }
+    }
+
+    /// Digest credentials for the trunk's challenges (a fresh client per dialog or
+    /// registration), limited to the configured realm when there is one.
+    pub fn digest_client(&self) -> Option<patchbay_sip::auth::DigestClient> {
+        let (user, password) = (self.username.as_ref()?, self.password.as_ref()?);
+        let client = patchbay_sip::auth::DigestClient::new(user.clone(), password.expose().to_owned());
+        Some(match &self.realm {
+            Some(realm) => client.with_realm(realm.clone()),
+            None => client,
+        })
+    }
+
+    /// The user we register as (the address of record's user part).
+    pub fn username(&self) -> Option<&str> {
+        self.username.as_deref()
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.transport == TrunkTransport::Tls { "sips" } else { "sip" }
+    }
+
+    fn transport_param(&self) -> &'static str {
+        match self.transport {
+            TrunkTransport::Udp => "",
+            TrunkTransport::Tcp => ";transport=tcp",
+            // `sips:` already says TLS (RFC 3261 §19.1.2).
+            TrunkTransport::Tls => "",
+        }
+    }
+
+    /// `sip:USER@gateway[;transport=tcp]` (`sips:` over TLS).
+    pub fn uri_for(&self, user: &str) -> Result<rsip::Uri, String> {
+        let text = format!("{}:{user}@{}{}", self.scheme(), self.gateway.uri_host(), self.transport_param());
+        rsip::Uri::try_from(text.as_str()).map_err(|e| format!("{text}: {e}"))
+    }
+
+    /// The registrar's URI (RFC 3261 §10.2: the domain, no user part).
+    pub fn registrar_uri(&self) -> Result<rsip::Uri, String> {
+        let text = format!("{}:{}{}", self.scheme(), self.gateway.uri_host(), self.transport_param());
+        rsip::Uri::try_from(text.as_str()).map_err(|e| format!("{text}: {e}"))
+    }
+
+    /// The address of record we register: `sip:USERNAME@from_domain`.
+    pub fn aor(&self) -> Option<String> {
+        Some(format!("{}:{}@{}", self.scheme(), self.username.as_ref()?, self.from_domain))
+    }
+
+    /// Where requests go: the outbound proxy, else the gateway; resolved to an address (the
+    /// default port is 5060, 5061 over TLS: RFC 3263 §4.2 with no SRV step, see the module docs).
+    pub async fn next_hop(&self) -> Result<Peer, String> {
+        let hop = self.proxy.as_ref().unwrap_or(&self.gateway);
+        let default = if self.transport == TrunkTransport::Tls { 5061 } else { 5060 };
+        let port = hop.port.unwrap_or(default);
+        let addr = match hop.host.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, port),
+            Err(_) => tokio::net::lookup_host((hop.host.as_str(), port))
+                .await
+                .map_err(|e| format!("resolving {}: {e}", hop.host))?
+                .next()
+                .ok_or_else(|| format!("{} has no address", hop.host))?,
+        };
+        Ok(Peer { transport: self.sip_transport(), addr })
+    }
+
+    /// The host name a TLS gateway's certificate must carry.
+    pub fn tls_server_name(&self) -> Option<rustls::pki_types::ServerName<'static>> {
+        let hop = self.proxy.as_ref().unwrap_or(&self.gateway);
+        rustls::pki_types::ServerName::try_from(hop.host.clone()).ok()
+    }
+
+    /// The URI a caller ID is presented as: `sip:CALLER_ID@from_domain`.
+    pub fn identity(&self, caller_id: &str) -> String {
+        format!("{}:{caller_id}@{}", self.scheme(), self.from_domain)
+    }
+
+    /// The INVITE for a call to `number` presenting `caller_id` (checked by
+    /// [`Trunk::caller_id`]) with the SDP `offer`.
+    pub fn dial(
+        &self,
+        peer: Peer,
+        number: &str,
+        caller_id: &str,
+        display_name: Option<&str>,
+        offer: Vec<u8>,
+        mut headers: Vec<rsip::Header>,
+    ) -> Result<patchbay_sip::ua::Dial, String> {
+        check_number(number)?;
+        check_caller_id(caller_id)?;
+        let target = self.uri_for(number)?;
+        let identity = self.identity(caller_id);
+        let display = display_name
+            .filter(|d| !d.is_empty())
+            .map(|d| {
+                // A quoted-string may not hold `"` or `\` unescaped, nor any control character
+                // (RFC 3261 §25.1): drop them rather than let a name break the header.
+                let clean: String =
+                    d.chars().filter(|c| !c.is_control() && !matches!(c, '"' | '\\')).take(64).collect();
+                format!("\"{clean}\" ")
+            })
+            .unwrap_or_default();
+        if self.pai {
+            headers.push(rsip::Header::Other("P-Asserted-Identity".into(), format!("{display}<{identity}>")));
+        }
+        Ok(patchbay_sip::ua::Dial {
+            peer,
+            target,
+            from: format!("{display}<{identity}>"),
+            to: None,
+            sdp: offer,
+            credentials: self.digest_client(),
+            headers,
+        })
+    }
+
+    /// Whether a call from `source` to one of this trunk's DIDs comes from the carrier.
+    pub fn trusts(&self, source: IpAddr) -> bool {
+        self.source_ips.contains(&source)
+            || [Some(&self.gateway), self.proxy.as_ref()].into_iter().flatten().any(|h| h.host.parse() == Ok(source))
+    }
+}
+
+/// The cap on a trunk's (or tenant's) outbound calls: a token bucket of calls per second,
+/// a number of calls up at once, and a bounded queue of calls waiting for both.
+///
+/// Originations are queued by [`CallGate::enqueue`] (refused when the queue is full — the API
+/// answers 429) and released in order by [`CallGate::run`] as tokens and call slots free up.
+pub struct CallGate {
+    cps: Option<f64>,
+    concurrent: Option<Arc<Semaphore>>,
+    capacity: usize,
+    queued: Arc<AtomicUsize>,
+    receiver: std::sync::Mutex<Option<mpsc::Receiver<GateJob>>>,
+    sender: mpsc::Sender<GateJob>,
+}
+
+/// The call slots a call holds (its trunk's and its tenant's, where capped) until it ends.
+#[derive(Debug, Default)]
+pub struct CallSlots(#[allow(dead_code)] Vec<OwnedSemaphorePermit>);
+
+impl From<OwnedSemaphorePermit> for CallSlots {
+    fn from(slot: OwnedSemaphorePermit) -> Self {
+        Self(vec![slot])
+    }
+}
+
+/// Something waiting at a gate; called with the call's slots once it may go.
+pub type GateJob = Box<dyn FnOnce(CallSlots) + Send>;
+
+impl CallGate {
+    /// A gate; `None` for no limit of that kind.
+    pub fn new(cps: Option<f64>, max_calls: Option<u32>, queue: usize) -> Self {
+        let capacity = queue.max(1);
+        let (sender, receiver) = mpsc::channel(capacity);
+        Self {
+            cps,
+            concurrent: max_calls.map(|n| Arc::new(Semaphore::new(n as usize))),
+            capacity,
+            queued: Arc::new(AtomicUsize::new(0)),
+            receiver: std::sync::Mutex::new(Some(receiver)),
+            sender,
+        }
+    }
+
+    /// Queues `job`; `Err` with a Retry-After in seconds when the queue is full.
+    pub fn enqueue(&self, job: GateJob) -> Result<(), u64> {
+        match self.sender.try_send(job) {
+            Ok(()) => {
+                self.queued.fetch_add(1, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(_) => Err(self.retry_after_secs()),
+        }
+    }
+
+    /// How long a caller refused now should wait: the time to drain the queue at the CPS rate.
+    pub fn retry_after_secs(&self) -> u64 {
+        let queued = self.queued.load(Ordering::Acquire).max(self.capacity) as f64;
+        self.cps.map_or(1, |cps| (queued / cps).ceil().max(1.0) as u64)
+    }
+
+    /// Calls waiting now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Releases queued jobs at the gate's pace, for as long as the gate lives; each also waits
+    /// for a slot of `tenant` (the tenant's cap on calls up at once). Call once.
+    pub async fn run(self: Arc<Self>, tenant: Option<Arc<Semaphore>>) {
+        let taken = self.receiver.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let Some(mut receiver) = taken else { return };
+        // A bucket of one second's worth of tokens (at least one): a burst of a second's calls
+        // goes at once, the rest at the rate.
+        let burst = self.cps.map_or(1.0, |cps| cps.max(1.0));
+        let mut tokens = burst;
+        let mut last = tokio::time::Instant::now();
+        while let Some(job) = receiver.recv().await {
+            let mut slots = Vec::new();
+            for semaphore in [&self.concurrent, &tenant].into_iter().flatten() {
+                slots.extend(Arc::clone(semaphore).acquire_owned().await.ok());
+            }
+            if let Some(cps) = self.cps {
+                let now = tokio::time::Instant::now();
+                tokens = (tokens + now.duration_since(last).as_secs_f64() * cps).min(burst);
+                last = now;
+                if tokens < 1.0 {
+                    let wait = Duration::from_secs_f64((1.0 - tokens) / cps);
+                    tokio::time::sleep(wait).await;
+                    tokens = 1.0;
+                    last = tokio::time::Instant::now();
+                }
+                tokens -= 1.0;
+            }
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            job(CallSlots(slots));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_parses_names_addresses_and_ports() {
+        assert_eq!(HostPort::parse("sip.carrier.example").expect("name").port, None);
+        assert_eq!(HostPort::parse("127.0.0.1:5070").expect("ip").port, Some(5070));
+        assert_eq!(HostPort::parse("[::1]:5061").expect("v6").host, "::1");
+        for bad in ["", "a b", "host:", "host:99999", "host:0", "[::1", "sip:x@y", "a\r\nb"] {
+            assert!(HostPort::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn caller_ids_cannot_carry_header_injection() {
+        assert!(check_caller_id("+15550100").is_ok());
+        assert!(check_caller_id("support").is_ok());
+        for bad in ["", "+1555\r\nX: y", "a<b>", "+15a", "a;b", "a@b", "\"x\"", &"9".repeat(40)] {
+            assert!(check_caller_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gate_spreads_a_burst_at_its_rate_and_refuses_beyond_its_queue() {
+        let gate = Arc::new(CallGate::new(Some(10.0), None, 50));
+        let (done, mut released) = mpsc::unbounded_channel();
+        for i in 0..50 {
+            let done = done.clone();
+            assert!(
+                gate.enqueue(Box::new(move |_| {
+                    let _ = done.send((i, tokio::time::Instant::now()));
+                }))
+                .is_ok()
+            );
+        }
+        let refused = gate.enqueue(Box::new(|_| {}));
+        assert_eq!(refused, Err(5), "50 queued at 10 per second: come back in 5 s");
+        let start = tokio::time::Instant::now();
+        tokio::spawn(Arc::clone(&gate).run(None));
+        let mut times = Vec::new();
+        while times.len() < 50 {
+            let (i, at) = released.recv().await.expect("released");
+            assert_eq!(i, times.len(), "in order");
+            times.push(at.duration_since(start));
+        }
+        // Ten go at once (a second's burst), the other forty at 10 per second.
+        assert!(times[9] < Duration::from_millis(10), "{:?}", times[9]);
+        assert!(
+            times[49] >= Duration::from_millis(3_900) && times[49] <= Duration::from_millis(4_100),
+            "{:?}",
+            times[49]
+        );
+        assert_eq!(gate.queued(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gate_holds_calls_beyond_its_concurrent_cap_until_one_ends() {
+        let gate = Arc::new(CallGate::new(None, Some(2), 10));
+        let (done, mut released) = mpsc::unbounded_channel();
+        for _ in 0..3 {
+            let done = done.clone();
+            gate.enqueue(Box::new(move |slot| {
+                let _ = done.send(slot);
+            }))
+            .expect("queued");
+        }
+        tokio::spawn(Arc::clone(&gate).run(None));
+        let first = released.recv().await.expect("first");
+        let _second = released.recv().await.expect("second");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(released.try_recv().is_err(), "the third waits for a free call");
+        drop(first);
+        assert_eq!(released.recv().await.expect("third").0.len(), 1);
+    }
+}
