@@ -6,10 +6,14 @@
 //!   named with `--pid`. Several `--calls` values run one round each, in order.
 //! - `patchbay-loadgen relay`: the same media load through rtpengine (the floor for relaying
 //!   media, see `rtpengine.rs`).
+//! - `patchbay-loadgen originate`: calls placed through the control API (`POST /v1/calls`)
+//!   into a carrier trunk that the benchmark itself plays; reports the originations per second
+//!   the trunk achieved against its cap and the time from POST to INVITE on the wire.
 //! - `patchbay-loadgen suite`: every scenario of `BENCHMARKS.md` ("System benchmark"), starting
 //!   Patchbay, the peers and the generator itself.
 
 mod calls;
+mod originate;
 mod procstat;
 mod rtp;
 mod rtpengine;
@@ -91,6 +95,8 @@ enum Command {
     },
     /// Run every scenario and print the tables for BENCHMARKS.md.
     Suite(suite::SuiteArgs),
+    /// Place calls through the control API into a carrier trunk played by the benchmark.
+    Originate(originate::OriginateArgs),
 }
 
 fn parse_pid(s: &str) -> Result<(String, u32), String> {
@@ -116,6 +122,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Suite(args) => suite::run(args).await,
+            Command::Originate(args) => originate::run(args).await,
         }
     })
 }

@@ -1,4 +1,5 @@
-//! CPU time and resident memory of a process, read from `/proc` (proc(5)).
+//! CPU time and resident memory of a process, and the machine's steal time, read from `/proc`
+//! (proc(5)).
 
 use std::time::Duration;
 
@@ -46,6 +47,24 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     Some(ProcSample { cpu, system, rss_kib })
 }
 
+/// All CPUs' time and the part of it the hypervisor stole, in clock ticks (the `cpu` line of
+/// `/proc/stat`): a VM's vCPUs are sometimes not running at all, and nothing inside it is on
+/// time then. Read before and after a run; see [`steal_since`].
+pub fn cpu_times() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> =
+        stat.lines().next()?.split_whitespace().skip(1).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    Some((fields.iter().take(8).sum(), *fields.get(7)?))
+}
+
+/// The share (%) of all CPU time stolen since `before` (a [`cpu_times`] reading).
+pub fn steal_since(before: Option<(u64, u64)>) -> Option<f64> {
+    cpu_times().zip(before).map(|((total, steal), (total0, steal0))| {
+        steal.saturating_sub(steal0) as f64 * 100.0 / total.saturating_sub(total0).max(1) as f64
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -61,5 +80,14 @@ mod tests {
         assert!(after.cpu > before.cpu, "150 ms of spinning shows as CPU time");
         assert!(after.rss_kib > 0);
         assert!(super::sample(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn steal_is_a_share_of_cpu_time() {
+        let before = super::cpu_times();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if let Some(steal) = super::steal_since(before) {
+            assert!((0.0..=100.0).contains(&steal));
+        }
     }
 }

@@ -126,13 +126,13 @@ struct Results {
 }
 
 /// A child process killed when dropped.
-struct Process {
+pub(crate) struct Process {
     name: &'static str,
-    child: Child,
+    pub(crate) child: Child,
 }
 
 impl Process {
-    fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> anyhow::Result<Self> {
         let log = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -144,11 +144,11 @@ impl Process {
         Ok(Self { name, child })
     }
 
-    fn pid(&self) -> anyhow::Result<u32> {
+    pub(crate) fn pid(&self) -> anyhow::Result<u32> {
         self.child.id().with_context(|| format!("{} exited", self.name))
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
             // SIGTERM first: Patchbay hangs up and flushes.
             // SAFETY: kill(2) on our own child's pid.
@@ -269,16 +269,7 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         |calls: &[usize], pids: Vec<(String, u32)>| load_args(calls, args.short_hold, args.ramp, pids, false);
     let mut results = Results {
         machine: machine(),
-        date: String::from_utf8_lossy(
-            &std::process::Command::new("date")
-                .arg("-u")
-                .arg("+%Y-%m-%d %H:%M UTC")
-                .output()
-                .map(|o| o.stdout)
-                .unwrap_or_default(),
-        )
-        .trim()
-        .to_owned(),
+        date: date_utc(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         ..Results::default()
     };
@@ -468,7 +459,22 @@ fn read_sipp_stats(path: &Path) -> Option<(u64, u64)> {
     Some((column("SuccessfulCall(C)")?, column("FailedCall(C)")?))
 }
 
-fn machine() -> String {
+/// Now, as `date -u` prints it (to the second).
+pub(crate) fn date_utc() -> String {
+    String::from_utf8_lossy(
+        &std::process::Command::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%d %H:%M:%S UTC")
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default(),
+    )
+    .trim()
+    .to_owned()
+}
+
+/// Cores, CPU model and memory of this machine.
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {

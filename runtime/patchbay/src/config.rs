@@ -235,6 +235,8 @@ pub struct TenantConfig {
     /// Calls of this tenant up at once (inbound and outbound); more inbound calls get 503,
     /// more originations wait in their trunk's queue.
     pub max_calls: Option<u32>,
+    /// Outbound calls per second over all the tenant's trunks.
+    pub calls_per_second: Option<f64>,
     /// The tenant's carrier trunks.
     #[serde(rename = "trunk", default)]
     pub trunks: Vec<Spanned<TrunkConfig>>,
@@ -544,6 +546,14 @@ impl Config {
         for tenant in &mut config.tenants {
             secret_from_env(&mut tenant.api_token, &tenant.api_token_env, "tenant.api_token")
                 .map_err(|(span, m)| error(span, m))?;
+            if let Some(cps) = tenant.calls_per_second
+                && !(cps > 0.0 && cps.is_finite())
+            {
+                return Err(error(None, format!("tenant.calls_per_second: must be above 0 (got {cps})")));
+            }
+            if tenant.max_calls == Some(0) {
+                return Err(error(None, "tenant.max_calls: must be at least 1 (leave it out for no cap)".into()));
+            }
             let flows: Vec<String> = tenant.flows.iter().map(|f| f.get_ref().name.clone()).collect();
             let mut names = std::collections::HashSet::new();
             for trunk in &mut tenant.trunks {

@@ -21,6 +21,7 @@ mod media;
 mod originate;
 mod prompts;
 mod recording;
+mod resolve;
 mod sip_server;
 mod transport;
 mod trunk;
@@ -298,8 +299,14 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
             let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
             // Each trunk's gate releases its queued originations; a tenant's cap on calls up at
             // once is shared by its trunks.
-            for trunk in &trunks {
-                tokio::spawn(Arc::clone(&trunk.gate).run(tenant_slots.get(&trunk.tenant).cloned()));
+            for tenant in &config.tenants {
+                let caps = trunk::TenantCaps {
+                    slots: tenant_slots.get(&tenant.id).cloned(),
+                    bucket: tenant.calls_per_second.map(|cps| Arc::new(trunk::TokenBucket::new(cps))),
+                };
+                for trunk in trunks.iter().filter(|t| t.tenant == tenant.id) {
+                    tokio::spawn(Arc::clone(&trunk.gate).run(caps.clone()));
+                }
             }
             // TCP/TLS trunks: keep-alives on the connections we open (RFC 5626 §3.5.1), and for
             // TLS the name the gateway's certificate must carry.

@@ -106,6 +106,8 @@ pub struct Originations {
 #[derive(Debug, Default)]
 struct Inner {
     calls: HashMap<String, CallView>,
+    /// The SIP call of each origination that is up (placed and not yet over).
+    live: HashMap<String, patchbay_sip::ua::CallRef>,
     finished: VecDeque<String>,
 }
 
@@ -117,6 +119,19 @@ impl Originations {
     /// Records a new origination, `queued`.
     pub fn insert(&self, view: CallView) {
         self.inner().calls.insert(view.id.clone(), view);
+    }
+
+    /// Notes the SIP call that carries origination `id`.
+    pub fn placed(&self, id: &str, call: patchbay_sip::ua::CallRef) {
+        let mut inner = self.inner();
+        if inner.calls.get(id).is_some_and(|v| !v.status.is_final()) {
+            inner.live.insert(id.to_owned(), call);
+        }
+    }
+
+    /// The SIP call carrying origination `id`, while it is up.
+    pub fn call_of(&self, id: &str) -> Option<patchbay_sip::ua::CallRef> {
+        self.inner().live.get(id).copied()
     }
 
     /// The origination `id`, if it is known.
@@ -153,6 +168,7 @@ impl Originations {
         }
         let changed = view.clone();
         if status.is_final() {
+            inner.live.remove(id);
             inner.finished.push_back(id.to_owned());
             while inner.finished.len() > KEEP_FINISHED {
                 if let Some(old) = inner.finished.pop_front() {

@@ -367,7 +367,6 @@ pub async fn run_endpoint(
         calls: HashMap::new(),
         ending: HashMap::new(),
         legs: HashMap::new(),
-        origination_calls: HashMap::new(),
         digest: HashMap::new(),
         engine,
         registry,
@@ -432,8 +431,6 @@ struct Endpoint {
     ending: HashMap<CallRef, CdrDraft>,
     /// Outbound legs placed by flows' `dial`, and calls placed through the API until answered.
     legs: HashMap<CallRef, Leg>,
-    /// Calls placed through the API: id → call.
-    origination_calls: HashMap<String, CallRef>,
     digest: HashMap<String, DigestServer>,
     engine: Arc<FlowEngine>,
     registry: Arc<FlowRegistry>,
@@ -555,6 +552,9 @@ impl Endpoint {
                     tracing::debug!(?leg, "leg hangup: {e}");
                 }
             }
+            Command::Originate { origination, .. } if self.shutdown.is_some() => {
+                self.origination_failed(&origination.id, "Patchbay is shutting down".into());
+            }
             Command::Originate { origination, peer } => self.originate(now, origination, peer),
             Command::OriginationFailed { origination, reason } => self.origination_failed(&origination.id, reason),
             Command::HangupOrigination { id, reason } => self.hangup_origination(now, &id, reason),
@@ -573,6 +573,17 @@ impl Endpoint {
                         live.cdr.ending("shutdown", "patchbay");
                     }
                     self.bye(now, call);
+                }
+                // Calls placed through the API that are still ringing are cancelled.
+                let ringing: Vec<CallRef> =
+                    self.legs.iter().filter(|(_, leg)| leg.origination.is_some()).map(|(call, _)| *call).collect();
+                for call in ringing {
+                    if let Some(leg) = self.legs.get_mut(&call) {
+                        leg.cdr.ending("shutdown", "patchbay");
+                    }
+                    if let Err(e) = self.ua.hangup(now, call) {
+                        tracing::debug!(?call, "cancelling an origination: {e}");
+                    }
                 }
                 self.shutdown = Some((done, now + SHUTDOWN_GRACE));
             }
@@ -736,7 +747,7 @@ impl Endpoint {
         };
         let mut cdr = CdrDraft::new(&info, flow.version());
         cdr.set_id(&origination.id);
-        self.origination_calls.insert(origination.id.clone(), leg);
+        self.routing.originations.placed(&origination.id, leg);
         let (commands, id, ring) = (self.commands.clone(), origination.id.clone(), origination.ring_timeout);
         tokio::spawn(async move {
             tokio::time::sleep(ring).await;
@@ -771,7 +782,7 @@ impl Endpoint {
 
     /// Cancels (before answer) or hangs up (after) a call placed through the API.
     fn hangup_origination(&mut self, now: std::time::Instant, id: &str, reason: &'static str) {
-        let Some(&call) = self.origination_calls.get(id) else { return };
+        let Some(call) = self.routing.originations.call_of(id) else { return };
         if let Some(leg) = self.legs.get_mut(&call) {
             leg.cdr.ending(reason, if reason == "canceled" { "api" } else { "patchbay" });
             if let Err(e) = self.ua.hangup(now, call) {
@@ -924,20 +935,7 @@ fn media_session(negotiated: &patchbay_sip::sdp::Negotiated, ptime_ms: u16, rout
 
 impl Endpoint {
     fn on_event(&mut self, event: UaEvent) {
-        let Self {
-            ua,
-            calls,
-            ending,
-            legs,
-            origination_calls,
-            digest,
-            engine,
-            registry,
-            routing,
-            commands,
-            registrations,
-            ..
-        } = self;
+        let Self { ua, calls, ending, legs, digest, engine, registry, routing, commands, registrations, .. } = self;
         let now = std::time::Instant::now();
         match event {
             UaEvent::IncomingCall { call, peer, request } => {
@@ -1201,7 +1199,6 @@ impl Endpoint {
                 if let Some(mut leg) = legs.remove(&call)
                     && let Some((origination, _)) = leg.origination.take()
                 {
-                    origination_calls.remove(&origination.id);
                     let end = leg_end(&leg.cdr, &cause);
                     use crate::originate::CallStatus;
                     let status = match (end.cause.as_str(), end.sip_code) {

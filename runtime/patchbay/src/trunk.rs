@@ -425,34 +425,66 @@ impl CallGate {
     }
 
     /// Releases queued jobs at the gate's pace, for as long as the gate lives; each also waits
-    /// for a slot of `tenant` (the tenant's cap on calls up at once). Call once.
-    pub async fn run(self: Arc<Self>, tenant: Option<Arc<Semaphore>>) {
+    /// for its tenant's caps (calls up at once, calls per second). Call once.
+    pub async fn run(self: Arc<Self>, tenant: TenantCaps) {
         let taken = self.receiver.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         let Some(mut receiver) = taken else { return };
-        // A bucket of one second's worth of tokens (at least one): a burst of a second's calls
-        // goes at once, the rest at the rate.
-        let burst = self.cps.map_or(1.0, |cps| cps.max(1.0));
-        let mut tokens = burst;
-        let mut last = tokio::time::Instant::now();
+        let bucket = self.cps.map(TokenBucket::new);
         while let Some(job) = receiver.recv().await {
             let mut slots = Vec::new();
-            for semaphore in [&self.concurrent, &tenant].into_iter().flatten() {
+            for semaphore in [&self.concurrent, &tenant.slots].into_iter().flatten() {
                 slots.extend(Arc::clone(semaphore).acquire_owned().await.ok());
             }
-            if let Some(cps) = self.cps {
-                let now = tokio::time::Instant::now();
-                tokens = (tokens + now.duration_since(last).as_secs_f64() * cps).min(burst);
-                last = now;
-                if tokens < 1.0 {
-                    let wait = Duration::from_secs_f64((1.0 - tokens) / cps);
-                    tokio::time::sleep(wait).await;
-                    tokens = 1.0;
-                    last = tokio::time::Instant::now();
-                }
-                tokens -= 1.0;
+            for bucket in [bucket.as_ref(), tenant.bucket.as_deref()].into_iter().flatten() {
+                bucket.take().await;
             }
             self.queued.fetch_sub(1, Ordering::AcqRel);
             job(CallSlots(slots));
+        }
+    }
+}
+
+/// A tenant's caps, shared by its trunks' gates.
+#[derive(Debug, Clone, Default)]
+pub struct TenantCaps {
+    /// Calls up at once (`max_calls`).
+    pub slots: Option<Arc<Semaphore>>,
+    /// Calls started per second (`calls_per_second`).
+    pub bucket: Option<Arc<TokenBucket>>,
+}
+
+/// A token bucket of `rate` tokens per second holding at most a second's worth (at least one):
+/// a burst of a second's calls goes at once, the rest at the rate.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    state: std::sync::Mutex<(f64, tokio::time::Instant)>,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: f64) -> Self {
+        let burst = rate.max(1.0);
+        Self { rate, burst, state: std::sync::Mutex::new((burst, tokio::time::Instant::now())) }
+    }
+
+    /// Takes a token, waiting until there is one.
+    pub async fn take(&self) {
+        loop {
+            let wait = {
+                let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let now = tokio::time::Instant::now();
+                let (tokens, last) = &mut *state;
+                *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
+                *last = now;
+                if *tokens >= 1.0 {
+                    *tokens -= 1.0;
+                    return;
+                }
+                Duration::from_secs_f64((1.0 - *tokens) / self.rate)
+            };
+            tokio::time::sleep(wait).await;
         }
     }
 }
@@ -496,7 +528,7 @@ mod tests {
         let refused = gate.enqueue(Box::new(|_| {}));
         assert_eq!(refused, Err(5), "50 queued at 10 per second: come back in 5 s");
         let start = tokio::time::Instant::now();
-        tokio::spawn(Arc::clone(&gate).run(None));
+        tokio::spawn(Arc::clone(&gate).run(TenantCaps::default()));
         let mut times = Vec::new();
         while times.len() < 50 {
             let (i, at) = released.recv().await.expect("released");
@@ -524,12 +556,38 @@ mod tests {
             }))
             .expect("queued");
         }
-        tokio::spawn(Arc::clone(&gate).run(None));
+        tokio::spawn(Arc::clone(&gate).run(TenantCaps::default()));
         let first = released.recv().await.expect("first");
         let _second = released.recv().await.expect("second");
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(released.try_recv().is_err(), "the third waits for a free call");
         drop(first);
         assert_eq!(released.recv().await.expect("third").0.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tenants_rate_caps_all_its_trunks_together() {
+        let tenant = TenantCaps { slots: None, bucket: Some(Arc::new(TokenBucket::new(5.0))) };
+        let (done, mut released) = mpsc::unbounded_channel();
+        let start = tokio::time::Instant::now();
+        // Two trunks of 10 per second each, 15 calls each: the tenant's 5 per second decides.
+        for _ in 0..2 {
+            let gate = Arc::new(CallGate::new(Some(10.0), None, 100));
+            for _ in 0..15 {
+                let done = done.clone();
+                gate.enqueue(Box::new(move |_| {
+                    let _ = done.send(tokio::time::Instant::now());
+                }))
+                .expect("queued");
+            }
+            tokio::spawn(gate.run(tenant.clone()));
+        }
+        let mut last = start;
+        for _ in 0..30 {
+            last = released.recv().await.expect("released");
+        }
+        // Five at once, then 25 at 5 per second: 5 s.
+        let took = last.duration_since(start);
+        assert!(took >= Duration::from_millis(4_900) && took <= Duration::from_millis(5_200), "{took:?}");
     }
 }
