@@ -219,17 +219,47 @@ fn count_rtp(socket: UdpSocket, for_how_long: Duration) -> std::thread::JoinHand
     })
 }
 
+/// A webhook receiver: every request's body (answered 200), in order.
+fn webhook_receiver() -> (u16, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = std::io::BufReader::new(stream);
+            let mut length = 0;
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                line.clear();
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let _ = reader.get_mut().write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let _ = tx.send(String::from_utf8_lossy(&body).into_owned());
+        }
+    });
+    (port, rx)
+}
+
 fn outbound_call_through_a_registering_carrier(transport: &str) {
     let rtp = UdpSocket::bind("127.0.0.1:0").expect("rtp socket");
     let rtp_port = rtp.local_addr().expect("addr").port();
     let carrier = Carrier::start(transport, rtp_port);
     let ca = (transport == "tls").then(|| carrier.dir.path().join("ca.pem"));
-    let (pb, api) = patchbay(&trunk_table(transport, carrier.port, "secret", true, ca.as_deref()), "");
+    let (hook_port, hooks) = webhook_receiver();
+    let webhooks = format!("webhooks = [\"http://127.0.0.1:{hook_port}/\"]\nwebhook_secret = \"k\"\n");
+    let (pb, api) = patchbay(&trunk_table(transport, carrier.port, "secret", true, ca.as_deref()), &webhooks);
     let state = registration(api, Duration::from_secs(15), "registered");
     assert!(state.starts_with("registered"), "registration: {state}");
     let audio = count_rtp(rtp, Duration::from_secs(8));
-    let body = r#"{"to":"+15551234567","trunk":"carrier","flow":"greet"}"#;
-    let (status, _, created) = http("POST", api, "/v1/calls", TOKEN, Some(body));
+    let body = format!(
+        r#"{{"to":"+15551234567","trunk":"carrier","flow":"greet","webhook":"http://127.0.0.1:{hook_port}/calls"}}"#
+    );
+    let (status, _, created) = http("POST", api, "/v1/calls", TOKEN, Some(&body));
     assert_eq!(status, 201, "{created}");
     let id = created["id"].as_str().expect("an id").to_owned();
     assert_eq!(id.len(), 32, "128 random bits, hex: {id}");
@@ -250,6 +280,18 @@ fn outbound_call_through_a_registering_carrier(transport: &str) {
     assert_eq!(cdr["flow"], "greet");
     assert_eq!(cdr["sip_code"], 200);
     assert!(cdr["billable_ms"].as_u64().unwrap_or(0) >= 2_000, "{cdr}");
+    // The webhook saw the call's progress, in order, ending with its final status.
+    let mut statuses = Vec::new();
+    while let Ok(body) = hooks.recv_timeout(Duration::from_secs(3)) {
+        let view: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
+        assert_eq!(view["id"], id.as_str());
+        statuses.push(view["status"].as_str().unwrap_or_default().to_owned());
+        if statuses.last().map(String::as_str) == Some("completed") {
+            break;
+        }
+    }
+    assert_eq!(statuses.first().map(String::as_str), Some("queued"), "{statuses:?}");
+    assert!(statuses.ends_with(&["answered".to_owned(), "completed".to_owned()]), "{statuses:?}");
 }
 
 #[test]
@@ -302,6 +344,8 @@ fn the_api_refuses_bad_tokens_other_caller_ids_and_unknown_trunks_and_flows() {
     assert_eq!((status, error["error"]["code"].as_str()), (404, Some("flow-not-found")));
     let (status, _, error) = call(TOKEN, "{\"to\":\"+1555\\r\\nX-Evil: 1\",\"flow\":\"greet\"}");
     assert_eq!((status, error["error"]["code"].as_str()), (400, Some("invalid-number")), "{error}");
+    let (status, _, error) = call(TOKEN, r#"{"to":"+15551234567","flow":"greet","webhook":"http://169.254.169.254/"}"#);
+    assert_eq!((status, error["error"]["code"].as_str()), (403, Some("webhook-not-allowed")), "{error}");
     let (status, _, error) = call("admin-token", r#"{"to":"+15551234567","flow":"greet"}"#);
     assert_eq!((status, error["error"]["code"].as_str()), (400, Some("tenant-required")));
     let (status, _, _) = http("GET", api, "/v1/calls/0123", TOKEN, None);

@@ -49,6 +49,10 @@ pub struct ApiState {
     pub cdr: CdrSink,
     /// Each trunk's registration state, as the endpoint last reported it.
     pub registrations: Arc<std::sync::Mutex<HashMap<(String, String), String>>>,
+    /// Each tenant's allowed webhook URL prefixes and signing key.
+    pub webhooks: HashMap<String, (Vec<String>, Option<crate::config::Secret>)>,
+    /// TLS for `https://` webhooks (public roots).
+    pub webhook_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// SHA-256 of a token.
@@ -164,7 +168,7 @@ struct CreateCall {
     vars: BTreeMap<String, String>,
     /// How long it may ring (default 30 s, at most 300).
     ring_timeout_secs: Option<u64>,
-    /// Not supported yet.
+    /// Where progress is `POST`ed (under one of the tenant's `webhooks` prefixes).
     webhook: Option<String>,
     /// For the admin token: the tenant to act for.
     tenant: Option<String>,
@@ -183,13 +187,15 @@ async fn create_call(
     let request: CreateCall = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid-request", format!("body: {e}")))?;
     let tenant = caller.tenant(request.tenant.as_deref())?;
-    if request.webhook.is_some() {
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "webhook-not-supported",
-            "webhooks are not implemented yet: poll GET /v1/calls/{id}",
-        ));
-    }
+    let webhook = match &request.webhook {
+        Some(url) => {
+            let (allowed, secret) = state.webhooks.get(&tenant).cloned().unwrap_or_default();
+            let hook = crate::webhook::Webhook::new(url, &allowed, secret, state.webhook_tls.clone())
+                .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "webhook-not-allowed", e.to_string()))?;
+            Some(hook)
+        }
+        None => None,
+    };
     let trunk = match &request.trunk {
         Some(name) => state.trunks.get(&(tenant.clone(), name.clone())).cloned(),
         None => {
@@ -238,7 +244,7 @@ async fn create_call(
         answered: None,
         ended: None,
     };
-    state.originations.insert(view.clone());
+    state.originations.insert(view.clone(), webhook.map(crate::webhook::Webhook::start));
     let origination = Origination {
         id: id.clone(),
         trunk: Arc::clone(&trunk),
@@ -248,6 +254,7 @@ async fn create_call(
         vars,
         ring_timeout: Duration::from_secs(ring_timeout),
         slots: Default::default(),
+        fallback: Vec::new(),
     };
     let (commands, originations) = (state.commands.clone(), Arc::clone(&state.originations));
     let job = Box::new(move |slots| {
@@ -258,9 +265,15 @@ async fn create_call(
             return;
         }
         tokio::spawn(async move {
-            match origination.trunk.next_hop().await {
-                Ok(peer) => {
+            match origination.trunk.targets().await {
+                Ok(mut peers) if !peers.is_empty() => {
+                    let peer = peers.remove(0);
+                    origination.fallback = peers;
                     let _ = commands.send(Command::Originate { origination: Box::new(origination), peer });
+                }
+                Ok(_) => {
+                    let reason = "the trunk's gateway has no address".to_owned();
+                    let _ = commands.send(Command::OriginationFailed { origination: Box::new(origination), reason });
                 }
                 Err(reason) => {
                     tracing::warn!(id = %origination.id, trunk = %origination.trunk.name, "{reason}");

@@ -237,6 +237,13 @@ pub struct TenantConfig {
     pub max_calls: Option<u32>,
     /// Outbound calls per second over all the tenant's trunks.
     pub calls_per_second: Option<f64>,
+    /// URL prefixes the tenant's API calls may name as `webhook` (none: no webhooks).
+    #[serde(default)]
+    pub webhooks: Vec<String>,
+    /// Key of the webhooks' `X-Patchbay-Signature` (HMAC-SHA256 of the body).
+    pub webhook_secret: Option<Secret>,
+    /// ... or the environment variable that holds it.
+    pub webhook_secret_env: Option<Spanned<String>>,
     /// The tenant's carrier trunks.
     #[serde(rename = "trunk", default)]
     pub trunks: Vec<Spanned<TrunkConfig>>,
@@ -545,6 +552,8 @@ impl Config {
         }
         for tenant in &mut config.tenants {
             secret_from_env(&mut tenant.api_token, &tenant.api_token_env, "tenant.api_token")
+                .map_err(|(span, m)| error(span, m))?;
+            secret_from_env(&mut tenant.webhook_secret, &tenant.webhook_secret_env, "tenant.webhook_secret")
                 .map_err(|(span, m)| error(span, m))?;
             if let Some(cps) = tenant.calls_per_second
                 && !(cps > 0.0 && cps.is_finite())

@@ -25,6 +25,7 @@ mod resolve;
 mod sip_server;
 mod transport;
 mod trunk;
+mod webhook;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -161,9 +162,11 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
         report(&config, &engine, &registry);
         if serve {
             let mut trunks = Vec::new();
+            let resolver: Arc<dyn resolve::Resolve> =
+                Arc::new(resolve::SystemResolver::from_system_conf().context("reading the DNS configuration")?);
             for tenant in &config.tenants {
                 for trunk in &tenant.trunks {
-                    let built = trunk::Trunk::new(&tenant.id, trunk.get_ref(), &config.base_dir)
+                    let built = trunk::Trunk::new(&tenant.id, trunk.get_ref(), &config.base_dir, Arc::clone(&resolver))
                         .with_context(|| format!("tenant {:?} trunk {:?}", tenant.id, trunk.get_ref().name))?;
                     trunks.push(Arc::new(built));
                 }
@@ -311,20 +314,21 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
             // TCP/TLS trunks: keep-alives on the connections we open (RFC 5626 §3.5.1), and for
             // TLS the name the gateway's certificate must carry.
             for trunk in trunks.iter().filter(|t| t.transport != config::TrunkTransport::Udp) {
-                let peer = match trunk.next_hop().await {
-                    Ok(peer) => peer,
+                let peers = match trunk.targets().await {
+                    Ok(peers) => peers,
                     Err(e) => {
                         tracing::warn!(trunk = %trunk.name, "{e}");
                         continue;
                     }
                 };
-                streams.set_keepalive(peer.addr, trunk.keepalive);
-                if let Some(tls) = trunk.tls.clone() {
-                    match trunk.tls_server_name() {
-                        Some(name) => streams.add_tls_route(peer.addr, name, tls),
-                        None => {
+                for peer in peers {
+                    streams.set_keepalive(peer.addr, trunk.keepalive);
+                    match (trunk.tls.clone(), trunk.tls_server_name()) {
+                        (Some(tls), Some(name)) => streams.add_tls_route(peer.addr, name, tls),
+                        (Some(_), None) => {
                             tracing::warn!(trunk = %trunk.name, "TLS trunk: the gateway is not a valid TLS server name")
                         }
+                        (None, _) => {}
                     }
                 }
             }
@@ -346,6 +350,12 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                     commands: commands.clone(),
                     cdr: routing.cdr.clone(),
                     registrations,
+                    webhooks: config
+                        .tenants
+                        .iter()
+                        .map(|t| (t.id.clone(), (t.webhooks.clone(), t.webhook_secret.clone())))
+                        .collect(),
+                    webhook_tls: transport::tls_client_config(None).ok(),
                 });
                 tokio::spawn(api::serve(listener, state));
             }

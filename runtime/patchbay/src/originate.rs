@@ -92,6 +92,8 @@ pub struct Origination {
     pub ring_timeout: Duration,
     /// The call slots it holds until it ends.
     pub slots: CallSlots,
+    /// The trunk's further targets, tried in order after a timeout or a 503 (RFC 3263 §4.3).
+    pub fallback: Vec<patchbay_sip::transaction::Peer>,
 }
 
 /// Finished originations kept for `GET` after they end; the oldest go first.
@@ -108,6 +110,8 @@ struct Inner {
     calls: HashMap<String, CallView>,
     /// The SIP call of each origination that is up (placed and not yet over).
     live: HashMap<String, patchbay_sip::ua::CallRef>,
+    /// Where each origination with a webhook reports its changes, until it is over.
+    webhooks: HashMap<String, tokio::sync::mpsc::Sender<CallView>>,
     finished: VecDeque<String>,
 }
 
@@ -116,9 +120,16 @@ impl Originations {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a new origination, `queued`.
-    pub fn insert(&self, view: CallView) {
-        self.inner().calls.insert(view.id.clone(), view);
+    /// Records a new origination, `queued`; its changes go to `webhook` as well.
+    pub fn insert(&self, view: CallView, webhook: Option<tokio::sync::mpsc::Sender<CallView>>) {
+        let mut inner = self.inner();
+        if let Some(webhook) = webhook {
+            if webhook.try_send(view.clone()).is_err() {
+                tracing::warn!(id = %view.id, "webhook queue full: event dropped");
+            }
+            inner.webhooks.insert(view.id.clone(), webhook);
+        }
+        inner.calls.insert(view.id.clone(), view);
     }
 
     /// Notes the SIP call that carries origination `id`.
@@ -167,7 +178,13 @@ impl Originations {
             view.ended = Some(now);
         }
         let changed = view.clone();
+        if let Some(webhook) = inner.webhooks.get(id)
+            && webhook.try_send(changed.clone()).is_err()
+        {
+            tracing::warn!(id, "webhook queue full: event dropped");
+        }
         if status.is_final() {
+            inner.webhooks.remove(id);
             inner.live.remove(id);
             inner.finished.push_back(id.to_owned());
             while inner.finished.len() > KEEP_FINISHED {

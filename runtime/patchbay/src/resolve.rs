@@ -13,7 +13,6 @@
 
 // Nothing outside the tests calls this yet: the trunk code adopts it in a following change, and
 // then this `expect` fails the build until it is removed.
-#![cfg_attr(not(test), expect(dead_code, reason = "wired into the trunk code in a following change"))]
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -422,11 +421,8 @@ impl Search<'_> {
                 // NAPTR only tells us the SRV name, and RFC 3263 §4.1 gives the conventional
                 // one for a domain without NAPTR. Name servers that mishandle NAPTR queries are
                 // common enough that failing the call on them would be worse than going on.
-                tracing::warn!(
-                    host = self.host,
-                    error = %reason,
-                    "NAPTR lookup failed; trying the conventional SRV name"
-                );
+                let error = self.failure(self.host, RecordKind::Naptr, reason);
+                tracing::warn!("{error}; trying the conventional SRV name");
                 return Ok(conventional);
             }
         };

@@ -1197,8 +1197,17 @@ impl Endpoint {
             }
             UaEvent::Ended { call, cause } => {
                 if let Some(mut leg) = legs.remove(&call)
-                    && let Some((origination, _)) = leg.origination.take()
+                    && let Some((mut origination, _)) = leg.origination.take()
                 {
+                    // RFC 3263 §4.3: a target that timed out or was unavailable is skipped for
+                    // the next one (unless we ended the attempt ourselves).
+                    let unavailable = matches!(cause, EndCause::Failed(408 | 503)) && leg.cdr.local_reason().is_none();
+                    if unavailable && !origination.fallback.is_empty() {
+                        let peer = origination.fallback.remove(0);
+                        tracing::info!(id = %origination.id, ?cause, next = %peer.addr, "trunk target unavailable: trying the next");
+                        let _ = commands.send(Command::Originate { origination, peer });
+                        return;
+                    }
                     let end = leg_end(&leg.cdr, &cause);
                     use crate::originate::CallStatus;
                     let status = match (end.cause.as_str(), end.sip_code) {

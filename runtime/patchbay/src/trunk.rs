@@ -9,13 +9,15 @@
 //! `sip:NUMBER@gateway` (`sips:` over TLS), From the caller ID at the trunk's domain,
 //! P-Asserted-Identity (RFC 3325 §9.1) when the trunk asserts it.
 //!
-//! **Not done yet:** RFC 3263 NAPTR/SRV resolution and failover to the next target (a gateway
-//! name is resolved with the system resolver to its first address; an explicit port or an IP
-//! address is used as is), answering the carrier's OPTIONS keep-alives is done by the user
-//! agent but we send no OPTIONS keep-alives of our own over UDP.
+//! The gateway is located as RFC 3263 says ([`crate::resolve`]): calls fail over to the next
+//! target on a timeout or a 503; registrations use the first target.
+//!
+//! **Not done yet:** OPTIONS keep-alives of our own over UDP (the registration refresh keeps a
+//! NAT binding meanwhile; TCP/TLS connections get CRLF keep-alives); registrations do not fail
+//! over to the next target.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -149,6 +151,7 @@ pub struct Trunk {
     pub dids: BTreeMap<String, String>,
     /// Its outbound cap.
     pub gate: Arc<CallGate>,
+    resolver: Arc<dyn crate::resolve::Resolve>,
 }
 
 impl std::fmt::Debug for Trunk {
@@ -165,7 +168,12 @@ impl std::fmt::Debug for Trunk {
 
 impl Trunk {
     /// Builds a trunk from its (checked) configuration.
-    pub fn new(tenant: &str, config: &TrunkConfig, base_dir: &std::path::Path) -> anyhow::Result<Self> {
+    pub fn new(
+        tenant: &str,
+        config: &TrunkConfig,
+        base_dir: &std::path::Path,
+        resolver: Arc<dyn crate::resolve::Resolve>,
+    ) -> anyhow::Result<Self> {
         use anyhow::Context;
         let gateway = HostPort::parse(config.gateway.get_ref()).map_err(anyhow::Error::msg)?;
         let proxy = config
@@ -218,6 +226,7 @@ impl Trunk {
             source_ips: config.source_ips.clone(),
             dids: config.dids.iter().map(|(did, flow)| (did.clone(), flow.get_ref().clone())).collect(),
             gate: Arc::new(CallGate::new(config.calls_per_second, config.max_calls, config.queue)),
+            resolver,
         })
     }
 
@@ -286,21 +295,21 @@ impl Trunk {
         Some(format!("{}:{}@{}", self.scheme(), self.username.as_ref()?, self.from_domain))
     }
 
-    /// Where requests go: the outbound proxy, else the gateway; resolved to an address (the
-    /// default port is 5060, 5061 over TLS: RFC 3263 §4.2 with no SRV step, see the module docs).
-    pub async fn next_hop(&self) -> Result<Peer, String> {
+    /// Where requests go, in the order to try them (RFC 3263 §4: the outbound proxy, else the
+    /// gateway, located through NAPTR/SRV/A unless an address or a port is written). A caller
+    /// fails over to the next target on a timeout or a 503 (§4.3).
+    pub async fn targets(&self) -> Result<Vec<Peer>, String> {
         let hop = self.proxy.as_ref().unwrap_or(&self.gateway);
-        let default = if self.transport == TrunkTransport::Tls { 5061 } else { 5060 };
-        let port = hop.port.unwrap_or(default);
-        let addr = match hop.host.parse::<IpAddr>() {
-            Ok(ip) => SocketAddr::new(ip, port),
-            Err(_) => tokio::net::lookup_host((hop.host.as_str(), port))
-                .await
-                .map_err(|e| format!("resolving {}: {e}", hop.host))?
-                .next()
-                .ok_or_else(|| format!("{} has no address", hop.host))?,
-        };
-        Ok(Peer { transport: self.sip_transport(), addr })
+        let addrs = crate::resolve::locate(&*self.resolver, &hop.host, hop.port, self.transport)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(addrs.into_iter().map(|addr| Peer { transport: self.sip_transport(), addr }).collect())
+    }
+
+    /// The first of [`Trunk::targets`].
+    pub async fn next_hop(&self) -> Result<Peer, String> {
+        let hop = self.targets().await?.into_iter().next();
+        hop.ok_or_else(|| "the trunk's gateway has no address".to_owned())
     }
 
     /// The host name a TLS gateway's certificate must carry.

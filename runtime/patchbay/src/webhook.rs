@@ -1,0 +1,292 @@
+//! Webhooks: a call placed through the API reports each change of its status (`ringing`,
+//! `answered`, `completed`, …) by `POST`ing its view as JSON to the URL the `POST /v1/calls`
+//! named.
+//!
+//! A tenant may only name URLs under one of its configured `webhooks` prefixes (deny by
+//! default: Patchbay never connects anywhere a tenant did not allow). Each request carries
+//! `X-Patchbay-Signature: sha256=HEX`, the HMAC-SHA256 of the body under the tenant's
+//! `webhook_secret`, when it has one, so the receiver can tell it came from us. Deliveries of one
+//! call go in order, one at a time; each is tried three times (5 s timeout, 1 s then 4 s
+//! apart); a receiver that falls 16 events behind loses the oldest ones (the final status is
+//! always the last event sent).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::Mac;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use tokio::sync::mpsc;
+
+use crate::originate::CallView;
+
+/// Events of one call waiting for delivery.
+const QUEUE: usize = 16;
+/// Tries per event.
+const ATTEMPTS: usize = 3;
+/// Longest one try may take (connect, TLS, request and response).
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a webhook URL is refused or a delivery failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WebhookError {
+    /// Not `http://` or `https://` with a host, or not under one of the tenant's prefixes.
+    #[error("webhook {0:?} is not allowed for this tenant (see `webhooks` in its configuration)")]
+    NotAllowed(String),
+    /// The receiver could not be reached or answered with an error.
+    #[error("webhook delivery to {url}: {reason}")]
+    Delivery {
+        /// Where.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Where one call's events go.
+#[derive(Clone)]
+pub struct Webhook {
+    url: hyper::Uri,
+    secret: Option<crate::config::Secret>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook").field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+impl Webhook {
+    /// Checks `url` against the tenant's allowed prefixes (compared after parsing, so that
+    /// `http://allowed.example@evil.example/` cannot pass as `http://allowed.example`).
+    pub fn new(
+        url: &str,
+        allowed: &[String],
+        secret: Option<crate::config::Secret>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, WebhookError> {
+        let refused = || WebhookError::NotAllowed(url.to_owned());
+        let parsed: hyper::Uri = url.parse().map_err(|_| refused())?;
+        let scheme_ok = matches!(parsed.scheme_str(), Some("http" | "https"));
+        let authority = parsed.authority().ok_or_else(refused)?;
+        if !scheme_ok || authority.as_str().contains('@') || url.chars().any(char::is_control) {
+            return Err(refused());
+        }
+        let normal = format!("{}://{}{}", parsed.scheme_str().unwrap_or_default(), authority, parsed.path());
+        let under = |prefix: &String| {
+            let prefix = prefix.trim_end_matches('/');
+            normal == prefix || normal.starts_with(&format!("{prefix}/"))
+        };
+        if !allowed.iter().any(under) {
+            return Err(refused());
+        }
+        let tls = match parsed.scheme_str() {
+            Some("https") => Some(tls.ok_or_else(refused)?),
+            _ => None,
+        };
+        Ok(Self { url: parsed, secret, tls })
+    }
+
+    /// Starts delivering: returns where to send the call's views; the task ends when the
+    /// sender is dropped and what was queued is delivered.
+    pub fn start(self) -> mpsc::Sender<CallView> {
+        let (events, mut queue) = mpsc::channel::<CallView>(QUEUE);
+        tokio::spawn(async move {
+            while let Some(view) = queue.recv().await {
+                let body = match serde_json::to_vec(&view) {
+                    Ok(body) => body,
+                    Err(e) => {
+                        tracing::error!("webhook body: {e}");
+                        continue;
+                    }
+                };
+                for attempt in 1..=ATTEMPTS {
+                    match tokio::time::timeout(TIMEOUT, self.post(&body)).await {
+                        Ok(Ok(())) => break,
+                        Ok(Err(e)) => tracing::warn!(id = %view.id, attempt, "{e}"),
+                        Err(_) => tracing::warn!(id = %view.id, attempt, url = %self.url, "webhook delivery timed out"),
+                    }
+                    if attempt < ATTEMPTS {
+                        tokio::time::sleep(Duration::from_secs(4u64.pow(attempt as u32 - 1))).await;
+                    }
+                }
+            }
+        });
+        events
+    }
+
+    async fn post(&self, body: &[u8]) -> Result<(), WebhookError> {
+        let fail = |reason: String| WebhookError::Delivery { url: self.url.to_string(), reason };
+        let host = self.url.host().ok_or_else(|| fail("no host".into()))?;
+        let https = self.tls.is_some();
+        let port = self.url.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+            .await
+            .map_err(|e| fail(format!("connect: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let mut request = hyper::Request::post(self.url.path_and_query().map_or("/", |p| p.as_str()))
+            .header(hyper::header::HOST, self.url.authority().map_or(host, |a| a.as_str()))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::USER_AGENT, concat!("Patchbay/", env!("CARGO_PKG_VERSION")));
+        if let Some(secret) = &self.secret {
+            request = request.header("X-Patchbay-Signature", signature(secret.expose(), body));
+        }
+        let request =
+            request.body(Full::new(Bytes::copy_from_slice(body))).map_err(|e| fail(format!("request: {e}")))?;
+        let status = match &self.tls {
+            Some(tls) => {
+                let name = rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+                    .map_err(|e| fail(format!("server name: {e}")))?;
+                let stream = tokio_rustls::TlsConnector::from(Arc::clone(tls))
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| fail(format!("TLS: {e}")))?;
+                send(hyper_util::rt::TokioIo::new(stream), request).await.map_err(fail)?
+            }
+            None => send(hyper_util::rt::TokioIo::new(tcp), request).await.map_err(fail)?,
+        };
+        if status.is_success() { Ok(()) } else { Err(fail(format!("answered {status}"))) }
+    }
+}
+
+/// One HTTP/1.1 exchange over `io`; the response's status (its body is read and dropped).
+async fn send<T>(io: T, request: hyper::Request<Full<Bytes>>) -> Result<hyper::StatusCode, String>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    // Read (a bounded amount of) the body so the connection closes cleanly.
+    let _ = http_body_util::Limited::new(response.into_body(), 64 * 1024).collect().await;
+    Ok(status)
+}
+
+/// `sha256=HEX` of the HMAC-SHA256 of `body` under `secret`.
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    // HMAC takes a key of any length (RFC 2104 §2): this cannot fail.
+    let mut mac = match hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) {
+        Ok(mac) => mac,
+        Err(_) => return String::new(),
+    };
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed() -> Vec<String> {
+        vec!["https://hooks.example.com/patchbay".into(), "http://127.0.0.1:9000/".into()]
+    }
+
+    fn tls() -> Option<Arc<rustls::ClientConfig>> {
+        crate::transport::tls_client_config(None).ok()
+    }
+
+    #[test]
+    fn only_urls_under_the_tenants_prefixes_are_taken() {
+        for good in [
+            "https://hooks.example.com/patchbay",
+            "https://hooks.example.com/patchbay/calls?x=1",
+            "http://127.0.0.1:9000/x",
+        ] {
+            assert!(Webhook::new(good, &allowed(), None, tls()).is_ok(), "{good}");
+        }
+        for bad in [
+            "https://hooks.example.com/patchbay-evil",
+            "https://hooks.example.com.evil.example/patchbay",
+            "https://hooks.example.com@evil.example/patchbay",
+            "http://127.0.0.1:9001/",
+            "http://169.254.169.254/latest/meta-data",
+            "ftp://127.0.0.1:9000/",
+            "http://127.0.0.1:9000/\r\nX: y",
+        ] {
+            assert!(Webhook::new(bad, &allowed(), None, tls()).is_err(), "{bad}");
+        }
+        assert!(Webhook::new("http://127.0.0.1:9000/", &[], None, tls()).is_err(), "deny by default");
+    }
+
+    #[test]
+    fn the_signature_is_the_hmac_of_the_body() {
+        // RFC 4231 test case 2.
+        let sig = signature("Jefe", b"what do ya want for nothing?");
+        assert_eq!(sig, "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    }
+
+    #[tokio::test]
+    async fn events_are_posted_in_order_with_their_signature() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (got, mut received) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else { return };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Read the head and a body of Content-Length bytes.
+                let request = loop {
+                    let Ok(n) = stream.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let length = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
+                            })
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if body.len() >= length {
+                            break text;
+                        }
+                    }
+                };
+                let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").await;
+                let _ = got.send(request);
+            }
+        });
+        let allowed = vec![format!("http://127.0.0.1:{port}/")];
+        let secret = Some(crate::config::Secret::from("s3cret".to_owned()));
+        let hook = Webhook::new(&format!("http://127.0.0.1:{port}/hook"), &allowed, secret, None).expect("allowed");
+        let events = hook.start();
+        for status in [crate::originate::CallStatus::Ringing, crate::originate::CallStatus::Completed] {
+            let view = CallView {
+                id: "abc".into(),
+                tenant: "t".into(),
+                trunk: "c".into(),
+                flow: "greet".into(),
+                to: "+1".into(),
+                from: "+2".into(),
+                status,
+                sip_code: None,
+                reason: None,
+                created: String::new(),
+                answered: None,
+                ended: None,
+            };
+            events.send(view).await.expect("queued");
+        }
+        for want in ["\"ringing\"", "\"completed\""] {
+            let request = tokio::time::timeout(Duration::from_secs(5), received.recv())
+                .await
+                .expect("delivered")
+                .expect("request");
+            assert!(request.starts_with("POST /hook HTTP/1.1"), "{request}");
+            assert!(request.contains(want), "{want}: {request}");
+            let (head, body) = request.split_once("\r\n\r\n").expect("head and body");
+            let expected = signature("s3cret", body.as_bytes());
+            assert!(head.to_ascii_lowercase().contains(&format!("x-patchbay-signature: {expected}")), "{head}");
+        }
+    }
+}
