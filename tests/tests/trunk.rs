@@ -26,14 +26,19 @@ struct Carrier {
 }
 
 impl Carrier {
+    /// `calls`: the Call-IDs sipp waits for (the registration is one, each call another).
     fn start(transport: &str, rtp_port: u16) -> Self {
+        Self::start_for(transport, rtp_port, 2)
+    }
+
+    fn start_for(transport: &str, rtp_port: u16, calls: u32) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let sipp_port = free_port();
         let sipp_transport = if transport == "udp" { "u1" } else { "t1" };
         let mut sipp = Command::new("sipp");
         sipp.current_dir(dir.path())
             .args(["-sf", &scenario("carrier.xml"), "-i", "127.0.0.1", "-p", &sipp_port.to_string()])
-            .args(["-t", sipp_transport, "-m", "2", "-set", "rtp_port", &rtp_port.to_string()])
+            .args(["-t", sipp_transport, "-m", &calls.to_string(), "-set", "rtp_port", &rtp_port.to_string()])
             .args(["-timeout", "40", "-timeout_error", "-nostdin", "-trace_err", "-trace_msg"]);
         if transport != "udp" {
             // A peer closing its connection after our last answer must not fail the call.
@@ -140,6 +145,8 @@ fn patchbay(trunk: &str, extra_tenant: &str) -> (patchbay_e2e::Patchbay, u16) {
          [[tenant]]\nid = \"t\"\ndomains = [\"127.0.0.1\"]\napi_token = \"{TOKEN}\"\n{extra_tenant}\n\
          [[tenant.flow]]\nname = \"greet\"\nstock = \"greet\"\n\
          [[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n\
+         [[tenant.flow]]\nname = \"menu\"\nstock = \"menu\"\n\
+         [tenant.flow.vars]\n\"menu.1\" = \"dial:trunk:carrier/+15551234567\"\n\
          [[tenant.trunk]]\nname = \"carrier\"\n{trunk}\n"
     );
     (launch(dir, port, &config), api)
@@ -157,7 +164,7 @@ fn trunk_table(
         "gateway = \"127.0.0.1:{carrier_port}\"\ntransport = \"{transport}\"\nusername = \"patchbay\"\n\
          password = \"{password}\"\nrealm = \"carrier.test\"\nfrom_domain = \"carrier.test\"\n\
          register = {register}\nregister_expires_secs = 120\ncaller_ids = [\"+15550100\"]\n\
-         default_caller_id = \"+15550100\"\ncalls_per_second = 10\n{ca}"
+         default_caller_id = \"+15550100\"\ncalls_per_second = 10\nkeepalive_secs = 0\n{ca}"
     )
 }
 
@@ -455,4 +462,53 @@ fn a_did_call_from_the_trunks_address_runs_its_flow_and_from_elsewhere_is_challe
     assert!(log.contains("SIP/2.0 407 ") && log.contains("Proxy-Authenticate: Digest"), "{log}");
     let cdrs = pb.wait_for_cdrs(1, Duration::from_secs(5));
     assert_eq!(cdrs.iter().filter(|c| c["flow"] == "echo").count(), 1, "{cdrs:?}");
+}
+
+#[test]
+fn a_flow_dials_out_through_the_trunk_with_its_caller_id_and_credentials() {
+    // The caller reaches the menu, presses 1; the menu dials trunk:carrier/+15551234567, which
+    // the carrier challenges and checks (caller ID in From and P-Asserted-Identity), answers,
+    // and gets the BYE when the caller hangs up.
+    let rtp = UdpSocket::bind("127.0.0.1:0").expect("rtp socket");
+    let carrier = Carrier::start_for("udp", rtp.local_addr().expect("addr").port(), 1);
+    let (pb, _api) = patchbay(&trunk_table("udp", carrier.port, "secret", false, None), "");
+    let audio = count_rtp(rtp, Duration::from_secs(8));
+    let uri = format!("sip:menu@127.0.0.1:{}", pb.port);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = [uri.as_str(), "--dtmf", "1", "--dtmf-after", "1.5", "--hangup-after", "7", "--ring-timeout", "10"];
+    let (ok, output) = patchbay_e2e::patchbay_call(dir.path(), &args);
+    assert!(ok, "{output}");
+    let (carrier_ok, log) = carrier.finish(Duration::from_secs(15));
+    assert!(carrier_ok, "the carrier's checks:\n{log}\ncaller:\n{output}");
+    let (packets, _) = audio.join().expect("rtp counter");
+    assert!(packets >= 100, "the bridged leg's RTP reached the carrier: {packets} packets");
+    let cdrs = pb.wait_for_cdrs(2, Duration::from_secs(5));
+    let leg = cdrs.iter().find(|c| c["parent_call_id"].is_string()).unwrap_or_else(|| panic!("a leg CDR: {cdrs:?}"));
+    assert_eq!(leg["direction"], "outbound");
+    assert!(leg["from"].as_str().is_some_and(|f| f.contains("+15550100")), "{leg}");
+    assert!(leg["to"].as_str().is_some_and(|t| t.contains("+15551234567")), "{leg}");
+}
+
+#[test]
+fn inbound_calls_beyond_the_tenants_cap_get_503_and_a_record() {
+    let (pb, _api) = patchbay("gateway = \"127.0.0.1:9\"\n", "max_calls = 1\n");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Two calls at once to the echo, each held for 3 s: the second finds the tenant full.
+    let status = Command::new("sipp")
+        .current_dir(dir.path())
+        .arg(format!("127.0.0.1:{}", pb.port))
+        .args(["-sn", "uac", "-s", "echo", "-i", "127.0.0.1", "-p", &free_port().to_string()])
+        .args(["-mp", &free_port().to_string(), "-m", "2", "-l", "2", "-r", "10", "-d", "3000"])
+        .args(["-timeout", "20", "-nostdin"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run sipp");
+    assert!(!status.success(), "one of the two calls must be refused");
+    let cdrs = pb.wait_for_cdrs(2, Duration::from_secs(10));
+    let refused: Vec<_> = cdrs.iter().filter(|c| c["end_cause"] == "tenant-busy").collect();
+    assert_eq!(refused.len(), 1, "{cdrs:?}");
+    assert_eq!(refused[0]["sip_code"], 503);
+    assert_eq!(cdrs.iter().filter(|c| c["sip_code"] == 200).count(), 1, "{cdrs:?}");
 }

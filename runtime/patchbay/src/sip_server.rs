@@ -1196,8 +1196,9 @@ impl Endpoint {
                 }
             }
             UaEvent::Ended { call, cause } => {
-                if let Some(mut leg) = legs.remove(&call)
-                    && let Some((mut origination, _)) = leg.origination.take()
+                let origination = legs.get_mut(&call).and_then(|leg| leg.origination.take());
+                if let Some((mut origination, _)) = origination
+                    && let Some(leg) = legs.remove(&call)
                 {
                     // RFC 3263 §4.3: a target that timed out or was unavailable is skipped for
                     // the next one (unless we ended the attempt ourselves).
