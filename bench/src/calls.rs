@@ -478,7 +478,8 @@ impl LoadGenerator {
             | UaEvent::ReInviteAnswered { .. }
             | UaEvent::Transfer { .. }
             | UaEvent::InfoDtmf { .. }
-            | UaEvent::Registration { .. } => {}
+            | UaEvent::Registration { .. }
+            | UaEvent::PingAnswered { .. } => {}
         }
     }
 }

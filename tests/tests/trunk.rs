@@ -512,3 +512,40 @@ fn inbound_calls_beyond_the_tenants_cap_get_503_and_a_record() {
     assert_eq!(refused[0]["sip_code"], 503);
     assert_eq!(cdrs.iter().filter(|c| c["sip_code"] == 200).count(), 1, "{cdrs:?}");
 }
+
+#[test]
+fn a_udp_trunk_sends_options_keep_alives_and_shows_the_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let carrier_port = free_port();
+    let mut sipp = Command::new("sipp")
+        .current_dir(dir.path())
+        .args(["-sf", &scenario("uas_options.xml"), "-i", "127.0.0.1", "-p", &carrier_port.to_string()])
+        .args(["-m", "1", "-timeout", "15", "-timeout_error", "-nostdin", "-trace_msg"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run sipp");
+    std::thread::sleep(Duration::from_millis(500));
+    let trunk = format!("gateway = \"127.0.0.1:{carrier_port}\"\nfrom_domain = \"carrier.test\"\nkeepalive_secs = 1\n");
+    let (_pb, api) = patchbay(&trunk, "");
+    let started = Instant::now();
+    let keepalive = loop {
+        let (_, _, trunks) = http("GET", api, "/v1/trunks", TOKEN, None);
+        let state = trunks["trunks"][0]["keepalive"].clone();
+        if state.is_string() || started.elapsed() > Duration::from_secs(10) {
+            break state;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(keepalive, "answered 200");
+    let status = sipp.wait().expect("sipp");
+    let log: String = std::fs::read_dir(dir.path())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("OPTIONS sip:127.0.0.1:") && log.contains("From: <sip:patchbay@carrier.test>;tag="), "{log}");
+}

@@ -48,7 +48,7 @@ pub struct ApiState {
     /// Where refused calls' records go.
     pub cdr: CdrSink,
     /// Each trunk's registration state, as the endpoint last reported it.
-    pub registrations: Arc<std::sync::Mutex<HashMap<(String, String), String>>>,
+    pub trunk_states: crate::trunk::TrunkStates,
     /// Each tenant's allowed webhook URL prefixes and signing key.
     pub webhooks: HashMap<String, (Vec<String>, Option<crate::config::Secret>)>,
     /// TLS for `https://` webhooks (public roots).
@@ -354,16 +354,15 @@ async fn list_trunks(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let caller = authenticate(&state, &headers)?;
-    let registrations = state.registrations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let states = state.trunk_states.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let mut trunks: Vec<_> = state
         .trunks
         .iter()
         .filter(|((tenant, _), _)| caller.may_see(tenant))
         .map(|((tenant, name), trunk)| {
+            let known = states.get(&(tenant.clone(), name.clone())).cloned().unwrap_or_default();
             let registration = match trunk.register_expires {
-                Some(_) => {
-                    registrations.get(&(tenant.clone(), name.clone())).cloned().unwrap_or_else(|| "starting".into())
-                }
+                Some(_) => known.registration.unwrap_or_else(|| "starting".into()),
                 None => "not registering".into(),
             };
             serde_json::json!({
@@ -371,6 +370,7 @@ async fn list_trunks(
                 "name": name,
                 "transport": format!("{:?}", trunk.transport).to_ascii_lowercase(),
                 "registration": registration,
+                "keepalive": known.keepalive,
                 "queued": trunk.gate.queued(),
             })
         })

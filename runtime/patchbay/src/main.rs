@@ -171,7 +171,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                     trunks.push(Arc::new(built));
                 }
             }
-            let registrations = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+            let trunk_states = trunk::TrunkStates::default();
             let tenant_slots: std::collections::HashMap<String, Arc<tokio::sync::Semaphore>> = config
                 .tenants
                 .iter()
@@ -181,7 +181,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
             let routing = Arc::new(sip_server::Routing {
                 trunks: trunks.clone(),
                 originations: Arc::clone(&originations),
-                registrations: Arc::clone(&registrations),
+                trunk_states: Arc::clone(&trunk_states),
                 tenant_slots: tenant_slots.clone(),
                 kv: config
                     .tenants
@@ -309,6 +309,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                 };
                 for trunk in trunks.iter().filter(|t| t.tenant == tenant.id) {
                     tokio::spawn(Arc::clone(&trunk.gate).run(caps.clone()));
+                    tokio::spawn(Arc::clone(trunk).keep_alive(commands.clone()));
                 }
             }
             // TCP/TLS trunks: keep-alives on the connections we open (RFC 5626 §3.5.1), and for
@@ -349,7 +350,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                     originations,
                     commands: commands.clone(),
                     cdr: routing.cdr.clone(),
-                    registrations,
+                    trunk_states,
                     webhooks: config
                         .tenants
                         .iter()

@@ -72,8 +72,8 @@ pub struct Routing {
     pub originations: Arc<crate::originate::Originations>,
     /// Each capped tenant's call slots (`max_calls`).
     pub tenant_slots: HashMap<String, Arc<tokio::sync::Semaphore>>,
-    /// Each registering trunk's state, by (tenant, trunk), for the API.
-    pub registrations: Arc<std::sync::Mutex<HashMap<(String, String), String>>>,
+    /// Each trunk's registration and keep-alive state, for the API.
+    pub trunk_states: crate::trunk::TrunkStates,
 }
 
 impl Routing {
@@ -222,6 +222,12 @@ pub(crate) enum Command {
         id: String,
         /// `canceled` (the API) or `no-answer` (the ring timeout).
         reason: &'static str,
+    },
+    /// Send a trunk's OPTIONS keep-alive.
+    Ping {
+        /// (tenant, trunk).
+        key: (String, String),
+        ping: patchbay_sip::ua::Ping,
     },
     /// Hang up every call and report when their records are written (or the grace is over).
     Shutdown {
@@ -374,6 +380,7 @@ pub async fn run_endpoint(
         commands,
         shutdown: None,
         registrations: HashMap::new(),
+        pings: HashMap::new(),
     };
     endpoint.register_trunks().await;
     loop {
@@ -440,6 +447,8 @@ struct Endpoint {
     shutdown: Option<(oneshot::Sender<()>, std::time::Instant)>,
     /// Trunks' registrations: which (tenant, trunk) each is.
     registrations: HashMap<patchbay_sip::ua::RegRef, (String, String)>,
+    /// Trunks' keep-alives waiting for an answer.
+    pings: HashMap<patchbay_sip::ua::PingRef, (String, String)>,
 }
 
 impl Endpoint {
@@ -450,8 +459,7 @@ impl Endpoint {
         for trunk in trunks {
             let key = (trunk.tenant.clone(), trunk.name.clone());
             let set_state = |state: String| {
-                let mut states = self.routing.registrations.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                states.insert(key.clone(), state);
+                crate::trunk::set_state(&self.routing.trunk_states, &key, |t| t.registration = Some(state));
             };
             let peer = match trunk.next_hop().await {
                 Ok(peer) => peer,
@@ -558,6 +566,10 @@ impl Endpoint {
             Command::Originate { origination, peer } => self.originate(now, origination, peer),
             Command::OriginationFailed { origination, reason } => self.origination_failed(&origination.id, reason),
             Command::HangupOrigination { id, reason } => self.hangup_origination(now, &id, reason),
+            Command::Ping { key, ping } => {
+                let ping = self.ua.ping(now, ping);
+                self.pings.insert(ping, key);
+            }
             Command::Shutdown { done } => {
                 tracing::info!(calls = self.calls.len(), "shutting down: hanging up every call");
                 // Take our bindings off the carriers' registrars (RFC 3261 §10.2.2).
@@ -935,7 +947,8 @@ fn media_session(negotiated: &patchbay_sip::sdp::Negotiated, ptime_ms: u16, rout
 
 impl Endpoint {
     fn on_event(&mut self, event: UaEvent) {
-        let Self { ua, calls, ending, legs, digest, engine, registry, routing, commands, registrations, .. } = self;
+        let Self { ua, calls, ending, legs, digest, engine, registry, routing, commands, registrations, pings, .. } =
+            self;
         let now = std::time::Instant::now();
         match event {
             UaEvent::IncomingCall { call, peer, request } => {
@@ -1086,6 +1099,20 @@ impl Endpoint {
                 start_flow(calls, routing, engine, commands, start);
             }
             UaEvent::Confirmed { call } => tracing::debug!(?call, "call confirmed (ACK)"),
+            UaEvent::PingAnswered { ping, status } => {
+                let Some(key) = pings.remove(&ping) else { return };
+                let state = match status {
+                    Some(status) => {
+                        tracing::debug!(tenant = %key.0, trunk = %key.1, status, "trunk keep-alive answered");
+                        format!("answered {status}")
+                    }
+                    None => {
+                        tracing::warn!(tenant = %key.0, trunk = %key.1, "trunk keep-alive unanswered: the carrier is unreachable");
+                        "unanswered".to_owned()
+                    }
+                };
+                crate::trunk::set_state(&routing.trunk_states, &key, |t| t.keepalive = Some(state));
+            }
             UaEvent::Registration { reg, state } => {
                 let Some((tenant, trunk)) = registrations.get(&reg) else { return };
                 let shown = state.display_at(now).to_string();
@@ -1095,8 +1122,8 @@ impl Endpoint {
                     }
                     _ => tracing::info!(%tenant, %trunk, "trunk registration {shown}"),
                 }
-                let mut states = routing.registrations.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                states.insert((tenant.clone(), trunk.clone()), shown);
+                let key = (tenant.clone(), trunk.clone());
+                crate::trunk::set_state(&routing.trunk_states, &key, |t| t.registration = Some(shown));
             }
             // Outbound legs' progress and answer (flows' `dial`); our own re-INVITEs are not
             // sent by the server yet.

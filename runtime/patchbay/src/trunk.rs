@@ -27,6 +27,24 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::config::{Secret, SrtpMode, TrunkConfig, TrunkTransport};
 
+/// What the endpoint last learnt of a trunk, for the API (`GET /v1/trunks`) and the log.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TrunkState {
+    /// `registering`, `registered for …`, `failed: 403 Forbidden, next attempt in …`.
+    pub registration: Option<String>,
+    /// The last OPTIONS keep-alive: `answered 200` or `unanswered`.
+    pub keepalive: Option<String>,
+}
+
+/// Every trunk's [`TrunkState`], by (tenant, trunk).
+pub type TrunkStates = Arc<std::sync::Mutex<std::collections::HashMap<(String, String), TrunkState>>>;
+
+/// Updates one trunk's state.
+pub fn set_state(states: &TrunkStates, key: &(String, String), change: impl FnOnce(&mut TrunkState)) {
+    let mut states = states.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    change(states.entry(key.clone()).or_default());
+}
+
 /// `host[:port]` as written in a trunk's `gateway` or `outbound_proxy`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPort {
@@ -310,6 +328,40 @@ impl Trunk {
     pub async fn next_hop(&self) -> Result<Peer, String> {
         let hop = self.targets().await?.into_iter().next();
         hop.ok_or_else(|| "the trunk's gateway has no address".to_owned())
+    }
+
+    /// An OPTIONS keep-alive to `peer` (RFC 3261 §11): to the registrar's URI, from our address
+    /// of record (or `patchbay@from_domain`).
+    pub fn ping(&self, peer: Peer) -> Option<patchbay_sip::ua::Ping> {
+        let from = self.aor().unwrap_or_else(|| format!("{}:patchbay@{}", self.scheme(), self.from_domain));
+        Some(patchbay_sip::ua::Ping { peer, target: self.registrar_uri().ok()?, from: format!("<{from}>") })
+    }
+
+    /// Sends the trunk's OPTIONS keep-alives over UDP every `keepalive` for as long as the
+    /// endpoint takes commands (RFC 5626 §3.5.1 keeps TCP/TLS connections alive with CRLF
+    /// instead: see the transport). They keep NAT bindings towards the carrier open and tell
+    /// whether it answers.
+    pub async fn keep_alive(self: Arc<Self>, commands: mpsc::UnboundedSender<crate::sip_server::Command>) {
+        let Some(every) = self.keepalive.filter(|_| self.transport == TrunkTransport::Udp) else { return };
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is at once: the first ping goes one interval after start.
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            let ping = match self.next_hop().await {
+                Ok(peer) => self.ping(peer),
+                Err(e) => {
+                    tracing::warn!(tenant = %self.tenant, trunk = %self.name, "keep-alive: {e}");
+                    continue;
+                }
+            };
+            let Some(ping) = ping else { return };
+            let key = (self.tenant.clone(), self.name.clone());
+            if commands.send(crate::sip_server::Command::Ping { key, ping }).is_err() {
+                return;
+            }
+        }
     }
 
     /// The host name a TLS gateway's certificate must carry.

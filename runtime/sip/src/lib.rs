@@ -8,7 +8,9 @@
 //! - [`ua`]: the user agent core: OPTIONS, inbound and outbound calls and their dialogs, BYE,
 //!   CANCEL, re-INVITE (with glare handling), REFER, session timers, digest answers, and the
 //!   REGISTER client for carrier trunks (RFC 3261 §10.2: [`ua::UserAgent::register`],
-//!   [`ua::RegistrationState`]; refreshes, 401/407, 423 Min-Expires, back-off with jitter).
+//!   [`ua::RegistrationState`]; refreshes, 401/407, 423 Min-Expires, back-off with jitter), and
+//!   out-of-dialog OPTIONS pings that keep trunk NAT bindings open and probe reachability
+//!   (RFC 3261 §11: [`ua::UserAgent::ping`], answered as [`ua::UaEvent::PingAnswered`]).
 //! - [`auth`]: digest authentication (RFC 2617/7616), client and server side.
 //! - [`sdp`]: SDP offer/answer (RFC 3264/4566) for G.711, telephone-event and SDES crypto.
 //!

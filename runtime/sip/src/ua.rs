@@ -14,7 +14,8 @@
 //! with 491 glare handling (§14.1/§14.2). Blind transfer: REFER with Refer-To, progress from the
 //! NOTIFY sipfrag (RFC 3515). Registration with a registrar ([`UserAgent::register`], in
 //! `ua_register.rs`, RFC 3261 §10.2): refreshes, digest answers, 423 and back-off, tracked as
-//! one [`RegistrationState`] per registration.
+//! one [`RegistrationState`] per registration. Out-of-dialog OPTIONS pings for trunk
+//! keep-alives ([`UserAgent::ping`], in `ua_ping.rs`, RFC 3261 §11).
 //! **Not yet:** receiving REFER (405), forked early dialogs beyond the first (later 2xx from
 //! other forks are acknowledged and released with BYE), PRACK (RFC 3262).
 
@@ -166,6 +167,15 @@ pub enum UaEvent {
         /// Its new state.
         state: RegistrationState,
     },
+    /// A ping ([`UserAgent::ping`]) ended: `status` is the final response's code (any code,
+    /// 401/407 and 404 included, shows the peer is there), `None` when nothing answered within
+    /// 64·T1 (timer F, RFC 3261 §17.1.2.2).
+    PingAnswered {
+        /// The ping.
+        ping: PingRef,
+        /// The final status, or `None` on timeout.
+        status: Option<u16>,
+    },
 }
 
 /// What the user agent wants done.
@@ -224,6 +234,8 @@ enum TxOwner {
     Call(CallRef, Purpose),
     /// A REGISTER of this registration (RFC 3261 §10.2).
     Registration(RegRef),
+    /// An out-of-dialog OPTIONS ping (RFC 3261 §11), in `ua_ping.rs`.
+    Ping(PingRef),
 }
 
 /// One of our client transactions and what to do with its answer.
@@ -314,7 +326,7 @@ pub struct UserAgent {
     dialogs: HashMap<(String, String), CallRef>,
     /// Server transaction of an INVITE → call, for CANCEL and ACK timeouts.
     by_invite_tx: HashMap<TransactionId, CallRef>,
-    /// Our client transactions (INVITE, re-INVITE, BYE, REFER, CANCEL, REGISTER).
+    /// Our client transactions (INVITE, re-INVITE, BYE, REFER, CANCEL, REGISTER, OPTIONS pings).
     client_txs: HashMap<TransactionId, ClientTx>,
     /// (Call-ID, From tag, CSeq) of INVITE server transactions, to spot a request that reached
     /// us twice over different paths (§8.2.2.2, 482 Loop Detected).
@@ -1134,6 +1146,11 @@ pub use client::Dial;
 mod register;
 
 pub use register::{RegRef, Register, RegistrationState, RegistrationStateAt};
+
+#[path = "ua_ping.rs"]
+mod ping;
+
+pub use ping::{Ping, PingRef};
 
 #[cfg(test)]
 #[path = "ua_tests.rs"]

@@ -245,6 +245,7 @@ impl UserAgent {
         let (call, purpose) = match owner {
             TxOwner::Call(call, purpose) => (call, purpose),
             TxOwner::Registration(reg) => return self.on_register_response(now, id, reg, &response),
+            TxOwner::Ping(ping) => return self.on_ping_response(id, ping, status),
         };
         match purpose {
             Purpose::Invite => self.on_invite_response(now, id, call, response),
@@ -274,6 +275,7 @@ impl UserAgent {
         let (call, purpose) = match tx.owner {
             TxOwner::Call(call, purpose) => (call, purpose),
             TxOwner::Registration(reg) => return self.on_register_timeout(now, id, reg),
+            TxOwner::Ping(ping) => return self.on_ping_timeout(ping),
         };
         match purpose {
             Purpose::Invite => {
@@ -488,10 +490,10 @@ impl UserAgent {
         }
     }
 
-    /// Answers a 401/407 to one of our requests, a call's or a REGISTER, by sending it again
-    /// with credentials (§22.2): a new branch, the CSeq incremented. Returns false when it
-    /// cannot (no credentials, a refusal of the credentials we sent, too many rounds), leaving
-    /// the response to be handled as a failure.
+    /// Answers a 401/407 to one of our requests, a call's or a REGISTER (never a ping's), by
+    /// sending it again with credentials (§22.2): a new branch, the CSeq incremented. Returns
+    /// false when it cannot (no credentials, a refusal of the credentials we sent, too many
+    /// rounds), leaving the response to be handled as a failure.
     fn retry_with_credentials(&mut self, now: Instant, id: TransactionId, response: &rsip::Response) -> bool {
         let Some(tx) = self.client_txs.get(&id) else { return false };
         let (owner, peer, rounds) = (tx.owner, tx.peer, tx.auth_rounds);
@@ -508,6 +510,8 @@ impl UserAgent {
             TxOwner::Call(call, _) => self.calls.contains_key(&call),
             // §10.2: only the REGISTER in flight is answered; an older one's challenge is moot.
             TxOwner::Registration(reg) => self.registrations.get(&reg).is_some_and(|r| r.pending == Some(id)),
+            // A challenge already proves the carrier is reachable, which is all a ping asks.
+            TxOwner::Ping(_) => false,
         };
         if !live {
             return false;
@@ -582,6 +586,7 @@ impl UserAgent {
                     r.pending = new_tx;
                 }
             }
+            TxOwner::Ping(_) => {}
         }
         new_tx.is_some()
     }
@@ -591,6 +596,7 @@ impl UserAgent {
         match owner {
             TxOwner::Call(call, _) => self.calls.get_mut(&call)?.digest.as_mut(),
             TxOwner::Registration(reg) => self.registrations.get_mut(&reg)?.credentials.as_mut(),
+            TxOwner::Ping(_) => None,
         }
     }
 
@@ -608,6 +614,8 @@ impl UserAgent {
                 r.cseq += 1;
                 Some(r.cseq)
             }
+            // Every ping is a new Call-ID with CSeq 1; none sends a second request.
+            TxOwner::Ping(_) => None,
         }
     }
 
