@@ -16,6 +16,13 @@ use patchbay_e2e::{free_port, http, launch, scenario};
 
 const TOKEN: &str = "tenant-token";
 
+/// sipp in `dir` with `args`, its output discarded (its logs go to `dir` with `-trace_*`).
+fn sipp(dir: &std::path::Path, args: &[&str]) -> Command {
+    let mut sipp = Command::new("sipp");
+    sipp.current_dir(dir).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    sipp
+}
+
 /// sipp running `carrier.xml`, and socat in front of it for TLS.
 struct Carrier {
     sipp: Child,
@@ -367,13 +374,9 @@ fn two_hundred_calls_at_once_are_spread_by_a_ten_per_second_cap_and_none_is_lost
     // The carrier: sipp's own UAS answers every INVITE and takes the BYE.
     let carrier_port = free_port();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut sipp = Command::new("sipp")
-        .current_dir(dir.path())
+    let mut sipp = sipp(dir.path(), &[])
         .args(["-sn", "uas", "-i", "127.0.0.1", "-p", &carrier_port.to_string(), "-mp", &free_port().to_string()])
         .args(["-nostdin", "-timeout", "90"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
         .expect("run sipp");
     std::thread::sleep(Duration::from_millis(500));
@@ -433,15 +436,11 @@ fn a_did_call_from_the_trunks_address_runs_its_flow_and_from_elsewhere_is_challe
     let (pb, _api) = patchbay(trunk, auth);
     let call_from = |source: &str| {
         let dir = tempfile::tempdir().expect("tempdir");
-        Command::new("sipp")
-            .current_dir(dir.path())
+        sipp(dir.path(), &[])
             .arg(format!("127.0.0.1:{}", pb.port))
             .args(["-sn", "uac", "-s", "+15550100", "-i", source, "-p", &free_port().to_string()])
             .args(["-mp", &free_port().to_string(), "-m", "1", "-d", "500", "-timeout", "15", "-timeout_error"])
             .args(["-nostdin", "-trace_msg"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .status()
             .expect("run sipp")
             .success()
@@ -494,15 +493,11 @@ fn inbound_calls_beyond_the_tenants_cap_get_503_and_a_record() {
     let (pb, _api) = patchbay("gateway = \"127.0.0.1:9\"\n", "max_calls = 1\n");
     let dir = tempfile::tempdir().expect("tempdir");
     // Two calls at once to the echo, each held for 3 s: the second finds the tenant full.
-    let status = Command::new("sipp")
-        .current_dir(dir.path())
+    let status = sipp(dir.path(), &[])
         .arg(format!("127.0.0.1:{}", pb.port))
         .args(["-sn", "uac", "-s", "echo", "-i", "127.0.0.1", "-p", &free_port().to_string()])
         .args(["-mp", &free_port().to_string(), "-m", "2", "-l", "2", "-r", "10", "-d", "3000"])
         .args(["-timeout", "20", "-nostdin"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .status()
         .expect("run sipp");
     assert!(!status.success(), "one of the two calls must be refused");
@@ -517,13 +512,9 @@ fn inbound_calls_beyond_the_tenants_cap_get_503_and_a_record() {
 fn a_udp_trunk_sends_options_keep_alives_and_shows_the_answer() {
     let dir = tempfile::tempdir().expect("tempdir");
     let carrier_port = free_port();
-    let mut sipp = Command::new("sipp")
-        .current_dir(dir.path())
+    let mut sipp = sipp(dir.path(), &[])
         .args(["-sf", &scenario("uas_options.xml"), "-i", "127.0.0.1", "-p", &carrier_port.to_string()])
         .args(["-m", "1", "-timeout", "15", "-timeout_error", "-nostdin", "-trace_msg"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
         .expect("run sipp");
     std::thread::sleep(Duration::from_millis(500));

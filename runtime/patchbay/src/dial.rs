@@ -61,6 +61,32 @@ pub(crate) struct Leg {
     pub origination: Option<(Box<crate::originate::Origination>, crate::sip_server::CallChannels)>,
 }
 
+impl Leg {
+    /// A leg whose INVITE carries `offer` from `local` on the RTP/RTCP `sockets`.
+    pub fn new(
+        owner: CallRef,
+        events: mpsc::UnboundedSender<LegEvent>,
+        offer: String,
+        local: patchbay_sip::sdp::LocalMedia,
+        sockets: (std::net::UdpSocket, std::net::UdpSocket),
+        cdr: crate::cdr::CdrDraft,
+    ) -> Self {
+        Self {
+            owner,
+            events,
+            offer,
+            local: Some(local),
+            agreed: None,
+            sockets: Some(sockets),
+            media: None,
+            dtmf: None,
+            dtmf_sink: None,
+            cdr,
+            origination: None,
+        }
+    }
+}
+
 /// A parsed and resolved `dial` target.
 #[derive(Debug)]
 pub(crate) struct Target {

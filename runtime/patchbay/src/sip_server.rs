@@ -620,12 +620,7 @@ impl Endpoint {
         let mut local = patchbay_sip::sdp::LocalMedia::new(bind, self.routing.external_ip, random_u64(0xd1a1), 1);
         local.ptime = self.routing.ptime_ms;
         if let Some((trunk, _)) = &target.trunk {
-            local.codecs.clone_from(&trunk.codecs);
-            local.srtp = match trunk.srtp {
-                crate::config::SrtpMode::Off => patchbay_sip::sdp::SrtpPolicy::Off,
-                crate::config::SrtpMode::Optional => patchbay_sip::sdp::SrtpPolicy::Offer(sdes_key()),
-                crate::config::SrtpMode::Mandatory => patchbay_sip::sdp::SrtpPolicy::Require(sdes_key()),
-            };
+            offer_as_trunk_says(&mut local, trunk);
         }
         if live.media.as_ref().is_some_and(|(_, n)| n.codec.codec == patchbay_sip::sdp::AudioCodec::Pcma) {
             // The caller's codec first, so the bridge need not convert.
@@ -686,22 +681,7 @@ impl Endpoint {
         let leg = self.ua.dial(now, dial);
         tracing::info!(call = ?owner, ?leg, to = %target.peer, "dialling");
         cdr.set_call_id(self.ua.call_id(leg).unwrap_or_default());
-        self.legs.insert(
-            leg,
-            Leg {
-                owner,
-                events,
-                offer,
-                local: Some(local),
-                agreed: None,
-                sockets: Some((rtp, rtcp)),
-                media: None,
-                dtmf: None,
-                dtmf_sink: None,
-                cdr,
-                origination: None,
-            },
-        );
+        self.legs.insert(leg, Leg::new(owner, events, offer, local, (rtp, rtcp), cdr));
         Ok(leg)
     }
 
@@ -723,12 +703,7 @@ impl Endpoint {
         let Ok(bind) = rtp.local_addr() else { return self.origination_failed(&origination.id, "no RTP port".into()) };
         let mut local = patchbay_sip::sdp::LocalMedia::new(bind, self.routing.external_ip, random_u64(0x0419), 1);
         local.ptime = self.routing.ptime_ms;
-        local.codecs.clone_from(&trunk.codecs);
-        local.srtp = match trunk.srtp {
-            crate::config::SrtpMode::Off => patchbay_sip::sdp::SrtpPolicy::Off,
-            crate::config::SrtpMode::Optional => patchbay_sip::sdp::SrtpPolicy::Offer(sdes_key()),
-            crate::config::SrtpMode::Mandatory => patchbay_sip::sdp::SrtpPolicy::Require(sdes_key()),
-        };
+        offer_as_trunk_says(&mut local, &trunk);
         let offer = match patchbay_sip::sdp::offer(&local) {
             Ok(offer) => offer,
             Err(e) => return self.origination_failed(&origination.id, format!("building the offer: {e}")),
@@ -768,17 +743,9 @@ impl Endpoint {
         self.legs.insert(
             leg,
             Leg {
-                owner: leg,
-                events: mpsc::unbounded_channel().0,
-                offer,
-                local: Some(local),
-                agreed: None,
-                sockets: Some((rtp, rtcp)),
-                media: None,
-                dtmf: None,
-                dtmf_sink: None,
-                cdr,
+                // No flow owns it (its own starts on answer), and nobody listens to its events.
                 origination: Some((origination, CallChannels::new())),
+                ..Leg::new(leg, mpsc::unbounded_channel().0, offer, local, (rtp, rtcp), cdr)
             },
         );
     }
@@ -938,6 +905,16 @@ fn sdes_key() -> patchbay_sip::sdp::SdesKey {
         tracing::error!("no randomness from the OS for an SRTP key: {e}");
     }
     patchbay_sip::sdp::SdesKey(key)
+}
+
+/// An offer through `trunk`: its codecs in its order, SRTP as it says (RFC 4568 SDES keys).
+fn offer_as_trunk_says(local: &mut patchbay_sip::sdp::LocalMedia, trunk: &crate::trunk::Trunk) {
+    local.codecs.clone_from(&trunk.codecs);
+    local.srtp = match trunk.srtp {
+        crate::config::SrtpMode::Off => patchbay_sip::sdp::SrtpPolicy::Off,
+        crate::config::SrtpMode::Optional => patchbay_sip::sdp::SrtpPolicy::Offer(sdes_key()),
+        crate::config::SrtpMode::Mandatory => patchbay_sip::sdp::SrtpPolicy::Require(sdes_key()),
+    };
 }
 
 /// The media session for what was negotiated.
