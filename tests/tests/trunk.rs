@@ -35,10 +35,10 @@ struct Carrier {
 impl Carrier {
     /// `calls`: the Call-IDs sipp waits for (the registration is one, each call another).
     fn start(transport: &str, rtp_port: u16) -> Self {
-        Self::start_for(transport, rtp_port, 2)
+        Self::start_for(transport, rtp_port, 2, &[])
     }
 
-    fn start_for(transport: &str, rtp_port: u16, calls: u32) -> Self {
+    fn start_for(transport: &str, rtp_port: u16, calls: u32, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let sipp_port = free_port();
         let sipp_transport = if transport == "udp" { "u1" } else { "t1" };
@@ -46,7 +46,8 @@ impl Carrier {
         sipp.current_dir(dir.path())
             .args(["-sf", &scenario("carrier.xml"), "-i", "127.0.0.1", "-p", &sipp_port.to_string()])
             .args(["-t", sipp_transport, "-m", &calls.to_string(), "-set", "rtp_port", &rtp_port.to_string()])
-            .args(["-timeout", "40", "-timeout_error", "-nostdin", "-trace_err", "-trace_msg"]);
+            .args(["-timeout", "40", "-timeout_error", "-nostdin", "-trace_err", "-trace_msg"])
+            .args(extra);
         if transport != "udp" {
             // A peer closing its connection after our last answer must not fail the call.
             sipp.args(["-reconnect_close", "false"]);
@@ -469,7 +470,7 @@ fn a_flow_dials_out_through_the_trunk_with_its_caller_id_and_credentials() {
     // the carrier challenges and checks (caller ID in From and P-Asserted-Identity), answers,
     // and gets the BYE when the caller hangs up.
     let rtp = UdpSocket::bind("127.0.0.1:0").expect("rtp socket");
-    let carrier = Carrier::start_for("udp", rtp.local_addr().expect("addr").port(), 1);
+    let carrier = Carrier::start_for("udp", rtp.local_addr().expect("addr").port(), 1, &[]);
     let (pb, _api) = patchbay(&trunk_table("udp", carrier.port, "secret", false, None), "");
     let audio = count_rtp(rtp, Duration::from_secs(8));
     let uri = format!("sip:menu@127.0.0.1:{}", pb.port);
@@ -539,4 +540,22 @@ fn a_udp_trunk_sends_options_keep_alives_and_shows_the_answer() {
         .collect();
     assert!(status.success(), "{log}");
     assert!(log.contains("OPTIONS sip:127.0.0.1:") && log.contains("From: <sip:patchbay@carrier.test>;tag="), "{log}");
+}
+
+#[test]
+fn shutting_down_takes_the_registration_off_the_carrier() {
+    let rtp = UdpSocket::bind("127.0.0.1:0").expect("rtp socket");
+    // The carrier's registrar waits for the un-REGISTER; no call comes (one Call-ID).
+    let carrier =
+        Carrier::start_for("udp", rtp.local_addr().expect("addr").port(), 1, &["-set", "await_unregister", "1"]);
+    let (pb, api) = patchbay(&trunk_table("udp", carrier.port, "secret", true, None), "");
+    let state = registration(api, Duration::from_secs(15), "registered");
+    assert!(state.starts_with("registered"), "registration: {state}");
+    // SIGTERM: Patchbay removes its binding (Expires 0) before it exits.
+    let pid = i32::try_from(pb.pid()).expect("pid");
+    // SAFETY: sends a signal to the child this test started; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let (ok, log) = carrier.finish(Duration::from_secs(10));
+    assert!(ok, "the carrier saw no un-REGISTER:\n{log}");
+    assert!(log.contains("Expires: 0"), "{log}");
 }

@@ -794,6 +794,8 @@ impl Endpoint {
         if self.shutdown.is_some()
             && self.calls.is_empty()
             && self.ending.is_empty()
+            // The un-REGISTERs answered (or the grace over), so the carriers stop sending calls.
+            && self.registrations.is_empty()
             && let Some((done, _)) = self.shutdown.take()
         {
             let _ = done.send(());
@@ -1101,6 +1103,9 @@ impl Endpoint {
                 }
                 let key = (tenant.clone(), trunk.clone());
                 crate::trunk::set_state(&routing.trunk_states, &key, |t| t.registration = Some(shown));
+                if matches!(state, patchbay_sip::ua::RegistrationState::Unregistered) {
+                    registrations.remove(&reg);
+                }
             }
             // Outbound legs' progress and answer (flows' `dial`); our own re-INVITEs are not
             // sent by the server yet.
