@@ -229,7 +229,10 @@ async fn create_call(
     }
     let mut vars = state.flow_vars.get(&(tenant.clone(), request.flow.clone())).cloned().unwrap_or_default();
     vars.extend(request.vars);
-    let id = new_call_id();
+    let id = new_call_id().map_err(|e| {
+        tracing::error!("no randomness from the OS for a call id: {e}");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no call id could be made")
+    })?;
     let view = CallView {
         id: id.clone(),
         tenant: tenant.clone(),
@@ -244,7 +247,10 @@ async fn create_call(
         answered: None,
         ended: None,
     };
-    state.originations.insert(view.clone(), webhook.map(crate::webhook::Webhook::start));
+    if state.originations.insert(view.clone()).is_err() {
+        write_refused(&state.cdr, &view, "shutdown");
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting-down", "Patchbay is shutting down"));
+    }
     let origination = Origination {
         id: id.clone(),
         trunk: Arc::clone(&trunk),
@@ -255,13 +261,15 @@ async fn create_call(
         ring_timeout: Duration::from_secs(ring_timeout),
         slots: Default::default(),
         fallback: Vec::new(),
+        ringing: false,
     };
     let (commands, originations) = (state.commands.clone(), Arc::clone(&state.originations));
     let job = Box::new(move |slots| {
         let mut origination = origination;
         origination.slots = slots;
-        // Cancelled while it waited: nothing to place (its record was written then).
-        if originations.get(&origination.id).is_some_and(|v| v.status != CallStatus::Queued) {
+        // Cancelled while it waited: nothing to place (its record was written then). The
+        // endpoint claims it before placing it, so a cancel in between is seen there.
+        if originations.get(&origination.id).is_none_or(|v| v.status.is_final()) {
             return;
         }
         tokio::spawn(async move {
@@ -283,12 +291,17 @@ async fn create_call(
         });
     });
     if let Err(retry_after) = trunk.gate.enqueue(job) {
+        // Never queued: forgotten at once (a flood of refusals must not push out other
+        // tenants' finished calls), with its record.
         let reason = format!("trunk {:?} is at its cap and its queue is full", trunk.name);
-        state.originations.update(&id, CallStatus::Failed, None, Some(reason.clone()));
+        state.originations.remove(&id);
         write_refused(&state.cdr, &view, "rate-limited");
         let mut error = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate-limited", reason);
         error.retry_after = Some(retry_after);
         return Err(error);
+    }
+    if let Some(webhook) = webhook {
+        state.originations.watch(&id, webhook.start());
     }
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": id, "status": "queued" }))).into_response())
 }
@@ -338,10 +351,7 @@ async fn delete_call(
     if view.status.is_final() {
         return Ok(Json(view));
     }
-    if view.status == CallStatus::Queued
-        && let Some(canceled) =
-            state.originations.update(&id, CallStatus::Canceled, None, Some("canceled while queued".into()))
-    {
+    if let Some(canceled) = state.originations.cancel_queued(&id, "canceled while queued") {
         write_refused(&state.cdr, &canceled, "canceled");
         return Ok(Json(canceled));
     }

@@ -281,6 +281,9 @@ impl CallControl for SipCall {
     async fn dial(&self, target: &str, options: DialOptions) -> Result<DialOutcome, CallError> {
         self.live()?;
         let target = crate::dial::resolve_for(target, &self.info.tenant, &self.routing.trunks).await?;
+        if options.headers.len() > crate::dial::MAX_FLOW_HEADERS {
+            return Err(CallError::InvalidArgument(format!("at most {} extra headers", crate::dial::MAX_FLOW_HEADERS)));
+        }
         for header in &options.headers {
             crate::dial::check_header(&header.name, &header.value)?;
         }

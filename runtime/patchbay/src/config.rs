@@ -266,8 +266,9 @@ fn default_api_listen() -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], 8080))
 }
 
-/// A password or token: never printed (its `Debug` says `<redacted>`), wiped from memory when
-/// dropped.
+/// A password or token: never printed (its `Debug` says `<redacted>`); the configuration's
+/// copy is wiped from memory when dropped. (A trunk's digest client keeps its own copy of the
+/// password for as long as it answers challenges.)
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(zeroize::Zeroizing<String>);
 
@@ -386,6 +387,11 @@ pub struct TrunkConfig {
     #[serde(default)]
     pub dids: std::collections::BTreeMap<String, Spanned<String>>,
 }
+
+/// The range of `calls_per_second` (a token bucket slower than one call in 100 s, or faster
+/// than a SIP stack serves, is a mistake).
+const MIN_CPS: f64 = 0.01;
+const MAX_CPS: f64 = 10_000.0;
 
 fn default_register_expires() -> u32 {
     3600
@@ -546,6 +552,23 @@ impl Config {
                 }
             }
         }
+        // A DID names one trunk.
+        let mut dids = std::collections::HashMap::new();
+        for tenant in &config.tenants {
+            for trunk in &tenant.trunks {
+                for (did, flow) in &trunk.get_ref().dids {
+                    if let Some(other) = dids.insert(did.as_str(), (&tenant.id, &trunk.get_ref().name)) {
+                        return Err(error(
+                            Some(flow.span()),
+                            format!(
+                                "tenant.trunk.dids: {did:?} is also a DID of trunk {:?} of tenant {:?}",
+                                other.1, other.0
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         if let Some(api) = &mut config.api {
             let (token, env) = (&mut api.admin_token, &api.admin_token_env);
             secret_from_env(token, env, "api.admin_token").map_err(|(span, m)| error(span, m))?;
@@ -556,9 +579,9 @@ impl Config {
             secret_from_env(&mut tenant.webhook_secret, &tenant.webhook_secret_env, "tenant.webhook_secret")
                 .map_err(|(span, m)| error(span, m))?;
             if let Some(cps) = tenant.calls_per_second
-                && !(cps > 0.0 && cps.is_finite())
+                && !(MIN_CPS..=MAX_CPS).contains(&cps)
             {
-                return Err(error(None, format!("tenant.calls_per_second: must be above 0 (got {cps})")));
+                return Err(error(None, format!("tenant.calls_per_second: {MIN_CPS} to {MAX_CPS} (got {cps})")));
             }
             if tenant.max_calls == Some(0) {
                 return Err(error(None, "tenant.max_calls: must be at least 1 (leave it out for no cap)".into()));
@@ -575,6 +598,15 @@ impl Config {
                     ));
                 }
                 check_trunk(t, &flows, &config.base_dir).map_err(|(at, m)| error(Some(at.unwrap_or(span)), m))?;
+            }
+        }
+        // Every token names one principal (read after the environment has been).
+        let mut tokens = std::collections::HashSet::new();
+        let admin = config.api.as_ref().and_then(|a| a.admin_token.as_ref()).map(Secret::expose);
+        let tenant_tokens = config.tenants.iter().filter_map(|t| t.api_token.as_ref().map(Secret::expose));
+        for token in admin.into_iter().chain(tenant_tokens) {
+            if !tokens.insert(token) {
+                return Err(error(None, "api tokens: two principals (admin, tenants) share one token".into()));
             }
         }
         Ok(config)
@@ -665,9 +697,12 @@ fn check_trunk(
         return Err((None, format!("tenant.trunk {name:?}: `codecs` is empty")));
     }
     if let Some(cps) = t.calls_per_second
-        && !(cps > 0.0 && cps.is_finite())
+        && !(MIN_CPS..=MAX_CPS).contains(&cps)
     {
-        return Err((None, format!("tenant.trunk.calls_per_second: must be above 0 (got {cps})")));
+        return Err((None, format!("tenant.trunk.calls_per_second: {MIN_CPS} to {MAX_CPS} (got {cps})")));
+    }
+    if t.keepalive_secs > 3600 {
+        return Err((None, format!("tenant.trunk.keepalive_secs: at most 3600 (got {})", t.keepalive_secs)));
     }
     if t.max_calls == Some(0) {
         return Err((None, "tenant.trunk.max_calls: must be at least 1 (leave it out for no cap)".into()));
@@ -922,6 +957,19 @@ mod tests {
         );
         let err = Config::parse(&two, "t.toml", PathBuf::new()).expect_err("two trunks named c").to_string();
         assert!(err.starts_with("t.toml:11: tenant.trunk.name"), "{err}");
+    }
+
+    #[test]
+    fn tokens_and_dids_each_name_one_principal_and_one_trunk() {
+        let shared = "[sip]\nlisten = []\n[api]\nadmin_token = \"x\"\n[[tenant]]\nid = \"t\"\napi_token = \"x\"\n";
+        let err = Config::parse(shared, "t.toml", PathBuf::new()).expect_err("shared token").to_string();
+        assert!(err.contains("share one token"), "{err}");
+        let twice = "gateway = \"h\"\n[tenant.trunk.dids]\n\"+1\" = \"greet\"\n\
+                     [[tenant.trunk]]\nname = \"other\"\ngateway = \"h\"\n[tenant.trunk.dids]\n\"+1\" = \"greet\"\n";
+        let err = with_trunk(twice).expect_err("a DID on two trunks");
+        assert!(err.starts_with("t.toml:17: tenant.trunk.dids") && err.contains("also a DID"), "{err}");
+        let err = with_trunk("gateway = \"h\"\ncalls_per_second = 0.0000001\n").expect_err("tiny cps");
+        assert!(err.contains("calls_per_second"), "{err}");
     }
 
     #[test]

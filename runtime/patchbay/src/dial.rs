@@ -117,29 +117,23 @@ pub(crate) async fn resolve_for(
     Ok(Target { uri, peer: peer.addr, trunk: Some((Arc::clone(trunk), number.to_owned())) })
 }
 
-/// Whether a flow-supplied header may go out: a token name (RFC 3261 §25.1) that is not one
-/// the user agent writes itself, and a value without control characters (no CR/LF: nothing
-/// can start a header or a body of its own).
+/// Most extra headers a flow may put on one INVITE.
+pub(crate) const MAX_FLOW_HEADERS: usize = 16;
+
+/// Whether a flow-supplied header may go out. An allow-list: `X-` headers and
+/// `User-to-User` (RFC 7433) only — anything else could restate what the user agent writes
+/// (compact forms included: `f`, `t`, `i`…) or claim an identity the trunk's caller-ID list never
+/// checked (`Remote-Party-ID`, `P-Preferred-Identity`, `Privacy`, `Diversion`…). The name is
+/// a token (RFC 3261 §25.1) and the value has no control characters (no CR/LF: nothing can
+/// start a header or a body of its own).
 pub(crate) fn check_header(name: &str, value: &str) -> Result<(), CallError> {
-    let token = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-.!%*_+`'~".contains(c));
-    const RESERVED: &[&str] = &[
-        "via",
-        "from",
-        "to",
-        "call-id",
-        "cseq",
-        "contact",
-        "content-length",
-        "content-type",
-        "max-forwards",
-        "route",
-        "record-route",
-        "authorization",
-        "proxy-authorization",
-        "p-asserted-identity",
-    ];
-    if !token || RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name)) {
-        return Err(CallError::InvalidArgument(format!("header {name:?} cannot be set by a flow")));
+    let token = name.len() > 2 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-.!%*_+`'~".contains(c));
+    let allowed =
+        name.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("x-")) || name.eq_ignore_ascii_case("user-to-user");
+    if !token || !allowed {
+        return Err(CallError::InvalidArgument(format!(
+            "header {name:?} cannot be set by a flow (X- headers and User-to-User only)"
+        )));
     }
     if value.chars().any(|c| c.is_control() && c != '\t') || value.len() > 1024 {
         return Err(CallError::InvalidArgument(format!(
@@ -278,6 +272,22 @@ mod tests {
         assert!(matches!(unanswered_outcome(&EndCause::Failed(408)), DialOutcome::NoAnswer));
         assert!(matches!(unanswered_outcome(&EndCause::Failed(404)), DialOutcome::Failed(404)));
         assert!(matches!(unanswered_outcome(&EndCause::Failed(503)), DialOutcome::Failed(503)));
+    }
+
+    #[test]
+    fn flows_set_x_headers_and_user_to_user_only() {
+        assert!(check_header("X-Campaign", "spring").is_ok());
+        assert!(check_header("User-to-User", "56a390f3d2b7310023a2;encoding=hex").is_ok());
+        for (name, value) in [
+            ("From", "<sip:x@y>"),
+            ("f", "<sip:x@y>"),
+            ("P-Preferred-Identity", "<sip:+1@y>"),
+            ("Remote-Party-ID", "<sip:+1@y>"),
+            ("X-Evil", "a\r\nFrom: <sip:x@y>"),
+            ("X Evil", "a"),
+        ] {
+            assert!(check_header(name, value).is_err(), "{name}: {value:?}");
+        }
     }
 
     #[tokio::test]

@@ -94,6 +94,8 @@ pub struct Origination {
     pub slots: CallSlots,
     /// The trunk's further targets, tried in order after a timeout or a 503 (RFC 3263 §4.3).
     pub fallback: Vec<patchbay_sip::transaction::Peer>,
+    /// A provisional answer came: the ring timeout runs.
+    pub ringing: bool,
 }
 
 /// Finished originations kept for `GET` after they end; the oldest go first.
@@ -108,41 +110,118 @@ pub struct Originations {
 #[derive(Debug, Default)]
 struct Inner {
     calls: HashMap<String, CallView>,
-    /// The SIP call of each origination that is up (placed and not yet over).
-    live: HashMap<String, patchbay_sip::ua::CallRef>,
-    /// Where each origination with a webhook reports its changes, until it is over.
-    webhooks: HashMap<String, tokio::sync::mpsc::Sender<CallView>>,
+    /// Originations the endpoint has taken to place: from then on only the endpoint ends them
+    /// (a `DELETE` goes through it), so a call can never be cancelled here and placed there.
+    claimed: HashMap<String, Option<patchbay_sip::ua::CallRef>>,
+    /// Where each origination with a webhook reports its changes, until it is over. Unbounded
+    /// but short: a call moves forward only (see [`CallStatus::rank`]), five events at most.
+    webhooks: HashMap<String, tokio::sync::mpsc::UnboundedSender<CallView>>,
     finished: VecDeque<String>,
+    /// Shutting down: no new originations.
+    closed: bool,
 }
+
+impl CallStatus {
+    /// Calls only move forward: a 180 after a 183 does not take a call back to `ringing`.
+    fn rank(self) -> u8 {
+        match self {
+            Self::Queued => 0,
+            Self::Ringing => 1,
+            Self::EarlyMedia => 2,
+            Self::Answered => 3,
+            _ => 4,
+        }
+    }
+}
+
+/// Why an origination could not be recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("Patchbay is shutting down")]
+pub struct ShuttingDown;
 
 impl Originations {
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a new origination, `queued`; its changes go to `webhook` as well.
-    pub fn insert(&self, view: CallView, webhook: Option<tokio::sync::mpsc::Sender<CallView>>) {
+    /// Records a new origination, `queued`.
+    pub fn insert(&self, view: CallView) -> Result<(), ShuttingDown> {
         let mut inner = self.inner();
-        if let Some(webhook) = webhook {
-            if webhook.try_send(view.clone()).is_err() {
-                tracing::warn!(id = %view.id, "webhook queue full: event dropped");
-            }
-            inner.webhooks.insert(view.id.clone(), webhook);
+        if inner.closed {
+            return Err(ShuttingDown);
         }
         inner.calls.insert(view.id.clone(), view);
+        Ok(())
+    }
+
+    /// Forgets an origination refused before it was queued (it never existed for the caller).
+    pub fn remove(&self, id: &str) {
+        let mut inner = self.inner();
+        inner.calls.remove(id);
+        inner.webhooks.remove(id);
+    }
+
+    /// Reports `id`'s changes, from its present state on, to `webhook` as well.
+    pub fn watch(&self, id: &str, webhook: tokio::sync::mpsc::UnboundedSender<CallView>) {
+        let mut inner = self.inner();
+        let Some(view) = inner.calls.get(id).cloned() else { return };
+        let _ = webhook.send(view.clone());
+        if !view.status.is_final() {
+            inner.webhooks.insert(id.to_owned(), webhook);
+        }
+    }
+
+    /// The endpoint takes `id` to place it (or to place it again at the next target): false
+    /// when it is over (cancelled while it waited).
+    pub fn claim(&self, id: &str) -> bool {
+        let mut inner = self.inner();
+        if inner.calls.get(id).is_none_or(|v| v.status.is_final()) {
+            return false;
+        }
+        inner.claimed.entry(id.to_owned()).or_default();
+        true
     }
 
     /// Notes the SIP call that carries origination `id`.
     pub fn placed(&self, id: &str, call: patchbay_sip::ua::CallRef) {
-        let mut inner = self.inner();
-        if inner.calls.get(id).is_some_and(|v| !v.status.is_final()) {
-            inner.live.insert(id.to_owned(), call);
+        if let Some(slot) = self.inner().claimed.get_mut(id) {
+            *slot = Some(call);
         }
     }
 
     /// The SIP call carrying origination `id`, while it is up.
     pub fn call_of(&self, id: &str) -> Option<patchbay_sip::ua::CallRef> {
-        self.inner().live.get(id).copied()
+        self.inner().claimed.get(id).copied().flatten()
+    }
+
+    /// Cancels `id` if it is still waiting at its gate, not yet taken by the endpoint (under
+    /// the lock [`Originations::claim`] takes: one of the two wins).
+    pub fn cancel_queued(&self, id: &str, reason: &str) -> Option<CallView> {
+        let mut inner = self.inner();
+        if inner.claimed.contains_key(id) {
+            return None;
+        }
+        Self::update_locked(&mut inner, id, CallStatus::Canceled, None, Some(reason.to_owned()))
+    }
+
+    /// Shutting down: refuses new originations and cancels the ones still waiting at their
+    /// gates; returns them (for their records).
+    pub fn close(&self) -> Vec<CallView> {
+        let mut inner = self.inner();
+        inner.closed = true;
+        let waiting: Vec<String> = inner
+            .calls
+            .iter()
+            .filter(|(id, v)| !v.status.is_final() && !inner.claimed.contains_key(*id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        waiting
+            .iter()
+            .filter_map(|id| {
+                let reason = Some("Patchbay shut down before it was placed".to_owned());
+                Self::update_locked(&mut inner, id, CallStatus::Canceled, None, reason)
+            })
+            .collect()
     }
 
     /// The origination `id`, if it is known.
@@ -150,8 +229,8 @@ impl Originations {
         self.inner().calls.get(id).cloned()
     }
 
-    /// Moves `id` to `status` (a final status is never left again). Returns the view when it
-    /// changed.
+    /// Moves `id` to `status` (forward only; a final status is never left again). Returns the
+    /// view when it changed.
     pub fn update(
         &self,
         id: &str,
@@ -159,9 +238,19 @@ impl Originations {
         sip_code: Option<u16>,
         reason: Option<String>,
     ) -> Option<CallView> {
-        let mut inner = self.inner();
+        Self::update_locked(&mut self.inner(), id, status, sip_code, reason)
+    }
+
+    fn update_locked(
+        inner: &mut Inner,
+        id: &str,
+        status: CallStatus,
+        sip_code: Option<u16>,
+        reason: Option<String>,
+    ) -> Option<CallView> {
         let view = inner.calls.get_mut(id)?;
-        if view.status.is_final() || (view.status == status && sip_code.is_none()) {
+        if view.status.is_final() || status.rank() < view.status.rank() || (view.status == status && sip_code.is_none())
+        {
             return None;
         }
         view.status = status;
@@ -178,14 +267,12 @@ impl Originations {
             view.ended = Some(now);
         }
         let changed = view.clone();
-        if let Some(webhook) = inner.webhooks.get(id)
-            && webhook.try_send(changed.clone()).is_err()
-        {
-            tracing::warn!(id, "webhook queue full: event dropped");
+        if let Some(webhook) = inner.webhooks.get(id) {
+            let _ = webhook.send(changed.clone());
         }
         if status.is_final() {
             inner.webhooks.remove(id);
-            inner.live.remove(id);
+            inner.claimed.remove(id);
             inner.finished.push_back(id.to_owned());
             while inner.finished.len() > KEEP_FINISHED {
                 if let Some(old) = inner.finished.pop_front() {
@@ -198,13 +285,76 @@ impl Originations {
     }
 }
 
-/// A new call id: 128 bits from the operating system's CSPRNG, hex.
-pub fn new_call_id() -> String {
+/// A new call id: 128 bits from the operating system's CSPRNG, hex. An error when the OS has
+/// no randomness to give (never fall back to a guessable id: ids are capabilities).
+pub fn new_call_id() -> Result<String, getrandom::Error> {
     let mut bytes = [0u8; 16];
-    // getrandom fails only where the OS has no randomness source at all; such a host cannot
-    // run Patchbay safely either.
-    if let Err(e) = getrandom::fill(&mut bytes) {
-        tracing::error!("no randomness from the OS: {e}");
+    getrandom::fill(&mut bytes)?;
+    Ok(hex::encode(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(id: &str) -> CallView {
+        CallView {
+            id: id.into(),
+            tenant: "t".into(),
+            trunk: "c".into(),
+            flow: "f".into(),
+            to: "+1".into(),
+            from: "+2".into(),
+            status: CallStatus::Queued,
+            sip_code: None,
+            reason: None,
+            created: String::new(),
+            answered: None,
+            ended: None,
+        }
     }
-    hex::encode(bytes)
+
+    #[test]
+    fn a_claimed_call_is_not_cancelled_behind_the_endpoints_back_and_a_cancelled_one_is_not_placed() {
+        let store = Originations::default();
+        store.insert(view("a")).expect("open");
+        store.insert(view("b")).expect("open");
+        assert!(store.claim("a"));
+        assert!(store.cancel_queued("a", "api").is_none(), "the endpoint has it: DELETE goes through it");
+        assert!(store.cancel_queued("b", "api").is_some());
+        assert!(!store.claim("b"), "cancelled while queued: never placed");
+    }
+
+    #[test]
+    fn calls_move_forward_only_and_webhooks_see_each_step_once() {
+        let store = Originations::default();
+        store.insert(view("a")).expect("open");
+        let (hook, mut events) = tokio::sync::mpsc::unbounded_channel();
+        store.watch("a", hook);
+        store.update("a", CallStatus::Ringing, None, None);
+        store.update("a", CallStatus::EarlyMedia, None, None);
+        assert!(store.update("a", CallStatus::Ringing, None, None).is_none(), "a 180 after a 183");
+        store.update("a", CallStatus::Answered, Some(200), None);
+        store.update("a", CallStatus::Completed, Some(200), None);
+        assert!(store.update("a", CallStatus::Failed, Some(500), None).is_none(), "final stays final");
+        let mut seen = Vec::new();
+        while let Ok(view) = events.try_recv() {
+            seen.push(view.status);
+        }
+        use CallStatus::*;
+        assert_eq!(seen, [Queued, Ringing, EarlyMedia, Answered, Completed]);
+    }
+
+    #[test]
+    fn shutting_down_cancels_what_waits_and_refuses_new_calls() {
+        let store = Originations::default();
+        store.insert(view("waiting")).expect("open");
+        store.insert(view("placed")).expect("open");
+        assert!(store.claim("placed"));
+        let cancelled = store.close();
+        assert_eq!(cancelled.len(), 1);
+        assert_eq!((cancelled[0].id.as_str(), cancelled[0].status), ("waiting", CallStatus::Canceled));
+        assert_eq!(store.get("placed").map(|v| v.status), Some(CallStatus::Queued));
+        assert_eq!(store.insert(view("new")), Err(ShuttingDown));
+    }
 }

@@ -586,7 +586,11 @@ impl Endpoint {
                     }
                     self.bye(now, call);
                 }
-                // Calls placed through the API that are still ringing are cancelled.
+                // Calls placed through the API that wait at their gates are refused, those still
+                // ringing are cancelled.
+                for view in self.routing.originations.close() {
+                    crate::api::write_refused(&self.routing.cdr, &view, "shutdown");
+                }
                 let ringing: Vec<CallRef> =
                     self.legs.iter().filter(|(_, leg)| leg.origination.is_some()).map(|(call, _)| *call).collect();
                 for call in ringing {
@@ -693,6 +697,10 @@ impl Endpoint {
         origination: Box<crate::originate::Origination>,
         peer: patchbay_sip::transaction::Peer,
     ) {
+        // Cancelled while it was on its way here: its record is written, nothing to place.
+        if !self.routing.originations.claim(&origination.id) {
+            return;
+        }
         let trunk = Arc::clone(&origination.trunk);
         let flow = match self.registry.get(&trunk.tenant, &origination.flow) {
             Ok(flow) => flow,
@@ -735,11 +743,6 @@ impl Endpoint {
         let mut cdr = CdrDraft::new(&info, flow.version());
         cdr.set_id(&origination.id);
         self.routing.originations.placed(&origination.id, leg);
-        let (commands, id, ring) = (self.commands.clone(), origination.id.clone(), origination.ring_timeout);
-        tokio::spawn(async move {
-            tokio::time::sleep(ring).await;
-            let _ = commands.send(Command::HangupOrigination { id, reason: "no-answer" });
-        });
         self.legs.insert(
             leg,
             Leg {
@@ -794,6 +797,7 @@ impl Endpoint {
         if self.shutdown.is_some()
             && self.calls.is_empty()
             && self.ending.is_empty()
+            && self.legs.is_empty()
             // The un-REGISTERs answered (or the grace over), so the carriers stop sending calls.
             && self.registrations.is_empty()
             && let Some((done, _)) = self.shutdown.take()
@@ -813,6 +817,17 @@ impl Endpoint {
                 live.cdr
             })
             .chain(self.ending.drain().map(|(_, draft)| draft))
+            .chain(self.legs.drain().map(|(_, mut leg)| {
+                if let Some(media) = &leg.media {
+                    media.close();
+                }
+                if let Some((origination, _)) = leg.origination.take() {
+                    let reason = Some("Patchbay shut down while it rang".to_owned());
+                    let status = crate::originate::CallStatus::Canceled;
+                    self.routing.originations.update(&origination.id, status, None, reason);
+                }
+                leg.cdr
+            }))
             .collect();
         for draft in unfinished {
             let sip_code = if draft.is_answered() { 200 } else { 480 };
@@ -936,13 +951,12 @@ impl Endpoint {
                 // A carrier's call to one of a trunk's numbers (DIDs): by the request-URI's user,
                 // else the To header's (carriers differ in which carries the dialled number).
                 let to_user = request.to_header().ok().and_then(|t| t.uri().ok()).and_then(|u| u.auth).map(|a| a.user);
-                let did = routing.trunks.iter().find_map(|trunk| {
-                    [Some(&uri_user), to_user.as_ref()]
-                        .into_iter()
-                        .flatten()
-                        .find_map(|number| trunk.dids.get(number))
-                        .map(|flow| (trunk, flow.clone()))
-                });
+                // The request-URI decides across every trunk first; To only when it names none
+                // (a To header must not pull a call meant for one tenant into another's DID).
+                let did_of = |number: &String| {
+                    routing.trunks.iter().find_map(|trunk| trunk.dids.get(number).map(|flow| (trunk, flow.clone())))
+                };
+                let did = did_of(&uri_user).or_else(|| to_user.as_ref().and_then(did_of));
                 let (tenant_id, user) = match &did {
                     Some((trunk, flow)) => (Some(trunk.tenant.as_str()), flow.clone()),
                     None => (None, uri_user.clone()),
@@ -1111,7 +1125,18 @@ impl Endpoint {
             // sent by the server yet.
             UaEvent::Progress { call, status, sdp } => {
                 let Some(leg) = legs.get_mut(&call) else { return };
-                if let Some((origination, _)) = &leg.origination {
+                if let Some((origination, _)) = &mut leg.origination {
+                    // The ring timeout runs from the first provisional answer: before it, a
+                    // target that never answers is the transaction's to time out (64·T1), and
+                    // the call goes to the trunk's next target (RFC 3263 §4.3).
+                    if !origination.ringing {
+                        origination.ringing = true;
+                        let (commands, id, ring) = (commands.clone(), origination.id.clone(), origination.ring_timeout);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(ring).await;
+                            let _ = commands.send(Command::HangupOrigination { id, reason: "no-answer" });
+                        });
+                    }
                     // No flow listens before the answer: early media is reported, not played.
                     let state = if sdp.is_some() {
                         crate::originate::CallStatus::EarlyMedia
@@ -1221,7 +1246,7 @@ impl Endpoint {
                     let end = leg_end(&leg.cdr, &cause);
                     use crate::originate::CallStatus;
                     let status = match (end.cause.as_str(), end.sip_code) {
-                        ("canceled", _) => CallStatus::Canceled,
+                        ("canceled" | "shutdown", _) => CallStatus::Canceled,
                         ("no-answer", _) | (_, 408 | 480 | 487) => CallStatus::NoAnswer,
                         (_, 486 | 600) => CallStatus::Busy,
                         _ => CallStatus::Failed,

@@ -465,19 +465,20 @@ impl CallGate {
 
     /// Queues `job`; `Err` with a Retry-After in seconds when the queue is full.
     pub fn enqueue(&self, job: GateJob) -> Result<(), u64> {
+        // Counted before it can be taken (the gate's task subtracts when it releases it).
+        self.queued.fetch_add(1, Ordering::AcqRel);
         match self.sender.try_send(job) {
-            Ok(()) => {
-                self.queued.fetch_add(1, Ordering::AcqRel);
-                Ok(())
+            Ok(()) => Ok(()),
+            Err(_) => {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                Err(self.retry_after_secs())
             }
-            Err(_) => Err(self.retry_after_secs()),
         }
     }
 
-    /// How long a caller refused now should wait: the time to drain the queue at the CPS rate.
+    /// How long a caller refused now should wait: the time to drain a full queue at the CPS rate.
     pub fn retry_after_secs(&self) -> u64 {
-        let queued = self.queued.load(Ordering::Acquire).max(self.capacity) as f64;
-        self.cps.map_or(1, |cps| (queued / cps).ceil().max(1.0) as u64)
+        self.cps.map_or(1, |cps| (self.capacity as f64 / cps).ceil().max(1.0) as u64)
     }
 
     /// Calls waiting now.

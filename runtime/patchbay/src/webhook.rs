@@ -7,8 +7,7 @@
 //! `X-Patchbay-Signature: sha256=HEX`, the HMAC-SHA256 of the body under the tenant's
 //! `webhook_secret`, when it has one, so the receiver can tell it came from us. Deliveries of one
 //! call go in order, one at a time; each is tried three times (5 s timeout, 1 s then 4 s
-//! apart); a receiver that falls 16 events behind loses the oldest ones (the final status is
-//! always the last event sent).
+//! apart). A call moves forward only, so it has five events at most, the final status last.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +19,6 @@ use tokio::sync::mpsc;
 
 use crate::originate::CallView;
 
-/// Events of one call waiting for delivery.
-const QUEUE: usize = 16;
 /// Tries per event.
 const ATTEMPTS: usize = 3;
 /// Longest one try may take (connect, TLS, request and response).
@@ -74,6 +71,12 @@ impl Webhook {
         if !scheme_ok || authority.as_str().contains('@') || url.chars().any(char::is_control) {
             return Err(refused());
         }
+        // Dot segments (plain or percent-encoded) could climb out of an allowed prefix at the
+        // receiver: `/patchbay/../admin`.
+        let path = parsed.path().to_ascii_lowercase().replace("%2e", ".");
+        if path.split('/').any(|segment| segment == "." || segment == "..") {
+            return Err(refused());
+        }
         let normal = format!("{}://{}{}", parsed.scheme_str().unwrap_or_default(), authority, parsed.path());
         let under = |prefix: &String| {
             let prefix = prefix.trim_end_matches('/');
@@ -91,8 +94,8 @@ impl Webhook {
 
     /// Starts delivering: returns where to send the call's views; the task ends when the
     /// sender is dropped and what was queued is delivered.
-    pub fn start(self) -> mpsc::Sender<CallView> {
-        let (events, mut queue) = mpsc::channel::<CallView>(QUEUE);
+    pub fn start(self) -> mpsc::UnboundedSender<CallView> {
+        let (events, mut queue) = mpsc::unbounded_channel::<CallView>();
         tokio::spawn(async move {
             while let Some(view) = queue.recv().await {
                 let body = match serde_json::to_vec(&view) {
@@ -106,7 +109,9 @@ impl Webhook {
                     match tokio::time::timeout(TIMEOUT, self.post(&body)).await {
                         Ok(Ok(())) => break,
                         Ok(Err(e)) => tracing::warn!(id = %view.id, attempt, "{e}"),
-                        Err(_) => tracing::warn!(id = %view.id, attempt, url = %self.url, "webhook delivery timed out"),
+                        Err(_) => {
+                            tracing::warn!(id = %view.id, attempt, to = %self.shown(), "webhook delivery timed out")
+                        }
                     }
                     if attempt < ATTEMPTS {
                         tokio::time::sleep(Duration::from_secs(4u64.pow(attempt as u32 - 1))).await;
@@ -117,8 +122,18 @@ impl Webhook {
         events
     }
 
+    /// The URL without its query, for logs (a query often carries the receiver's token).
+    fn shown(&self) -> String {
+        format!(
+            "{}://{}{}",
+            self.url.scheme_str().unwrap_or_default(),
+            self.url.authority().map_or("", |a| a.as_str()),
+            self.url.path()
+        )
+    }
+
     async fn post(&self, body: &[u8]) -> Result<(), WebhookError> {
-        let fail = |reason: String| WebhookError::Delivery { url: self.url.to_string(), reason };
+        let fail = |reason: String| WebhookError::Delivery { url: self.shown(), reason };
         let host = self.url.host().ok_or_else(|| fail("no host".into()))?;
         let https = self.tls.is_some();
         let port = self.url.port_u16().unwrap_or(if https { 443 } else { 80 });
@@ -207,6 +222,8 @@ mod tests {
             "http://169.254.169.254/latest/meta-data",
             "ftp://127.0.0.1:9000/",
             "http://127.0.0.1:9000/\r\nX: y",
+            "https://hooks.example.com/patchbay/../admin",
+            "https://hooks.example.com/patchbay/%2E%2e/admin",
         ] {
             assert!(Webhook::new(bad, &allowed(), None, tls()).is_err(), "{bad}");
         }
@@ -275,7 +292,7 @@ mod tests {
                 answered: None,
                 ended: None,
             };
-            events.send(view).await.expect("queued");
+            events.send(view).expect("queued");
         }
         for want in ["\"ringing\"", "\"completed\""] {
             let request = tokio::time::timeout(Duration::from_secs(5), received.recv())
