@@ -170,6 +170,8 @@ struct CreateCall {
     ring_timeout_secs: Option<u64>,
     /// Where progress is `POST`ed (under one of the tenant's `webhooks` prefixes).
     webhook: Option<String>,
+    /// Display name with the caller ID (the trunk's `caller_name` when absent).
+    from_name: Option<String>,
     /// For the admin token: the tenant to act for.
     tenant: Option<String>,
 }
@@ -187,6 +189,37 @@ async fn create_call(
     let request: CreateCall = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid-request", format!("body: {e}")))?;
     let tenant = caller.tenant(request.tenant.as_deref())?;
+    // A refusal once the tenant is known leaves a record, as a refused inbound call does.
+    place(&state, tenant.clone(), request).await.inspect_err(|error| {
+        let view = CallView {
+            id: String::new(),
+            tenant,
+            trunk: String::new(),
+            flow: String::new(),
+            to: String::new(),
+            from: String::new(),
+            status: CallStatus::Failed,
+            sip_code: None,
+            reason: None,
+            created: String::new(),
+            answered: None,
+            ended: None,
+        };
+        if error.status != StatusCode::TOO_MANY_REQUESTS && error.code != "shutting-down" {
+            write_refused(&state.cdr, &view, error.code);
+        }
+    })
+}
+
+/// The checks and the queueing of `POST /v1/calls` for `tenant`.
+async fn place(state: &Arc<ApiState>, tenant: String, request: CreateCall) -> Result<Response, ApiError> {
+    if request.from_name.as_ref().is_some_and(|n| n.chars().any(char::is_control) || n.chars().count() > 64) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-request",
+            "from_name: at most 64 characters, no control characters",
+        ));
+    }
     let webhook = match &request.webhook {
         Some(url) => {
             let (allowed, secret) = state.webhooks.get(&tenant).cloned().unwrap_or_default();
@@ -256,6 +289,7 @@ async fn create_call(
         trunk: Arc::clone(&trunk),
         to: request.to,
         caller_id,
+        caller_name: request.from_name,
         flow: request.flow,
         vars,
         ring_timeout: Duration::from_secs(ring_timeout),

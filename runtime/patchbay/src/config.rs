@@ -362,6 +362,11 @@ pub struct TrunkConfig {
     /// Assert the caller ID in `P-Asserted-Identity` (RFC 3325) as well as in From.
     #[serde(default = "default_true")]
     pub p_asserted_identity: bool,
+    /// Display name in From and P-Asserted-Identity (calls may give their own).
+    pub caller_name: Option<String>,
+    /// `Privacy` header value (RFC 3323/3325): `id` withholds the caller ID from the callee,
+    /// `none` says it may be shown.
+    pub privacy: Option<Spanned<String>>,
     /// Codecs to offer, in order of preference (`PCMU`, `PCMA`).
     pub codecs: Option<Vec<Spanned<String>>>,
     /// SRTP: `off`, `optional` or `mandatory`.
@@ -700,6 +705,23 @@ fn check_trunk(
         && !(MIN_CPS..=MAX_CPS).contains(&cps)
     {
         return Err((None, format!("tenant.trunk.calls_per_second: {MIN_CPS} to {MAX_CPS} (got {cps})")));
+    }
+    if let Some(privacy) = &t.privacy {
+        let known = ["none", "id", "header", "session", "user", "critical"];
+        let values: Vec<&str> = privacy.get_ref().split(';').map(str::trim).collect();
+        if values.iter().any(|v| !known.contains(&v.to_ascii_lowercase().as_str())) {
+            return Err(at(
+                privacy.span(),
+                format!(
+                    "tenant.trunk.privacy: {:?} (RFC 3323 values: {}, joined by ;)",
+                    privacy.get_ref(),
+                    known.join(", ")
+                ),
+            ));
+        }
+    }
+    if t.caller_name.as_ref().is_some_and(|n| n.chars().any(char::is_control) || n.len() > 64) {
+        return Err((None, "tenant.trunk.caller_name: at most 64 characters, no control characters".into()));
     }
     if t.keepalive_secs > 3600 {
         return Err((None, format!("tenant.trunk.keepalive_secs: at most 3600 (got {})", t.keepalive_secs)));

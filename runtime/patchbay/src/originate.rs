@@ -84,6 +84,8 @@ pub struct Origination {
     pub to: String,
     /// Caller ID (checked against the trunk).
     pub caller_id: String,
+    /// Display name with it, if the call gives one.
+    pub caller_name: Option<String>,
     /// Flow to run on answer.
     pub flow: String,
     /// Variables the flow starts with (the flow's configured ones, then these).

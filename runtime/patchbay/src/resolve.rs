@@ -11,9 +11,6 @@
 //! DNS goes through the [`Resolve`] trait: [`SystemResolver`] in production, canned records in
 //! the tests, so every rule here is tested without a name server.
 
-// Nothing outside the tests calls this yet: the trunk code adopts it in a following change, and
-// then this `expect` fails the build until it is removed.
-
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 

@@ -720,7 +720,7 @@ impl Endpoint {
             peer,
             &origination.to,
             &origination.caller_id,
-            None,
+            origination.caller_name.as_deref(),
             offer.clone().into_bytes(),
             Vec::new(),
         ) {

@@ -6,15 +6,18 @@
 //! its outbound calls (calls per second and concurrent calls, with a bounded queue).
 //!
 //! Outbound INVITEs through a trunk are built by [`Trunk::dial`]: Request-URI
-//! `sip:NUMBER@gateway` (`sips:` over TLS), From the caller ID at the trunk's domain,
-//! P-Asserted-Identity (RFC 3325 §9.1) when the trunk asserts it.
+//! `sip:NUMBER@gateway` (`sips:` over TLS), From the caller ID (and the trunk's display name)
+//! at the trunk's domain, P-Asserted-Identity (RFC 3325 §9.1) when the trunk asserts it, and
+//! `Privacy` (RFC 3323) when it asks to hide the caller.
 //!
-//! The gateway is located as RFC 3263 says ([`crate::resolve`]): calls fail over to the next
-//! target on a timeout or a 503; registrations use the first target.
+//! The gateway is located as RFC 3263 says ([`crate::resolve`]): API calls fail over to the
+//! next target on a timeout or a 503. Over UDP the trunk sends OPTIONS keep-alives, over
+//! TCP/TLS the transport sends CRLF ones.
 //!
-//! **Not done yet:** OPTIONS keep-alives of our own over UDP (the registration refresh keeps a
-//! NAT binding meanwhile; TCP/TLS connections get CRLF keep-alives); registrations do not fail
-//! over to the next target.
+//! **Not done yet:** registrations and flows' `dial` legs do not fail over to the next target;
+//! the Service-Route a registrar returns is kept but not used as a route (RFC 3608); Contact
+//! names the first listener's address for every transport (a TLS trunk relies on the
+//! connection Patchbay opened, as RFC 5626 clients do, rather than on a TLS listener).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -155,6 +158,10 @@ pub struct Trunk {
     caller_ids: Vec<String>,
     default_caller_id: Option<String>,
     pai: bool,
+    /// Display name of our From (and P-Asserted-Identity).
+    caller_name: Option<String>,
+    /// `Privacy` to send (RFC 3323: `id` asks the carrier to withhold the caller ID).
+    privacy: Option<String>,
     /// Codecs offered, in order.
     pub codecs: Vec<patchbay_sip::sdp::AudioCodec>,
     /// SRTP on its calls.
@@ -237,6 +244,8 @@ impl Trunk {
             caller_ids: config.caller_ids.iter().map(|c| c.get_ref().clone()).collect(),
             default_caller_id: config.default_caller_id.as_ref().map(|c| c.get_ref().clone()),
             pai: config.p_asserted_identity,
+            caller_name: config.caller_name.clone(),
+            privacy: config.privacy.as_ref().map(|p| p.get_ref().clone()),
             codecs,
             srtp: config.srtp,
             keepalive: (config.keepalive_secs > 0).then(|| Duration::from_secs(config.keepalive_secs)),
@@ -391,6 +400,7 @@ impl Trunk {
         let target = self.uri_for(number)?;
         let identity = self.identity(caller_id);
         let display = display_name
+            .or(self.caller_name.as_deref())
             .filter(|d| !d.is_empty())
             .map(|d| {
                 // A quoted-string may not hold `"` or `\` unescaped, nor any control character
@@ -402,6 +412,9 @@ impl Trunk {
             .unwrap_or_default();
         if self.pai {
             headers.push(rsip::Header::Other("P-Asserted-Identity".into(), format!("{display}<{identity}>")));
+        }
+        if let Some(privacy) = &self.privacy {
+            headers.push(rsip::Header::Other("Privacy".into(), privacy.clone()));
         }
         Ok(patchbay_sip::ua::Dial {
             peer,
@@ -572,6 +585,48 @@ mod tests {
         for bad in ["", "+1555\r\nX: y", "a<b>", "+15a", "a;b", "a@b", "\"x\"", &"9".repeat(40)] {
             assert!(check_caller_id(bad).is_err(), "{bad:?}");
         }
+    }
+
+    fn trunk(fields: &str) -> Trunk {
+        let text = format!(
+            "[sip]\nlisten = []\n[[tenant]]\nid = \"t\"\n[[tenant.trunk]]\nname = \"c\"\n\
+             gateway = \"192.0.2.7:5070\"\nfrom_domain = \"carrier.test\"\ncaller_ids = [\"+15550100\"]\n{fields}"
+        );
+        let config = crate::config::Config::parse(&text, "t.toml", std::path::PathBuf::new()).expect("config");
+        let resolver = Arc::new(crate::resolve::SystemResolver::from_system_conf().expect("resolver"));
+        Trunk::new("t", config.tenants[0].trunks[0].get_ref(), std::path::Path::new("."), resolver).expect("trunk")
+    }
+
+    fn header<'a>(dial: &'a patchbay_sip::ua::Dial, name: &str) -> Option<&'a str> {
+        dial.headers.iter().find_map(|h| match h {
+            rsip::Header::Other(n, v) if n.eq_ignore_ascii_case(name) => Some(v.as_str()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn the_invite_presents_the_caller_id_as_the_trunk_says() {
+        let peer = Peer { transport: Transport::Udp, addr: "192.0.2.7:5070".parse().expect("addr") };
+        let plain = trunk("").dial(peer, "+15551234567", "+15550100", None, Vec::new(), Vec::new()).expect("dial");
+        assert_eq!(plain.target.to_string(), "sip:+15551234567@192.0.2.7:5070");
+        assert_eq!(plain.from, "<sip:+15550100@carrier.test>");
+        assert_eq!(header(&plain, "P-Asserted-Identity"), Some("<sip:+15550100@carrier.test>"));
+        assert_eq!(header(&plain, "Privacy"), None);
+
+        let named = trunk("caller_name = \"Support\"\nprivacy = \"id\"\n");
+        let dial = named.dial(peer, "+15551234567", "+15550100", None, Vec::new(), Vec::new()).expect("dial");
+        assert_eq!(dial.from, "\"Support\" <sip:+15550100@carrier.test>");
+        assert_eq!(header(&dial, "Privacy"), Some("id"));
+        // A call's own name wins; quotes and control characters cannot break out of it.
+        let dial =
+            named.dial(peer, "+15551234567", "+15550100", Some("A \"B\"\r\n"), Vec::new(), Vec::new()).expect("dial");
+        assert_eq!(dial.from, "\"A B\" <sip:+15550100@carrier.test>");
+
+        let silent = trunk("p_asserted_identity = false\n");
+        let dial = silent.dial(peer, "+15551234567", "+15550100", None, Vec::new(), Vec::new()).expect("dial");
+        assert_eq!(header(&dial, "P-Asserted-Identity"), None);
+        assert!(silent.dial(peer, "+1555\r\nX: y", "+15550100", None, Vec::new(), Vec::new()).is_err());
+        assert_eq!(silent.caller_id(Some("+15559999")), Err(CallerIdError::NotAllowed("+15559999".into(), "c".into())));
     }
 
     #[tokio::test(start_paused = true)]
