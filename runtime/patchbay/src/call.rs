@@ -280,7 +280,8 @@ impl CallControl for SipCall {
 
     async fn dial(&self, target: &str, options: DialOptions) -> Result<DialOutcome, CallError> {
         self.live()?;
-        let target = crate::dial::resolve_for(target, &self.info.tenant, &self.routing.trunks).await?;
+        let caps = self.routing.tenant_caps.get(&self.info.tenant);
+        let target = crate::dial::resolve_for(target, &self.info.tenant, &self.routing.trunks, caps).await?;
         if options.headers.len() > crate::dial::MAX_FLOW_HEADERS {
             return Err(CallError::InvalidArgument(format!("at most {} extra headers", crate::dial::MAX_FLOW_HEADERS)));
         }

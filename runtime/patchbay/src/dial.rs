@@ -56,6 +56,10 @@ pub(crate) struct Leg {
     pub dtmf_sink: Option<mpsc::Sender<Dtmf>>,
     /// The leg's own call detail record.
     pub cdr: crate::cdr::CdrDraft,
+    /// The trunk's and tenant's call slots it holds while it is up (a leg through a trunk):
+    /// dropped with it.
+    #[allow(dead_code, reason = "held, never read: the slots go back when the leg is dropped")]
+    pub slots: crate::trunk::CallSlots,
     /// A call placed through the API (no flow owns it: its own flow starts on answer) and the
     /// channels its flow will use.
     pub origination: Option<(Box<crate::originate::Origination>, crate::sip_server::CallChannels)>,
@@ -82,6 +86,7 @@ impl Leg {
             dtmf: None,
             dtmf_sink: None,
             cdr,
+            slots: Default::default(),
             origination: None,
         }
     }
@@ -94,6 +99,8 @@ pub(crate) struct Target {
     pub peer: SocketAddr,
     /// `trunk:NAME/NUMBER`: the tenant's trunk and the number to call through it.
     pub trunk: Option<(Arc<crate::trunk::Trunk>, String)>,
+    /// The trunk's and tenant's call slots the leg holds while it is up.
+    pub slots: crate::trunk::CallSlots,
 }
 
 /// Resolves a `dial` or bridged-`transfer` target: `trunk:NAME/NUMBER` goes through one of
@@ -102,6 +109,7 @@ pub(crate) async fn resolve_for(
     target: &str,
     tenant: &str,
     trunks: &[Arc<crate::trunk::Trunk>],
+    caps: Option<&crate::trunk::TenantCaps>,
 ) -> Result<Target, CallError> {
     let Some(rest) = target.strip_prefix("trunk:") else { return resolve(target).await };
     let bad = |why: String| CallError::InvalidArgument(format!("dial target {target:?}: {why}"));
@@ -113,8 +121,13 @@ pub(crate) async fn resolve_for(
         .find(|t| t.tenant == tenant && t.name == name)
         .ok_or_else(|| CallError::NotAllowed(format!("the tenant has no trunk {name:?}")))?;
     let uri = trunk.uri_for(number).map_err(bad)?;
+    // The trunk's and the tenant's caps hold for flows too; a flow does not wait in the
+    // originations' queue: it hears `unavailable` and may try again.
+    let slots = trunk.gate.try_pass(caps.unwrap_or(&crate::trunk::TenantCaps::default())).ok_or_else(|| {
+        CallError::Unavailable(format!("trunk {name:?} is at its calls-per-second or concurrent-call cap"))
+    })?;
     let peer = trunk.next_hop().await.map_err(CallError::Unavailable)?;
-    Ok(Target { uri, peer: peer.addr, trunk: Some((Arc::clone(trunk), number.to_owned())) })
+    Ok(Target { uri, peer: peer.addr, trunk: Some((Arc::clone(trunk), number.to_owned())), slots })
 }
 
 /// Most extra headers a flow may put on one INVITE.
@@ -167,7 +180,7 @@ pub(crate) async fn resolve(target: &str) -> Result<Target, CallError> {
         .map_err(|e| CallError::Unavailable(format!("resolving {host}: {e}")))?
         .next()
         .ok_or_else(|| CallError::Unavailable(format!("{host} has no address")))?;
-    Ok(Target { uri, peer, trunk: None })
+    Ok(Target { uri, peer, trunk: None, slots: Default::default() })
 }
 
 /// The flow's view of the outcome of a leg that ended before it was answered

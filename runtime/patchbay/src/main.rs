@@ -172,17 +172,25 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                 }
             }
             let trunk_states = trunk::TrunkStates::default();
-            let tenant_slots: std::collections::HashMap<String, Arc<tokio::sync::Semaphore>> = config
+            // A tenant's caps (calls up at once, calls per second), shared by its trunks' gates,
+            // its flows' trunk legs and its inbound calls.
+            let tenant_caps: std::collections::HashMap<String, trunk::TenantCaps> = config
                 .tenants
                 .iter()
-                .filter_map(|t| Some((t.id.clone(), Arc::new(tokio::sync::Semaphore::new(t.max_calls? as usize)))))
+                .map(|t| {
+                    let caps = trunk::TenantCaps {
+                        slots: t.max_calls.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
+                        bucket: t.calls_per_second.map(|cps| Arc::new(trunk::TokenBucket::new(cps))),
+                    };
+                    (t.id.clone(), caps)
+                })
                 .collect();
             let originations = Arc::new(originate::Originations::default());
             let routing = Arc::new(sip_server::Routing {
                 trunks: trunks.clone(),
                 originations: Arc::clone(&originations),
                 trunk_states: Arc::clone(&trunk_states),
-                tenant_slots: tenant_slots.clone(),
+                tenant_caps: tenant_caps.clone(),
                 kv: config
                     .tenants
                     .iter()
@@ -303,10 +311,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
             // Each trunk's gate releases its queued originations; a tenant's cap on calls up at
             // once is shared by its trunks.
             for tenant in &config.tenants {
-                let caps = trunk::TenantCaps {
-                    slots: tenant_slots.get(&tenant.id).cloned(),
-                    bucket: tenant.calls_per_second.map(|cps| Arc::new(trunk::TokenBucket::new(cps))),
-                };
+                let caps = tenant_caps.get(&tenant.id).cloned().unwrap_or_default();
                 for trunk in trunks.iter().filter(|t| t.tenant == tenant.id) {
                     tokio::spawn(Arc::clone(&trunk.gate).run(caps.clone()));
                     tokio::spawn(Arc::clone(trunk).keep_alive(commands.clone()));

@@ -71,7 +71,7 @@ pub struct Routing {
     /// Calls placed through the API, and their progress.
     pub originations: Arc<crate::originate::Originations>,
     /// Each capped tenant's call slots (`max_calls`).
-    pub tenant_slots: HashMap<String, Arc<tokio::sync::Semaphore>>,
+    pub tenant_caps: HashMap<String, crate::trunk::TenantCaps>,
     /// Each trunk's registration and keep-alive state, for the API.
     pub trunk_states: crate::trunk::TrunkStates,
 }
@@ -612,7 +612,7 @@ impl Endpoint {
         &mut self,
         now: std::time::Instant,
         owner: CallRef,
-        target: crate::dial::Target,
+        mut target: crate::dial::Target,
         caller_id: Option<String>,
         headers: Vec<Header>,
         events: mpsc::UnboundedSender<LegEvent>,
@@ -685,7 +685,8 @@ impl Endpoint {
         let leg = self.ua.dial(now, dial);
         tracing::info!(call = ?owner, ?leg, to = %target.peer, "dialling");
         cdr.set_call_id(self.ua.call_id(leg).unwrap_or_default());
-        self.legs.insert(leg, Leg::new(owner, events, offer, local, (rtp, rtcp), cdr));
+        let slots = std::mem::take(&mut target.slots);
+        self.legs.insert(leg, Leg { slots, ..Leg::new(owner, events, offer, local, (rtp, rtcp), cdr) });
         Ok(leg)
     }
 
@@ -1039,7 +1040,7 @@ impl Endpoint {
                     (None, None) => {}
                 }
                 // The tenant's cap on calls up at once (RFC 3261 §21.5.4: 503 with Retry-After).
-                let slots = match routing.tenant_slots.get(tenant) {
+                let slots = match routing.tenant_caps.get(tenant).and_then(|caps| caps.slots.as_ref()) {
                     Some(slots) => match Arc::clone(slots).try_acquire_owned() {
                         Ok(slot) => crate::trunk::CallSlots::from(slot),
                         Err(_) => {

@@ -441,6 +441,7 @@ impl Trunk {
 /// answers 429) and released in order by [`CallGate::run`] as tokens and call slots free up.
 pub struct CallGate {
     cps: Option<f64>,
+    bucket: Option<TokenBucket>,
     concurrent: Option<Arc<Semaphore>>,
     capacity: usize,
     queued: Arc<AtomicUsize>,
@@ -468,6 +469,7 @@ impl CallGate {
         let (sender, receiver) = mpsc::channel(capacity);
         Self {
             cps,
+            bucket: cps.map(TokenBucket::new),
             concurrent: max_calls.map(|n| Arc::new(Semaphore::new(n as usize))),
             capacity,
             queued: Arc::new(AtomicUsize::new(0)),
@@ -499,18 +501,33 @@ impl CallGate {
         self.queued.load(Ordering::Acquire)
     }
 
+    /// Lets a call through at once if the trunk's and the tenant's caps allow it now (a flow's
+    /// `dial`, which waits in no queue): its slots, or `None`.
+    pub fn try_pass(&self, tenant: &TenantCaps) -> Option<CallSlots> {
+        let mut slots = Vec::new();
+        for semaphore in [&self.concurrent, &tenant.slots].into_iter().flatten() {
+            slots.push(Arc::clone(semaphore).try_acquire_owned().ok()?);
+        }
+        // Tokens last: a call refused for a slot costs none.
+        for bucket in [self.bucket.as_ref(), tenant.bucket.as_deref()].into_iter().flatten() {
+            if !bucket.try_take() {
+                return None;
+            }
+        }
+        Some(CallSlots(slots))
+    }
+
     /// Releases queued jobs at the gate's pace, for as long as the gate lives; each also waits
     /// for its tenant's caps (calls up at once, calls per second). Call once.
     pub async fn run(self: Arc<Self>, tenant: TenantCaps) {
         let taken = self.receiver.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         let Some(mut receiver) = taken else { return };
-        let bucket = self.cps.map(TokenBucket::new);
         while let Some(job) = receiver.recv().await {
             let mut slots = Vec::new();
             for semaphore in [&self.concurrent, &tenant.slots].into_iter().flatten() {
                 slots.extend(Arc::clone(semaphore).acquire_owned().await.ok());
             }
-            for bucket in [bucket.as_ref(), tenant.bucket.as_deref()].into_iter().flatten() {
+            for bucket in [self.bucket.as_ref(), tenant.bucket.as_deref()].into_iter().flatten() {
                 bucket.take().await;
             }
             self.queued.fetch_sub(1, Ordering::AcqRel);
@@ -544,20 +561,27 @@ impl TokenBucket {
         Self { rate, burst, state: std::sync::Mutex::new((burst, tokio::time::Instant::now())) }
     }
 
+    /// Takes a token if there is one now.
+    pub fn try_take(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = tokio::time::Instant::now();
+        let (tokens, last) = &mut *state;
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
     /// Takes a token, waiting until there is one.
     pub async fn take(&self) {
-        loop {
+        while !self.try_take() {
             let wait = {
-                let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let now = tokio::time::Instant::now();
-                let (tokens, last) = &mut *state;
-                *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
-                *last = now;
-                if *tokens >= 1.0 {
-                    *tokens -= 1.0;
-                    return;
-                }
-                Duration::from_secs_f64((1.0 - *tokens) / self.rate)
+                let (tokens, _) = *self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                Duration::from_secs_f64(((1.0 - tokens) / self.rate).max(0.0))
             };
             tokio::time::sleep(wait).await;
         }
@@ -680,6 +704,19 @@ mod tests {
         assert!(released.try_recv().is_err(), "the third waits for a free call");
         drop(first);
         assert_eq!(released.recv().await.expect("third").0.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flows_leg_passes_only_within_the_trunks_and_the_tenants_caps() {
+        let gate = CallGate::new(Some(2.0), Some(3), 10);
+        let tenant = TenantCaps { slots: Some(Arc::new(Semaphore::new(1))), bucket: None };
+        let first = gate.try_pass(&tenant).expect("within every cap");
+        assert!(gate.try_pass(&tenant).is_none(), "the tenant's one call is up");
+        drop(first);
+        let _second = gate.try_pass(&TenantCaps::default()).expect("a second token");
+        assert!(gate.try_pass(&TenantCaps::default()).is_none(), "two per second: the bucket is empty");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(gate.try_pass(&TenantCaps::default()).is_some(), "a token again after half a second");
     }
 
     #[tokio::test(start_paused = true)]
