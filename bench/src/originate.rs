@@ -192,6 +192,9 @@ pub struct OriginateReport {
     pub patchbay_cpu_us_per_call: f64,
     /// The benchmark's own CPU over the same time, percent of one core.
     pub loadgen_cpu_percent: f64,
+    /// CPU that other processes on the machine used over the same time (the machine's busy time
+    /// less Patchbay's and the benchmark's), percent of one core.
+    pub other_cpu_percent: f64,
     /// VM steal time over the round, percent of all CPU time.
     pub steal_percent: Option<f64>,
     /// Datagrams the carrier's SIP socket dropped (its own overload).
@@ -756,6 +759,7 @@ async fn run_round(
     println!("round {round}: trunk {trunk}, cap {} calls/s, {calls} POSTs offered {offered}", round.cap);
     let log_offset = std::fs::metadata(log_path).map_or(0, |m| m.len());
     let steal_before = procstat::cpu_times();
+    let busy_before = procstat::busy_times();
     let me = std::process::id();
     let (pb_before, me_before) = (procstat::sample(patchbay_pid), procstat::sample(me));
     let started = Instant::now();
@@ -781,6 +785,9 @@ async fn run_round(
     let finished = Instant::now();
     let (pb_after, me_after) = (procstat::sample(patchbay_pid), procstat::sample(me));
     let steal = procstat::steal_since(steal_before);
+    let busy = procstat::busy_times().zip(busy_before).map(|((t, b), (t0, b0))| {
+        100.0 * nproc() as f64 * b.saturating_sub(b0) as f64 / t.saturating_sub(t0).max(1) as f64
+    });
 
     let mut report = OriginateReport {
         round: round.to_string(),
@@ -872,6 +879,9 @@ async fn run_round(
     if let (Some(a), Some(b)) = (me_before, me_after) {
         report.loadgen_cpu_percent = 100.0 * b.cpu.saturating_sub(a.cpu).as_secs_f64() / seconds;
     }
+    if let Some(busy) = busy {
+        report.other_cpu_percent = (busy - report.patchbay_cpu_percent - report.loadgen_cpu_percent).max(0.0);
+    }
     let log = read_from(log_path, log_offset);
     report.patchbay_log_lines = log.lines().filter(|l| !l.trim().is_empty()).count();
 
@@ -943,8 +953,13 @@ fn print_round(r: &OriginateReport) {
     println!("  POST → INVITE on the wire{gate}: {}", r.post_to_invite);
     println!("  INVITE → BYE: {}", r.call_length);
     println!(
-        "  CPU: patchbay {:.0} % of a core ({:.0} % kernel), {:.0} µs per completed call; loadgen {:.0} %",
-        r.patchbay_cpu_percent, r.patchbay_system_percent, r.patchbay_cpu_us_per_call, r.loadgen_cpu_percent
+        "  CPU: patchbay {:.0} % of a core ({:.0} % kernel), {:.0} µs per completed call; loadgen {:.0} %; \
+         other processes {:.0} %",
+        r.patchbay_cpu_percent,
+        r.patchbay_system_percent,
+        r.patchbay_cpu_us_per_call,
+        r.loadgen_cpu_percent,
+        r.other_cpu_percent
     );
     match r.steal_percent {
         Some(steal) => println!("  VM steal time during the round: {steal:.1} % of all CPU time"),
@@ -955,16 +970,16 @@ fn print_round(r: &OriginateReport) {
 
 fn summary(reports: &[OriginateReport]) -> String {
     let mut s = String::from(
-        "| round | calls | POSTs 201/429/other | POSTs/s | INVITEs | steady cps | achieved/cap | completed | failed | \
-         POST→INVITE p50/p90/p99/max ms | patchbay CPU % | steal % |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| round | calls | POSTs 201/429/other | POSTs/s | INVITEs | steady cps | ÷ min(cap, offer) | completed | failed | \
+         POST→INVITE p50/p90/p99/max ms | patchbay CPU % | other CPU % | steal % |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in reports {
         let other: usize = r.post_errors.values().sum();
         let failed: usize = r.failures.values().sum::<usize>() + r.missing_invites;
         let p = &r.post_to_invite;
         s.push_str(&format!(
-            "| {} | {} | {}/{}/{} | {:.0} | {} | {:.1} | {:.2} | {} | {} | {:.2}/{:.2}/{:.2}/{:.2} | {:.0} | {} |\n",
+            "| {} | {} | {}/{}/{} | {:.0} | {} | {:.1} | {:.2} | {} | {} | {:.2}/{:.2}/{:.2}/{:.2} | {:.0} | {:.0} | {} |\n",
             r.round,
             r.posts,
             r.accepted,
@@ -973,7 +988,7 @@ fn summary(reports: &[OriginateReport]) -> String {
             r.post_rate,
             r.invites,
             r.steady_cps,
-            r.steady_cps / f64::from(r.cap),
+            r.steady_cps / f64::from(if r.offered == 0 { r.cap } else { r.cap.min(r.offered) }),
             r.completed,
             failed,
             p.p50_ms,
@@ -981,6 +996,7 @@ fn summary(reports: &[OriginateReport]) -> String {
             p.p99_ms,
             p.max_ms,
             r.patchbay_cpu_percent,
+            r.other_cpu_percent,
             r.steal_percent.map_or("n/a".into(), |v| format!("{v:.1}")),
         ));
     }

@@ -58,6 +58,19 @@ pub fn cpu_times() -> Option<(u64, u64)> {
     Some((fields.iter().take(8).sum(), *fields.get(7)?))
 }
 
+/// All CPUs' time and the part of it spent running anything (user, nice, system, irq, softirq),
+/// in clock ticks, from the `cpu` line of `/proc/stat`: with the CPU time of the processes one
+/// measures, it tells what else ran on the machine meanwhile.
+pub fn busy_times() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> =
+        stat.lines().next()?.split_whitespace().skip(1).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    let total = fields.iter().take(8).sum();
+    // Busy: all but idle (3), iowait (4) and steal (7).
+    let busy = fields.iter().take(7).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    Some((total, busy))
+}
+
 /// The share (%) of all CPU time stolen since `before` (a [`cpu_times`] reading).
 pub fn steal_since(before: Option<(u64, u64)>) -> Option<f64> {
     cpu_times().zip(before).map(|((total, steal), (total0, steal0))| {
