@@ -157,6 +157,9 @@ const REFUSED_RETRY: Duration = Duration::from_secs(3600);
 /// does not come back in lock-step.
 const JITTER_PERCENT: u64 = 20;
 
+/// 423 Interval Too Brief answered in a row before the registration counts as failed.
+const MAX_BRIEF_ROUNDS: u8 = 3;
+
 /// A refresh goes out at least this long before the binding expires.
 const REFRESH_MARGIN: u32 = 5;
 
@@ -181,6 +184,9 @@ pub(super) struct Registration {
     pub(super) cseq: u32,
     /// The REGISTER in flight. §10.2: no new REGISTER before it is answered or times out.
     pub(super) pending: Option<TransactionId>,
+    /// 423s answered in a row: a registrar that keeps raising Min-Expires fails the
+    /// registration instead of looping.
+    brief_rounds: u8,
     state: RegistrationState,
     /// When the next REGISTER goes out (refresh or retry); entries of `reg_deadlines` that
     /// differ are stale.
@@ -215,6 +221,7 @@ impl UserAgent {
                 from_tag,
                 cseq: 0,
                 pending: None,
+                brief_rounds: 0,
                 state: RegistrationState::Registering,
                 next_at: None,
                 failures: 0,
@@ -337,8 +344,9 @@ impl UserAgent {
                 // Min-Expires. One that asks for no more than we did would loop: a failure.
                 let min = header_value(&response.headers, "Min-Expires").and_then(leading_number);
                 match min {
-                    Some(min) if min > r.expires => {
+                    Some(min) if min > r.expires && r.brief_rounds < MAX_BRIEF_ROUNDS => {
                         r.expires = min;
+                        r.brief_rounds += 1;
                         self.send_register(now, reg);
                     }
                     _ => self.register_failed(now, reg, status, reason_of(response), None),
@@ -395,6 +403,9 @@ impl UserAgent {
 
     /// A 2xx to a REGISTER: the binding holds for what the registrar granted (§10.2.4).
     fn registered(&mut self, now: Instant, reg: RegRef, response: &rsip::Response) {
+        if let Some(r) = self.registrations.get_mut(&reg) {
+            r.brief_rounds = 0;
+        }
         let Some(r) = self.registrations.get(&reg) else { return };
         let asked = r.expires;
         let ours = rsip::Uri::try_from(self.contact_uri(Some(&r.contact_user), r.peer.transport).as_str());

@@ -347,6 +347,25 @@ fn interval_too_brief_is_retried_at_once_with_min_expires() {
 }
 
 #[test]
+fn a_registrar_that_keeps_raising_min_expires_fails_the_registration() {
+    let mut ua = ua();
+    let t0 = Instant::now();
+    let (_, mut last) = register(&mut ua, t0, None, 60);
+    // Three rounds are honoured; the fourth 423 in a row is a failure, not another REGISTER.
+    for min in [120, 240, 480] {
+        ua.handle_receive(t0, carrier(), reply(&last, "423 Interval Too Brief", &format!("Min-Expires: {min}\r\n")));
+        let (sent, events) = drain(&mut ua);
+        assert!(events.is_empty(), "{events:?}");
+        last = only_register(&sent);
+        assert_eq!(header(&last, "Expires"), Some(min.to_string()));
+    }
+    ua.handle_receive(t0, carrier(), reply(&last, "423 Interval Too Brief", "Min-Expires: 960\r\n"));
+    let (sent, events) = drain(&mut ua);
+    assert!(sent.is_empty(), "{sent:?}");
+    assert_eq!(failed(&events[0]).0, 423);
+}
+
+#[test]
 fn forbidden_fails_and_is_not_retried_for_an_hour() {
     let mut ua = ua();
     let t0 = Instant::now();
