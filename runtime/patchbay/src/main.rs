@@ -314,28 +314,9 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                 let caps = tenant_caps.get(&tenant.id).cloned().unwrap_or_default();
                 for trunk in trunks.iter().filter(|t| t.tenant == tenant.id) {
                     tokio::spawn(Arc::clone(&trunk.gate).run(caps.clone()));
-                    tokio::spawn(Arc::clone(trunk).keep_alive(commands.clone()));
-                }
-            }
-            // TCP/TLS trunks: keep-alives on the connections we open (RFC 5626 §3.5.1), and for
-            // TLS the name the gateway's certificate must carry.
-            for trunk in trunks.iter().filter(|t| t.transport != config::TrunkTransport::Udp) {
-                let peers = match trunk.targets().await {
-                    Ok(peers) => peers,
-                    Err(e) => {
-                        tracing::warn!(trunk = %trunk.name, "{e}");
-                        continue;
-                    }
-                };
-                for peer in peers {
-                    streams.set_keepalive(peer.addr, trunk.keepalive);
-                    match (trunk.tls.clone(), trunk.tls_server_name()) {
-                        (Some(tls), Some(name)) => streams.add_tls_route(peer.addr, name, tls),
-                        (Some(_), None) => {
-                            tracing::warn!(trunk = %trunk.name, "TLS trunk: the gateway is not a valid TLS server name")
-                        }
-                        (None, _) => {}
-                    }
+                    let started =
+                        Arc::clone(trunk).start(Arc::clone(&streams), commands.clone(), Arc::clone(&trunk_states));
+                    tokio::spawn(started);
                 }
             }
             if let Some(api) = &config.api {

@@ -223,6 +223,11 @@ pub(crate) enum Command {
         /// `canceled` (the API) or `no-answer` (the ring timeout).
         reason: &'static str,
     },
+    /// Register a trunk with its registrar (its address just resolved).
+    Register {
+        trunk: Arc<crate::trunk::Trunk>,
+        peer: patchbay_sip::transaction::Peer,
+    },
     /// Send a trunk's OPTIONS keep-alive.
     Ping {
         /// (tenant, trunk).
@@ -382,9 +387,8 @@ pub async fn run_endpoint(
         registrations: HashMap::new(),
         pings: HashMap::new(),
     };
-    endpoint.register_trunks().await;
     loop {
-        // What the last input (or the trunks' first REGISTERs) made the user agent send.
+        // What the last input made the user agent send.
         while let Some(output) = endpoint.ua.poll_output() {
             match output {
                 UaOutput::Transmit { peer, message } => outbound.send(peer, message.to_string().into_bytes()).await,
@@ -452,40 +456,32 @@ struct Endpoint {
 }
 
 impl Endpoint {
-    /// Starts the registration of every trunk that registers (RFC 3261 §10); the user agent
-    /// keeps them fresh and reports each change as [`UaEvent::Registration`].
-    async fn register_trunks(&mut self) {
-        let trunks: Vec<_> = self.routing.trunks.iter().filter(|t| t.register_expires.is_some()).cloned().collect();
-        for trunk in trunks {
-            let key = (trunk.tenant.clone(), trunk.name.clone());
-            let set_state = |state: String| {
-                crate::trunk::set_state(&self.routing.trunk_states, &key, |t| t.registration = Some(state));
-            };
-            let peer = match trunk.next_hop().await {
-                Ok(peer) => peer,
-                Err(e) => {
-                    tracing::warn!(tenant = %trunk.tenant, trunk = %trunk.name, "not registering: {e}");
-                    set_state(format!("failed: {e}"));
-                    continue;
-                }
-            };
-            let (Ok(registrar), Some(aor), Some(user)) = (trunk.registrar_uri(), trunk.aor(), trunk.username()) else {
-                set_state("failed: the trunk's registrar, address of record or user name is not valid".into());
-                continue;
-            };
-            let register = patchbay_sip::ua::Register {
-                peer,
-                registrar,
-                aor,
-                contact_user: user.to_owned(),
-                expires: trunk.register_expires.unwrap_or(3600),
-                credentials: trunk.digest_client(),
-            };
-            let reg = self.ua.register(std::time::Instant::now(), register);
-            tracing::info!(tenant = %trunk.tenant, trunk = %trunk.name, to = %peer.addr, "registering");
-            set_state("registering".into());
-            self.registrations.insert(reg, key);
-        }
+    /// Starts a trunk's registration with its registrar at `peer` (RFC 3261 §10); the user
+    /// agent keeps it fresh and reports each change as [`UaEvent::Registration`].
+    fn register_trunk(
+        &mut self,
+        now: std::time::Instant,
+        trunk: &crate::trunk::Trunk,
+        peer: patchbay_sip::transaction::Peer,
+    ) {
+        let key = (trunk.tenant.clone(), trunk.name.clone());
+        let (Ok(registrar), Some(aor), Some(user)) = (trunk.registrar_uri(), trunk.aor(), trunk.username()) else {
+            let state = "failed: the trunk's registrar, address of record or user name is not valid".to_owned();
+            crate::trunk::set_state(&self.routing.trunk_states, &key, |t| t.registration = Some(state));
+            return;
+        };
+        let register = patchbay_sip::ua::Register {
+            peer,
+            registrar,
+            aor,
+            contact_user: user.to_owned(),
+            expires: trunk.register_expires.unwrap_or(3600),
+            credentials: trunk.digest_client(),
+        };
+        let reg = self.ua.register(now, register);
+        tracing::info!(tenant = %trunk.tenant, trunk = %trunk.name, to = %peer.addr, "registering");
+        crate::trunk::set_state(&self.routing.trunk_states, &key, |t| t.registration = Some("registering".into()));
+        self.registrations.insert(reg, key);
     }
 
     fn on_command(&mut self, command: Command) {
@@ -566,6 +562,8 @@ impl Endpoint {
             Command::Originate { origination, peer } => self.originate(now, origination, peer),
             Command::OriginationFailed { origination, reason } => self.origination_failed(&origination.id, reason),
             Command::HangupOrigination { id, reason } => self.hangup_origination(now, &id, reason),
+            Command::Register { trunk, peer } if self.shutdown.is_none() => self.register_trunk(now, &trunk, peer),
+            Command::Register { .. } => {}
             Command::Ping { key, ping } => {
                 let ping = self.ua.ping(now, ping);
                 self.pings.insert(ping, key);

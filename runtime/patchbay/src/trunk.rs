@@ -346,6 +346,55 @@ impl Trunk {
         Some(patchbay_sip::ua::Ping { peer, target: self.registrar_uri().ok()?, from: format!("<{from}>") })
     }
 
+    /// Brings the trunk up, off the endpoint's task: locates the gateway (RFC 3263), retrying
+    /// with back-off while DNS fails (5 s doubling to 5 min), tells the transport each target's
+    /// keep-alive and TLS name, has the endpoint register, then sends the keep-alives.
+    pub async fn start(
+        self: Arc<Self>,
+        streams: Arc<crate::transport::Streams>,
+        commands: mpsc::UnboundedSender<crate::sip_server::Command>,
+        states: TrunkStates,
+    ) {
+        let key = (self.tenant.clone(), self.name.clone());
+        let mut wait = Duration::from_secs(5);
+        let peers = loop {
+            match self.targets().await {
+                Ok(peers) if !peers.is_empty() => break peers,
+                result => {
+                    let why = result.err().unwrap_or_else(|| "no address".into());
+                    tracing::warn!(tenant = %self.tenant, trunk = %self.name, "locating the gateway: {why}; again in {wait:?}");
+                    if self.register_expires.is_some() {
+                        set_state(&states, &key, |t| {
+                            t.registration = Some(format!("failed: {why}, next attempt in {} s", wait.as_secs()))
+                        });
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(300));
+                }
+            }
+        };
+        for peer in &peers {
+            if self.transport == TrunkTransport::Udp {
+                continue;
+            }
+            streams.set_keepalive(peer.addr, self.keepalive);
+            match (self.tls.clone(), self.tls_server_name()) {
+                (Some(tls), Some(name)) => streams.add_tls_route(peer.addr, name, tls),
+                (Some(_), None) => {
+                    tracing::warn!(trunk = %self.name, "TLS trunk: the gateway is not a valid TLS server name")
+                }
+                (None, _) => {}
+            }
+        }
+        if self.register_expires.is_some() {
+            let command = crate::sip_server::Command::Register { trunk: Arc::clone(&self), peer: peers[0] };
+            if commands.send(command).is_err() {
+                return;
+            }
+        }
+        self.keep_alive(commands).await;
+    }
+
     /// Sends the trunk's OPTIONS keep-alives over UDP every `keepalive` for as long as the
     /// endpoint takes commands (RFC 5626 §3.5.1 keeps TCP/TLS connections alive with CRLF
     /// instead: see the transport). They keep NAT bindings towards the carrier open and tell
