@@ -559,3 +559,41 @@ fn shutting_down_takes_the_registration_off_the_carrier() {
     assert!(ok, "the carrier saw no un-REGISTER:\n{log}");
     assert!(log.contains("Expires: 0"), "{log}");
 }
+
+#[test]
+fn a_queued_call_is_cancelled_by_delete_and_shutdown_leaves_one_record_per_call() {
+    // One call per 100 s: the first goes out (to a gateway that never answers), the rest wait.
+    let silent = UdpSocket::bind("127.0.0.1:0").expect("a gateway that never answers");
+    let trunk = format!(
+        "gateway = \"127.0.0.1:{}\"\ncaller_ids = [\"+15550100\"]\ndefault_caller_id = \"+15550100\"\n\
+         calls_per_second = 0.01\nkeepalive_secs = 0\n",
+        silent.local_addr().expect("addr").port()
+    );
+    let (pb, api) = patchbay(&trunk, "");
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            let body = format!(r#"{{"to":"+155500000{i}","flow":"greet"}}"#);
+            let (status, _, created) = http("POST", api, "/v1/calls", TOKEN, Some(&body));
+            assert_eq!(status, 201, "{created}");
+            created["id"].as_str().expect("id").to_owned()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, _, second) = http("GET", api, &format!("/v1/calls/{}", ids[1]), TOKEN, None);
+    assert_eq!(second["status"], "queued", "{second}");
+    // DELETE while it waits: cancelled at once, and never placed.
+    let (status, _, cancelled) = http("DELETE", api, &format!("/v1/calls/{}", ids[1]), TOKEN, None);
+    assert_eq!((status, cancelled["status"].as_str()), (200, Some("canceled")), "{cancelled}");
+    // SIGTERM: the ringing call is cancelled, the queued one refused; one record each.
+    let pid = i32::try_from(pb.pid()).expect("pid");
+    // SAFETY: sends a signal to the child this test started; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let cdrs = pb.settled_cdrs(3, Duration::from_secs(10));
+    for id in &ids {
+        let mine: Vec<_> = cdrs.iter().filter(|c| c["id"] == id.as_str()).collect();
+        assert_eq!(mine.len(), 1, "exactly one record for {id}: {cdrs:?}");
+    }
+    let cause = |id: &str| cdrs.iter().find(|c| c["id"] == id).map(|c| c["end_cause"].clone());
+    assert_eq!(cause(&ids[1]), Some("canceled".into()));
+    assert_eq!(cause(&ids[2]), Some("shutdown".into()));
+}
