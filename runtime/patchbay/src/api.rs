@@ -35,8 +35,8 @@ pub struct ApiState {
     pub admin: Option<[u8; 32]>,
     /// SHA-256 of each tenant's token → tenant id.
     pub tenant_tokens: Vec<([u8; 32], String)>,
-    /// Every tenant's trunks, by (tenant, name).
-    pub trunks: HashMap<(String, String), Arc<Trunk>>,
+    /// Every tenant's trunks.
+    pub trunks: Vec<Arc<Trunk>>,
     /// Compiled flows (a call names one of its tenant's).
     pub registry: Arc<FlowRegistry>,
     /// The flows' configured variables.
@@ -230,11 +230,11 @@ async fn place(state: &Arc<ApiState>, tenant: String, request: CreateCall) -> Re
         None => None,
     };
     let trunk = match &request.trunk {
-        Some(name) => state.trunks.get(&(tenant.clone(), name.clone())).cloned(),
+        Some(name) => state.trunks.iter().find(|t| t.tenant == tenant && t.name == *name).cloned(),
         None => {
-            let mut own = state.trunks.iter().filter(|((t, _), _)| *t == tenant);
+            let mut own = state.trunks.iter().filter(|t| t.tenant == tenant);
             match (own.next(), own.next()) {
-                (Some((_, trunk)), None) => Some(Arc::clone(trunk)),
+                (Some(trunk), None) => Some(Arc::clone(trunk)),
                 _ => None,
             }
         }
@@ -402,16 +402,16 @@ async fn list_trunks(
     let mut trunks: Vec<_> = state
         .trunks
         .iter()
-        .filter(|((tenant, _), _)| caller.may_see(tenant))
-        .map(|((tenant, name), trunk)| {
-            let known = states.get(&(tenant.clone(), name.clone())).cloned().unwrap_or_default();
+        .filter(|trunk| caller.may_see(&trunk.tenant))
+        .map(|trunk| {
+            let known = states.get(&trunk.key()).cloned().unwrap_or_default();
             let registration = match trunk.register_expires {
                 Some(_) => known.registration.unwrap_or_else(|| "starting".into()),
                 None => "not registering".into(),
             };
             serde_json::json!({
-                "tenant": tenant,
-                "name": name,
+                "tenant": trunk.tenant,
+                "name": trunk.name,
                 "transport": format!("{:?}", trunk.transport).to_ascii_lowercase(),
                 "registration": registration,
                 "keepalive": known.keepalive,

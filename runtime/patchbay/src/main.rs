@@ -330,7 +330,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                         .iter()
                         .filter_map(|t| Some((api::token_digest(t.api_token.as_ref()?.expose()), t.id.clone())))
                         .collect(),
-                    trunks: trunks.iter().map(|t| ((t.tenant.clone(), t.name.clone()), Arc::clone(t))).collect(),
+                    trunks: trunks.clone(),
                     registry: Arc::clone(&registry),
                     flow_vars: routing.flow_vars.clone(),
                     originations,

@@ -230,8 +230,8 @@ pub(crate) enum Command {
     },
     /// Send a trunk's OPTIONS keep-alive.
     Ping {
-        /// (tenant, trunk).
-        key: (String, String),
+        /// Which trunk.
+        key: crate::trunk::TrunkKey,
         ping: patchbay_sip::ua::Ping,
     },
     /// Hang up every call and report when their records are written (or the grace is over).
@@ -450,9 +450,9 @@ struct Endpoint {
     /// Set by `Command::Shutdown`: whom to tell, and when to stop waiting.
     shutdown: Option<(oneshot::Sender<()>, std::time::Instant)>,
     /// Trunks' registrations: which (tenant, trunk) each is.
-    registrations: HashMap<patchbay_sip::ua::RegRef, (String, String)>,
+    registrations: HashMap<patchbay_sip::ua::RegRef, crate::trunk::TrunkKey>,
     /// Trunks' keep-alives waiting for an answer.
-    pings: HashMap<patchbay_sip::ua::PingRef, (String, String)>,
+    pings: HashMap<patchbay_sip::ua::PingRef, crate::trunk::TrunkKey>,
 }
 
 impl Endpoint {
@@ -464,7 +464,7 @@ impl Endpoint {
         trunk: &crate::trunk::Trunk,
         peer: patchbay_sip::transaction::Peer,
     ) {
-        let key = (trunk.tenant.clone(), trunk.name.clone());
+        let key = trunk.key();
         let (Ok(registrar), Some(aor), Some(user)) = (trunk.registrar_uri(), trunk.aor(), trunk.username()) else {
             let state = "failed: the trunk's registrar, address of record or user name is not valid".to_owned();
             crate::trunk::set_state(&self.routing.trunk_states, &key, |t| t.registration = Some(state));
@@ -1095,27 +1095,26 @@ impl Endpoint {
                 let Some(key) = pings.remove(&ping) else { return };
                 let state = match status {
                     Some(status) => {
-                        tracing::debug!(tenant = %key.0, trunk = %key.1, status, "trunk keep-alive answered");
+                        tracing::debug!(trunk = %key, status, "trunk keep-alive answered");
                         format!("answered {status}")
                     }
                     None => {
-                        tracing::warn!(tenant = %key.0, trunk = %key.1, "trunk keep-alive unanswered: the carrier is unreachable");
+                        tracing::warn!(trunk = %key, "trunk keep-alive unanswered: the carrier is unreachable");
                         "unanswered".to_owned()
                     }
                 };
                 crate::trunk::set_state(&routing.trunk_states, &key, |t| t.keepalive = Some(state));
             }
             UaEvent::Registration { reg, state } => {
-                let Some((tenant, trunk)) = registrations.get(&reg) else { return };
+                let Some(key) = registrations.get(&reg) else { return };
                 let shown = state.display_at(now).to_string();
                 match &state {
                     patchbay_sip::ua::RegistrationState::Failed { .. } => {
-                        tracing::warn!(%tenant, %trunk, "trunk registration {shown}");
+                        tracing::warn!(trunk = %key, "trunk registration {shown}");
                     }
-                    _ => tracing::info!(%tenant, %trunk, "trunk registration {shown}"),
+                    _ => tracing::info!(trunk = %key, "trunk registration {shown}"),
                 }
-                let key = (tenant.clone(), trunk.clone());
-                crate::trunk::set_state(&routing.trunk_states, &key, |t| t.registration = Some(shown));
+                crate::trunk::set_state(&routing.trunk_states, key, |t| t.registration = Some(shown));
                 if matches!(state, patchbay_sip::ua::RegistrationState::Unregistered) {
                     registrations.remove(&reg);
                 }

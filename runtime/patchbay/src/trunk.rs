@@ -39,11 +39,26 @@ pub struct TrunkState {
     pub keepalive: Option<String>,
 }
 
-/// Every trunk's [`TrunkState`], by (tenant, trunk).
-pub type TrunkStates = Arc<std::sync::Mutex<std::collections::HashMap<(String, String), TrunkState>>>;
+/// Which trunk: its tenant and its name there (shown as `tenant/name`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TrunkKey {
+    /// The tenant that owns it.
+    pub tenant: String,
+    /// Its name within the tenant.
+    pub name: String,
+}
+
+impl std::fmt::Display for TrunkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.tenant, self.name)
+    }
+}
+
+/// Every trunk's [`TrunkState`].
+pub type TrunkStates = Arc<std::sync::Mutex<std::collections::HashMap<TrunkKey, TrunkState>>>;
 
 /// Updates one trunk's state.
-pub fn set_state(states: &TrunkStates, key: &(String, String), change: impl FnOnce(&mut TrunkState)) {
+pub fn set_state(states: &TrunkStates, key: &TrunkKey, change: impl FnOnce(&mut TrunkState)) {
     let mut states = states.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     change(states.entry(key.clone()).or_default());
 }
@@ -257,6 +272,11 @@ impl Trunk {
         })
     }
 
+    /// Which trunk this is.
+    pub fn key(&self) -> TrunkKey {
+        TrunkKey { tenant: self.tenant.clone(), name: self.name.clone() }
+    }
+
     /// The transaction layer's transport for this trunk.
     pub fn sip_transport(&self) -> Transport {
         match self.transport {
@@ -355,7 +375,7 @@ impl Trunk {
         commands: mpsc::UnboundedSender<crate::sip_server::Command>,
         states: TrunkStates,
     ) {
-        let key = (self.tenant.clone(), self.name.clone());
+        let key = self.key();
         let mut wait = Duration::from_secs(5);
         let peers = loop {
             match self.targets().await {
@@ -415,7 +435,7 @@ impl Trunk {
                 }
             };
             let Some(ping) = ping else { return };
-            let key = (self.tenant.clone(), self.name.clone());
+            let key = self.key();
             if commands.send(crate::sip_server::Command::Ping { key, ping }).is_err() {
                 return;
             }
