@@ -267,21 +267,30 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                 inbound.clone(),
             );
             let mut outbound = transport::Outbound::default().with_streams(Arc::clone(&streams));
-            let mut contact = None;
+            // Where we listen, per transport; the first is the default Contact.
+            let mut listeners: Vec<(patchbay_sip::transaction::Transport, std::net::SocketAddr)> = Vec::new();
             for listen in config.sip.listen.iter().filter_map(|l| parse_listen(l.get_ref()).ok()) {
                 let name = format!("{}:{}", listen.transport, listen.addr);
                 if listen.transport == "udp" {
                     let socket =
                         tokio::net::UdpSocket::bind(listen.addr).await.with_context(|| format!("binding {name}"))?;
                     let socket = Arc::new(socket);
-                    contact.get_or_insert(socket.local_addr().context("udp local address")?);
+                    listeners.push((
+                        patchbay_sip::transaction::Transport::Udp,
+                        socket.local_addr().context("udp local address")?,
+                    ));
                     outbound = outbound.with_udp(Arc::clone(&socket));
                     tokio::spawn(transport::udp_receiver(socket, inbound.clone(), config.sip.max_messages_per_source));
                     continue;
                 }
                 let listener =
                     tokio::net::TcpListener::bind(listen.addr).await.with_context(|| format!("binding {name}"))?;
-                contact.get_or_insert(listener.local_addr().with_context(|| format!("{name} local address"))?);
+                let transport = if listen.transport == "tls" {
+                    patchbay_sip::transaction::Transport::Tls
+                } else {
+                    patchbay_sip::transaction::Transport::Tcp
+                };
+                listeners.push((transport, listener.local_addr().with_context(|| format!("{name} local address"))?));
                 if listen.transport == "tls" {
                     // Config::parse refuses a tls: listener without a loaded [sip.tls].
                     let server = config.sip.tls.as_ref().and_then(|t| t.server.clone()).context("[sip.tls] missing")?;
@@ -347,9 +356,9 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                 tokio::spawn(api::serve(listener, state));
             }
             let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
-            if let Some(contact) = contact {
+            if !listeners.is_empty() {
                 let endpoint = sip_server::run_endpoint(
-                    contact,
+                    listeners,
                     inbound_rx,
                     outbound,
                     engine,

@@ -353,7 +353,7 @@ fn apply_negotiated(
 /// Runs the endpoint: the user agent core fed by every transport's [`Inbound`] messages,
 /// sending through [`Outbound`]. `contact` is the `host:port` put in Contact and Via.
 pub async fn run_endpoint(
-    contact: SocketAddr,
+    listeners: Vec<(patchbay_sip::transaction::Transport, SocketAddr)>,
     mut inbound: mpsc::Receiver<Inbound>,
     outbound: Outbound,
     engine: Arc<FlowEngine>,
@@ -362,17 +362,28 @@ pub async fn run_endpoint(
     control: EndpointControl,
 ) {
     let EndpointControl { commands, mut command_rx, mut shutdown } = control;
-    let contact_host = match routing.external_ip {
-        Some(ip) => SocketAddr::new(ip, contact.port()).to_string(),
-        None => contact.to_string(),
+    // Behind NAT, the external address with the port we listen on.
+    let advertised = |addr: SocketAddr| match routing.external_ip {
+        Some(ip) => SocketAddr::new(ip, addr.port()).to_string(),
+        None => addr.to_string(),
     };
-    let seed = std::collections::hash_map::RandomState::new().hash_one(contact);
-    let ua = UserAgent::new(UaConfig {
-        contact_host,
+    let Some(&(_, first)) = listeners.first() else { return };
+    // Tags, branches and cnonces come from this seed: the OS's CSPRNG, not a guessable value.
+    let seed = getrandom::u64().unwrap_or_else(|e| {
+        tracing::error!("no randomness from the OS for the SIP seed: {e}");
+        std::collections::hash_map::RandomState::new().hash_one(first)
+    });
+    let mut ua = UserAgent::new(UaConfig {
+        contact_host: advertised(first),
         user_agent: format!("Patchbay/{}", env!("CARGO_PKG_VERSION")),
         timers: TimerConfig::default(),
         seed,
     });
+    // Requests over TCP or TLS name a listener of that transport when there is one (the first
+    // of each kind).
+    for (transport, addr) in listeners.iter().rev() {
+        ua.set_listener(*transport, advertised(*addr));
+    }
     let mut endpoint = Endpoint {
         ua,
         calls: HashMap::new(),

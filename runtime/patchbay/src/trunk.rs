@@ -14,10 +14,13 @@
 //! next target on a timeout or a 503. Over UDP the trunk sends OPTIONS keep-alives, over
 //! TCP/TLS the transport sends CRLF ones.
 //!
+//! Via and Contact name our listener of the trunk's transport (`sips:` over TLS), or the first
+//! listener when there is none of that transport: then the carrier reaches us only over the
+//! connection we opened.
+//!
 //! **Not done yet:** registrations and flows' `dial` legs do not fail over to the next target;
-//! the Service-Route a registrar returns is kept but not used as a route (RFC 3608); Contact
-//! names the first listener's address for every transport (a TLS trunk relies on the
-//! connection Patchbay opened, as RFC 5626 clients do, rather than on a TLS listener).
+//! the Service-Route a registrar returns is kept but not used as a route (RFC 3608); RFC 5626
+//! outbound (`;ob`, `reg-id`) is not offered.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -342,6 +342,9 @@ pub struct UserAgent {
     /// When registrations next send a REGISTER (refresh or retry); stale entries are skipped.
     reg_deadlines: BinaryHeap<Reverse<(Instant, RegRef)>>,
     counter: u64,
+    /// `host:port` we listen on per transport, for Via and Contact of requests we send over
+    /// it (`contact_host` for a transport without its own listener).
+    listeners: HashMap<Transport, String>,
     outputs: VecDeque<UaOutput>,
 }
 
@@ -366,6 +369,7 @@ impl UserAgent {
             registrations: HashMap::new(),
             reg_deadlines: BinaryHeap::new(),
             counter: 0,
+            listeners: HashMap::new(),
             outputs: VecDeque::new(),
         }
     }
@@ -966,7 +970,19 @@ impl UserAgent {
         self.calls.get(&call).map(|c| c.call_id.as_str())
     }
 
-    /// The `host:port` this user agent puts in Contact and Via.
+    /// Names the `host:port` we listen on for `transport`: Via sent-by and Contact of the
+    /// requests we send over it say so (RFC 3261 §18.1.1, §8.1.1.8), so that a carrier's new
+    /// requests (an inbound call to a registered binding) reach a listener of that transport.
+    pub fn set_listener(&mut self, transport: Transport, host_port: String) {
+        self.listeners.insert(transport, host_port);
+    }
+
+    /// Our `host:port` for `transport`.
+    pub(crate) fn host_for(&self, transport: Transport) -> &str {
+        self.listeners.get(&transport).map_or(&self.config.contact_host, String::as_str)
+    }
+
+    /// The `host:port` this user agent puts in Contact and Via by default.
     pub fn contact_host(&self) -> &str {
         &self.config.contact_host
     }

@@ -641,7 +641,7 @@ impl UserAgent {
     pub(super) fn new_via(&mut self, transport: Transport) -> Header {
         let branch = format!("z9hG4bK{}", self.unique());
         Header::Via(
-            format!("SIP/2.0/{} {};branch={branch};rport", via_transport(transport), self.config.contact_host).into(),
+            format!("SIP/2.0/{} {};branch={branch};rport", via_transport(transport), self.host_for(transport)).into(),
         )
     }
 
@@ -651,14 +651,17 @@ impl UserAgent {
 
     /// Our Contact URI (§8.1.1.8) over `transport`, with `user` for a registered binding
     /// (§10.2.1) so that requests the registrar routes to us name the account.
+    ///
+    /// Over TLS it is a `sips:` URI (§8.1.1.8: a request sent over TLS to a `sips:` target must
+    /// carry one; `sips:` itself says TLS, so no `transport` parameter).
     pub(super) fn contact_uri(&self, user: Option<&str>, transport: Transport) -> String {
-        let param = match transport {
-            Transport::Udp => "",
-            Transport::Tcp => ";transport=tcp",
-            Transport::Tls => ";transport=tls",
+        let (scheme, param) = match transport {
+            Transport::Udp => ("sip", ""),
+            Transport::Tcp => ("sip", ";transport=tcp"),
+            Transport::Tls => ("sips", ""),
         };
         let user = user.map(|u| format!("{u}@")).unwrap_or_default();
-        format!("sip:{user}{}{param}", self.config.contact_host)
+        format!("{scheme}:{user}{}{param}", self.host_for(transport))
     }
 
     /// A pseudo-random number from the seed (SplitMix64). The shell seeds it from the OS's

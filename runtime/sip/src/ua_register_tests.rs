@@ -518,3 +518,30 @@ fn registration_states_read_well_in_logs() {
     assert_eq!(RegistrationState::Registering.display_at(t0).to_string(), "registering");
     assert_eq!(RegistrationState::Unregistered.to_string(), "unregistered");
 }
+
+#[test]
+fn over_tls_the_binding_names_our_tls_listener_with_a_sips_contact() {
+    let mut ua = ua();
+    ua.set_listener(Transport::Tls, "192.0.2.1:5061".into());
+    let now = Instant::now();
+    ua.register(
+        now,
+        Register {
+            peer: Peer { transport: Transport::Tls, addr: "198.51.100.20:5061".parse().unwrap() },
+            registrar: rsip::Uri::try_from("sips:carrier.test").unwrap(),
+            aor: "sips:acct@carrier.test".into(),
+            contact_user: "acct".into(),
+            expires: 600,
+            credentials: None,
+        },
+    );
+    let (sent, _) = drain(&mut ua);
+    let first = only_register(&sent);
+    // §8.1.1.8: a sips: Contact over TLS, at the TLS listener; §18.1.1: Via says TLS there.
+    assert_eq!(header(&first, "Contact").as_deref(), Some("<sips:acct@192.0.2.1:5061>;expires=600"));
+    let via = header(&first, "Via").unwrap_or_default();
+    assert!(via.starts_with("SIP/2.0/TLS 192.0.2.1:5061;"), "{via}");
+    // Other transports keep the default address.
+    let (_, udp) = register(&mut ua, now, None, 60);
+    assert_eq!(header(&udp, "Contact").as_deref(), Some("<sip:acct@192.0.2.1:5060>;expires=60"));
+}
