@@ -490,7 +490,7 @@ impl Endpoint {
             credentials: trunk.digest_client(),
         };
         let reg = self.ua.register(now, register);
-        tracing::info!(tenant = %trunk.tenant, trunk = %trunk.name, to = %peer.addr, "registering");
+        tracing::info!(trunk = %key, to = %peer.addr, "registering");
         crate::trunk::set_state(&self.routing.trunk_states, &key, |t| t.registration = Some("registering".into()));
         self.registrations.insert(reg, key);
     }
