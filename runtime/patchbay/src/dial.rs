@@ -111,7 +111,18 @@ pub(crate) async fn resolve_for(
     trunks: &[Arc<crate::trunk::Trunk>],
     caps: Option<&crate::trunk::TenantCaps>,
 ) -> Result<Target, CallError> {
-    let Some(rest) = target.strip_prefix("trunk:") else { return resolve(target).await };
+    let Some(rest) = target.strip_prefix("trunk:") else {
+        let plain = resolve(target).await?;
+        // A carrier is reached through its trunk only (credentials, caller-ID list, caps): a
+        // plain URI at a trunk's gateway would skip all three.
+        if let Some(trunk) = trunks.iter().find(|t| t.is_gateway(plain.peer)) {
+            return Err(CallError::NotAllowed(format!(
+                "{target:?} is trunk {:?}'s gateway: dial trunk:{}/NUMBER",
+                trunk.name, trunk.name
+            )));
+        }
+        return Ok(plain);
+    };
     let bad = |why: String| CallError::InvalidArgument(format!("dial target {target:?}: {why}"));
     let (name, number) = rest.split_once('/').ok_or_else(|| bad("write trunk:NAME/NUMBER".into()))?;
     crate::trunk::check_number(number).map_err(bad)?;

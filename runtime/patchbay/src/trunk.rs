@@ -499,6 +499,16 @@ impl Trunk {
         })
     }
 
+    /// Whether `addr` is where this trunk's requests go (its gateway or outbound proxy written
+    /// as an address; a name is not looked up here).
+    pub fn is_gateway(&self, addr: std::net::SocketAddr) -> bool {
+        let default = if self.transport == TrunkTransport::Tls { 5061 } else { 5060 };
+        [Some(&self.gateway), self.proxy.as_ref()]
+            .into_iter()
+            .flatten()
+            .any(|hop| hop.host.parse() == Ok(addr.ip()) && hop.port.unwrap_or(default) == addr.port())
+    }
+
     /// Whether a call from `source` to one of this trunk's DIDs comes from the carrier.
     pub fn trusts(&self, source: IpAddr) -> bool {
         self.source_ips.contains(&source)
@@ -698,6 +708,14 @@ mod tests {
             rsip::Header::Other(n, v) if n.eq_ignore_ascii_case(name) => Some(v.as_str()),
             _ => None,
         })
+    }
+
+    #[test]
+    fn the_gateway_is_known_by_its_address_and_port() {
+        let t = trunk("");
+        assert!(t.is_gateway("192.0.2.7:5070".parse().expect("addr")));
+        assert!(!t.is_gateway("192.0.2.7:5060".parse().expect("addr")));
+        assert!(!t.is_gateway("192.0.2.8:5070".parse().expect("addr")));
     }
 
     #[test]
