@@ -6,22 +6,17 @@ use rsip::headers::{ToTypedHeader, UntypedHeader};
 use rsip::prelude::HeadersExt;
 use rsip::{Header, Method, SipMessage};
 
-use super::super::tests::drain;
+use super::super::tests::{check, digest_server, drain, ua_with_seed};
 use super::super::*;
-use crate::auth::{AuthKind, DigestClient, DigestRequest, DigestServer, Outcome, ServerConfig, StoredSecret};
-use crate::transaction::{Peer, TimerConfig, Transport};
+use crate::auth::{AuthKind, DigestClient};
+use crate::transaction::{Peer, Transport};
 
 fn trunk() -> Peer {
     Peer { transport: Transport::Udp, addr: "198.51.100.7:5060".parse().unwrap() }
 }
 
 fn ua() -> UserAgent {
-    UserAgent::new(UaConfig {
-        contact_host: "192.0.2.1:5060".into(),
-        user_agent: "Patchbay/test".into(),
-        timers: TimerConfig::default(),
-        seed: 11,
-    })
+    ua_with_seed(11)
 }
 
 fn dial(ua: &mut UserAgent, now: Instant, credentials: Option<DigestClient>) -> (CallRef, rsip::Request) {
@@ -242,43 +237,12 @@ fn a_2xx_that_crosses_our_cancel_is_acknowledged_and_ended_with_bye() {
     assert_eq!(drain(&mut ua).1, vec![UaEvent::Ended { call, cause: EndCause::LocalBye }]);
 }
 
-fn digest_server(kind: AuthKind) -> DigestServer {
-    let mut config = ServerConfig::new("trunk.example", vec![7u8; 32]);
-    config.kind = kind;
-    DigestServer::new(config, 1_000).unwrap()
-}
-
-/// Checks `request` against `server` the way a trunk would; `Err` is the challenge response.
-fn check(server: &mut DigestServer, request: &rsip::Request, kind: AuthKind) -> Result<(), String> {
-    let creds: Vec<&str> = request
-        .headers
-        .iter()
-        .filter_map(|h| match (kind, h) {
-            (AuthKind::Www, Header::Authorization(v)) => Some(v.value()),
-            (AuthKind::Proxy, Header::ProxyAuthorization(v)) => Some(v.value()),
-            _ => None,
-        })
-        .collect();
-    let (method, uri) = (request.method.to_string(), request.uri.to_string());
-    let store = |user: &str, _: &str, _| (user == "acct").then(|| StoredSecret::Password("s3cret".into()));
-    match server.verify(1_001, &DigestRequest::new(&method, &uri, &request.body), &creds, &store) {
-        Outcome::Authorized { username } => {
-            assert_eq!(username, "acct");
-            Ok(())
-        }
-        Outcome::Challenge { challenges, .. } => {
-            Err(challenges.iter().map(|c| format!("{}: {c}\r\n", kind.challenge_header())).collect())
-        }
-        Outcome::Rejected(why) => panic!("rejected: {why:?}"),
-    }
-}
-
 #[test]
 fn digest_challenges_are_answered_on_invite_and_bye_and_reused_on_the_ack() {
     let mut ua = ua();
     let t0 = Instant::now();
-    let mut proxy = digest_server(AuthKind::Proxy);
-    let mut uas = digest_server(AuthKind::Www);
+    let mut proxy = digest_server("trunk.example", AuthKind::Proxy);
+    let mut uas = digest_server("trunk.example", AuthKind::Www);
     let (call, invite) = dial(&mut ua, t0, Some(DigestClient::new("acct", "s3cret")));
     let challenge = check(&mut proxy, &invite, AuthKind::Proxy).unwrap_err();
     ua.handle_receive(t0, trunk(), respond(&invite, "407 Proxy Authentication Required", Some("p"), &challenge));
@@ -324,7 +288,7 @@ fn digest_challenges_are_answered_on_invite_and_bye_and_reused_on_the_ack() {
 fn refused_credentials_fail_the_call_instead_of_looping() {
     let mut ua = ua();
     let t0 = Instant::now();
-    let mut proxy = digest_server(AuthKind::Proxy);
+    let mut proxy = digest_server("trunk.example", AuthKind::Proxy);
     let (call, invite) = dial(&mut ua, t0, Some(DigestClient::new("acct", "wrong")));
     let challenge = check(&mut proxy, &invite, AuthKind::Proxy).unwrap_err();
     ua.handle_receive(t0, trunk(), respond(&invite, "407 Proxy Authentication Required", Some("p"), &challenge));

@@ -7,7 +7,7 @@ use rsip::headers::{ToTypedHeader, UntypedHeader};
 use rsip::prelude::HeadersExt;
 use rsip::{Method, SipMessage};
 
-use super::super::tests::drain;
+use super::super::tests::{drain, ua_with_seed};
 use super::super::*;
 use crate::transaction::{Peer, TimerConfig, Transport};
 
@@ -16,12 +16,7 @@ fn carrier(transport: Transport) -> Peer {
 }
 
 fn ua() -> UserAgent {
-    UserAgent::new(UaConfig {
-        contact_host: "192.0.2.1:5060".into(),
-        user_agent: "Patchbay/test".into(),
-        timers: TimerConfig::default(),
-        seed: 11,
-    })
+    ua_with_seed(11)
 }
 
 fn ms(n: u64) -> Duration {

@@ -7,22 +7,13 @@ use rsip::headers::{ToTypedHeader, UntypedHeader};
 use rsip::prelude::HeadersExt;
 use rsip::{Header, Method, SipMessage};
 
-use super::super::tests::drain;
+use super::super::tests::{check, digest_server, drain, ua_with_seed};
 use super::super::*;
-use crate::auth::{AuthKind, DigestClient, DigestRequest, DigestServer, Outcome, ServerConfig, StoredSecret};
-use crate::transaction::{Peer, TimerConfig, Transport};
+use crate::auth::{AuthKind, DigestClient};
+use crate::transaction::{Peer, Transport};
 
 fn carrier() -> Peer {
     Peer { transport: Transport::Udp, addr: "198.51.100.20:5060".parse().unwrap() }
-}
-
-fn ua_with_seed(seed: u64) -> UserAgent {
-    UserAgent::new(UaConfig {
-        contact_host: "192.0.2.1:5060".into(),
-        user_agent: "Patchbay/test".into(),
-        timers: TimerConfig::default(),
-        seed,
-    })
 }
 
 fn ua() -> UserAgent {
@@ -118,38 +109,6 @@ fn advance(ua: &mut UserAgent, to: Instant, last: &rsip::Request) -> (Vec<rsip::
     (sent, events)
 }
 
-fn registrar_auth(kind: AuthKind) -> DigestServer {
-    let mut config = ServerConfig::new("carrier.test", vec![9u8; 32]);
-    config.kind = kind;
-    DigestServer::new(config, 1_000).unwrap()
-}
-
-/// Checks `request` against `server` as the registrar would: `Ok` when authorised, `Err` with
-/// the challenge header lines when not.
-fn check(server: &mut DigestServer, request: &rsip::Request, kind: AuthKind) -> Result<(), String> {
-    let creds: Vec<&str> = request
-        .headers
-        .iter()
-        .filter_map(|h| match (kind, h) {
-            (AuthKind::Www, Header::Authorization(v)) => Some(v.value()),
-            (AuthKind::Proxy, Header::ProxyAuthorization(v)) => Some(v.value()),
-            _ => None,
-        })
-        .collect();
-    let (method, uri) = (request.method.to_string(), request.uri.to_string());
-    let store = |user: &str, _: &str, _| (user == "acct").then(|| StoredSecret::Password("s3cret".into()));
-    match server.verify(1_001, &DigestRequest::new(&method, &uri, &request.body), &creds, &store) {
-        Outcome::Authorized { username } => {
-            assert_eq!(username, "acct");
-            Ok(())
-        }
-        Outcome::Challenge { challenges, .. } => {
-            Err(challenges.iter().map(|c| format!("{}: {c}\r\n", kind.challenge_header())).collect())
-        }
-        Outcome::Rejected(why) => panic!("rejected: {why:?}"),
-    }
-}
-
 fn failed(event: &UaEvent) -> (u16, String, Instant) {
     match event {
         UaEvent::Registration { state: RegistrationState::Failed { status, reason, retry_at }, .. } => {
@@ -173,7 +132,7 @@ fn registered(ua: &mut UserAgent, now: Instant) -> (RegRef, rsip::Request) {
 fn a_challenged_register_is_answered_registered_and_refreshed_halfway_with_the_same_call_id() {
     let mut ua = ua();
     let t0 = Instant::now();
-    let mut registrar = registrar_auth(AuthKind::Www);
+    let mut registrar = digest_server("carrier.test", AuthKind::Www);
     let (reg, first) = register(&mut ua, t0, Some(DigestClient::new("acct", "s3cret")), 3600);
 
     // §10.2: Request-URI = the registrar's domain; To = From = the AOR, From with a tag.
@@ -254,7 +213,7 @@ fn a_challenged_register_is_answered_registered_and_refreshed_halfway_with_the_s
 fn a_407_from_the_outbound_proxy_is_answered_with_proxy_authorization() {
     let mut ua = ua();
     let t0 = Instant::now();
-    let mut proxy = registrar_auth(AuthKind::Proxy);
+    let mut proxy = digest_server("carrier.test", AuthKind::Proxy);
     let (reg, first) = register(&mut ua, t0, Some(DigestClient::new("acct", "s3cret")), 300);
     let challenge = check(&mut proxy, &first, AuthKind::Proxy).unwrap_err();
     ua.handle_receive(t0, carrier(), reply(&first, "407 Proxy Authentication Required", &challenge));
@@ -280,7 +239,7 @@ fn a_407_from_the_outbound_proxy_is_answered_with_proxy_authorization() {
 fn a_second_challenge_after_our_answer_fails_the_registration_and_retries_slowly() {
     let mut ua = ua();
     let t0 = Instant::now();
-    let mut registrar = registrar_auth(AuthKind::Www);
+    let mut registrar = digest_server("carrier.test", AuthKind::Www);
     let (reg, first) = register(&mut ua, t0, Some(DigestClient::new("acct", "wrong")), 3600);
     let challenge = check(&mut registrar, &first, AuthKind::Www).unwrap_err();
     ua.handle_receive(t0, carrier(), reply(&first, "401 Unauthorized", &challenge));
@@ -302,7 +261,7 @@ fn a_second_challenge_after_our_answer_fails_the_registration_and_retries_slowly
 fn a_challenge_without_credentials_fails() {
     let mut ua = ua();
     let t0 = Instant::now();
-    let mut registrar = registrar_auth(AuthKind::Www);
+    let mut registrar = digest_server("carrier.test", AuthKind::Www);
     let (_, first) = register(&mut ua, t0, None, 3600);
     let challenge = check(&mut registrar, &first, AuthKind::Www).unwrap_err();
     ua.handle_receive(t0, carrier(), reply(&first, "401 Unauthorized", &challenge));

@@ -12,13 +12,18 @@ fn peer() -> Peer {
     Peer { transport: Transport::Udp, addr: "192.0.2.10:5060".parse().unwrap() }
 }
 
-fn ua() -> UserAgent {
+/// A user agent at 192.0.2.1:5060 whose tags, branches and cnonces come from `seed`.
+pub(super) fn ua_with_seed(seed: u64) -> UserAgent {
     UserAgent::new(UaConfig {
         contact_host: "192.0.2.1:5060".into(),
         user_agent: "Patchbay/test".into(),
         timers: TimerConfig::default(),
-        seed: 7,
+        seed,
     })
+}
+
+pub(super) fn ua() -> UserAgent {
+    ua_with_seed(7)
 }
 
 fn invite(extra: &str) -> SipMessage {
@@ -338,4 +343,44 @@ fn a_merged_invite_gets_482_and_out_of_dialog_answers_carry_a_stable_to_tag() {
     let first = tag_of(&mut ua, "z9hG4bKo1");
     assert!(first.is_some());
     assert_eq!(tag_of(&mut ua, "z9hG4bKo2"), first);
+}
+
+/// A trunk's or registrar's digest server for `realm` (user `acct`, password `s3cret` in
+/// [`check`]).
+pub(super) fn digest_server(realm: &str, kind: crate::auth::AuthKind) -> crate::auth::DigestServer {
+    let mut config = crate::auth::ServerConfig::new(realm, vec![7u8; 32]);
+    config.kind = kind;
+    crate::auth::DigestServer::new(config, 1_000).unwrap()
+}
+
+/// Checks `request` against `server` the way a trunk or registrar would: `Ok` when
+/// authorised, `Err` with the challenge header lines when not.
+pub(super) fn check(
+    server: &mut crate::auth::DigestServer,
+    request: &rsip::Request,
+    kind: crate::auth::AuthKind,
+) -> Result<(), String> {
+    use crate::auth::{AuthKind, DigestRequest, Outcome, StoredSecret};
+    use rsip::headers::UntypedHeader;
+    let creds: Vec<&str> = request
+        .headers
+        .iter()
+        .filter_map(|h| match (kind, h) {
+            (AuthKind::Www, Header::Authorization(v)) => Some(v.value()),
+            (AuthKind::Proxy, Header::ProxyAuthorization(v)) => Some(v.value()),
+            _ => None,
+        })
+        .collect();
+    let (method, uri) = (request.method.to_string(), request.uri.to_string());
+    let store = |user: &str, _: &str, _| (user == "acct").then(|| StoredSecret::Password("s3cret".into()));
+    match server.verify(1_001, &DigestRequest::new(&method, &uri, &request.body), &creds, &store) {
+        Outcome::Authorized { username } => {
+            assert_eq!(username, "acct");
+            Ok(())
+        }
+        Outcome::Challenge { challenges, .. } => {
+            Err(challenges.iter().map(|c| format!("{}: {c}\r\n", kind.challenge_header())).collect())
+        }
+        Outcome::Rejected(why) => panic!("rejected: {why:?}"),
+    }
 }
