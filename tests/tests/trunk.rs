@@ -289,6 +289,9 @@ fn outbound_call_through_a_registering_carrier(transport: &str) {
     // The greeting plays about three seconds (150 packets at 20 ms), then the flow hangs up.
     assert!(packets >= 100 && loud >= 50, "RTP at the carrier: {packets} packets, {loud} with sound\n{log}");
     assert!(carrier_ok, "the carrier's checks (digest, caller ID, BYE):\n{log}");
+    // RFC 3608: the registrar's Service-Route is the INVITE's preloaded Route.
+    let routed = log.lines().any(|line| line.starts_with("Route: <sip:orig@127.0.0.1:"));
+    assert!(routed, "no Service-Route on the INVITE:\n{log}");
     let cdrs = pb.wait_for_cdrs(1, Duration::from_secs(5));
     let cdr = cdrs.iter().find(|c| c["id"] == id.as_str()).unwrap_or_else(|| panic!("a CDR with id {id}: {cdrs:?}"));
     assert_eq!(cdr["direction"], "outbound");

@@ -650,7 +650,14 @@ impl Endpoint {
                     .map_err(|e| CallError::NotAllowed(format!("caller-id-not-allowed: {e}")))?;
                 let peer = patchbay_sip::transaction::Peer { transport: trunk.sip_transport(), addr: target.peer };
                 let dial = trunk
-                    .dial(peer, number, &id, None, offer.clone().into_bytes(), headers)
+                    .dial(
+                        peer,
+                        number,
+                        &id,
+                        None,
+                        offer.clone().into_bytes(),
+                        [service_route(&self.routing, trunk), headers].concat(),
+                    )
                     .map_err(CallError::InvalidArgument)?;
                 (dial, trunk.identity(&id))
             }
@@ -732,7 +739,7 @@ impl Endpoint {
             &origination.caller_id,
             origination.caller_name.as_deref(),
             offer.clone().into_bytes(),
-            Vec::new(),
+            service_route(&self.routing, &trunk),
         ) {
             Ok(dial) => dial,
             Err(e) => return self.origination_failed(&origination.id, e),
@@ -934,6 +941,14 @@ fn sdes_key() -> patchbay_sip::sdp::SdesKey {
     patchbay_sip::sdp::SdesKey(key)
 }
 
+/// The registrar's Service-Route as the Route of a new request through `trunk` (RFC 3608 §6:
+/// the UA preloads it while registered).
+fn service_route(routing: &Routing, trunk: &crate::trunk::Trunk) -> Vec<rsip::Header> {
+    let states = routing.trunk_states.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let route = states.get(&trunk.key()).map(|t| t.service_route.clone()).unwrap_or_default();
+    route.into_iter().map(|r| rsip::Header::Route(r.into())).collect()
+}
+
 /// An offer through `trunk`: its codecs in its order, SRTP as it says (RFC 4568 SDES keys).
 fn offer_as_trunk_says(local: &mut patchbay_sip::sdp::LocalMedia, trunk: &crate::trunk::Trunk) {
     local.codecs.clone_from(&trunk.codecs);
@@ -1125,7 +1140,15 @@ impl Endpoint {
                     }
                     _ => tracing::info!(trunk = %key, "trunk registration {shown}"),
                 }
-                crate::trunk::set_state(&routing.trunk_states, key, |t| t.registration = Some(shown));
+                // RFC 3608 §6: while registered, requests go through the registrar's Service-Route.
+                let service_route = match &state {
+                    patchbay_sip::ua::RegistrationState::Registered { service_route, .. } => service_route.clone(),
+                    _ => Vec::new(),
+                };
+                crate::trunk::set_state(&routing.trunk_states, key, |t| {
+                    t.registration = Some(shown);
+                    t.service_route = service_route;
+                });
                 if matches!(state, patchbay_sip::ua::RegistrationState::Unregistered) {
                     registrations.remove(&reg);
                 }

@@ -18,9 +18,11 @@
 //! listener when there is none of that transport: then the carrier reaches us only over the
 //! connection we opened.
 //!
+//! While the trunk is registered, its calls carry the registrar's Service-Route as a preloaded
+//! Route (RFC 3608 §6); they are still sent to the trunk's next hop.
+//!
 //! **Not done yet:** registrations and flows' `dial` legs do not fail over to the next target;
-//! the Service-Route a registrar returns is kept but not used as a route (RFC 3608); RFC 5626
-//! outbound (`;ob`, `reg-id`) is not offered.
+//! RFC 5626 outbound (`;ob`, `reg-id`) is not offered.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -40,6 +42,9 @@ pub struct TrunkState {
     pub registration: Option<String>,
     /// The last OPTIONS keep-alive: `answered 200` or `unanswered`.
     pub keepalive: Option<String>,
+    /// The registrar's Service-Route (RFC 3608): preloaded as Route on the trunk's calls.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub service_route: Vec<String>,
 }
 
 /// Which trunk: its tenant and its name there (shown as `tenant/name`).
