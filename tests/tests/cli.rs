@@ -26,7 +26,9 @@ fn check_with_the_embedded_config_loads_the_stock_flows_and_says_what_is_missing
     for flow in ["echo", "menu", "voicemail", "agent", "router"] {
         assert!(stdout.contains(&format!("sip:{flow}@127.0.0.1:5060")), "{stdout}");
     }
-    assert!(stdout.contains("outbound TLS connections are not implemented yet"), "{stdout}");
+    assert!(stdout.contains("SIP on udp:127.0.0.1:5060, tcp:127.0.0.1:5060."), "{stdout}");
+    // The embedded config has no trunks and no API: nothing about them is claimed.
+    assert!(!stdout.contains("trunk") && !stdout.contains("control API"), "{stdout}");
     // The precompiled flows were cached for the next start.
     let cached = std::fs::read_dir(dir.path().join("patchbay/flows")).expect("cache dir").count();
     assert_eq!(cached, 5);
@@ -36,12 +38,15 @@ fn check_with_the_embedded_config_loads_the_stock_flows_and_says_what_is_missing
 fn a_bad_config_names_the_file_line_and_field() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("patchbay.toml");
-    std::fs::write(&config, "[sip]\nlisten = [\"udp:127.0.0.1:5060\"]\n\n[[tenant]]\nid = \"acme\"\nmax_calls = 3\n")
-        .expect("write config");
+    std::fs::write(
+        &config,
+        "[sip]\nlisten = [\"udp:127.0.0.1:5060\"]\n\n[[tenant]]\nid = \"acme\"\nmax_channels = 3\n",
+    )
+    .expect("write config");
     let out = patchbay(dir.path()).arg("check").arg("--config").arg(&config).output().expect("run patchbay");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("{}:6: unknown field `max_calls`", config.display())), "{stderr}");
+    assert!(stderr.contains(&format!("{}:6: unknown field `max_channels`", config.display())), "{stderr}");
 }
 
 #[test]
