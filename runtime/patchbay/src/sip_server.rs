@@ -1277,10 +1277,12 @@ impl Endpoint {
                     }
                     let end = leg_end(&leg.cdr, &cause);
                     use crate::originate::CallStatus;
-                    let status = match (end.cause.as_str(), end.sip_code) {
-                        ("canceled" | "shutdown", _) => CallStatus::Canceled,
-                        ("no-answer", _) | (_, 408 | 480 | 487) => CallStatus::NoAnswer,
-                        (_, 486 | 600) => CallStatus::Busy,
+                    // `leg_end` has already told busy from no-answer (RFC 3261 §21) and our own
+                    // reasons from the callee's.
+                    let status = match end.cause.as_str() {
+                        "canceled" | "shutdown" => CallStatus::Canceled,
+                        "no-answer" | "cancelled" => CallStatus::NoAnswer,
+                        "busy" => CallStatus::Busy,
                         _ => CallStatus::Failed,
                     };
                     let reason = Some(format!("{} ({})", end.cause, end.sip_code));

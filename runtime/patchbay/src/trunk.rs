@@ -132,9 +132,19 @@ impl HostPort {
 /// letters, digits and `-_.` — nothing that could break out of a header (no CR/LF, `<`, `"`,
 /// `;`, `@`).
 pub fn check_caller_id(id: &str) -> Result<(), String> {
+    check_user_part("a caller ID", id)
+}
+
+/// A number or user to call through a trunk: the same characters as a caller ID.
+pub fn check_number(number: &str) -> Result<(), String> {
+    check_user_part("a number", number)
+}
+
+/// What caller IDs and numbers share: `what` names it in the error.
+fn check_user_part(what: &str, id: &str) -> Result<(), String> {
     let digits = id.strip_prefix('+').unwrap_or(id);
     if digits.is_empty() || id.len() > 32 {
-        return Err(format!("{id:?}: a caller ID is 1 to 32 characters"));
+        return Err(format!("{id:?}: {what} is 1 to 32 characters"));
     }
     if id.starts_with('+') && !digits.chars().all(|c| c.is_ascii_digit()) {
         return Err(format!("{id:?}: an E.164 number is + and digits"));
@@ -143,11 +153,6 @@ pub fn check_caller_id(id: &str) -> Result<(), String> {
         return Err(format!("{id:?}: only digits, letters, '+', '-', '_' and '.' are allowed"));
     }
     Ok(())
-}
-
-/// A number or user to call through a trunk: the same characters as a caller ID.
-pub fn check_number(number: &str) -> Result<(), String> {
-    check_caller_id(number).map_err(|m| m.replace("a caller ID", "a number"))
 }
 
 /// Why a caller ID is refused.

@@ -325,16 +325,7 @@ impl UserAgent {
         response: &rsip::Response,
     ) {
         let status = response.status_code.code();
-        if status < 200 {
-            return;
-        }
-        let Some(r) = self.registrations.get_mut(&reg) else { return };
-        if r.pending != Some(id) {
-            return;
-        }
-        r.pending = None;
-        if r.state == RegistrationState::Unregistering {
-            self.unregister_step(now, reg);
+        if status < 200 || !self.settle_pending(now, reg, id) {
             return;
         }
         match status {
@@ -343,13 +334,18 @@ impl UserAgent {
                 // §10.2.8: the registrar wants a longer expiry; ask again at once with its
                 // Min-Expires. One that asks for no more than we did would loop: a failure.
                 let min = header_value(&response.headers, "Min-Expires").and_then(leading_number);
-                match min {
+                let raised = self.registrations.get_mut(&reg).is_some_and(|r| match min {
                     Some(min) if min > r.expires && r.brief_rounds < MAX_BRIEF_ROUNDS => {
                         r.expires = min;
                         r.brief_rounds += 1;
-                        self.send_register(now, reg);
+                        true
                     }
-                    _ => self.register_failed(now, reg, status, reason_of(response), None),
+                    _ => false,
+                });
+                if raised {
+                    self.send_register(now, reg);
+                } else {
+                    self.register_failed(now, reg, status, reason_of(response), None);
                 }
             }
             401 | 407 => {
@@ -377,16 +373,24 @@ impl UserAgent {
 
     /// A REGISTER got no final response in time (timer F): as a 408 (§8.1.3.1).
     pub(super) fn on_register_timeout(&mut self, now: Instant, id: TransactionId, reg: RegRef) {
-        let Some(r) = self.registrations.get_mut(&reg) else { return };
+        if self.settle_pending(now, reg, id) {
+            self.register_failed(now, reg, 408, "Request Timeout".into(), None);
+        }
+    }
+
+    /// The REGISTER `id` of `reg` has ended (final answer or timeout): true when it is the one
+    /// in flight of a registration that goes on; an un-REGISTER's next step is taken here.
+    fn settle_pending(&mut self, now: Instant, reg: RegRef, id: TransactionId) -> bool {
+        let Some(r) = self.registrations.get_mut(&reg) else { return false };
         if r.pending != Some(id) {
-            return;
+            return false;
         }
         r.pending = None;
         if r.state == RegistrationState::Unregistering {
             self.unregister_step(now, reg);
-        } else {
-            self.register_failed(now, reg, 408, "Request Timeout".into(), None);
+            return false;
         }
+        true
     }
 
     /// The REGISTER in flight while unregistering has ended: send the removal if it was an
