@@ -27,7 +27,8 @@ use crate::procstat;
 /// Options of the suite.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SuiteArgs {
-    /// The Patchbay binary (a release build).
+    /// The Patchbay binary (a release build with the `bench` feature: the agent rounds run its
+    /// `echo-agent`).
     #[arg(long, default_value = "target/release/patchbay")]
     pub patchbay: PathBuf,
     /// Results directory.
@@ -261,8 +262,9 @@ fn load_args(calls: &[usize], hold: f64, ramp: f64, pids: Vec<(String, u32)>, st
 pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let out = std::fs::canonicalize(&args.out).context("results directory")?;
-    let patchbay_bin = std::fs::canonicalize(&args.patchbay)
-        .with_context(|| format!("{} (build it: cargo build --release -p patchbay)", args.patchbay.display()))?;
+    let patchbay_bin = std::fs::canonicalize(&args.patchbay).with_context(|| {
+        format!("{} (build it: cargo build --release -p patchbay --features bench)", args.patchbay.display())
+    })?;
     let only = |s: &str| args.only.iter().any(|o| o == s);
     // The agent, endpoint and bridged rounds: held `short_hold`, measuring `pids`.
     let short_load =

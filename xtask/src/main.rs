@@ -3,10 +3,12 @@
 //! - `cargo xtask run [ARGS…]`: builds and starts Patchbay with its embedded default config
 //!   (extra arguments go to `patchbay run`).
 //! - `cargo xtask test`: everything CI checks — formatting, clippy with warnings as errors
-//!   (host crates and the wasm flows), and the whole test suite, including the sipp interop
-//!   tests (sipp, sox, espeak-ng and tshark are installed from Debian when missing).
+//!   (host crates, with the `patchbay/bench` feature, and the wasm flows), and the whole test
+//!   suite, including the sipp interop tests (sipp, sox, espeak-ng and tshark are installed from
+//!   Debian when missing).
 //! - `cargo xtask bench`: the benchmarks whose figures go into `BENCHMARKS.md`: the micro
-//!   benchmarks, the media clock and agent path, then the system benchmark suite
+//!   benchmarks, the media clock and agent path (the binary's subcommands behind its `bench`
+//!   feature), then the system benchmark suite
 //!   (`patchbay-loadgen suite`: load generator, sipp, rtpengine). `cargo xtask bench system
 //!   [ARGS…]` runs only the suite (arguments go to `patchbay-loadgen suite`).
 //!
@@ -138,13 +140,29 @@ fn run(args: &[String]) -> Result<(), String> {
     step("patchbay run", &mut cmd)
 }
 
+/// The benchmark subcommands of the binary (`bench-media`, `bench-agent`, `echo-agent`): not
+/// in the production build, so the benchmark builds and clippy turn them on.
+const BENCH_FEATURE: &str = "patchbay/bench";
+
 fn test(args: &[String]) -> Result<(), String> {
     ensure_wasm_target()?;
     ensure_test_tools()?;
     step("formatting", cargo().args(["fmt", "--all", "--check"]))?;
     step(
         "clippy (runtime)",
-        cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]),
+        // With the benchmark subcommands, so that they do not rot; a check build of its own
+        // either way, so this costs the tests below no second build of patchbay.
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--features",
+            BENCH_FEATURE,
+            "--",
+            "-D",
+            "warnings",
+        ]),
     )?;
     let plugins = root().join("plugins/Cargo.toml");
     step(
@@ -179,7 +197,10 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
     step("benchmarks", cargo().args(["bench", "--workspace", "--locked"]).args(args))?;
     // The binary's own benchmarks: pacing of the media clock and the agent path under load.
-    step("patchbay (release)", cargo().args(["build", "--release", "--package", "patchbay", "--locked"]))?;
+    step(
+        "patchbay (release)",
+        cargo().args(["build", "--release", "--package", "patchbay", "--features", BENCH_FEATURE, "--locked"]),
+    )?;
     let patchbay = root().join("target/release/patchbay");
     step("media clock pacing", Command::new(&patchbay).args(["bench-media", "--calls", "2000", "--seconds", "10"]))?;
     for calls in ["100", "500"] {
@@ -193,9 +214,21 @@ fn bench(args: &[String]) -> Result<(), String> {
 fn system_bench(args: &[String]) -> Result<(), String> {
     ensure_test_tools()?;
     ensure_tools(&BENCH_TOOLS)?;
+    // With the `bench` feature: the suite's agent rounds run `patchbay echo-agent` (and the
+    // binary is then the one `bench` built above, not a second build).
     step(
         "patchbay and patchbay-loadgen (release)",
-        cargo().args(["build", "--release", "--package", "patchbay", "--package", "patchbay-bench", "--locked"]),
+        cargo().args([
+            "build",
+            "--release",
+            "--package",
+            "patchbay",
+            "--package",
+            "patchbay-bench",
+            "--features",
+            BENCH_FEATURE,
+            "--locked",
+        ]),
     )?;
     step(
         "system benchmark",

@@ -95,6 +95,16 @@ impl MemoryKv {
         Self { quota_bytes, entries: Mutex::new(HashMap::new()) }
     }
 
+    /// Bytes of keys and values held.
+    pub fn used(&self) -> usize {
+        self.entries().iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
+
+    /// The most it may hold.
+    pub fn quota(&self) -> usize {
+        self.quota_bytes
+    }
+
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
         // A panic while holding this lock cannot leave the map half-updated (every update is a
         // single insert or remove), so a poisoned lock is still safe to use.

@@ -35,5 +35,5 @@ pub use config::{FlowLimits, HostConfig};
 pub use control::{CallControl, KvStore, MAX_KV_KEY, MediaEvent, MemoryKv};
 pub use engine::{FlowCall, FlowEngine, FlowExit, FlowOutcome};
 pub use error::HostError;
-pub use registry::{CompiledFlow, FlowKey, FlowRegistry, default_cache_dir};
+pub use registry::{CompiledFlow, FlowKey, FlowRecord, FlowRegistry, Installed, default_cache_dir};
 pub use state::{AudioStreamHandle, CallHandle, FlowState};

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
@@ -150,10 +151,55 @@ fn write_artifact(dir: &Path, path: &Path, artifact: &[u8]) -> Result<(), HostEr
 }
 
 /// The flows every tenant has, swapped atomically: new calls take the current entry, live
-/// calls keep theirs.
+/// calls keep theirs (each holds an `Arc` to the version it started with, so an old version is
+/// freed when its last call ends).
 #[derive(Debug, Default)]
 pub struct FlowRegistry {
-    entries: RwLock<HashMap<FlowKey, Arc<CompiledFlow>>>,
+    entries: RwLock<HashMap<FlowKey, Entry>>,
+}
+
+/// One flow name's history: what serves new calls, where it came from, the versions still in
+/// use by live calls, and the last refused deploy.
+#[derive(Debug, Default)]
+struct Entry {
+    current: Option<Arc<CompiledFlow>>,
+    source: String,
+    deployed_at: Option<SystemTime>,
+    /// Replaced versions, for as long as a live call runs them.
+    retired: Vec<Weak<CompiledFlow>>,
+    last_error: Option<(SystemTime, String)>,
+    swaps: u64,
+    failures: u64,
+}
+
+/// What [`FlowRegistry::records`] reports about one flow name.
+#[derive(Debug, Clone)]
+pub struct FlowRecord {
+    /// Tenant and name.
+    pub key: FlowKey,
+    /// The version new calls get (none: removed, or every deploy failed).
+    pub version: Option<String>,
+    /// Where the current version came from (`stock:echo`, a file path, `api`).
+    pub source: String,
+    /// When the current version was installed.
+    pub deployed_at: Option<SystemTime>,
+    /// Live calls per version (the current one first), versions without calls left out.
+    pub live: Vec<(String, usize)>,
+    /// The last refused deploy: when, and why.
+    pub last_error: Option<(SystemTime, String)>,
+    /// Versions installed after the first.
+    pub swaps: u64,
+    /// Deploys refused (did not compile or link).
+    pub failures: u64,
+}
+
+/// The outcome of [`FlowRegistry::install`].
+#[derive(Debug, Clone)]
+pub struct Installed {
+    /// The version now serving new calls.
+    pub flow: Arc<CompiledFlow>,
+    /// The version it replaced, if any.
+    pub previous: Option<String>,
 }
 
 impl FlowRegistry {
@@ -162,41 +208,132 @@ impl FlowRegistry {
         Self::default()
     }
 
-    /// Installs a compiled flow, replacing any previous version; returns the one replaced.
-    pub fn insert(&self, key: FlowKey, flow: CompiledFlow) -> Option<Arc<CompiledFlow>> {
-        let mut entries = self.entries.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        entries.insert(key, Arc::new(flow))
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<FlowKey, Entry>> {
+        self.entries.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<FlowKey, Entry>> {
+        self.entries.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Installs a compiled flow from `source`, replacing any previous version (which live calls
+    /// keep running).
+    pub fn install(&self, key: FlowKey, flow: Arc<CompiledFlow>, source: &str) -> Installed {
+        let mut entries = self.write();
+        let entry = entries.entry(key).or_default();
+        let previous = entry.current.replace(Arc::clone(&flow));
+        entry.retired.retain(|w| w.strong_count() > 0);
+        if let Some(previous) = &previous {
+            entry.swaps += 1;
+            if previous.version != flow.version {
+                entry.retired.push(Arc::downgrade(previous));
+            }
+        }
+        entry.source = source.to_owned();
+        entry.deployed_at = Some(SystemTime::now());
+        Installed { flow, previous: previous.map(|p| p.version.clone()) }
+    }
+
+    /// Notes a refused deploy of `key` (the current version, if any, keeps serving).
+    pub fn record_failure(&self, key: FlowKey, error: String) {
+        let mut entries = self.write();
+        let entry = entries.entry(key).or_default();
+        entry.failures += 1;
+        entry.last_error = Some((SystemTime::now(), error));
     }
 
     /// Compiles `bytes` and installs the result. A component that fails to compile or link
-    /// leaves the current entry untouched.
+    /// leaves the current entry untouched and is recorded as the flow's last error.
+    pub fn compile_and_install(
+        &self,
+        engine: &FlowEngine,
+        key: FlowKey,
+        bytes: &[u8],
+        source: &str,
+    ) -> Result<Installed, HostError> {
+        match CompiledFlow::compile(engine, &key.flow, bytes) {
+            Ok(flow) => Ok(self.install(key, Arc::new(flow), source)),
+            Err(e) => {
+                self.record_failure(key, e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Self::compile_and_install`] without a source; returns the installed flow.
     pub fn compile_and_insert(
         &self,
         engine: &FlowEngine,
         key: FlowKey,
         bytes: &[u8],
     ) -> Result<Arc<CompiledFlow>, HostError> {
-        let flow = CompiledFlow::compile(engine, &key.flow, bytes)?;
-        let flow = Arc::new(flow);
-        let mut entries = self.entries.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        entries.insert(key, Arc::clone(&flow));
-        Ok(flow)
+        self.compile_and_install(engine, key, bytes, "").map(|installed| installed.flow)
+    }
+
+    /// Stops serving `key` to new calls (live calls finish on their version). Returns whether
+    /// it was served.
+    pub fn remove(&self, key: &FlowKey) -> bool {
+        let mut entries = self.write();
+        let Some(entry) = entries.get_mut(key) else { return false };
+        let Some(current) = entry.current.take() else { return false };
+        entry.retired.push(Arc::downgrade(&current));
+        entry.deployed_at = Some(SystemTime::now());
+        entry.source.clear();
+        true
     }
 
     /// The current version of a flow.
     pub fn get(&self, tenant: &str, flow: &str) -> Result<Arc<CompiledFlow>, HostError> {
-        let entries = self.entries.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        entries
+        self.read()
             .get(&FlowKey::new(tenant, flow))
-            .cloned()
+            .and_then(|e| e.current.clone())
             .ok_or_else(|| HostError::UnknownFlow { tenant: tenant.into(), flow: flow.into() })
     }
 
-    /// Every installed flow, sorted by key.
+    /// Every served flow, sorted by key.
     pub fn list(&self) -> Vec<(FlowKey, Arc<CompiledFlow>)> {
-        let entries = self.entries.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut all: Vec<_> = entries.iter().map(|(k, v)| (k.clone(), Arc::clone(v))).collect();
+        let mut all: Vec<_> =
+            self.read().iter().filter_map(|(k, e)| Some((k.clone(), Arc::clone(e.current.as_ref()?)))).collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// What is known about every flow name of `tenant` (all tenants with `None`), sorted by
+    /// key; names whose every version is gone and that have no error to show are left out.
+    pub fn records(&self, tenant: Option<&str>) -> Vec<FlowRecord> {
+        let entries = self.read();
+        let mut all: Vec<FlowRecord> = entries
+            .iter()
+            .filter(|(k, _)| tenant.is_none_or(|t| k.tenant == t))
+            .filter_map(|(key, entry)| {
+                let mut live = Vec::new();
+                if let Some(current) = &entry.current {
+                    // The registry's own reference is not a call.
+                    live.push((current.version.clone(), Arc::strong_count(current) - 1));
+                }
+                for old in entry.retired.iter().filter_map(Weak::upgrade) {
+                    // Neither is the one just made by `upgrade`.
+                    let calls = Arc::strong_count(&old) - 1;
+                    if calls > 0 {
+                        live.push((old.version.clone(), calls));
+                    }
+                }
+                if entry.current.is_none() && live.is_empty() && entry.last_error.is_none() {
+                    return None;
+                }
+                Some(FlowRecord {
+                    key: key.clone(),
+                    version: entry.current.as_ref().map(|c| c.version.clone()),
+                    source: entry.source.clone(),
+                    deployed_at: entry.deployed_at,
+                    live,
+                    last_error: entry.last_error.clone(),
+                    swaps: entry.swaps,
+                    failures: entry.failures,
+                })
+            })
+            .collect();
+        all.sort_by(|a, b| a.key.cmp(&b.key));
         all
     }
 }

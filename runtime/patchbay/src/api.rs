@@ -9,7 +9,7 @@
 //! Errors are JSON `{"error": {"code": "...", "message": "..."}}` with a stable `code`.
 //! Secrets never appear in answers or logs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -17,7 +17,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use patchbay_host::FlowRegistry;
 use serde::Deserialize;
 use sha2::Digest;
@@ -26,21 +26,20 @@ use tokio::sync::mpsc;
 use crate::cdr::{CdrDraft, CdrSink, FlowEnd, SipEnd};
 use crate::originate::{CallStatus, CallView, Origination, Originations, new_call_id};
 use crate::sip_server::Command;
-use crate::trunk::{Trunk, check_number};
+use crate::tenant::Tenants;
+use crate::trunk::check_number;
 
 /// What the API handlers share.
 pub struct ApiState {
     /// SHA-256 of the admin token (tokens are compared as digests, so the comparison's time
     /// says nothing about the token).
     pub admin: Option<[u8; 32]>,
-    /// SHA-256 of each tenant's token → tenant id.
-    pub tenant_tokens: Vec<([u8; 32], String)>,
-    /// Every tenant's trunks.
-    pub trunks: Vec<Arc<Trunk>>,
+    /// Every tenant (tokens, trunks, flows' variables, webhooks).
+    pub tenants: Arc<Tenants>,
     /// Compiled flows (a call names one of its tenant's).
     pub registry: Arc<FlowRegistry>,
-    /// The flows' configured variables.
-    pub flow_vars: HashMap<(String, String), BTreeMap<String, String>>,
+    /// Compiles deployed flows.
+    pub engine: Arc<patchbay_host::FlowEngine>,
     /// Originations' progress.
     pub originations: Arc<Originations>,
     /// The SIP endpoint.
@@ -49,8 +48,6 @@ pub struct ApiState {
     pub cdr: CdrSink,
     /// Each trunk's registration state, as the endpoint last reported it.
     pub trunk_states: crate::trunk::TrunkStates,
-    /// Each tenant's allowed webhook URL prefixes and signing key.
-    pub webhooks: HashMap<String, (Vec<String>, Option<crate::config::Secret>)>,
     /// TLS for `https://` webhooks (public roots).
     pub webhook_tls: Option<Arc<rustls::ClientConfig>>,
 }
@@ -66,6 +63,15 @@ pub fn router(state: Arc<ApiState>) -> axum::Router {
         .route("/v1/calls", post(create_call))
         .route("/v1/calls/{id}", get(get_call).delete(delete_call))
         .route("/v1/trunks", get(list_trunks))
+        .route("/v1/flows", get(list_flows))
+        .route("/v1/tenants", get(list_tenants))
+        .route("/v1/tenants/{tenant}/flows", get(list_tenant_flows))
+        .route(
+            "/v1/tenants/{tenant}/flows/{name}",
+            put(deploy_flow)
+                .delete(delete_flow)
+                .layer(axum::extract::DefaultBodyLimit::max(crate::deploy::MAX_COMPONENT_BYTES)),
+        )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such endpoint") })
         .with_state(state)
 }
@@ -143,12 +149,7 @@ fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<Caller, ApiErro
     if state.admin == Some(digest) {
         return Ok(Caller::Admin);
     }
-    state
-        .tenant_tokens
-        .iter()
-        .find(|(d, _)| *d == digest)
-        .map(|(_, tenant)| Caller::Tenant(tenant.clone()))
-        .ok_or_else(unauthorized)
+    state.tenants.by_token(&digest).map(|tenant| Caller::Tenant(tenant.id.clone())).ok_or_else(unauthorized)
 }
 
 /// `POST /v1/calls`.
@@ -212,7 +213,12 @@ async fn create_call(
 }
 
 /// The checks and the queueing of `POST /v1/calls` for `tenant`.
-async fn place(state: &Arc<ApiState>, tenant: String, request: CreateCall) -> Result<Response, ApiError> {
+async fn place(state: &Arc<ApiState>, tenant_id: String, request: CreateCall) -> Result<Response, ApiError> {
+    let tenant = state
+        .tenants
+        .get(&tenant_id)
+        .cloned()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "tenant-not-found", "no such tenant"))?;
     if request.from_name.as_ref().is_some_and(|n| n.chars().any(char::is_control) || n.chars().count() > 64) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -222,29 +228,26 @@ async fn place(state: &Arc<ApiState>, tenant: String, request: CreateCall) -> Re
     }
     let webhook = match &request.webhook {
         Some(url) => {
-            let (allowed, secret) = state.webhooks.get(&tenant).cloned().unwrap_or_default();
-            let hook = crate::webhook::Webhook::new(url, &allowed, secret, state.webhook_tls.clone())
+            let secret = tenant.webhook_secret.clone();
+            let hook = crate::webhook::Webhook::new(url, &tenant.webhooks, secret, state.webhook_tls.clone())
                 .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "webhook-not-allowed", e.to_string()))?;
             Some(hook)
         }
         None => None,
     };
     let trunk = match &request.trunk {
-        Some(name) => state.trunks.iter().find(|t| t.tenant == tenant && t.name == *name).cloned(),
-        None => {
-            let mut own = state.trunks.iter().filter(|t| t.tenant == tenant);
-            match (own.next(), own.next()) {
-                (Some(trunk), None) => Some(Arc::clone(trunk)),
-                _ => None,
-            }
-        }
+        Some(name) => tenant.trunk(name).cloned(),
+        None => match tenant.trunks.as_slice() {
+            [trunk] => Some(Arc::clone(trunk)),
+            _ => None,
+        },
     }
     .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "trunk-not-found", "no such trunk for this tenant"))?;
     check_number(&request.to).map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid-number", m))?;
     let caller_id = trunk
         .caller_id(request.from.as_deref())
         .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "caller-id-not-allowed", e.to_string()))?;
-    if state.registry.get(&tenant, &request.flow).is_err() {
+    if state.registry.get(&tenant.id, &request.flow).is_err() {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "flow-not-found", format!("no flow {:?}", request.flow)));
     }
     if request.vars.len() > MAX_VARS
@@ -260,7 +263,7 @@ async fn place(state: &Arc<ApiState>, tenant: String, request: CreateCall) -> Re
     if !(1..=300).contains(&ring_timeout) {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid-request", "ring_timeout_secs: 1 to 300"));
     }
-    let mut vars = state.flow_vars.get(&(tenant.clone(), request.flow.clone())).cloned().unwrap_or_default();
+    let mut vars = tenant.vars_of(&request.flow);
     vars.extend(request.vars);
     let id = new_call_id().map_err(|e| {
         tracing::error!("no randomness from the OS for a call id: {e}");
@@ -268,7 +271,7 @@ async fn place(state: &Arc<ApiState>, tenant: String, request: CreateCall) -> Re
     })?;
     let view = CallView {
         id: id.clone(),
-        tenant: tenant.clone(),
+        tenant: tenant.id.clone(),
         trunk: trunk.name.clone(),
         flow: request.flow.clone(),
         to: request.to.clone(),
@@ -400,8 +403,8 @@ async fn list_trunks(
     let caller = authenticate(&state, &headers)?;
     let states = state.trunk_states.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let mut trunks: Vec<_> = state
-        .trunks
-        .iter()
+        .tenants
+        .trunks()
         .filter(|trunk| caller.may_see(&trunk.tenant))
         .map(|trunk| {
             let known = states.get(&trunk.key()).cloned().unwrap_or_default();
@@ -421,4 +424,125 @@ async fn list_trunks(
         .collect();
     trunks.sort_by_key(|t| (t["tenant"].to_string(), t["name"].to_string()));
     Ok(Json(serde_json::json!({ "trunks": trunks })))
+}
+
+/// A flow as `GET /v1/flows` shows it.
+fn flow_json(record: &patchbay_host::FlowRecord) -> serde_json::Value {
+    serde_json::json!({
+        "tenant": record.key.tenant,
+        "name": record.key.flow,
+        "version": record.version,
+        "source": record.source,
+        "deployed_at": record.deployed_at.map(crate::cdr::rfc3339),
+        "live_calls": record.live.iter().map(|(version, calls)| serde_json::json!({ "version": version, "calls": calls })).collect::<Vec<_>>(),
+        "swaps": record.swaps,
+        "failed_deploys": record.failures,
+        "last_error": record.last_error.as_ref().map(|(at, message)| serde_json::json!({ "at": crate::cdr::rfc3339(*at), "message": message })),
+    })
+}
+
+/// `GET /v1/flows`: every flow the caller may see (a tenant's token: its own).
+async fn list_flows(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = authenticate(&state, &headers)?;
+    let flows: Vec<_> =
+        state.registry.records(None).iter().filter(|r| caller.may_see(&r.key.tenant)).map(flow_json).collect();
+    Ok(Json(serde_json::json!({ "flows": flows })))
+}
+
+/// The tenant a `/v1/tenants/{tenant}/…` route names, if the caller may act for it. A tenant's
+/// token naming another tenant gets 403 whether or not that tenant exists.
+fn named_tenant(state: &ApiState, caller: &Caller, tenant: &str) -> Result<Arc<crate::tenant::Tenant>, ApiError> {
+    if !caller.may_see(tenant) {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "not your tenant"));
+    }
+    state
+        .tenants
+        .get(tenant)
+        .cloned()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "tenant-not-found", "no such tenant"))
+}
+
+/// `GET /v1/tenants/{tenant}/flows`.
+async fn list_tenant_flows(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = authenticate(&state, &headers)?;
+    let tenant = named_tenant(&state, &caller, &tenant)?;
+    let flows: Vec<_> = state.registry.records(Some(&tenant.id)).iter().map(flow_json).collect();
+    Ok(Json(serde_json::json!({ "flows": flows })))
+}
+
+/// `PUT /v1/tenants/{tenant}/flows/{name}`: the body is the component. 200 with the new version
+/// once it serves new calls; 422 when it does not compile or link (the serving version stays).
+async fn deploy_flow(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path((tenant, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = authenticate(&state, &headers)?;
+    let tenant = named_tenant(&state, &caller, &tenant)?;
+    use crate::deploy::DeployError;
+    match crate::deploy::deploy(&state.engine, &state.registry, &tenant, &name, body.to_vec()).await {
+        Ok(installed) => Ok(Json(serde_json::json!({
+            "tenant": tenant.id,
+            "name": name,
+            "version": installed.flow.version(),
+            "previous": installed.previous,
+        }))),
+        Err(e @ DeployError::BadName(_)) => Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid-name", e.to_string())),
+        Err(e @ DeployError::TooLarge(_)) => {
+            Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", e.to_string()))
+        }
+        Err(e @ DeployError::Invalid(_)) => {
+            Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-component", e.to_string()))
+        }
+        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())),
+    }
+}
+
+/// `DELETE /v1/tenants/{tenant}/flows/{name}`: new calls to it get 404; live calls finish.
+async fn delete_flow(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path((tenant, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let caller = authenticate(&state, &headers)?;
+    let tenant = named_tenant(&state, &caller, &tenant)?;
+    if crate::deploy::remove(&state.registry, &tenant, &name).await {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(StatusCode::NOT_FOUND, "flow-not-found", format!("no flow {name:?}")))
+    }
+}
+
+/// `GET /v1/tenants`: the tenants the caller may see, with their flows and use.
+async fn list_tenants(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = authenticate(&state, &headers)?;
+    let tenants: Vec<_> = state
+        .tenants
+        .iter()
+        .filter(|t| caller.may_see(&t.id))
+        .map(|t| {
+            let flows = state.registry.records(Some(&t.id));
+            serde_json::json!({
+                "id": t.id,
+                "domains": t.domains,
+                "flows": flows.iter().filter(|r| r.version.is_some()).count(),
+                "live_calls": t.live_calls(),
+                "max_calls": t.max_calls,
+                "trunks": t.trunks.iter().map(|trunk| trunk.name.clone()).collect::<Vec<_>>(),
+                "kv_bytes": t.kv.used(),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "tenants": tenants })))
 }

@@ -67,7 +67,7 @@ const MAGIC: [u8; 4] = *b"PBag";
 
 /// Runs the benchmark and prints its figures.
 pub fn run(calls: usize, seconds: u64, external_agent: Option<String>, clock_link: bool) -> anyhow::Result<()> {
-    crate::bench_media::raise_fd_limit();
+    crate::media::raise_fd_limit();
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting tokio")?;
     let engine = MediaEngine::start().context("starting the media clock")?;

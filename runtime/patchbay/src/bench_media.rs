@@ -24,21 +24,6 @@ use crate::media::{CallSinks, MediaEngine, PTIME};
 /// One call in this many sends to the receiver that measures arrivals.
 const SAMPLE_EVERY: usize = 20;
 
-/// Raises the soft limit on open files to the hard limit: a media host needs a socket per
-/// call, and the usual soft limit (1024) caps it far below what it can carry.
-pub fn raise_fd_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                tracing::warn!("could not raise the open-file limit");
-            }
-        }
-    }
-}
-
 /// A PCMU session at 20 ms sending to `remote`, as benchmarks start them (no SDP, no SRTP,
 /// no inactivity timeout).
 pub fn bench_session(pool: &patchbay_media::FramePool, remote: SocketAddr, ssrc: u32) -> MediaSession {
@@ -66,7 +51,7 @@ pub fn bench_session(pool: &patchbay_media::FramePool, remote: SocketAddr, ssrc:
 
 /// Runs the benchmark and prints its figures.
 pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
-    raise_fd_limit();
+    crate::media::raise_fd_limit();
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().context("starting tokio")?;
     let sink = UdpSocket::bind("127.0.0.1:0").context("binding the sink")?;

@@ -16,7 +16,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dial::LegEvent;
 use crate::media::{CallMedia, Listener};
-use crate::prompts::PromptStore;
 use crate::sip_server::{Command, MediaSlot};
 
 /// A call as its flow sees it. Waiting operations end with `hangup` as soon as the call ends.
@@ -31,7 +30,8 @@ pub(crate) struct SipCall {
     /// The last mark played out (see `MediaSession::mark`).
     played: watch::Receiver<u64>,
     marks: Arc<std::sync::atomic::AtomicU64>,
-    prompts: Arc<PromptStore>,
+    /// The call's tenant (prompts, trunks, caps).
+    tenant: Arc<crate::tenant::Tenant>,
     pool: FramePool,
     /// The caller's audio while the flow has its audio stream open.
     stream: tokio::sync::Mutex<Option<mpsc::Receiver<Frame>>>,
@@ -51,7 +51,7 @@ impl SipCall {
         dtmf: mpsc::Receiver<Dtmf>,
         media: MediaSlot,
         played: watch::Receiver<u64>,
-        prompts: Arc<PromptStore>,
+        tenant: Arc<crate::tenant::Tenant>,
         routing: Arc<crate::sip_server::Routing>,
         refer: bool,
     ) -> Self {
@@ -64,7 +64,7 @@ impl SipCall {
             media,
             played,
             marks: Arc::default(),
-            prompts,
+            tenant,
             pool: routing.media.pool().clone(),
             stream: tokio::sync::Mutex::new(None),
             routing,
@@ -224,7 +224,7 @@ impl CallControl for SipCall {
 
     async fn play(&self, prompt: &str, options: PlayOptions) -> Result<PlayOutcome, CallError> {
         let media = Arc::clone(self.rtp()?);
-        let prompt = self.prompts.get(prompt)?;
+        let prompt = self.tenant.prompts.get(prompt)?;
         for _ in 0..options.repeat.max(1) {
             if let Some(digit) = self.play_once(&media, &prompt, options.barge_in).await? {
                 return Ok(PlayOutcome::Interrupted(digit));
@@ -280,8 +280,7 @@ impl CallControl for SipCall {
 
     async fn dial(&self, target: &str, options: DialOptions) -> Result<DialOutcome, CallError> {
         self.live()?;
-        let caps = self.routing.tenant_caps.get(&self.info.tenant);
-        let target = crate::dial::resolve_for(target, &self.info.tenant, &self.routing.trunks, caps).await?;
+        let target = crate::dial::resolve_for(target, &self.tenant, &self.routing.tenants).await?;
         if options.headers.len() > crate::dial::MAX_FLOW_HEADERS {
             return Err(CallError::InvalidArgument(format!("at most {} extra headers", crate::dial::MAX_FLOW_HEADERS)));
         }
@@ -296,7 +295,7 @@ impl CallControl for SipCall {
         if self.stream.try_lock().map_or(true, |stream| stream.is_some()) {
             return Err(CallError::NotAllowed("close the audio stream before dialling".into()));
         }
-        let ringback = self.prompts.get("ringback.wav")?;
+        let ringback = self.tenant.prompts.get("ringback.wav")?;
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let (reply, leg) = oneshot::channel();
         let command = Command::Dial {

@@ -223,6 +223,9 @@ pub struct TenantConfig {
     /// The tenant's flows.
     #[serde(rename = "flow", default)]
     pub flows: Vec<Spanned<FlowConfig>>,
+    /// Directory of the tenant's flow components (`NAME.wasm`, relative to the config file),
+    /// loaded at start and watched: a changed file is swapped in (`docs/hot-swap.md`).
+    pub flows_dir: Option<Spanned<PathBuf>>,
     /// Digest authentication of inbound calls.
     pub auth: Option<AuthConfig>,
     /// Directory of the tenant's prompts (WAV files, relative to the config file); looked up
@@ -519,6 +522,15 @@ impl Config {
             if !tenant_ids.insert(tenant.id.as_str()) {
                 return Err(error(None, format!("tenant.id: tenant {:?} is defined twice", tenant.id)));
             }
+            if let Some(dir) = &tenant.flows_dir {
+                let path = config.base_dir.join(dir.get_ref());
+                if !path.is_dir() {
+                    return Err(error(
+                        Some(dir.span()),
+                        format!("tenant.flows_dir: {} is not a directory", path.display()),
+                    ));
+                }
+            }
             let mut flow_names = std::collections::HashSet::new();
             for flow in &tenant.flows {
                 if !flow_names.insert(flow.get_ref().name.as_str()) {
@@ -548,10 +560,15 @@ impl Config {
                         }
                     }
                     (None, Some(_)) => {}
+                    // Variables for a flow that comes from the tenant's `flows_dir`.
+                    (None, None) if tenant.flows_dir.is_some() => {}
                     _ => {
                         return Err(error(
                             span,
-                            format!("tenant.flow {:?}: set exactly one of `stock` and `path`", f.name),
+                            format!(
+                                "tenant.flow {:?}: set exactly one of `stock` and `path` (or `flows_dir` on the tenant)",
+                                f.name
+                            ),
                         ));
                     }
                 }
@@ -591,7 +608,9 @@ impl Config {
             if tenant.max_calls == Some(0) {
                 return Err(error(None, "tenant.max_calls: must be at least 1 (leave it out for no cap)".into()));
             }
-            let flows: Vec<String> = tenant.flows.iter().map(|f| f.get_ref().name.clone()).collect();
+            // With a flows directory, a DID may name a flow that is deployed later.
+            let flows: Option<Vec<String>> =
+                tenant.flows_dir.is_none().then(|| tenant.flows.iter().map(|f| f.get_ref().name.clone()).collect());
             let mut names = std::collections::HashSet::new();
             for trunk in &mut tenant.trunks {
                 let span = trunk.span();
@@ -602,7 +621,8 @@ impl Config {
                         format!("tenant.trunk.name: tenant {:?} has two trunks named {:?}", tenant.id, t.name),
                     ));
                 }
-                check_trunk(t, &flows, &config.base_dir).map_err(|(at, m)| error(Some(at.unwrap_or(span)), m))?;
+                check_trunk(t, flows.as_deref(), &config.base_dir)
+                    .map_err(|(at, m)| error(Some(at.unwrap_or(span)), m))?;
             }
         }
         // Every token names one principal (read after the environment has been).
@@ -641,7 +661,7 @@ fn secret_from_env(
 /// is one (else the trunk's table is named).
 fn check_trunk(
     t: &mut TrunkConfig,
-    flows: &[String],
+    flows: Option<&[String]>,
     base_dir: &Path,
 ) -> Result<(), (Option<std::ops::Range<usize>>, String)> {
     let at = |span: std::ops::Range<usize>, m: String| (Some(span), m);
@@ -734,7 +754,7 @@ fn check_trunk(
         std::fs::read(&path).map_err(|e| at(ca.span(), format!("tenant.trunk.ca: {}: {e}", path.display())))?;
     }
     for (did, flow) in &t.dids {
-        if !flows.iter().any(|f| f == flow.get_ref()) {
+        if flows.is_some_and(|flows| !flows.iter().any(|f| f == flow.get_ref())) {
             return Err(at(
                 flow.span(),
                 format!(

@@ -107,15 +107,14 @@ pub(crate) struct Target {
 /// `tenant`'s trunks (its next hop and transport), anything else as [`resolve`] says.
 pub(crate) async fn resolve_for(
     target: &str,
-    tenant: &str,
-    trunks: &[Arc<crate::trunk::Trunk>],
-    caps: Option<&crate::trunk::TenantCaps>,
+    tenant: &crate::tenant::Tenant,
+    tenants: &crate::tenant::Tenants,
 ) -> Result<Target, CallError> {
     let Some(rest) = target.strip_prefix("trunk:") else {
         let plain = resolve(target).await?;
         // A carrier is reached through its trunk only (credentials, caller-ID list, caps): a
         // plain URI at a trunk's gateway would skip all three.
-        if let Some(trunk) = trunks.iter().find(|t| t.is_gateway(plain.peer)) {
+        if let Some(trunk) = tenants.trunks().find(|t| t.is_gateway(plain.peer)) {
             return Err(CallError::NotAllowed(format!(
                 "{target:?} is trunk {:?}'s gateway: dial trunk:{}/NUMBER",
                 trunk.name, trunk.name
@@ -127,14 +126,11 @@ pub(crate) async fn resolve_for(
     let (name, number) = rest.split_once('/').ok_or_else(|| bad("write trunk:NAME/NUMBER".into()))?;
     crate::trunk::check_number(number).map_err(bad)?;
     // Only the tenant's own trunks: a flow cannot dial out through another tenant's account.
-    let trunk = trunks
-        .iter()
-        .find(|t| t.tenant == tenant && t.name == name)
-        .ok_or_else(|| CallError::NotAllowed(format!("the tenant has no trunk {name:?}")))?;
+    let trunk = tenant.trunk(name).ok_or_else(|| CallError::NotAllowed(format!("the tenant has no trunk {name:?}")))?;
     let uri = trunk.uri_for(number).map_err(bad)?;
     // The trunk's and the tenant's caps hold for flows too; a flow does not wait in the
     // originations' queue: it hears `unavailable` and may try again.
-    let slots = trunk.gate.try_pass(caps.unwrap_or(&crate::trunk::TenantCaps::default())).ok_or_else(|| {
+    let slots = trunk.gate.try_pass(&tenant.caps).ok_or_else(|| {
         CallError::Unavailable(format!("trunk {name:?} is at its calls-per-second or concurrent-call cap"))
     })?;
     let peer = trunk.next_hop().await.map_err(CallError::Unavailable)?;

@@ -10,19 +10,24 @@
 
 mod agent;
 mod api;
+#[cfg(feature = "bench")]
 mod bench_agent;
+#[cfg(feature = "bench")]
 mod bench_media;
 mod call;
 mod caller;
 mod cdr;
 mod config;
+mod deploy;
 mod dial;
+mod flows_cli;
 mod media;
 mod originate;
 mod prompts;
 mod recording;
 mod resolve;
 mod sip_server;
+mod tenant;
 mod transport;
 mod trunk;
 mod webhook;
@@ -30,13 +35,13 @@ mod webhook;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use patchbay_host::{CompiledFlow, FlowEngine, FlowKey, FlowLimits, FlowRegistry, HostConfig};
+use patchbay_host::{FlowEngine, FlowLimits, FlowRegistry, HostConfig};
 
-use crate::config::{Config, FlowSource, parse_listen};
+use crate::config::{Config, parse_listen};
 use toml::Spanned;
 
 /// Patchbay: a programmable voice runtime. Call flows are WebAssembly components.
@@ -65,7 +70,10 @@ enum Command {
     DefaultConfig,
     /// Place a test call: dial a SIP URI, wait, hang up, report (exit 0 when it was answered).
     Call(Box<caller::CallArgs>),
+    /// Deploy and list flows on a running Patchbay (through its control API).
+    Flows(flows_cli::FlowsArgs),
     /// Benchmark: latency added between callers' RTP and AI agents' websockets (see BENCHMARKS.md).
+    #[cfg(feature = "bench")]
     #[command(hide = true)]
     BenchAgent {
         /// Concurrent agent calls.
@@ -84,6 +92,7 @@ enum Command {
         task_path: bool,
     },
     /// Benchmark helper: serve the echo agent (returns every media payload at once).
+    #[cfg(feature = "bench")]
     #[command(hide = true)]
     EchoAgent {
         /// Address to listen on.
@@ -91,6 +100,7 @@ enum Command {
         listen: std::net::SocketAddr,
     },
     /// Benchmark: pacing of the shared media clock with many calls (see BENCHMARKS.md).
+    #[cfg(feature = "bench")]
     #[command(hide = true)]
     BenchMedia {
         /// Concurrent media streams.
@@ -118,11 +128,19 @@ fn main() -> ExitCode {
         }
         Command::Check { config } => run(config, false),
         Command::Run { config } => run(config, true),
+        #[cfg(feature = "bench")]
         Command::BenchAgent { calls, seconds, agent, task_path } => {
             bench_agent::run(calls, seconds, agent, !task_path).map(|()| true)
         }
+        #[cfg(feature = "bench")]
         Command::EchoAgent { listen } => bench_agent::serve_echo(listen).map(|()| true),
+        #[cfg(feature = "bench")]
         Command::BenchMedia { calls, seconds } => bench_media::run(calls, seconds).map(|()| true),
+        Command::Flows(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting tokio")
+            .and_then(|runtime| runtime.block_on(flows_cli::run(args))),
         Command::Call(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -146,7 +164,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
         None => Config::embedded()?,
     };
     if serve {
-        bench_media::raise_fd_limit();
+        media::raise_fd_limit();
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async move {
@@ -158,55 +176,21 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
         };
         let engine = Arc::new(FlowEngine::new(host).context("starting the flow engine")?);
         let registry = Arc::new(FlowRegistry::new());
-        let all_loaded = load_flows(&config, &engine, &registry).await;
+        let resolver: Arc<dyn resolve::Resolve> =
+            Arc::new(resolve::SystemResolver::from_system_conf().context("reading the DNS configuration")?);
+        let tenants = Arc::new(tenant::Tenants::build(&config, &resolver)?);
+        let all_loaded = deploy::load_all(&config, &tenants, &engine, &registry).await;
         report(&config, &engine, &registry);
         if serve {
-            let mut trunks = Vec::new();
-            let resolver: Arc<dyn resolve::Resolve> =
-                Arc::new(resolve::SystemResolver::from_system_conf().context("reading the DNS configuration")?);
-            for tenant in &config.tenants {
-                for trunk in &tenant.trunks {
-                    let built = trunk::Trunk::new(&tenant.id, trunk.get_ref(), &config.base_dir, Arc::clone(&resolver))
-                        .with_context(|| format!("tenant {:?} trunk {:?}", tenant.id, trunk.get_ref().name))?;
-                    trunks.push(Arc::new(built));
-                }
-            }
+            deploy::watch(&tenants, Arc::clone(&engine), Arc::clone(&registry))?;
             let trunk_states = trunk::TrunkStates::default();
-            // A tenant's caps (calls up at once, calls per second), shared by its trunks' gates,
-            // its flows' trunk legs and its inbound calls.
-            let tenant_caps: std::collections::HashMap<String, trunk::TenantCaps> = config
-                .tenants
-                .iter()
-                .map(|t| {
-                    let caps = trunk::TenantCaps {
-                        slots: t.max_calls.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
-                        bucket: t.calls_per_second.map(|cps| Arc::new(trunk::TokenBucket::new(cps))),
-                    };
-                    (t.id.clone(), caps)
-                })
-                .collect();
             let originations = Arc::new(originate::Originations::default());
             let routing = Arc::new(sip_server::Routing {
-                trunks: trunks.clone(),
+                tenants: Arc::clone(&tenants),
                 originations: Arc::clone(&originations),
                 trunk_states: Arc::clone(&trunk_states),
-                tenant_caps: tenant_caps.clone(),
-                kv: config
-                    .tenants
-                    .iter()
-                    .map(|t| (t.id.clone(), Arc::new(patchbay_host::MemoryKv::new(sip_server::TENANT_KV_QUOTA))))
-                    .collect(),
-                tenants: config.tenants.iter().map(|t| (t.id.clone(), t.domains.clone(), tenant_limits(t))).collect(),
                 external_ip: config.sip.external_ip,
                 media: media::MediaEngine::start().context("starting the media clock")?,
-                prompts: config
-                    .tenants
-                    .iter()
-                    .map(|t| {
-                        let dir = t.prompts.as_ref().map(|d| config.base_dir.join(d));
-                        (t.id.clone(), Arc::new(prompts::PromptStore::new(dir)))
-                    })
-                    .collect(),
                 rtp_bind: config.media.rtp_bind.unwrap_or_else(|| {
                     config
                         .sip
@@ -220,40 +204,10 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                 srtp: config.media.srtp,
                 ptime_ms: config.media.ptime_ms,
                 cdr: cdr::CdrSink::start(config.cdr.path.as_ref().map(|p| config.base_dir.join(p))),
-                flow_vars: config
-                    .tenants
-                    .iter()
-                    .flat_map(|t| {
-                        t.flows.iter().map(|f| ((t.id.clone(), f.get_ref().name.clone()), f.get_ref().vars.clone()))
-                    })
-                    .collect(),
                 storage: match &config.storage.dir {
                     Some(dir) => config.base_dir.join(dir),
                     None => default_storage_dir(),
                 },
-                auth: config
-                    .tenants
-                    .iter()
-                    .filter_map(|t| {
-                        let auth = t.auth.as_ref()?;
-                        let realm = auth.realm.clone().unwrap_or_else(|| t.id.clone());
-                        Some((
-                            t.id.clone(),
-                            sip_server::TenantAuth {
-                                realm,
-                                users: auth.users.clone(),
-                                trusted: auth.trusted.clone(),
-                                // Checked when the config was parsed.
-                                algorithms: auth
-                                    .algorithms
-                                    .iter()
-                                    .flatten()
-                                    .filter_map(|a| patchbay_sip::auth::Algorithm::from_token(a.get_ref()).ok())
-                                    .collect(),
-                            },
-                        ))
-                    })
-                    .collect(),
             });
             let (inbound, inbound_rx) = tokio::sync::mpsc::channel(config.sip.queue_depth);
             let streams = transport::Streams::new(
@@ -319,10 +273,9 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
             let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
             // Each trunk's gate releases its queued originations; a tenant's cap on calls up at
             // once is shared by its trunks.
-            for tenant in &config.tenants {
-                let caps = tenant_caps.get(&tenant.id).cloned().unwrap_or_default();
-                for trunk in trunks.iter().filter(|t| t.tenant == tenant.id) {
-                    tokio::spawn(Arc::clone(&trunk.gate).run(caps.clone()));
+            for tenant in tenants.iter() {
+                for trunk in &tenant.trunks {
+                    tokio::spawn(Arc::clone(&trunk.gate).run(tenant.caps.clone()));
                     let started =
                         Arc::clone(trunk).start(Arc::clone(&streams), commands.clone(), Arc::clone(&trunk_states));
                     tokio::spawn(started);
@@ -334,23 +287,13 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                     .with_context(|| format!("binding the control API on {}", api.listen))?;
                 let state = Arc::new(api::ApiState {
                     admin: api.admin_token.as_ref().map(|t| api::token_digest(t.expose())),
-                    tenant_tokens: config
-                        .tenants
-                        .iter()
-                        .filter_map(|t| Some((api::token_digest(t.api_token.as_ref()?.expose()), t.id.clone())))
-                        .collect(),
-                    trunks: trunks.clone(),
+                    tenants: Arc::clone(&tenants),
                     registry: Arc::clone(&registry),
-                    flow_vars: routing.flow_vars.clone(),
+                    engine: Arc::clone(&engine),
                     originations,
                     commands: commands.clone(),
                     cdr: routing.cdr.clone(),
                     trunk_states,
-                    webhooks: config
-                        .tenants
-                        .iter()
-                        .map(|t| (t.id.clone(), (t.webhooks.clone(), t.webhook_secret.clone())))
-                        .collect(),
                     webhook_tls: transport::tls_client_config(None).ok(),
                 });
                 tokio::spawn(api::serve(listener, state));
@@ -378,49 +321,6 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
         }
         Ok(all_loaded)
     })
-}
-
-/// Compiles every configured flow off the async workers. A flow that fails is reported and
-/// skipped; the others are served.
-async fn load_flows(config: &Config, engine: &Arc<FlowEngine>, registry: &Arc<FlowRegistry>) -> bool {
-    let mut all_loaded = true;
-    for tenant in &config.tenants {
-        for flow in &tenant.flows {
-            let flow = flow.get_ref();
-            let key = FlowKey::new(&tenant.id, &flow.name);
-            let Some(source) = flow.source(&config.base_dir) else { continue };
-            let (engine, registry) = (Arc::clone(engine), Arc::clone(registry));
-            let started = Instant::now();
-            let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<Arc<CompiledFlow>> {
-                let bytes: std::borrow::Cow<'static, [u8]> = match &source {
-                    FlowSource::Stock(stock) => stock.component.into(),
-                    FlowSource::File(path) => {
-                        std::fs::read(path).with_context(|| format!("reading {}", path.display()))?.into()
-                    }
-                };
-                Ok(registry.compile_and_insert(&engine, key, &bytes)?)
-            })
-            .await;
-            match loaded {
-                Ok(Ok(compiled)) => tracing::info!(
-                    tenant = %tenant.id,
-                    flow = %flow.name,
-                    version = &compiled.version()[..12],
-                    ms = started.elapsed().as_millis() as u64,
-                    "flow loaded"
-                ),
-                Ok(Err(e)) => {
-                    all_loaded = false;
-                    tracing::error!(tenant = %tenant.id, flow = %flow.name, "flow not loaded: {e:#}");
-                }
-                Err(e) => {
-                    all_loaded = false;
-                    tracing::error!(tenant = %tenant.id, flow = %flow.name, "flow compiler crashed: {e}");
-                }
-            }
-        }
-    }
-    all_loaded
 }
 
 fn report(config: &Config, engine: &FlowEngine, registry: &FlowRegistry) {

@@ -349,6 +349,8 @@ pub struct MediaEngine {
     /// The wheel; it tells the clock threads to end (once their calls have closed) when the
     /// last clone of the engine is dropped.
     wheel: Arc<EngineOwner>,
+    /// Read by the benchmarks only (`bench-media`); the clock threads hold their own clones.
+    #[cfg(feature = "bench")]
     stats: Arc<ClockStats>,
 }
 
@@ -381,7 +383,12 @@ impl MediaEngine {
                 .name(format!("patchbay-media-clock-{index}"))
                 .spawn(move || clock(&thread_wheel, &thread_stats, index, threads))?;
         }
-        Ok(Self { pool: FramePool::new(16_384), wheel: owner, stats })
+        Ok(Self {
+            pool: FramePool::new(16_384),
+            wheel: owner,
+            #[cfg(feature = "bench")]
+            stats,
+        })
     }
 
     /// The frame pool every call shares.
@@ -390,6 +397,7 @@ impl MediaEngine {
     }
 
     /// The clock's counters.
+    #[cfg(feature = "bench")]
     pub fn stats(&self) -> &ClockStats {
         &self.stats
     }
@@ -544,6 +552,21 @@ pub fn bind_rtp_pair(ip: std::net::IpAddr) -> std::io::Result<(std::net::UdpSock
         }
     }
     Err(last)
+}
+
+/// Raises the soft limit on open files to the hard limit: a media host needs a socket per
+/// call (two with RTCP), and the usual soft limit (1024) caps it far below what it can carry.
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("could not raise the open-file limit");
+            }
+        }
+    }
 }
 
 /// One step of the clock's wheel, in microseconds.

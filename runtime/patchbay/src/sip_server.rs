@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use patchbay_host::{
     CallError, CallInfo, Direction, Dtmf, FlowCall, FlowEngine, FlowError, FlowOutcome, FlowRegistry, HangupCause,
-    Header, MemoryKv,
+    Header,
 };
 use patchbay_media::session::MediaSession;
 use patchbay_sip::auth::{AuthKind, DigestRequest, DigestServer, Outcome, ServerConfig, StoredSecret};
@@ -35,23 +35,17 @@ use crate::call::SipCall;
 use crate::cdr::{CdrDraft, CdrSink, FlowEnd, SipEnd};
 use crate::dial::{Leg, LegEvent};
 use crate::media::{CallMedia, CallSinks, MediaEngine};
-use crate::prompts::PromptStore;
 use crate::transport::{Inbound, Outbound};
 
-/// Where calls are routed: tenant by request-URI host, flow by request-URI user.
+/// What the endpoint shares with its calls: the tenants, and the process-wide media and
+/// record settings.
 pub struct Routing {
-    /// (tenant id, domains, limits).
-    pub tenants: Vec<(String, Vec<String>, patchbay_host::FlowLimits)>,
-    /// Each tenant's key-value space, shared by all its calls (the WIT `kv` interface).
-    pub kv: HashMap<String, Arc<MemoryKv>>,
-    /// Tenants that challenge inbound calls.
-    pub auth: HashMap<String, TenantAuth>,
+    /// Every tenant: domains, DIDs, credentials, limits, prompts, kv, trunks.
+    pub tenants: Arc<crate::tenant::Tenants>,
     /// Address put in SDP and Contact instead of the bound one (NAT).
     pub external_ip: Option<std::net::IpAddr>,
     /// The media engine (clock thread and frame pool).
     pub media: MediaEngine,
-    /// Each tenant's prompts.
-    pub prompts: HashMap<String, Arc<PromptStore>>,
     /// Address RTP sockets bind to.
     pub rtp_bind: std::net::IpAddr,
     /// End calls after this long without RTP (not on hold).
@@ -62,44 +56,16 @@ pub struct Routing {
     pub ptime_ms: u16,
     /// Where finished calls' records go.
     pub cdr: CdrSink,
-    /// Call variables each (tenant, flow) starts with.
-    pub flow_vars: HashMap<(String, String), std::collections::BTreeMap<String, String>>,
     /// Tenants' recordings: `storage/<tenant>/recordings/`.
     pub storage: std::path::PathBuf,
-    /// Every tenant's carrier trunks.
-    pub trunks: Vec<Arc<crate::trunk::Trunk>>,
     /// Calls placed through the API, and their progress.
     pub originations: Arc<crate::originate::Originations>,
-    /// Each capped tenant's call slots (`max_calls`).
-    pub tenant_caps: HashMap<String, crate::trunk::TenantCaps>,
     /// Each trunk's registration and keep-alive state, for the API.
     pub trunk_states: crate::trunk::TrunkStates,
 }
 
-impl Routing {
-    /// The per-call flow limits of `tenant`.
-    pub fn tenant_limits(&self, tenant: &str) -> patchbay_host::FlowLimits {
-        self.tenants.iter().find(|(id, _, _)| id == tenant).map(|(_, _, limits)| *limits).unwrap_or_default()
-    }
-}
-
 /// Key presses (SIP INFO) queued for a flow that has not read them yet; more are dropped.
 const DTMF_QUEUE: usize = 64;
-
-/// Bytes of keys and values a tenant's kv space may hold.
-pub const TENANT_KV_QUOTA: usize = 1 << 20;
-
-/// A tenant's inbound-call credentials.
-pub struct TenantAuth {
-    /// Realm in challenges.
-    pub realm: String,
-    /// User name → password.
-    pub users: std::collections::BTreeMap<String, String>,
-    /// Sources not challenged.
-    pub trusted: Vec<std::net::IpAddr>,
-    /// Algorithms offered, in order (empty: the digest server's default).
-    pub algorithms: Vec<patchbay_sip::auth::Algorithm>,
-}
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -114,7 +80,7 @@ fn random_secret() -> Vec<u8> {
 /// the status and headers to reject it with (407 + challenge, or 403).
 fn authenticate(
     servers: &mut HashMap<String, DigestServer>,
-    auth: &TenantAuth,
+    auth: &crate::tenant::TenantAuth,
     tenant: &str,
     peer: std::net::SocketAddr,
     request: &rsip::Request,
@@ -262,6 +228,8 @@ struct LiveCall {
     origination: Option<String>,
     /// The tenant's and trunk's call slots it holds while it is up.
     _slots: crate::trunk::CallSlots,
+    /// Counts the call in its tenant's live calls while it lasts.
+    _live: crate::tenant::LiveCallGuard,
 }
 
 impl LiveCall {
@@ -978,21 +946,16 @@ impl Endpoint {
                 let to_user = request.to_header().ok().and_then(|t| t.uri().ok()).and_then(|u| u.auth).map(|a| a.user);
                 // The request-URI decides across every trunk first; To only when it names none
                 // (a To header must not pull a call meant for one tenant into another's DID).
-                let did_of = |number: &String| {
-                    routing.trunks.iter().find_map(|trunk| trunk.dids.get(number).map(|flow| (trunk, flow.clone())))
-                };
-                let did = did_of(&uri_user).or_else(|| to_user.as_ref().and_then(did_of));
-                let (tenant_id, user) = match &did {
-                    Some((trunk, flow)) => (Some(trunk.tenant.as_str()), flow.clone()),
-                    None => (None, uri_user.clone()),
+                let tenants = Arc::clone(&routing.tenants);
+                let did = tenants.by_did(&uri_user).or_else(|| to_user.as_deref().and_then(|u| tenants.by_did(u)));
+                let (tenant, user) = match &did {
+                    Some((tenant, _, flow)) => (Some(*tenant), flow.clone()),
+                    None => (tenants.by_domain(&host), uri_user.clone()),
                 };
                 // A trunk's source addresses are trusted for its own DIDs only.
-                let trusted_trunk = did.as_ref().filter(|(trunk, _)| trunk.trusts(peer.addr.ip())).map(|(t, _)| t);
-                let tenant = routing.tenants.iter().find(|(id, domains, _)| match tenant_id {
-                    Some(tenant_id) => id == tenant_id,
-                    None => domains.iter().any(|d| d.eq_ignore_ascii_case(&host)),
-                });
-                let Some((tenant, _, limits)) = tenant else {
+                let trusted_trunk =
+                    did.as_ref().filter(|(_, trunk, _)| trunk.trusts(peer.addr.ip())).map(|(_, t, _)| t);
+                let Some(tenant) = tenant.cloned() else {
                     tracing::info!(?call, %host, "no tenant serves this domain");
                     let _ = ua.reject(now, call, 404);
                     return;
@@ -1013,7 +976,7 @@ impl Endpoint {
                 // Built only for a call that gets this far: not for a digest challenge (407).
                 let call_info = || CallInfo {
                     call_id: request.call_id_header().map(|h| h.value().to_owned()).unwrap_or_default(),
-                    tenant: tenant.clone(),
+                    tenant: tenant.id.clone(),
                     flow: user.clone(),
                     from: asserted.clone().unwrap_or_else(|| {
                         request.from_header().ok().and_then(|f| f.uri().ok()).map(|u| u.to_string()).unwrap_or_default()
@@ -1041,11 +1004,11 @@ impl Endpoint {
                         routing.cdr.write(cdr);
                     }
                 };
-                match (routing.auth.get(tenant), trusted_trunk) {
+                match (tenant.auth.as_ref(), trusted_trunk) {
                     // The carrier calling its own DIDs from its own address.
                     (_, Some(_)) => {}
                     (Some(auth), None) => {
-                        if let Err((status, headers)) = authenticate(digest, auth, tenant, peer.addr, &request) {
+                        if let Err((status, headers)) = authenticate(digest, auth, &tenant.id, peer.addr, &request) {
                             let _ = ua.reject_with(now, call, status, &headers);
                             if status == 403 {
                                 refused("auth-failed", status);
@@ -1064,7 +1027,7 @@ impl Endpoint {
                     (None, None) => {}
                 }
                 // The tenant's cap on calls up at once (RFC 3261 §21.5.4: 503 with Retry-After).
-                let slots = match routing.tenant_caps.get(tenant).and_then(|caps| caps.slots.as_ref()) {
+                let slots = match tenant.caps.slots.as_ref() {
                     Some(slots) => match Arc::clone(slots).try_acquire_owned() {
                         Ok(slot) => crate::trunk::CallSlots::from(slot),
                         Err(_) => {
@@ -1076,7 +1039,7 @@ impl Endpoint {
                     },
                     None => crate::trunk::CallSlots::default(),
                 };
-                let flow = match registry.get(tenant, &user) {
+                let flow = match registry.get(&tenant.id, &user) {
                     Ok(flow) => flow,
                     Err(e) => {
                         tracing::info!(?call, "{e}");
@@ -1099,13 +1062,13 @@ impl Endpoint {
                     .collect();
                 let refer = allows.is_empty()
                     || allows.iter().flat_map(|v| v.split(',')).any(|m| m.trim().eq_ignore_ascii_case("REFER"));
-                let vars = routing.flow_vars.get(&(tenant.clone(), user.clone())).cloned().unwrap_or_default();
+                let vars = tenant.vars_of(&user);
                 let cdr = CdrDraft::new(&info, flow.version());
                 let start = FlowStart {
                     call,
                     info,
                     flow,
-                    limits: *limits,
+                    tenant,
                     vars,
                     refer,
                     invite: *request,
@@ -1486,7 +1449,7 @@ struct FlowStart {
     call: CallRef,
     info: CallInfo,
     flow: Arc<patchbay_host::CompiledFlow>,
-    limits: patchbay_host::FlowLimits,
+    tenant: Arc<crate::tenant::Tenant>,
     vars: std::collections::BTreeMap<String, String>,
     refer: bool,
     invite: rsip::Request,
@@ -1506,7 +1469,7 @@ fn start_flow(
     commands: &mpsc::UnboundedSender<Command>,
     start: FlowStart,
 ) {
-    let FlowStart { call, info, flow, limits, vars, refer, invite, media, cdr, origination, slots } = start;
+    let FlowStart { call, info, flow, tenant, vars, refer, invite, media, cdr, origination, slots } = start;
     let (ended, ended_rx) = watch::channel(false);
     let rtp_session: MediaSlot = Arc::default();
     let (channels, agreed) = match media {
@@ -1517,7 +1480,6 @@ fn start_flow(
         None => (CallChannels::new(), None),
     };
     let CallChannels { dtmf, dtmf_rx, played, played_rx } = channels;
-    let tenant = info.tenant.clone();
     calls.insert(
         call,
         LiveCall {
@@ -1531,9 +1493,9 @@ fn start_flow(
             cdr,
             origination,
             _slots: slots,
+            _live: tenant.call_started(),
         },
     );
-    let prompts = routing.prompts.get(&tenant).cloned().unwrap_or_else(|| Arc::new(PromptStore::new(None)));
     let control = Arc::new(SipCall::new(
         call,
         info,
@@ -1542,15 +1504,13 @@ fn start_flow(
         dtmf_rx,
         rtp_session,
         played_rx,
-        prompts,
+        Arc::clone(&tenant),
         Arc::clone(routing),
         refer,
     ));
     let (engine, commands) = (Arc::clone(engine), commands.clone());
-    let kv: Arc<dyn patchbay_host::KvStore> = match routing.kv.get(&tenant) {
-        Some(kv) => Arc::clone(kv) as Arc<dyn patchbay_host::KvStore>,
-        None => Arc::new(MemoryKv::new(TENANT_KV_QUOTA)),
-    };
+    let kv: Arc<dyn patchbay_host::KvStore> = Arc::clone(&tenant.kv) as Arc<dyn patchbay_host::KvStore>;
+    let limits = tenant.limits;
     tokio::spawn(async move {
         let flow_call = FlowCall { control, kv, vars, limits: Some(limits) };
         // Run in its own task: should the host panic inside it, the call still gets its
@@ -1597,8 +1557,9 @@ fn origination_answered(
     let Some((origination, channels)) = leg.origination.take() else { return };
     let crate::originate::Origination { id, trunk, flow: flow_name, vars, slots, .. } = *origination;
     let flow = registry.get(&trunk.tenant, &flow_name);
+    let tenant = routing.tenants.get(&trunk.tenant).cloned();
     let media = start_leg_media(&mut leg, call, sdp, routing, commands, false, Some(&channels));
-    let (Ok(flow), Some(media), Some(agreed)) = (flow, media, leg.agreed.take()) else {
+    let (Ok(flow), Some(tenant), Some(media), Some(agreed)) = (flow, tenant, media, leg.agreed.take()) else {
         tracing::warn!(%id, ?call, "the callee answered without usable media (or the flow is gone): hanging up");
         leg.cdr.ending("media-refused", "patchbay");
         let _ = ua.hangup(now, call);
@@ -1638,7 +1599,7 @@ fn origination_answered(
         call,
         info,
         flow,
-        limits: routing.tenant_limits(&trunk.tenant),
+        tenant,
         vars,
         refer: true,
         invite,

@@ -1,0 +1,219 @@
+//! Tenants: who owns a call, a flow, a trunk or an API token.
+//!
+//! A [`Tenant`] is built once from its `[[tenant]]` table and holds everything that is the
+//! tenant's own: its domains, flows' variables, per-call limits, caps on calls, trunks, prompts,
+//! key-value space, inbound credentials and API token. The [`Tenants`] registry answers the
+//! questions the rest of the process asks: which tenant serves this domain, this DID, this
+//! token. Calls, the API and the hot-swap watcher hold an `Arc<Tenant>`, never a tenant id to
+//! look up in some other map.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use patchbay_host::{FlowLimits, MemoryKv};
+
+use crate::config::{Config, Secret, TenantConfig};
+use crate::prompts::PromptStore;
+use crate::trunk::{TenantCaps, TokenBucket, Trunk};
+
+/// Bytes of keys and values a tenant's kv space may hold.
+pub const TENANT_KV_QUOTA: usize = 1 << 20;
+
+/// One tenant (see the module docs).
+pub struct Tenant {
+    /// Tenant id (`[[tenant]] id`).
+    pub id: String,
+    /// Domains whose request-URIs route to this tenant.
+    pub domains: Vec<String>,
+    /// Per-call flow limits (memory, CPU budget).
+    pub limits: FlowLimits,
+    /// Calls up at once and calls per second, shared by inbound calls, trunks and flows' legs.
+    pub caps: TenantCaps,
+    /// The cap on calls up at once (`max_calls`), as configured.
+    pub max_calls: Option<u32>,
+    /// Calls whose flow runs now.
+    live: Arc<AtomicUsize>,
+    /// Variables each of its flows' calls starts with, by flow name.
+    pub flow_vars: HashMap<String, BTreeMap<String, String>>,
+    /// Directory its flows are loaded from and watched in (hot swap), if any.
+    pub flows_dir: Option<PathBuf>,
+    /// Its carrier trunks.
+    pub trunks: Vec<Arc<Trunk>>,
+    /// Its prompts (then the stock ones).
+    pub prompts: Arc<PromptStore>,
+    /// Its key-value space, shared by all its calls (the WIT `kv` interface).
+    pub kv: Arc<MemoryKv>,
+    /// Credentials inbound calls must present, if any.
+    pub auth: Option<TenantAuth>,
+    /// SHA-256 of its API token.
+    pub api_token: Option<[u8; 32]>,
+    /// URL prefixes its API calls may name as webhooks.
+    pub webhooks: Vec<String>,
+    /// Key of its webhooks' signatures.
+    pub webhook_secret: Option<Secret>,
+}
+
+impl std::fmt::Debug for Tenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tenant").field("id", &self.id).field("domains", &self.domains).finish_non_exhaustive()
+    }
+}
+
+/// A tenant's inbound-call credentials.
+pub struct TenantAuth {
+    /// Realm in challenges.
+    pub realm: String,
+    /// User name → password.
+    pub users: BTreeMap<String, String>,
+    /// Sources not challenged.
+    pub trusted: Vec<std::net::IpAddr>,
+    /// Algorithms offered, in order (empty: the digest server's default).
+    pub algorithms: Vec<patchbay_sip::auth::Algorithm>,
+}
+
+impl Tenant {
+    /// Builds a tenant from its configuration; `resolver` locates its trunks' gateways.
+    pub fn build(
+        config: &TenantConfig,
+        base_dir: &std::path::Path,
+        resolver: &Arc<dyn crate::resolve::Resolve>,
+    ) -> anyhow::Result<Self> {
+        let defaults = FlowLimits::default();
+        let limits = FlowLimits {
+            memory_bytes: config.memory_mb.map_or(defaults.memory_bytes, |mb| (mb as usize) << 20),
+            cpu_budget: config.cpu_budget_ms.map_or(defaults.cpu_budget, Duration::from_millis),
+            ..defaults
+        };
+        let trunks = config
+            .trunks
+            .iter()
+            .map(|trunk| {
+                Trunk::new(&config.id, trunk.get_ref(), base_dir, Arc::clone(resolver))
+                    .map(Arc::new)
+                    .with_context(|| format!("tenant {:?} trunk {:?}", config.id, trunk.get_ref().name))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let auth = config.auth.as_ref().map(|auth| TenantAuth {
+            realm: auth.realm.clone().unwrap_or_else(|| config.id.clone()),
+            users: auth.users.clone(),
+            trusted: auth.trusted.clone(),
+            // Checked when the config was parsed.
+            algorithms: auth
+                .algorithms
+                .iter()
+                .flatten()
+                .filter_map(|a| patchbay_sip::auth::Algorithm::from_token(a.get_ref()).ok())
+                .collect(),
+        });
+        Ok(Self {
+            id: config.id.clone(),
+            domains: config.domains.clone(),
+            limits,
+            caps: TenantCaps {
+                slots: config.max_calls.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
+                bucket: config.calls_per_second.map(|cps| Arc::new(TokenBucket::new(cps))),
+            },
+            max_calls: config.max_calls,
+            live: Arc::default(),
+            flow_vars: config.flows.iter().map(|f| (f.get_ref().name.clone(), f.get_ref().vars.clone())).collect(),
+            flows_dir: config.flows_dir.as_ref().map(|d| base_dir.join(d.get_ref())),
+            trunks,
+            prompts: Arc::new(PromptStore::new(config.prompts.as_ref().map(|d| base_dir.join(d)))),
+            kv: Arc::new(MemoryKv::new(TENANT_KV_QUOTA)),
+            auth,
+            api_token: config.api_token.as_ref().map(|t| crate::api::token_digest(t.expose())),
+            webhooks: config.webhooks.clone(),
+            webhook_secret: config.webhook_secret.clone(),
+        })
+    }
+
+    /// Counts a call as live until the returned guard is dropped.
+    pub fn call_started(&self) -> LiveCallGuard {
+        self.live.fetch_add(1, Ordering::Relaxed);
+        LiveCallGuard(Arc::clone(&self.live))
+    }
+
+    /// Calls whose flow runs now.
+    pub fn live_calls(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Whether a request-URI's host names this tenant.
+    pub fn serves_domain(&self, host: &str) -> bool {
+        self.domains.iter().any(|d| d.eq_ignore_ascii_case(host))
+    }
+
+    /// The variables a call to `flow` starts with.
+    pub fn vars_of(&self, flow: &str) -> BTreeMap<String, String> {
+        self.flow_vars.get(flow).cloned().unwrap_or_default()
+    }
+
+    /// Its trunk called `name`.
+    pub fn trunk(&self, name: &str) -> Option<&Arc<Trunk>> {
+        self.trunks.iter().find(|t| t.name == name)
+    }
+}
+
+/// Keeps a call counted in its tenant's live calls.
+#[derive(Debug)]
+pub struct LiveCallGuard(Arc<AtomicUsize>);
+
+impl Drop for LiveCallGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Every tenant, in configuration order.
+#[derive(Debug, Default)]
+pub struct Tenants {
+    all: Vec<Arc<Tenant>>,
+}
+
+impl Tenants {
+    /// Builds every tenant of `config`.
+    pub fn build(config: &Config, resolver: &Arc<dyn crate::resolve::Resolve>) -> anyhow::Result<Self> {
+        let all = config
+            .tenants
+            .iter()
+            .map(|t| Tenant::build(t, &config.base_dir, resolver).map(Arc::new))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self { all })
+    }
+
+    /// The tenant `id`.
+    pub fn get(&self, id: &str) -> Option<&Arc<Tenant>> {
+        self.all.iter().find(|t| t.id == id)
+    }
+
+    /// The tenant serving the domain `host`.
+    pub fn by_domain(&self, host: &str) -> Option<&Arc<Tenant>> {
+        self.all.iter().find(|t| t.serves_domain(host))
+    }
+
+    /// The trunk (and its tenant) a DID belongs to, with the flow it routes to.
+    pub fn by_did(&self, number: &str) -> Option<(&Arc<Tenant>, &Arc<Trunk>, String)> {
+        self.all.iter().find_map(|tenant| {
+            tenant.trunks.iter().find_map(|trunk| trunk.dids.get(number).map(|flow| (tenant, trunk, flow.clone())))
+        })
+    }
+
+    /// The tenant whose API token has this SHA-256.
+    pub fn by_token(&self, digest: &[u8; 32]) -> Option<&Arc<Tenant>> {
+        self.all.iter().find(|t| t.api_token.as_ref() == Some(digest))
+    }
+
+    /// Every tenant.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Tenant>> {
+        self.all.iter()
+    }
+
+    /// Every tenant's trunks.
+    pub fn trunks(&self) -> impl Iterator<Item = &Arc<Trunk>> {
+        self.all.iter().flat_map(|t| t.trunks.iter())
+    }
+}
