@@ -2,7 +2,8 @@
 //! above the transactions that answers OPTIONS, turns INVITEs into calls, keeps each call's
 //! dialog (tags, route set, remote target, CSeq numbers) and ends calls with BYE or CANCEL.
 //!
-//! Driven like the transaction layer: feed it messages and time, drain [`UaOutput`]s.
+//! Driven like the transaction layer: feed it messages and time, drain [`UaOutput`]s. Each
+//! call is one dialog (`dialog.rs`) whose life, inbound or outbound, is one state machine.
 //!
 //! **Scope:** UAS calls (inbound INVITE → ring/answer/reject, ACK, BYE both ways, CANCEL with
 //! 487, 482 for merged requests, in-dialog OPTIONS/INFO, 481 for unknown dialogs, re-INVITEs
@@ -207,14 +208,6 @@ pub enum UaError {
     UnknownRegistration(RegRef),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    /// We answered the INVITE.
-    Uas,
-    /// We sent the INVITE.
-    Uac,
-}
-
 /// Why we run a client transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Purpose {
@@ -250,78 +243,12 @@ struct ClientTx {
     ack: Option<rsip::Request>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// INVITE received (UAS) or sent (UAC), no final response yet.
-    Early,
-    /// 2xx sent, waiting for the ACK.
-    Answered,
-    /// ACK received.
-    Confirmed,
-    /// BYE sent, waiting for its response.
-    Ending,
-}
-
-/// A dialog (§12.1) plus what the call needs to answer and end it.
-#[derive(Debug)]
-struct Call {
-    role: Role,
-    phase: Phase,
-    /// Where in-dialog requests go: the INVITE's source (UAS) or the next hop we dialled (UAC).
-    peer: Peer,
-    /// The initial INVITE: received (UAS), or the last one sent (UAC, after auth retries).
-    invite: rsip::Request,
-    invite_tx: TransactionId,
-    call_id: String,
-    /// Our tag (the To tag of a UAS, the From tag of a UAC).
-    local_tag: String,
-    /// Our end as a From/To header value, with our tag.
-    local_uri: String,
-    /// The peer's end as a From/To header value, with its tag once known.
-    remote_uri: String,
-    /// The peer's tag, once known (compared parsed, never as text, §19.3).
-    remote_tag: Option<String>,
-    /// Remote target: the peer's Contact (§12.1.1, §12.1.2), refreshed by re-INVITEs.
-    remote_target: rsip::Uri,
-    /// Route set as Record-Route headers in the order Route takes them: the INVITE's order for
-    /// a UAS (§12.1.1), the 2xx's reversed for a UAC (§12.1.2).
-    route_set: Vec<Header>,
-    local_cseq: u32,
-    remote_cseq: u32,
-    /// The session description we answered with (re-sent on a re-INVITE we do not renegotiate).
-    local_sdp: Option<Vec<u8>>,
-    ended_by_ack_timeout: bool,
-    /// Our REFER, while its transaction runs.
-    refer_tx: Option<TransactionId>,
-    /// A re-INVITE or UPDATE waiting for the application's answer.
-    pending_reinvite: Option<(TransactionId, rsip::Request)>,
-    /// Session timer (RFC 4028) the caller asked for, with the caller as refresher: the
-    /// interval and when the session expires without a refresh.
-    session_timer: Option<(Duration, Instant)>,
-    ended_by_session_timer: bool,
-    /// Credentials for challenges to our requests on this call (UAC, or a UAS the peer
-    /// challenges on BYE).
-    digest: Option<crate::auth::DigestClient>,
-    /// UAC: a provisional response arrived, so CANCEL may be sent (§9.1).
-    provisional: bool,
-    /// UAC: the application hung up before the final response; CANCEL is sent (or will be, once
-    /// a provisional response arrives), and a 2xx that crosses it is acknowledged and ended.
-    cancel_wanted: bool,
-    cancel_sent: bool,
-    /// Our re-INVITE while its transaction runs, and the offer it carries.
-    reinvite_tx: Option<TransactionId>,
-    /// A re-INVITE refused with 491, to send again at this time with this offer (§14.1).
-    reinvite_retry: Option<(Instant, Vec<u8>)>,
-    /// UAC: when to give up waiting for the 487 after our CANCEL (64·T1, §9.1).
-    cancel_deadline: Option<Instant>,
-}
-
 /// The user agent core. See the module docs.
 #[derive(Debug)]
 pub struct UserAgent {
     config: UaConfig,
     layer: TransactionLayer,
-    calls: HashMap<CallRef, Call>,
+    calls: HashMap<CallRef, Dialog>,
     /// (Call-ID, local tag) → call, for in-dialog requests.
     dialogs: HashMap<(String, String), CallRef>,
     /// Server transaction of an INVITE → call, for CANCEL and ACK timeouts.
@@ -388,16 +315,17 @@ impl UserAgent {
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         let session = loop {
             let Some(Reverse((at, call))) = self.session_deadlines.peek().copied() else { break None };
-            if self.calls.get(&call).and_then(|c| c.session_timer).is_some_and(|(_, deadline)| deadline == at) {
+            if self.calls.get(&call).is_some_and(|c| c.session_expires() == Some(at)) {
                 break Some(at);
             }
             self.session_deadlines.pop();
         };
         let retry = loop {
             let Some(Reverse((at, call))) = self.retry_deadlines.peek().copied() else { break None };
-            let live = self.calls.get(&call).is_some_and(|c| {
-                c.reinvite_retry.as_ref().is_some_and(|(when, _)| *when == at) || c.cancel_deadline == Some(at)
-            });
+            let live = self
+                .calls
+                .get(&call)
+                .is_some_and(|c| c.reinvite_retry_at() == Some(at) || c.cancel_deadline() == Some(at));
             if live {
                 break Some(at);
             }
@@ -416,15 +344,9 @@ impl UserAgent {
                 break;
             }
             self.session_deadlines.pop();
-            let expired =
-                self.calls.get(&call).and_then(|c| c.session_timer).is_some_and(|(_, deadline)| deadline == at);
-            if expired {
+            if self.calls.get(&call).is_some_and(|c| c.session_expires() == Some(at)) {
                 // RFC 4028 §10: no refresh arrived in time; end the session with BYE.
-                if let Some(c) = self.calls.get_mut(&call) {
-                    c.ended_by_session_timer = true;
-                    c.session_timer = None;
-                }
-                let _ = self.hangup(now, call);
+                let _ = self.end_call(now, call, EndReason::SessionExpired);
             }
         }
         while let Some(Reverse((at, call))) = self.retry_deadlines.peek().copied() {
@@ -439,15 +361,11 @@ impl UserAgent {
         self.pump(now);
     }
 
-    /// (Re)starts a call's session timer at `now`. RFC 4028 §10: the refresher refreshes
-    /// halfway; the other side sends BYE when the interval minus min(32 s, interval/3) passes
-    /// without one.
+    /// (Re)starts a call's session timer at `now` (RFC 4028 §10), if it has one.
     fn arm_session_timer(&mut self, now: Instant, call: CallRef) {
-        let Some(c) = self.calls.get_mut(&call) else { return };
-        let Some((interval, _)) = c.session_timer else { return };
-        let deadline = now + interval - (interval / 3).min(Duration::from_secs(32));
-        c.session_timer = Some((interval, deadline));
-        self.session_deadlines.push(Reverse((deadline, call)));
+        if let Some(deadline) = self.calls.get_mut(&call).and_then(|c| c.arm_session_timer(now)) {
+            self.session_deadlines.push(Reverse((deadline, call)));
+        }
     }
 
     /// A message arrived (parsed and validated by [`crate::message`]).
@@ -479,31 +397,19 @@ impl UserAgent {
         match event {
             Event::Request { id, peer, request, cancels } => self.on_request(now, id, peer, request, cancels),
             Event::Ack { request, .. } => {
-                if let Some(call) = self.dialog_of(&request) {
-                    let confirmed = match self.calls.get_mut(&call) {
-                        Some(c) if c.phase == Phase::Answered => {
-                            c.phase = Phase::Confirmed;
-                            true
-                        }
-                        _ => false,
-                    };
-                    if confirmed {
-                        self.emit(UaEvent::Confirmed { call });
-                    }
+                if let Some(call) = self.dialog_of(&request)
+                    && self.calls.get_mut(&call).is_some_and(Dialog::ack_received)
+                {
+                    self.emit(UaEvent::Confirmed { call });
                 }
             }
             Event::Response { id, response } => self.on_response(now, id, response),
             Event::Timeout { id } => self.on_client_timeout(now, id),
             Event::AckTimeout { id } => {
                 let Some(&call) = self.by_invite_tx.get(&id) else { return };
-                let answered = self.calls.get(&call).is_some_and(|c| c.phase == Phase::Answered);
-                if answered {
+                if self.calls.get(&call).is_some_and(|c| matches!(c.state(), DialogState::Answered)) {
                     // §13.3.1.4: the dialog is confirmed but the session should end with BYE.
-                    if let Some(c) = self.calls.get_mut(&call) {
-                        c.ended_by_ack_timeout = true;
-                        c.phase = Phase::Confirmed;
-                    }
-                    let _ = self.hangup(now, call);
+                    let _ = self.end_call(now, call, EndReason::AckTimeout);
                 }
             }
             Event::StrayResponse { .. } => {}
@@ -515,7 +421,7 @@ impl UserAgent {
                 if let Some(call) = self.by_invite_tx.remove(&id) {
                     // A call rejected or cancelled before answer is over once its INVITE
                     // transaction is gone; answered calls live on in their dialog.
-                    if self.calls.get(&call).is_some_and(|c| c.phase == Phase::Early) {
+                    if self.calls.get(&call).is_some_and(Dialog::is_early) {
                         self.finish(call, EndCause::Rejected(0));
                     }
                 }
@@ -543,7 +449,7 @@ impl UserAgent {
             return;
         }
         match request.method {
-            Method::Invite => self.new_call(id, peer, request),
+            Method::Invite => self.new_call(now, id, peer, request),
             Method::Options => {
                 let response = self.response(&request, 200, None, &[]);
                 let _ = self.layer.send_response(now, id, response);
@@ -551,7 +457,7 @@ impl UserAgent {
             Method::Cancel => {
                 let call = cancels.and_then(|tx| self.by_invite_tx.get(&tx).copied());
                 match call {
-                    Some(call) if self.calls.get(&call).is_some_and(|c| c.phase == Phase::Early) => {
+                    Some(call) if self.calls.get(&call).is_some_and(Dialog::is_early) => {
                         // §9.2: 200 for the CANCEL, then 487 for the INVITE.
                         let ok = self.response(&request, 200, None, &[]);
                         let _ = self.layer.send_response(now, id, ok);
@@ -588,80 +494,39 @@ impl UserAgent {
         }
     }
 
-    fn new_call(&mut self, id: TransactionId, peer: Peer, request: rsip::Request) {
-        let call_id = request.call_id_header().map(|h| h.value().to_owned()).unwrap_or_default();
-        let remote_target = request
-            .contact_header()
-            .ok()
-            .and_then(|c| c.typed().ok())
-            .map(|c| c.uri)
-            .unwrap_or_else(|| request.uri.clone());
-        let route_set = request.headers.iter().filter(|h| matches!(h, Header::RecordRoute(_))).cloned().collect();
-        let remote_cseq = request.cseq_header().ok().and_then(|c| c.typed().ok()).map_or(0, |c| c.seq);
-        let session_timer = match session_timer_request(&request) {
+    fn new_call(&mut self, now: Instant, id: TransactionId, peer: Peer, request: rsip::Request) {
+        let session_interval = match session_timer_request(&request) {
             SessionTimer::None => None,
             SessionTimer::TooSmall => {
                 // RFC 4028 §8.1: 422 with our Min-SE.
                 let min_se = Header::Other("Min-SE".into(), MIN_SE.to_string());
                 let response = self.response(&request, 422, None, &[min_se]);
-                let _ = self.layer.send_response(Instant::now(), id, response);
+                let _ = self.layer.send_response(now, id, response);
                 return;
             }
-            SessionTimer::Uac(interval) => Some((interval, Instant::now())),
+            SessionTimer::Uac(interval) => Some(interval),
         };
         // §8.2.2.2: the same request (From tag, Call-ID, CSeq) arriving again under another
         // branch reached us over two paths (a forking proxy); answer the copy 482.
+        let call_id = request.call_id_header().map(|h| h.value().to_owned()).unwrap_or_default();
         let from_tag =
             request.from_header().ok().and_then(|f| f.tag().ok().flatten()).map(|t| t.to_string()).unwrap_or_default();
-        let merge_key = (call_id.clone(), from_tag, remote_cseq);
+        let seq = request.cseq_header().ok().and_then(|c| c.typed().ok()).map_or(0, |c| c.seq);
+        let merge_key = (call_id, from_tag, seq);
         if self.merge_keys.contains_key(&merge_key) {
             let response = self.response(&request, 482, None, &[]);
-            let _ = self.layer.send_response(Instant::now(), id, response);
+            let _ = self.layer.send_response(now, id, response);
             return;
         }
         self.merge_keys.insert(merge_key.clone(), id);
         self.merge_key_of.insert(id, merge_key);
         let local_tag = self.unique();
-        let to = request.to_header().map(|h| h.value().to_owned()).unwrap_or_default();
-        let local_uri = if to.contains(";tag=") { to } else { format!("{to};tag={local_tag}") };
-        let remote_uri = request.from_header().map(|h| h.value().to_owned()).unwrap_or_default();
-        let remote_tag = request.from_header().ok().and_then(|f| f.tag().ok().flatten()).map(|t| t.to_string());
         self.counter += 1;
         let call = CallRef(self.counter);
-        self.dialogs.insert((call_id.clone(), local_tag.clone()), call);
+        let dialog = Dialog::incoming(peer, request.clone(), id, local_tag, session_interval);
+        self.dialogs.insert((dialog.call_id.clone(), dialog.local_tag.clone()), call);
         self.by_invite_tx.insert(id, call);
-        self.calls.insert(
-            call,
-            Call {
-                role: Role::Uas,
-                phase: Phase::Early,
-                peer,
-                invite: request.clone(),
-                invite_tx: id,
-                call_id,
-                local_tag,
-                local_uri,
-                remote_uri,
-                remote_tag,
-                remote_target,
-                route_set,
-                local_cseq: 0,
-                remote_cseq,
-                local_sdp: None,
-                ended_by_ack_timeout: false,
-                pending_reinvite: None,
-                refer_tx: None,
-                session_timer,
-                ended_by_session_timer: false,
-                digest: None,
-                provisional: false,
-                cancel_wanted: false,
-                cancel_sent: false,
-                reinvite_tx: None,
-                reinvite_retry: None,
-                cancel_deadline: None,
-            },
-        );
+        self.calls.insert(call, dialog);
         self.emit(UaEvent::IncomingCall { call, peer, request: Box::new(request) });
     }
 
@@ -684,7 +549,7 @@ impl UserAgent {
         match request.method {
             Method::Bye => {
                 // §15.1.2: a BYE in an early dialog also ends the INVITE, with 487.
-                let early = (c.phase == Phase::Early && c.role == Role::Uas)
+                let early = matches!(c.state(), DialogState::Incoming)
                     .then(|| (c.invite.clone(), c.invite_tx, c.local_tag.clone()));
                 let response = self.response(&request, 200, None, &[]);
                 let _ = self.layer.send_response(now, id, response);
@@ -702,9 +567,7 @@ impl UserAgent {
                 let _ = self.layer.send_response(now, id, response);
                 self.arm_session_timer(now, call);
             }
-            Method::Invite | Method::Update
-                if c.reinvite_tx.is_some() || (c.role == Role::Uac && c.phase == Phase::Early) =>
-            {
+            Method::Invite | Method::Update if c.reinvite_tx.is_some() || c.is_calling() => {
                 // §14.2: our own INVITE or re-INVITE is in progress (glare): 491, and each side
                 // retries after a random wait (§14.1). RFC 3311 §5.2 says the same for UPDATE.
                 let response = self.response(&request, 491, None, &[]);
@@ -765,14 +628,8 @@ impl UserAgent {
 
     fn finish(&mut self, call: CallRef, cause: EndCause) {
         if let Some(c) = self.calls.remove(&call) {
+            let cause = c.end_cause(cause);
             self.dialogs.remove(&(c.call_id, c.local_tag));
-            let cause = if c.ended_by_ack_timeout {
-                EndCause::AckTimeout
-            } else if c.ended_by_session_timer {
-                EndCause::SessionExpired
-            } else {
-                cause
-            };
             self.emit(UaEvent::Ended { call, cause });
         }
     }
@@ -836,10 +693,7 @@ impl UserAgent {
 
     /// Sends 180 Ringing (with our To tag, so the dialog is early on the caller's side).
     pub fn ring(&mut self, now: Instant, call: CallRef) -> Result<(), UaError> {
-        let c = self.calls.get(&call).ok_or(UaError::UnknownCall(call))?;
-        if c.phase != Phase::Early {
-            return Err(UaError::WrongState(call, "ringing after the final response"));
-        }
+        let c = self.incoming(call, "ringing after the final response")?;
         let (invite, tx, tag) = (c.invite.clone(), c.invite_tx, c.local_tag.clone());
         let contact = self.contact_and_sdp_headers(false);
         let ringing = self.response(&invite, 180, Some(&tag), &contact);
@@ -850,14 +704,12 @@ impl UserAgent {
 
     /// Answers with 200 OK carrying `sdp` (the answer to the INVITE's offer).
     pub fn answer(&mut self, now: Instant, call: CallRef, sdp: Vec<u8>) -> Result<(), UaError> {
+        self.incoming(call, "answering an answered call")?;
         let c = self.calls.get_mut(&call).ok_or(UaError::UnknownCall(call))?;
-        if c.phase != Phase::Early {
-            return Err(UaError::WrongState(call, "answering an answered call"));
-        }
-        c.phase = Phase::Answered;
+        c.answer().map_err(|e| UaError::WrongState(call, e))?;
         c.local_sdp = Some(sdp.clone());
         let (invite, tx, tag) = (c.invite.clone(), c.invite_tx, c.local_tag.clone());
-        let session_interval = c.session_timer.map(|(interval, _)| interval);
+        let session_interval = c.session_interval();
         let mut extra = self.contact_and_sdp_headers(true);
         if let Some(interval) = session_interval {
             // RFC 4028 §9: the caller supports timers and refreshes (refresher=uac).
@@ -919,16 +771,36 @@ impl UserAgent {
     /// Rejects an unanswered call with a final status and extra headers (a digest challenge
     /// with 401/407, Retry-After with 503, Warning with 488).
     pub fn reject_with(&mut self, now: Instant, call: CallRef, code: u16, extra: &[Header]) -> Result<(), UaError> {
-        let c = self.calls.get(&call).ok_or(UaError::UnknownCall(call))?;
-        if c.phase != Phase::Early {
-            return Err(UaError::WrongState(call, "rejecting an answered call"));
-        }
+        self.reject_as(now, call, code, extra, EndCause::Rejected(code))
+    }
+
+    /// Rejects an unanswered inbound call; the call ends with `cause`.
+    fn reject_as(
+        &mut self,
+        now: Instant,
+        call: CallRef,
+        code: u16,
+        extra: &[Header],
+        cause: EndCause,
+    ) -> Result<(), UaError> {
+        let c = self.incoming(call, "rejecting an answered call")?;
         let (invite, tx, tag) = (c.invite.clone(), c.invite_tx, c.local_tag.clone());
         let response = self.response(&invite, code.clamp(300, 699), Some(&tag), extra);
         let _ = self.layer.send_response(now, tx, response);
-        self.finish(call, EndCause::Rejected(code));
+        self.finish(call, cause);
         self.pump(now);
         Ok(())
+    }
+
+    /// An inbound call whose INVITE awaits its final response, for the UAS operations (ring,
+    /// answer, reject); `late` says what is wrong once the final response went out.
+    fn incoming(&self, call: CallRef, late: &'static str) -> Result<&Dialog, UaError> {
+        let c = self.calls.get(&call).ok_or(UaError::UnknownCall(call))?;
+        match c.state() {
+            DialogState::Incoming => Ok(c),
+            _ if c.role() == Role::Uac => Err(UaError::WrongState(call, "an outbound call has no INVITE to answer")),
+            _ => Err(UaError::WrongState(call, late)),
+        }
     }
 
     /// Asks the caller to call `target` instead (blind transfer, RFC 3515 / RFC 5589): sends
@@ -936,14 +808,13 @@ impl UserAgent {
     /// up once the transfer succeeded.
     pub fn refer(&mut self, now: Instant, call: CallRef, target: &str) -> Result<(), UaError> {
         let c = self.calls.get_mut(&call).ok_or(UaError::UnknownCall(call))?;
-        if !matches!(c.phase, Phase::Answered | Phase::Confirmed) {
+        if !c.is_answered() {
             return Err(UaError::WrongState(call, "transfer needs an answered call"));
         }
         if c.refer_tx.is_some() {
             return Err(UaError::WrongState(call, "a transfer is already in progress"));
         }
-        c.local_cseq = c.local_cseq.max(1) + 1;
-        let cseq = c.local_cseq;
+        let cseq = c.next_local_cseq();
         let Some((peer, mut refer)) = self.in_dialog_request(call, Method::Refer, cseq) else {
             return Err(UaError::UnknownCall(call));
         };
@@ -990,27 +861,29 @@ impl UserAgent {
     /// Ends a call: BYE once answered (§15.1.1); before that, 480 for an inbound call and
     /// CANCEL for an outbound one (sent once the callee has answered provisionally, §9.1).
     pub fn hangup(&mut self, now: Instant, call: CallRef) -> Result<(), UaError> {
+        self.end_call(now, call, EndReason::Hangup)
+    }
+
+    /// Ends a call for `reason` (the application's hangup or a timer), as its state allows.
+    fn end_call(&mut self, now: Instant, call: CallRef, reason: EndReason) -> Result<(), UaError> {
         let c = self.calls.get_mut(&call).ok_or(UaError::UnknownCall(call))?;
-        match c.phase {
-            Phase::Early if c.role == Role::Uac => {
-                c.cancel_wanted = true;
-                self.send_cancel(now, call);
-                self.pump(now);
-                return Ok(());
+        match c.hang_up(reason) {
+            Hangup::Reject => {
+                let cause = reason.cause().unwrap_or(EndCause::Rejected(480));
+                return self.reject_as(now, call, 480, &[], cause);
             }
-            Phase::Early => return self.reject(now, call, 480),
-            Phase::Ending => return Ok(()),
-            Phase::Answered | Phase::Confirmed => {}
-        }
-        c.phase = Phase::Ending;
-        c.local_cseq = c.local_cseq.max(1) + 1;
-        let cseq = c.local_cseq;
-        let Some((peer, mut bye)) = self.in_dialog_request(call, Method::Bye, cseq) else {
-            return Err(UaError::UnknownCall(call));
-        };
-        self.add_credentials(TxOwner::Call(call, Purpose::Bye), &mut bye);
-        if self.send_client(now, TxOwner::Call(call, Purpose::Bye), peer, bye, 0).is_none() {
-            self.finish(call, EndCause::LocalBye);
+            Hangup::Cancel(leave) => self.send_cancel(now, call, leave),
+            Hangup::Wait => {}
+            Hangup::Bye => {
+                let cseq = c.next_local_cseq();
+                let Some((peer, mut bye)) = self.in_dialog_request(call, Method::Bye, cseq) else {
+                    return Err(UaError::UnknownCall(call));
+                };
+                self.add_credentials(TxOwner::Call(call, Purpose::Bye), &mut bye);
+                if self.send_client(now, TxOwner::Call(call, Purpose::Bye), peer, bye, 0).is_none() {
+                    self.finish(call, EndCause::LocalBye);
+                }
+            }
         }
         self.pump(now);
         Ok(())
@@ -1030,36 +903,12 @@ impl UserAgent {
         Some(tx)
     }
 
-    /// Builds an in-dialog request (§12.2.1.1): Request-URI = remote target (or the first
-    /// route when it is a strict router — not supported: loose routing assumed), Route = the
-    /// route set, From = local URI with our tag, To = remote URI with their tag.
+    /// An in-dialog request of this call (§12.2.1.1, [`Dialog::request`]) with a new Via,
+    /// and where it goes.
     fn in_dialog_request(&mut self, call: CallRef, method: Method, cseq: u32) -> Option<(Peer, rsip::Request)> {
         let via = self.new_via(self.calls.get(&call)?.peer.transport);
         let c = self.calls.get(&call)?;
-        let mut headers: Vec<Header> = vec![
-            via,
-            Header::MaxForwards(70u32.into()),
-            Header::From(c.local_uri.clone().into()),
-            Header::To(c.remote_uri.clone().into()),
-            Header::CallId(c.call_id.clone().into()),
-            Header::CSeq(format!("{cseq} {method}").into()),
-        ];
-        // `route_set` is already in Route order (reversed for a UAC when the dialog was made).
-        for rr in &c.route_set {
-            if let Header::RecordRoute(rr) = rr {
-                headers.push(Header::Route(rr.value().to_owned().into()));
-            }
-        }
-        headers.push(Header::UserAgent(self.config.user_agent.clone().into()));
-        headers.push(Header::ContentLength(0u32.into()));
-        let request = rsip::Request {
-            method,
-            uri: c.remote_target.clone(),
-            version: rsip::Version::V2,
-            headers: headers.into(),
-            body: Vec::new(),
-        };
-        Some((c.peer, request))
+        Some((c.peer, c.request(method, cseq, via, &self.config.user_agent)))
     }
 }
 
@@ -1152,6 +1001,11 @@ fn session_timer_request(request: &rsip::Request) -> SessionTimer {
         SessionTimer::Uac(Duration::from_secs(u64::from(interval)))
     }
 }
+
+#[path = "dialog.rs"]
+mod dialog;
+
+use dialog::{AfterProvisional, Dialog, DialogState, EndReason, Hangup, MayCancel, Role};
 
 #[path = "ua_client.rs"]
 mod client;

@@ -10,7 +10,8 @@ use rsip::prelude::HeadersExt;
 use rsip::{Header, Method};
 
 use super::{
-    ALLOW, Call, CallRef, ClientTx, EndCause, Phase, Purpose, Role, TxOwner, UaError, UaEvent, UserAgent, via_transport,
+    ALLOW, AfterProvisional, CallRef, ClientTx, Dialog, DialogState, EndCause, MayCancel, Purpose, Role, TxOwner,
+    UaError, UaEvent, UserAgent, via_transport,
 };
 use crate::auth::{AuthKind, DigestClient, DigestRequest};
 use crate::transaction::{Peer, TransactionId, Transport};
@@ -75,46 +76,12 @@ impl UserAgent {
         };
         self.counter += 1;
         let call = CallRef(self.counter);
-        self.dialogs.insert((call_id.clone(), local_tag.clone()), call);
-        self.calls.insert(
-            call,
-            Call {
-                role: Role::Uac,
-                phase: Phase::Early,
-                peer: dial.peer,
-                invite: invite.clone(),
-                invite_tx: TransactionId(u64::MAX),
-                call_id,
-                local_tag,
-                local_uri,
-                remote_uri,
-                remote_tag: None,
-                remote_target: dial.target,
-                route_set: Vec::new(),
-                local_cseq: 1,
-                remote_cseq: 0,
-                local_sdp: Some(dial.sdp),
-                ended_by_ack_timeout: false,
-                refer_tx: None,
-                pending_reinvite: None,
-                session_timer: None,
-                ended_by_session_timer: false,
-                digest: dial.credentials,
-                provisional: false,
-                cancel_wanted: false,
-                cancel_sent: false,
-                reinvite_tx: None,
-                reinvite_retry: None,
-                cancel_deadline: None,
-            },
-        );
-        match self.send_client(now, TxOwner::Call(call, Purpose::Invite), dial.peer, invite, 0) {
+        match self.send_client(now, TxOwner::Call(call, Purpose::Invite), dial.peer, invite.clone(), 0) {
             Some(tx) => {
-                if let Some(c) = self.calls.get_mut(&call) {
-                    c.invite_tx = tx;
-                }
+                self.dialogs.insert((call_id, local_tag.clone()), call);
+                self.calls.insert(call, Dialog::outgoing(dial.peer, invite, tx, local_tag, dial.credentials));
             }
-            None => self.finish(call, EndCause::Failed(500)),
+            None => self.emit(UaEvent::Ended { call, cause: EndCause::Failed(500) }),
         }
         self.pump(now);
         call
@@ -125,11 +92,11 @@ impl UserAgent {
     /// the wait of §14.1 without bothering the application.
     pub fn reinvite(&mut self, now: Instant, call: CallRef, sdp: Vec<u8>) -> Result<(), UaError> {
         let c = self.calls.get(&call).ok_or(UaError::UnknownCall(call))?;
-        if c.phase != Phase::Confirmed {
+        if !matches!(c.state(), DialogState::Confirmed { .. }) {
             return Err(UaError::WrongState(call, "re-INVITE needs a confirmed dialog"));
         }
         // §14.1: no new INVITE while one is in progress in either direction.
-        if c.reinvite_tx.is_some() || c.pending_reinvite.is_some() || c.reinvite_retry.is_some() {
+        if c.reinvite_tx.is_some() || c.pending_reinvite.is_some() || c.reinvite_retry_at().is_some() {
             return Err(UaError::WrongState(call, "another re-INVITE is in progress"));
         }
         self.send_reinvite(now, call, sdp);
@@ -138,14 +105,8 @@ impl UserAgent {
     }
 
     fn send_reinvite(&mut self, now: Instant, call: CallRef, sdp: Vec<u8>) {
-        let transport = match self.calls.get_mut(&call) {
-            Some(c) => {
-                c.local_cseq += 1;
-                c.peer.transport
-            }
-            None => return,
-        };
-        let cseq = self.calls.get(&call).map_or(1, |c| c.local_cseq);
+        let Some(c) = self.calls.get_mut(&call) else { return };
+        let (cseq, transport) = (c.next_local_cseq(), c.peer.transport);
         let Some((peer, mut request)) = self.in_dialog_request(call, Method::Invite, cseq) else { return };
         let mut headers: Vec<Header> =
             request.headers.iter().filter(|h| !matches!(h, Header::ContentLength(_))).cloned().collect();
@@ -166,14 +127,7 @@ impl UserAgent {
     /// now runs, in which case the application hears of the glare and decides.
     pub(super) fn retry_reinvite(&mut self, now: Instant, call: CallRef, at: Instant) {
         let Some(c) = self.calls.get_mut(&call) else { return };
-        let Some((when, sdp)) = c.reinvite_retry.take() else { return };
-        if when != at {
-            c.reinvite_retry = Some((when, sdp));
-            return;
-        }
-        if c.phase != Phase::Confirmed {
-            return;
-        }
+        let Some(sdp) = c.take_reinvite_retry(at) else { return };
         if c.pending_reinvite.is_some() {
             self.emit(UaEvent::ReInviteAnswered { call, result: Err(491) });
             return;
@@ -183,54 +137,23 @@ impl UserAgent {
 
     /// The wait for the 487 after our CANCEL is over (§9.1): the call ends as cancelled.
     pub(super) fn cancel_timeout(&mut self, call: CallRef, at: Instant) {
-        let due = self.calls.get(&call).is_some_and(|c| c.phase == Phase::Early && c.cancel_deadline == Some(at));
-        if due {
+        if self.calls.get(&call).is_some_and(|c| c.cancel_deadline() == Some(at)) {
             self.finish(call, EndCause::Cancelled);
         }
     }
 
-    /// Sends CANCEL for an outbound call's INVITE once a provisional response has arrived
-    /// (§9.1: not before, since it could overtake the INVITE; it is sent when one arrives).
-    pub(super) fn send_cancel(&mut self, now: Instant, call: CallRef) {
-        let Some(c) = self.calls.get_mut(&call) else { return };
-        if !c.provisional || c.cancel_sent || c.phase != Phase::Early {
-            return;
-        }
-        c.cancel_sent = true;
+    /// Sends CANCEL for an outbound call's INVITE, with the dialog's leave: it only gives one
+    /// once a provisional response has arrived (§9.1: earlier it could overtake the INVITE).
+    pub(super) fn send_cancel(&mut self, now: Instant, call: CallRef, leave: MayCancel) {
         // §9.1: if no final response to the INVITE arrives within 64·T1 of the CANCEL, the
         // INVITE transaction is considered over (the peer lost track of it).
         let deadline = now + self.config.timers.t1_x64();
-        c.cancel_deadline = Some(deadline);
-        self.retry_deadlines.push(Reverse((deadline, call)));
-        // §9.1: Request-URI, Call-ID, To, From, the CSeq number and the top Via (branch
-        // included) of the INVITE; Route as the INVITE had it.
-        let invite = &c.invite;
-        let mut headers: Vec<Header> = Vec::with_capacity(8);
-        let mut via_seen = false;
-        for header in invite.headers.iter() {
-            match header {
-                Header::Via(_) if !via_seen => {
-                    via_seen = true;
-                    headers.push(header.clone());
-                }
-                Header::From(_) | Header::To(_) | Header::CallId(_) | Header::Route(_) | Header::MaxForwards(_) => {
-                    headers.push(header.clone())
-                }
-                _ => {}
-            }
+        let Some(c) = self.calls.get_mut(&call) else { return };
+        if !c.cancel(leave, deadline) {
+            return;
         }
-        let seq = invite.cseq_header().ok().and_then(|h| h.typed().ok()).map_or(1, |c| c.seq);
-        headers.push(Header::CSeq(format!("{seq} CANCEL").into()));
-        headers.push(Header::UserAgent(self.config.user_agent.clone().into()));
-        headers.push(Header::ContentLength(0u32.into()));
-        let cancel = rsip::Request {
-            method: Method::Cancel,
-            uri: invite.uri.clone(),
-            version: rsip::Version::V2,
-            headers: headers.into(),
-            body: Vec::new(),
-        };
-        let peer = c.peer;
+        self.retry_deadlines.push(Reverse((deadline, call)));
+        let (peer, cancel) = (c.peer, c.cancel_request(&self.config.user_agent));
         self.send_client(now, TxOwner::Call(call, Purpose::Cancel), peer, cancel, 0);
     }
 
@@ -280,7 +203,7 @@ impl UserAgent {
         match purpose {
             Purpose::Invite => {
                 let (ours, cancelled) =
-                    self.calls.get(&call).map_or((false, false), |c| (c.invite_tx == id, c.cancel_wanted));
+                    self.calls.get(&call).map_or((false, false), |c| (c.invite_tx == id, c.is_cancelled()));
                 if ours {
                     self.finish(call, if cancelled { EndCause::Cancelled } else { EndCause::Failed(408) });
                 }
@@ -316,49 +239,45 @@ impl UserAgent {
             return;
         }
         if status < 200 {
-            if c.phase != Phase::Early {
+            if !c.is_calling() {
                 return;
             }
-            c.provisional = true;
             if status > 100 && to_tag.is_some() && c.remote_tag.is_none() {
                 // §12.1.2: a provisional response with a To tag makes an early dialog.
-                adopt_dialog(c, &response);
+                c.adopt(&response);
             }
-            let wants_cancel = c.cancel_wanted;
-            if wants_cancel {
-                self.send_cancel(now, call);
-            } else if status > 100 {
-                let sdp = (!response.body.is_empty()).then(|| response.body.clone());
-                self.emit(UaEvent::Progress { call, status, sdp });
+            match c.provisional() {
+                AfterProvisional::Cancel(leave) => self.send_cancel(now, call, leave),
+                AfterProvisional::Report if status > 100 => {
+                    let sdp = (!response.body.is_empty()).then(|| response.body.clone());
+                    self.emit(UaEvent::Progress { call, status, sdp });
+                }
+                AfterProvisional::Report | AfterProvisional::Ignore => {}
             }
             return;
         }
         if status >= 300 {
-            if c.phase == Phase::Early {
-                let cause = if c.cancel_wanted { EndCause::Cancelled } else { EndCause::Failed(status) };
+            if c.is_calling() {
+                let cause = if c.is_cancelled() { EndCause::Cancelled } else { EndCause::Failed(status) };
                 self.finish(call, cause);
             }
             return;
         }
         // 2xx.
-        let same_dialog =
-            c.phase == Phase::Early || to_tag.is_some_and(|tag| c.remote_tag.as_deref() == Some(tag.as_str()));
+        let same_dialog = c.is_calling() || to_tag.is_some_and(|tag| c.remote_tag.as_deref() == Some(tag.as_str()));
         if !same_dialog {
             // §13.2.2.4: a 2xx from another fork: acknowledge it, then release it with BYE.
             self.release_fork(now, id, &response);
             return;
         }
-        if c.phase != Phase::Early {
+        let Some(hung_up) = c.confirm(&response) else {
             // A retransmission: the ACK is re-sent, nothing else happens (§13.2.2.4).
             self.resend_ack(id, &response);
             return;
-        }
-        adopt_dialog(c, &response);
-        c.phase = Phase::Confirmed;
-        let cancel_wanted = c.cancel_wanted;
+        };
         let cseq = response.cseq_header().ok().and_then(|h| h.typed().ok()).map_or(1, |c| c.seq);
         self.send_ack(id, call, cseq);
-        if cancel_wanted {
+        if hung_up {
             // The CANCEL crossed the 2xx (§9.1, §15): the call is up, so end it with BYE.
             let _ = self.hangup(now, call);
         } else {
@@ -382,7 +301,7 @@ impl UserAgent {
             return;
         }
         c.reinvite_tx = None;
-        let role = c.role;
+        let role = c.role();
         let offer = self.client_txs.get(&id).map(|tx| tx.request.body.clone()).unwrap_or_default();
         let dice = self.random();
         let Some(c) = self.calls.get_mut(&call) else { return };
@@ -402,8 +321,9 @@ impl UserAgent {
                 // other side 0–2 s, in units of 10 ms, then tries again.
                 let (base, ticks) = if role == Role::Uac { (2_100, dice % 191) } else { (0, dice % 201) };
                 let at = now + Duration::from_millis(base + ticks * 10);
-                c.reinvite_retry = Some((at, offer));
-                self.retry_deadlines.push(Reverse((at, call)));
+                if c.schedule_reinvite_retry(at, offer) {
+                    self.retry_deadlines.push(Reverse((at, call)));
+                }
             }
             _ => {
                 self.emit(UaEvent::ReInviteAnswered { call, result: Err(status) });
@@ -505,7 +425,7 @@ impl UserAgent {
             TxOwner::Call(_, Purpose::Cancel | Purpose::Release) => false,
             // A hung-up call is not re-sent after a challenge: the challenge ends it (as Cancelled).
             TxOwner::Call(call, Purpose::Invite) => {
-                self.calls.get(&call).is_some_and(|c| c.invite_tx == id && !c.cancel_wanted)
+                self.calls.get(&call).is_some_and(|c| c.invite_tx == id && !c.is_cancelled())
             }
             TxOwner::Call(call, _) => self.calls.contains_key(&call),
             // §10.2: only the REGISTER in flight is answered; an older one's challenge is moot.
@@ -569,11 +489,9 @@ impl UserAgent {
                 if let Some(c) = self.calls.get_mut(&call) {
                     match purpose {
                         Purpose::Invite => {
-                            c.invite = request;
-                            c.invite_tx = new_tx.unwrap_or(TransactionId(u64::MAX));
-                            // A CANCEL may only follow a provisional response to this new INVITE.
-                            c.provisional = false;
-                            c.cancel_sent = false;
+                            if let Some(tx) = new_tx {
+                                c.reinvited_with_credentials(request, tx);
+                            }
                         }
                         Purpose::ReInvite => c.reinvite_tx = new_tx,
                         Purpose::Refer => c.refer_tx = new_tx,
@@ -604,11 +522,7 @@ impl UserAgent {
     /// registration's (§10.2: one more for every REGISTER with the same Call-ID).
     pub(super) fn next_cseq(&mut self, owner: TxOwner) -> Option<u32> {
         match owner {
-            TxOwner::Call(call, _) => {
-                let c = self.calls.get_mut(&call)?;
-                c.local_cseq += 1;
-                Some(c.local_cseq)
-            }
+            TxOwner::Call(call, _) => Some(self.calls.get_mut(&call)?.next_local_cseq()),
             TxOwner::Registration(reg) => {
                 let r = self.registrations.get_mut(&reg)?;
                 r.cseq += 1;
@@ -674,26 +588,6 @@ impl UserAgent {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
-}
-
-/// Takes the dialog state from a response that creates or confirms it (§12.1.2): the remote
-/// tag (the To header as sent back), the remote target (Contact) and the route set (the
-/// Record-Route, reversed).
-fn adopt_dialog(c: &mut Call, response: &rsip::Response) {
-    if let Ok(to) = response.to_header() {
-        c.remote_uri = to.value().to_owned();
-        c.remote_tag = to.tag().ok().flatten().map(|t| t.to_string());
-    }
-    if let Some(contact) = response.contact_header().ok().and_then(|h| h.typed().ok()) {
-        c.remote_target = contact.uri;
-    }
-    // A 2xx sets the route set again even after an early dialog (§13.2.2.4). A Record-Route
-    // header carrying several comma-separated entries is reversed as one unit: rsip keeps it
-    // as one header, and proxies in practice add one header per hop.
-    let mut routes: Vec<Header> =
-        response.headers.iter().filter(|h| matches!(h, Header::RecordRoute(_))).cloned().collect();
-    routes.reverse();
-    c.route_set = routes;
 }
 
 fn credentials_of(request: &rsip::Request, kind: AuthKind) -> impl Iterator<Item = &str> {
