@@ -187,7 +187,7 @@ pub struct FlowRecord {
     pub live: Vec<(String, usize)>,
     /// The last refused deploy: when, and why.
     pub last_error: Option<(SystemTime, String)>,
-    /// Versions installed after the first.
+    /// Times a different version replaced the serving one.
     pub swaps: u64,
     /// Deploys refused (did not compile or link).
     pub failures: u64,
@@ -223,11 +223,11 @@ impl FlowRegistry {
         let entry = entries.entry(key).or_default();
         let previous = entry.current.replace(Arc::clone(&flow));
         entry.retired.retain(|w| w.strong_count() > 0);
-        if let Some(previous) = &previous {
+        if let Some(previous) = &previous
+            && previous.version != flow.version
+        {
             entry.swaps += 1;
-            if previous.version != flow.version {
-                entry.retired.push(Arc::downgrade(previous));
-            }
+            entry.retired.push(Arc::downgrade(previous));
         }
         entry.source = source.to_owned();
         entry.deployed_at = Some(SystemTime::now());

@@ -539,6 +539,7 @@ async fn list_tenants(
                 "flows": flows.iter().filter(|r| r.version.is_some()).count(),
                 "live_calls": t.live_calls(),
                 "max_calls": t.max_calls,
+                "max_instances": t.max_instances,
                 "trunks": t.trunks.iter().map(|trunk| trunk.name.clone()).collect::<Vec<_>>(),
                 "kv_bytes": t.kv.used(),
             })

@@ -240,6 +240,10 @@ pub struct TenantConfig {
     pub max_calls: Option<u32>,
     /// Outbound calls per second over all the tenant's trunks.
     pub calls_per_second: Option<f64>,
+    /// Flow instances (calls running a flow) this tenant may hold at once, out of
+    /// `[flows] max_instances`. Default: the whole pool for a lone tenant; with several, the
+    /// pool less an eighth (at least one slot), so no tenant can take all of it.
+    pub max_instances: Option<u32>,
     /// URL prefixes the tenant's API calls may name as `webhook` (none: no webhooks).
     #[serde(default)]
     pub webhooks: Vec<String>,
@@ -604,6 +608,17 @@ impl Config {
                 && !(MIN_CPS..=MAX_CPS).contains(&cps)
             {
                 return Err(error(None, format!("tenant.calls_per_second: {MIN_CPS} to {MAX_CPS} (got {cps})")));
+            }
+            if let Some(n) = tenant.max_instances
+                && !(1..=config.flows.max_instances).contains(&n)
+            {
+                return Err(error(
+                    None,
+                    format!(
+                        "tenant.max_instances: 1 to [flows] max_instances ({}), got {n}",
+                        config.flows.max_instances
+                    ),
+                ));
             }
             if tenant.max_calls == Some(0) {
                 return Err(error(None, "tenant.max_calls: must be at least 1 (leave it out for no cap)".into()));

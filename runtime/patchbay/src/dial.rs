@@ -129,9 +129,9 @@ pub(crate) async fn resolve_for(
     let trunk = tenant.trunk(name).ok_or_else(|| CallError::NotAllowed(format!("the tenant has no trunk {name:?}")))?;
     let uri = trunk.uri_for(number).map_err(bad)?;
     // The trunk's and the tenant's caps hold for flows too; a flow does not wait in the
-    // originations' queue: it hears `unavailable` and may try again.
+    // originations' queue: it hears `limit-exceeded` and may try again.
     let slots = trunk.gate.try_pass(&tenant.caps).ok_or_else(|| {
-        CallError::Unavailable(format!("trunk {name:?} is at its calls-per-second or concurrent-call cap"))
+        CallError::LimitExceeded(format!("trunk {name:?} or its tenant is at its calls-per-second or max_calls cap"))
     })?;
     let peer = trunk.next_hop().await.map_err(CallError::Unavailable)?;
     Ok(Target { uri, peer: peer.addr, trunk: Some((Arc::clone(trunk), number.to_owned())), slots })

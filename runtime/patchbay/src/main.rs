@@ -374,7 +374,19 @@ fn report(config: &Config, engine: &FlowEngine, registry: &FlowRegistry) {
         "Media: G.711 (PCMU/PCMA) over RTP or SRTP (SDES), RFC 4733 / in-band / SIP INFO DTMF, prompts, recording, \
          dial + bridge (UDP), AI agents over websockets (Twilio Media Streams), paced on one clock."
     );
-    println!("Try: sipp -sn uac -s echo 127.0.0.1:{port} -m 1   (or point a softphone at sip:echo@127.0.0.1:{port})");
+    let flows = registry.list();
+    let first = flows.iter().find(|(key, _)| key.flow == "echo").or(flows.first()).map(|(key, _)| key.clone());
+    let domain = first
+        .as_ref()
+        .and_then(|key| config.tenants.iter().find(|t| t.id == key.tenant))
+        .and_then(|t| t.domains.first().cloned());
+    let flow = first.map_or_else(|| "echo".to_owned(), |key| key.flow);
+    match domain.as_deref() {
+        None | Some("127.0.0.1") => println!(
+            "Try: sipp -sn uac -s {flow} 127.0.0.1:{port} -m 1   (or point a softphone at sip:{flow}@127.0.0.1:{port})"
+        ),
+        Some(domain) => println!("Try: patchbay call sip:{flow}@{domain} --proxy 127.0.0.1:{port}"),
+    }
 }
 
 /// Default storage directory: `$XDG_DATA_HOME/patchbay` or `~/.local/share/patchbay`.

@@ -230,6 +230,8 @@ struct LiveCall {
     _slots: crate::trunk::CallSlots,
     /// Counts the call in its tenant's live calls while it lasts.
     _live: crate::tenant::LiveCallGuard,
+    /// Its slot in the tenant's share of the flow instance pool.
+    _instance: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl LiveCall {
@@ -1048,6 +1050,19 @@ impl Endpoint {
                         return;
                     }
                 };
+                // A flow instance for the call, from the tenant's share of the pool and from
+                // the pool itself; when there is none the caller hears 503 at once rather than
+                // ringing into a call that cannot run (RFC 3261 §21.5.4).
+                let instance = match tenant.instance_slot() {
+                    Some(slot) if engine.free_slots() > 0 => slot,
+                    held => {
+                        let cause = if held.is_some() { "pool-full" } else { "tenant-pool-share" };
+                        tracing::info!(?call, tenant = %tenant.id, cause, "no flow instance free: refused");
+                        let _ = ua.reject_with(now, call, 503, &[rsip::Header::RetryAfter("2".into())]);
+                        refused(cause, 503);
+                        return;
+                    }
+                };
                 let _ = ua.ring(now, call);
                 let info = call_info();
                 tracing::info!(?call, from = %peer.addr, tenant = %info.tenant, flow = %info.flow, version = &flow.version()[..12], "call started");
@@ -1076,6 +1091,7 @@ impl Endpoint {
                     cdr,
                     origination: None,
                     slots,
+                    instance,
                 };
                 start_flow(calls, routing, engine, commands, start);
             }
@@ -1458,6 +1474,8 @@ struct FlowStart {
     cdr: CdrDraft,
     origination: Option<String>,
     slots: crate::trunk::CallSlots,
+    /// The call's slot in its tenant's share of the flow instance pool.
+    instance: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Makes `start.call` a live call and runs its flow in a task of its own; the flow's end
@@ -1469,7 +1487,7 @@ fn start_flow(
     commands: &mpsc::UnboundedSender<Command>,
     start: FlowStart,
 ) {
-    let FlowStart { call, info, flow, tenant, vars, refer, invite, media, cdr, origination, slots } = start;
+    let FlowStart { call, info, flow, tenant, vars, refer, invite, media, cdr, origination, slots, instance } = start;
     let (ended, ended_rx) = watch::channel(false);
     let rtp_session: MediaSlot = Arc::default();
     let (channels, agreed) = match media {
@@ -1494,6 +1512,7 @@ fn start_flow(
             origination,
             _slots: slots,
             _live: tenant.call_started(),
+            _instance: instance,
         },
     );
     let control = Arc::new(SipCall::new(
@@ -1559,14 +1578,24 @@ fn origination_answered(
     let flow = registry.get(&trunk.tenant, &flow_name);
     let tenant = routing.tenants.get(&trunk.tenant).cloned();
     let media = start_leg_media(&mut leg, call, sdp, routing, commands, false, Some(&channels));
-    let (Ok(flow), Some(tenant), Some(media), Some(agreed)) = (flow, tenant, media, leg.agreed.take()) else {
-        tracing::warn!(%id, ?call, "the callee answered without usable media (or the flow is gone): hanging up");
-        leg.cdr.ending("media-refused", "patchbay");
+    let instance = tenant.as_ref().and_then(|t| t.instance_slot()).filter(|_| engine.free_slots() > 0);
+    let runnable = flow.is_ok() && tenant.is_some() && media.is_some() && leg.agreed.is_some();
+    let (Ok(flow), Some(tenant), Some(media), Some(agreed), Some(instance)) =
+        (flow, tenant, media, leg.agreed.take(), instance)
+    else {
+        // The callee answered, but the call cannot go on: hang up with the reason.
+        let (cause, reason) = if runnable {
+            ("pool-full", "no flow instance free for the tenant")
+        } else {
+            ("media-refused", "the answer's SDP is not usable (or the flow is gone)")
+        };
+        tracing::warn!(%id, ?call, cause, "{reason}: hanging up");
+        leg.cdr.ending(cause, "patchbay");
         let _ = ua.hangup(now, call);
-        let reason = Some("the answer's SDP is not usable".to_owned());
-        routing.originations.update(&id, crate::originate::CallStatus::Failed, Some(488), reason);
+        let code = if cause == "pool-full" { 503 } else { 488 };
+        routing.originations.update(&id, crate::originate::CallStatus::Failed, Some(code), Some(reason.to_owned()));
         let flow = FlowEnd { outcome: "not-run", detail: None, vars: Default::default() };
-        let sip = SipEnd { cause: "media-refused".into(), by: "patchbay", sip_code: 200 };
+        let sip = SipEnd { cause: cause.into(), by: "patchbay", sip_code: 200 };
         if let Some(record) = leg.cdr.close(sip, flow) {
             routing.cdr.write(record);
         }
@@ -1607,6 +1636,7 @@ fn origination_answered(
         cdr: leg.cdr,
         origination: Some(id),
         slots,
+        instance,
     };
     start_flow(calls, routing, engine, commands, start);
 }

@@ -37,6 +37,10 @@ pub struct Tenant {
     pub max_calls: Option<u32>,
     /// Calls whose flow runs now.
     live: Arc<AtomicUsize>,
+    /// Its share of the flow instance pool.
+    instances: Arc<tokio::sync::Semaphore>,
+    /// The size of that share.
+    pub max_instances: u32,
     /// Variables each of its flows' calls starts with, by flow name.
     pub flow_vars: HashMap<String, BTreeMap<String, String>>,
     /// Directory its flows are loaded from and watched in (hot swap), if any.
@@ -81,7 +85,9 @@ impl Tenant {
         config: &TenantConfig,
         base_dir: &std::path::Path,
         resolver: &Arc<dyn crate::resolve::Resolve>,
+        default_instances: u32,
     ) -> anyhow::Result<Self> {
+        let max_instances = config.max_instances.unwrap_or(default_instances);
         let defaults = FlowLimits::default();
         let limits = FlowLimits {
             memory_bytes: config.memory_mb.map_or(defaults.memory_bytes, |mb| (mb as usize) << 20),
@@ -119,6 +125,8 @@ impl Tenant {
             },
             max_calls: config.max_calls,
             live: Arc::default(),
+            instances: Arc::new(tokio::sync::Semaphore::new(max_instances as usize)),
+            max_instances,
             flow_vars: config.flows.iter().map(|f| (f.get_ref().name.clone(), f.get_ref().vars.clone())).collect(),
             flows_dir: config.flows_dir.as_ref().map(|d| base_dir.join(d.get_ref())),
             trunks,
@@ -135,6 +143,12 @@ impl Tenant {
     pub fn call_started(&self) -> LiveCallGuard {
         self.live.fetch_add(1, Ordering::Relaxed);
         LiveCallGuard(Arc::clone(&self.live))
+    }
+
+    /// One of its flow instance slots, held for as long as the call's flow may run; `None`
+    /// when its share of the pool is in use (the call is refused at once, 503).
+    pub fn instance_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.instances).try_acquire_owned().ok()
     }
 
     /// Calls whose flow runs now.
@@ -177,10 +191,16 @@ pub struct Tenants {
 impl Tenants {
     /// Builds every tenant of `config`.
     pub fn build(config: &Config, resolver: &Arc<dyn crate::resolve::Resolve>) -> anyhow::Result<Self> {
+        // No tenant may take the whole pool while there are others to share it with.
+        let pool = config.flows.max_instances;
+        let default_instances = match config.tenants.len() {
+            0 | 1 => pool,
+            _ => pool.saturating_sub((pool / 8).max(1)).max(1),
+        };
         let all = config
             .tenants
             .iter()
-            .map(|t| Tenant::build(t, &config.base_dir, resolver).map(Arc::new))
+            .map(|t| Tenant::build(t, &config.base_dir, resolver, default_instances).map(Arc::new))
             .collect::<anyhow::Result<_>>()?;
         Ok(Self { all })
     }
