@@ -26,7 +26,9 @@ mod originate;
 mod prompts;
 mod recording;
 mod resolve;
-mod sip_server;
+mod endpoint;
+// Old name, while the files that still use it are edited elsewhere.
+use endpoint as sip_server;
 mod tenant;
 mod transport;
 mod trunk;

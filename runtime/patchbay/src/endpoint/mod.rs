@@ -1,0 +1,668 @@
+//! The SIP endpoint: one task that owns the sans-IO [`UserAgent`] and drives it on tokio time;
+//! transports (see [`crate::transport`]), timers, the API and call tasks talk to it through
+//! channels, so the protocol state is never shared or locked.
+//!
+//! What happens to an INVITE, top-down:
+//!
+//! 1. [`run_endpoint`] feeds datagrams and stream messages to the user agent; its events come
+//!    back to [`Endpoint::on_event`], commands from calls and the API to `on_command`.
+//! 2. [`inbound`]: an INVITE that starts a call is routed to a tenant and a flow, checked
+//!    (digest, trusted trunk addresses, caps, a flow instance) and rings.
+//! 3. [`call`]: the call becomes a [`call::LiveCall`] and its flow runs in a task of its own
+//!    ([`call::start_flow`]) with a [`crate::call::SipCall`] as its view of the call; when the
+//!    call ends ([`call::call_ended`]) its record is written.
+//! 4. [`answer`]: the flow answers; the SDP answer is chosen, SRTP keyed and the media session
+//!    started on the shared clock ([`crate::media`]).
+//! 5. [`outbound`]: legs a flow dials ([`crate::dial`]), calls placed through the API
+//!    ([`crate::originate`]) and trunks' registrations and keep-alives.
+//!
+//! **Not implemented yet:** late-offer INVITEs (no SDP) get 488.
+
+mod answer;
+mod call;
+mod inbound;
+mod outbound;
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use patchbay_host::{
+    CallError, CallInfo, Direction, Dtmf, FlowCall, FlowEngine, FlowError, FlowOutcome, FlowRegistry, HangupCause,
+    Header,
+};
+use patchbay_media::session::MediaSession;
+use patchbay_sip::auth::{AuthKind, DigestRequest, DigestServer, Outcome, ServerConfig, StoredSecret};
+use patchbay_sip::transaction::TimerConfig;
+use patchbay_sip::ua::{CallRef, EndCause, UaConfig, UaEvent, UaOutput, UserAgent};
+use rsip::headers::UntypedHeader;
+use rsip::prelude::HeadersExt;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::call::SipCall;
+use crate::cdr::{CdrDraft, CdrSink, FlowEnd, SipEnd};
+use crate::dial::{Leg, LegEvent};
+use crate::media::{CallMedia, CallSinks, MediaEngine};
+use crate::transport::{Inbound, Outbound};
+
+pub(crate) use answer::random_u64;
+use answer::{answer, answer_reoffer, apply_negotiated, sdes_key};
+pub(crate) use call::CallChannels;
+use call::{FlowStart, LiveCall, call_ended, start_flow};
+use outbound::{hangup_legs, leg_end, origination_answered, start_leg_media};
+
+/// What the endpoint shares with its calls: the tenants, and the process-wide media and
+/// record settings.
+pub struct Routing {
+    /// Every tenant: domains, DIDs, credentials, limits, prompts, kv, trunks.
+    pub tenants: Arc<crate::tenant::Tenants>,
+    /// Address put in SDP and Contact instead of the bound one (NAT).
+    pub external_ip: Option<std::net::IpAddr>,
+    /// The media engine (clock thread and frame pool).
+    pub media: MediaEngine,
+    /// Address RTP sockets bind to.
+    pub rtp_bind: std::net::IpAddr,
+    /// End calls after this long without RTP (not on hold).
+    pub rtp_timeout: Option<Duration>,
+    /// Answer offers carrying `a=crypto` with SRTP.
+    pub srtp: bool,
+    /// Our ptime in SDP (the peer's own `a=ptime` wins in an answer).
+    pub ptime_ms: u16,
+    /// Where finished calls' records go.
+    pub cdr: CdrSink,
+    /// Tenants' recordings: `storage/<tenant>/recordings/`.
+    pub storage: std::path::PathBuf,
+    /// Calls placed through the API, and their progress.
+    pub originations: Arc<crate::originate::Originations>,
+    /// Each trunk's registration and keep-alive state, for the API.
+    pub trunk_states: crate::trunk::TrunkStates,
+}
+
+/// Key presses (SIP INFO) queued for a flow that has not read them yet; more are dropped.
+const DTMF_QUEUE: usize = 64;
+
+pub(crate) enum Command {
+    Answer {
+        call: CallRef,
+        reply: oneshot::Sender<Result<(), CallError>>,
+    },
+    Hangup {
+        call: CallRef,
+        cause: HangupCause,
+    },
+    FlowDone {
+        call: CallRef,
+        end: FlowEnd,
+    },
+    Transfer {
+        call: CallRef,
+        target: String,
+        reply: oneshot::Sender<Result<(), CallError>>,
+    },
+    /// No RTP for the inactivity timeout.
+    MediaTimeout {
+        call: CallRef,
+    },
+    /// Place an outbound leg for the call's flow.
+    Dial {
+        call: CallRef,
+        target: Box<crate::dial::Target>,
+        caller_id: Option<String>,
+        headers: Vec<Header>,
+        events: mpsc::UnboundedSender<LegEvent>,
+        reply: oneshot::Sender<Result<CallRef, CallError>>,
+    },
+    /// Cancel or hang up an outbound leg.
+    HangupLeg {
+        leg: CallRef,
+        /// For the leg's record: why, and on whose behalf.
+        reason: &'static str,
+        by: &'static str,
+    },
+    /// Place a call through a trunk for the API; its flow runs on answer.
+    Originate {
+        origination: Box<crate::originate::Origination>,
+        peer: patchbay_sip::transaction::Peer,
+    },
+    /// An origination that could not be placed (its trunk's address did not resolve).
+    OriginationFailed {
+        origination: Box<crate::originate::Origination>,
+        reason: String,
+    },
+    /// Cancel or hang up a call placed through the API.
+    HangupOrigination {
+        id: String,
+        /// `canceled` (the API) or `no-answer` (the ring timeout).
+        reason: &'static str,
+    },
+    /// Register a trunk with its registrar (its address just resolved).
+    Register {
+        trunk: Arc<crate::trunk::Trunk>,
+        peer: patchbay_sip::transaction::Peer,
+    },
+    /// Send a trunk's OPTIONS keep-alive.
+    Ping {
+        /// Which trunk.
+        key: crate::trunk::TrunkKey,
+        ping: patchbay_sip::ua::Ping,
+    },
+    /// Hang up every call and report when their records are written (or the grace is over).
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// A call's media once answered, shared by the endpoint (which starts and stops it) and the
+/// flow's call control.
+pub(crate) type MediaSlot = Arc<std::sync::OnceLock<Arc<CallMedia>>>;
+
+/// Runs the endpoint until `shutdown` brings a sender; then it hangs up every call and reports
+/// on that sender once their records are written (or after [`SHUTDOWN_GRACE`]).
+///
+/// Runs the endpoint: the user agent core fed by every transport's [`Inbound`] messages,
+/// sending through [`Outbound`]. `contact` is the `host:port` put in Contact and Via.
+pub async fn run_endpoint(
+    listeners: Vec<(patchbay_sip::transaction::Transport, SocketAddr)>,
+    mut inbound: mpsc::Receiver<Inbound>,
+    outbound: Outbound,
+    engine: Arc<FlowEngine>,
+    registry: Arc<FlowRegistry>,
+    routing: Arc<Routing>,
+    control: EndpointControl,
+) {
+    let EndpointControl { commands, mut command_rx, mut shutdown } = control;
+    // Behind NAT, the external address with the port we listen on.
+    let advertised = |addr: SocketAddr| match routing.external_ip {
+        Some(ip) => SocketAddr::new(ip, addr.port()).to_string(),
+        None => addr.to_string(),
+    };
+    let Some(&(_, first)) = listeners.first() else { return };
+    // Tags, branches and cnonces come from this seed: the OS's CSPRNG, not a guessable value.
+    let seed = getrandom::u64().unwrap_or_else(|e| {
+        tracing::error!("no randomness from the OS for the SIP seed: {e}");
+        std::collections::hash_map::RandomState::new().hash_one(first)
+    });
+    let mut ua = UserAgent::new(UaConfig {
+        contact_host: advertised(first),
+        user_agent: format!("Patchbay/{}", env!("CARGO_PKG_VERSION")),
+        timers: TimerConfig::default(),
+        seed,
+    });
+    // Requests over TCP or TLS name a listener of that transport when there is one (the first
+    // of each kind).
+    for (transport, addr) in listeners.iter().rev() {
+        ua.set_listener(*transport, advertised(*addr));
+    }
+    let mut endpoint = Endpoint {
+        ua,
+        calls: HashMap::new(),
+        ending: HashMap::new(),
+        legs: HashMap::new(),
+        digest: HashMap::new(),
+        engine,
+        registry,
+        routing,
+        commands,
+        shutdown: None,
+        registrations: HashMap::new(),
+        pings: HashMap::new(),
+    };
+    loop {
+        // What the last input made the user agent send.
+        while let Some(output) = endpoint.ua.poll_output() {
+            match output {
+                UaOutput::Transmit { peer, message } => outbound.send(peer, message.to_string().into_bytes()).await,
+                UaOutput::Event(event) => endpoint.on_event(event),
+            }
+        }
+        endpoint.check_shutdown_done();
+        let deadline = endpoint.ua.poll_timeout().map(tokio::time::Instant::from_std);
+        let grace = endpoint.shutdown.as_ref().map(|(_, at)| tokio::time::Instant::from_std(*at));
+        tokio::select! {
+            received = inbound.recv() => {
+                let Some(Inbound { peer, message }) = received else { return };
+                endpoint.ua.handle_receive(std::time::Instant::now(), peer, message);
+            }
+            Some(command) = command_rx.recv() => endpoint.on_command(command),
+            done = &mut shutdown, if !shutdown.is_terminated() => {
+                if let Ok(done) = done {
+                    endpoint.on_command(Command::Shutdown { done });
+                }
+            }
+            () = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } else { std::future::pending().await } } => {
+                endpoint.ua.handle_timeout(std::time::Instant::now());
+            }
+            () = async { if let Some(d) = grace { tokio::time::sleep_until(d).await } else { std::future::pending().await } } => {
+                endpoint.shutdown_grace_over();
+            }
+        }
+    }
+}
+
+/// How the rest of the process steers the endpoint: calls' and the API's commands, and the
+/// shutdown request (answered once every call's record is written).
+pub struct EndpointControl {
+    /// For call tasks and the API.
+    pub commands: mpsc::UnboundedSender<Command>,
+    /// The endpoint's end of it.
+    pub command_rx: mpsc::UnboundedReceiver<Command>,
+    /// Brings the sender to report on once shutdown is over.
+    pub shutdown: oneshot::Receiver<oneshot::Sender<()>>,
+}
+
+/// How long shutdown waits for calls to end (BYE answered, flows unwound) before writing the
+/// remaining records as they are.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// The endpoint task's state: the user agent core and the calls it carries.
+struct Endpoint {
+    ua: UserAgent,
+    calls: HashMap<CallRef, LiveCall>,
+    /// Records of calls whose SIP side has ended while their flow is still unwinding.
+    ending: HashMap<CallRef, CdrDraft>,
+    /// Outbound legs placed by flows' `dial`, and calls placed through the API until answered.
+    legs: HashMap<CallRef, Leg>,
+    digest: HashMap<String, DigestServer>,
+    engine: Arc<FlowEngine>,
+    registry: Arc<FlowRegistry>,
+    routing: Arc<Routing>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// Set by `Command::Shutdown`: whom to tell, and when to stop waiting.
+    shutdown: Option<(oneshot::Sender<()>, std::time::Instant)>,
+    /// Trunks' registrations: which (tenant, trunk) each is.
+    registrations: HashMap<patchbay_sip::ua::RegRef, crate::trunk::TrunkKey>,
+    /// Trunks' keep-alives waiting for an answer.
+    pings: HashMap<patchbay_sip::ua::PingRef, crate::trunk::TrunkKey>,
+}
+
+impl Endpoint {
+    pub(super) fn on_command(&mut self, command: Command) {
+        let now = std::time::Instant::now();
+        let ua = &mut self.ua;
+        match command {
+            Command::Answer { call, reply } => {
+                let result = answer(ua, &mut self.calls, call, now, &self.routing, &self.commands);
+                let _ = reply.send(result);
+            }
+            Command::Hangup { call, cause } => {
+                if let Some(live) = self.calls.get_mut(&call) {
+                    live.cdr.ending("flow-hangup", "flow");
+                }
+                let answered = self.calls.get(&call).is_some_and(|live| live.media.is_some());
+                let code = match cause {
+                    HangupCause::SipCode(code) => Some(code),
+                    HangupCause::Busy => Some(486),
+                    HangupCause::Rejected => Some(603),
+                    HangupCause::Normal => None,
+                };
+                // After answer every cause is a BYE (WIT `hangup-cause`); before, a final
+                // response (`bye` sends 480 for a normal clearing).
+                match code {
+                    Some(code) if !answered => {
+                        if let Err(e) = ua.reject(now, call, code) {
+                            tracing::debug!(?call, "hangup: {e}");
+                        }
+                    }
+                    _ => self.bye(now, call),
+                }
+            }
+            Command::Transfer { call, target, reply } => match ua.refer(now, call, &target) {
+                Ok(()) => {
+                    if let Some(live) = self.calls.get_mut(&call) {
+                        live.transfer = Some(reply);
+                    }
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(CallError::NotAllowed(e.to_string())));
+                }
+            },
+            Command::MediaTimeout { call } => {
+                tracing::warn!(?call, "no RTP from the caller for the inactivity timeout: ending the call");
+                if let Some(live) = self.calls.get_mut(&call) {
+                    live.cdr.ending("rtp-timeout", "patchbay");
+                }
+                self.bye(now, call);
+            }
+            Command::FlowDone { call, end } => {
+                if let Some(live) = self.calls.get_mut(&call) {
+                    // The flow returned: hang up whatever is still up (§15), for the flow's reason.
+                    live.cdr.ending(end.outcome, "flow");
+                    live.cdr.flow_ended(end);
+                    self.bye(now, call);
+                } else if let Some(mut draft) = self.ending.remove(&call) {
+                    draft.flow_ended(end);
+                    if let Some(cdr) = draft.finish() {
+                        self.routing.cdr.write(cdr);
+                    }
+                }
+            }
+            Command::Dial { call, target, caller_id, headers, events, reply } => {
+                let result = self.dial(now, call, *target, caller_id, headers, events);
+                let _ = reply.send(result);
+            }
+            Command::HangupLeg { leg, reason, by } => {
+                if let Some(l) = self.legs.get_mut(&leg) {
+                    l.cdr.ending(reason, by);
+                }
+                if let Err(e) = self.ua.hangup(now, leg) {
+                    tracing::debug!(?leg, "leg hangup: {e}");
+                }
+            }
+            Command::Originate { origination, .. } if self.shutdown.is_some() => {
+                self.origination_failed(&origination.id, "Patchbay is shutting down".into());
+            }
+            Command::Originate { origination, peer } => self.originate(now, origination, peer),
+            Command::OriginationFailed { origination, reason } => self.origination_failed(&origination.id, reason),
+            Command::HangupOrigination { id, reason } => self.hangup_origination(now, &id, reason),
+            Command::Register { trunk, peer } if self.shutdown.is_none() => self.register_trunk(now, &trunk, peer),
+            Command::Register { .. } => {}
+            Command::Ping { key, ping } => {
+                let ping = self.ua.ping(now, ping);
+                self.pings.insert(ping, key);
+            }
+            Command::Shutdown { done } => {
+                tracing::info!(calls = self.calls.len(), "shutting down: hanging up every call");
+                // Take our bindings off the carriers' registrars (RFC 3261 §10.2.2).
+                let registrations: Vec<_> = self.registrations.keys().copied().collect();
+                for reg in registrations {
+                    if let Err(e) = self.ua.unregister(now, reg) {
+                        tracing::debug!(?reg, "unregister: {e}");
+                    }
+                }
+                let live: Vec<CallRef> = self.calls.keys().copied().collect();
+                for call in live {
+                    if let Some(live) = self.calls.get_mut(&call) {
+                        live.cdr.ending("shutdown", "patchbay");
+                    }
+                    self.bye(now, call);
+                }
+                // Calls placed through the API that wait at their gates are refused, those still
+                // ringing are cancelled.
+                for view in self.routing.originations.close() {
+                    crate::api::write_refused(&self.routing.cdr, &view, "shutdown");
+                }
+                let ringing: Vec<CallRef> =
+                    self.legs.iter().filter(|(_, leg)| leg.origination.is_some()).map(|(call, _)| *call).collect();
+                for call in ringing {
+                    if let Some(leg) = self.legs.get_mut(&call) {
+                        leg.cdr.ending("shutdown", "patchbay");
+                    }
+                    if let Err(e) = self.ua.hangup(now, call) {
+                        tracing::debug!(?call, "cancelling an origination: {e}");
+                    }
+                }
+                self.shutdown = Some((done, now + SHUTDOWN_GRACE));
+            }
+        }
+    }
+
+    /// Ends a call from our side: BYE once answered (the session is over for us at once, RFC
+    /// 3261 §15), 480 before.
+    pub(super) fn bye(&mut self, now: std::time::Instant, call: CallRef) {
+        let answered = self.calls.get(&call).is_some_and(|live| live.media.is_some());
+        match self.ua.hangup(now, call) {
+            Ok(()) if answered => {
+                call_ended(&mut self.calls, &mut self.ending, &self.routing, call, EndCause::LocalBye);
+                hangup_legs(&mut self.ua, &mut self.legs, call, now);
+            }
+            Ok(()) => {}
+            Err(e) => tracing::debug!(?call, "hangup: {e}"),
+        }
+    }
+
+    /// Shutdown finishes once every call has ended and every record is written.
+    pub(super) fn check_shutdown_done(&mut self) {
+        if self.shutdown.is_some()
+            && self.calls.is_empty()
+            && self.ending.is_empty()
+            && self.legs.is_empty()
+            // The un-REGISTERs answered (or the grace over), so the carriers stop sending calls.
+            && self.registrations.is_empty()
+            && let Some((done, _)) = self.shutdown.take()
+        {
+            let _ = done.send(());
+        }
+    }
+
+    /// The grace is over: write what we know of the calls that are still going.
+    pub(super) fn shutdown_grace_over(&mut self) {
+        let Some((done, _)) = self.shutdown.take() else { return };
+        let unfinished: Vec<CdrDraft> = self
+            .calls
+            .drain()
+            .map(|(_, live)| {
+                let _ = live.ended.send(true);
+                live.cdr
+            })
+            .chain(self.ending.drain().map(|(_, draft)| draft))
+            .chain(self.legs.drain().map(|(_, mut leg)| {
+                if let Some(media) = &leg.media {
+                    media.close();
+                }
+                if let Some((origination, _)) = leg.origination.take() {
+                    let reason = Some("Patchbay shut down while it rang".to_owned());
+                    let status = crate::originate::CallStatus::Canceled;
+                    self.routing.originations.update(&origination.id, status, None, reason);
+                }
+                leg.cdr
+            }))
+            .collect();
+        for draft in unfinished {
+            let sip_code = if draft.is_answered() { 200 } else { 480 };
+            let sip = SipEnd { cause: "shutdown".into(), by: "patchbay", sip_code };
+            let flow = FlowEnd { outcome: "shutdown", detail: None, vars: Default::default() };
+            if let Some(cdr) = draft.close(sip, flow) {
+                self.routing.cdr.write(cdr);
+            }
+        }
+        tracing::warn!("shutdown grace over: records written for calls that had not ended");
+        let _ = done.send(());
+    }
+}
+
+impl Endpoint {
+    fn on_event(&mut self, event: UaEvent) {
+        let Self { ua, calls, ending, legs, engine, registry, routing, commands, registrations, pings, .. } = self;
+        let now = std::time::Instant::now();
+        match event {
+            UaEvent::IncomingCall { call, peer, request } => self.incoming_call(now, call, peer, request),
+            UaEvent::Confirmed { call } => tracing::debug!(?call, "call confirmed (ACK)"),
+            UaEvent::PingAnswered { ping, status } => {
+                let Some(key) = pings.remove(&ping) else { return };
+                let state = match status {
+                    Some(status) => {
+                        tracing::debug!(trunk = %key, status, "trunk keep-alive answered");
+                        format!("answered {status}")
+                    }
+                    None => {
+                        tracing::warn!(trunk = %key, "trunk keep-alive unanswered: the carrier is unreachable");
+                        "unanswered".to_owned()
+                    }
+                };
+                crate::trunk::set_state(&routing.trunk_states, &key, |t| t.keepalive = Some(state));
+            }
+            UaEvent::Registration { reg, state } => {
+                let Some(key) = registrations.get(&reg) else { return };
+                let shown = state.display_at(now).to_string();
+                match &state {
+                    patchbay_sip::ua::RegistrationState::Failed { .. } => {
+                        tracing::warn!(trunk = %key, "trunk registration {shown}");
+                    }
+                    _ => tracing::info!(trunk = %key, "trunk registration {shown}"),
+                }
+                // RFC 3608 §6: while registered, requests go through the registrar's Service-Route.
+                let service_route = match &state {
+                    patchbay_sip::ua::RegistrationState::Registered { service_route, .. } => service_route.clone(),
+                    _ => Vec::new(),
+                };
+                crate::trunk::set_state(&routing.trunk_states, key, |t| {
+                    t.registration = Some(shown);
+                    t.service_route = service_route;
+                });
+                if matches!(state, patchbay_sip::ua::RegistrationState::Unregistered) {
+                    registrations.remove(&reg);
+                }
+            }
+            // Outbound legs' progress and answer (flows' `dial`); our own re-INVITEs are not
+            // sent by the server yet.
+            UaEvent::Progress { call, status, sdp } => {
+                let Some(leg) = legs.get_mut(&call) else { return };
+                if let Some((origination, _)) = &mut leg.origination {
+                    // The ring timeout runs from the first provisional answer: before it, a
+                    // target that never answers is the transaction's to time out (64·T1), and
+                    // the call goes to the trunk's next target (RFC 3263 §4.3).
+                    if !origination.ringing {
+                        origination.ringing = true;
+                        let (commands, id, ring) = (commands.clone(), origination.id.clone(), origination.ring_timeout);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(ring).await;
+                            let _ = commands.send(Command::HangupOrigination { id, reason: "no-answer" });
+                        });
+                    }
+                    // No flow listens before the answer: early media is reported, not played.
+                    let state = if sdp.is_some() {
+                        crate::originate::CallStatus::EarlyMedia
+                    } else {
+                        crate::originate::CallStatus::Ringing
+                    };
+                    routing.originations.update(&origination.id, state, None, None);
+                    return;
+                }
+                tracing::debug!(?call, status, early_media = sdp.is_some(), "outbound leg progress");
+                let early = match sdp {
+                    Some(sdp) if leg.media.is_none() => start_leg_media(leg, call, &sdp, routing, commands, true, None),
+                    _ => None,
+                };
+                let _ = leg.events.send(LegEvent::Progress { status, early });
+            }
+            UaEvent::Answered { call, sdp } => {
+                if legs.get(&call).is_some_and(|leg| leg.origination.is_some()) {
+                    if let Some(leg) = legs.remove(&call) {
+                        origination_answered(ua, calls, routing, engine, registry, commands, now, call, leg, &sdp);
+                    }
+                    return;
+                }
+                let Some(leg) = legs.get_mut(&call) else { return };
+                tracing::info!(?call, owner = ?leg.owner, "outbound leg answered");
+                leg.cdr.answered();
+                if leg.media.is_none() {
+                    start_leg_media(leg, call, &sdp, routing, commands, false, None);
+                } else if let (Some(media), Some((_, current))) = (&leg.media, leg.agreed.as_mut()) {
+                    // Without reliable provisionals the 2xx's answer is the one that counts
+                    // (RFC 3261 §13.2.1): it may point elsewhere than the early media did.
+                    match patchbay_sip::sdp::accept_answer(&leg.offer, &String::from_utf8_lossy(&sdp)) {
+                        Ok(negotiated) => {
+                            apply_negotiated(media, current, &negotiated, routing);
+                            *current = negotiated;
+                        }
+                        Err(e) => {
+                            tracing::info!(?call, "the callee's 2xx SDP is not usable ({e}): keeping the early media's")
+                        }
+                    }
+                }
+                match (leg.media.clone(), leg.dtmf.take()) {
+                    (Some(media), Some(dtmf)) => {
+                        let _ = leg.events.send(LegEvent::Answered { media, dtmf });
+                    }
+                    _ => {
+                        tracing::warn!(?call, "the callee's answer has no usable media: hanging up the leg");
+                        let _ = ua.hangup(now, call);
+                    }
+                }
+            }
+            UaEvent::ReInviteAnswered { call, result } => {
+                tracing::debug!(?call, ok = result.is_ok(), "our re-INVITE answered")
+            }
+            UaEvent::Transfer { call, status, final_ } => {
+                tracing::info!(?call, status, final_, "transfer progress");
+                if final_ && let Some(reply) = calls.get_mut(&call).and_then(|live| live.transfer.take()) {
+                    if (200..300).contains(&status) {
+                        let _ = reply.send(Ok(()));
+                        if let Some(live) = calls.get_mut(&call) {
+                            live.cdr.ending("transferred", "flow");
+                        }
+                        // RFC 5589 §6.1: the transferor ends its call once the transfer succeeded.
+                        if ua.hangup(now, call).is_ok() {
+                            call_ended(calls, ending, routing, call, EndCause::LocalBye);
+                            hangup_legs(ua, legs, call, now);
+                        }
+                    } else {
+                        let _ = reply.send(Err(CallError::Unavailable(format!("transfer failed with SIP {status}"))));
+                    }
+                }
+            }
+            UaEvent::ReInvite { call, offer } => {
+                let answer = match (calls.get_mut(&call), legs.get_mut(&call)) {
+                    (Some(live), _) => live.reinvite(call, &offer, routing),
+                    // The callee of a bridged leg holds, resumes or refreshes the session.
+                    (None, Some(leg)) => answer_reoffer(leg.media.as_deref(), &mut leg.agreed, call, &offer, routing),
+                    (None, None) => Err(481),
+                };
+                if let Err(e) = ua.answer_reinvite(now, call, answer) {
+                    tracing::debug!(?call, "re-INVITE: {e}");
+                }
+            }
+            UaEvent::InfoDtmf { call, digit, duration_ms } => {
+                let sink = calls
+                    .get(&call)
+                    .map(|live| &live.dtmf)
+                    .or_else(|| legs.get(&call).and_then(|leg| leg.dtmf_sink.as_ref()));
+                if let Some(sink) = sink {
+                    let _ = sink.try_send(Dtmf { digit, duration_ms });
+                }
+            }
+            UaEvent::Ended { call, cause } => {
+                let origination = legs.get_mut(&call).and_then(|leg| leg.origination.take());
+                if let Some((mut origination, _)) = origination
+                    && let Some(leg) = legs.remove(&call)
+                {
+                    // RFC 3263 §4.3: a target that timed out or was unavailable is skipped for
+                    // the next one (unless we ended the attempt ourselves).
+                    let unavailable = matches!(cause, EndCause::Failed(408 | 503)) && leg.cdr.local_reason().is_none();
+                    if unavailable && !origination.fallback.is_empty() {
+                        let peer = origination.fallback.remove(0);
+                        tracing::info!(id = %origination.id, ?cause, next = %peer.addr, "trunk target unavailable: trying the next");
+                        let _ = commands.send(Command::Originate { origination, peer });
+                        return;
+                    }
+                    let end = leg_end(&leg.cdr, &cause);
+                    use crate::originate::CallStatus;
+                    // `leg_end` has already told busy from no-answer (RFC 3261 §21) and our own
+                    // reasons from the callee's.
+                    let status = match end.cause.as_str() {
+                        "canceled" | "shutdown" => CallStatus::Canceled,
+                        "no-answer" | "cancelled" => CallStatus::NoAnswer,
+                        "busy" => CallStatus::Busy,
+                        _ => CallStatus::Failed,
+                    };
+                    let reason = Some(format!("{} ({})", end.cause, end.sip_code));
+                    routing.originations.update(&origination.id, status, Some(end.sip_code), reason);
+                    let flow = FlowEnd { outcome: "not-run", detail: None, vars: Default::default() };
+                    if let Some(record) = leg.cdr.close(end, flow) {
+                        routing.cdr.write(record);
+                    }
+                    return;
+                } else if let Some(mut leg) = legs.remove(&call) {
+                    tracing::info!(?call, owner = ?leg.owner, ?cause, "outbound leg ended");
+                    if let Some(media) = &leg.media {
+                        media.close();
+                    }
+                    let end = leg_end(&leg.cdr, &cause);
+                    leg.cdr.sip_ended(end);
+                    if let Some(record) = leg.cdr.finish() {
+                        routing.cdr.write(record);
+                    }
+                    let _ = leg.events.send(LegEvent::Ended { cause });
+                    return;
+                }
+                if cause == EndCause::AckTimeout {
+                    tracing::warn!(?call, "our 200 OK was never ACKed (wrong Contact/Record-Route or NAT?); sent BYE");
+                }
+                call_ended(calls, ending, routing, call, cause);
+                hangup_legs(ua, legs, call, now);
+            }
+        }
+    }
+}
