@@ -302,3 +302,73 @@ fn the_example_config_serves_both_tenants() {
     assert_eq!(status, 200);
     assert_eq!(all["flows"].as_array().map(Vec::len), Some(2), "{all}");
 }
+
+#[test]
+fn calls_and_records_are_listed_and_hung_up_per_tenant() {
+    let (pb, api) = start_two_tenants(patchbay_stock_flows::ECHO.component);
+    // A long call to acme (sipp waits 20 s before its BYE; the API hangs it up first).
+    let sipp_dir = tempfile::tempdir().expect("tempdir");
+    let mut sipp = Command::new("sipp")
+        .current_dir(sipp_dir.path())
+        .args(["-sn", "uac", "-s", "echo", "-i", "127.0.0.1", "-p", &free_port().to_string()])
+        .args(["-m", "1", "-d", "20000", "-timeout", "30", "-nostdin"])
+        .arg(format!("127.0.0.1:{}", pb.port))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run sipp");
+    let started = Instant::now();
+    let call = loop {
+        let (status, _, calls) = http("GET", api, "/v1/calls", "acme-token", None);
+        assert_eq!(status, 200, "{calls}");
+        if let Some(call) = calls["calls"].as_array().and_then(|c| c.first()).cloned() {
+            break call;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the call never showed up: {calls}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(call["tenant"], "acme", "{call}");
+    assert_eq!(call["flow"], "echo", "{call}");
+    assert_eq!(call["direction"], "inbound", "{call}");
+    let id = call["id"].as_str().expect("id").to_owned();
+    let path = format!("/v1/calls/{}", id.replace('@', "%40"));
+    // globex sees none of it and cannot touch it.
+    let (_, _, theirs) = http("GET", api, "/v1/calls", "globex-token", None);
+    assert_eq!(theirs["calls"].as_array().map(Vec::len), Some(0), "{theirs}");
+    for method in ["GET", "DELETE"] {
+        let (status, _, answer) = http(method, api, &path, "globex-token", None);
+        assert_eq!(status, 404, "{method} {path} with globex's token: {answer}");
+    }
+    let (status, _, one) = http("GET", api, &path, "acme-token", None);
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(one["id"], id.as_str());
+    // acme hangs it up: BYE, and a record saying the API ended it.
+    let (status, _, answer) = http("DELETE", api, &path, "acme-token", None);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["status"], "hanging-up", "{answer}");
+    let cdrs = pb.wait_for_cdrs(1, Duration::from_secs(10));
+    let _ = sipp.kill();
+    let _ = sipp.wait();
+    assert_eq!(cdrs.len(), 1, "{cdrs:?}");
+    assert_eq!(cdrs[0]["end_cause"], "api-hangup", "{cdrs:?}");
+    assert_eq!(cdrs[0]["hung_up_by"], "api", "{cdrs:?}");
+    let (_, _, calls) = http("GET", api, "/v1/calls", "acme-token", None);
+    assert_eq!(calls["calls"].as_array().map(Vec::len), Some(0), "{calls}");
+    // The record through the API: acme's token sees it in its time range, globex's does not.
+    let day = &cdrs[0]["start"].as_str().expect("start")[..10];
+    let (status, _, records) = http("GET", api, &format!("/v1/cdrs?from={day}"), "acme-token", None);
+    assert_eq!(status, 200, "{records}");
+    assert_eq!(records["cdrs"].as_array().map(Vec::len), Some(1), "{records}");
+    assert_eq!(records["cdrs"][0]["id"], id.as_str());
+    let (_, _, records) = http("GET", api, &format!("/v1/cdrs?from={day}"), "globex-token", None);
+    assert_eq!(records["cdrs"].as_array().map(Vec::len), Some(0), "{records}");
+    let (_, _, records) = http("GET", api, "/v1/cdrs?to=2000-01-01", "acme-token", None);
+    assert_eq!(records["cdrs"].as_array().map(Vec::len), Some(0), "{records}");
+    let (status, _, _) = http("GET", api, "/v1/cdrs?from=yesterday", "acme-token", None);
+    assert_eq!(status, 400);
+    // The OpenAPI document is served.
+    let (status, _, doc) = http("GET", api, "/v1/openapi.json", "", None);
+    assert_eq!(status, 200);
+    assert_eq!(doc["openapi"], "3.1.0");
+}

@@ -9,7 +9,7 @@
 //! Errors are JSON `{"error": {"code": "...", "message": "..."}}` with a stable `code`.
 //! Secrets never appear in answers or logs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -40,6 +40,10 @@ pub struct ApiState {
     pub registry: Arc<FlowRegistry>,
     /// Compiles deployed flows.
     pub engine: Arc<patchbay_host::FlowEngine>,
+    /// Every call up now.
+    pub live: Arc<crate::endpoint::LiveCalls>,
+    /// The CDR file, when records are written to one (`[cdr] path`).
+    pub cdr_path: Option<std::path::PathBuf>,
     /// Originations' progress.
     pub originations: Arc<Originations>,
     /// The SIP endpoint.
@@ -60,8 +64,10 @@ pub fn token_digest(token: &str) -> [u8; 32] {
 /// The routes, ready to serve.
 pub fn router(state: Arc<ApiState>) -> axum::Router {
     axum::Router::new()
-        .route("/v1/calls", post(create_call))
+        .route("/v1/calls", post(create_call).get(list_calls))
         .route("/v1/calls/{id}", get(get_call).delete(delete_call))
+        .route("/v1/cdrs", get(query_cdrs))
+        .route("/v1/openapi.json", get(openapi))
         .route("/v1/trunks", get(list_trunks))
         .route("/v1/flows", get(list_flows))
         .route("/v1/tenants", get(list_tenants))
@@ -367,34 +373,142 @@ async fn get_call(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<CallView>, ApiError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     let caller = authenticate(&state, &headers)?;
-    match state.originations.get(&id) {
-        Some(view) if caller.may_see(&view.tenant) => Ok(Json(view)),
+    if let Some(view) = state.originations.get(&id).filter(|v| caller.may_see(&v.tenant)) {
+        return Ok(Json(serde_json::to_value(view).unwrap_or_default()));
+    }
+    match state.live.find(&id) {
+        Some((_, summary)) if caller.may_see(&summary.tenant) => {
+            Ok(Json(serde_json::to_value(summary).unwrap_or_default()))
+        }
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "call-not-found", "no such call")),
     }
+}
+
+/// `GET /v1/calls`: the calls up now that the caller may see (an admin may narrow it with
+/// `?tenant=`).
+async fn list_calls(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = authenticate(&state, &headers)?;
+    let only = query.get("tenant");
+    let calls = state.live.list(|tenant| caller.may_see(tenant) && only.is_none_or(|t| t == tenant));
+    Ok(Json(serde_json::json!({ "calls": calls })))
 }
 
 async fn delete_call(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<CallView>, ApiError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     let caller = authenticate(&state, &headers)?;
-    let view = match state.originations.get(&id) {
-        Some(view) if caller.may_see(&view.tenant) => view,
-        _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "call-not-found", "no such call")),
+    let Some(view) = state.originations.get(&id).filter(|v| caller.may_see(&v.tenant)) else {
+        // A call that came in (or a flow's own): hang it up with BYE.
+        return match state.live.find(&id) {
+            Some((call, summary)) if caller.may_see(&summary.tenant) => {
+                let _ = state.commands.send(Command::HangupCall { call });
+                let mut answer = serde_json::to_value(summary).unwrap_or_default();
+                answer["status"] = "hanging-up".into();
+                Ok(Json(answer))
+            }
+            _ => Err(ApiError::new(StatusCode::NOT_FOUND, "call-not-found", "no such call")),
+        };
     };
+    let json = |view: CallView| Json(serde_json::to_value(view).unwrap_or_default());
     if view.status.is_final() {
-        return Ok(Json(view));
+        return Ok(json(view));
     }
     if let Some(canceled) = state.originations.cancel_queued(&id, "canceled while queued") {
         write_refused(&state.cdr, &canceled, "canceled");
-        return Ok(Json(canceled));
+        return Ok(json(canceled));
     }
     let _ = state.commands.send(Command::HangupOrigination { id: id.clone(), reason: "canceled" });
-    Ok(Json(state.originations.get(&id).unwrap_or(view)))
+    Ok(json(state.originations.get(&id).unwrap_or(view)))
 }
+
+/// Most records one `GET /v1/cdrs` answers with.
+const MAX_CDRS: usize = 1000;
+
+/// `GET /v1/cdrs?from=…&to=…&limit=…`: the caller's records whose `start` is in
+/// `[from, to)` (RFC 3339 UTC, as records write them, or a prefix of it such as `2026-12-06`),
+/// oldest first, at most `limit` (default 100, at most 1,000). Read from the CDR file, so only
+/// with `[cdr] path`.
+async fn query_cdrs(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = authenticate(&state, &headers)?;
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid-request", m);
+    let time = |key: &str| -> Result<Option<String>, ApiError> {
+        match query.get(key) {
+            None => Ok(None),
+            Some(t)
+                if !t.is_empty() && t.len() <= 24 && t.chars().all(|c| c.is_ascii_digit() || "-T:.Z".contains(c)) =>
+            {
+                Ok(Some(t.clone()))
+            }
+            Some(t) => Err(bad(format!("{key}: {t:?} is not an RFC 3339 UTC time like 2026-12-06T10:00:00Z"))),
+        }
+    };
+    let (from, to) = (time("from")?, time("to")?);
+    let limit = match query.get("limit") {
+        None => 100,
+        Some(n) => n
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_CDRS).contains(n))
+            .ok_or_else(|| bad(format!("limit: 1 to {MAX_CDRS}")))?,
+    };
+    let only = query.get("tenant").cloned();
+    let path = state.cdr_path.clone().ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "cdrs-not-stored", "records are only logged: set [cdr] path to query them")
+    })?;
+    // Scanned line by line off the async workers: the file is the store (rotation and an
+    // indexed store are the operations issue's).
+    let records = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<serde_json::Value>> {
+        use std::io::BufRead;
+        let file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for line in std::io::BufReader::new(file).lines() {
+            let Ok(record) = serde_json::from_str::<serde_json::Value>(&line?) else { continue };
+            let tenant = record["tenant"].as_str().unwrap_or_default();
+            let start = record["start"].as_str().unwrap_or_default();
+            if !caller.may_see(tenant)
+                || only.as_deref().is_some_and(|t| t != tenant)
+                || from.as_deref().is_some_and(|f| start < f)
+                || to.as_deref().is_some_and(|t| start >= t)
+            {
+                continue;
+            }
+            out.push(record);
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("reading the CDR file: {e}")))?;
+    Ok(Json(serde_json::json!({ "cdrs": records })))
+}
+
+/// `GET /v1/openapi.json`: the API described as OpenAPI 3.1 (no token needed).
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// The OpenAPI 3.1 document; `tests::every_route_is_documented_and_served` keeps it and the
+/// router in step.
+const OPENAPI: &str = include_str!("openapi.json");
 
 async fn list_trunks(
     State(state): State<Arc<ApiState>>,
@@ -546,4 +660,70 @@ async fn list_tenants(
         })
         .collect();
     Ok(Json(serde_json::json!({ "tenants": tenants })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    fn state() -> Arc<ApiState> {
+        let (commands, _) = mpsc::unbounded_channel();
+        let engine = patchbay_host::FlowEngine::new(patchbay_host::HostConfig {
+            max_instances: 1,
+            ..patchbay_host::HostConfig::default()
+        })
+        .expect("engine");
+        Arc::new(ApiState {
+            admin: None,
+            tenants: Arc::default(),
+            registry: Arc::default(),
+            engine: Arc::new(engine),
+            live: Arc::default(),
+            cdr_path: None,
+            originations: Arc::default(),
+            commands,
+            cdr: CdrSink::start(None),
+            trunk_states: Default::default(),
+            webhook_tls: None,
+        })
+    }
+
+    /// The OpenAPI document's paths and methods are exactly the router's: every documented
+    /// (path, method) is served (not the fallback's 404, not 405), every other method on a
+    /// documented path is 405, and every path `router()` registers is documented.
+    #[tokio::test]
+    async fn every_route_is_documented_and_served() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        let paths = doc["paths"].as_object().expect("paths");
+        let router = router(state());
+        for (path, item) in paths {
+            let concrete = path.replace("{id}", "x").replace("{tenant}", "t").replace("{name}", "n");
+            for method in ["get", "post", "put", "delete", "patch"] {
+                let request = axum::http::Request::builder()
+                    .method(method.to_uppercase().as_str())
+                    .uri(&concrete)
+                    .body(axum::body::Body::empty())
+                    .expect("request");
+                let response = router.clone().oneshot(request).await.expect("answer");
+                let status = response.status();
+                let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.expect("body");
+                let body = String::from_utf8_lossy(&body);
+                if item.get(method).is_some() {
+                    assert!(
+                        status != StatusCode::METHOD_NOT_ALLOWED && !body.contains("no such endpoint"),
+                        "{method} {path} is documented but not served: {status} {body}"
+                    );
+                } else {
+                    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path} is served but not documented");
+                }
+            }
+        }
+        let source = include_str!("api.rs");
+        let marker = concat!(".route", "(\"");
+        for served in source.split(marker).skip(1).filter_map(|rest| rest.split('"').next()) {
+            assert!(paths.contains_key(served), "{served} is routed but not in openapi.json");
+        }
+    }
 }

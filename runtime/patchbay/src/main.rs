@@ -20,13 +20,13 @@ mod cdr;
 mod config;
 mod deploy;
 mod dial;
+mod endpoint;
 mod flows_cli;
 mod media;
 mod originate;
 mod prompts;
 mod recording;
 mod resolve;
-mod endpoint;
 // Old name, while the files that still use it are edited elsewhere.
 use endpoint as sip_server;
 mod tenant;
@@ -187,9 +187,11 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
             deploy::watch(&tenants, Arc::clone(&engine), Arc::clone(&registry))?;
             let trunk_states = trunk::TrunkStates::default();
             let originations = Arc::new(originate::Originations::default());
+            let live = Arc::new(endpoint::LiveCalls::default());
             let routing = Arc::new(sip_server::Routing {
                 tenants: Arc::clone(&tenants),
                 originations: Arc::clone(&originations),
+                live: Arc::clone(&live),
                 trunk_states: Arc::clone(&trunk_states),
                 external_ip: config.sip.external_ip,
                 media: media::MediaEngine::start().context("starting the media clock")?,
@@ -292,6 +294,8 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                     tenants: Arc::clone(&tenants),
                     registry: Arc::clone(&registry),
                     engine: Arc::clone(&engine),
+                    live,
+                    cdr_path: config.cdr.path.as_ref().map(|p| config.base_dir.join(p)),
                     originations,
                     commands: commands.clone(),
                     cdr: routing.cdr.clone(),

@@ -25,6 +25,76 @@ pub(super) struct LiveCall {
     pub(super) _live: crate::tenant::LiveCallGuard,
     /// Its slot in the tenant's share of the flow instance pool.
     pub(super) _instance: tokio::sync::OwnedSemaphorePermit,
+    /// Its entry in the API's list of calls up now.
+    pub(super) _listed: Listed,
+}
+
+/// A call that is up, as the API lists it (`GET /v1/calls`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct CallSummary {
+    /// The API's id for it: an API call's id, else the SIP Call-ID (as in its CDR's `id`).
+    pub id: String,
+    /// The SIP Call-ID.
+    pub call_id: String,
+    /// Its tenant.
+    pub tenant: String,
+    /// The flow running it.
+    pub flow: String,
+    /// The flow's version (SHA-256 of the component) it runs on.
+    pub flow_version: String,
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Caller.
+    pub from: String,
+    /// Called.
+    pub to: String,
+    /// When its flow started (RFC 3339).
+    pub started: String,
+}
+
+/// The calls up now, by API id, and where the endpoint knows them.
+#[derive(Debug, Default)]
+pub(crate) struct LiveCalls {
+    calls: std::sync::Mutex<HashMap<String, (CallRef, CallSummary)>>,
+}
+
+impl LiveCalls {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (CallRef, CallSummary)>> {
+        self.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Lists a call until the returned entry is dropped.
+    fn add(self: &Arc<Self>, call: CallRef, summary: CallSummary) -> Listed {
+        let id = summary.id.clone();
+        self.lock().insert(id.clone(), (call, summary));
+        Listed { calls: Arc::clone(self), id }
+    }
+
+    /// The calls of the tenants `visible` accepts, oldest first.
+    pub(crate) fn list(&self, visible: impl Fn(&str) -> bool) -> Vec<CallSummary> {
+        let mut all: Vec<_> =
+            self.lock().values().filter(|(_, s)| visible(&s.tenant)).map(|(_, s)| s.clone()).collect();
+        all.sort_by(|a, b| a.started.cmp(&b.started).then_with(|| a.id.cmp(&b.id)));
+        all
+    }
+
+    /// The call with this API id.
+    pub(crate) fn find(&self, id: &str) -> Option<(CallRef, CallSummary)> {
+        self.lock().get(id).cloned()
+    }
+}
+
+/// A call's entry in [`LiveCalls`], removed when dropped (with the call).
+#[derive(Debug)]
+pub(super) struct Listed {
+    calls: Arc<LiveCalls>,
+    id: String,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.calls.lock().remove(&self.id);
+    }
 }
 
 impl LiveCall {
@@ -91,6 +161,21 @@ pub(super) fn start_flow(
         None => (CallChannels::new(), None),
     };
     let CallChannels { dtmf, dtmf_rx, played, played_rx } = channels;
+    let summary = CallSummary {
+        id: origination.clone().unwrap_or_else(|| info.call_id.clone()),
+        call_id: info.call_id.clone(),
+        tenant: info.tenant.clone(),
+        flow: info.flow.clone(),
+        flow_version: flow.version().to_owned(),
+        direction: match info.direction {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        },
+        from: info.from.clone(),
+        to: info.to.clone(),
+        started: crate::cdr::rfc3339(std::time::SystemTime::now()),
+    };
+    let listed = routing.live.add(call, summary);
     calls.insert(
         call,
         LiveCall {
@@ -106,6 +191,7 @@ pub(super) fn start_flow(
             _slots: slots,
             _live: tenant.call_started(),
             _instance: instance,
+            _listed: listed,
         },
     );
     let control = Arc::new(SipCall::new(

@@ -49,7 +49,7 @@ use crate::transport::{Inbound, Outbound};
 
 pub(crate) use answer::random_u64;
 use answer::{answer, answer_reoffer, apply_negotiated, sdes_key};
-pub(crate) use call::CallChannels;
+pub(crate) use call::{CallChannels, LiveCalls};
 use call::{FlowStart, LiveCall, call_ended, start_flow};
 use outbound::{hangup_legs, leg_end, origination_answered, start_leg_media};
 
@@ -76,6 +76,8 @@ pub struct Routing {
     pub storage: std::path::PathBuf,
     /// Calls placed through the API, and their progress.
     pub originations: Arc<crate::originate::Originations>,
+    /// Every call up now, for the API.
+    pub live: Arc<LiveCalls>,
     /// Each trunk's registration and keep-alive state, for the API.
     pub trunk_states: crate::trunk::TrunkStates,
 }
@@ -132,6 +134,10 @@ pub(crate) enum Command {
         reason: String,
     },
     /// Cancel or hang up a call placed through the API.
+    /// The API hangs up a call that is up (`DELETE /v1/calls/{id}`).
+    HangupCall {
+        call: CallRef,
+    },
     HangupOrigination {
         id: String,
         /// `canceled` (the API) or `no-answer` (the ring timeout).
@@ -285,6 +291,12 @@ impl Endpoint {
             Command::Answer { call, reply } => {
                 let result = answer(ua, &mut self.calls, call, now, &self.routing, &self.commands);
                 let _ = reply.send(result);
+            }
+            Command::HangupCall { call } => {
+                if let Some(live) = self.calls.get_mut(&call) {
+                    live.cdr.ending("api-hangup", "api");
+                }
+                self.bye(now, call);
             }
             Command::Hangup { call, cause } => {
                 if let Some(live) = self.calls.get_mut(&call) {
