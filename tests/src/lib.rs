@@ -122,7 +122,8 @@ pub fn launch(dir: tempfile::TempDir, port: u16, config: &str) -> Patchbay {
 
 /// Starts Patchbay on a free UDP port serving `echo`, `menu` (stock), and `ring`, `transfer` and
 /// `think` (the chaos fixture: rings 30 s before answering; answers and REFERs to bob; answers
-/// and stays silent for 30 s) to tenant `test` on 127.0.0.1.
+/// and stays silent for 30 s) to tenant `test` on 127.0.0.1, which may transfer to
+/// `sip:bob@127.0.0.1` (`[tenant.allow]`).
 pub fn start_patchbay() -> Patchbay {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("chaos.wasm"), patchbay_stock_flows::fixtures::CHAOS).expect("write fixture");
@@ -130,6 +131,7 @@ pub fn start_patchbay() -> Patchbay {
     let config = format!(
         "[sip]\nlisten = [\"udp:127.0.0.1:{port}\"]\n\
          [[tenant]]\nid = \"test\"\ndomains = [\"127.0.0.1\"]\n\
+         [tenant.allow]\ndial = [\"sip:bob@127.0.0.1\"]\n\
          [[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n\
          [[tenant.flow]]\nname = \"menu\"\nstock = \"menu\"\n\
          [[tenant.flow]]\nname = \"ring\"\npath = \"chaos.wasm\"\n\
@@ -141,7 +143,8 @@ pub fn start_patchbay() -> Patchbay {
 
 /// Starts Patchbay on a free UDP port with CDRs written to `cdr.jsonl` and recordings stored
 /// under `storage/` in its directory, tenant `test` on 127.0.0.1 serving `flows` (TOML
-/// `[[tenant.flow]]` tables; `{port}` in them is replaced by Patchbay's own port). `extra` is
+/// `[[tenant.flow]]` tables, and `[tenant.allow]` for what they may reach beyond the tenant's
+/// own flows, see [`allow`]; `{port}` in them is replaced by Patchbay's own port). `extra` is
 /// added before the tenant (top-level tables such as `[demo_agent]`).
 pub fn start_patchbay_with(extra: &str, flows: &str) -> Patchbay {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -154,6 +157,13 @@ pub fn start_patchbay_with(extra: &str, flows: &str) -> Patchbay {
          [[tenant]]\nid = \"test\"\ndomains = [\"127.0.0.1\"]\n{flows}\n"
     );
     launch(dir, port, &config)
+}
+
+/// A `[tenant.allow]` table for [`start_patchbay_with`]'s `flows`: the `dial` and `agents`
+/// entries given.
+pub fn allow(dial: &[&str], agents: &[&str]) -> String {
+    let list = |entries: &[&str]| entries.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>().join(", ");
+    format!("[tenant.allow]\ndial = [{}]\nagents = [{}]\n", list(dial), list(agents))
 }
 
 impl Patchbay {

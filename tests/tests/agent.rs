@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use patchbay_agent::server::{Observed, ScriptStep, ScriptedAgent, tone_ulaw};
-use patchbay_e2e::{free_port, patchbay_call, start_patchbay_with, wav_samples};
+use patchbay_e2e::{allow, free_port, patchbay_call, start_patchbay_with, wav_samples};
 
 /// 20 ms frames of `samples` in which `hz` carries most of the frame's energy (Goertzel).
 fn frames_with_tone(samples: &[i16], hz: f64) -> usize {
@@ -67,7 +67,8 @@ fn menu_agent_transfer(source: &str) {
 
     let flows = format!(
         "[[tenant.flow]]\nname = \"menu\"\n{source}\n[tenant.flow.vars]\n\
-         \"menu.2\" = \"agent:ws://127.0.0.1:{agent_port}/agent\"\n"
+         \"menu.2\" = \"agent:ws://127.0.0.1:{agent_port}/agent\"\n{}",
+        allow(&[&format!("sip:human@127.0.0.1:{human_port}")], &[&format!("ws://127.0.0.1:{agent_port}")])
     );
     let pb = start_patchbay_with("", &flows);
     let sipp_dir = tempfile::tempdir().expect("tempdir");
@@ -151,7 +152,8 @@ fn the_demo_agent_greets_and_repeats_what_the_caller_says() {
     let extra = format!("[demo_agent]\nlisten = \"127.0.0.1:{agent_port}\"\n");
     let flows = format!(
         "[[tenant.flow]]\nname = \"menu\"\nstock = \"menu\"\n[tenant.flow.vars]\n\
-         \"menu.2\" = \"agent:ws://127.0.0.1:{agent_port}/agent\"\n"
+         \"menu.2\" = \"agent:ws://127.0.0.1:{agent_port}/agent\"\n{}",
+        allow(&[], &[&format!("ws://127.0.0.1:{agent_port}")])
     );
     let pb = start_patchbay_with(&extra, &flows);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -203,7 +205,8 @@ fn agent_handoff_falls_back_to_a_human_when_the_agent_is_unreachable() {
     let flows = format!(
         "[[tenant.flow]]\nname = \"agent\"\nstock = \"agent\"\n[tenant.flow.vars]\n\
          \"agent.url\" = \"ws://127.0.0.1:{dead_agent}/agent\"\n\
-         \"agent.fallback\" = \"sip:human@127.0.0.1:{human_port}\"\n"
+         \"agent.fallback\" = \"sip:human@127.0.0.1:{human_port}\"\n{}",
+        allow(&[&format!("sip:human@127.0.0.1:{human_port}")], &[&format!("ws://127.0.0.1:{dead_agent}")])
     );
     let pb = start_patchbay_with("", &flows);
     let sipp_dir = tempfile::tempdir().expect("tempdir");
@@ -219,4 +222,52 @@ fn agent_handoff_falls_back_to_a_human_when_the_agent_is_unreachable() {
     let leg = cdrs.iter().find(|c| c["direction"] == "outbound").unwrap_or_else(|| panic!("{cdrs:?}"));
     assert_eq!(leg["to"], format!("sip:human@127.0.0.1:{human_port}"), "{leg}");
     assert_eq!(leg["sip_code"], 200, "{leg}");
+}
+
+/// agent-handoff: the agent asks to transfer the caller somewhere the tenant does not allow
+/// (`[tenant.allow] dial`). The host refuses it (`not-allowed`, naming the rule), nothing is
+/// sent there, and the flow hands the caller to its human fallback instead.
+#[test]
+fn agent_handoff_does_not_transfer_where_the_tenant_does_not_allow() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio");
+    let human_port = free_port();
+    // Where the agent asks to send the caller: a socket that must hear nothing.
+    let elsewhere = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let elsewhere_port = elsewhere.local_addr().expect("address").port();
+    elsewhere.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let refused_target = format!("sip:+882123456@127.0.0.1:{elsewhere_port}");
+    let script =
+        vec![ScriptStep::WaitForMedia(10), ScriptStep::Transfer(refused_target.clone()), ScriptStep::WaitMs(2_000)];
+    let (agent, _observed) = ScriptedAgent::new(script);
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind the agent");
+    let agent_port = listener.local_addr().expect("agent address").port();
+    runtime.spawn(agent.serve(listener));
+    let flows = format!(
+        "[[tenant.flow]]\nname = \"agent\"\nstock = \"agent\"\n[tenant.flow.vars]\n\
+         \"agent.url\" = \"ws://127.0.0.1:{agent_port}/agent\"\n\
+         \"agent.fallback\" = \"sip:human@127.0.0.1:{human_port}\"\n{}",
+        allow(&[&format!("sip:human@127.0.0.1:{human_port}")], &[&format!("ws://127.0.0.1:{agent_port}")])
+    );
+    let pb = start_patchbay_with("", &flows);
+    let sipp_dir = tempfile::tempdir().expect("tempdir");
+    let human = human(human_port, sipp_dir.path());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ok, text) = patchbay_call(dir.path(), &[&format!("sip:agent@127.0.0.1:{}", pb.port), "--hangup-after", "9"]);
+    assert!(ok, "{text}");
+    let human = human.wait_with_output().expect("sipp UAS");
+    assert!(human.status.success(), "the fallback should get the call: {}", String::from_utf8_lossy(&human.stderr));
+
+    let cdrs = pb.wait_for_cdrs(2, Duration::from_secs(5));
+    let call = cdrs.iter().find(|c| c["direction"] == "inbound").unwrap_or_else(|| panic!("{cdrs:?}"));
+    assert_eq!(call["vars"]["agent.end"], format!("transfer-requested:{refused_target}"), "{call}");
+    let why = call["vars"]["agent.transfer-refused"].as_str().unwrap_or_default();
+    assert!(
+        why.contains(&format!("transfer target {refused_target} is not in tenant test's allow.dial")),
+        "the refusal names the rule: {call}"
+    );
+    let legs: Vec<_> = cdrs.iter().filter(|c| c["direction"] == "outbound").collect();
+    assert_eq!(legs.len(), 1, "one leg, to the human: {cdrs:?}");
+    assert_eq!(legs[0]["to"], format!("sip:human@127.0.0.1:{human_port}"), "{}", legs[0]);
+    let mut buf = [0u8; 2048];
+    assert!(elsewhere.recv(&mut buf).is_err(), "nothing may be sent to the refused target");
 }

@@ -119,6 +119,41 @@ fn the_router_dials_an_extension_and_bridges_the_audio_both_ways() {
     assert_eq!(echo["hung_up_by"], "caller", "{echo}");
 }
 
+/// Toll fraud, the other way round: the router's default route takes digits from the caller,
+/// but the tenant's `[tenant.allow] dial` does not list where they lead. The flow's `dial`
+/// fails with `not-allowed` naming the rule, no INVITE goes out, and the CDR says so. The
+/// router's own extension (one of the tenant's flows on this host) needs no entry.
+#[test]
+fn a_dial_the_tenant_does_not_allow_is_refused_and_no_invite_goes_out() {
+    let elsewhere = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let elsewhere_port = elsewhere.local_addr().expect("address").port();
+    elsewhere.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let flows = format!(
+        "[[tenant.flow]]\nname = \"router\"\nstock = \"router\"\n\
+         [tenant.flow.vars]\n\"router.default\" = \"sip:{{ext}}@127.0.0.1:{elsewhere_port}\"\n\
+         [tenant.allow]\ndial = [\"sip:*@192.0.2.1\"]\n"
+    );
+    let pb = start_patchbay_with("", &flows);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = format!("sip:router@127.0.0.1:{}", pb.port);
+    let _ = call(dir.path(), &[&uri, "--dtmf", "0011", "--dtmf-after", "0.5", "--hangup-after", "5"]);
+
+    let cdrs = pb.settled_cdrs(1, Duration::from_secs(5));
+    assert_eq!(cdrs.len(), 1, "the router's call only, no leg: {cdrs:?}");
+    let router = &cdrs[0];
+    let target = format!("sip:0011@127.0.0.1:{elsewhere_port}");
+    assert_eq!(router["vars"]["router.target"], target, "{router}");
+    assert_eq!(router["flow_outcome"], "flow-error", "{router}");
+    let detail = router["flow_detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("NotAllowed")
+            && detail.contains(&format!("dial target {target} is not in tenant test's allow.dial")),
+        "the CDR names the rule: {router}"
+    );
+    let mut buf = [0u8; 2048];
+    assert!(elsewhere.recv(&mut buf).is_err(), "no INVITE may reach the refused target");
+}
+
 #[test]
 fn a_flow_that_traps_mid_call_ends_only_its_call_with_a_cdr_saying_why() {
     let flows = "[[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n\

@@ -106,6 +106,8 @@ name = "bridge"
 stock = "router"
 [tenant.flow.vars]
 "router.default" = "sip:{{ext}}@127.0.0.1:{callee}"
+[tenant.allow]
+dial = ["sip:*@127.0.0.1:{callee}"]
 "#
         ),
     );

@@ -372,3 +372,62 @@ fn calls_and_records_are_listed_and_hung_up_per_tenant() {
     assert_eq!(status, 200);
     assert_eq!(doc["openapi"], "3.1.0");
 }
+
+#[test]
+fn a_reload_applies_tenant_changes_all_or_nothing() {
+    let (pb, api) = start_two_tenants(patchbay_stock_flows::ECHO.component);
+    let path = pb.dir.path().join("patchbay.toml");
+    let original = std::fs::read_to_string(&path).expect("config");
+    let proxy = format!("127.0.0.1:{}", pb.port);
+    let call =
+        |uri: &str| patchbay_e2e::patchbay_call(pb.dir.path(), &[uri, "--proxy", &proxy, "--hangup-after", "0.3"]);
+    assert!(!call("sip:hello@initech.test").0, "initech is not configured yet");
+
+    // A new tenant with a stock flow: POST /v1/reload (admin only) applies it.
+    let with_initech = format!(
+        "{original}[[tenant]]\nid = \"initech\"\ndomains = [\"initech.test\"]\napi_token = \"initech-token\"\n\
+         [[tenant.flow]]\nname = \"hello\"\nstock = \"echo\"\n"
+    );
+    std::fs::write(&path, &with_initech).expect("write config");
+    let (status, _, answer) = http("POST", api, "/v1/reload", "acme-token", None);
+    assert_eq!(status, 403, "a tenant token reloaded: {answer}");
+    let (status, _, answer) = http("POST", api, "/v1/reload", ADMIN, None);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["tenants"], 3, "{answer}");
+    assert!(
+        answer["flows_updated"].as_array().is_some_and(|f| f.contains(&serde_json::json!("initech/hello"))),
+        "{answer}"
+    );
+    let (ok, said) = call("sip:hello@initech.test");
+    assert!(ok, "the reloaded tenant's flow did not answer: {said}");
+    let (status, _, _) = http("GET", api, "/v1/flows", "initech-token", None);
+    assert_eq!(status, 200, "the new tenant's token works");
+
+    // A flow that does not compile: refused, nothing changes (initech still there, acme too).
+    std::fs::write(pb.dir.path().join("broken.wasm"), b"\0asm\x0d\0\x01\0broken").expect("broken");
+    let broken = format!("{with_initech}[[tenant.flow]]\nname = \"more\"\npath = \"broken.wasm\"\n");
+    std::fs::write(&path, &broken).expect("write config");
+    let (status, _, answer) = http("POST", api, "/v1/reload", ADMIN, None);
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["error"]["code"], "reload-refused", "{answer}");
+    assert!(answer["error"]["message"].as_str().is_some_and(|m| m.contains("\"more\"")), "{answer}");
+    assert!(call("sip:hello@initech.test").0, "a refused reload changed the running configuration");
+
+    // A listener change needs a restart: refused.
+    std::fs::write(&path, with_initech.replace(&format!("udp:127.0.0.1:{}", pb.port), "udp:127.0.0.1:1"))
+        .expect("write");
+    let (status, _, answer) = http("POST", api, "/v1/reload", ADMIN, None);
+    assert_eq!(status, 422, "{answer}");
+    assert!(answer["error"]["message"].as_str().is_some_and(|m| m.contains("[sip]")), "{answer}");
+
+    // SIGHUP reloads too: back to the original, initech is gone (new calls 404).
+    std::fs::write(&path, &original).expect("write config");
+    let status = Command::new("kill").args(["-HUP", &pb.pid().to_string()]).status().expect("kill -HUP");
+    assert!(status.success());
+    let started = Instant::now();
+    while call("sip:hello@initech.test").0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(call("sip:echo@127.0.0.1").0, "acme's echo stopped answering after the reload");
+}

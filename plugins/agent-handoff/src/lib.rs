@@ -2,6 +2,13 @@
 //! Streams protocol), transfers the caller where the agent asks, and falls back to a human over
 //! SIP when the agent is unreachable or drops.
 //!
+//! The agent is on the network, and so is whatever made it ask: where it asks to send the
+//! caller is a request, not an instruction. The host checks the target against the tenant's
+//! capabilities (`[tenant.allow] dial`, or one of the tenant's own flows); a target refused
+//! there (`not-allowed`) or malformed (`invalid-argument`) sends the caller to the human
+//! fallback instead, and `agent.transfer-refused` says why. The same holds for the agent's URL
+//! (`[tenant.allow] agents`): a refused agent is treated as an unreachable one.
+//!
 //! | variable | meaning | default |
 //! | --- | --- | --- |
 //! | `agent.url` | the agent's websocket (`ws://` or `wss://`) | `ws://127.0.0.1:8765/agent` |
@@ -11,7 +18,8 @@
 //! | `agent.fallback-prompt` | played before dialling the fallback | `agent-unavailable.wav` |
 //! | `agent.ring-ms` | how long the human may ring | `30000` |
 //!
-//! Sets `agent.end` (how the agent session ended) for the CDR.
+//! Sets `agent.end` (how the agent session ended; `not-allowed` when the tenant does not allow
+//! the agent's URL) and, after a refused transfer, `agent.transfer-refused` for the CDR.
 
 use patchbay_plugin_sdk::{
     AgentEnd, Call, CallError, DialOptions, Flow, FlowError, PlayOptions, agent_end_text, export_flow, finish, info,
@@ -65,6 +73,11 @@ impl Flow for AgentHandoff {
                 let _ = call.set_var("agent.end", "unavailable");
                 return to_human(call);
             }
+            Err(CallError::NotAllowed(why)) => {
+                warn(&format!("agent-handoff: agent {url} not allowed: {why}"));
+                let _ = call.set_var("agent.end", "not-allowed");
+                return to_human(call);
+            }
             Err(e) => return Err(e.into()),
         };
         let _ = call.set_var("agent.end", &agent_end_text(&end));
@@ -75,8 +88,15 @@ impl Flow for AgentHandoff {
             }
             AgentEnd::TransferRequested(target) => {
                 info(&format!("agent-handoff: the agent transfers the caller to {target}"));
-                call.transfer(&target)?;
-                Ok(())
+                match call.transfer(&target) {
+                    Ok(()) => Ok(()),
+                    Err(CallError::NotAllowed(why) | CallError::InvalidArgument(why)) => {
+                        warn(&format!("agent-handoff: transfer to {target} refused: {why}"));
+                        let _ = call.set_var("agent.transfer-refused", &why);
+                        to_human(call)
+                    }
+                    Err(e) => Err(e.into()),
+                }
             }
             AgentEnd::Disconnected(why) => {
                 warn(&format!("agent-handoff: agent dropped: {why}"));

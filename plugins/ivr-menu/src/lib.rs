@@ -14,7 +14,8 @@
 //! | `menu.ring-ms` | how long a `dial:` destination may ring | `30000` |
 //!
 //! Actions: `menu:<id>` (a sub-menu), `dial:<sip-uri>`, `agent:<ws-url>` (an AI agent; when it
-//! asks for a transfer the caller is transferred), `voicemail` (take a message, see the
+//! asks for a transfer the caller is transferred if the tenant's capabilities allow the target,
+//! else `menu.transfer-refused` says why and the call ends), `voicemail` (take a message, see the
 //! voicemail flow's `voicemail.*` variables), `transfer:<sip-uri>` (blind transfer) and
 //! `hangup`. Each choice is recorded as the call variable `menu.path` (for example `main:2`).
 
@@ -117,7 +118,16 @@ impl Flow for IvrMenu {
                     match call.agent(&url, &[])? {
                         AgentEnd::TransferRequested(target) => {
                             info(&format!("ivr-menu: the agent transfers the caller to {target}"));
-                            call.transfer(&target)?;
+                            match call.transfer(&target) {
+                                Ok(()) => {}
+                                // The agent's target came from the network: the host checked it
+                                // against the tenant's capabilities.
+                                Err(CallError::NotAllowed(why) | CallError::InvalidArgument(why)) => {
+                                    warn(&format!("ivr-menu: transfer to {target} refused: {why}"));
+                                    let _ = call.set_var("menu.transfer-refused", &why);
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
                         }
                         other => info(&format!("ivr-menu: agent session ended: {other:?}")),
                     }

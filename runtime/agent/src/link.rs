@@ -101,7 +101,7 @@ pub async fn connect_link(url: &str, start: &StartInfo, options: &ConnectOptions
         return Err(AgentError::InvalidUrl { url: url.to_owned(), reason: "the clock link speaks ws:// only" });
     }
     let connecting = async {
-        let tcp = target.connect_tcp().await?;
+        let tcp = target.connect_tcp(options.addrs.as_deref()).await?;
         let mut attempt = tungstenite::client::client_with_config(
             target.request()?,
             LinkIo::Handshaking(tcp),

@@ -92,12 +92,17 @@ pub struct ConnectOptions {
     /// Benchmarks only: record, per caller frame, the time from [`AgentSender::send_media`]
     /// to the writer's flush that put it in the socket ([`AgentStream::take_write_latency`]).
     pub write_probe: bool,
+    /// Connect to these addresses (in order) instead of resolving the URL's host, which still
+    /// names the server (TLS server name, `Host` header). For a caller that has resolved the
+    /// name and checked the addresses itself: connecting to a second lookup could reach
+    /// somewhere else.
+    pub addrs: Option<Vec<std::net::SocketAddr>>,
 }
 
 impl ConnectOptions {
     /// Options with the given connect timeout, public TLS roots and the default queue.
     pub fn new(timeout: Duration) -> Self {
-        Self { tls: None, timeout, media_queue: DEFAULT_MEDIA_QUEUE, write_probe: false }
+        Self { tls: None, timeout, media_queue: DEFAULT_MEDIA_QUEUE, write_probe: false, addrs: None }
     }
 
     /// Benchmarks only: see [`ConnectOptions::write_probe`].
@@ -109,6 +114,13 @@ impl ConnectOptions {
     /// Uses this TLS client configuration for `wss://` (for private CAs).
     pub fn with_tls(mut self, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
         self.tls = tls;
+        self
+    }
+
+    /// Connects to `addrs` rather than to what the URL's host resolves to (see
+    /// [`ConnectOptions::addrs`]); `None` resolves it.
+    pub fn with_addrs(mut self, addrs: Option<Vec<std::net::SocketAddr>>) -> Self {
+        self.addrs = addrs;
         self
     }
 
@@ -151,7 +163,7 @@ pub async fn connect_with(url: &str, start: &StartInfo, options: &ConnectOptions
         None
     };
     let connecting = async {
-        let transport = target.open(tls).await?;
+        let transport = target.open(tls, options.addrs.as_deref()).await?;
         let request = target.request()?;
         let (ws, _response) = tokio_tungstenite::client_async_with_config(request, transport, Some(websocket_config()))
             .await
@@ -540,11 +552,14 @@ impl Target {
         Ok(request)
     }
 
-    /// The TCP connection, with Nagle off.
-    pub(crate) async fn connect_tcp(&self) -> Result<TcpStream, AgentError> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|source| AgentError::Connect { addr: format!("{}:{}", self.host, self.port), source })?;
+    /// The TCP connection, with Nagle off: to `addrs` when given (in order), else to what the
+    /// host resolves to.
+    pub(crate) async fn connect_tcp(&self, addrs: Option<&[std::net::SocketAddr]>) -> Result<TcpStream, AgentError> {
+        let connect_error = |source| AgentError::Connect { addr: format!("{}:{}", self.host, self.port), source };
+        let tcp = match addrs {
+            Some(addrs) => TcpStream::connect(addrs).await.map_err(connect_error)?,
+            None => TcpStream::connect((self.host.as_str(), self.port)).await.map_err(connect_error)?,
+        };
         // 20 ms frames are small: Nagle plus delayed ACKs would add tens of ms.
         if let Err(err) = tcp.set_nodelay(true) {
             debug!(%err, "could not set TCP_NODELAY on the agent connection");
@@ -552,8 +567,12 @@ impl Target {
         Ok(tcp)
     }
 
-    async fn open(&self, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Transport, AgentError> {
-        let tcp = self.connect_tcp().await?;
+    async fn open(
+        &self,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        addrs: Option<&[std::net::SocketAddr]>,
+    ) -> Result<Transport, AgentError> {
+        let tcp = self.connect_tcp(addrs).await?;
         let Some(config) = tls else {
             return Ok(Transport::Plain(tcp));
         };

@@ -529,3 +529,22 @@ async fn a_stamping_echo_agent_writes_its_send_time_and_the_writer_reports_each_
     assert_eq!(stream.take_write_latency(), None, "one record per frame");
     stream.stop().await;
 }
+
+/// `with_addrs`: the connection goes to the addresses given (a caller that checked them), not
+/// to what the URL's host resolves to; the host still names the server. Both ways to connect.
+#[tokio::test]
+async fn given_addresses_are_connected_to_instead_of_the_urls_host() {
+    let (url, _observed) = scripted(vec![ScriptStep::SendAudio(vec![5; 160], 0), ScriptStep::WaitMs(500)]).await;
+    let addr: std::net::SocketAddr =
+        url.trim_start_matches("ws://").trim_end_matches("/agent").parse().expect("agent address");
+    // `.invalid` never resolves (RFC 6761): only the given address can be reached.
+    let unresolvable = "ws://agent.invalid:1/agent";
+    let options = ConnectOptions::new(CONNECT_TIMEOUT).with_addrs(Some(vec![addr]));
+    let mut stream = connect_with(unresolvable, &start_info(), &options).await.expect("connect to the given address");
+    assert_eq!(next_event(&mut stream).await, AgentEvent::Audio([5; 160]));
+    stream.stop().await;
+    let link = patchbay_agent::connect_link(unresolvable, &start_info(), &options).await;
+    assert!(link.is_ok(), "the clock link connects to the given address too: {:?}", link.err());
+    let without = connect_with(unresolvable, &start_info(), &ConnectOptions::new(CONNECT_TIMEOUT)).await;
+    assert!(without.is_err(), "without addresses the name is resolved, and fails");
+}

@@ -163,6 +163,9 @@ impl FlowEngine {
         let state = FlowState::new(call.control, call.kv, call.vars, limits, wasi.build());
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
+        // Three ticks: the guest's clock is read at every tick it runs through; anything longer
+        // was a wait inside a WASI call, not CPU.
+        store.data_mut().clock.cap_runs(self.config.epoch_tick * 3);
         // Check in every tick the guest runs: account its CPU, stop it when over budget, and
         // otherwise yield to the executor so that a busy flow never starves the other calls
         // that share this worker thread.

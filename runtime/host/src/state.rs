@@ -55,11 +55,30 @@ pub(crate) struct GuestClock {
     total: Duration,
     /// Guest time since the last host call, before the current run (yields do not reset it).
     since_host: Duration,
+    /// The most one run between two clock readings can count. The guest is read at every
+    /// epoch tick it runs through, so a longer run means it was not computing: it waited in a
+    /// WASI call (a sleep, a poll), which is not CPU and must not spend its budget.
+    max_run: Duration,
 }
 
 impl GuestClock {
     pub(crate) fn new(now: Instant) -> Self {
-        Self { base: now, entered: Arc::new(AtomicU64::new(0)), total: Duration::ZERO, since_host: Duration::ZERO }
+        Self {
+            base: now,
+            entered: Arc::new(AtomicU64::new(0)),
+            total: Duration::ZERO,
+            since_host: Duration::ZERO,
+            max_run: Duration::MAX,
+        }
+    }
+
+    /// Counts at most `max` per run between readings (see `max_run`).
+    pub(crate) fn cap_runs(&mut self, max: Duration) {
+        self.max_run = max;
+    }
+
+    fn ran(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.entered()).min(self.max_run)
     }
 
     fn entered(&self) -> Instant {
@@ -68,13 +87,13 @@ impl GuestClock {
 
     /// The guest called into the host at `now`: its compute slice ends.
     pub(crate) fn leave(&mut self, now: Instant) {
-        self.total += now.saturating_duration_since(self.entered());
+        self.total += self.ran(now);
         self.since_host = Duration::ZERO;
     }
 
     /// The guest is parked at `now` by an epoch yield, in the middle of its slice.
     pub(crate) fn pause(&mut self, now: Instant) {
-        let ran = now.saturating_duration_since(self.entered());
+        let ran = self.ran(now);
         self.total += ran;
         self.since_host += ran;
     }
@@ -98,7 +117,7 @@ impl GuestClock {
     /// (guest time since the last host call, total guest time), as of `now` while the guest
     /// runs.
     pub(crate) fn running(&self, now: Instant) -> (Duration, Duration) {
-        let current = now.saturating_duration_since(self.entered());
+        let current = self.ran(now);
         (self.since_host + current, self.total + current)
     }
 }

@@ -26,6 +26,8 @@
 //! - Marks: an agent's `mark` is queued after its audio and echoed back when that audio has
 //!   been sent; `clear` (barge-in) drops everything queued at once and echoes the marks it
 //!   dropped, as Twilio does.
+//! - Before any of it, the endpoint passes the tenant's `allow.agents` ([`admit`]): the session
+//!   connects to the addresses that were checked, not to a second lookup of the name.
 //! - The session ends when the agent closes (`completed`), asks to hang up or transfer
 //!   (Patchbay's `hangup` / `transfer` events), drops (`disconnected`), or the caller hangs up.
 
@@ -334,6 +336,40 @@ pub struct AgentCall<'a> {
     /// Drive a `ws://` agent from the media clock ([`AgentLink`]; the default everywhere but
     /// in `bench-agent --task-path`). `wss://` agents always run in a task.
     pub clock_link: bool,
+    /// The addresses [`admit`] checked: the session connects to these only. `None` (benchmarks)
+    /// resolves the URL's host.
+    pub addrs: Option<Vec<std::net::SocketAddr>>,
+}
+
+/// Checks an agent endpoint against `tenant`'s `allow.agents` and resolves it: the addresses
+/// the session may connect to. An entry naming the host admits every address it resolves to;
+/// entries with a wildcard host admit public addresses only (`crate::policy`). A URL that is
+/// not `ws://`/`wss://` with a plain host, or a name that does not resolve, is `unavailable`
+/// (as a failed connection is); a refusal is `not-allowed`, naming the rule.
+pub(crate) async fn admit(
+    tenant: &crate::tenant::Tenant,
+    endpoint: &str,
+) -> Result<Vec<std::net::SocketAddr>, CallError> {
+    use crate::policy::{AgentUrl, Host};
+    let url = AgentUrl::parse(endpoint).map_err(|e| CallError::Unavailable(format!("agent {endpoint}: {e}")))?;
+    let verdict = tenant.allow.agent_verdict(&url, endpoint)?;
+    let resolved: Vec<std::net::SocketAddr> = match &url.host {
+        Host::Ip(ip) => vec![std::net::SocketAddr::new(*ip, url.port)],
+        Host::Name(name) => tokio::net::lookup_host((name.as_str(), url.port))
+            .await
+            .map_err(|e| CallError::Unavailable(format!("agent {endpoint}: resolving {name}: {e}")))?
+            .collect(),
+    };
+    let Some(first) = resolved.first().copied() else {
+        return Err(CallError::Unavailable(format!("agent {endpoint}: {} has no address", url.host)));
+    };
+    let admitted: Vec<_> = resolved.into_iter().filter(|addr| verdict.admits(addr.ip())).collect();
+    match verdict {
+        crate::policy::Verdict::Wildcard(entry) if admitted.is_empty() => {
+            Err(tenant.allow.internal("allow.agents", "agent", endpoint, first.ip(), &entry).into())
+        }
+        _ => Ok(admitted),
+    }
 }
 
 /// Ends the session's task if the future awaiting it is dropped (the flow was killed, the
@@ -365,7 +401,10 @@ pub async fn run(
     tls: Option<Arc<rustls::ClientConfig>>,
     caller_gone: impl Future<Output = ()> + Send + 'static,
 ) -> Result<AgentEnd, CallError> {
-    let options = ConnectOptions::new(CONNECT_TIMEOUT).with_tls(tls).with_write_probe(call.probe.is_some());
+    let options = ConnectOptions::new(CONNECT_TIMEOUT)
+        .with_tls(tls)
+        .with_write_probe(call.probe.is_some())
+        .with_addrs(call.addrs.clone());
     if call.clock_link && endpoint.get(..5).is_some_and(|scheme| scheme.eq_ignore_ascii_case("ws://")) {
         return run_linked(call, endpoint, start, &options, caller_gone).await;
     }

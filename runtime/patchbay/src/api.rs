@@ -34,12 +34,14 @@ pub struct ApiState {
     /// SHA-256 of the admin token (tokens are compared as digests, so the comparison's time
     /// says nothing about the token).
     pub admin: Option<[u8; 32]>,
-    /// Every tenant (tokens, trunks, flows' variables, webhooks).
-    pub tenants: Arc<Tenants>,
+    /// Every tenant (tokens, trunks, flows' variables, webhooks); replaced by a reload.
+    pub tenants: Arc<crate::reload::Current<Tenants>>,
     /// Compiled flows (a call names one of its tenant's).
     pub registry: Arc<FlowRegistry>,
     /// Compiles deployed flows.
     pub engine: Arc<patchbay_host::FlowEngine>,
+    /// Reloads the configuration (`POST /v1/reload`).
+    pub reloader: Arc<crate::reload::Reloader>,
     /// Every call up now.
     pub live: Arc<crate::endpoint::LiveCalls>,
     /// The CDR file, when records are written to one (`[cdr] path`).
@@ -68,6 +70,7 @@ pub fn router(state: Arc<ApiState>) -> axum::Router {
         .route("/v1/calls/{id}", get(get_call).delete(delete_call))
         .route("/v1/cdrs", get(query_cdrs))
         .route("/v1/openapi.json", get(openapi))
+        .route("/v1/reload", post(reload))
         .route("/v1/trunks", get(list_trunks))
         .route("/v1/flows", get(list_flows))
         .route("/v1/tenants", get(list_tenants))
@@ -155,7 +158,7 @@ fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<Caller, ApiErro
     if state.admin == Some(digest) {
         return Ok(Caller::Admin);
     }
-    state.tenants.by_token(&digest).map(|tenant| Caller::Tenant(tenant.id.clone())).ok_or_else(unauthorized)
+    state.tenants.get().by_token(&digest).map(|tenant| Caller::Tenant(tenant.id.clone())).ok_or_else(unauthorized)
 }
 
 /// `POST /v1/calls`.
@@ -222,6 +225,7 @@ async fn create_call(
 async fn place(state: &Arc<ApiState>, tenant_id: String, request: CreateCall) -> Result<Response, ApiError> {
     let tenant = state
         .tenants
+        .get()
         .get(&tenant_id)
         .cloned()
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "tenant-not-found", "no such tenant"))?;
@@ -501,6 +505,20 @@ async fn query_cdrs(
     Ok(Json(serde_json::json!({ "cdrs": records })))
 }
 
+/// `POST /v1/reload` (admin token): reloads the configuration file, all or nothing.
+async fn reload(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+    if !matches!(authenticate(&state, &headers)?, Caller::Admin) {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "only the admin token reloads"));
+    }
+    match state.reloader.reload().await {
+        Ok(reloaded) => Ok(Json(serde_json::to_value(reloaded).unwrap_or_default())),
+        Err(e) => {
+            tracing::error!("reload refused, the running configuration stays: {e}");
+            Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "reload-refused", e.to_string()))
+        }
+    }
+}
+
 /// `GET /v1/openapi.json`: the API described as OpenAPI 3.1 (no token needed).
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
@@ -518,6 +536,7 @@ async fn list_trunks(
     let states = state.trunk_states.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let mut trunks: Vec<_> = state
         .tenants
+        .get()
         .trunks()
         .filter(|trunk| caller.may_see(&trunk.tenant))
         .map(|trunk| {
@@ -574,6 +593,7 @@ fn named_tenant(state: &ApiState, caller: &Caller, tenant: &str) -> Result<Arc<c
     }
     state
         .tenants
+        .get()
         .get(tenant)
         .cloned()
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "tenant-not-found", "no such tenant"))
@@ -643,6 +663,7 @@ async fn list_tenants(
     let caller = authenticate(&state, &headers)?;
     let tenants: Vec<_> = state
         .tenants
+        .get()
         .iter()
         .filter(|t| caller.may_see(&t.id))
         .map(|t| {
@@ -674,11 +695,25 @@ mod tests {
             ..patchbay_host::HostConfig::default()
         })
         .expect("engine");
+        let engine = Arc::new(engine);
+        let tenants: Arc<crate::reload::Current<Tenants>> = Arc::default();
+        let resolver: Arc<dyn crate::resolve::Resolve> =
+            Arc::new(crate::resolve::SystemResolver::from_system_conf().expect("resolver"));
+        let reloader = crate::reload::Reloader::new(
+            None,
+            String::new(),
+            Arc::clone(&tenants),
+            Arc::clone(&engine),
+            Arc::default(),
+            resolver,
+            Default::default(),
+        );
         Arc::new(ApiState {
             admin: None,
-            tenants: Arc::default(),
+            reloader: Arc::new(reloader),
+            tenants,
             registry: Arc::default(),
-            engine: Arc::new(engine),
+            engine,
             live: Arc::default(),
             cdr_path: None,
             originations: Arc::default(),

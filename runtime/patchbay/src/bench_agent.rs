@@ -118,6 +118,7 @@ pub fn run(calls: usize, seconds: u64, external_agent: Option<String>, clock_lin
                 marks: Arc::default(),
                 probe: Some(probe),
                 clock_link,
+                addrs: None,
             };
             let end = crate::agent::run(agent_call, &url, &start, None, std::future::pending()).await;
             tracing::debug!(call = i, ?end, "bench agent session ended");

@@ -280,12 +280,13 @@ impl CallControl for SipCall {
 
     async fn dial(&self, target: &str, options: DialOptions) -> Result<DialOutcome, CallError> {
         self.live()?;
-        let target = crate::dial::resolve_for(target, &self.tenant, &self.routing.tenants).await?;
+        let target = crate::dial::resolve_for(target, &self.tenant, &self.routing.tenants.get()).await?;
         if options.headers.len() > crate::dial::MAX_FLOW_HEADERS {
             return Err(CallError::InvalidArgument(format!("at most {} extra headers", crate::dial::MAX_FLOW_HEADERS)));
         }
         for header in &options.headers {
             crate::dial::check_header(&header.name, &header.value)?;
+            self.tenant.allow.check_header(&header.name)?;
         }
         if self.media.get().is_none() {
             // The caller hears ringback from us, so the call is answered first.
@@ -387,6 +388,9 @@ impl CallControl for SipCall {
                 "transfer target {target:?} is not a plain sip:, sips:, tel: or trunk: URI"
             )));
         }
+        // The tenant's capabilities, whichever way it goes: with REFER the caller's side places
+        // the call, but a flow may still only send it where the tenant allows.
+        crate::dial::check_transfer(target, &self.tenant, &self.routing.tenants.get()).await?;
         if !self.refer || target.starts_with("trunk:") {
             // The caller's Allow leaves REFER out (RFC 3261 §20.5): bridge through us instead.
             tracing::info!(call = ?self.call, %target, "the caller does not take REFER: transferring by bridge");
@@ -408,6 +412,8 @@ impl CallControl for SipCall {
 
     async fn agent(&self, endpoint: &str, params: &[(String, String)]) -> Result<AgentEnd, CallError> {
         self.live()?;
+        // Checked (and resolved) before the call is answered: a refused agent costs nothing.
+        let addrs = crate::agent::admit(&self.tenant, endpoint).await?;
         if self.media.get().is_none() {
             self.answer().await?;
         }
@@ -434,6 +440,7 @@ impl CallControl for SipCall {
             marks: Arc::clone(&self.marks),
             probe: None,
             clock_link: true,
+            addrs: Some(addrs),
         };
         crate::agent::run(call, endpoint, &start, None, self.hangup_signal()).await
     }

@@ -254,6 +254,28 @@ pub struct TenantConfig {
     /// The tenant's carrier trunks.
     #[serde(rename = "trunk", default)]
     pub trunks: Vec<Spanned<TrunkConfig>>,
+    /// What its flows may reach beyond its own flows and trunks (`[tenant.allow]`).
+    #[serde(default)]
+    pub allow: AllowConfig,
+}
+
+/// `[tenant.allow]`: the tenant's capabilities (`crate::policy`, `docs/tenants.md`). Without
+/// it, a tenant's flows reach its own flows and trunks only.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowConfig {
+    /// Targets `dial` and `transfer` may reach: `sip:USER@HOST[:PORT]` / `sips:…` patterns
+    /// (`*` in the user; `*` or `*.domain` as the host; `:*` for any port, no port for the
+    /// default one), `tel:NUMBER` patterns (transfer), and `trunk:NAME/NUMBER` patterns, which
+    /// narrow the numbers the tenant's trunks may call.
+    #[serde(default)]
+    pub dial: Vec<Spanned<String>>,
+    /// Agent websockets `agent` may connect to: `ws://HOST[:PORT]` / `wss://…` origins.
+    #[serde(default)]
+    pub agents: Vec<Spanned<String>>,
+    /// Headers `dial` may set (`X-…`, a trailing `*` for a prefix, and `User-to-User`); absent:
+    /// every `X-` header and `User-to-User`.
+    pub headers: Option<Vec<Spanned<String>>>,
 }
 
 /// `[api]`: the HTTP/JSON control API (`docs/api.md`).
@@ -623,6 +645,9 @@ impl Config {
             if tenant.max_calls == Some(0) {
                 return Err(error(None, "tenant.max_calls: must be at least 1 (leave it out for no cap)".into()));
             }
+            let trunk_names: Vec<&str> = tenant.trunks.iter().map(|t| t.get_ref().name.as_str()).collect();
+            crate::policy::Capabilities::from_config(&tenant.id, &tenant.allow, &trunk_names)
+                .map_err(|(span, m)| error(Some(span), m))?;
             // With a flows directory, a DID may name a flow that is deployed later.
             let flows: Option<Vec<String>> =
                 tenant.flows_dir.is_none().then(|| tenant.flows.iter().map(|f| f.get_ref().name.clone()).collect());
@@ -884,6 +909,37 @@ mod tests {
         assert_eq!(router.vars.get("router.default").map(String::as_str), Some("sip:{ext}@127.0.0.1:5070"));
         let listen = parse_listen(config.sip.listen[0].get_ref()).expect("listen");
         assert_eq!(listen.addr, "127.0.0.1:5060".parse().expect("addr"));
+    }
+
+    #[test]
+    fn the_embedded_default_allows_what_its_flows_use_and_nothing_else() {
+        let config = Config::embedded().expect("embedded config parses");
+        let allow = &config.tenants[0].allow;
+        let dial: Vec<&str> = allow.dial.iter().map(|d| d.get_ref().as_str()).collect();
+        let agents: Vec<&str> = allow.agents.iter().map(|a| a.get_ref().as_str()).collect();
+        assert_eq!((dial, agents), (vec!["sip:*@127.0.0.1:5070"], vec!["ws://127.0.0.1:8765"]));
+        assert!(allow.headers.is_none());
+    }
+
+    #[test]
+    fn a_bad_allow_entry_names_its_line_and_field() {
+        let tenant = "[sip]\nlisten = []\n[[tenant]]\nid = \"t\"\n[tenant.allow]\n";
+        let cases = [
+            (
+                "dial = [\"sip:a@b.example\",\n  \"sip:*@ev*il.example\"]\n",
+                7,
+                "tenant.allow.dial: \"sip:*@ev*il.example\"",
+            ),
+            ("dial = [\"trunk:nope/+1*\"]\n", 6, "the tenant has no trunk \"nope\""),
+            ("agents = [\"ws://127.0.0.1:8765/agent\"]\n", 6, "tenant.allow.agents: "),
+            ("headers = [\"From\"]\n", 6, "tenant.allow.headers: "),
+            ("dail = []\n", 6, "unknown field `dail`"),
+        ];
+        for (allow, line, says) in cases {
+            let err =
+                Config::parse(&format!("{tenant}{allow}"), "t.toml", PathBuf::new()).expect_err(allow).to_string();
+            assert!(err.starts_with(&format!("t.toml:{line}: ")) && err.contains(says), "{allow:?}: {err}");
+        }
     }
 
     #[test]

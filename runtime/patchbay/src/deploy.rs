@@ -192,7 +192,7 @@ pub async fn load_all(
 }
 
 /// The flow names of the `NAME.wasm` files in `dir`.
-fn components_in(dir: &Path) -> anyhow::Result<BTreeSet<String>> {
+pub(crate) fn components_in(dir: &Path) -> anyhow::Result<BTreeSet<String>> {
     let mut names = BTreeSet::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
@@ -246,45 +246,60 @@ async fn load_file(
     compile(engine, registry, &tenant.id, name, bytes.into(), source).await.is_ok()
 }
 
-/// Watches every tenant's `flows_dir` until the process ends. Fails only when a watch cannot
-/// be set up (then nothing is watched and the reason is returned).
-pub fn watch(tenants: &Tenants, engine: Arc<FlowEngine>, registry: Arc<FlowRegistry>) -> anyhow::Result<()> {
-    use notify::Watcher;
+/// The running `flows_dir` watchers, by tenant id (and the directory each watches).
+pub type Watchers = std::collections::HashMap<String, (PathBuf, tokio::task::AbortHandle)>;
+
+/// Watches every tenant's `flows_dir` until the process ends (or the watcher is aborted, on a
+/// reload that drops the tenant or moves its directory). Fails when a watch cannot be set up.
+pub fn watch(tenants: &Tenants, engine: &Arc<FlowEngine>, registry: &Arc<FlowRegistry>) -> anyhow::Result<Watchers> {
+    let mut watchers = Watchers::new();
     for tenant in tenants.iter() {
-        let Some(dir) = tenant.flows_dir.clone() else { continue };
-        let (events, mut changes) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-            Ok(event) if is_change(&event.kind) => {
-                for path in event.paths {
-                    let _ = events.send(path);
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("flows_dir watcher: {e}"),
-        })
-        .context("starting the flows_dir watcher")?;
-        watcher
-            .watch(&dir, notify::RecursiveMode::NonRecursive)
-            .with_context(|| format!("watching {}", dir.display()))?;
-        tracing::info!(tenant = %tenant.id, dir = %dir.display(), "watching flows for hot swap");
-        let (tenant, engine, registry) = (Arc::clone(tenant), Arc::clone(&engine), Arc::clone(&registry));
-        tokio::spawn(async move {
-            // The watcher lives as long as this task.
-            let _watcher = watcher;
-            while let Some(first) = changes.recv().await {
-                let mut names = BTreeSet::new();
-                names.extend(flow_name(&first));
-                // Debounce: gather until the directory has been quiet for SETTLE.
-                while let Ok(Some(path)) = tokio::time::timeout(SETTLE, changes.recv()).await {
-                    names.extend(flow_name(&path));
-                }
-                for name in names {
-                    load_file(&engine, &registry, &tenant, &dir, &name).await;
-                }
-            }
-        });
+        if let Some(dir) = &tenant.flows_dir {
+            let handle = watch_tenant(tenant, Arc::clone(engine), Arc::clone(registry))?;
+            watchers.insert(tenant.id.clone(), (dir.clone(), handle));
+        }
     }
-    Ok(())
+    Ok(watchers)
+}
+
+/// Watches one tenant's `flows_dir` (it must have one).
+pub fn watch_tenant(
+    tenant: &Arc<Tenant>,
+    engine: Arc<FlowEngine>,
+    registry: Arc<FlowRegistry>,
+) -> anyhow::Result<tokio::task::AbortHandle> {
+    use notify::Watcher;
+    let dir = tenant.flows_dir.clone().context("the tenant has no flows_dir")?;
+    let (events, mut changes) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+        Ok(event) if is_change(&event.kind) => {
+            for path in event.paths {
+                let _ = events.send(path);
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("flows_dir watcher: {e}"),
+    })
+    .context("starting the flows_dir watcher")?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive).with_context(|| format!("watching {}", dir.display()))?;
+    tracing::info!(tenant = %tenant.id, dir = %dir.display(), "watching flows for hot swap");
+    let tenant = Arc::clone(tenant);
+    let task = tokio::spawn(async move {
+        // The watcher lives as long as this task.
+        let _watcher = watcher;
+        while let Some(first) = changes.recv().await {
+            let mut names = BTreeSet::new();
+            names.extend(flow_name(&first));
+            // Debounce: gather until the directory has been quiet for SETTLE.
+            while let Ok(Some(path)) = tokio::time::timeout(SETTLE, changes.recv()).await {
+                names.extend(flow_name(&path));
+            }
+            for name in names {
+                load_file(&engine, &registry, &tenant, &dir, &name).await;
+            }
+        }
+    });
+    Ok(task.abort_handle())
 }
 
 /// Events that may change what a `NAME.wasm` holds: created, written, closed after writing,

@@ -8,6 +8,10 @@
 //! different ones (PCMU ↔ PCMA, at send time). Key presses are relayed both ways as RFC 4733
 //! events.
 //!
+//! Every target passes the tenant's capabilities first (`crate::policy`): a `sip:` target must
+//! be listed in `[tenant.allow] dial` or be one of the tenant's own flows on this host, a
+//! `trunk:` target must name one of its own trunks (and a number its `trunk:` entries allow).
+//!
 //! **Not done yet:** bridged audio passes each leg's jitter buffer (a direct RTP forward would
 //! skip it); legs go out over UDP only, directly to the URI's host (tenant trunks and DNS SRV
 //! come with the trunks work); the caller is answered before dialling (no early-media bridge
@@ -22,6 +26,8 @@ use patchbay_sip::ua::{CallRef, EndCause};
 use tokio::sync::mpsc;
 
 use crate::media::{CallMedia, Listener};
+use crate::policy::{Host, SipUri, Verdict};
+use crate::tenant::{Tenant, Tenants};
 
 /// What happens to an outbound leg, reported to the flow that placed it.
 #[derive(Debug)]
@@ -103,30 +109,30 @@ pub(crate) struct Target {
     pub slots: crate::trunk::CallSlots,
 }
 
-/// Resolves a `dial` or bridged-`transfer` target: `trunk:NAME/NUMBER` goes through one of
-/// `tenant`'s trunks (its next hop and transport), anything else as [`resolve`] says.
-pub(crate) async fn resolve_for(
-    target: &str,
-    tenant: &crate::tenant::Tenant,
-    tenants: &crate::tenant::Tenants,
-) -> Result<Target, CallError> {
+/// Resolves a `dial` or bridged-`transfer` target under `tenant`'s capabilities:
+/// `trunk:NAME/NUMBER` goes through one of `tenant`'s trunks (its next hop and transport), a
+/// `sip:` URI to its host, when [`admit_sip`] lets it.
+pub(crate) async fn resolve_for(target: &str, tenant: &Tenant, tenants: &Tenants) -> Result<Target, CallError> {
     let Some(rest) = target.strip_prefix("trunk:") else {
-        let plain = resolve(target).await?;
+        let uri = parse_dial_uri(target)?;
+        let peer = admit_sip("dial target", target, &uri, tenant, tenants).await?;
         // A carrier is reached through its trunk only (credentials, caller-ID list, caps): a
         // plain URI at a trunk's gateway would skip all three.
-        if let Some(trunk) = tenants.trunks().find(|t| t.is_gateway(plain.peer)) {
+        if let Some(trunk) = tenants.trunks().find(|t| t.is_gateway(peer)) {
             return Err(CallError::NotAllowed(format!(
                 "{target:?} is trunk {:?}'s gateway: dial trunk:{}/NUMBER",
                 trunk.name, trunk.name
             )));
         }
-        return Ok(plain);
+        let uri = uri.to_rsip().map_err(|e| CallError::InvalidArgument(format!("dial target {target:?}: {e}")))?;
+        return Ok(Target { uri, peer, trunk: None, slots: Default::default() });
     };
     let bad = |why: String| CallError::InvalidArgument(format!("dial target {target:?}: {why}"));
     let (name, number) = rest.split_once('/').ok_or_else(|| bad("write trunk:NAME/NUMBER".into()))?;
     crate::trunk::check_number(number).map_err(bad)?;
     // Only the tenant's own trunks: a flow cannot dial out through another tenant's account.
     let trunk = tenant.trunk(name).ok_or_else(|| CallError::NotAllowed(format!("the tenant has no trunk {name:?}")))?;
+    tenant.allow.check_trunk("dial target", name, number)?;
     let uri = trunk.uri_for(number).map_err(bad)?;
     // The trunk's and the tenant's caps hold for flows too; a flow does not wait in the
     // originations' queue: it hears `limit-exceeded` and may try again.
@@ -135,6 +141,59 @@ pub(crate) async fn resolve_for(
     })?;
     let peer = trunk.next_hop().await.map_err(CallError::Unavailable)?;
     Ok(Target { uri, peer: peer.addr, trunk: Some((Arc::clone(trunk), number.to_owned())), slots })
+}
+
+/// Where a `sip:`/`sips:` target may go under `tenant`'s capabilities, resolved: the address
+/// the request is to be sent to (the one that was checked).
+///
+/// Allowed when `allow.dial` has an entry naming its host (any address), or only entries with
+/// a wildcard host and it resolves to a public address, or it is one of the tenant's own flows:
+/// its host is one of the tenant's domains, it resolves to one of our SIP listeners, and its
+/// user part is not another tenant's DID (DIDs are routed before domains). A target no entry
+/// matches, outside the tenant's domains, is refused before its name is looked up.
+pub(crate) async fn admit_sip(
+    what: &str,
+    target: &str,
+    uri: &SipUri,
+    tenant: &Tenant,
+    tenants: &Tenants,
+) -> Result<SocketAddr, CallError> {
+    let verdict = tenant.allow.sip_verdict(uri);
+    let own_domain = tenant.serves_host(&uri.host);
+    if verdict == Verdict::NotListed && !own_domain {
+        return Err(tenant.allow.not_listed(what, target).into());
+    }
+    let peer = lookup(uri).await?;
+    let own_flow = own_domain
+        && tenants.local.contains(peer)
+        && tenants.by_did(&uri.user_decoded()).is_none_or(|(owner, ..)| owner.id == tenant.id);
+    if own_flow || verdict.admits(peer.ip()) {
+        return Ok(peer);
+    }
+    Err(match verdict {
+        Verdict::Wildcard(entry) => tenant.allow.internal("allow.dial", what, target, peer.ip(), &entry),
+        _ => tenant.allow.not_listed(what, target),
+    }
+    .into())
+}
+
+/// Checks a `transfer` target against `tenant`'s capabilities before it goes out, by REFER or
+/// by bridge: `sip:`/`sips:` as [`admit_sip`] says (a target an entry names is not looked up:
+/// with REFER the caller's side resolves it), `tel:` by its `tel:` entries. `trunk:` targets
+/// are bridged, and [`resolve_for`] checks them there.
+pub(crate) async fn check_transfer(target: &str, tenant: &Tenant, tenants: &Tenants) -> Result<(), CallError> {
+    const WHAT: &str = "transfer target";
+    if target.starts_with("trunk:") {
+        return Ok(());
+    }
+    if target.starts_with("tel:") {
+        return Ok(tenant.allow.check_tel(WHAT, target)?);
+    }
+    let uri = SipUri::parse(target).map_err(|e| CallError::InvalidArgument(format!("{WHAT} {target:?}: {e}")))?;
+    if tenant.allow.sip_verdict(&uri) == Verdict::Listed {
+        return Ok(());
+    }
+    admit_sip(WHAT, target, &uri, tenant, tenants).await.map(drop)
 }
 
 /// Most extra headers a flow may put on one INVITE.
@@ -169,9 +228,9 @@ pub(crate) fn is_plain_uri(uri: &str) -> bool {
     !uri.chars().any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"'))
 }
 
-/// Checks a dial target and resolves where to send the INVITE (the URI's host and port,
-/// 5060 by default; RFC 3263's NAPTR/SRV steps are not done).
-pub(crate) async fn resolve(target: &str) -> Result<Target, CallError> {
+/// Checks a dial target's form: a plain `sip:` URI ([`SipUri`]'s strict grammar; `sips:` and
+/// `tel:` need trunks).
+pub(crate) fn parse_dial_uri(target: &str) -> Result<SipUri, CallError> {
     let bad = |why: &str| CallError::InvalidArgument(format!("dial target {target:?}: {why}"));
     if !target.starts_with("sip:") {
         return Err(bad("only sip: URIs can be dialled (sips: and tel: need trunks)"));
@@ -179,15 +238,22 @@ pub(crate) async fn resolve(target: &str) -> Result<Target, CallError> {
     if !is_plain_uri(target) {
         return Err(bad("not a plain SIP URI"));
     }
-    let uri = rsip::Uri::try_from(target).map_err(|e| bad(&e.to_string()))?;
-    let port = uri.host_with_port.port.map_or(5060, |p| *p.value());
-    let host = uri.host_with_port.host.to_string();
-    let peer = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .map_err(|e| CallError::Unavailable(format!("resolving {host}: {e}")))?
-        .next()
-        .ok_or_else(|| CallError::Unavailable(format!("{host} has no address")))?;
-    Ok(Target { uri, peer, trunk: None, slots: Default::default() })
+    SipUri::parse(target).map_err(|e| bad(&e))
+}
+
+/// Where a request to `uri` goes: its address, or the first address its name resolves to
+/// (system resolver, A/AAAA), at its port (5060 by default, 5061 for `sips:`; RFC 3263's
+/// NAPTR/SRV steps are not done).
+async fn lookup(uri: &SipUri) -> Result<SocketAddr, CallError> {
+    let port = uri.port_or_default();
+    match &uri.host {
+        Host::Ip(ip) => Ok(SocketAddr::new(*ip, port)),
+        Host::Name(name) => tokio::net::lookup_host((name.as_str(), port))
+            .await
+            .map_err(|e| CallError::Unavailable(format!("resolving {name}: {e}")))?
+            .next()
+            .ok_or_else(|| CallError::Unavailable(format!("{name} has no address"))),
+    }
 }
 
 /// The flow's view of the outcome of a leg that ended before it was answered
@@ -310,14 +376,125 @@ mod tests {
         }
     }
 
+    /// A resolver with no records (the tests' targets and gateways are addresses).
+    struct NoDns;
+
+    #[async_trait::async_trait]
+    impl crate::resolve::Resolve for NoDns {
+        async fn naptr(&self, _: &str) -> Result<Vec<crate::resolve::NaptrRecord>, crate::resolve::LookupError> {
+            Ok(Vec::new())
+        }
+        async fn srv(&self, _: &str) -> Result<Vec<crate::resolve::SrvRecord>, crate::resolve::LookupError> {
+            Ok(Vec::new())
+        }
+        async fn ip(&self, _: &str) -> Result<Vec<std::net::IpAddr>, crate::resolve::LookupError> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// Tenant `acme` on 127.0.0.1 (listening on 127.0.0.1:5999) allowing 127.0.0.1:5070, any
+    /// public host and +1 numbers on its trunk; tenant `other` allowing nothing, with a DID.
+    fn tenants() -> Tenants {
+        let text = r#"
+[sip]
+listen = ["udp:127.0.0.1:5999"]
+[[tenant]]
+id = "acme"
+domains = ["127.0.0.1"]
+[[tenant.flow]]
+name = "echo"
+stock = "echo"
+[tenant.allow]
+dial = ["sip:*@127.0.0.1:5070", "sip:*@*:*", "trunk:carrier/+1*"]
+[[tenant.trunk]]
+name = "carrier"
+gateway = "198.51.100.9:5060"
+[[tenant]]
+id = "other"
+domains = ["other.test"]
+[[tenant.flow]]
+name = "echo"
+stock = "echo"
+[[tenant.trunk]]
+name = "c2"
+gateway = "192.0.2.1:5060"
+[tenant.trunk.dids]
+"+15550100" = "echo"
+"#;
+        let config = crate::config::Config::parse(text, "t.toml", std::path::PathBuf::new()).expect("config");
+        let resolver: Arc<dyn crate::resolve::Resolve> = Arc::new(NoDns);
+        Tenants::build(&config, &resolver).expect("tenants")
+    }
+
+    async fn dial(tenants: &Tenants, tenant: &str, target: &str) -> Result<SocketAddr, CallError> {
+        let tenant = tenants.get(tenant).expect("tenant");
+        resolve_for(target, tenant, tenants).await.map(|t| t.peer)
+    }
+
+    fn refused(result: Result<SocketAddr, CallError>, says: &str) {
+        match result {
+            Err(CallError::NotAllowed(why)) => assert!(why.contains(says), "{why:?} does not say {says:?}"),
+            other => panic!("expected not-allowed ({says}), got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn targets_must_be_plain_sip_uris() {
-        for bad in ["tel:+15551234", "sips:a@b", "sip:a@b>", "sip:a b@c", "http://x"] {
-            assert!(matches!(resolve(bad).await, Err(CallError::InvalidArgument(_))), "{bad}");
+        let tenants = tenants();
+        for bad in [
+            "tel:+15551234",
+            "sips:a@b.example",
+            "sip:a@b>",
+            "sip:a b@c",
+            "http://x",
+            "sip:a@b.example;maddr=evil.example",
+            "sip:a@b.example?Route=x",
+        ] {
+            assert!(matches!(dial(&tenants, "acme", bad).await, Err(CallError::InvalidArgument(_))), "{bad}");
         }
-        let target = resolve("sip:bob@127.0.0.1:5070").await.expect("valid");
-        assert_eq!(target.peer, "127.0.0.1:5070".parse().expect("addr"));
-        let default_port = resolve("sip:bob@127.0.0.1").await.expect("valid");
-        assert_eq!(default_port.peer.port(), 5060);
+        let peer = dial(&tenants, "acme", "sip:bob@127.0.0.1:5070").await.expect("listed");
+        assert_eq!(peer, "127.0.0.1:5070".parse().expect("addr"));
+    }
+
+    #[tokio::test]
+    async fn dial_targets_pass_the_tenants_capabilities() {
+        let tenants = tenants();
+        // Its own flow on this host: its domain, our listener.
+        let own = dial(&tenants, "acme", "sip:echo@127.0.0.1:5999").await.expect("own flow");
+        assert_eq!(own, "127.0.0.1:5999".parse().expect("addr"));
+        // Listed by an entry naming the host: loopback is fine.
+        assert!(dial(&tenants, "acme", "sip:anyone@127.0.0.1:5070").await.is_ok());
+        // A wildcard host reaches public addresses only.
+        assert!(dial(&tenants, "acme", "sip:x@203.0.113.5:5080").await.is_ok());
+        refused(dial(&tenants, "acme", "sip:x@127.0.0.1:6000").await, "resolves to 127.0.0.1");
+        refused(dial(&tenants, "acme", "sip:x@[::1]:6000").await, "wildcard host");
+        refused(dial(&tenants, "acme", "sip:x@10.0.0.1").await, "\"sip:*@*:*\" has a wildcard host");
+        // Another tenant's DID at our address is not one of acme's flows.
+        refused(dial(&tenants, "acme", "sip:+15550100@127.0.0.1:5999").await, "resolves to 127.0.0.1");
+        // A trunk's gateway is reached through the trunk.
+        refused(dial(&tenants, "acme", "sip:x@198.51.100.9").await, "gateway");
+        // Its trunk: entries narrow the numbers.
+        refused(dial(&tenants, "acme", "trunk:carrier/+88212345").await, "allow.dial");
+        // A tenant without [tenant.allow] reaches nothing else.
+        refused(dial(&tenants, "other", "sip:x@203.0.113.5").await, "not in tenant other's allow.dial");
+        refused(dial(&tenants, "other", "sip:echo@127.0.0.1:5999").await, "not in tenant other's allow.dial");
+        refused(dial(&tenants, "other", "trunk:carrier/+15551234").await, "no trunk");
+    }
+
+    #[tokio::test]
+    async fn transfer_targets_pass_the_same_rules() {
+        let tenants = tenants();
+        let acme = tenants.get("acme").expect("acme");
+        let transfer = |target: &'static str| check_transfer(target, acme, &tenants);
+        assert!(transfer("sip:human@127.0.0.1:5070").await.is_ok());
+        assert!(transfer("sip:echo@127.0.0.1:5999").await.is_ok());
+        let refused_with = |result: Result<(), CallError>, says: &str| {
+            refused(result.map(|()| "0.0.0.0:0".parse().expect("addr")), says);
+        };
+        refused_with(transfer("tel:+15551234").await, "transfer target tel:+15551234 is not in tenant acme's");
+        refused_with(transfer("sip:x@192.168.1.10").await, "resolves to 192.168.1.10");
+        let other = tenants.get("other").expect("other");
+        let result = check_transfer("sip:evil@203.0.113.66", other, &tenants).await;
+        refused_with(result, "transfer target sip:evil@203.0.113.66 is not in tenant other's allow.dial");
     }
 }

@@ -24,8 +24,10 @@ mod endpoint;
 mod flows_cli;
 mod media;
 mod originate;
+mod policy;
 mod prompts;
 mod recording;
+mod reload;
 mod resolve;
 // Old name, while the files that still use it are edited elsewhere.
 use endpoint as sip_server;
@@ -184,12 +186,27 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
         let all_loaded = deploy::load_all(&config, &tenants, &engine, &registry).await;
         report(&config, &engine, &registry);
         if serve {
-            deploy::watch(&tenants, Arc::clone(&engine), Arc::clone(&registry))?;
+            let watchers = deploy::watch(&tenants, &engine, &registry)?;
+            let current = Arc::new(reload::Current::new(Arc::clone(&tenants)));
+            // What a reload compares against: the text the running configuration came from.
+            let text = match &config_path {
+                Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+                None => config::DEFAULT.to_owned(),
+            };
+            let reloader = Arc::new(reload::Reloader::new(
+                config_path.clone(),
+                text,
+                Arc::clone(&current),
+                Arc::clone(&engine),
+                Arc::clone(&registry),
+                Arc::clone(&resolver),
+                watchers,
+            ));
             let trunk_states = trunk::TrunkStates::default();
             let originations = Arc::new(originate::Originations::default());
             let live = Arc::new(endpoint::LiveCalls::default());
             let routing = Arc::new(sip_server::Routing {
-                tenants: Arc::clone(&tenants),
+                tenants: Arc::clone(&current),
                 originations: Arc::clone(&originations),
                 live: Arc::clone(&live),
                 trunk_states: Arc::clone(&trunk_states),
@@ -291,7 +308,8 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                     .with_context(|| format!("binding the control API on {}", api.listen))?;
                 let state = Arc::new(api::ApiState {
                     admin: api.admin_token.as_ref().map(|t| api::token_digest(t.expose())),
-                    tenants: Arc::clone(&tenants),
+                    tenants: Arc::clone(&current),
+                    reloader: Arc::clone(&reloader),
                     registry: Arc::clone(&registry),
                     engine: Arc::clone(&engine),
                     live,
@@ -317,7 +335,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                 );
                 tokio::spawn(endpoint);
             }
-            wait_for_shutdown().await;
+            wait_for_shutdown(&reloader).await;
             // Hang up every call and let their records be written before exiting.
             let (done, all_ended) = tokio::sync::oneshot::channel();
             if shutdown.send(done).is_ok() {
@@ -414,29 +432,42 @@ fn tenant_limits(tenant: &config::TenantConfig) -> FlowLimits {
     }
 }
 
-async fn wait_for_shutdown() {
-    // The handlers are installed before saying we are ready: a SIGTERM sent as soon as the
-    // line appears must find them (the default action would kill the process).
-    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+async fn wait_for_shutdown(reloader: &reload::Reloader) {
+    use tokio::signal::unix::{SignalKind, signal};
+    // The handlers are installed before saying we are ready: a SIGTERM (or SIGHUP) sent as soon
+    // as the line appears must find them (the default action would kill the process).
+    let watch = |kind: SignalKind, name: &str| match signal(kind) {
         Ok(signal) => Some(signal),
         Err(e) => {
-            tracing::warn!("cannot watch SIGTERM: {e}");
+            tracing::warn!("cannot watch {name}: {e}");
             None
         }
     };
+    let mut terminate = watch(SignalKind::terminate(), "SIGTERM");
+    let mut hangup = watch(SignalKind::hangup(), "SIGHUP");
     let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     println!("Press Ctrl-C to stop.");
-    let terminated = async {
-        match terminate.as_mut() {
+    async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+        match signal.as_mut() {
             Some(signal) => {
                 signal.recv().await;
             }
             None => std::future::pending::<()>().await,
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        () = terminated => {}
+    }
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => break,
+            () = next(&mut terminate) => break,
+            () = next(&mut hangup) => {
+                // SIGHUP: reload the configuration, all or nothing (docs/tenants.md).
+                match reloader.reload().await {
+                    Ok(_) => {}
+                    Err(e) => tracing::error!("reload refused, the running configuration stays: {e}"),
+                }
+            }
+        }
     }
     tracing::info!("shutting down");
 }

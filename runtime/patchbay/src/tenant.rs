@@ -5,7 +5,8 @@
 //! key-value space, inbound credentials and API token. The [`Tenants`] registry answers the
 //! questions the rest of the process asks: which tenant serves this domain, this DID, this
 //! token. Calls, the API and the hot-swap watcher hold an `Arc<Tenant>`, never a tenant id to
-//! look up in some other map.
+//! look up in some other map. What a tenant's flows may reach beyond its own flows and trunks
+//! is its [`Capabilities`] (`[tenant.allow]`, `crate::policy`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use anyhow::Context;
 use patchbay_host::{FlowLimits, MemoryKv};
 
 use crate::config::{Config, Secret, TenantConfig};
+use crate::policy::{Capabilities, Host, LocalAddresses};
 use crate::prompts::PromptStore;
 use crate::trunk::{TenantCaps, TokenBucket, Trunk};
 
@@ -59,6 +61,8 @@ pub struct Tenant {
     pub webhooks: Vec<String>,
     /// Key of its webhooks' signatures.
     pub webhook_secret: Option<Secret>,
+    /// What its flows may dial, transfer to, connect to as agents and set as headers.
+    pub allow: Capabilities,
 }
 
 impl std::fmt::Debug for Tenant {
@@ -103,6 +107,10 @@ impl Tenant {
                     .with_context(|| format!("tenant {:?} trunk {:?}", config.id, trunk.get_ref().name))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let trunk_names: Vec<&str> = config.trunks.iter().map(|t| t.get_ref().name.as_str()).collect();
+        // Checked when the config was parsed; this names the entry again should it not be.
+        let allow = Capabilities::from_config(&config.id, &config.allow, &trunk_names)
+            .map_err(|(_, message)| anyhow::anyhow!("tenant {:?}: {message}", config.id))?;
         let auth = config.auth.as_ref().map(|auth| TenantAuth {
             realm: auth.realm.clone().unwrap_or_else(|| config.id.clone()),
             users: auth.users.clone(),
@@ -136,6 +144,7 @@ impl Tenant {
             api_token: config.api_token.as_ref().map(|t| crate::api::token_digest(t.expose())),
             webhooks: config.webhooks.clone(),
             webhook_secret: config.webhook_secret.clone(),
+            allow,
         })
     }
 
@@ -159,6 +168,12 @@ impl Tenant {
     /// Whether a request-URI's host names this tenant.
     pub fn serves_domain(&self, host: &str) -> bool {
         self.domains.iter().any(|d| d.eq_ignore_ascii_case(host))
+    }
+
+    /// Whether a target's host is one of its domains (names case-insensitively, addresses as
+    /// addresses).
+    pub fn serves_host(&self, host: &Host) -> bool {
+        self.domains.iter().any(|d| crate::policy::parse_host(d).is_ok_and(|h| &h == host))
     }
 
     /// The variables a call to `flow` starts with.
@@ -186,6 +201,9 @@ impl Drop for LiveCallGuard {
 #[derive(Debug, Default)]
 pub struct Tenants {
     all: Vec<Arc<Tenant>>,
+    /// Where Patchbay listens for SIP: a target there in a tenant's domain is one of its own
+    /// flows.
+    pub local: LocalAddresses,
 }
 
 impl Tenants {
@@ -202,7 +220,14 @@ impl Tenants {
             .iter()
             .map(|t| Tenant::build(t, &config.base_dir, resolver, default_instances).map(Arc::new))
             .collect::<anyhow::Result<_>>()?;
-        Ok(Self { all })
+        let listeners = config
+            .sip
+            .listen
+            .iter()
+            .filter_map(|l| crate::config::parse_listen(l.get_ref()).ok())
+            .map(|l| l.addr)
+            .collect();
+        Ok(Self { all, local: LocalAddresses::new(listeners, config.sip.external_ip) })
     }
 
     /// The tenant `id`.
@@ -235,5 +260,40 @@ impl Tenants {
     /// Every tenant's trunks.
     pub fn trunks(&self) -> impl Iterator<Item = &Arc<Trunk>> {
         self.all.iter().flat_map(|t| t.trunks.iter())
+    }
+}
+
+impl Tenants {
+    /// Builds every tenant of `config` for a reload: a tenant that `old` still knows keeps its
+    /// kv space, its count of live calls, its trunks (whose tasks run on), and its caps and
+    /// instance share where their limits did not change — so calls up keep holding their slots.
+    pub fn build_with(
+        config: &Config,
+        resolver: &Arc<dyn crate::resolve::Resolve>,
+        old: impl Fn(&str) -> Option<Arc<Tenant>>,
+    ) -> anyhow::Result<Self> {
+        let mut built = Self::build(config, resolver)?;
+        for tenant in &mut built.all {
+            if let (Some(previous), Some(fresh)) = (old(&tenant.id), Arc::get_mut(tenant)) {
+                fresh.carry_over(&previous);
+            }
+        }
+        Ok(built)
+    }
+}
+
+impl Tenant {
+    /// Takes over what must outlive a reload from the tenant it replaces (see
+    /// [`Tenants::build_with`]).
+    fn carry_over(&mut self, old: &Tenant) {
+        self.kv = Arc::clone(&old.kv);
+        self.live = Arc::clone(&old.live);
+        self.trunks = old.trunks.clone();
+        if self.max_calls == old.max_calls {
+            self.caps.slots = old.caps.slots.clone();
+        }
+        if self.max_instances == old.max_instances {
+            self.instances = Arc::clone(&old.instances);
+        }
     }
 }

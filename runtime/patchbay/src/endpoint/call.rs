@@ -23,11 +23,15 @@ pub(super) struct LiveCall {
     pub(super) _slots: crate::trunk::CallSlots,
     /// Counts the call in its tenant's live calls while it lasts.
     pub(super) _live: crate::tenant::LiveCallGuard,
-    /// Its slot in the tenant's share of the flow instance pool.
-    pub(super) _instance: tokio::sync::OwnedSemaphorePermit,
+    /// Its flow's task: stopped if the flow has not returned [`FLOW_EXIT_GRACE`] after the
+    /// call ended (a flow blocked in a WASI wait does not see the hang-up).
+    pub(super) flow_task: Option<tokio::task::AbortHandle>,
     /// Its entry in the API's list of calls up now.
     pub(super) _listed: Listed,
 }
+
+/// How long a flow has to return after its call ended before it is stopped.
+pub(super) const FLOW_EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A call that is up, as the API lists it (`GET /v1/calls`).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -190,7 +194,7 @@ pub(super) fn start_flow(
             origination,
             _slots: slots,
             _live: tenant.call_started(),
-            _instance: instance,
+            flow_task: None,
             _listed: listed,
         },
     );
@@ -209,12 +213,35 @@ pub(super) fn start_flow(
     let (engine, commands) = (Arc::clone(engine), commands.clone());
     let kv: Arc<dyn patchbay_host::KvStore> = Arc::clone(&tenant.kv) as Arc<dyn patchbay_host::KvStore>;
     let limits = tenant.limits;
+    let flow_call = FlowCall { control, kv, vars, limits: Some(limits) };
+    // The flow runs in a task of its own: should the host panic inside it, or the flow be
+    // stopped after its call, the call still gets its FlowDone (and so its hang-up and its
+    // record). The tenant's instance slot is held for as long as the instance lives.
+    let task = tokio::spawn(async move {
+        let exit = engine.run(&flow, flow_call).await;
+        drop(instance);
+        exit
+    });
+    if let Some(live) = calls.get_mut(&call) {
+        live.flow_task = Some(task.abort_handle());
+        if live.media.is_none() {
+            let commands = commands.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(MAX_RING).await;
+                let _ = commands.send(Command::RingTimeout { call });
+            });
+        }
+    }
     tokio::spawn(async move {
-        let flow_call = FlowCall { control, kv, vars, limits: Some(limits) };
-        // Run in its own task: should the host panic inside it, the call still gets its
-        // FlowDone (and so its hang-up and its record).
-        let exit = match tokio::spawn(async move { engine.run(&flow, flow_call).await }).await {
+        let exit = match task.await {
             Ok(exit) => exit,
+            Err(e) if e.is_cancelled() => {
+                tracing::warn!(?call, "the flow had not returned {FLOW_EXIT_GRACE:?} after its call ended: stopped");
+                let detail = Some(format!("the flow had not returned {FLOW_EXIT_GRACE:?} after its call ended"));
+                let end = FlowEnd { outcome: "flow-stopped", detail, vars: Default::default() };
+                let _ = commands.send(Command::FlowDone { call, end });
+                return;
+            }
             Err(e) => {
                 tracing::error!(?call, "the flow's task failed: {e}");
                 let detail = Some(e.to_string());
@@ -264,6 +291,14 @@ pub(super) fn call_ended(
             media.close();
         }
         let _ = live.ended.send(true);
+        if let Some(task) = live.flow_task.clone() {
+            // A flow that does not return once told its call is over (blocked in a WASI
+            // wait, say) is stopped, so its instance is freed and its record written.
+            tokio::spawn(async move {
+                tokio::time::sleep(FLOW_EXIT_GRACE).await;
+                task.abort();
+            });
+        }
         if let Some(id) = &live.origination {
             let reason = Some("answered, then hung up".to_owned());
             routing.originations.update(id, crate::originate::CallStatus::Completed, Some(200), reason);

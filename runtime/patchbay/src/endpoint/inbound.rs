@@ -90,7 +90,7 @@ impl Endpoint {
         let to_user = request.to_header().ok().and_then(|t| t.uri().ok()).and_then(|u| u.auth).map(|a| a.user);
         // The request-URI decides across every trunk first; To only when it names none
         // (a To header must not pull a call meant for one tenant into another's DID).
-        let tenants = Arc::clone(&routing.tenants);
+        let tenants = routing.tenants.get();
         let did = tenants.by_did(&uri_user).or_else(|| to_user.as_deref().and_then(|u| tenants.by_did(u)));
         let (tenant, user) = match &did {
             Some((tenant, _, flow)) => (Some(*tenant), flow.clone()),

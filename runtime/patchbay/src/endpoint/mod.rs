@@ -56,8 +56,9 @@ use outbound::{hangup_legs, leg_end, origination_answered, start_leg_media};
 /// What the endpoint shares with its calls: the tenants, and the process-wide media and
 /// record settings.
 pub struct Routing {
-    /// Every tenant: domains, DIDs, credentials, limits, prompts, kv, trunks.
-    pub tenants: Arc<crate::tenant::Tenants>,
+    /// Every tenant: domains, DIDs, credentials, limits, prompts, kv, trunks (replaced whole by
+    /// a reload; a call keeps the `Tenant` it started with).
+    pub tenants: Arc<crate::reload::Current<crate::tenant::Tenants>>,
     /// Address put in SDP and Contact instead of the bound one (NAT).
     pub external_ip: Option<std::net::IpAddr>,
     /// The media engine (clock thread and frame pool).
@@ -81,6 +82,12 @@ pub struct Routing {
     /// Each trunk's registration and keep-alive state, for the API.
     pub trunk_states: crate::trunk::TrunkStates,
 }
+
+/// The longest an inbound call rings before its flow answers: then 480, CDR `ring-timeout`.
+/// A flow that never answers would otherwise hold the call, its instance and its tenant's slot
+/// for as long as the caller waits. Three minutes: RFC 3261 §16.6's Timer C, what a proxy in
+/// front of us allows a ringing INVITE.
+pub(crate) const MAX_RING: Duration = Duration::from_secs(180);
 
 /// Key presses (SIP INFO) queued for a flow that has not read them yet; more are dropped.
 const DTMF_QUEUE: usize = 64;
@@ -134,6 +141,10 @@ pub(crate) enum Command {
         reason: String,
     },
     /// Cancel or hang up a call placed through the API.
+    /// An inbound call's flow has not answered within [`MAX_RING`]: 480.
+    RingTimeout {
+        call: CallRef,
+    },
     /// The API hangs up a call that is up (`DELETE /v1/calls/{id}`).
     HangupCall {
         call: CallRef,
@@ -297,6 +308,15 @@ impl Endpoint {
                     live.cdr.ending("api-hangup", "api");
                 }
                 self.bye(now, call);
+            }
+            Command::RingTimeout { call } => {
+                if let Some(live) = self.calls.get_mut(&call).filter(|live| live.media.is_none()) {
+                    tracing::info!(?call, "the flow did not answer within {MAX_RING:?}: 480");
+                    live.cdr.ending("ring-timeout", "patchbay");
+                    if let Err(e) = ua.reject(now, call, 480) {
+                        tracing::debug!(?call, "ring timeout: {e}");
+                    }
+                }
             }
             Command::Hangup { call, cause } => {
                 if let Some(live) = self.calls.get_mut(&call) {

@@ -322,7 +322,7 @@ pub(super) fn origination_answered(
     let Some((origination, channels)) = leg.origination.take() else { return };
     let crate::originate::Origination { id, trunk, flow: flow_name, vars, slots, .. } = *origination;
     let flow = registry.get(&trunk.tenant, &flow_name);
-    let tenant = routing.tenants.get(&trunk.tenant).cloned();
+    let tenant = routing.tenants.get().get(&trunk.tenant).cloned();
     let media = start_leg_media(&mut leg, call, sdp, routing, commands, false, Some(&channels));
     let instance = tenant.as_ref().and_then(|t| t.instance_slot()).filter(|_| engine.free_slots() > 0);
     let runnable = flow.is_ok() && tenant.is_some() && media.is_some() && leg.agreed.is_some();
