@@ -216,6 +216,20 @@ fn a_tenant_token_reaches_only_its_own_tenant() {
     drop(pb);
 }
 
+/// `patchbay flows deploy FILE --tenant acme --name echo` against the API on `api`: whether it
+/// succeeded, and what it printed.
+fn deploy_cli(pb: &Patchbay, api: u16, file: &std::path::Path) -> (bool, String) {
+    let out = patchbay_e2e::patchbay(pb.dir.path())
+        .args(["flows", "deploy"])
+        .arg(file)
+        .args(["--tenant", "acme", "--name", "echo", "--api", &format!("http://127.0.0.1:{api}")])
+        .env("PATCHBAY_TOKEN", "acme-token")
+        .output()
+        .expect("patchbay flows deploy");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), said)
+}
+
 #[test]
 fn a_deploy_through_the_api_serves_new_calls_and_a_broken_one_is_refused() {
     let (pb, api) = start_two_tenants(patchbay_stock_flows::ECHO.component);
@@ -224,15 +238,8 @@ fn a_deploy_through_the_api_serves_new_calls_and_a_broken_one_is_refused() {
     // `patchbay flows deploy`, the CLI a flow author uses.
     let file = pb.dir.path().join("build-b.wasm");
     std::fs::write(&file, &build_b).expect("write build");
-    let out = patchbay_e2e::patchbay(pb.dir.path())
-        .args(["flows", "deploy"])
-        .arg(&file)
-        .args(["--tenant", "acme", "--name", "echo", "--api", &format!("http://127.0.0.1:{api}")])
-        .env("PATCHBAY_TOKEN", "acme-token")
-        .output()
-        .expect("patchbay flows deploy");
-    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{said}");
+    let (ok, said) = deploy_cli(&pb, api, &file);
+    assert!(ok, "{said}");
     assert!(said.contains(&version_b[..12]), "{said}");
     // Saved in the tenant's directory, so a restart keeps it.
     let saved = std::fs::read(pb.dir.path().join("acme-flows/echo.wasm")).expect("saved component");
@@ -240,15 +247,8 @@ fn a_deploy_through_the_api_serves_new_calls_and_a_broken_one_is_refused() {
     // A broken component through the CLI: refused with the compiler's reason, exit 1, and the
     // deployed version keeps serving.
     std::fs::write(&file, b"\0asm\x0d\0\x01\0garbage").expect("write broken");
-    let out = patchbay_e2e::patchbay(pb.dir.path())
-        .args(["flows", "deploy"])
-        .arg(&file)
-        .args(["--tenant", "acme", "--name", "echo", "--api", &format!("http://127.0.0.1:{api}")])
-        .env("PATCHBAY_TOKEN", "acme-token")
-        .output()
-        .expect("patchbay flows deploy");
-    let said = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success());
+    let (ok, said) = deploy_cli(&pb, api, &file);
+    assert!(!ok, "{said}");
     assert!(said.contains("422"), "{said}");
     let (_, _, listing) = http("GET", api, "/v1/tenants/acme/flows", "acme-token", None);
     assert_eq!(listing["flows"][0]["version"].as_str(), Some(version_b.as_str()), "{listing}");

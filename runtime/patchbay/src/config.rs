@@ -244,6 +244,8 @@ pub struct TenantConfig {
     /// `[flows] max_instances`. Default: the whole pool for a lone tenant; with several, the
     /// pool less an eighth (at least one slot), so no tenant can take all of it.
     pub max_instances: Option<u32>,
+    /// Bytes of keys and values the tenant's kv space may hold, in KiB (default 1024).
+    pub kv_quota_kb: Option<u32>,
     /// URL prefixes the tenant's API calls may name as `webhook` (none: no webhooks).
     #[serde(default)]
     pub webhooks: Vec<String>,
@@ -641,6 +643,11 @@ impl Config {
                         config.flows.max_instances
                     ),
                 ));
+            }
+            if let Some(kb) = tenant.kv_quota_kb
+                && !(1..=1 << 20).contains(&kb)
+            {
+                return Err(error(None, format!("tenant.kv_quota_kb: 1 to 1048576 (1 GiB), got {kb}")));
             }
             if tenant.max_calls == Some(0) {
                 return Err(error(None, "tenant.max_calls: must be at least 1 (leave it out for no cap)".into()));

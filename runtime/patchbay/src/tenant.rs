@@ -22,7 +22,7 @@ use crate::policy::{Capabilities, Host, LocalAddresses};
 use crate::prompts::PromptStore;
 use crate::trunk::{TenantCaps, TokenBucket, Trunk};
 
-/// Bytes of keys and values a tenant's kv space may hold.
+/// Bytes of keys and values a tenant's kv space holds unless `kv_quota_kb` says otherwise.
 pub const TENANT_KV_QUOTA: usize = 1 << 20;
 
 /// One tenant (see the module docs).
@@ -139,7 +139,7 @@ impl Tenant {
             flows_dir: config.flows_dir.as_ref().map(|d| base_dir.join(d.get_ref())),
             trunks,
             prompts: Arc::new(PromptStore::new(config.prompts.as_ref().map(|d| base_dir.join(d)))),
-            kv: Arc::new(MemoryKv::new(TENANT_KV_QUOTA)),
+            kv: Arc::new(MemoryKv::new(config.kv_quota_kb.map_or(TENANT_KV_QUOTA, |kb| (kb as usize) << 10))),
             auth,
             api_token: config.api_token.as_ref().map(|t| crate::api::token_digest(t.expose())),
             webhooks: config.webhooks.clone(),
@@ -286,6 +286,7 @@ impl Tenant {
     /// Takes over what must outlive a reload from the tenant it replaces (see
     /// [`Tenants::build_with`]).
     fn carry_over(&mut self, old: &Tenant) {
+        // The kv space keeps its contents (a changed quota applies from the next start).
         self.kv = Arc::clone(&old.kv);
         self.live = Arc::clone(&old.live);
         self.trunks = old.trunks.clone();
