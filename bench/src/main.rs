@@ -11,6 +11,8 @@
 //!   the trunk achieved against its cap and the time from POST to INVITE on the wire.
 //! - `patchbay-loadgen suite`: every scenario of `BENCHMARKS.md` ("System benchmark"), starting
 //!   Patchbay, the peers and the generator itself.
+//! - `patchbay-loadgen swap`, `tenants-rss`, `setup-rate`, `soak`: multi-tenancy and hot swap
+//!   (`BENCHMARKS.md`, "Tenants and hot swap"; see `tenancy/mod.rs`).
 
 mod calls;
 mod originate;
@@ -19,6 +21,7 @@ mod rtp;
 mod rtpengine;
 mod stats;
 mod suite;
+mod tenancy;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -97,6 +100,14 @@ enum Command {
     Suite(suite::SuiteArgs),
     /// Place calls through the control API into a carrier trunk played by the benchmark.
     Originate(originate::OriginateArgs),
+    /// Hot swap latency: a component renamed into a tenant's flows_dir until the API serves it.
+    Swap(tenancy::swap::SwapArgs),
+    /// Resident memory of many tenants with loaded flows and no calls.
+    TenantsRss(tenancy::rss::RssArgs),
+    /// Call set-ups per second to one tenant and spread over many (sipp).
+    SetupRate(tenancy::setup_rate::SetupRateArgs),
+    /// Minutes of calls while the flow is swapped every few seconds; fails on any failed call.
+    Soak(tenancy::soak::SoakArgs),
 }
 
 fn parse_pid(s: &str) -> Result<(String, u32), String> {
@@ -123,6 +134,10 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Suite(args) => suite::run(args).await,
             Command::Originate(args) => originate::run(args).await,
+            Command::Swap(args) => tenancy::swap::run(args).await,
+            Command::TenantsRss(args) => tenancy::rss::run(args).await,
+            Command::SetupRate(args) => tenancy::setup_rate::run(args).await,
+            Command::Soak(args) => tenancy::soak::run(args).await,
         }
     })
 }

@@ -9,8 +9,13 @@
 //! - `cargo xtask bench`: the benchmarks whose figures go into `BENCHMARKS.md`: the micro
 //!   benchmarks, the media clock and agent path (the binary's subcommands behind its `bench`
 //!   feature), then the system benchmark suite
-//!   (`patchbay-loadgen suite`: load generator, sipp, rtpengine). `cargo xtask bench system
-//!   [ARGS…]` runs only the suite (arguments go to `patchbay-loadgen suite`).
+//!   (`patchbay-loadgen suite`: load generator, sipp, rtpengine), then the tenancy and hot-swap
+//!   benchmarks. `cargo xtask bench system [ARGS…]` runs only the suite (arguments go to
+//!   `patchbay-loadgen suite`); `cargo xtask bench tenancy` only the tenancy benchmarks
+//!   (`patchbay-loadgen swap`, `tenants-rss`, `setup-rate`).
+//! - `cargo xtask soak [--minutes N] [ARGS…]`: sipp calls without pause for N minutes (default 5)
+//!   while the flow is hot-swapped every 10 s between two builds; fails on any failed call or a
+//!   CDR naming neither build (`patchbay-loadgen soak`; arguments go to it). Not part of `test`.
 //!
 //! Each command first installs what it needs and can install itself (the `wasm32-wasip2`
 //! target through rustup, sipp/sox/espeak-ng/tshark through apt-get), so that they work on a fresh machine with only rustup and cargo.
@@ -29,8 +34,9 @@ fn main() -> ExitCode {
         "run" => run(&rest),
         "test" => test(&rest),
         "bench" => bench(&rest),
+        "soak" => soak(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <run [ARGS…] | test | bench>");
+            eprintln!("usage: cargo xtask <run [ARGS…] | test | bench [system | tenancy] | soak [--minutes N]>");
             return ExitCode::from(2);
         }
     };
@@ -192,8 +198,10 @@ fn test(args: &[String]) -> Result<(), String> {
 
 fn bench(args: &[String]) -> Result<(), String> {
     ensure_wasm_target()?;
-    if args.first().map(String::as_str) == Some("system") {
-        return system_bench(&args[1..]);
+    match args.first().map(String::as_str) {
+        Some("system") => return system_bench(&args[1..]),
+        Some("tenancy") => return tenancy_bench(),
+        _ => {}
     }
     step("benchmarks", cargo().args(["bench", "--workspace", "--locked"]).args(args))?;
     // The binary's own benchmarks: pacing of the media clock and the agent path under load.
@@ -206,7 +214,42 @@ fn bench(args: &[String]) -> Result<(), String> {
     for calls in ["100", "500"] {
         step("agent latency", Command::new(&patchbay).args(["bench-agent", "--calls", calls, "--seconds", "10"]))?;
     }
-    system_bench(&[])
+    system_bench(&[])?;
+    tenancy_bench()
+}
+
+/// The release builds the tenancy benchmarks and the soak drive (the stock components they
+/// swap are built with `patchbay`, into `target/wasm-flows`).
+fn build_loadgen_release() -> Result<(), String> {
+    ensure_tools(&[("sipp", "-v", "sip-tester"), ("dumpcap", "-v", "wireshark-common")])?;
+    step(
+        "patchbay and patchbay-loadgen (release)",
+        cargo().args(["build", "--release", "--package", "patchbay", "--package", "patchbay-bench", "--locked"]),
+    )
+}
+
+/// Hot-swap latency, memory of 1,000 tenants, set-up rate over 100 tenants; results in
+/// `target/bench-swap/`, `target/bench-tenants-rss/`, `target/bench-setup-rate/`.
+fn tenancy_bench() -> Result<(), String> {
+    build_loadgen_release()?;
+    let loadgen = root().join("target/release/patchbay-loadgen");
+    for (description, command) in [
+        ("hot swap latency", "swap"),
+        ("memory of 1,000 tenants", "tenants-rss"),
+        ("set-up rate over tenants", "setup-rate"),
+    ] {
+        step(description, Command::new(&loadgen).current_dir(root()).arg(command))?;
+    }
+    Ok(())
+}
+
+/// `cargo xtask soak [--minutes N] [ARGS…]`: minutes of calls under repeated hot swaps.
+fn soak(args: &[String]) -> Result<(), String> {
+    build_loadgen_release()?;
+    step(
+        "soak: calls under hot swaps",
+        Command::new(root().join("target/release/patchbay-loadgen")).current_dir(root()).arg("soak").args(args),
+    )
 }
 
 /// The system benchmark suite: Patchbay under the load generator next to its peers (sipp's UAS,
