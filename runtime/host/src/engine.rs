@@ -31,6 +31,10 @@ pub struct FlowEngine {
     slots: Arc<Semaphore>,
     config: HostConfig,
     pooling: bool,
+    /// Compiled flows by version, while any is loaded: the same component under several
+    /// tenants or names is compiled (or read from the cache) once and shares its code and
+    /// pre-instance.
+    compiled: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<crate::bindings::FlowPre<FlowState>>>>,
     _ticker: EpochTicker,
 }
 
@@ -111,6 +115,7 @@ impl FlowEngine {
             linker,
             pooling,
             config,
+            compiled: Default::default(),
             _ticker: ticker,
         })
     }
@@ -132,6 +137,19 @@ impl FlowEngine {
     /// The configuration the engine was built with.
     pub fn config(&self) -> &HostConfig {
         &self.config
+    }
+
+    /// The loaded pre-instance of `version`, if any flow still holds it.
+    pub(crate) fn loaded(&self, version: &str) -> Option<Arc<crate::bindings::FlowPre<FlowState>>> {
+        let mut compiled = self.compiled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        compiled.retain(|_, pre| pre.strong_count() > 0);
+        compiled.get(version).and_then(std::sync::Weak::upgrade)
+    }
+
+    /// Remembers `pre` as the loaded `version` (see [`Self::loaded`]).
+    pub(crate) fn remember(&self, version: &str, pre: &Arc<crate::bindings::FlowPre<FlowState>>) {
+        let mut compiled = self.compiled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        compiled.insert(version.to_owned(), Arc::downgrade(pre));
     }
 
     /// Instance slots free right now.

@@ -37,7 +37,8 @@ impl FlowKey {
 pub struct CompiledFlow {
     name: String,
     version: String,
-    pre: FlowPre<FlowState>,
+    /// Shared by every loaded flow with these bytes (see `FlowEngine::loaded`).
+    pre: Arc<FlowPre<FlowState>>,
 }
 
 impl std::fmt::Debug for CompiledFlow {
@@ -52,6 +53,9 @@ impl CompiledFlow {
     /// Blocking and CPU-heavy (Cranelift): call it outside the async workers.
     pub fn compile(engine: &FlowEngine, name: &str, bytes: &[u8]) -> Result<Self, HostError> {
         let version = hex::encode(Sha256::digest(bytes));
+        if let Some(pre) = engine.loaded(&version) {
+            return Ok(Self { name: name.into(), version, pre });
+        }
         let component = match &engine.config().cache_dir {
             Some(dir) => load_cached(engine, dir, name, &version, bytes)?,
             None => Component::new(engine.engine(), bytes)
@@ -59,7 +63,8 @@ impl CompiledFlow {
         };
         let mismatch = |e: wasmtime::Error| HostError::WorldMismatch { flow: name.into(), detail: format!("{e:#}") };
         let instance_pre = engine.linker().instantiate_pre(&component).map_err(mismatch)?;
-        let pre = FlowPre::new(instance_pre).map_err(mismatch)?;
+        let pre = Arc::new(FlowPre::new(instance_pre).map_err(mismatch)?);
+        engine.remember(&version, &pre);
         Ok(Self { name: name.into(), version, pre })
     }
 

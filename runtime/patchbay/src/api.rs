@@ -706,7 +706,7 @@ mod tests {
             Arc::clone(&engine),
             Arc::default(),
             resolver,
-            Default::default(),
+            crate::deploy::Watchers::new().expect("a watcher"),
         );
         Arc::new(ApiState {
             admin: None,

@@ -246,60 +246,134 @@ async fn load_file(
     compile(engine, registry, &tenant.id, name, bytes.into(), source).await.is_ok()
 }
 
-/// The running `flows_dir` watchers, by tenant id (and the directory each watches).
-pub type Watchers = std::collections::HashMap<String, (PathBuf, tokio::task::AbortHandle)>;
+/// Directory → (tenant id, its debouncing task's inbox).
+type Routes = std::collections::HashMap<PathBuf, Vec<(String, tokio::sync::mpsc::UnboundedSender<PathBuf>)>>;
 
-/// Watches every tenant's `flows_dir` until the process ends (or the watcher is aborted, on a
-/// reload that drops the tenant or moves its directory). Fails when a watch cannot be set up.
-pub fn watch(tenants: &Tenants, engine: &Arc<FlowEngine>, registry: &Arc<FlowRegistry>) -> anyhow::Result<Watchers> {
-    let mut watchers = Watchers::new();
-    for tenant in tenants.iter() {
-        if let Some(dir) = &tenant.flows_dir {
-            let handle = watch_tenant(tenant, Arc::clone(engine), Arc::clone(registry))?;
-            watchers.insert(tenant.id.clone(), (dir.clone(), handle));
-        }
-    }
-    Ok(watchers)
+/// The `flows_dir` watches of every tenant: one `notify` watcher (one inotify instance and one
+/// thread, however many tenants: Linux allows a user 128 instances by default) whose events are
+/// routed by directory to a debouncing task per tenant.
+pub struct Watchers {
+    watcher: notify::RecommendedWatcher,
+    /// Directory (as watched) → the tenants that use it and their tasks' inboxes.
+    routes: Arc<std::sync::Mutex<Routes>>,
+    /// Tenant id → its directory (as configured, and as watched) and its task.
+    tenants: std::collections::HashMap<String, (PathBuf, PathBuf, tokio::task::AbortHandle)>,
 }
 
-/// Watches one tenant's `flows_dir` (it must have one).
-pub fn watch_tenant(
-    tenant: &Arc<Tenant>,
-    engine: Arc<FlowEngine>,
-    registry: Arc<FlowRegistry>,
-) -> anyhow::Result<tokio::task::AbortHandle> {
-    use notify::Watcher;
-    let dir = tenant.flows_dir.clone().context("the tenant has no flows_dir")?;
-    let (events, mut changes) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-        Ok(event) if is_change(&event.kind) => {
-            for path in event.paths {
-                let _ = events.send(path);
+impl Watchers {
+    /// No directory watched yet.
+    pub fn new() -> anyhow::Result<Self> {
+        let routes: Arc<std::sync::Mutex<Routes>> = Arc::default();
+        let routed = Arc::clone(&routes);
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+            Ok(event) if is_change(&event.kind) => {
+                let routes = routed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for path in event.paths {
+                    let Some(senders) = path.parent().and_then(|dir| routes.get(dir)) else { continue };
+                    for (_, sender) in senders {
+                        let _ = sender.send(path.clone());
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("flows_dir watcher: {e}"),
+        })
+        .context("starting the flows_dir watcher")?;
+        Ok(Self { watcher, routes, tenants: Default::default() })
+    }
+
+    /// Watches every tenant's `flows_dir`; a directory that cannot be watched is logged (its
+    /// flows are loaded, but not swapped while running).
+    pub fn start(tenants: &Tenants, engine: &Arc<FlowEngine>, registry: &Arc<FlowRegistry>) -> anyhow::Result<Self> {
+        let mut watchers = Self::new()?;
+        for tenant in tenants.iter().filter(|t| t.flows_dir.is_some()) {
+            if let Err(e) = watchers.add(tenant, engine, registry) {
+                tracing::error!(tenant = %tenant.id, "flows_dir not watched (no hot swap for it): {e:#}");
             }
         }
-        Ok(_) => {}
-        Err(e) => tracing::warn!("flows_dir watcher: {e}"),
-    })
-    .context("starting the flows_dir watcher")?;
-    watcher.watch(&dir, notify::RecursiveMode::NonRecursive).with_context(|| format!("watching {}", dir.display()))?;
-    tracing::info!(tenant = %tenant.id, dir = %dir.display(), "watching flows for hot swap");
-    let tenant = Arc::clone(tenant);
-    let task = tokio::spawn(async move {
-        // The watcher lives as long as this task.
-        let _watcher = watcher;
-        while let Some(first) = changes.recv().await {
-            let mut names = BTreeSet::new();
-            names.extend(flow_name(&first));
-            // Debounce: gather until the directory has been quiet for SETTLE.
-            while let Ok(Some(path)) = tokio::time::timeout(SETTLE, changes.recv()).await {
-                names.extend(flow_name(&path));
+        Ok(watchers)
+    }
+
+    /// The directory watched for tenant `id`.
+    pub fn dir_of(&self, id: &str) -> Option<&PathBuf> {
+        self.tenants.get(id).map(|(dir, _, _)| dir)
+    }
+
+    /// The tenants watched.
+    pub fn tenant_ids(&self) -> Vec<String> {
+        self.tenants.keys().cloned().collect()
+    }
+
+    /// Watches `tenant`'s `flows_dir` (it must have one).
+    pub fn add(
+        &mut self,
+        tenant: &Arc<Tenant>,
+        engine: &Arc<FlowEngine>,
+        registry: &Arc<FlowRegistry>,
+    ) -> anyhow::Result<()> {
+        use notify::Watcher;
+        let given = tenant.flows_dir.clone().context("the tenant has no flows_dir")?;
+        // Events name paths under the directory as notify resolved it: route on the
+        // canonical path, so a relative `flows_dir` (a config file given as a relative path)
+        // matches too.
+        let dir = given.canonicalize().with_context(|| format!("resolving {}", given.display()))?;
+        let (events, mut changes) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
+        let shared = Arc::clone(&self.routes);
+        let mut routes = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let id = tenant.id.clone();
+        self.remove_route(&mut routes, &id);
+        if !routes.contains_key(&dir) {
+            self.watcher
+                .watch(&dir, notify::RecursiveMode::NonRecursive)
+                .with_context(|| format!("watching {}", dir.display()))?;
+        }
+        routes.entry(dir.clone()).or_default().push((id.clone(), events));
+        drop(routes);
+        tracing::info!(tenant = %tenant.id, dir = %dir.display(), "watching flows for hot swap");
+        let (tenant, engine, registry, watched) =
+            (Arc::clone(tenant), Arc::clone(engine), Arc::clone(registry), given.clone());
+        let task = tokio::spawn(async move {
+            while let Some(first) = changes.recv().await {
+                let mut names = BTreeSet::new();
+                names.extend(flow_name(&first));
+                // Debounce: gather until the directory has been quiet for SETTLE.
+                while let Ok(Some(path)) = tokio::time::timeout(SETTLE, changes.recv()).await {
+                    names.extend(flow_name(&path));
+                }
+                for name in names {
+                    load_file(&engine, &registry, &tenant, &watched, &name).await;
+                }
             }
-            for name in names {
-                load_file(&engine, &registry, &tenant, &dir, &name).await;
+        });
+        if let Some((_, _, old)) = self.tenants.insert(id, (given, dir, task.abort_handle())) {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    /// Takes tenant `id` out of `routes`, unwatching a directory nobody else uses.
+    fn remove_route(&mut self, routes: &mut Routes, id: &str) {
+        // (`routes` is the locked `self.routes`: the caller holds the lock.)
+        use notify::Watcher;
+        let Some((_, dir, _)) = self.tenants.get(id) else { return };
+        if let Some(senders) = routes.get_mut(dir) {
+            senders.retain(|(tenant, _)| tenant != id);
+            if senders.is_empty() {
+                routes.remove(dir);
+                let _ = self.watcher.unwatch(dir);
             }
         }
-    });
-    Ok(task.abort_handle())
+    }
+
+    /// Stops watching for tenant `id`.
+    pub fn remove(&mut self, id: &str) {
+        let routes = Arc::clone(&self.routes);
+        let mut routes = routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.remove_route(&mut routes, id);
+        if let Some((_, _, task)) = self.tenants.remove(id) {
+            task.abort();
+        }
+    }
 }
 
 /// Events that may change what a `NAME.wasm` holds: created, written, closed after writing,

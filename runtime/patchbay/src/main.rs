@@ -186,7 +186,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
         let all_loaded = deploy::load_all(&config, &tenants, &engine, &registry).await;
         report(&config, &engine, &registry);
         if serve {
-            let watchers = deploy::watch(&tenants, &engine, &registry)?;
+            let watchers = deploy::Watchers::start(&tenants, &engine, &registry)?;
             let current = Arc::new(reload::Current::new(Arc::clone(&tenants)));
             // What a reload compares against: the text the running configuration came from.
             let text = match &config_path {

@@ -160,7 +160,7 @@ impl Reloader {
         for tenant in built.iter() {
             let Some(dir) = &tenant.flows_dir else { continue };
             let names = crate::deploy::components_in(dir).map_err(|e| ReloadError::Config(format!("{e:#}")))?;
-            let watched = watchers.get(&tenant.id).is_some_and(|(d, _)| d == dir);
+            let watched = watchers.dir_of(&tenant.id) == Some(dir);
             for name in names {
                 let key = FlowKey::new(&tenant.id, &name);
                 expected.insert(key.clone());
@@ -206,23 +206,18 @@ impl Reloader {
             }
         }
         // Watchers: stop those of tenants gone or moved, start the new ones.
-        watchers.retain(|id, (dir, handle)| {
-            let stays = built.get(id).is_some_and(|t| t.flows_dir.as_ref() == Some(dir));
-            if !stays {
-                handle.abort();
+        for id in watchers.tenant_ids() {
+            let dir = watchers.dir_of(&id).cloned();
+            if built.get(&id).is_none_or(|t| t.flows_dir != dir) {
+                watchers.remove(&id);
             }
-            stays
-        });
+        }
         for tenant in built.iter() {
-            if let Some(dir) = &tenant.flows_dir
-                && !watchers.contains_key(&tenant.id)
+            if tenant.flows_dir.is_some()
+                && watchers.dir_of(&tenant.id).is_none()
+                && let Err(e) = watchers.add(tenant, &self.engine, &self.registry)
             {
-                match crate::deploy::watch_tenant(tenant, Arc::clone(&self.engine), Arc::clone(&self.registry)) {
-                    Ok(handle) => {
-                        watchers.insert(tenant.id.clone(), (dir.clone(), handle));
-                    }
-                    Err(e) => tracing::error!(tenant = %tenant.id, "flows_dir not watched: {e:#}"),
-                }
+                tracing::error!(tenant = %tenant.id, "flows_dir not watched: {e:#}");
             }
         }
         self.tenants.set(Arc::new(built));
