@@ -24,8 +24,8 @@ use sha2::Digest;
 use tokio::sync::mpsc;
 
 use crate::cdr::{CdrDraft, CdrSink, FlowEnd, SipEnd};
+use crate::endpoint::Command;
 use crate::originate::{CallStatus, CallView, Origination, Originations, new_call_id};
-use crate::sip_server::Command;
 use crate::tenant::Tenants;
 use crate::trunk::check_number;
 

@@ -15,8 +15,8 @@ use patchbay_sip::ua::CallRef;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dial::LegEvent;
+use crate::endpoint::{Command, MediaSlot};
 use crate::media::{CallMedia, Listener};
-use crate::sip_server::{Command, MediaSlot};
 
 /// A call as its flow sees it. Waiting operations end with `hangup` as soon as the call ends.
 pub(crate) struct SipCall {
@@ -36,7 +36,7 @@ pub(crate) struct SipCall {
     /// The caller's audio while the flow has its audio stream open.
     stream: tokio::sync::Mutex<Option<mpsc::Receiver<Frame>>>,
     /// The endpoint's routing (storage, media engine, agents' TLS).
-    routing: Arc<crate::sip_server::Routing>,
+    routing: Arc<crate::endpoint::Routing>,
     /// Whether the caller takes REFER (its Allow lists it, or it sent no Allow).
     refer: bool,
 }
@@ -52,7 +52,7 @@ impl SipCall {
         media: MediaSlot,
         played: watch::Receiver<u64>,
         tenant: Arc<crate::tenant::Tenant>,
-        routing: Arc<crate::sip_server::Routing>,
+        routing: Arc<crate::endpoint::Routing>,
         refer: bool,
     ) -> Self {
         Self {
@@ -426,8 +426,8 @@ impl CallControl for SipCall {
             call_sid: self.info.call_id.clone(),
             stream_sid: format!(
                 "MZ{:016x}{:016x}",
-                crate::sip_server::random_u64(0xa6e),
-                crate::sip_server::random_u64(0x5e1d)
+                crate::endpoint::random_u64(0xa6e),
+                crate::endpoint::random_u64(0x5e1d)
             ),
             custom_parameters: params.to_vec(),
         };
@@ -499,7 +499,7 @@ impl CallControl for SipCall {
         let id = format!(
             "{}-{:08x}",
             started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis()),
-            crate::sip_server::random_u64(0x7ec) as u32
+            crate::endpoint::random_u64(0x7ec) as u32
         );
         let meta = crate::recording::Metadata {
             id: &id,

@@ -29,8 +29,6 @@ mod prompts;
 mod recording;
 mod reload;
 mod resolve;
-// Old name, while the files that still use it are edited elsewhere.
-use endpoint as sip_server;
 mod tenant;
 mod transport;
 mod trunk;
@@ -205,7 +203,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
             let trunk_states = trunk::TrunkStates::default();
             let originations = Arc::new(originate::Originations::default());
             let live = Arc::new(endpoint::LiveCalls::default());
-            let routing = Arc::new(sip_server::Routing {
+            let routing = Arc::new(endpoint::Routing {
                 tenants: Arc::clone(&current),
                 originations: Arc::clone(&originations),
                 live: Arc::clone(&live),
@@ -324,14 +322,14 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
             }
             let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
             if !listeners.is_empty() {
-                let endpoint = sip_server::run_endpoint(
+                let endpoint = endpoint::run_endpoint(
                     listeners,
                     inbound_rx,
                     outbound,
                     engine,
                     registry,
                     routing,
-                    sip_server::EndpointControl { commands, command_rx, shutdown: shutdown_rx },
+                    endpoint::EndpointControl { commands, command_rx, shutdown: shutdown_rx },
                 );
                 tokio::spawn(endpoint);
             }

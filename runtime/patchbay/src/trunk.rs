@@ -385,7 +385,7 @@ impl Trunk {
     pub async fn start(
         self: Arc<Self>,
         streams: Arc<crate::transport::Streams>,
-        commands: mpsc::UnboundedSender<crate::sip_server::Command>,
+        commands: mpsc::UnboundedSender<crate::endpoint::Command>,
         states: TrunkStates,
     ) {
         let key = self.key();
@@ -420,7 +420,7 @@ impl Trunk {
             }
         }
         if self.register_expires.is_some() {
-            let command = crate::sip_server::Command::Register { trunk: Arc::clone(&self), peer: peers[0] };
+            let command = crate::endpoint::Command::Register { trunk: Arc::clone(&self), peer: peers[0] };
             if commands.send(command).is_err() {
                 return;
             }
@@ -432,7 +432,7 @@ impl Trunk {
     /// endpoint takes commands (RFC 5626 §3.5.1 keeps TCP/TLS connections alive with CRLF
     /// instead: see the transport). They keep NAT bindings towards the carrier open and tell
     /// whether it answers.
-    pub async fn keep_alive(self: Arc<Self>, commands: mpsc::UnboundedSender<crate::sip_server::Command>) {
+    pub async fn keep_alive(self: Arc<Self>, commands: mpsc::UnboundedSender<crate::endpoint::Command>) {
         let Some(every) = self.keepalive.filter(|_| self.transport == TrunkTransport::Udp) else { return };
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -449,7 +449,7 @@ impl Trunk {
             };
             let Some(ping) = ping else { return };
             let key = self.key();
-            if commands.send(crate::sip_server::Command::Ping { key, ping }).is_err() {
+            if commands.send(crate::endpoint::Command::Ping { key, ping }).is_err() {
                 return;
             }
         }
