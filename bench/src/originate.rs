@@ -451,8 +451,8 @@ impl HttpConnection {
 }
 
 /// Reads one response: status, body (Content-Length framing; axum always sends it for these
-/// answers) and whether the server will close the connection.
-async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<(u16, Vec<u8>, bool)> {
+/// answers) and whether the server will close the connection. Shared with the tenancy benchmarks.
+pub(crate) async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<(u16, Vec<u8>, bool)> {
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
     buf.clear();
     let mut chunk = [0u8; 4096];

@@ -22,7 +22,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::process::Command;
 
@@ -402,7 +402,7 @@ impl ApiClient {
         let stream = self.stream.as_mut().context("no connection")?;
         let result = async {
             stream.write_all(request.as_bytes()).await?;
-            read_response(stream, &mut self.buf).await
+            crate::originate::read_response(stream, &mut self.buf).await
         }
         .await;
         match result {
@@ -443,47 +443,6 @@ impl ApiClient {
             }
         }
     }
-}
-
-/// Reads one response (Content-Length framing, which axum sends for these answers).
-async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<(u16, Vec<u8>, bool)> {
-    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
-    buf.clear();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| bad("response head is not UTF-8"))?;
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("no status line"))?;
-    let (mut length, mut close) = (0usize, false);
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else { continue };
-        if name.eq_ignore_ascii_case("content-length") {
-            length = value.trim().parse().map_err(|_| bad("bad Content-Length"))?;
-        } else if name.eq_ignore_ascii_case("connection") && value.trim().eq_ignore_ascii_case("close") {
-            close = true;
-        }
-    }
-    while buf.len() < head_end + length {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Ok((status, buf[head_end..head_end + length].to_vec(), close))
 }
 
 /// sipp placing calls in the background until told to stop.
