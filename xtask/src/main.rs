@@ -218,13 +218,13 @@ fn bench(args: &[String]) -> Result<(), String> {
     tenancy_bench()
 }
 
-/// The release builds the tenancy benchmarks and the soak drive (the stock components they
-/// swap are built with `patchbay`, into `target/wasm-flows`).
+/// The release build that every benchmark and the soak drive: `patchbay` (with the `bench`
+/// feature: the system suite's agent rounds run `patchbay echo-agent`) and `patchbay-loadgen`,
+/// one build for all of them (the stock components they swap land in `target/wasm-flows`).
 fn build_loadgen_release() -> Result<(), String> {
     ensure_tools(&[("sipp", "-v", "sip-tester"), ("dumpcap", "-v", "wireshark-common")])?;
     step(
         "patchbay and patchbay-loadgen (release)",
-        // With the `bench` feature, as the system benchmark builds it: one release build for both.
         cargo().args([
             "build",
             "--release",
@@ -233,7 +233,7 @@ fn build_loadgen_release() -> Result<(), String> {
             "--package",
             "patchbay-bench",
             "--features",
-            "patchbay/bench",
+            BENCH_FEATURE,
             "--locked",
         ]),
     )
@@ -270,22 +270,7 @@ fn soak(args: &[String]) -> Result<(), String> {
 fn system_bench(args: &[String]) -> Result<(), String> {
     ensure_test_tools()?;
     ensure_tools(&BENCH_TOOLS)?;
-    // With the `bench` feature: the suite's agent rounds run `patchbay echo-agent` (and the
-    // binary is then the one `bench` built above, not a second build).
-    step(
-        "patchbay and patchbay-loadgen (release)",
-        cargo().args([
-            "build",
-            "--release",
-            "--package",
-            "patchbay",
-            "--package",
-            "patchbay-bench",
-            "--features",
-            BENCH_FEATURE,
-            "--locked",
-        ]),
-    )?;
+    build_loadgen_release()?;
     step(
         "system benchmark",
         Command::new(root().join("target/release/patchbay-loadgen")).current_dir(root()).arg("suite").args(args),
