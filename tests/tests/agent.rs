@@ -196,18 +196,24 @@ fn the_demo_agent_greets_and_repeats_what_the_caller_says() {
     assert!(energetic >= 100, "the agent's greeting should be heard after key 2 cut the menu: {energetic} loud frames");
 }
 
+/// The stock agent-handoff flow talking to the agent on `agent_port`, with the human on
+/// `human_port` as its fallback, and a tenant that allows both.
+fn handoff_flow(agent_port: u16, human_port: u16) -> String {
+    format!(
+        "[[tenant.flow]]\nname = \"agent\"\nstock = \"agent\"\n[tenant.flow.vars]\n\
+         \"agent.url\" = \"ws://127.0.0.1:{agent_port}/agent\"\n\
+         \"agent.fallback\" = \"sip:human@127.0.0.1:{human_port}\"\n{}",
+        allow(&[&format!("sip:human@127.0.0.1:{human_port}")], &[&format!("ws://127.0.0.1:{agent_port}")])
+    )
+}
+
 /// agent-handoff: the agent cannot be reached, so the caller hears the fallback prompt and is
 /// bridged to a human over SIP.
 #[test]
 fn agent_handoff_falls_back_to_a_human_when_the_agent_is_unreachable() {
     let human_port = free_port();
     let dead_agent = free_port();
-    let flows = format!(
-        "[[tenant.flow]]\nname = \"agent\"\nstock = \"agent\"\n[tenant.flow.vars]\n\
-         \"agent.url\" = \"ws://127.0.0.1:{dead_agent}/agent\"\n\
-         \"agent.fallback\" = \"sip:human@127.0.0.1:{human_port}\"\n{}",
-        allow(&[&format!("sip:human@127.0.0.1:{human_port}")], &[&format!("ws://127.0.0.1:{dead_agent}")])
-    );
+    let flows = handoff_flow(dead_agent, human_port);
     let pb = start_patchbay_with("", &flows);
     let sipp_dir = tempfile::tempdir().expect("tempdir");
     let human = human(human_port, sipp_dir.path());
@@ -242,12 +248,7 @@ fn agent_handoff_does_not_transfer_where_the_tenant_does_not_allow() {
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind the agent");
     let agent_port = listener.local_addr().expect("agent address").port();
     runtime.spawn(agent.serve(listener));
-    let flows = format!(
-        "[[tenant.flow]]\nname = \"agent\"\nstock = \"agent\"\n[tenant.flow.vars]\n\
-         \"agent.url\" = \"ws://127.0.0.1:{agent_port}/agent\"\n\
-         \"agent.fallback\" = \"sip:human@127.0.0.1:{human_port}\"\n{}",
-        allow(&[&format!("sip:human@127.0.0.1:{human_port}")], &[&format!("ws://127.0.0.1:{agent_port}")])
-    );
+    let flows = handoff_flow(agent_port, human_port);
     let pb = start_patchbay_with("", &flows);
     let sipp_dir = tempfile::tempdir().expect("tempdir");
     let human = human(human_port, sipp_dir.path());
