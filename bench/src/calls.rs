@@ -171,7 +171,8 @@ impl LoadGenerator {
             contact_host: local.to_string(),
             user_agent: format!("patchbay-loadgen/{}", env!("CARGO_PKG_VERSION")),
             timers: TimerConfig::default(),
-            seed,
+            // A load generator: a fixed key per run is all it needs.
+            rng_key: patchbay_sip::ua::RngKey::fixed(seed),
         });
         Ok(Self {
             socket: Arc::new(socket),

@@ -280,7 +280,10 @@ fn carrier_loop(socket: &StdUdpSocket, media: &StdUdpSocket, book: &Mutex<Carrie
         contact_host: local.to_string(),
         user_agent: format!("patchbay-loadgen-carrier/{}", env!("CARGO_PKG_VERSION")),
         timers: TimerConfig::default(),
-        seed: std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), local),
+        rng_key: patchbay_sip::ua::RngKey::fixed(std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            local,
+        )),
     });
     let mut local_media =
         LocalMedia::new(media.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0))), None, 1, 1);

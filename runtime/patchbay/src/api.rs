@@ -20,10 +20,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use patchbay_host::FlowRegistry;
 use serde::Deserialize;
-use sha2::Digest;
 use tokio::sync::mpsc;
 
-use crate::cdr::{CdrDraft, CdrSink, FlowEnd, SipEnd};
+use crate::cdr::CdrSink;
 use crate::endpoint::Command;
 use crate::originate::{CallStatus, CallView, Origination, Originations, new_call_id};
 use crate::tenant::Tenants;
@@ -43,7 +42,7 @@ pub struct ApiState {
     /// Reloads the configuration (`POST /v1/reload`).
     pub reloader: Arc<crate::reload::Reloader>,
     /// Every call up now.
-    pub live: Arc<crate::endpoint::LiveCalls>,
+    pub live: Arc<crate::call::LiveCalls>,
     /// The CDR file, when records are written to one (`[cdr] path`).
     pub cdr_path: Option<std::path::PathBuf>,
     /// Originations' progress.
@@ -56,11 +55,6 @@ pub struct ApiState {
     pub trunk_states: crate::trunk::TrunkStates,
     /// TLS for `https://` webhooks (public roots).
     pub webhook_tls: Option<Arc<rustls::ClientConfig>>,
-}
-
-/// SHA-256 of a token.
-pub fn token_digest(token: &str) -> [u8; 32] {
-    sha2::Sha256::digest(token.as_bytes()).into()
 }
 
 /// The routes, ready to serve.
@@ -154,7 +148,7 @@ fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<Caller, ApiErro
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or_else(unauthorized)?;
-    let digest = token_digest(token);
+    let digest = crate::tenant::token_digest(token);
     if state.admin == Some(digest) {
         return Ok(Caller::Admin);
     }
@@ -216,7 +210,7 @@ async fn create_call(
             ended: None,
         };
         if error.status != StatusCode::TOO_MANY_REQUESTS && error.code != "shutting-down" {
-            write_refused(&state.cdr, &view, error.code);
+            crate::originate::write_refused(&state.cdr, &view, error.code);
         }
     })
 }
@@ -294,7 +288,7 @@ async fn place(state: &Arc<ApiState>, tenant_id: String, request: CreateCall) ->
         ended: None,
     };
     if state.originations.insert(view.clone()).is_err() {
-        write_refused(&state.cdr, &view, "shutdown");
+        crate::originate::write_refused(&state.cdr, &view, "shutdown");
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting-down", "Patchbay is shutting down"));
     }
     let origination = Origination {
@@ -342,7 +336,7 @@ async fn place(state: &Arc<ApiState>, tenant_id: String, request: CreateCall) ->
         // tenants' finished calls), with its record.
         let reason = format!("trunk {:?} is at its cap and its queue is full", trunk.name);
         state.originations.remove(&id);
-        write_refused(&state.cdr, &view, "rate-limited");
+        crate::originate::write_refused(&state.cdr, &view, "rate-limited");
         let mut error = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate-limited", reason);
         error.retry_after = Some(retry_after);
         return Err(error);
@@ -351,26 +345,6 @@ async fn place(state: &Arc<ApiState>, tenant_id: String, request: CreateCall) ->
         state.originations.watch(&id, webhook.start());
     }
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": id, "status": "queued" }))).into_response())
-}
-
-/// The record of a call refused before it was placed.
-pub fn write_refused(cdr: &CdrSink, view: &CallView, cause: &str) {
-    let info = patchbay_host::CallInfo {
-        call_id: String::new(),
-        tenant: view.tenant.clone(),
-        flow: view.flow.clone(),
-        from: view.from.clone(),
-        to: view.to.clone(),
-        direction: patchbay_host::Direction::Outbound,
-        headers: Vec::new(),
-    };
-    let mut draft = CdrDraft::new(&info, "");
-    draft.set_id(&view.id);
-    let sip = SipEnd { cause: cause.to_owned(), by: "patchbay", sip_code: 0 };
-    let flow = FlowEnd { outcome: "not-run", detail: None, vars: BTreeMap::new() };
-    if let Some(record) = draft.close(sip, flow) {
-        cdr.write(record);
-    }
 }
 
 async fn get_call(
@@ -426,7 +400,7 @@ async fn delete_call(
         return Ok(json(view));
     }
     if let Some(canceled) = state.originations.cancel_queued(&id, "canceled while queued") {
-        write_refused(&state.cdr, &canceled, "canceled");
+        crate::originate::write_refused(&state.cdr, &canceled, "canceled");
         return Ok(json(canceled));
     }
     let _ = state.commands.send(Command::HangupOrigination { id: id.clone(), reason: "canceled" });

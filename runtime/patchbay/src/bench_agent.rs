@@ -41,8 +41,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::agent::{AGENT_STAMP_AT, AgentProbe};
+use crate::agent::AgentProbe;
 use crate::bench_media::percentile;
+use crate::media::agent_link::AGENT_STAMP_AT;
 use crate::media::{CallSinks, MediaEngine, PTIME};
 
 /// `patchbay echo-agent`: serves [`patchbay_agent::server::EchoAgent`] until killed (run it

@@ -82,7 +82,7 @@ impl CallAudio {
         self.media.with(|session| {
             if let Some((prompt, next)) = to_play.as_mut() {
                 let codec = patchbay_media::prompt::PromptCodec::from(session.codec());
-                if crate::call::feed_prompt(session, pool, prompt, codec, next, 0) {
+                if crate::media::feed_prompt(session, pool, prompt, codec, next, 0) {
                     *to_play = None;
                 }
             }
@@ -141,13 +141,11 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
     let (inbound_tx, mut inbound) = tokio::sync::mpsc::channel::<Inbound>(64);
     tokio::spawn(udp_receiver(Arc::clone(&socket), inbound_tx, 0));
     let outbound = Outbound::default().with_udp(Arc::clone(&socket));
-    let seed = std::collections::hash_map::RandomState::new();
-    let seed = std::hash::BuildHasher::hash_one(&seed, local);
     let mut ua = UserAgent::new(UaConfig {
         contact_host: local.to_string(),
         user_agent: format!("Patchbay/{} (call)", env!("CARGO_PKG_VERSION")),
         timers: TimerConfig::default(),
-        seed,
+        rng_key: crate::random::rng_key(),
     });
     let credentials = match (&args.user, &args.password) {
         (Some(user), Some(password)) => Some(DigestClient::new(user.clone(), password.clone())),
@@ -186,10 +184,13 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
                     hangup_at = Some(Instant::now() + Duration::from_secs_f64(args.hangup_after.max(0.0)));
                     match patchbay_sip::sdp::accept_answer(&offer, &String::from_utf8_lossy(&sdp)) {
                         Ok(negotiated) => {
-                            let seed =
-                                std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 1u8);
-                            let session =
-                                crate::media::session_for(&negotiated, negotiated.ptime, engine.pool(), None, seed);
+                            let session = crate::media::session_for(
+                                &negotiated,
+                                negotiated.ptime,
+                                engine.pool(),
+                                None,
+                                crate::random::u64(),
+                            );
                             let to_play = prompt.clone().map(|p| (p, 0));
                             let (tx, heard) = tokio::sync::mpsc::channel(crate::media::FLOW_AUDIO_QUEUE * 4);
                             let (dtmf, _) = tokio::sync::mpsc::channel(16);

@@ -68,7 +68,7 @@ pub(crate) struct Leg {
     pub slots: crate::trunk::CallSlots,
     /// A call placed through the API (no flow owns it: its own flow starts on answer) and the
     /// channels its flow will use.
-    pub origination: Option<(Box<crate::originate::Origination>, crate::endpoint::CallChannels)>,
+    pub origination: Option<(Box<crate::originate::Origination>, crate::media::CallChannels)>,
 }
 
 impl Leg {

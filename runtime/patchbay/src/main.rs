@@ -26,6 +26,7 @@ mod media;
 mod originate;
 mod policy;
 mod prompts;
+mod random;
 mod recording;
 mod reload;
 mod resolve;
@@ -202,7 +203,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
             ));
             let trunk_states = trunk::TrunkStates::default();
             let originations = Arc::new(originate::Originations::default());
-            let live = Arc::new(endpoint::LiveCalls::default());
+            let live = Arc::new(call::LiveCalls::default());
             let routing = Arc::new(endpoint::Routing {
                 tenants: Arc::clone(&current),
                 originations: Arc::clone(&originations),
@@ -305,7 +306,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                     .await
                     .with_context(|| format!("binding the control API on {}", api.listen))?;
                 let state = Arc::new(api::ApiState {
-                    admin: api.admin_token.as_ref().map(|t| api::token_digest(t.expose())),
+                    admin: api.admin_token.as_ref().map(|t| tenant::token_digest(t.expose())),
                     tenants: Arc::clone(&current),
                     reloader: Arc::clone(&reloader),
                     registry: Arc::clone(&registry),

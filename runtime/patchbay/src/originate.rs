@@ -295,6 +295,26 @@ pub fn new_call_id() -> Result<String, getrandom::Error> {
     Ok(hex::encode(bytes))
 }
 
+/// The record of a call refused before it was placed.
+pub fn write_refused(cdr: &crate::cdr::CdrSink, view: &CallView, cause: &str) {
+    let info = patchbay_host::CallInfo {
+        call_id: String::new(),
+        tenant: view.tenant.clone(),
+        flow: view.flow.clone(),
+        from: view.from.clone(),
+        to: view.to.clone(),
+        direction: patchbay_host::Direction::Outbound,
+        headers: Vec::new(),
+    };
+    let mut draft = crate::cdr::CdrDraft::new(&info, "");
+    draft.set_id(&view.id);
+    let sip = crate::cdr::SipEnd { cause: cause.to_owned(), by: "patchbay", sip_code: 0 };
+    let flow = crate::cdr::FlowEnd { outcome: "not-run", detail: None, vars: Default::default() };
+    if let Some(record) = draft.close(sip, flow) {
+        cdr.write(record);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

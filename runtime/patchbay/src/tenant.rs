@@ -141,7 +141,7 @@ impl Tenant {
             prompts: Arc::new(PromptStore::new(config.prompts.as_ref().map(|d| base_dir.join(d)))),
             kv: Arc::new(MemoryKv::new(config.kv_quota_kb.map_or(TENANT_KV_QUOTA, |kb| (kb as usize) << 10))),
             auth,
-            api_token: config.api_token.as_ref().map(|t| crate::api::token_digest(t.expose())),
+            api_token: config.api_token.as_ref().map(|t| token_digest(t.expose())),
             webhooks: config.webhooks.clone(),
             webhook_secret: config.webhook_secret.clone(),
             allow,
@@ -297,4 +297,10 @@ impl Tenant {
             self.instances = Arc::clone(&old.instances);
         }
     }
+}
+
+/// SHA-256 of an API token: what the registry keeps and compares (never the token).
+pub fn token_digest(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
 }

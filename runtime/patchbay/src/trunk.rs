@@ -166,6 +166,25 @@ pub enum CallerIdError {
     Missing(String),
 }
 
+/// What a trunk's task asks of the endpoint, which owns the SIP user agent.
+#[derive(Debug)]
+pub enum TrunkRequest {
+    /// Register with the trunk's registrar (its address just resolved).
+    Register {
+        /// Which trunk.
+        trunk: Arc<Trunk>,
+        /// Where its registrar is.
+        peer: patchbay_sip::transaction::Peer,
+    },
+    /// Send the trunk's OPTIONS keep-alive.
+    Ping {
+        /// Which trunk.
+        key: TrunkKey,
+        /// The keep-alive.
+        ping: Box<patchbay_sip::ua::Ping>,
+    },
+}
+
 /// A carrier trunk, as configured.
 pub struct Trunk {
     /// The tenant that owns it.
@@ -385,7 +404,7 @@ impl Trunk {
     pub async fn start(
         self: Arc<Self>,
         streams: Arc<crate::transport::Streams>,
-        commands: mpsc::UnboundedSender<crate::endpoint::Command>,
+        commands: mpsc::UnboundedSender<impl From<TrunkRequest> + Send + 'static>,
         states: TrunkStates,
     ) {
         let key = self.key();
@@ -420,8 +439,8 @@ impl Trunk {
             }
         }
         if self.register_expires.is_some() {
-            let command = crate::endpoint::Command::Register { trunk: Arc::clone(&self), peer: peers[0] };
-            if commands.send(command).is_err() {
+            let request = TrunkRequest::Register { trunk: Arc::clone(&self), peer: peers[0] };
+            if commands.send(request.into()).is_err() {
                 return;
             }
         }
@@ -432,7 +451,10 @@ impl Trunk {
     /// endpoint takes commands (RFC 5626 §3.5.1 keeps TCP/TLS connections alive with CRLF
     /// instead: see the transport). They keep NAT bindings towards the carrier open and tell
     /// whether it answers.
-    pub async fn keep_alive(self: Arc<Self>, commands: mpsc::UnboundedSender<crate::endpoint::Command>) {
+    pub async fn keep_alive(
+        self: Arc<Self>,
+        commands: mpsc::UnboundedSender<impl From<TrunkRequest> + Send + 'static>,
+    ) {
         let Some(every) = self.keepalive.filter(|_| self.transport == TrunkTransport::Udp) else { return };
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -449,7 +471,7 @@ impl Trunk {
             };
             let Some(ping) = ping else { return };
             let key = self.key();
-            if commands.send(crate::endpoint::Command::Ping { key, ping }).is_err() {
+            if commands.send(TrunkRequest::Ping { key, ping: Box::new(ping) }.into()).is_err() {
                 return;
             }
         }

@@ -381,7 +381,7 @@ fn bench_user_agent(c: &mut Criterion) {
         contact_host: "127.0.0.1:5060".into(),
         user_agent: "Patchbay/bench".into(),
         timers: TimerConfig::default(),
-        seed: 0x5eed,
+        rng_key: patchbay_sip::ua::RngKey::fixed(0x5eed),
     });
     let mut now = Instant::now();
     // 100, 200 (INVITE), 200 (BYE) out; IncomingCall, Confirmed, Ended up.

@@ -55,9 +55,43 @@ pub struct UaConfig {
     pub user_agent: String,
     /// Transaction timers.
     pub timers: TimerConfig,
-    /// Seed mixed into tags and branches so that two processes do not collide; the shell
-    /// draws it from a random source (this crate has none).
-    pub seed: u64,
+    /// The key of the agent's CSPRNG, which makes its tags, branches, Call-IDs, cnonces and
+    /// back-off: the shell draws it from the OS (this crate reads no randomness of its own, so
+    /// that tests can fix it and stay deterministic).
+    pub rng_key: RngKey,
+}
+
+/// The 256-bit key of a [`UserAgent`]'s CSPRNG (ChaCha20, RFC 8439 §2.3 as a stream cipher
+/// keyed once): every identifier a peer sees comes from its output, so no identifier tells
+/// anything about another (RFC 3261 §19.3 asks tags and Call-IDs to be cryptographically
+/// random; a seed plus a counter is guessable from one sample). Wiped on drop, never printed.
+#[derive(Clone, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+pub struct RngKey(pub [u8; 32]);
+
+impl std::fmt::Debug for RngKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RngKey(..)")
+    }
+}
+
+impl RngKey {
+    /// A fixed key for tests and benchmarks (deterministic runs), never for a live agent.
+    pub fn fixed(seed: u64) -> Self {
+        let mut key = [0u8; 32];
+        for (i, chunk) in key.chunks_mut(8).enumerate() {
+            chunk.copy_from_slice(&(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).to_le_bytes());
+        }
+        Self(key)
+    }
+}
+
+/// The agent's CSPRNG; its state is never printed.
+struct Csprng(rand_chacha::ChaCha20Rng);
+
+impl std::fmt::Debug for Csprng {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Csprng(..)")
+    }
 }
 
 /// Why a call ended.
@@ -268,7 +302,12 @@ pub struct UserAgent {
     registrations: HashMap<RegRef, register::Registration>,
     /// When registrations next send a REGISTER (refresh or retry); stale entries are skipped.
     reg_deadlines: BinaryHeap<Reverse<(Instant, RegRef)>>,
+    /// Numbers our calls, registrations and pings (local handles, never sent).
     counter: u64,
+    /// Tags, branches, Call-IDs, cnonces and back-off come from here.
+    rng: Csprng,
+    /// Keys the hash behind [`UserAgent::stateless_tag`] (drawn from `rng`).
+    tag_key: [u8; 32],
     /// `host:port` we listen on per transport, for Via and Contact of requests we send over
     /// it (`contact_host` for a transport without its own listener).
     listeners: HashMap<Transport, String>,
@@ -282,7 +321,13 @@ fn reason_phrase(code: u16) -> rsip::StatusCode {
 impl UserAgent {
     /// A user agent with no calls.
     pub fn new(config: UaConfig) -> Self {
+        use rand_chacha::rand_core::{RngCore, SeedableRng};
+        let mut rng = rand_chacha::ChaCha20Rng::from_seed(config.rng_key.0);
+        let mut tag_key = [0u8; 32];
+        rng.fill_bytes(&mut tag_key);
         Self {
+            rng: Csprng(rng),
+            tag_key,
             layer: TransactionLayer::new(config.timers),
             config,
             calls: HashMap::new(),
@@ -374,9 +419,16 @@ impl UserAgent {
         self.pump(now);
     }
 
+    /// A fresh identifier for a tag, a branch or a Call-ID: 96 bits from the CSPRNG, as hex.
     fn unique(&mut self) -> String {
-        self.counter += 1;
-        format!("{:x}{:x}", self.config.seed & 0xffff_ffff, self.counter)
+        use rand_chacha::rand_core::RngCore;
+        format!("{:016x}{:08x}", self.rng.0.next_u64(), self.rng.0.next_u32())
+    }
+
+    /// A random number from the CSPRNG (cnonces, the 491 and registration back-off).
+    pub(super) fn random(&mut self) -> u64 {
+        use rand_chacha::rand_core::RngCore;
+        self.rng.0.next_u64()
     }
 
     /// Moves the transaction layer's outputs up, acting on its events.
@@ -682,13 +734,16 @@ impl UserAgent {
     /// A To tag for a response outside a dialog: a hash of the request's identity, so that a
     /// retransmitted request gets the same tag.
     fn stateless_tag(&self, request: &rsip::Request) -> String {
-        let mut hash = 0xcbf2_9ce4_8422_2325u64 ^ self.config.seed;
+        use sha2::Digest;
         let call_id = request.call_id_header().map(|h| h.value().to_owned()).unwrap_or_default();
         let cseq = request.cseq_header().map(|h| h.value().to_owned()).unwrap_or_default();
-        for byte in call_id.bytes().chain(cseq.bytes()) {
-            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-        }
-        format!("{hash:x}")
+        // Keyed with a secret: a peer cannot predict the tag another request would get.
+        let mut hash = sha2::Sha256::new();
+        hash.update(self.tag_key);
+        hash.update(call_id.as_bytes());
+        hash.update([0]);
+        hash.update(cseq.as_bytes());
+        hex::encode(&hash.finalize()[..12])
     }
 
     /// Sends 180 Ringing (with our To tag, so the dialog is early on the caller's side).

@@ -577,17 +577,6 @@ impl UserAgent {
         let user = user.map(|u| format!("{u}@")).unwrap_or_default();
         format!("{scheme}:{user}{}{param}", self.host_for(transport))
     }
-
-    /// A pseudo-random number from the seed (SplitMix64). The shell seeds it from the OS's
-    /// randomness; it picks cnonces and the 491 back-off, where unpredictability to a peer that
-    /// does not know the seed is all that is needed.
-    pub(super) fn random(&mut self) -> u64 {
-        self.counter += 1;
-        let mut z = self.config.seed.wrapping_add(self.counter.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
 
 fn credentials_of(request: &rsip::Request, kind: AuthKind) -> impl Iterator<Item = &str> {

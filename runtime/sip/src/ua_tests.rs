@@ -18,7 +18,7 @@ pub(super) fn ua_with_seed(seed: u64) -> UserAgent {
         contact_host: "192.0.2.1:5060".into(),
         user_agent: "Patchbay/test".into(),
         timers: TimerConfig::default(),
-        seed,
+        rng_key: super::RngKey::fixed(seed),
     })
 }
 
@@ -383,4 +383,37 @@ pub(super) fn check(
         }
         Outcome::Rejected(why) => panic!("rejected: {why:?}"),
     }
+}
+
+#[test]
+fn identifiers_come_from_a_csprng_not_a_seed_and_a_counter() {
+    let mut agent = ua();
+    let ids: Vec<String> = (0..64).map(|_| agent.unique()).collect();
+    assert!(ids.iter().all(|id| id.len() == 24 && id.chars().all(|c| c.is_ascii_hexdigit())), "{ids:?}");
+    assert_eq!(ids.iter().collect::<std::collections::HashSet<_>>().len(), ids.len());
+    // A seed and a counter gave every identifier the seed's digits up front and the count
+    // after: one sample told the next. Random 96-bit identifiers share nothing.
+    let common = |a: &str, b: &str| a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count();
+    let longest = ids.windows(2).map(|w| common(&w[0], &w[1])).max().unwrap_or(0);
+    assert!(longest < 6, "consecutive identifiers share {longest} leading digits: {ids:?}");
+    // Every bit of the key matters.
+    let mut key = RngKey::fixed(7);
+    key.0[31] ^= 1;
+    let mut other = UserAgent::new(UaConfig {
+        contact_host: "192.0.2.1:5060".into(),
+        user_agent: "Patchbay/test".into(),
+        timers: TimerConfig::default(),
+        rng_key: key,
+    });
+    assert_ne!(other.unique(), ua().unique());
+    assert_eq!(ua().unique(), ua().unique(), "a fixed key replays (deterministic tests)");
+}
+
+#[test]
+fn keys_are_wiped_on_drop_and_never_printed() {
+    fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+    wiped_on_drop::<RngKey>();
+    wiped_on_drop::<crate::sdp::SdesKey>();
+    assert_eq!(format!("{:?}", RngKey::fixed(1)), "RngKey(..)");
+    assert!(!format!("{:?}", ua()).contains("ChaCha"), "the CSPRNG's state is not printed");
 }

@@ -83,6 +83,14 @@ pub(super) struct SessionKeys {
     pub(super) mac: HmacSha1,
 }
 
+/// The session keys are wiped on drop: the AES key schedule by `aes`'s `zeroize` feature, the
+/// salt here. (The HMAC state holds the key only hashed into its inner and outer pads.)
+impl Drop for SessionKeys {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.salt);
+    }
+}
+
 impl std::fmt::Debug for SessionKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SessionKeys(..)")

@@ -90,8 +90,9 @@ pub const MASTER_KEY_LEN: usize = 16;
 /// Length of the master salt (112 bits, RFC 3711 §8.2).
 pub const MASTER_SALT_LEN: usize = 14;
 
-/// A master key and salt, as carried base64-encoded in an SDES `inline:` parameter.
-#[derive(Clone, PartialEq, Eq)]
+/// A master key and salt, as carried base64-encoded in an SDES `inline:` parameter. Wiped on
+/// drop.
+#[derive(Clone, PartialEq, Eq, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 pub struct MasterKey {
     key: [u8; MASTER_KEY_LEN],
     salt: [u8; MASTER_SALT_LEN],
@@ -261,6 +262,12 @@ impl SrtpError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn master_keys_are_wiped_on_drop() {
+        fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        wiped_on_drop::<MasterKey>();
+    }
 
     #[test]
     fn profiles_by_name() {

@@ -5,14 +5,14 @@ use super::*;
 
 pub(super) fn answer(
     ua: &mut UserAgent,
-    calls: &mut HashMap<CallRef, LiveCall>,
+    calls: &mut HashMap<CallRef, Call>,
     call: CallRef,
     now: std::time::Instant,
     routing: &Routing,
-    commands: &mpsc::UnboundedSender<Command>,
+    requests: &mpsc::UnboundedSender<Request>,
 ) -> Result<(), CallError> {
     let live = calls.get_mut(&call).ok_or(CallError::Hangup)?;
-    if live.media.is_some() {
+    if live.is_answered() {
         // Answering an answered call does nothing (WIT `answer`).
         return Ok(());
     }
@@ -33,7 +33,7 @@ pub(super) fn answer(
     // Accept RFC 3389 comfort noise when offered: silence then goes out as CN packets.
     local.comfort_noise = true;
     if routing.srtp {
-        local.srtp = patchbay_sip::sdp::SrtpPolicy::Offer(sdes_key());
+        local.srtp = patchbay_sip::sdp::SrtpPolicy::Offer(crate::random::sdes_key());
     }
     match patchbay_sip::sdp::answer(&offer, &local) {
         Ok(negotiated) => {
@@ -46,15 +46,15 @@ pub(super) fn answer(
                 .media
                 .start_call(session, rtp, Some(rtcp), sinks)
                 .map_err(|e| CallError::Unavailable(format!("media: {e}")))?;
-            let _ = live.rtp_session.set(media);
-            let commands = commands.clone();
+            let _ = live.media.set(media);
+            let requests = requests.clone();
             tokio::spawn(async move {
                 if inactive_rx.recv().await.is_some() {
-                    let _ = commands.send(Command::MediaTimeout { call });
+                    let _ = requests.send(Request::MediaTimeout { call });
                 }
             });
             let sdp = negotiated.local_sdp.clone().into_bytes();
-            live.media = Some((local, negotiated));
+            live.agreed = Some((local, negotiated));
             ua.answer(now, call, sdp).map_err(|_| CallError::Hangup)?;
             live.cdr.answered();
             Ok(())
@@ -150,22 +150,5 @@ pub(super) fn media_session(
     ptime_ms: u16,
     routing: &Routing,
 ) -> MediaSession {
-    crate::media::session_for(negotiated, ptime_ms, routing.media.pool(), routing.rtp_timeout, random_u64(0x5eed))
-}
-
-/// A fresh SDES master key and salt (RFC 4568 §6.1) from the OS's CSPRNG.
-pub(super) fn sdes_key() -> patchbay_sip::sdp::SdesKey {
-    let mut key = [0u8; 30];
-    if let Err(e) = getrandom::fill(&mut key) {
-        tracing::error!("no randomness from the OS for an SRTP key: {e}");
-    }
-    patchbay_sip::sdp::SdesKey(key)
-}
-
-/// A random number from the OS's randomness (through `RandomState`'s per-process keys, mixed
-/// with a counter): SSRCs, initial sequence numbers and timestamps, SDES keys.
-pub(crate) fn random_u64(salt: u64) -> u64 {
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::collections::hash_map::RandomState::new().hash_one((salt, n))
+    crate::media::session_for(negotiated, ptime_ms, routing.media.pool(), routing.rtp_timeout, crate::random::u64())
 }

@@ -7,11 +7,6 @@ pub(super) fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// A nonce key drawn from the OS's randomness (through `RandomState`'s per-process keys).
-pub(super) fn random_secret() -> Vec<u8> {
-    (0..4u64).flat_map(|i| std::collections::hash_map::RandomState::new().hash_one(i).to_le_bytes()).collect()
-}
-
 /// Checks an INVITE against its tenant's credentials. `Ok(())` lets the call in; `Err` carries
 /// the status and headers to reject it with (407 + challenge, or 403).
 pub(super) fn authenticate(
@@ -28,7 +23,7 @@ pub(super) fn authenticate(
     let server = match servers.entry(tenant.to_owned()) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
         std::collections::hash_map::Entry::Vacant(e) => {
-            let mut config = ServerConfig::new(auth.realm.clone(), random_secret());
+            let mut config = ServerConfig::new(auth.realm.clone(), crate::random::nonce_secret());
             config.kind = AuthKind::Proxy;
             if !auth.algorithms.is_empty() {
                 config.algorithms = auth.algorithms.clone();
@@ -82,7 +77,7 @@ impl Endpoint {
         peer: patchbay_sip::transaction::Peer,
         request: Box<rsip::Request>,
     ) {
-        let Self { ua, calls, digest, engine, registry, routing, commands, .. } = self;
+        let Self { ua, calls, digest, engine, registry, routing, services, .. } = self;
         let host = request.uri.host_with_port.host.to_string();
         let uri_user = request.uri.auth.as_ref().map(|a| a.user.clone()).unwrap_or_default();
         // A carrier's call to one of a trunk's numbers (DIDs): by the request-URI's user,
@@ -233,6 +228,6 @@ impl Endpoint {
             slots,
             instance,
         };
-        start_flow(calls, routing, engine, commands, start);
+        crate::call::start(calls, services, engine, start);
     }
 }

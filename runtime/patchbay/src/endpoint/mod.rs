@@ -5,12 +5,14 @@
 //! What happens to an INVITE, top-down:
 //!
 //! 1. [`run_endpoint`] feeds datagrams and stream messages to the user agent; its events come
-//!    back to [`Endpoint::on_event`], commands from calls and the API to `on_command`.
+//!    back to [`Endpoint::on_event`], the API's and trunks' commands to `on_command`, calls'
+//!    requests to `on_request`.
 //! 2. [`inbound`]: an INVITE that starts a call is routed to a tenant and a flow, checked
 //!    (digest, trusted trunk addresses, caps, a flow instance) and rings.
-//! 3. [`call`]: the call becomes a [`call::LiveCall`] and its flow runs in a task of its own
-//!    ([`call::start_flow`]) with a [`crate::call::SipCall`] as its view of the call; when the
-//!    call ends ([`call::call_ended`]) its record is written.
+//! 3. [`crate::call`]: the call becomes a [`Call`] — the one type that owns its SIP, media and
+//!    flow state — and its flow runs in a task of its own with a [`crate::call::CallHandle`] as
+//!    its view of the call; the flow's requests come back to [`Endpoint::on_request`]; when the
+//!    call ends ([`Call::end`]) its record is written.
 //! 4. [`answer`]: the flow answers; the SDP answer is chosen, SRTP keyed and the media session
 //!    started on the shared clock ([`crate::media`]).
 //! 5. [`outbound`]: legs a flow dials ([`crate::dial`]), calls placed through the API
@@ -19,20 +21,15 @@
 //! **Not implemented yet:** late-offer INVITEs (no SDP) get 488.
 
 mod answer;
-mod call;
 mod inbound;
 mod outbound;
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use patchbay_host::{
-    CallError, CallInfo, Direction, Dtmf, FlowCall, FlowEngine, FlowError, FlowOutcome, FlowRegistry, HangupCause,
-    Header,
-};
+use patchbay_host::{CallError, CallInfo, Direction, Dtmf, FlowEngine, FlowRegistry, HangupCause, Header};
 use patchbay_media::session::MediaSession;
 use patchbay_sip::auth::{AuthKind, DigestRequest, DigestServer, Outcome, ServerConfig, StoredSecret};
 use patchbay_sip::transaction::TimerConfig;
@@ -41,16 +38,14 @@ use rsip::headers::UntypedHeader;
 use rsip::prelude::HeadersExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::call::SipCall;
+use crate::call::{Call, FlowStart, MAX_RING, Request};
 use crate::cdr::{CdrDraft, CdrSink, FlowEnd, SipEnd};
 use crate::dial::{Leg, LegEvent};
-use crate::media::{CallMedia, CallSinks, MediaEngine};
+use crate::media::{CallChannels, CallMedia, CallSinks, DTMF_QUEUE, MediaEngine};
 use crate::transport::{Inbound, Outbound};
+use crate::trunk::TrunkRequest;
 
-pub(crate) use answer::random_u64;
-use answer::{answer, answer_reoffer, apply_negotiated, sdes_key};
-pub(crate) use call::{CallChannels, LiveCalls};
-use call::{FlowStart, LiveCall, call_ended, start_flow};
+use answer::{answer, answer_reoffer, apply_negotiated};
 use outbound::{hangup_legs, leg_end, origination_answered, start_leg_media};
 
 /// What the endpoint shares with its calls: the tenants, and the process-wide media and
@@ -78,102 +73,36 @@ pub struct Routing {
     /// Calls placed through the API, and their progress.
     pub originations: Arc<crate::originate::Originations>,
     /// Every call up now, for the API.
-    pub live: Arc<LiveCalls>,
+    pub live: Arc<crate::call::LiveCalls>,
     /// Each trunk's registration and keep-alive state, for the API.
     pub trunk_states: crate::trunk::TrunkStates,
 }
 
-/// The longest an inbound call rings before its flow answers: then 480, CDR `ring-timeout`.
-/// A flow that never answers would otherwise hold the call, its instance and its tenant's slot
-/// for as long as the caller waits. Three minutes: RFC 3261 §16.6's Timer C, what a proxy in
-/// front of us allows a ringing INVITE.
-pub(crate) const MAX_RING: Duration = Duration::from_secs(180);
-
-/// Key presses (SIP INFO) queued for a flow that has not read them yet; more are dropped.
-const DTMF_QUEUE: usize = 64;
-
+/// What the rest of the process asks of the endpoint (calls' own requests come as
+/// [`Request`]s on a channel of their own).
 pub(crate) enum Command {
-    Answer {
-        call: CallRef,
-        reply: oneshot::Sender<Result<(), CallError>>,
-    },
-    Hangup {
-        call: CallRef,
-        cause: HangupCause,
-    },
-    FlowDone {
-        call: CallRef,
-        end: FlowEnd,
-    },
-    Transfer {
-        call: CallRef,
-        target: String,
-        reply: oneshot::Sender<Result<(), CallError>>,
-    },
-    /// No RTP for the inactivity timeout.
-    MediaTimeout {
-        call: CallRef,
-    },
-    /// Place an outbound leg for the call's flow.
-    Dial {
-        call: CallRef,
-        target: Box<crate::dial::Target>,
-        caller_id: Option<String>,
-        headers: Vec<Header>,
-        events: mpsc::UnboundedSender<LegEvent>,
-        reply: oneshot::Sender<Result<CallRef, CallError>>,
-    },
-    /// Cancel or hang up an outbound leg.
-    HangupLeg {
-        leg: CallRef,
-        /// For the leg's record: why, and on whose behalf.
-        reason: &'static str,
-        by: &'static str,
-    },
     /// Place a call through a trunk for the API; its flow runs on answer.
-    Originate {
-        origination: Box<crate::originate::Origination>,
-        peer: patchbay_sip::transaction::Peer,
-    },
+    Originate { origination: Box<crate::originate::Origination>, peer: patchbay_sip::transaction::Peer },
     /// An origination that could not be placed (its trunk's address did not resolve).
-    OriginationFailed {
-        origination: Box<crate::originate::Origination>,
-        reason: String,
-    },
-    /// Cancel or hang up a call placed through the API.
-    /// An inbound call's flow has not answered within [`MAX_RING`]: 480.
-    RingTimeout {
-        call: CallRef,
-    },
+    OriginationFailed { origination: Box<crate::originate::Origination>, reason: String },
     /// The API hangs up a call that is up (`DELETE /v1/calls/{id}`).
-    HangupCall {
-        call: CallRef,
-    },
+    HangupCall { call: CallRef },
     HangupOrigination {
         id: String,
         /// `canceled` (the API) or `no-answer` (the ring timeout).
         reason: &'static str,
     },
-    /// Register a trunk with its registrar (its address just resolved).
-    Register {
-        trunk: Arc<crate::trunk::Trunk>,
-        peer: patchbay_sip::transaction::Peer,
-    },
-    /// Send a trunk's OPTIONS keep-alive.
-    Ping {
-        /// Which trunk.
-        key: crate::trunk::TrunkKey,
-        ping: patchbay_sip::ua::Ping,
-    },
+    /// A trunk's registration or keep-alive.
+    Trunk(crate::trunk::TrunkRequest),
     /// Hang up every call and report when their records are written (or the grace is over).
-    Shutdown {
-        done: oneshot::Sender<()>,
-    },
+    Shutdown { done: oneshot::Sender<()> },
 }
 
-/// A call's media once answered, shared by the endpoint (which starts and stops it) and the
-/// flow's call control.
-pub(crate) type MediaSlot = Arc<std::sync::OnceLock<Arc<CallMedia>>>;
+impl From<TrunkRequest> for Command {
+    fn from(request: TrunkRequest) -> Self {
+        Command::Trunk(request)
+    }
+}
 
 /// Runs the endpoint until `shutdown` brings a sender; then it hangs up every call and reports
 /// on that sender once their records are written (or after [`SHUTDOWN_GRACE`]).
@@ -196,22 +125,26 @@ pub async fn run_endpoint(
         None => addr.to_string(),
     };
     let Some(&(_, first)) = listeners.first() else { return };
-    // Tags, branches and cnonces come from this seed: the OS's CSPRNG, not a guessable value.
-    let seed = getrandom::u64().unwrap_or_else(|e| {
-        tracing::error!("no randomness from the OS for the SIP seed: {e}");
-        std::collections::hash_map::RandomState::new().hash_one(first)
-    });
     let mut ua = UserAgent::new(UaConfig {
         contact_host: advertised(first),
         user_agent: format!("Patchbay/{}", env!("CARGO_PKG_VERSION")),
         timers: TimerConfig::default(),
-        seed,
+        // Tags, branches, Call-IDs and cnonces: a CSPRNG keyed from the OS.
+        rng_key: crate::random::rng_key(),
     });
     // Requests over TCP or TLS name a listener of that transport when there is one (the first
     // of each kind).
     for (transport, addr) in listeners.iter().rev() {
         ua.set_listener(*transport, advertised(*addr));
     }
+    let (requests, mut request_rx) = mpsc::unbounded_channel();
+    let services = crate::call::Services {
+        tenants: Arc::clone(&routing.tenants),
+        pool: routing.media.pool().clone(),
+        storage: routing.storage.clone().into(),
+        live: Arc::clone(&routing.live),
+        requests,
+    };
     let mut endpoint = Endpoint {
         ua,
         calls: HashMap::new(),
@@ -222,6 +155,7 @@ pub async fn run_endpoint(
         registry,
         routing,
         commands,
+        services,
         shutdown: None,
         registrations: HashMap::new(),
         pings: HashMap::new(),
@@ -243,6 +177,7 @@ pub async fn run_endpoint(
                 endpoint.ua.handle_receive(std::time::Instant::now(), peer, message);
             }
             Some(command) = command_rx.recv() => endpoint.on_command(command),
+            Some(request) = request_rx.recv() => endpoint.on_request(request),
             done = &mut shutdown, if !shutdown.is_terminated() => {
                 if let Ok(done) = done {
                     endpoint.on_command(Command::Shutdown { done });
@@ -276,7 +211,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// The endpoint task's state: the user agent core and the calls it carries.
 struct Endpoint {
     ua: UserAgent,
-    calls: HashMap<CallRef, LiveCall>,
+    calls: HashMap<CallRef, Call>,
     /// Records of calls whose SIP side has ended while their flow is still unwinding.
     ending: HashMap<CallRef, CdrDraft>,
     /// Outbound legs placed by flows' `dial`, and calls placed through the API until answered.
@@ -286,6 +221,8 @@ struct Endpoint {
     registry: Arc<FlowRegistry>,
     routing: Arc<Routing>,
     commands: mpsc::UnboundedSender<Command>,
+    /// What calls reach, and where their requests go.
+    services: crate::call::Services,
     /// Set by `Command::Shutdown`: whom to tell, and when to stop waiting.
     shutdown: Option<(oneshot::Sender<()>, std::time::Instant)>,
     /// Trunks' registrations: which (tenant, trunk) each is.
@@ -297,90 +234,12 @@ struct Endpoint {
 impl Endpoint {
     pub(super) fn on_command(&mut self, command: Command) {
         let now = std::time::Instant::now();
-        let ua = &mut self.ua;
         match command {
-            Command::Answer { call, reply } => {
-                let result = answer(ua, &mut self.calls, call, now, &self.routing, &self.commands);
-                let _ = reply.send(result);
-            }
             Command::HangupCall { call } => {
                 if let Some(live) = self.calls.get_mut(&call) {
                     live.cdr.ending("api-hangup", "api");
                 }
                 self.bye(now, call);
-            }
-            Command::RingTimeout { call } => {
-                if let Some(live) = self.calls.get_mut(&call).filter(|live| live.media.is_none()) {
-                    tracing::info!(?call, "the flow did not answer within {MAX_RING:?}: 480");
-                    live.cdr.ending("ring-timeout", "patchbay");
-                    if let Err(e) = ua.reject(now, call, 480) {
-                        tracing::debug!(?call, "ring timeout: {e}");
-                    }
-                }
-            }
-            Command::Hangup { call, cause } => {
-                if let Some(live) = self.calls.get_mut(&call) {
-                    live.cdr.ending("flow-hangup", "flow");
-                }
-                let answered = self.calls.get(&call).is_some_and(|live| live.media.is_some());
-                let code = match cause {
-                    HangupCause::SipCode(code) => Some(code),
-                    HangupCause::Busy => Some(486),
-                    HangupCause::Rejected => Some(603),
-                    HangupCause::Normal => None,
-                };
-                // After answer every cause is a BYE (WIT `hangup-cause`); before, a final
-                // response (`bye` sends 480 for a normal clearing).
-                match code {
-                    Some(code) if !answered => {
-                        if let Err(e) = ua.reject(now, call, code) {
-                            tracing::debug!(?call, "hangup: {e}");
-                        }
-                    }
-                    _ => self.bye(now, call),
-                }
-            }
-            Command::Transfer { call, target, reply } => match ua.refer(now, call, &target) {
-                Ok(()) => {
-                    if let Some(live) = self.calls.get_mut(&call) {
-                        live.transfer = Some(reply);
-                    }
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(CallError::NotAllowed(e.to_string())));
-                }
-            },
-            Command::MediaTimeout { call } => {
-                tracing::warn!(?call, "no RTP from the caller for the inactivity timeout: ending the call");
-                if let Some(live) = self.calls.get_mut(&call) {
-                    live.cdr.ending("rtp-timeout", "patchbay");
-                }
-                self.bye(now, call);
-            }
-            Command::FlowDone { call, end } => {
-                if let Some(live) = self.calls.get_mut(&call) {
-                    // The flow returned: hang up whatever is still up (§15), for the flow's reason.
-                    live.cdr.ending(end.outcome, "flow");
-                    live.cdr.flow_ended(end);
-                    self.bye(now, call);
-                } else if let Some(mut draft) = self.ending.remove(&call) {
-                    draft.flow_ended(end);
-                    if let Some(cdr) = draft.finish() {
-                        self.routing.cdr.write(cdr);
-                    }
-                }
-            }
-            Command::Dial { call, target, caller_id, headers, events, reply } => {
-                let result = self.dial(now, call, *target, caller_id, headers, events);
-                let _ = reply.send(result);
-            }
-            Command::HangupLeg { leg, reason, by } => {
-                if let Some(l) = self.legs.get_mut(&leg) {
-                    l.cdr.ending(reason, by);
-                }
-                if let Err(e) = self.ua.hangup(now, leg) {
-                    tracing::debug!(?leg, "leg hangup: {e}");
-                }
             }
             Command::Originate { origination, .. } if self.shutdown.is_some() => {
                 self.origination_failed(&origination.id, "Patchbay is shutting down".into());
@@ -388,10 +247,12 @@ impl Endpoint {
             Command::Originate { origination, peer } => self.originate(now, origination, peer),
             Command::OriginationFailed { origination, reason } => self.origination_failed(&origination.id, reason),
             Command::HangupOrigination { id, reason } => self.hangup_origination(now, &id, reason),
-            Command::Register { trunk, peer } if self.shutdown.is_none() => self.register_trunk(now, &trunk, peer),
-            Command::Register { .. } => {}
-            Command::Ping { key, ping } => {
-                let ping = self.ua.ping(now, ping);
+            Command::Trunk(TrunkRequest::Register { trunk, peer }) if self.shutdown.is_none() => {
+                self.register_trunk(now, &trunk, peer)
+            }
+            Command::Trunk(TrunkRequest::Register { .. }) => {}
+            Command::Trunk(TrunkRequest::Ping { key, ping }) => {
+                let ping = self.ua.ping(now, *ping);
                 self.pings.insert(ping, key);
             }
             Command::Shutdown { done } => {
@@ -413,7 +274,7 @@ impl Endpoint {
                 // Calls placed through the API that wait at their gates are refused, those still
                 // ringing are cancelled.
                 for view in self.routing.originations.close() {
-                    crate::api::write_refused(&self.routing.cdr, &view, "shutdown");
+                    crate::originate::write_refused(&self.routing.cdr, &view, "shutdown");
                 }
                 let ringing: Vec<CallRef> =
                     self.legs.iter().filter(|(_, leg)| leg.origination.is_some()).map(|(call, _)| *call).collect();
@@ -430,10 +291,95 @@ impl Endpoint {
         }
     }
 
+    /// A call's request (its flow's, or its timers').
+    pub(super) fn on_request(&mut self, request: Request) {
+        let now = std::time::Instant::now();
+        let ua = &mut self.ua;
+        match request {
+            Request::Answer { call, reply } => {
+                let result = answer(ua, &mut self.calls, call, now, &self.routing, &self.services.requests);
+                let _ = reply.send(result);
+            }
+            Request::RingTimeout { call } => {
+                if let Some(live) = self.calls.get_mut(&call).filter(|live| !live.is_answered()) {
+                    tracing::info!(?call, "the flow did not answer within {MAX_RING:?}: 480");
+                    live.cdr.ending("ring-timeout", "patchbay");
+                    if let Err(e) = ua.reject(now, call, 480) {
+                        tracing::debug!(?call, "ring timeout: {e}");
+                    }
+                }
+            }
+            Request::Hangup { call, cause } => {
+                if let Some(live) = self.calls.get_mut(&call) {
+                    live.cdr.ending("flow-hangup", "flow");
+                }
+                let answered = self.calls.get(&call).is_some_and(|live| live.is_answered());
+                let code = match cause {
+                    HangupCause::SipCode(code) => Some(code),
+                    HangupCause::Busy => Some(486),
+                    HangupCause::Rejected => Some(603),
+                    HangupCause::Normal => None,
+                };
+                // After answer every cause is a BYE (WIT `hangup-cause`); before, a final
+                // response (`bye` sends 480 for a normal clearing).
+                match code {
+                    Some(code) if !answered => {
+                        if let Err(e) = ua.reject(now, call, code) {
+                            tracing::debug!(?call, "hangup: {e}");
+                        }
+                    }
+                    _ => self.bye(now, call),
+                }
+            }
+            Request::Transfer { call, target, reply } => match ua.refer(now, call, &target) {
+                Ok(()) => {
+                    if let Some(live) = self.calls.get_mut(&call) {
+                        live.transfer = Some(reply);
+                    }
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(CallError::NotAllowed(e.to_string())));
+                }
+            },
+            Request::MediaTimeout { call } => {
+                tracing::warn!(?call, "no RTP from the caller for the inactivity timeout: ending the call");
+                if let Some(live) = self.calls.get_mut(&call) {
+                    live.cdr.ending("rtp-timeout", "patchbay");
+                }
+                self.bye(now, call);
+            }
+            Request::FlowDone { call, end } => {
+                if let Some(live) = self.calls.get_mut(&call) {
+                    // The flow returned: hang up whatever is still up (§15), for the flow's reason.
+                    live.cdr.ending(end.outcome, "flow");
+                    live.cdr.flow_ended(end);
+                    self.bye(now, call);
+                } else if let Some(mut draft) = self.ending.remove(&call) {
+                    draft.flow_ended(end);
+                    if let Some(cdr) = draft.finish() {
+                        self.routing.cdr.write(cdr);
+                    }
+                }
+            }
+            Request::Dial { call, target, caller_id, headers, events, reply } => {
+                let result = self.dial(now, call, *target, caller_id, headers, events);
+                let _ = reply.send(result);
+            }
+            Request::HangupLeg { leg, reason, by } => {
+                if let Some(l) = self.legs.get_mut(&leg) {
+                    l.cdr.ending(reason, by);
+                }
+                if let Err(e) = self.ua.hangup(now, leg) {
+                    tracing::debug!(?leg, "leg hangup: {e}");
+                }
+            }
+        }
+    }
+
     /// Ends a call from our side: BYE once answered (the session is over for us at once, RFC
     /// 3261 §15), 480 before.
     pub(super) fn bye(&mut self, now: std::time::Instant, call: CallRef) {
-        let answered = self.calls.get(&call).is_some_and(|live| live.media.is_some());
+        let answered = self.calls.get(&call).is_some_and(|live| live.is_answered());
         match self.ua.hangup(now, call) {
             Ok(()) if answered => {
                 call_ended(&mut self.calls, &mut self.ending, &self.routing, call, EndCause::LocalBye);
@@ -496,7 +442,9 @@ impl Endpoint {
 
 impl Endpoint {
     fn on_event(&mut self, event: UaEvent) {
-        let Self { ua, calls, ending, legs, engine, registry, routing, commands, registrations, pings, .. } = self;
+        let Self {
+            ua, calls, ending, legs, engine, registry, routing, commands, services, registrations, pings, ..
+        } = self;
         let now = std::time::Instant::now();
         match event {
             UaEvent::IncomingCall { call, peer, request } => self.incoming_call(now, call, peer, request),
@@ -564,7 +512,9 @@ impl Endpoint {
                 }
                 tracing::debug!(?call, status, early_media = sdp.is_some(), "outbound leg progress");
                 let early = match sdp {
-                    Some(sdp) if leg.media.is_none() => start_leg_media(leg, call, &sdp, routing, commands, true, None),
+                    Some(sdp) if leg.media.is_none() => {
+                        start_leg_media(leg, call, &sdp, routing, &services.requests, true, None)
+                    }
                     _ => None,
                 };
                 let _ = leg.events.send(LegEvent::Progress { status, early });
@@ -572,7 +522,7 @@ impl Endpoint {
             UaEvent::Answered { call, sdp } => {
                 if legs.get(&call).is_some_and(|leg| leg.origination.is_some()) {
                     if let Some(leg) = legs.remove(&call) {
-                        origination_answered(ua, calls, routing, engine, registry, commands, now, call, leg, &sdp);
+                        origination_answered(ua, calls, routing, engine, registry, services, now, call, leg, &sdp);
                     }
                     return;
                 }
@@ -580,7 +530,7 @@ impl Endpoint {
                 tracing::info!(?call, owner = ?leg.owner, "outbound leg answered");
                 leg.cdr.answered();
                 if leg.media.is_none() {
-                    start_leg_media(leg, call, &sdp, routing, commands, false, None);
+                    start_leg_media(leg, call, &sdp, routing, &services.requests, false, None);
                 } else if let (Some(media), Some((_, current))) = (&leg.media, leg.agreed.as_mut()) {
                     // Without reliable provisionals the 2xx's answer is the one that counts
                     // (RFC 3261 §13.2.1): it may point elsewhere than the early media did.
@@ -627,7 +577,9 @@ impl Endpoint {
             }
             UaEvent::ReInvite { call, offer } => {
                 let answer = match (calls.get_mut(&call), legs.get_mut(&call)) {
-                    (Some(live), _) => live.reinvite(call, &offer, routing),
+                    (Some(live), _) => {
+                        answer_reoffer(live.media.get().map(|m| &**m), &mut live.agreed, call, &offer, routing)
+                    }
                     // The callee of a bridged leg holds, resumes or refreshes the session.
                     (None, Some(leg)) => answer_reoffer(leg.media.as_deref(), &mut leg.agreed, call, &offer, routing),
                     (None, None) => Err(481),
@@ -695,6 +647,25 @@ impl Endpoint {
                 call_ended(calls, ending, routing, call, cause);
                 hangup_legs(ua, legs, call, now);
             }
+        }
+    }
+}
+
+/// The call's session is over ([`Call::end`]): its record is written now if its flow has
+/// already ended, else kept in `ending` until the flow's end is in.
+fn call_ended(
+    calls: &mut HashMap<CallRef, Call>,
+    ending: &mut HashMap<CallRef, CdrDraft>,
+    routing: &Routing,
+    call: CallRef,
+    cause: EndCause,
+) {
+    let Some(live) = calls.remove(&call) else { return };
+    let mut draft = live.end(call, cause, &routing.originations);
+    match draft.finish() {
+        Some(record) => routing.cdr.write(record),
+        None => {
+            ending.insert(call, draft);
         }
     }
 }

@@ -47,12 +47,12 @@ impl Endpoint {
         let (rtp, rtcp) = crate::media::bind_rtp_pair(self.routing.rtp_bind)
             .map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
         let bind = rtp.local_addr().map_err(|e| CallError::Unavailable(format!("no RTP port: {e}")))?;
-        let mut local = patchbay_sip::sdp::LocalMedia::new(bind, self.routing.external_ip, random_u64(0xd1a1), 1);
+        let mut local = patchbay_sip::sdp::LocalMedia::new(bind, self.routing.external_ip, crate::random::u64(), 1);
         local.ptime = self.routing.ptime_ms;
         if let Some((trunk, _)) = &target.trunk {
             offer_as_trunk_says(&mut local, trunk);
         }
-        if live.media.as_ref().is_some_and(|(_, n)| n.codec.codec == patchbay_sip::sdp::AudioCodec::Pcma) {
+        if live.agreed.as_ref().is_some_and(|(_, n)| n.codec.codec == patchbay_sip::sdp::AudioCodec::Pcma) {
             // The caller's codec first, so the bridge need not convert.
             local.codecs.sort_by_key(|c| *c != patchbay_sip::sdp::AudioCodec::Pcma);
         }
@@ -143,7 +143,7 @@ impl Endpoint {
         let sockets = crate::media::bind_rtp_pair(self.routing.rtp_bind);
         let Ok((rtp, rtcp)) = sockets else { return self.origination_failed(&origination.id, "no RTP port".into()) };
         let Ok(bind) = rtp.local_addr() else { return self.origination_failed(&origination.id, "no RTP port".into()) };
-        let mut local = patchbay_sip::sdp::LocalMedia::new(bind, self.routing.external_ip, random_u64(0x0419), 1);
+        let mut local = patchbay_sip::sdp::LocalMedia::new(bind, self.routing.external_ip, crate::random::u64(), 1);
         local.ptime = self.routing.ptime_ms;
         offer_as_trunk_says(&mut local, &trunk);
         let offer = match patchbay_sip::sdp::offer(&local) {
@@ -192,7 +192,7 @@ impl Endpoint {
         tracing::warn!(id, "origination failed: {reason}");
         let status = crate::originate::CallStatus::Failed;
         if let Some(view) = self.routing.originations.update(id, status, None, Some(reason)) {
-            crate::api::write_refused(&self.routing.cdr, &view, "failed");
+            crate::originate::write_refused(&self.routing.cdr, &view, "failed");
         }
     }
 
@@ -220,7 +220,7 @@ pub(super) fn start_leg_media(
     call: CallRef,
     sdp: &[u8],
     routing: &Routing,
-    commands: &mpsc::UnboundedSender<Command>,
+    requests: &mpsc::UnboundedSender<Request>,
     early: bool,
     channels: Option<&CallChannels>,
 ) -> Option<Arc<CallMedia>> {
@@ -246,7 +246,7 @@ pub(super) fn start_leg_media(
     let sinks = CallSinks { dtmf, played, inactive };
     let timeout = if early { None } else { routing.rtp_timeout };
     let session =
-        crate::media::session_for(&negotiated, negotiated.ptime, routing.media.pool(), timeout, random_u64(0x1e6));
+        crate::media::session_for(&negotiated, negotiated.ptime, routing.media.pool(), timeout, crate::random::u64());
     let media = match routing.media.start_call(session, rtp, Some(rtcp), sinks) {
         Ok(media) => media,
         Err(e) => {
@@ -255,10 +255,10 @@ pub(super) fn start_leg_media(
         }
     };
     tracing::info!(?call, codec = negotiated.codec.name(), remote = %negotiated.remote_rtp, "leg media started");
-    let commands = commands.clone();
+    let requests = requests.clone();
     tokio::spawn(async move {
         if inactive_rx.recv().await.is_some() {
-            let _ = commands.send(Command::HangupLeg { leg: call, reason: "rtp-timeout", by: "patchbay" });
+            let _ = requests.send(Request::HangupLeg { leg: call, reason: "rtp-timeout", by: "patchbay" });
         }
     });
     leg.media = Some(Arc::clone(&media));
@@ -309,11 +309,11 @@ pub(super) fn leg_end(draft: &CdrDraft, cause: &EndCause) -> SipEnd {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn origination_answered(
     ua: &mut UserAgent,
-    calls: &mut HashMap<CallRef, LiveCall>,
+    calls: &mut HashMap<CallRef, Call>,
     routing: &Arc<Routing>,
     engine: &Arc<FlowEngine>,
     registry: &Arc<FlowRegistry>,
-    commands: &mpsc::UnboundedSender<Command>,
+    services: &crate::call::Services,
     now: std::time::Instant,
     call: CallRef,
     mut leg: Leg,
@@ -323,7 +323,7 @@ pub(super) fn origination_answered(
     let crate::originate::Origination { id, trunk, flow: flow_name, vars, slots, .. } = *origination;
     let flow = registry.get(&trunk.tenant, &flow_name);
     let tenant = routing.tenants.get().get(&trunk.tenant).cloned();
-    let media = start_leg_media(&mut leg, call, sdp, routing, commands, false, Some(&channels));
+    let media = start_leg_media(&mut leg, call, sdp, routing, &services.requests, false, Some(&channels));
     let instance = tenant.as_ref().and_then(|t| t.instance_slot()).filter(|_| engine.free_slots() > 0);
     let runnable = flow.is_ok() && tenant.is_some() && media.is_some() && leg.agreed.is_some();
     let (Ok(flow), Some(tenant), Some(media), Some(agreed), Some(instance)) =
@@ -384,7 +384,7 @@ pub(super) fn origination_answered(
         slots,
         instance,
     };
-    start_flow(calls, routing, engine, commands, start);
+    crate::call::start(calls, services, engine, start);
 }
 
 /// The registrar's Service-Route as the Route of a new request through `trunk` (RFC 3608 §6:
@@ -400,7 +400,7 @@ pub(super) fn offer_as_trunk_says(local: &mut patchbay_sip::sdp::LocalMedia, tru
     local.codecs.clone_from(&trunk.codecs);
     local.srtp = match trunk.srtp {
         crate::config::SrtpMode::Off => patchbay_sip::sdp::SrtpPolicy::Off,
-        crate::config::SrtpMode::Optional => patchbay_sip::sdp::SrtpPolicy::Offer(sdes_key()),
-        crate::config::SrtpMode::Mandatory => patchbay_sip::sdp::SrtpPolicy::Require(sdes_key()),
+        crate::config::SrtpMode::Optional => patchbay_sip::sdp::SrtpPolicy::Offer(crate::random::sdes_key()),
+        crate::config::SrtpMode::Mandatory => patchbay_sip::sdp::SrtpPolicy::Require(crate::random::sdes_key()),
     };
 }

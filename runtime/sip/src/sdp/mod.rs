@@ -183,7 +183,8 @@ impl AudioCodec {
 
 /// SRTP key material for SDES (RFC 4568 §6.1): a 16-byte AES master key followed by a 14-byte
 /// master salt, as carried base64-encoded in `inline:`. The caller draws it from a CSPRNG.
-#[derive(Clone, PartialEq, Eq)]
+/// Wiped on drop.
+#[derive(Clone, PartialEq, Eq, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 pub struct SdesKey(pub [u8; 30]);
 
 impl fmt::Debug for SdesKey {

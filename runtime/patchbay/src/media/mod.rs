@@ -38,7 +38,9 @@ use patchbay_media::session::{Codec, MAX_PACKET, MAX_RTCP, MediaSession, Session
 use patchbay_media::{Frame, FramePool};
 use patchbay_udp::{ArrivalClock, Batch};
 
-use crate::agent::AgentLink;
+pub mod agent_link;
+
+use agent_link::AgentLink;
 use tokio::sync::{mpsc, watch};
 
 /// The default packetisation interval (ours in SDP unless `[media] ptime_ms` says otherwise).
@@ -46,6 +48,64 @@ pub const PTIME: Duration = Duration::from_millis(20);
 
 /// Frames buffered between the clock and a flow reading the caller's audio (1 s).
 pub const FLOW_AUDIO_QUEUE: usize = 50;
+
+/// Key presses (SIP INFO or RFC 4733) queued for a flow that has not read them yet; more are
+/// dropped.
+pub(crate) const DTMF_QUEUE: usize = 64;
+
+/// A call's flow side channels: key presses in, marks played out.
+pub(crate) struct CallChannels {
+    pub(crate) dtmf: mpsc::Sender<Dtmf>,
+    pub(crate) dtmf_rx: mpsc::Receiver<Dtmf>,
+    pub(crate) played: watch::Sender<u64>,
+    pub(crate) played_rx: watch::Receiver<u64>,
+}
+
+impl CallChannels {
+    pub(crate) fn new() -> Self {
+        // Bounded: a flow that never reads key presses must not let a peer grow this queue.
+        let (dtmf, dtmf_rx) = mpsc::channel(DTMF_QUEUE);
+        let (played, played_rx) = watch::channel(0);
+        Self { dtmf, dtmf_rx, played, played_rx }
+    }
+}
+
+/// A new mark id from a call's counter, shared by its prompts and its agent sessions (ids start
+/// at 1; 0 means "nothing played yet").
+pub(crate) fn next_mark(marks: &std::sync::atomic::AtomicU64) -> u64 {
+    marks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+}
+
+/// Queues the next frames of `prompt` (from frame `next` on) until 50 frames are queued (a
+/// second at 20 ms);
+/// once all of it is queued, queues the mark `id` and returns true. Shared by flows' `play` and
+/// `patchbay call --play`.
+pub(crate) fn feed_prompt(
+    session: &mut MediaSession,
+    pool: &FramePool,
+    prompt: &patchbay_media::prompt::Prompt,
+    codec: patchbay_media::prompt::PromptCodec,
+    next: &mut usize,
+    id: u64,
+) -> bool {
+    let mut octets = [0u8; 320];
+    let octets = &mut octets[..session.samples_per_frame() as usize];
+    while session.queued() < PROMPT_AHEAD_FRAMES {
+        if !prompt.frame_into(codec, *next, octets) {
+            session.mark(id);
+            return true;
+        }
+        let Ok(frame) = pool.g711(codec.encoding(), octets, 0) else { return false };
+        if session.play(frame).is_err() {
+            return false;
+        }
+        *next += 1;
+    }
+    false
+}
+
+/// Audio queued ahead of the wire while a prompt plays (the rest is fed as it goes out).
+const PROMPT_AHEAD_FRAMES: usize = 50;
 
 /// Where a call's media events go.
 #[derive(Debug, Clone)]
@@ -70,7 +130,7 @@ pub enum Listener {
         /// The agent stream's writer queue.
         sender: patchbay_agent::AgentSender,
         /// Benchmarks only: when each frame was handed over, for the agent turnaround figure.
-        handed_over: Option<crate::agent::HandOffTimes>,
+        handed_over: Option<agent_link::HandOffTimes>,
     },
 }
 

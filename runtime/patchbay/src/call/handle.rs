@@ -1,5 +1,6 @@
-//! A call as its flow sees it: [`SipCall`] implements the host's [`CallControl`] on top of
-//! the endpoint (signalling, through commands) and the call's media session.
+//! A call as its flow sees it: [`CallHandle`] implements the host's [`CallControl`] on the
+//! call's media session (read and played directly) and its [`Call`](super::Call) (everything
+//! that touches SIP goes to the endpoint as a [`Request`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,116 +10,46 @@ use patchbay_host::{
     AgentEnd, CallControl, CallError, CallInfo, CollectEnd, CollectOptions, Collected, DialOptions, DialOutcome, Dtmf,
     HangupCause, MediaEvent, PlayOptions, PlayOutcome, RecordEnd, RecordOptions, Recording,
 };
-use patchbay_media::session::MediaSession;
-use patchbay_media::{Frame, FramePool};
+use patchbay_media::Frame;
 use patchbay_sip::ua::CallRef;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::{MediaSlot, Request, Services};
 use crate::dial::LegEvent;
-use crate::endpoint::{Command, MediaSlot};
-use crate::media::{CallMedia, Listener};
+use crate::media::{CallMedia, Listener, feed_prompt, next_mark};
 
-/// A call as its flow sees it. Waiting operations end with `hangup` as soon as the call ends.
-pub(crate) struct SipCall {
-    call: CallRef,
-    info: CallInfo,
-    commands: mpsc::UnboundedSender<Command>,
-    ended: watch::Receiver<bool>,
-    dtmf: tokio::sync::Mutex<mpsc::Receiver<Dtmf>>,
+/// A call as its flow sees it: the flow's side of a [`Call`](super::Call). Waiting
+/// operations end with `hangup` as soon as the call ends.
+pub(crate) struct CallHandle {
+    pub(super) call: CallRef,
+    pub(super) info: CallInfo,
+    pub(super) requests: mpsc::UnboundedSender<Request>,
+    pub(super) ended: watch::Receiver<bool>,
+    pub(super) dtmf: tokio::sync::Mutex<mpsc::Receiver<Dtmf>>,
     /// The RTP session, set when the call is answered.
-    media: MediaSlot,
+    pub(super) media: MediaSlot,
     /// The last mark played out (see `MediaSession::mark`).
-    played: watch::Receiver<u64>,
-    marks: Arc<std::sync::atomic::AtomicU64>,
+    pub(super) played: watch::Receiver<u64>,
+    pub(super) marks: Arc<std::sync::atomic::AtomicU64>,
     /// The call's tenant (prompts, trunks, caps).
-    tenant: Arc<crate::tenant::Tenant>,
-    pool: FramePool,
+    pub(super) tenant: Arc<crate::tenant::Tenant>,
+    /// What every call reaches (other tenants, frames, storage).
+    pub(super) services: Services,
     /// The caller's audio while the flow has its audio stream open.
-    stream: tokio::sync::Mutex<Option<mpsc::Receiver<Frame>>>,
-    /// The endpoint's routing (storage, media engine, agents' TLS).
-    routing: Arc<crate::endpoint::Routing>,
+    pub(super) stream: tokio::sync::Mutex<Option<mpsc::Receiver<Frame>>>,
     /// Whether the caller takes REFER (its Allow lists it, or it sent no Allow).
-    refer: bool,
+    pub(super) refer: bool,
 }
-
-impl SipCall {
-    #[allow(clippy::too_many_arguments)] // the call's channels, each from a different owner
-    pub(crate) fn new(
-        call: CallRef,
-        info: CallInfo,
-        commands: mpsc::UnboundedSender<Command>,
-        ended: watch::Receiver<bool>,
-        dtmf: mpsc::Receiver<Dtmf>,
-        media: MediaSlot,
-        played: watch::Receiver<u64>,
-        tenant: Arc<crate::tenant::Tenant>,
-        routing: Arc<crate::endpoint::Routing>,
-        refer: bool,
-    ) -> Self {
-        Self {
-            call,
-            info,
-            commands,
-            ended,
-            dtmf: tokio::sync::Mutex::new(dtmf),
-            media,
-            played,
-            marks: Arc::default(),
-            tenant,
-            pool: routing.media.pool().clone(),
-            stream: tokio::sync::Mutex::new(None),
-            routing,
-            refer,
-        }
-    }
-}
-
-/// A new mark id from a call's counter, shared by its prompts and its agent sessions (ids start
-/// at 1; 0 means "nothing played yet").
-pub(crate) fn next_mark(marks: &std::sync::atomic::AtomicU64) -> u64 {
-    marks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
-}
-
-/// Queues the next frames of `prompt` (from frame `next` on) until 50 frames are queued (a
-/// second at 20 ms);
-/// once all of it is queued, queues the mark `id` and returns true. Shared by flows' `play` and
-/// `patchbay call --play`.
-pub(crate) fn feed_prompt(
-    session: &mut MediaSession,
-    pool: &FramePool,
-    prompt: &patchbay_media::prompt::Prompt,
-    codec: patchbay_media::prompt::PromptCodec,
-    next: &mut usize,
-    id: u64,
-) -> bool {
-    let mut octets = [0u8; 320];
-    let octets = &mut octets[..session.samples_per_frame() as usize];
-    while session.queued() < PROMPT_AHEAD_FRAMES {
-        if !prompt.frame_into(codec, *next, octets) {
-            session.mark(id);
-            return true;
-        }
-        let Ok(frame) = pool.g711(codec.encoding(), octets, 0) else { return false };
-        if session.play(frame).is_err() {
-            return false;
-        }
-        *next += 1;
-    }
-    false
-}
-
-/// Audio queued ahead of the wire while a prompt plays (the rest is fed as it goes out).
-const PROMPT_AHEAD_FRAMES: usize = 50;
 
 /// Hangs up an outbound leg when the `dial` that placed it returns, however it returns.
 struct LegGuard<'a> {
-    commands: &'a mpsc::UnboundedSender<Command>,
+    requests: &'a mpsc::UnboundedSender<Request>,
     leg: CallRef,
 }
 
 impl Drop for LegGuard<'_> {
     fn drop(&mut self) {
-        let _ = self.commands.send(Command::HangupLeg { leg: self.leg, reason: "caller-hangup", by: "caller" });
+        let _ = self.requests.send(Request::HangupLeg { leg: self.leg, reason: "caller-hangup", by: "caller" });
     }
 }
 
@@ -134,7 +65,7 @@ const DTMF_COMMA_PAUSE: Duration = Duration::from_millis(500);
 /// How long each DTMF digit we send lasts, and the pause after it.
 const DTMF_DIGIT_MS: u32 = 100;
 
-impl SipCall {
+impl CallHandle {
     async fn until_hangup(&self) {
         self.hangup_signal().await;
     }
@@ -178,7 +109,7 @@ impl SipCall {
             // Keep 50 frames (a second at 20 ms) queued ahead of the wire; the rest is fed as it
             // plays.
             if !marked {
-                marked = media.with(|session| feed_prompt(session, &self.pool, prompt, codec, &mut next, id));
+                marked = media.with(|session| feed_prompt(session, &self.services.pool, prompt, codec, &mut next, id));
             }
             let digit = async {
                 match dtmf.as_mut() {
@@ -203,7 +134,7 @@ impl SipCall {
 }
 
 #[async_trait]
-impl CallControl for SipCall {
+impl CallControl for CallHandle {
     fn info(&self) -> CallInfo {
         self.info.clone()
     }
@@ -211,13 +142,13 @@ impl CallControl for SipCall {
     async fn answer(&self) -> Result<(), CallError> {
         self.live()?;
         let (reply, result) = oneshot::channel();
-        self.commands.send(Command::Answer { call: self.call, reply }).map_err(|_| CallError::Hangup)?;
+        self.requests.send(Request::Answer { call: self.call, reply }).map_err(|_| CallError::Hangup)?;
         result.await.unwrap_or(Err(CallError::Hangup))
     }
 
     async fn hangup(&self, cause: HangupCause) -> Result<(), CallError> {
         self.live()?;
-        self.commands.send(Command::Hangup { call: self.call, cause }).map_err(|_| CallError::Hangup)?;
+        self.requests.send(Request::Hangup { call: self.call, cause }).map_err(|_| CallError::Hangup)?;
         self.until_hangup().await;
         Ok(())
     }
@@ -280,7 +211,7 @@ impl CallControl for SipCall {
 
     async fn dial(&self, target: &str, options: DialOptions) -> Result<DialOutcome, CallError> {
         self.live()?;
-        let target = crate::dial::resolve_for(target, &self.tenant, &self.routing.tenants.get()).await?;
+        let target = crate::dial::resolve_for(target, &self.tenant, &self.services.tenants.get()).await?;
         if options.headers.len() > crate::dial::MAX_FLOW_HEADERS {
             return Err(CallError::InvalidArgument(format!("at most {} extra headers", crate::dial::MAX_FLOW_HEADERS)));
         }
@@ -299,7 +230,7 @@ impl CallControl for SipCall {
         let ringback = self.tenant.prompts.get("ringback.wav")?;
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let (reply, leg) = oneshot::channel();
-        let command = Command::Dial {
+        let command = Request::Dial {
             call: self.call,
             target: Box::new(target),
             caller_id: options.caller_id,
@@ -307,10 +238,10 @@ impl CallControl for SipCall {
             events: events_tx,
             reply,
         };
-        self.commands.send(command).map_err(|_| CallError::Hangup)?;
+        self.requests.send(command).map_err(|_| CallError::Hangup)?;
         let leg = leg.await.unwrap_or(Err(CallError::Hangup))?;
         // However this ends, a leg still up is hung up (a no-op once it has ended).
-        let _leg_guard = LegGuard { commands: &self.commands, leg };
+        let _leg_guard = LegGuard { requests: &self.requests, leg };
         let codec = patchbay_media::prompt::PromptCodec::from(media.with(|s| s.codec()));
         let mut next = 0;
         let mut ringing = true;
@@ -322,7 +253,7 @@ impl CallControl for SipCall {
         let outcome: Result<DialOutcome, CallError> = loop {
             if ringing {
                 media.with(|session| {
-                    if feed_prompt(session, &self.pool, &ringback, codec, &mut next, 0) {
+                    if feed_prompt(session, &self.services.pool, &ringback, codec, &mut next, 0) {
                         next = 0; // the cadence repeats until something happens
                     }
                 });
@@ -351,7 +282,7 @@ impl CallControl for SipCall {
                 },
                 Some(frame) = early_rx.recv() => crate::dial::forward(&media, frame),
                 () = &mut deadline => {
-                    let _ = self.commands.send(Command::HangupLeg { leg, reason: "no-answer", by: "patchbay" });
+                    let _ = self.requests.send(Request::HangupLeg { leg, reason: "no-answer", by: "patchbay" });
                     // Wait for the CANCEL's outcome: the callee may have answered meanwhile.
                     let _ = tokio::time::timeout(crate::dial::CANCEL_WAIT, async {
                         while let Some(event) = events.recv().await {
@@ -390,7 +321,7 @@ impl CallControl for SipCall {
         }
         // The tenant's capabilities, whichever way it goes: with REFER the caller's side places
         // the call, but a flow may still only send it where the tenant allows.
-        crate::dial::check_transfer(target, &self.tenant, &self.routing.tenants.get()).await?;
+        crate::dial::check_transfer(target, &self.tenant, &self.services.tenants.get()).await?;
         if !self.refer || target.starts_with("trunk:") {
             // The caller's Allow leaves REFER out (RFC 3261 §20.5): bridge through us instead.
             tracing::info!(call = ?self.call, %target, "the caller does not take REFER: transferring by bridge");
@@ -401,8 +332,8 @@ impl CallControl for SipCall {
             };
         }
         let (reply, outcome) = oneshot::channel();
-        self.commands
-            .send(Command::Transfer { call: self.call, target: target.to_owned(), reply })
+        self.requests
+            .send(Request::Transfer { call: self.call, target: target.to_owned(), reply })
             .map_err(|_| CallError::Hangup)?;
         tokio::select! {
             result = outcome => result.unwrap_or(Err(CallError::Hangup)),
@@ -424,17 +355,13 @@ impl CallControl for SipCall {
         let start = patchbay_agent::StartInfo {
             account_sid: self.info.tenant.clone(),
             call_sid: self.info.call_id.clone(),
-            stream_sid: format!(
-                "MZ{:016x}{:016x}",
-                crate::endpoint::random_u64(0xa6e),
-                crate::endpoint::random_u64(0x5e1d)
-            ),
+            stream_sid: format!("MZ{:016x}{:016x}", crate::random::u64(), crate::random::u64()),
             custom_parameters: params.to_vec(),
         };
         let mut dtmf = self.dtmf.lock().await;
         let call = crate::agent::AgentCall {
             media,
-            pool: self.pool.clone(),
+            pool: self.services.pool.clone(),
             dtmf: &mut dtmf,
             played: self.played.clone(),
             marks: Arc::clone(&self.marks),
@@ -499,7 +426,7 @@ impl CallControl for SipCall {
         let id = format!(
             "{}-{:08x}",
             started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis()),
-            crate::endpoint::random_u64(0x7ec) as u32
+            crate::random::u64() as u32
         );
         let meta = crate::recording::Metadata {
             id: &id,
@@ -518,7 +445,7 @@ impl CallControl for SipCall {
             },
             format: "audio/wav; codec=pcm16; rate=8000",
         };
-        let dir = crate::recording::dir(&self.routing.storage, &self.info.tenant);
+        let dir = crate::recording::dir(&self.services.storage, &self.info.tenant);
         match crate::recording::store(&dir, &meta, &samples).await {
             Ok(path) => {
                 tracing::info!(call = ?self.call, path = %path.display(), duration_ms, ended_by = meta.ended_by, "recording stored")

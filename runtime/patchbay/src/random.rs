@@ -1,0 +1,59 @@
+//! Every random number Patchbay makes on the network's behalf — SSRCs, SDP session ids, stream
+//! and recording ids, digest nonce keys, SRTP master keys — comes from here, and here from the
+//! OS's CSPRNG (`getrandom(2)`), so none of them can be guessed from another.
+//!
+//! The SIP core reads no randomness itself (it stays deterministic under test): its tags,
+//! branches, Call-IDs and cnonces come from a ChaCha20 CSPRNG keyed here ([`rng_key`]).
+//!
+//! **Not done yet:** a failing OS source is logged and falls back to the process's keyed hash
+//! rather than refusing to start (getrandom(2) does not fail on Linux once booted).
+
+/// A random `u64` from the OS's CSPRNG.
+pub(crate) fn u64() -> u64 {
+    getrandom::u64().unwrap_or_else(|e| {
+        // getrandom(2) does not fail on Linux once the pool is initialised; should it, the
+        // per-process keyed hash is the best there is (still not guessable from outside).
+        tracing::error!("no randomness from the OS: {e}");
+        use std::hash::BuildHasher;
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::collections::hash_map::RandomState::new().hash_one(n)
+    })
+}
+
+/// The key of the SIP user agent's CSPRNG (tags, branches, Call-IDs, cnonces).
+pub(crate) fn rng_key() -> patchbay_sip::ua::RngKey {
+    let mut key = [0u8; 32];
+    if let Err(e) = getrandom::fill(&mut key) {
+        tracing::error!("no randomness from the OS for the SIP key: {e}");
+        for (chunk, _) in key.chunks_mut(8).zip(0..) {
+            chunk.copy_from_slice(&u64().to_le_bytes());
+        }
+    }
+    patchbay_sip::ua::RngKey(key)
+}
+
+/// A key for digest nonces (RFC 7616 §3.3: the server's secret in the nonce), 32 bytes.
+pub(crate) fn nonce_secret() -> Vec<u8> {
+    (0..4).flat_map(|_| u64().to_le_bytes()).collect()
+}
+
+/// A fresh SDES master key and salt (RFC 4568 §6.1) from the OS's CSPRNG.
+pub(crate) fn sdes_key() -> patchbay_sip::sdp::SdesKey {
+    let mut key = [0u8; 30];
+    if let Err(e) = getrandom::fill(&mut key) {
+        tracing::error!("no randomness from the OS for an SRTP key: {e}");
+    }
+    patchbay_sip::sdp::SdesKey(key)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn draws_differ() {
+        // Two draws from a CSPRNG are equal with probability 2^-64; a constant source fails.
+        assert_ne!(super::u64(), super::u64());
+        assert_ne!(super::nonce_secret(), super::nonce_secret());
+        assert_ne!(super::sdes_key().0, super::sdes_key().0);
+    }
+}
