@@ -413,6 +413,12 @@ impl UserAgent {
         }
     }
 
+    /// Responses dropped so far because they did not come from where their request went
+    /// (RFC 3261 §18.1.2; forged or misdirected).
+    pub fn foreign_responses(&self) -> u64 {
+        self.layer.foreign_responses()
+    }
+
     /// A message arrived (parsed and validated by [`crate::message`]).
     pub fn handle_receive(&mut self, now: Instant, peer: Peer, message: SipMessage) {
         self.layer.handle_receive(now, peer, message);
@@ -481,10 +487,21 @@ impl UserAgent {
         }
     }
 
+    /// The dialog an in-dialog request belongs to: its Call-ID, our tag (its To) and the
+    /// peer's tag (its From) must all match (§12.2.2: the dialog ID is all three). A request
+    /// that knows our tag but carries another remote tag is not the peer's (a forged or stale
+    /// BYE, re-INVITE, INFO or NOTIFY) and belongs to no dialog.
     fn dialog_of(&self, request: &rsip::Request) -> Option<CallRef> {
         let call_id = request.call_id_header().ok()?.value().to_owned();
         let local_tag = request.to_header().ok()?.tag().ok()??.to_string();
-        self.dialogs.get(&(call_id, local_tag)).copied()
+        let call = self.dialogs.get(&(call_id, local_tag)).copied()?;
+        let remote_tag = request.from_header().ok().and_then(|f| f.tag().ok().flatten()).map(|t| t.to_string());
+        match (&self.calls.get(&call)?.remote_tag, remote_tag) {
+            (Some(ours), Some(theirs)) if *ours == theirs => Some(call),
+            // A peer without tags (RFC 2543) is matched on Call-ID and our tag.
+            (None, _) => Some(call),
+            _ => None,
+        }
     }
 
     fn on_request(
@@ -495,6 +512,17 @@ impl UserAgent {
         request: rsip::Request,
         cancels: Option<TransactionId>,
     ) {
+        // §8.2.2.3: a request that requires an extension we do not support gets 420 Bad
+        // Extension naming it (CANCEL and ACK cannot be refused this way, §8.2.2.3 and §9.2).
+        if !matches!(request.method, Method::Ack | Method::Cancel) {
+            let unsupported = unsupported_requirements(&request);
+            if !unsupported.is_empty() {
+                let header = Header::Other("Unsupported".into(), unsupported.join(", "));
+                let response = self.response(&request, 420, None, &[header]);
+                let _ = self.layer.send_response(now, id, response);
+                return;
+            }
+        }
         let has_to_tag = request.to_header().ok().and_then(|t| t.tag().ok().flatten()).is_some();
         if has_to_tag {
             self.in_dialog(now, id, request);
@@ -1026,6 +1054,23 @@ enum SessionTimer {
     TooSmall,
     /// A timer with the caller refreshing.
     Uac(Duration),
+}
+
+/// The option tags `request` lists in Require that we do not support ([`SUPPORTED`]).
+fn unsupported_requirements(request: &rsip::Request) -> Vec<String> {
+    let required = request.headers.iter().filter_map(|h| match h {
+        Header::Require(v) => Some(v.value()),
+        Header::Other(n, v) if n.eq_ignore_ascii_case("Require") => Some(v.as_str()),
+        _ => None,
+    });
+    let mut unsupported: Vec<String> = Vec::new();
+    for tag in required.flat_map(|v| v.split(',')).map(str::trim).filter(|t| !t.is_empty()) {
+        let known = SUPPORTED.split(',').any(|s| s.trim().eq_ignore_ascii_case(tag));
+        if !known && !unsupported.iter().any(|u| u.eq_ignore_ascii_case(tag)) {
+            unsupported.push(tag.to_owned());
+        }
+    }
+    unsupported
 }
 
 fn header_values<'a>(request: &'a rsip::Request, name: &str) -> impl Iterator<Item = &'a str> {

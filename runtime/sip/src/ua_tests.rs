@@ -417,3 +417,52 @@ fn keys_are_wiped_on_drop_and_never_printed() {
     assert_eq!(format!("{:?}", RngKey::fixed(1)), "RngKey(..)");
     assert!(!format!("{:?}", ua()).contains("ChaCha"), "the CSPRNG's state is not printed");
 }
+
+#[test]
+fn a_required_extension_we_lack_gets_420_naming_it() {
+    // RFC 3261 §8.2.2.3: 420 Bad Extension with Unsupported listing what we lack; `timer`
+    // (RFC 4028), which we support, is not listed and does not refuse the call by itself.
+    let mut ua = ua();
+    ua.handle_receive(Instant::now(), peer(), invite("Require: 100rel, timer, foo\r\nSupported: timer\r\n"));
+    let (sent, events) = drain(&mut ua);
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![100, 420]);
+    let text = sent[1].to_string();
+    assert!(text.contains("Unsupported: 100rel, foo\r\n"), "{text}");
+    assert!(events.is_empty(), "no call starts: {events:?}");
+
+    let mut ua = ua_with_seed(8);
+    ua.handle_receive(
+        Instant::now(),
+        peer(),
+        invite("Require: timer\r\nSession-Expires: 1800\r\nSupported: timer\r\n"),
+    );
+    let (sent, events) = drain(&mut ua);
+    assert!(!sent.iter().any(|m| status(m) == 420), "timer is supported");
+    assert!(events.iter().any(|e| matches!(e, UaEvent::IncomingCall { .. })), "{events:?}");
+}
+
+#[test]
+fn an_in_dialog_request_with_another_remote_tag_is_not_the_peers() {
+    // §12.2.2: the dialog is Call-ID, our tag and the peer's tag. A BYE, re-INVITE, INFO or
+    // NOTIFY that guessed our tag but not the caller's gets 481 and leaves the call alone.
+    let mut ua = ua();
+    let t0 = Instant::now();
+    let (call, tag, _) = answered(&mut ua, t0, "");
+    ua.handle_receive(t0, peer(), in_dialog("ACK", 1, "z9hG4bKack", &tag));
+    drain(&mut ua);
+    for (n, method) in ["BYE", "INVITE", "INFO", "NOTIFY"].into_iter().enumerate() {
+        let forged = in_dialog(method, 10 + n as u32, &format!("z9hG4bKforged{n}"), &tag).to_string();
+        let forged = forged.replace("tag=a1", "tag=mallory");
+        ua.handle_receive(t0, peer(), SipMessage::try_from(forged.as_str()).unwrap());
+        let (sent, events) = drain(&mut ua);
+        // (An INVITE gets its 100 Trying from the transaction first.)
+        let answers: Vec<u16> = sent.iter().map(status).filter(|s| *s != 100).collect();
+        assert_eq!(answers, vec![481], "{method}");
+        assert!(events.is_empty(), "{method}: {events:?}");
+    }
+    // The caller's own BYE still ends the call.
+    ua.handle_receive(t0, peer(), in_dialog("BYE", 20, "z9hG4bKbye", &tag));
+    let (sent, events) = drain(&mut ua);
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![200]);
+    assert!(events.iter().any(|e| matches!(e, UaEvent::Ended { call: c, .. } if *c == call)), "{events:?}");
+}

@@ -649,7 +649,9 @@ fn arb_local() -> impl Strategy<Value = LocalMedia> {
     ];
     let address = prop_oneof![
         (1u8..=223, any::<[u8; 3]>()).prop_map(|(a, [b, c, d])| IpAddr::from([a, b, c, d])),
-        any::<u128>().prop_filter("specified", |bits| *bits != 0).prop_map(|bits| IpAddr::from(bits.to_be_bytes())),
+        any::<u128>()
+            .prop_filter("specified and unicast", |bits| *bits != 0 && bits >> 120 != 0xff)
+            .prop_map(|bits| IpAddr::from(bits.to_be_bytes())),
     ];
     let srtp = prop_oneof![
         Just(None),
@@ -877,4 +879,33 @@ fn a_peer_that_names_its_rtcp_port_gets_its_reports_there() {
         accept_answer(&sent, &answered).expect("answer").remote_rtcp,
         Some("192.0.2.50:20011".parse().expect("address"))
     );
+}
+
+#[test]
+fn multicast_and_broadcast_media_addresses_are_refused() {
+    // Media is never sent to a group or a whole network because an SDP said so.
+    for address in ["IP4 224.0.0.1", "IP4 239.255.255.250", "IP4 255.255.255.255", "IP6 ff02::1"] {
+        let offer = crlf(&format!(
+            "v=0
+            o=- 1 1 IN {address}
+            s=-
+            c=IN {address}
+            t=0 0
+            m=audio 4000 RTP/AVP 0"
+        ));
+        assert_eq!(answer(&offer, &local()).err(), Some(SdpError::UnsupportedAddress), "{address}");
+    }
+    // An a=rtcp pointing at a group is ignored: RTCP goes to the RTP port + 1, as without it.
+    let offer = crlf(
+        "v=0
+        o=- 1 1 IN IP4 192.0.2.10
+        s=-
+        c=IN IP4 192.0.2.10
+        t=0 0
+        m=audio 4000 RTP/AVP 0
+        a=rtcp:4001 IN IP4 224.0.0.1",
+    );
+    let negotiated = answer(&offer, &local()).expect("answer");
+    assert_eq!(negotiated.remote_rtcp, None);
+    assert_eq!(negotiated.remote_rtp, "192.0.2.10:4000".parse().expect("addr"));
 }

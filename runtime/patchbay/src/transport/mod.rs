@@ -31,7 +31,6 @@ mod udp;
 pub use stream::{StreamSettings, Streams, tcp_listener, tls_client_config, tls_listener};
 pub use udp::udp_receiver;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -89,35 +88,60 @@ impl Outbound {
     }
 }
 
-/// Per-source token buckets (messages per second, burst twice that), bounded in size.
+/// Per-source token buckets (messages per second, burst twice that) in a fixed table.
+///
+/// A source's bucket is a slot chosen by a per-process keyed hash of its address (an IPv6
+/// source by its /64, which one host controls whole). The table never grows and is never
+/// cleared, so spraying spoofed sources can neither exhaust memory nor refill anyone's bucket:
+/// an attacker's bucket only refills with time. (It replaced a map that was cleared at 65,536
+/// sources: a spoofed-source flood reset every bucket.) Two sources that share a slot share its
+/// rate; with [`SLOTS`] slots and a keyed hash, an attacker cannot aim at a given source's slot.
 #[derive(Debug)]
 pub struct SourceLimiter {
     per_sec: f64,
-    buckets: HashMap<IpAddr, (f64, Instant)>,
+    /// (tokens, last refill): allocated at the first message.
+    slots: Vec<(f64, Option<Instant>)>,
+    hasher: std::collections::hash_map::RandomState,
     dropped: u64,
 }
 
-/// Most sources tracked at once; beyond it the map is cleared (new sources start full).
-const MAX_TRACKED_SOURCES: usize = 65_536;
+/// Slots in a limiter's table (about 1.5 MB).
+const SLOTS: usize = 65_536;
+
+/// What identifies a source for rate limiting: an IPv4 address, or an IPv6 address's /64.
+fn source_key(source: IpAddr) -> u128 {
+    match source.to_canonical() {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => (u128::from(v6) >> 64 << 64) | 1,
+    }
+}
 
 impl SourceLimiter {
     /// `per_sec` = 0 turns limiting off.
     pub fn new(per_sec: u32) -> Self {
-        Self { per_sec: f64::from(per_sec), buckets: HashMap::new(), dropped: 0 }
+        Self {
+            per_sec: f64::from(per_sec),
+            slots: Vec::new(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            dropped: 0,
+        }
     }
 
     /// Whether a message from `source` may be processed now.
     pub fn allow(&mut self, source: IpAddr, now: Instant) -> bool {
+        use std::hash::BuildHasher;
         if self.per_sec <= 0.0 {
             return true;
         }
-        if self.buckets.len() >= MAX_TRACKED_SOURCES && !self.buckets.contains_key(&source) {
-            self.buckets.clear();
-        }
         let burst = self.per_sec * 2.0;
-        let (tokens, last) = self.buckets.entry(source).or_insert((burst, now));
-        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * self.per_sec).min(burst);
-        *last = now;
+        if self.slots.is_empty() {
+            self.slots = vec![(burst, None); SLOTS];
+        }
+        let slot = (self.hasher.hash_one(source_key(source)) % SLOTS as u64) as usize;
+        let (tokens, last) = &mut self.slots[slot];
+        let refill = last.map_or(burst, |last| now.saturating_duration_since(last).as_secs_f64() * self.per_sec);
+        *tokens = (*tokens + refill).min(burst);
+        *last = Some(now);
         if *tokens >= 1.0 {
             *tokens -= 1.0;
             true
@@ -164,4 +188,40 @@ pub(crate) fn stamp_via(request: &mut rsip::Request, source: SocketAddr) -> Sock
         request.headers = headers.into();
     }
     SocketAddr::new(source.ip(), reply_port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spraying_spoofed_sources_does_not_refill_an_attackers_bucket() {
+        let mut limiter = SourceLimiter::new(10);
+        let t0 = Instant::now();
+        let attacker: IpAddr = "203.0.113.66".parse().unwrap();
+        // The burst (twice the rate), then nothing.
+        assert_eq!((0..30).filter(|_| limiter.allow(attacker, t0)).count(), 20);
+        // 100,000 spoofed sources in the same instant (a map cleared at 65,536 forgot the
+        // attacker here and let it burst again).
+        for n in 0..100_000u32 {
+            let spoofed = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + n));
+            limiter.allow(spoofed, t0);
+        }
+        assert!(!limiter.allow(attacker, t0), "the attacker's bucket stays empty");
+        // Time refills it, at the configured rate.
+        let later = t0 + std::time::Duration::from_millis(500);
+        assert_eq!((0..30).filter(|_| limiter.allow(attacker, later)).count(), 5);
+        assert_eq!(limiter.slots.len(), SLOTS, "the table never grows");
+    }
+
+    #[test]
+    fn an_ipv6_host_is_one_source_however_many_addresses_it_uses() {
+        let mut limiter = SourceLimiter::new(5);
+        let t0 = Instant::now();
+        let allowed =
+            (0..100u16).filter(|n| limiter.allow(format!("2001:db8:1:2::{n:x}").parse().unwrap(), t0)).count();
+        assert_eq!(allowed, 10, "one /64, one bucket");
+        assert!(limiter.allow("2001:db8:1:3::1".parse().unwrap(), t0), "another /64 has its own");
+        assert_eq!(source_key("::ffff:192.0.2.1".parse().unwrap()), source_key("192.0.2.1".parse().unwrap()));
+    }
 }

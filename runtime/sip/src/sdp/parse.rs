@@ -194,6 +194,12 @@ fn parse_connection(value: &str, line: usize) -> Result<ConnectionAddress, SdpEr
     let host = address.split('/').next().unwrap_or(address);
     let parsed: Option<IpAddr> = host.parse().ok();
     Ok(match (addrtype.to_ascii_uppercase().as_str(), parsed) {
+        // We are a unicast endpoint: a multicast group or the broadcast address in SDP would
+        // make us send media to a whole network on a stranger's word (RFC 3264 §5.1's
+        // multicast streams are not supported), so such an address is not usable.
+        (_, Some(ip)) if ip.is_multicast() || ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) => {
+            ConnectionAddress::Unusable
+        }
         ("IP4", Some(ip @ IpAddr::V4(_))) | ("IP6", Some(ip @ IpAddr::V6(_))) => ConnectionAddress::Ip(ip),
         _ => ConnectionAddress::Unusable,
     })

@@ -143,6 +143,16 @@ pub struct TransactionLayer {
     /// or it ends; stale entries are skipped when they come due.
     wheel: BinaryHeap<Reverse<(Instant, TransactionId)>>,
     outputs: VecDeque<Output>,
+    /// Responses dropped because they came from somewhere their request did not go.
+    foreign_responses: u64,
+}
+
+/// Whether a response from `from` can answer a request sent to `to`: same transport, same
+/// address and port (IPv4-mapped IPv6 addresses compare as IPv4).
+fn same_peer(to: Peer, from: Peer) -> bool {
+    to.transport == from.transport
+        && to.addr.port() == from.addr.port()
+        && to.addr.ip().to_canonical() == from.addr.ip().to_canonical()
 }
 
 impl TransactionLayer {
@@ -157,7 +167,13 @@ impl TransactionLayer {
             awaiting_ack: HashMap::new(),
             wheel: BinaryHeap::new(),
             outputs: VecDeque::new(),
+            foreign_responses: 0,
         }
+    }
+
+    /// Responses dropped so far because they did not come from where their request went.
+    pub fn foreign_responses(&self) -> u64 {
+        self.foreign_responses
     }
 
     /// Live transactions.
@@ -263,12 +279,21 @@ impl TransactionLayer {
         self.transmit(peer, message);
     }
 
-    fn receive_response(&mut self, now: Instant, response: rsip::Response) {
+    fn receive_response(&mut self, now: Instant, from: Peer, response: rsip::Response) {
         let Some(id) = ClientKey::for_response(&response).ok().and_then(|k| self.clients.get(&k).copied()) else {
             self.event(Event::StrayResponse { response });
             return;
         };
         let Some(tx) = self.transactions.get_mut(&id) else { return };
+        // §18.1.2 and §17.1.3: a response belongs to a client transaction only if it comes
+        // back from where the request went, over the same transport (for TCP and TLS, the
+        // connection is the peer's address). Anyone who saw or guessed the branch could
+        // otherwise answer, cancel or hang up our calls from another address.
+        if !same_peer(tx.peer, from) {
+            self.foreign_responses += 1;
+            self.event(Event::StrayResponse { response });
+            return;
+        }
         let kind = response.status_code.kind();
         let provisional = kind == StatusCodeKind::Provisional;
         let success = kind == StatusCodeKind::Successful;
@@ -505,7 +530,7 @@ impl TransactionLayer {
     pub fn handle_receive(&mut self, now: Instant, peer: Peer, message: SipMessage) {
         match message {
             SipMessage::Request(request) => self.receive_request(now, peer, request),
-            SipMessage::Response(response) => self.receive_response(now, response),
+            SipMessage::Response(response) => self.receive_response(now, peer, response),
         }
     }
 

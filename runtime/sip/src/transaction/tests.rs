@@ -437,3 +437,31 @@ fn t1_t2_t4_are_configurable() {
     assert_eq!(evs, vec![Event::Timeout { id }, Event::Terminated { id }]);
     assert!(sent.last().is_some_and(|last| *last < ms(6_400)));
 }
+
+#[test]
+fn a_response_from_where_the_request_did_not_go_is_dropped_and_counted() {
+    // RFC 3261 §18.1.2 / §17.1.3: a forged 200 OK from another port, another address or over
+    // another transport is not the callee's answer, whatever branch it carries.
+    let mut layer = TransactionLayer::new(TimerConfig::default());
+    let t0 = Instant::now();
+    let invite = request("INVITE", "z9hG4bKforged", 1);
+    let id = layer.send_request(t0, udp(), invite.clone()).unwrap();
+    drain(&mut layer);
+    let elsewhere = [
+        Peer { transport: Transport::Udp, addr: "192.0.2.10:5070".parse().unwrap() },
+        Peer { transport: Transport::Udp, addr: "198.51.100.7:5060".parse().unwrap() },
+        tcp(),
+    ];
+    for (n, forger) in elsewhere.into_iter().enumerate() {
+        layer.handle_receive(t0 + ms(10), forger, response_to(&invite, 200).into());
+        let out = drain(&mut layer);
+        assert!(matches!(&events(&out)[..], [Event::StrayResponse { .. }]), "{forger:?}: {out:?}");
+        assert_eq!(layer.foreign_responses(), n as u64 + 1);
+    }
+    // The callee's own answer, from where the INVITE went (an IPv4-mapped form of it too).
+    let mapped = Peer { transport: Transport::Udp, addr: "[::ffff:192.0.2.10]:5060".parse().unwrap() };
+    layer.handle_receive(t0 + ms(20), mapped, response_to(&invite, 200).into());
+    let out = drain(&mut layer);
+    assert!(matches!(&events(&out)[..], [Event::Response { id: got, .. }] if *got == id), "{out:?}");
+    assert_eq!(layer.foreign_responses(), 3);
+}
