@@ -187,12 +187,13 @@ fn test(args: &[String]) -> Result<(), String> {
             .args(["--", "-D", "warnings"]),
     )?;
     step("formatting (flows)", cargo().current_dir(root().join("plugins")).args(["fmt", "--all", "--check"]))?;
-    // The end-to-end tests start the real binary from target/debug; build it first so they
-    // never have to build it themselves while the test run is under way.
-    step(
-        "patchbay binaries",
-        cargo().args(["build", "--package", "patchbay", "--package", "patchbay-bench", "--locked"]),
-    )?;
+    // The end-to-end tests start the real binaries from target/debug; build them first so
+    // they never have to build them while the test run is under way. Built with every test
+    // target in one invocation: cargo then unifies features as `cargo test --workspace` does,
+    // and the tests below reuse every dependency. (`build -p patchbay -p patchbay-bench`
+    // unified them without the dev-dependencies: tokio, hyper, wasmtime and everything above
+    // them were compiled twice, minutes and about a gigabyte of target/ on CI.)
+    step("binaries and tests", cargo().args(["build", "--workspace", "--bins", "--tests", "--locked"]))?;
     step("tests", cargo().args(["test", "--workspace", "--locked"]).args(args))
 }
 

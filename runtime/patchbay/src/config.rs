@@ -246,6 +246,10 @@ pub struct TenantConfig {
     pub max_instances: Option<u32>,
     /// Bytes of keys and values the tenant's kv space may hold, in KiB (default 1024).
     pub kv_quota_kb: Option<u32>,
+    /// Disk its recordings may take, in MiB (default 1024).
+    pub recordings_quota_mb: Option<u32>,
+    /// Days a recording is kept before it is deleted (default: kept until deleted).
+    pub recordings_retention_days: Option<u32>,
     /// URL prefixes the tenant's API calls may name as `webhook` (none: no webhooks).
     #[serde(default)]
     pub webhooks: Vec<String>,
@@ -649,6 +653,16 @@ impl Config {
             {
                 return Err(error(None, format!("tenant.kv_quota_kb: 1 to 1048576 (1 GiB), got {kb}")));
             }
+            if let Some(mb) = tenant.recordings_quota_mb
+                && !(1..=1 << 24).contains(&mb)
+            {
+                return Err(error(None, format!("tenant.recordings_quota_mb: 1 to 16777216 (16 TiB), got {mb}")));
+            }
+            if let Some(days) = tenant.recordings_retention_days
+                && !(1..=36_500).contains(&days)
+            {
+                return Err(error(None, format!("tenant.recordings_retention_days: 1 to 36500, got {days}")));
+            }
             if tenant.max_calls == Some(0) {
                 return Err(error(None, "tenant.max_calls: must be at least 1 (leave it out for no cap)".into()));
             }
@@ -981,6 +995,25 @@ mod tests {
         assert!(err.starts_with("t.toml:8: tenant.flow.name"), "{err}");
         let err = Config::parse("[sip]\nlisten = []\n", "t.toml", PathBuf::new()).expect_err("no tenant").to_string();
         assert!(err.contains("at least one [[tenant]]"), "{err}");
+    }
+
+    #[test]
+    fn recording_quota_and_retention_are_checked_and_named() {
+        for (line, field) in [
+            ("recordings_quota_mb = 0", "tenant.recordings_quota_mb"),
+            ("recordings_retention_days = 0", "tenant.recordings_retention_days"),
+        ] {
+            let text = format!("[sip]\nlisten = []\n[[tenant]]\nid = \"t\"\n{line}\n");
+            let err = Config::parse(&text, "t.toml", PathBuf::new()).expect_err(line).to_string();
+            assert!(err.contains(field), "{err}");
+        }
+        let text =
+            "[sip]\nlisten = []\n[[tenant]]\nid = \"t\"\nrecordings_quota_mb = 5\nrecordings_retention_days = 30\n";
+        let config = Config::parse(text, "t.toml", PathBuf::new()).expect("valid");
+        assert_eq!(
+            (config.tenants[0].recordings_quota_mb, config.tenants[0].recordings_retention_days),
+            (Some(5), Some(30))
+        );
     }
 
     #[test]

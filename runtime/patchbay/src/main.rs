@@ -322,6 +322,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                 tokio::spawn(api::serve(listener, state));
             }
             let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(sweep_recordings(Arc::clone(&routing.tenants), routing.storage.clone()));
             if !listeners.is_empty() {
                 let endpoint = endpoint::run_endpoint(
                     listeners,
@@ -409,6 +410,32 @@ fn report(config: &Config, engine: &FlowEngine, registry: &FlowRegistry) {
             "Try: sipp -sn uac -s {flow} 127.0.0.1:{port} -m 1   (or point a softphone at sip:{flow}@127.0.0.1:{port})"
         ),
         Some(domain) => println!("Try: patchbay call sip:{flow}@{domain} --proxy 127.0.0.1:{port}"),
+    }
+}
+
+/// Deletes recordings past their tenant's `recordings_retention_days`, at start and every hour
+/// after (off the async workers: a tenant may have many files).
+async fn sweep_recordings(tenants: Arc<reload::Current<tenant::Tenants>>, storage: PathBuf) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        every.tick().await;
+        let kept: Vec<(String, Duration)> =
+            tenants.get().iter().filter_map(|t| Some((t.id.clone(), t.recordings_retention?))).collect();
+        let storage = storage.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            for (tenant, retention) in kept {
+                let dir = recording::dir(&storage, &tenant);
+                let cutoff = std::time::SystemTime::now() - retention;
+                match recording::sweep(&dir, cutoff) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(%tenant, files = n, "recordings past their retention deleted"),
+                    Err(e) => tracing::warn!(%tenant, dir = %dir.display(), "sweeping old recordings: {e}"),
+                }
+            }
+        });
+        if let Err(e) = swept.await {
+            tracing::warn!("sweeping old recordings: {e}");
+        }
     }
 }
 

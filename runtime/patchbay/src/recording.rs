@@ -58,15 +58,85 @@ pub fn dir(storage: &Path, tenant: &str) -> PathBuf {
     storage.join(tenant).join("recordings")
 }
 
-/// Writes `<id>.wav` and `<id>.json` into `dir`. The JSON is written last, so a reader that
-/// finds it finds the audio complete.
-pub async fn store(dir: &Path, meta: &Metadata<'_>, samples: &[i16]) -> std::io::Result<PathBuf> {
+/// Why a recording was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The tenant's recordings already take (or with this one would take) its quota.
+    #[error("the tenant's recordings would take {needed} bytes, over its quota of {quota}")]
+    Quota {
+        /// What the recordings would take with this one.
+        needed: u64,
+        /// The quota.
+        quota: u64,
+    },
+    /// The disk said no.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Writes `<id>.wav` and `<id>.json` into `dir` if the recordings there stay within `quota`
+/// bytes with them. The JSON is written last, so a reader that finds it finds the audio
+/// complete. (Two recordings of one tenant stored at the same instant may both pass the check:
+/// the quota can be overshot by one recording, at most an hour of audio, 57.6 MB.)
+pub async fn store(dir: &Path, meta: &Metadata<'_>, samples: &[i16], quota: u64) -> Result<PathBuf, StoreError> {
     tokio::fs::create_dir_all(dir).await?;
-    let wav = dir.join(format!("{}.wav", meta.id));
-    tokio::fs::write(&wav, wav_bytes(samples)).await?;
+    let audio = wav_bytes(samples);
     let json = serde_json::to_vec_pretty(meta).map_err(std::io::Error::other)?;
+    let dir_owned = dir.to_path_buf();
+    let used = tokio::task::spawn_blocking(move || usage(&dir_owned)).await.map_err(std::io::Error::other)??;
+    let needed = used + (audio.len() + json.len()) as u64;
+    if needed > quota {
+        return Err(StoreError::Quota { needed, quota });
+    }
+    let wav = dir.join(format!("{}.wav", meta.id));
+    tokio::fs::write(&wav, audio).await?;
     tokio::fs::write(dir.join(format!("{}.json", meta.id)), json).await?;
     Ok(wav)
+}
+
+/// Bytes the recordings in `dir` take (0 when it does not exist).
+pub fn usage(dir: &Path) -> std::io::Result<u64> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut total = 0;
+    for entry in entries {
+        let entry = entry?;
+        if is_recording_file(&entry.path()) {
+            total += entry.metadata()?.len();
+        }
+    }
+    Ok(total)
+}
+
+/// A recording's audio or description (what [`store`] writes).
+fn is_recording_file(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "wav" || e == "json")
+}
+
+/// Deletes the recordings in `dir` last written before `cutoff` (audio and description);
+/// returns how many files went. Other files are left alone.
+pub fn sweep(dir: &Path, cutoff: std::time::SystemTime) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let path = entry?.path();
+        if !is_recording_file(&path) {
+            continue;
+        }
+        let modified = std::fs::metadata(&path)?.modified()?;
+        if modified < cutoff {
+            std::fs::remove_file(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Whether a 20 ms frame counts as silence for `record`'s silence timeout: its RMS level is
@@ -97,6 +167,57 @@ mod tests {
         // And our own prompt reader takes it back.
         let prompt = patchbay_media::prompt::Prompt::from_wav("t.wav", &bytes).expect("valid WAV");
         assert_eq!(prompt.duration_ms(), 0, "3 samples round down to 0 ms");
+    }
+
+    fn meta(id: &str) -> Metadata<'_> {
+        Metadata {
+            id,
+            call_id: "c",
+            tenant: "t",
+            flow: "f",
+            from: "a",
+            to: "b",
+            started: "2026-12-07T00:00:00Z".into(),
+            duration_ms: 1000,
+            ended_by: "hangup",
+            format: "audio/wav; codec=pcm16; rate=8000",
+        }
+    }
+
+    #[tokio::test]
+    async fn a_recording_over_the_tenants_quota_is_refused_and_nothing_is_written() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let second = vec![0i16; 8_000]; // 16,044 bytes of WAV
+        let quota = 40_000;
+        store(dir.path(), &meta("one"), &second, quota).await.expect("fits");
+        store(dir.path(), &meta("two"), &second, quota).await.expect("fits");
+        let used = usage(dir.path()).expect("usage");
+        assert!(used > 32_088 && used < quota, "{used}");
+        match store(dir.path(), &meta("three"), &second, quota).await {
+            Err(StoreError::Quota { needed, quota: q }) => assert!(needed > q && q == quota),
+            other => panic!("expected the quota to refuse it: {other:?}"),
+        }
+        assert!(!dir.path().join("three.wav").exists() && !dir.path().join("three.json").exists());
+        assert_eq!(usage(dir.path()).expect("usage"), used);
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_what_is_older_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        store(dir.path(), &meta("old"), &[0; 160], u64::MAX).await.expect("stored");
+        store(dir.path(), &meta("new"), &[0; 160], u64::MAX).await.expect("stored");
+        std::fs::write(dir.path().join("notes.txt"), "not a recording").expect("write");
+        let week_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7 * 86_400);
+        for name in ["old.wav", "old.json", "notes.txt"] {
+            let file = std::fs::File::options().write(true).open(dir.path().join(name)).expect("open");
+            file.set_modified(week_ago).expect("set mtime");
+        }
+        let cutoff = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
+        assert_eq!(sweep(dir.path(), cutoff).expect("sweep"), 2);
+        assert!(!dir.path().join("old.wav").exists() && !dir.path().join("old.json").exists());
+        assert!(dir.path().join("new.wav").exists() && dir.path().join("new.json").exists());
+        assert!(dir.path().join("notes.txt").exists(), "other files are left alone");
+        assert_eq!(sweep(&dir.path().join("missing"), cutoff).expect("no dir, nothing to do"), 0);
     }
 
     #[test]

@@ -22,6 +22,9 @@ use crate::policy::{Capabilities, Host, LocalAddresses};
 use crate::prompts::PromptStore;
 use crate::trunk::{TenantCaps, TokenBucket, Trunk};
 
+/// MiB of recordings a tenant may keep unless `recordings_quota_mb` says otherwise.
+const TENANT_RECORDINGS_QUOTA_MB: u32 = 1024;
+
 /// Bytes of keys and values a tenant's kv space holds unless `kv_quota_kb` says otherwise.
 pub const TENANT_KV_QUOTA: usize = 1 << 20;
 
@@ -53,6 +56,10 @@ pub struct Tenant {
     pub prompts: Arc<PromptStore>,
     /// Its key-value space, shared by all its calls (the WIT `kv` interface).
     pub kv: Arc<MemoryKv>,
+    /// Bytes its recordings may take on disk (`recordings_quota_mb`).
+    pub recordings_quota: u64,
+    /// How long a recording is kept (`recordings_retention_days`; `None`: until deleted).
+    pub recordings_retention: Option<std::time::Duration>,
     /// Credentials inbound calls must present, if any.
     pub auth: Option<TenantAuth>,
     /// SHA-256 of its API token.
@@ -140,6 +147,10 @@ impl Tenant {
             trunks,
             prompts: Arc::new(PromptStore::new(config.prompts.as_ref().map(|d| base_dir.join(d)))),
             kv: Arc::new(MemoryKv::new(config.kv_quota_kb.map_or(TENANT_KV_QUOTA, |kb| (kb as usize) << 10))),
+            recordings_quota: u64::from(config.recordings_quota_mb.unwrap_or(TENANT_RECORDINGS_QUOTA_MB)) << 20,
+            recordings_retention: config
+                .recordings_retention_days
+                .map(|days| std::time::Duration::from_secs(u64::from(days) * 86_400)),
             auth,
             api_token: config.api_token.as_ref().map(|t| token_digest(t.expose())),
             webhooks: config.webhooks.clone(),

@@ -446,9 +446,13 @@ impl CallControl for CallHandle {
             format: "audio/wav; codec=pcm16; rate=8000",
         };
         let dir = crate::recording::dir(&self.services.storage, &self.info.tenant);
-        match crate::recording::store(&dir, &meta, &samples).await {
+        match crate::recording::store(&dir, &meta, &samples, self.tenant.recordings_quota).await {
             Ok(path) => {
                 tracing::info!(call = ?self.call, path = %path.display(), duration_ms, ended_by = meta.ended_by, "recording stored")
+            }
+            Err(e @ crate::recording::StoreError::Quota { .. }) => {
+                tracing::warn!(call = ?self.call, "recording not stored: {e}");
+                return Err(CallError::LimitExceeded(format!("recording storage: {e}")));
             }
             Err(e) => {
                 tracing::error!(call = ?self.call, dir = %dir.display(), "storing a recording failed: {e}");
