@@ -70,6 +70,10 @@ pub struct SipConfig {
     /// TCP/TLS connections open at once (inbound and outbound); more are refused.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// SIP server transactions held at once; a request beyond them gets a stateless 503 with
+    /// Retry-After (a flood from spoofed sources holds no more).
+    #[serde(default = "default_max_server_transactions")]
+    pub max_server_transactions: usize,
     /// `[sip.tls]`: the certificate `tls:` listeners present.
     pub tls: Option<TlsConfig>,
 }
@@ -93,6 +97,10 @@ fn default_tcp_idle_timeout_secs() -> u64 {
 
 fn default_max_connections() -> usize {
     10_000
+}
+
+fn default_max_server_transactions() -> usize {
+    patchbay_sip::transaction::MAX_SERVER_TRANSACTIONS
 }
 
 fn default_max_messages_per_source() -> u32 {

@@ -413,6 +413,17 @@ impl UserAgent {
         }
     }
 
+    /// Caps the server transactions held at once (see
+    /// [`crate::transaction::MAX_SERVER_TRANSACTIONS`]); beyond it requests get a stateless 503.
+    pub fn set_max_server_transactions(&mut self, max: usize) {
+        self.layer.set_max_server_transactions(max);
+    }
+
+    /// Requests answered 503 so far because the server transactions were at their cap.
+    pub fn overloaded(&self) -> u64 {
+        self.layer.overloaded()
+    }
+
     /// Responses dropped so far because they did not come from where their request went
     /// (RFC 3261 §18.1.2; forged or misdirected).
     pub fn foreign_responses(&self) -> u64 {

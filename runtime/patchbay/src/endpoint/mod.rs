@@ -56,6 +56,8 @@ pub struct Routing {
     pub tenants: Arc<crate::reload::Current<crate::tenant::Tenants>>,
     /// Address put in SDP and Contact instead of the bound one (NAT).
     pub external_ip: Option<std::net::IpAddr>,
+    /// SIP server transactions held at once (`[sip] max_server_transactions`).
+    pub max_server_transactions: usize,
     /// The media engine (clock thread and frame pool).
     pub media: MediaEngine,
     /// Address RTP sockets bind to.
@@ -132,6 +134,7 @@ pub async fn run_endpoint(
         // Tags, branches, Call-IDs and cnonces: a CSPRNG keyed from the OS.
         rng_key: crate::random::rng_key(),
     });
+    ua.set_max_server_transactions(routing.max_server_transactions);
     // Requests over TCP or TLS name a listener of that transport when there is one (the first
     // of each kind).
     for (transport, addr) in listeners.iter().rev() {

@@ -145,7 +145,21 @@ pub struct TransactionLayer {
     outputs: VecDeque<Output>,
     /// Responses dropped because they came from somewhere their request did not go.
     foreign_responses: u64,
+    /// Most server transactions held at once; a request that would open one more is answered
+    /// 503 statelessly.
+    max_servers: usize,
+    /// Requests answered 503 because `max_servers` were held.
+    overloaded: u64,
 }
+
+/// Server transactions held at once unless [`TransactionLayer::set_max_server_transactions`]
+/// says otherwise. Each lives up to 32 s after its final response over UDP (Timers J, L), so a
+/// node doing 600 calls/s holds about 40,000; a spoofed-source flood holds no more than this
+/// (a few hundred MB at most) and is answered 503 beyond it.
+pub const MAX_SERVER_TRANSACTIONS: usize = 100_000;
+
+/// What a stateless 503 for overload asks the client to wait (RFC 3261 §21.5.4).
+const OVERLOAD_RETRY_AFTER_SECS: u32 = 5;
 
 /// Whether a response from `from` can answer a request sent to `to`: same transport, same
 /// address and port (IPv4-mapped IPv6 addresses compare as IPv4).
@@ -168,7 +182,19 @@ impl TransactionLayer {
             wheel: BinaryHeap::new(),
             outputs: VecDeque::new(),
             foreign_responses: 0,
+            max_servers: MAX_SERVER_TRANSACTIONS,
+            overloaded: 0,
         }
+    }
+
+    /// Caps the server transactions held at once (at least 1).
+    pub fn set_max_server_transactions(&mut self, max: usize) {
+        self.max_servers = max.max(1);
+    }
+
+    /// Requests answered 503 so far because the server transactions were at their cap.
+    pub fn overloaded(&self) -> u64 {
+        self.overloaded
     }
 
     /// Responses dropped so far because they did not come from where their request went.
@@ -389,6 +415,14 @@ impl TransactionLayer {
                 self.schedule(id);
             }
             self.event(Event::Ack { peer, request });
+            return;
+        }
+        if self.servers.len() >= self.max_servers {
+            // Overload (§21.5.4): answered without a transaction, so holding nothing; a
+            // retransmission gets the same answer while the overload lasts.
+            self.overloaded += 1;
+            let busy = overloaded_503(&request);
+            self.transmit(peer, busy);
             return;
         }
         let id = self.allocate();
@@ -635,6 +669,32 @@ fn non_2xx_ack(invite: &rsip::Request, response: &rsip::Response) -> Option<rsip
 
 /// 100 Trying for an INVITE: the request's Via, From, To (no tag: §8.2.6.1 leaves it out of a
 /// 100), Call-ID and CSeq, and its Timestamp (§8.2.6.1).
+/// A stateless `503 Service Unavailable` with `Retry-After` for a request we hold no
+/// transaction for. Its To tag is fixed: the response never creates a dialog, and its
+/// retransmissions must carry the same tag (§8.2.6.2).
+fn overloaded_503(request: &rsip::Request) -> rsip::Response {
+    use rsip::headers::UntypedHeader;
+    let mut headers: Vec<Header> = Vec::with_capacity(8);
+    for header in request.headers.iter() {
+        match header {
+            Header::Via(_) | Header::From(_) | Header::CallId(_) | Header::CSeq(_) => headers.push(header.clone()),
+            Header::To(to) if to.tag().ok().flatten().is_none() => {
+                headers.push(Header::To(format!("{};tag=overload", to.value()).into()));
+            }
+            Header::To(_) => headers.push(header.clone()),
+            _ => {}
+        }
+    }
+    headers.push(Header::RetryAfter(OVERLOAD_RETRY_AFTER_SECS.to_string().into()));
+    headers.push(Header::ContentLength(rsip::headers::ContentLength::from(0u32)));
+    rsip::Response {
+        status_code: rsip::StatusCode::ServiceUnavailable,
+        version: rsip::Version::V2,
+        headers: headers.into(),
+        body: Vec::new(),
+    }
+}
+
 fn provisional_100(request: &rsip::Request) -> rsip::Response {
     let headers: Vec<Header> = request
         .headers

@@ -25,7 +25,7 @@ mod layer;
 mod tests;
 
 pub use key::{ClientKey, ServerKey};
-pub use layer::TransactionLayer;
+pub use layer::{MAX_SERVER_TRANSACTIONS, TransactionLayer};
 
 use std::net::SocketAddr;
 use std::time::Duration;

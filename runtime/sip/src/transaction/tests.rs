@@ -465,3 +465,39 @@ fn a_response_from_where_the_request_did_not_go_is_dropped_and_counted() {
     assert!(matches!(&events(&out)[..], [Event::Response { id: got, .. }] if *got == id), "{out:?}");
     assert_eq!(layer.foreign_responses(), 3);
 }
+
+#[test]
+fn beyond_the_server_transaction_cap_requests_get_a_stateless_503() {
+    // A flood of new requests (spoofed sources each under their rate limit) holds at most the
+    // cap; the rest are answered 503 + Retry-After without a transaction (RFC 3261 §21.5.4).
+    let mut layer = TransactionLayer::new(TimerConfig::default());
+    layer.set_max_server_transactions(2);
+    let t0 = Instant::now();
+    let options = request("OPTIONS", "z9hG4bK1", 1);
+    layer.handle_receive(t0, udp(), options.clone().into());
+    let Some(Event::Request { id: options_id, .. }) = events(&drain(&mut layer)).into_iter().next() else {
+        panic!("the OPTIONS reaches the TU")
+    };
+    layer.handle_receive(t0, udp(), request("INVITE", "z9hG4bK2", 2).into());
+    drain(&mut layer);
+    assert_eq!(layer.len(), 2);
+    let third = request("INVITE", "z9hG4bK3", 3);
+    layer.handle_receive(t0, udp(), third.clone().into());
+    let out = drain(&mut layer);
+    assert!(events(&out).is_empty(), "no transaction, nothing for the TU: {out:?}");
+    let sent = transmits(&out);
+    let [SipMessage::Response(busy)] = &sent[..] else { panic!("one response: {sent:?}") };
+    assert_eq!(busy.status_code.code(), 503);
+    let text = busy.to_string();
+    assert!(text.contains("Retry-After: 5\r\n") && text.contains(";tag=overload"), "{text}");
+    assert_eq!((layer.len(), layer.overloaded()), (2, 1));
+    // A retransmission of a request already held is still its transaction's.
+    layer.handle_receive(t0, udp(), request("INVITE", "z9hG4bK2", 2).into());
+    assert_eq!(layer.overloaded(), 1);
+    // Once transactions end (the OPTIONS answered, Timer J over), new requests are taken again.
+    layer.send_response(t0, options_id, response_to(&options, 200)).expect("answered");
+    let (_, _) = run_until(&mut layer, t0, secs(40));
+    assert!(layer.len() < 2, "the OPTIONS transaction ended");
+    layer.handle_receive(t0 + secs(40), udp(), third.into());
+    assert!(matches!(&events(&drain(&mut layer))[..], [Event::Request { .. }]));
+}
