@@ -207,22 +207,31 @@ fn handoff_flow(agent_port: u16, human_port: u16) -> String {
     )
 }
 
-/// agent-handoff: the agent cannot be reached, so the caller hears the fallback prompt and is
-/// bridged to a human over SIP.
-#[test]
-fn agent_handoff_falls_back_to_a_human_when_the_agent_is_unreachable() {
-    let human_port = free_port();
-    let dead_agent = free_port();
-    let flows = handoff_flow(dead_agent, human_port);
-    let pb = start_patchbay_with("", &flows);
+/// Calls the agent-handoff flow (agent at `agent_port`, human fallback at `human_port`) for 9 s
+/// and returns the records of the call and its leg once the human (a sipp UAS) took the call.
+fn call_the_handoff_flow(agent_port: u16, human_port: u16) -> Vec<serde_json::Value> {
+    let pb = start_patchbay_with("", &handoff_flow(agent_port, human_port));
     let sipp_dir = tempfile::tempdir().expect("tempdir");
     let human = human(human_port, sipp_dir.path());
     let dir = tempfile::tempdir().expect("tempdir");
     let (ok, text) = patchbay_call(dir.path(), &[&format!("sip:agent@127.0.0.1:{}", pb.port), "--hangup-after", "9"]);
     assert!(ok, "{text}");
     let human = human.wait_with_output().expect("sipp UAS");
-    assert!(human.status.success(), "the human should get the call: {}", String::from_utf8_lossy(&human.stderr));
-    let cdrs = pb.wait_for_cdrs(2, Duration::from_secs(5));
+    assert!(
+        human.status.success(),
+        "the human fallback should get the call: {}",
+        String::from_utf8_lossy(&human.stderr)
+    );
+    pb.wait_for_cdrs(2, Duration::from_secs(5))
+}
+
+/// agent-handoff: the agent cannot be reached, so the caller hears the fallback prompt and is
+/// bridged to a human over SIP.
+#[test]
+fn agent_handoff_falls_back_to_a_human_when_the_agent_is_unreachable() {
+    let human_port = free_port();
+    let dead_agent = free_port();
+    let cdrs = call_the_handoff_flow(dead_agent, human_port);
     let call = cdrs.iter().find(|c| c["direction"] == "inbound").unwrap_or_else(|| panic!("{cdrs:?}"));
     assert_eq!(call["vars"]["agent.end"], "unavailable", "{call}");
     let leg = cdrs.iter().find(|c| c["direction"] == "outbound").unwrap_or_else(|| panic!("{cdrs:?}"));
@@ -248,17 +257,7 @@ fn agent_handoff_does_not_transfer_where_the_tenant_does_not_allow() {
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind the agent");
     let agent_port = listener.local_addr().expect("agent address").port();
     runtime.spawn(agent.serve(listener));
-    let flows = handoff_flow(agent_port, human_port);
-    let pb = start_patchbay_with("", &flows);
-    let sipp_dir = tempfile::tempdir().expect("tempdir");
-    let human = human(human_port, sipp_dir.path());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (ok, text) = patchbay_call(dir.path(), &[&format!("sip:agent@127.0.0.1:{}", pb.port), "--hangup-after", "9"]);
-    assert!(ok, "{text}");
-    let human = human.wait_with_output().expect("sipp UAS");
-    assert!(human.status.success(), "the fallback should get the call: {}", String::from_utf8_lossy(&human.stderr));
-
-    let cdrs = pb.wait_for_cdrs(2, Duration::from_secs(5));
+    let cdrs = call_the_handoff_flow(agent_port, human_port);
     let call = cdrs.iter().find(|c| c["direction"] == "inbound").unwrap_or_else(|| panic!("{cdrs:?}"));
     assert_eq!(call["vars"]["agent.end"], format!("transfer-requested:{refused_target}"), "{call}");
     let why = call["vars"]["agent.transfer-refused"].as_str().unwrap_or_default();

@@ -336,17 +336,8 @@ pub fn show(s: &MsSummary) -> String {
 
 /// Milliseconds since the epoch of a CDR time (`2026-12-06T23:37:52.820Z`).
 pub fn epoch_ms(rfc3339: &str) -> Option<i64> {
-    let field = |range: std::ops::Range<usize>| -> Option<i64> { rfc3339.get(range)?.parse().ok() };
-    let (y, m, d) = (field(0..4)?, field(5..7)?, field(8..10)?);
-    let (hh, mm, ss, ms) = (field(11..13)?, field(14..16)?, field(17..19)?, field(20..23)?);
-    // Days from civil (H. Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 24 + hh) * 60 + mm) * 60_000 + ss * 1000 + ms)
+    let at = humantime::parse_rfc3339(rfc3339).ok()?;
+    at.duration_since(std::time::UNIX_EPOCH).ok().and_then(|d| i64::try_from(d.as_millis()).ok())
 }
 
 /// The first 12 hex digits of a version, as Patchbay's logs show it.

@@ -8,43 +8,48 @@
 //! **Not done yet:** a failing OS source is logged and falls back to the process's keyed hash
 //! rather than refusing to start (getrandom(2) does not fail on Linux once booted).
 
-/// A random `u64` from the OS's CSPRNG.
-pub(crate) fn u64() -> u64 {
-    getrandom::u64().unwrap_or_else(|e| {
+/// Fills `bytes` from the OS's CSPRNG.
+fn fill(bytes: &mut [u8]) {
+    if let Err(e) = getrandom::fill(bytes) {
         // getrandom(2) does not fail on Linux once the pool is initialised; should it, the
         // per-process keyed hash is the best there is (still not guessable from outside).
         tracing::error!("no randomness from the OS: {e}");
         use std::hash::BuildHasher;
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        std::collections::hash_map::RandomState::new().hash_one(n)
-    })
+        for chunk in bytes.chunks_mut(8) {
+            let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let word = std::collections::hash_map::RandomState::new().hash_one(n).to_le_bytes();
+            chunk.copy_from_slice(&word[..chunk.len()]);
+        }
+    }
+}
+
+/// A random `u64` from the OS's CSPRNG.
+pub(crate) fn u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    fill(&mut bytes);
+    u64::from_le_bytes(bytes)
 }
 
 /// The key of the SIP user agent's CSPRNG (tags, branches, Call-IDs, cnonces).
 pub(crate) fn rng_key() -> patchbay_sip::ua::RngKey {
-    let mut key = [0u8; 32];
-    if let Err(e) = getrandom::fill(&mut key) {
-        tracing::error!("no randomness from the OS for the SIP key: {e}");
-        for (chunk, _) in key.chunks_mut(8).zip(0..) {
-            chunk.copy_from_slice(&u64().to_le_bytes());
-        }
-    }
-    patchbay_sip::ua::RngKey(key)
+    let mut key = patchbay_sip::ua::RngKey([0; 32]);
+    fill(&mut key.0);
+    key
 }
 
 /// A key for digest nonces (RFC 7616 §3.3: the server's secret in the nonce), 32 bytes.
 pub(crate) fn nonce_secret() -> Vec<u8> {
-    (0..4).flat_map(|_| u64().to_le_bytes()).collect()
+    let mut secret = vec![0; 32];
+    fill(&mut secret);
+    secret
 }
 
 /// A fresh SDES master key and salt (RFC 4568 §6.1) from the OS's CSPRNG.
 pub(crate) fn sdes_key() -> patchbay_sip::sdp::SdesKey {
-    let mut key = [0u8; 30];
-    if let Err(e) = getrandom::fill(&mut key) {
-        tracing::error!("no randomness from the OS for an SRTP key: {e}");
-    }
-    patchbay_sip::sdp::SdesKey(key)
+    let mut key = patchbay_sip::sdp::SdesKey([0; 30]);
+    fill(&mut key.0);
+    key
 }
 
 #[cfg(test)]

@@ -96,47 +96,38 @@ pub async fn store(dir: &Path, meta: &Metadata<'_>, samples: &[i16], quota: u64)
 
 /// Bytes the recordings in `dir` take (0 when it does not exist).
 pub fn usage(dir: &Path) -> std::io::Result<u64> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
-    };
-    let mut total = 0;
-    for entry in entries {
-        let entry = entry?;
-        if is_recording_file(&entry.path()) {
-            total += entry.metadata()?.len();
-        }
-    }
-    Ok(total)
-}
-
-/// A recording's audio or description (what [`store`] writes).
-fn is_recording_file(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e == "wav" || e == "json")
+    recording_files(dir)?.iter().try_fold(0, |total, path| Ok(total + std::fs::metadata(path)?.len()))
 }
 
 /// Deletes the recordings in `dir` last written before `cutoff` (audio and description);
 /// returns how many files went. Other files are left alone.
 pub fn sweep(dir: &Path, cutoff: std::time::SystemTime) -> std::io::Result<usize> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
-    };
     let mut removed = 0;
-    for entry in entries {
-        let path = entry?.path();
-        if !is_recording_file(&path) {
-            continue;
-        }
-        let modified = std::fs::metadata(&path)?.modified()?;
-        if modified < cutoff {
+    for path in recording_files(dir)? {
+        if std::fs::metadata(&path)?.modified()? < cutoff {
             std::fs::remove_file(&path)?;
             removed += 1;
         }
     }
     Ok(removed)
+}
+
+/// The recordings' files in `dir`, audio and descriptions (what [`store`] writes); none when
+/// it does not exist.
+fn recording_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "wav" || e == "json") {
+            files.push(path);
+        }
+    }
+    Ok(files)
 }
 
 /// Whether a 20 ms frame counts as silence for `record`'s silence timeout: its RMS level is

@@ -105,7 +105,7 @@ pub struct SourceLimiter {
     dropped: u64,
 }
 
-/// Slots in a limiter's table (about 1.5 MB).
+/// Slots in a limiter's table (65,536 × 24 bytes: 1.5 MiB).
 const SLOTS: usize = 65_536;
 
 /// What identifies a source for rate limiting: an IPv4 address, or an IPv6 address's /64.

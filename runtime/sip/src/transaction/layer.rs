@@ -153,9 +153,10 @@ pub struct TransactionLayer {
 }
 
 /// Server transactions held at once unless [`TransactionLayer::set_max_server_transactions`]
-/// says otherwise. Each lives up to 32 s after its final response over UDP (Timers J, L), so a
-/// node doing 600 calls/s holds about 40,000; a spoofed-source flood holds no more than this
-/// (a few hundred MB at most) and is answered 503 beyond it.
+/// says otherwise. Each lives up to 32 s after its final response over UDP (Timers J, L), so by
+/// the timers a node doing 600 calls/s (an INVITE and a BYE each) holds about 600 × 2 × 32 =
+/// 38,400; a spoofed-source flood holds no more than this and is answered 503 beyond it. (What
+/// that many cost in memory has not been measured.)
 pub const MAX_SERVER_TRANSACTIONS: usize = 100_000;
 
 /// What a stateless 503 for overload asks the client to wait (RFC 3261 §21.5.4).
