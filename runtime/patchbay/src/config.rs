@@ -70,6 +70,10 @@ pub struct SipConfig {
     /// TCP/TLS connections open at once (inbound and outbound); more are refused.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// TCP/TLS connections one source (IPv4 address, IPv6 /64) may have open to us at once;
+    /// 0 = no cap beyond `max_connections`.
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
     /// SIP server transactions held at once; a request beyond them gets a stateless 503 with
     /// Retry-After (a flood from spoofed sources holds no more).
     #[serde(default = "default_max_server_transactions")]
@@ -97,6 +101,10 @@ fn default_tcp_idle_timeout_secs() -> u64 {
 
 fn default_max_connections() -> usize {
     10_000
+}
+
+fn default_max_connections_per_source() -> usize {
+    64
 }
 
 fn default_max_server_transactions() -> usize {

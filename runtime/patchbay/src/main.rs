@@ -237,6 +237,8 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                     idle_timeout: (config.sip.tcp_idle_timeout_secs > 0)
                         .then(|| Duration::from_secs(config.sip.tcp_idle_timeout_secs)),
                     max_connections: config.sip.max_connections,
+                    max_connections_per_source: config.sip.max_connections_per_source,
+                    message_deadline: transport::MESSAGE_DEADLINE,
                     max_messages_per_source: config.sip.max_messages_per_source,
                 },
                 inbound.clone(),

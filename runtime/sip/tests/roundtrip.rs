@@ -3,7 +3,9 @@
 //! Bodies are UTF-8 because rsip prints bodies through `String::from_utf8_lossy`; header names
 //! are the canonical long forms the parser normalises to.
 
-use patchbay_sip::message::{Limits, Parsed, StreamFrame, frame_stream, parse_datagram, parse_stream_message};
+use patchbay_sip::message::{
+    Limits, Parsed, StreamFrame, StreamFramer, frame_stream, parse_datagram, parse_stream_message,
+};
 use proptest::prelude::*;
 use rsip::headers::UntypedHeader;
 
@@ -129,4 +131,57 @@ proptest! {
         prop_assert_eq!(len, printed.len());
         prop_assert_eq!(parse_stream_message(&stream[..len], &limits), Ok(Parsed::Sip(message)));
     }
+
+    /// However the bytes arrive, a framer that keeps its place cuts the same messages as one
+    /// that sees them whole.
+    #[test]
+    fn trickled_bytes_are_cut_where_whole_ones_are(
+        messages in proptest::collection::vec(prop_oneof![request(), response()], 1..4),
+        cuts in proptest::collection::vec(1usize..40, 1..200),
+    ) {
+        let limits = Limits::default();
+        let stream: Vec<u8> = messages.iter().flat_map(|m| m.to_string().into_bytes()).collect();
+        let mut framer = StreamFramer::default();
+        let (mut buf, mut fed, mut lens) = (Vec::new(), 0, Vec::new());
+        let mut cut = cuts.iter().cycle();
+        while fed < stream.len() || !buf.is_empty() {
+            let take = (*cut.next().unwrap_or(&1)).min(stream.len() - fed);
+            buf.extend_from_slice(&stream[fed..fed + take]);
+            fed += take;
+            match framer.frame(&buf, &limits) {
+                StreamFrame::Complete { len } => {
+                    lens.push(len);
+                    buf.drain(..len);
+                }
+                StreamFrame::Incomplete if take == 0 => break,
+                StreamFrame::Incomplete => {}
+                other => return Err(TestCaseError::fail(format!("{other:?}"))),
+            }
+        }
+        let whole: Vec<usize> = messages.iter().map(|m| m.to_string().len()).collect();
+        prop_assert_eq!(lens, whole);
+    }
+}
+
+/// A header trickled one byte per read is searched once, not once per byte: framing time is
+/// linear in the message's length (a slow sender cannot make us do quadratic work).
+#[test]
+fn a_message_trickled_a_byte_at_a_time_is_scanned_in_linear_time() {
+    let limits = Limits::default();
+    let mut message = b"OPTIONS sip:a@example.com SIP/2.0\r\n".to_vec();
+    while message.len() < 60_000 {
+        message.extend_from_slice(format!("X-Pad: {}\r\n", "a".repeat(1_000)).as_bytes());
+    }
+    message.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+    let mut framer = StreamFramer::default();
+    let mut buf = Vec::new();
+    let mut answer = StreamFrame::Incomplete;
+    for byte in &message {
+        buf.push(*byte);
+        answer = framer.frame(&buf, &limits);
+    }
+    assert_eq!(answer, StreamFrame::Complete { len: message.len() });
+    let n = message.len() as u64;
+    // Each byte is looked at about once (plus three of overlap per read).
+    assert!(framer.examined() <= 4 * n + 8, "examined {} bytes for a {n}-byte message", framer.examined());
 }

@@ -28,7 +28,7 @@
 mod stream;
 mod udp;
 
-pub use stream::{StreamSettings, Streams, tcp_listener, tls_client_config, tls_listener};
+pub use stream::{MESSAGE_DEADLINE, StreamSettings, Streams, tcp_listener, tls_client_config, tls_listener};
 pub use udp::udp_receiver;
 
 use std::net::{IpAddr, SocketAddr};
@@ -109,7 +109,7 @@ pub struct SourceLimiter {
 const SLOTS: usize = 65_536;
 
 /// What identifies a source for rate limiting: an IPv4 address, or an IPv6 address's /64.
-fn source_key(source: IpAddr) -> u128 {
+pub(super) fn source_key(source: IpAddr) -> u128 {
     match source.to_canonical() {
         IpAddr::V4(v4) => u128::from(u32::from(v4)),
         IpAddr::V6(v6) => (u128::from(v6) >> 64 << 64) | 1,

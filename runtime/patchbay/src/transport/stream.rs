@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use patchbay_sip::message::{Limits, Parsed, StreamFrame, frame_stream, parse_stream_message};
+use patchbay_sip::message::{Limits, Parsed, StreamFrame, StreamFramer, parse_stream_message};
 use patchbay_sip::transaction::{Peer, Transport};
 use rsip::SipMessage;
 use rustls::pki_types::ServerName;
@@ -34,7 +34,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_rustls::TlsConnector;
 
-use super::{Inbound, SourceLimiter, stamp_via};
+use super::{Inbound, SourceLimiter, source_key, stamp_via};
 
 /// Messages queued for one connection before its peer counts as not reading and is dropped.
 const SEND_QUEUE: usize = 64;
@@ -47,6 +47,10 @@ const READ_CHUNK: usize = 8 * 1024;
 /// A receive buffer that grew past this is released once it is empty again, so an idle
 /// connection that once carried a large message does not keep its memory.
 const KEEP_BUFFER: usize = 16 * 1024;
+/// Longest one message may take to arrive once its first byte has: a slow sender (slowloris)
+/// holds a connection and its buffer at most this long per message, however it paces its bytes
+/// to dodge the idle timeout. Kamailio's `tcp_msg_read_timeout` has the same default.
+pub const MESSAGE_DEADLINE: Duration = Duration::from_secs(20);
 /// RFC 5626 §3.5.1: the client's keep-alive ping; the server answers with a single CRLF.
 const PING: &[u8] = b"\r\n\r\n";
 
@@ -103,6 +107,11 @@ pub struct StreamSettings {
     pub idle_timeout: Option<Duration>,
     /// Connections open at once (both directions, TLS handshakes included); more are refused.
     pub max_connections: usize,
+    /// Connections one source (an IPv4 address, an IPv6 /64) may have open to us at once,
+    /// handshakes included; more from it are refused (0: no cap beyond `max_connections`).
+    pub max_connections_per_source: usize,
+    /// How long a message may take to arrive once it has begun ([`MESSAGE_DEADLINE`]).
+    pub message_deadline: Duration,
     /// Messages per second accepted from one source address over all its connections (0: off).
     pub max_messages_per_source: u32,
 }
@@ -115,6 +124,9 @@ pub struct Streams {
     limiter: Mutex<SourceLimiter>,
     table: Mutex<Table>,
     open: AtomicUsize,
+    /// Connections open per source that opened them (only sources with one: bounded by
+    /// `max_connections`).
+    per_source: Mutex<HashMap<u128, usize>>,
 }
 
 #[derive(Debug, Default)]
@@ -164,12 +176,22 @@ struct Registered {
     close: Arc<Notify>,
 }
 
-/// One of the `max_connections` places; given back when dropped.
-struct Slot(Arc<Streams>);
+/// One of the `max_connections` places (and, for a connection a peer opened, one of its
+/// source's `max_connections_per_source`); given back when dropped.
+struct Slot(Arc<Streams>, Option<u128>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
+        if let Some(source) = self.1 {
+            let mut per_source = self.0.per_source.lock().unwrap_or_else(PoisonError::into_inner);
+            if let std::collections::hash_map::Entry::Occupied(mut open) = per_source.entry(source) {
+                *open.get_mut() -= 1;
+                if *open.get() == 0 {
+                    open.remove();
+                }
+            }
+        }
     }
 }
 
@@ -177,7 +199,14 @@ impl Streams {
     /// Connections deliver their messages to `endpoint`.
     pub fn new(settings: StreamSettings, endpoint: mpsc::Sender<Inbound>) -> Arc<Self> {
         let limiter = Mutex::new(SourceLimiter::new(settings.max_messages_per_source));
-        Arc::new(Self { settings, endpoint, limiter, table: Mutex::default(), open: AtomicUsize::new(0) })
+        Arc::new(Self {
+            settings,
+            endpoint,
+            limiter,
+            table: Mutex::default(),
+            open: AtomicUsize::new(0),
+            per_source: Mutex::default(),
+        })
     }
 
     /// Lets [`Streams::send`] open TLS connections to `addr`, verifying that the server's
@@ -308,10 +337,26 @@ impl Streams {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// A place for a connection we open.
     fn reserve(self: &Arc<Self>) -> Option<Slot> {
         let max = self.settings.max_connections;
         self.open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
-        Some(Slot(Arc::clone(self)))
+        Some(Slot(Arc::clone(self), None))
+    }
+
+    /// A place for a connection `from` opened, within the total and its source's share.
+    fn admit(self: &Arc<Self>, from: std::net::IpAddr) -> Result<Slot, &'static str> {
+        let source = source_key(from);
+        let cap = self.settings.max_connections_per_source;
+        let mut per_source = self.per_source.lock().unwrap_or_else(PoisonError::into_inner);
+        let open = per_source.get(&source).copied().unwrap_or(0);
+        if cap > 0 && open >= cap {
+            return Err("per-source connection limit reached");
+        }
+        let Some(mut slot) = self.reserve() else { return Err("connection limit reached") };
+        *per_source.entry(source).or_insert(0) += 1;
+        slot.1 = Some(source);
+        Ok(slot)
     }
 
     /// Makes a connection the one used for `peer`. A newer connection to the same address
@@ -371,15 +416,19 @@ impl Streams {
         let limits = &self.settings.limits;
         let mut buf: Vec<u8> = Vec::new();
         let mut chunk = vec![0u8; READ_CHUNK];
+        let mut framer = StreamFramer::default();
+        // When the message now in `buf` must have arrived whole (slowloris).
+        let mut deadline: Option<Instant> = None;
         loop {
             loop {
                 // RFC 5626 §3.5.1: the CRLF answering our ping. Taken here, so that two pongs in
                 // a row are not read as a ping from the peer (and answered).
                 if buf.starts_with(b"\r\n") && activity.take_pong() {
                     buf.drain(..2);
+                    framer.reset();
                     continue;
                 }
-                match frame_stream(&buf, limits) {
+                match framer.frame(&buf, limits) {
                     StreamFrame::Incomplete => break,
                     StreamFrame::KeepAlive { len } => {
                         // RFC 5626 §3.5.1: a CRLFCRLF ping gets a CRLF pong; a pong needs nothing.
@@ -410,6 +459,17 @@ impl Streams {
             if buf.is_empty() && buf.capacity() > KEEP_BUFFER {
                 buf = Vec::new();
             }
+            if buf.is_empty() {
+                deadline = None;
+            } else if deadline.is_none() {
+                deadline = Some(Instant::now() + self.settings.message_deadline);
+            }
+            let whole_message = async {
+                match deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
             // `frame_stream` decides (a whole message, or too large) before the buffer holds
             // `max_message_bytes`, so there is always room here; if not, closing is the safe answer.
             let room = limits.max_message_bytes.saturating_sub(buf.len()).min(chunk.len());
@@ -440,6 +500,10 @@ impl Streams {
                 () = close.notified() => return,
                 () = idle => {
                     tracing::debug!(peer = %peer.addr, "SIP connection idle: closing");
+                    return;
+                }
+                () = whole_message => {
+                    tracing::info!(peer = %peer.addr, buffered = buf.len(), "SIP message not complete in time (slow sender): closing");
                     return;
                 }
             };
@@ -647,10 +711,10 @@ async fn accept(listener: &TcpListener, streams: &Arc<Streams>) -> Option<(TcpSt
             return None;
         }
     };
-    match streams.reserve() {
-        Some(slot) => Some((stream, from, slot)),
-        None => {
-            tracing::warn!(%from, max = streams.settings.max_connections, "SIP connection limit reached: refused");
+    match streams.admit(from.ip()) {
+        Ok(slot) => Some((stream, from, slot)),
+        Err(why) => {
+            tracing::warn!(%from, "SIP {why}: refused");
             None
         }
     }
@@ -681,6 +745,8 @@ mod tests {
             limits: Limits::default(),
             idle_timeout: None,
             max_connections,
+            max_connections_per_source: 2,
+            message_deadline: MESSAGE_DEADLINE,
             max_messages_per_source: 0,
         };
         (Streams::new(settings, endpoint), inbound)
@@ -785,6 +851,56 @@ mod tests {
             assert!(Instant::now() < deadline, "the slot was never given back");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn one_source_holds_at_most_its_share_of_the_connections() {
+        let (streams, _inbound) = streams(10);
+        let attacker: std::net::IpAddr = "192.0.2.66".parse().expect("ip");
+        let (first, second) = (streams.admit(attacker).expect("one"), streams.admit(attacker).expect("two"));
+        assert!(streams.admit(attacker).is_err(), "a third connection from one address is refused");
+        // Another address of the same IPv6 /64 is the same source.
+        let v6 = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        let held = [streams.admit(v6("2001:db8::1")).expect("one"), streams.admit(v6("2001:db8::2")).expect("two")];
+        assert!(streams.admit(v6("2001:db8::ffff:3")).is_err(), "the /64 has its two");
+        // Everyone else still gets in, and the attacker gets a place back when one closes.
+        let other = streams.admit("198.51.100.7".parse().expect("ip")).expect("another source");
+        drop(first);
+        let again = streams.admit(attacker).expect("a place given back");
+        drop((second, again, held, other));
+        assert!(streams.per_source.lock().expect("lock").is_empty(), "closed connections leave no entry");
+    }
+
+    /// Slowloris: a sender that trickles a message a byte a second never goes idle, but its
+    /// message must be whole within the deadline, or the connection closes.
+    #[tokio::test(start_paused = true)]
+    async fn a_message_trickled_past_its_deadline_closes_the_connection() {
+        let (endpoint, mut inbound) = mpsc::channel(16);
+        let settings = StreamSettings {
+            limits: Limits::default(),
+            idle_timeout: Some(Duration::from_secs(120)),
+            max_connections: 10,
+            max_connections_per_source: 0,
+            message_deadline: MESSAGE_DEADLINE,
+            max_messages_per_source: 0,
+        };
+        let streams = Streams::new(settings, endpoint);
+        let mut client = connect(&streams, peer());
+        let start = Instant::now();
+        let slow = async {
+            for byte in OPTIONS.as_bytes().iter().cycle().take(10_000) {
+                if client.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        };
+        slow.await;
+        let closed_after = start.elapsed();
+        // The writes fail once the server's end is gone: its reader closed the connection.
+        assert!(closed_after >= MESSAGE_DEADLINE, "closed after {closed_after:?}: before the deadline");
+        assert!(closed_after < MESSAGE_DEADLINE + Duration::from_secs(5), "closed after {closed_after:?}");
+        assert!(inbound.try_recv().is_err(), "no message was delivered");
     }
 
     /// A carrier's private PKI: a CA, and the certificate it issued to its gateway

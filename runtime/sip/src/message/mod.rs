@@ -134,59 +134,119 @@ pub enum StreamFrame {
     Invalid(ParseError),
 }
 
-/// Finds the first message boundary in a TCP/TLS receive buffer.
+/// Finds the first message boundary in a TCP/TLS receive buffer. A reader that appends to its
+/// buffer between calls should keep a [`StreamFramer`] instead, which does not scan again what
+/// it has already scanned.
 pub fn frame_stream(buf: &[u8], limits: &Limits) -> StreamFrame {
-    if buf.starts_with(b"\r\n\r\n") {
-        return StreamFrame::KeepAlive { len: 4 };
+    StreamFramer::default().frame(buf, limits)
+}
+
+/// [`frame_stream`] for a buffer that grows between calls: it remembers how far it searched
+/// for the end of the header section and, once it knows the message's length, only waits for
+/// that many bytes. Framing a message fed a byte at a time therefore takes time linear in its
+/// length, where searching from the start on every read would take quadratic time — a peer
+/// trickling a 64 KiB header one byte per segment would cost two billion byte comparisons.
+///
+/// Contract: between calls the caller only appends to `buf`; after any answer but
+/// [`StreamFrame::Incomplete`] it removes the answered bytes from the front (and the framer
+/// starts over by itself). A caller that removes bytes otherwise calls [`StreamFramer::reset`].
+#[derive(Debug, Clone, Default)]
+pub struct StreamFramer {
+    /// `buf[..searched]` holds no CRLFCRLF (the search resumes 3 bytes before, where one could
+    /// straddle the old end).
+    searched: usize,
+    /// The whole message's length, once its header section was found.
+    total: Option<usize>,
+    /// Bytes searched so far, over every call: what the linear-time claim is tested on.
+    examined: u64,
+}
+
+impl StreamFramer {
+    /// Forgets the message in progress.
+    pub fn reset(&mut self) {
+        self.searched = 0;
+        self.total = None;
     }
-    if buf.starts_with(b"\r\n") {
-        // A CRLF followed by anything but the rest of a CRLFCRLF ping is a pong.
-        return match buf.get(2) {
-            None => StreamFrame::Incomplete,
-            Some(b'\r') if buf.len() == 3 => StreamFrame::Incomplete,
-            Some(b'\r') if buf.get(3) == Some(&b'\n') => StreamFrame::KeepAlive { len: 4 },
-            _ => StreamFrame::KeepAlive { len: 2 },
-        };
+
+    /// Bytes searched for a header end since the framer was made.
+    pub fn examined(&self) -> u64 {
+        self.examined
     }
-    if buf == b"\r" {
-        return StreamFrame::Incomplete;
-    }
-    let Some(head_end) = lexer::find_head_end(buf, limits.max_message_bytes) else {
-        return if buf.len() >= limits.max_message_bytes {
-            StreamFrame::Invalid(stream_error(buf, limits, ParseErrorKind::TooLarge))
-        } else {
-            StreamFrame::Incomplete
-        };
-    };
-    let head = lexer::split_head(&buf[..head_end], limits.max_headers);
-    let mut content_length = None;
-    for field in head.fields.iter().filter(|f| f.name.is("Content-Length")) {
-        if content_length.is_some() {
-            // RFC 4475 §3.3.9: two Content-Lengths leave the framing unknowable.
-            return StreamFrame::Invalid(stream_error(buf, limits, ParseErrorKind::DuplicateHeader("Content-Length")));
+
+    /// The first message boundary in `buf` (see the type's contract).
+    pub fn frame(&mut self, buf: &[u8], limits: &Limits) -> StreamFrame {
+        let answer = self.frame_inner(buf, limits);
+        if !matches!(answer, StreamFrame::Incomplete) {
+            self.reset();
         }
-        match grammar::parse_digits(&field.value, u64::MAX) {
-            Ok(n) => content_length = Some(n),
-            Err(true) => content_length = Some(u64::MAX),
-            Err(false) => {
-                let kind = ParseErrorKind::BadHeader("Content-Length");
-                return StreamFrame::Invalid(stream_error(buf, limits, kind));
-            }
-        }
+        answer
     }
-    let Some(content_length) = content_length else {
-        return StreamFrame::Invalid(stream_error(buf, limits, ParseErrorKind::MissingContentLength));
-    };
-    let total = usize::try_from(content_length).ok().and_then(|n| n.checked_add(head_end + 4));
-    match total {
-        Some(len) if len <= limits.max_message_bytes => {
-            if buf.len() >= len {
-                StreamFrame::Complete { len }
+
+    fn frame_inner(&mut self, buf: &[u8], limits: &Limits) -> StreamFrame {
+        if let Some(len) = self.total {
+            return if buf.len() >= len { StreamFrame::Complete { len } } else { StreamFrame::Incomplete };
+        }
+        if buf.starts_with(b"\r\n\r\n") {
+            return StreamFrame::KeepAlive { len: 4 };
+        }
+        if buf.starts_with(b"\r\n") {
+            // A CRLF followed by anything but the rest of a CRLFCRLF ping is a pong.
+            return match buf.get(2) {
+                None => StreamFrame::Incomplete,
+                Some(b'\r') if buf.len() == 3 => StreamFrame::Incomplete,
+                Some(b'\r') if buf.get(3) == Some(&b'\n') => StreamFrame::KeepAlive { len: 4 },
+                _ => StreamFrame::KeepAlive { len: 2 },
+            };
+        }
+        if buf == b"\r" {
+            return StreamFrame::Incomplete;
+        }
+        let window = buf.len().min(limits.max_message_bytes);
+        let from = self.searched.saturating_sub(3).min(window);
+        self.examined += (window - from) as u64;
+        let Some(head_end) = lexer::find_head_end(&buf[from..], window - from).map(|at| from + at) else {
+            self.searched = window;
+            return if buf.len() >= limits.max_message_bytes {
+                StreamFrame::Invalid(stream_error(buf, limits, ParseErrorKind::TooLarge))
             } else {
                 StreamFrame::Incomplete
+            };
+        };
+        let head = lexer::split_head(&buf[..head_end], limits.max_headers);
+        let mut content_length = None;
+        for field in head.fields.iter().filter(|f| f.name.is("Content-Length")) {
+            if content_length.is_some() {
+                // RFC 4475 §3.3.9: two Content-Lengths leave the framing unknowable.
+                return StreamFrame::Invalid(stream_error(
+                    buf,
+                    limits,
+                    ParseErrorKind::DuplicateHeader("Content-Length"),
+                ));
+            }
+            match grammar::parse_digits(&field.value, u64::MAX) {
+                Ok(n) => content_length = Some(n),
+                Err(true) => content_length = Some(u64::MAX),
+                Err(false) => {
+                    let kind = ParseErrorKind::BadHeader("Content-Length");
+                    return StreamFrame::Invalid(stream_error(buf, limits, kind));
+                }
             }
         }
-        _ => StreamFrame::Invalid(stream_error(buf, limits, ParseErrorKind::TooLarge)),
+        let Some(content_length) = content_length else {
+            return StreamFrame::Invalid(stream_error(buf, limits, ParseErrorKind::MissingContentLength));
+        };
+        let total = usize::try_from(content_length).ok().and_then(|n| n.checked_add(head_end + 4));
+        match total {
+            Some(len) if len <= limits.max_message_bytes => {
+                if buf.len() >= len {
+                    StreamFrame::Complete { len }
+                } else {
+                    self.total = Some(len);
+                    StreamFrame::Incomplete
+                }
+            }
+            _ => StreamFrame::Invalid(stream_error(buf, limits, ParseErrorKind::TooLarge)),
+        }
     }
 }
 
