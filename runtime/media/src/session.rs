@@ -2,7 +2,7 @@
 //! packetisation interval.
 //!
 //! ```text
-//!   receive(now, from, datagram) ─► parse → (SRTP) → latch → stats → DTMF | jitter buffer
+//!   receive(now, from, datagram) ─► strict source → (SRTP) → parse → latch → stats → DTMF | jitter buffer
 //!   tick(now, out)               ─► one packet per ptime: DTMF digits, queued audio, or silence
 //!   take_received(now)           ─► the jitter buffer's frame for this interval (to a flow/agent)
 //!   poll_event()                 ─► key presses, "audio stopped" (RTP timeout), played marks
@@ -19,6 +19,30 @@
 //! §6.3.5); [`MediaSession::receive_rtcp`] takes the peer's reports: its SR time for our
 //! LSR/DLSR, its report on us for the round-trip time (§6.4.1) and the loss it sees. SRTCP when
 //! the call is encrypted.
+//!
+//! **Strict source** (symmetric RTP without hijacking; the approach of Asterisk's `strictrtp`
+//! and rtpengine's strict-source): the session latches onto one source of valid RTP and from
+//! then on accepts RTP only from there; anything from elsewhere is dropped and counted in
+//! [`SessionStats::foreign`], however long the peer has been silent (hold without re-INVITE,
+//! VAD/DTX: a silence-based relatch would hand the call's audio to whoever sends the next
+//! packet).
+//!
+//! ```text
+//!              valid packet from the signalled address (from anyone, with SRTP)
+//!   ┌──────────┐ ──────────────────────────────────────────────────────► ┌──────────────┐
+//!   │ Learning │  PROBATION packets from one other source: one SSRC,      │ Latched(a)   │
+//!   │          │  consecutive sequence numbers, ≥ PROBATION_MIN_SPAN ───► │ RTP from a   │
+//!   └──────────┘ ◄────────────────────────────────────────────────────── └──────────────┘
+//!    others: on probation,        set_remote with a different address     anyone else:
+//!    not played, foreign          (a re-INVITE moved the peer)            foreign
+//! ```
+//!
+//! A latch learned on probation yields once to the signalled address's first valid packet (a
+//! stranger who won the race to the port before the caller's first packet loses it then; one
+//! who forges the signalled address can only send our audio where signalling said to).
+//! Otherwise only signalling moves an established latch: a peer whose NAT rebinds mid-call
+//! without a re-INVITE looks exactly like a hijack and is treated as one (its call ends by the
+//! RTP timeout). RTCP follows the same rule ([`MediaSession::receive_rtcp`]).
 //!
 //! Silence is sent as RFC 3389 comfort noise when CN was negotiated (a CN packet every interval,
 //! so the wire stays as busy as with audio), as encoded silence otherwise.
@@ -88,7 +112,8 @@ pub struct SessionConfig {
     /// Packetisation interval in milliseconds (10–40; 20 is the norm).
     pub ptime_ms: u32,
     /// Where the SDP says to send; replaced by where the audio really comes from (symmetric
-    /// RTP) once valid packets arrive.
+    /// RTP) once that source is latched: at once for this address, after a probation for
+    /// another (see the module docs).
     pub remote: Option<SocketAddr>,
     /// Our SSRC, initial sequence number and timestamp (random, RFC 3550 §5.1).
     pub ssrc: u32,
@@ -148,8 +173,13 @@ pub enum SessionEvent {
 pub struct SessionStats {
     /// RTP packets accepted.
     pub received: u64,
-    /// Datagrams dropped: not RTP, wrong payload type, from an unexpected source.
+    /// Datagrams from the peer (or, before a latch, from anyone) dropped: not RTP or RTCP,
+    /// wrong payload type.
     pub dropped: u64,
+    /// RTP from a source other than the latched peer: dropped (a forged or stray stream). Also
+    /// RTCP from anywhere but the peer, and, before a latch, packets of a source on probation
+    /// (taken back out of the count for the one that passes and latches).
+    pub foreign: u64,
     /// Packets sent.
     pub sent: u64,
     /// Of which silence.
@@ -213,6 +243,50 @@ enum Out {
 /// by the shell, flows writing faster than real time are refused.
 pub const MAX_QUEUED: usize = 500;
 
+/// Consecutive packets a source other than the signalled address must send before it is
+/// latched (Asterisk's `learning_min_sequential`, whose default is also 4; RFC 3550 A.1
+/// validates a new source with 2, but only against stray packets, not against someone aiming
+/// at the port). One spoofed or stray packet, or a spray with random sequence numbers, never makes a
+/// run; a NAT'd caller loses only its first 3 packets (60 ms at 20 ms, usually silence at the
+/// start of a call). Any packet from another source breaks the run, so while the caller
+/// streams an attacker would have to fit the whole run between two of its packets, which
+/// [`PROBATION_MIN_SPAN`] rules out.
+pub const PROBATION: u32 = 4;
+
+/// The shortest time a probation run may span from its first packet to its last (Asterisk's
+/// `learning_min_duration` idea): [`PROBATION`] packets of a real stream are at least 3 × 10 ms
+/// apart (10 ms is the shortest packetisation interval), less up to 10 ms of jitter. A faster
+/// run is a burst — no audio source sends like that — and starts over. It is also one whole
+/// interval of the usual 20 ms ptime, so a burst cannot slip in between two packets of a
+/// caller streaming at that rate.
+pub const PROBATION_MIN_SPAN: Duration = Duration::from_millis(20);
+
+/// Whose RTP the session accepts (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// No latch yet: the signalled address latches on its first valid packet, another source
+    /// after a probation (the run in progress, if any). Without SRTP, packets of a source on
+    /// probation are not played: if the run is a stranger's, its audio never reaches the flow,
+    /// and the caller it might be loses only the run's first packets.
+    Learning(Option<Run>),
+    /// Only RTP from `addr` is accepted. `signalled`: whether `addr` is the address signalling
+    /// gave (else it was learned on probation, and yields once to the signalled address).
+    Latched { addr: SocketAddr, signalled: bool },
+}
+
+/// A probation run: consecutive packets of one stream from one source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    from: SocketAddr,
+    ssrc: u32,
+    /// The sequence number of its last packet.
+    sequence: u16,
+    /// Packets in the run.
+    packets: u32,
+    /// When its first packet arrived.
+    first: Instant,
+}
+
 /// One call's media. See the module docs.
 #[derive(Debug)]
 pub struct MediaSession {
@@ -239,8 +313,13 @@ pub struct MediaSession {
     /// the call's packet length are re-cut as they go out).
     queue_offset: usize,
     events: VecDeque<SessionEvent>,
+    /// Where packets go: the latched source, else the signalled address.
     remote: Option<SocketAddr>,
-    latched: bool,
+    /// The address signalling gave (the SDP's `c=`/`m=`).
+    signalled: Option<SocketAddr>,
+    source: Source,
+    /// The SSRC of the peer's RTP, as last accepted (for its RTCP from a NAT'd port).
+    peer_ssrc: Option<u32>,
     last_received: Option<Instant>,
     started: Option<Instant>,
     inactivity_reported: bool,
@@ -316,7 +395,9 @@ impl MediaSession {
             queue_offset: 0,
             events: VecDeque::new(),
             remote: config.remote,
-            latched: false,
+            signalled: config.remote,
+            source: Source::Learning(None),
+            peer_ssrc: None,
             last_received: None,
             started: None,
             inactivity_reported: false,
@@ -380,12 +461,19 @@ impl MediaSession {
         self.samples_per_frame
     }
 
-    /// The peer announced a new address (a re-INVITE): send there until audio arrives from
-    /// elsewhere (latching starts over). `None` stops sending (RFC 2543-style hold, `c=0.0.0.0`).
+    /// What a new offer/answer says the peer's address is (a re-INVITE). When it differs from
+    /// what signalling said before, the peer moved: send there, and latching starts over (the
+    /// new address latches on its first valid packet, another source after a probation; RTCP
+    /// too). The same address again (a session refresh, hold/resume by direction) keeps the
+    /// latch: a NAT'd caller is not put on probation again. `None` stops sending (RFC
+    /// 2543-style hold, `c=0.0.0.0`); meanwhile any source must pass the probation to latch.
     pub fn set_remote(&mut self, remote: Option<SocketAddr>) {
-        if remote != self.remote {
+        if remote != self.signalled {
+            self.signalled = remote;
             self.remote = remote;
-            self.latched = false;
+            self.source = Source::Learning(None);
+            self.peer_ssrc = None;
+            self.rtcp_remote = None;
         }
     }
 
@@ -415,8 +503,20 @@ impl MediaSession {
     }
 
     /// A datagram arrived on the call's RTP port from `from`. The buffer is decrypted in place
-    /// on an SRTP call.
+    /// on an SRTP call. Once a source is latched, RTP from anywhere else is dropped and counted
+    /// in [`SessionStats::foreign`] (see the module docs).
     pub fn receive(&mut self, now: Instant, from: SocketAddr, datagram: &mut [u8]) {
+        // Strict source: once latched, a stranger's packet is dropped before anything else — it
+        // costs no HMAC, and an authentic SRTP packet forwarded from elsewhere (an on-path
+        // copy racing the original) cannot use up its index in the replay window. Only the
+        // signalled address gets further when the latch was learned on probation.
+        if let Source::Latched { addr, signalled } = self.source
+            && from != addr
+            && (signalled || Some(from) != self.signalled)
+        {
+            self.stats.foreign += 1;
+            return;
+        }
         let len = match self.srtp.as_mut() {
             Some((_, inbound)) => match inbound.unprotect_rtp(datagram) {
                 Ok(len) => len,
@@ -441,21 +541,12 @@ impl MediaSession {
             self.stats.dropped += 1;
             return;
         }
-        // Symmetric RTP (RFC 4961 practice): send to where valid audio comes from. Once
-        // latched, packets from elsewhere are ignored unless the stream has been silent for a
-        // while (the peer moved, e.g. a re-INVITE to a new address we have not been told).
-        if self.remote != Some(from) {
-            let stale = self.last_received.is_none_or(|t| now.duration_since(t) > Duration::from_millis(500));
-            if self.latched && !stale {
-                self.stats.dropped += 1;
-                return;
-            }
-            self.remote = Some(from);
-            self.latched = true;
-            self.events.push_back(SessionEvent::Latched(from));
-        } else {
-            self.latched = true;
+        // Symmetric RTP (RFC 4961 practice): send to where valid audio comes from, once that
+        // source is latched.
+        if !self.admit(now, from, &header) {
+            return;
         }
+        self.peer_ssrc = Some(header.ssrc);
         self.last_received = Some(now);
         self.inactivity_reported = false;
         self.stats.received += 1;
@@ -515,6 +606,69 @@ impl MediaSession {
                 payload: frame,
             },
         );
+    }
+
+    /// Whether a valid packet from `from` is the latched peer's, latching onto its source when
+    /// it is the signalled address, when SRTP authenticated it (only the holder of the peer's
+    /// key can make one, so a probation would prove nothing more), or when it completes a
+    /// probation run. Once latched, only the latched source is admitted, and the signalled
+    /// address taking over a learned latch (everyone else [`MediaSession::receive`] has turned
+    /// away already, unauthenticated).
+    fn admit(&mut self, now: Instant, from: SocketAddr, header: &RtpHeader) -> bool {
+        let signalled = Some(from) == self.signalled;
+        let run = match self.source {
+            Source::Latched { addr, .. } if addr == from => return true,
+            Source::Latched { signalled: false, .. } if signalled => {
+                self.latch(from, true);
+                return true;
+            }
+            Source::Latched { .. } => {
+                // `receive` turns these away first; never a probation once latched.
+                self.stats.foreign += 1;
+                return false;
+            }
+            Source::Learning(run) => run,
+        };
+        if signalled || self.srtp.is_some() {
+            self.latch(from, signalled);
+            return true;
+        }
+        // A source on probation: the packet extends its run when it is the next of the same
+        // stream from the same place (RFC 3550 A.1's idea, with Asterisk's count); anything
+        // else — another source, another SSRC, a gap or reordering — starts a new run here.
+        let mut run = match run {
+            Some(r) if r.from == from && r.ssrc == header.ssrc && header.sequence == r.sequence.wrapping_add(1) => {
+                Run { sequence: header.sequence, packets: r.packets + 1, ..r }
+            }
+            _ => Run { from, ssrc: header.ssrc, sequence: header.sequence, packets: 1, first: now },
+        };
+        if run.packets >= PROBATION {
+            if now.duration_since(run.first) >= PROBATION_MIN_SPAN {
+                // The run's earlier packets were the peer's after all, not a stranger's.
+                self.stats.foreign = self.stats.foreign.saturating_sub(u64::from(run.packets - 1));
+                self.latch(from, false);
+                return true;
+            }
+            // A burst: starts over from this packet.
+            run = Run { packets: 1, first: now, ..run };
+        }
+        self.source = Source::Learning(Some(run));
+        self.stats.foreign += 1;
+        false
+    }
+
+    /// Latches onto `from`: only its RTP is accepted from now on, and we send there.
+    fn latch(&mut self, from: SocketAddr, signalled: bool) {
+        if let Source::Latched { .. } = self.source {
+            // The signalled address takes over a learned latch: where that source's RTCP came
+            // from is no longer trusted either.
+            self.rtcp_remote = None;
+        }
+        self.source = Source::Latched { addr: from, signalled };
+        if self.remote != Some(from) {
+            self.remote = Some(from);
+            self.events.push_back(SessionEvent::Latched(from));
+        }
     }
 
     fn drain_dtmf(&mut self) {
@@ -794,15 +948,7 @@ impl MediaSession {
         // RTCP goes on while a stream is held with a direction (RFC 3264 §5.1: recvonly and
         // inactive streams still send RTCP), not once the peer's address is gone (an RFC 2543
         // hold, `c=0.0.0.0`).
-        let remote = self.remote?;
-        let to = match (self.rtcp_remote, self.config.rtcp_mux) {
-            (Some(latched), _) => latched,
-            (None, true) => remote,
-            // RFC 3605 §2.1, else RFC 3550 §11.
-            (None, false) => {
-                self.config.remote_rtcp.unwrap_or_else(|| SocketAddr::new(remote.ip(), remote.port().wrapping_add(1)))
-            }
-        };
+        let to = self.rtcp_destination()?;
         let block = self.stats_rx.report_block(now);
         let blocks = block.as_slice();
         let mut writer = RtcpWriter::new(&mut out[..]);
@@ -828,9 +974,43 @@ impl MediaSession {
         Some((to, len))
     }
 
+    /// Where our RTCP goes: where the peer's comes from once known, else where signalling
+    /// and the RTP latch say. `None` while the peer's address is gone (`c=0.0.0.0`).
+    fn rtcp_destination(&self) -> Option<SocketAddr> {
+        let remote = self.remote?;
+        Some(match (self.rtcp_remote, self.config.rtcp_mux) {
+            (Some(latched), _) => latched,
+            (None, true) => remote,
+            // RFC 3605 §2.1, else RFC 3550 §11.
+            (None, false) => {
+                self.config.remote_rtcp.unwrap_or_else(|| SocketAddr::new(remote.ip(), remote.port().wrapping_add(1)))
+            }
+        })
+    }
+
     /// An RTCP packet arrived from `from` (decrypted in place on an SRTP call). `ntp` is the
     /// wall clock now, for the round-trip time.
+    ///
+    /// Strict source, as for RTP: RTCP is taken only from where our reports go (the address
+    /// the peer's RTCP came from before, else the one signalling or the RTP latch gives: the
+    /// RTP address itself with RFC 5761 multiplexing, `a=rtcp` or the RTP port + 1), or —
+    /// without multiplexing — from the latched RTP source's host on another port when the
+    /// report is about the very stream we accept (its reporter SSRC is the peer's RTP SSRC,
+    /// as Asterisk's strict RTP checks): a NAT maps the peer's RTCP port independently of its
+    /// RTP port. Its RTCP then comes from there and our reports go there. Anything else is
+    /// dropped and counted in [`SessionStats::foreign`]: fake reports would skew the call's
+    /// quality figures, and a stranger must not redirect our reports.
     pub fn receive_rtcp(&mut self, now: Instant, ntp: NtpTime, from: SocketAddr, buf: &mut [u8]) {
+        let expected = self.rtcp_destination() == Some(from);
+        let peer_host = match self.source {
+            Source::Latched { addr, .. } => !self.config.rtcp_mux && addr.ip() == from.ip(),
+            Source::Learning(_) => false,
+        };
+        if !expected && !peer_host {
+            // Before an HMAC is spent on it, as for RTP.
+            self.stats.foreign += 1;
+            return;
+        }
         let len = match self.srtp.as_mut() {
             Some((_, inbound)) => match inbound.unprotect_rtcp(buf) {
                 Ok(len) => len,
@@ -845,6 +1025,19 @@ impl MediaSession {
             self.stats.dropped += 1;
             return;
         };
+        if !expected {
+            // RFC 3550 §6.1: a compound packet starts with an SR or RR, whose SSRC is the
+            // reporter's.
+            let reporter = match compound.iter().next() {
+                Some(RtcpPacket::SenderReport(sr)) => Some(sr.ssrc),
+                Some(RtcpPacket::ReceiverReport(rr)) => Some(rr.ssrc),
+                _ => None,
+            };
+            if reporter.is_none() || reporter != self.peer_ssrc {
+                self.stats.foreign += 1;
+                return;
+            }
+        }
         self.stats.rtcp_received += 1;
         self.rtcp_remote = Some(from);
         for packet in compound.iter() {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::rtp::{NtpTime, RtpPacket};
+use crate::rtp::{NtpTime, ReportBlock, RtcpWriter, RtpPacket};
 
 const PEER: &str = "192.0.2.10:4000";
 const MS20: Duration = Duration::from_millis(20);
@@ -44,6 +44,15 @@ fn rtp(pt: u8, seq: u16, ts: u32, marker: bool, payload: &[u8]) -> Vec<u8> {
     let n = header.write(payload, &mut out).unwrap();
     out.truncate(n);
     out
+}
+
+/// Audio packets as the peer's stream sends them: `count` of them from `from`, one every 20 ms
+/// from `at`, with consecutive sequence numbers from `seq` (SSRC 0xabcd, as [`rtp`]).
+fn stream(s: &mut MediaSession, from: SocketAddr, at: Instant, seq: u16, count: u16, payload: &[u8]) {
+    for i in 0..count {
+        let seq = seq.wrapping_add(i);
+        s.receive(at + MS20 * u32::from(i), from, &mut rtp(0, seq, 160 * u32::from(seq), false, payload));
+    }
 }
 
 fn tick(s: &mut MediaSession, now: Instant) -> Option<(SocketAddr, Vec<u8>)> {
@@ -102,16 +111,188 @@ fn the_sender_latches_onto_where_audio_really_comes_from() {
     let mut s = session();
     let t0 = Instant::now();
     let nat = addr("203.0.113.9:31000");
-    s.receive(t0, nat, &mut rtp(0, 1, 0, true, &[0xFF; 160]));
+    // Not the SDP's address: latched once its probation is passed (a_natd_caller_… has the
+    // details).
+    stream(&mut s, nat, t0, 1, PROBATION as u16, &[0xFF; 160]);
+    let now = t0 + MS20 * (PROBATION - 1);
     assert_eq!(events(&mut s), vec![SessionEvent::Latched(nat)]);
-    assert_eq!(tick(&mut s, t0).unwrap().0, nat);
+    assert_eq!(tick(&mut s, now).unwrap().0, nat);
     // A third party spraying packets while the stream is live is ignored.
-    s.receive(t0 + MS20, addr("198.51.100.66:5000"), &mut rtp(0, 2, 160, false, &[0xFF; 160]));
+    s.receive(now + MS20, addr("198.51.100.66:5000"), &mut rtp(0, 2, 160, false, &[0xFF; 160]));
     assert_eq!(s.remote(), Some(nat));
+    assert_eq!((s.stats().foreign, s.stats().dropped), (1, 0));
+    // Unknown payload types are dropped.
+    s.receive(now + MS20, nat, &mut rtp(13, 3, 320, false, &[0x40]));
     assert_eq!(s.stats().dropped, 1);
-    // Unknown payload types are dropped too.
-    s.receive(t0 + MS20, nat, &mut rtp(13, 3, 320, false, &[0x40]));
-    assert_eq!(s.stats().dropped, 2);
+}
+
+#[test]
+fn a_forged_stream_after_the_latch_is_dropped_and_counted_however_long_the_peer_is_silent() {
+    let mut s = session();
+    let t0 = Instant::now();
+    // The peer talks for 100 ms, then goes quiet (hold without a re-INVITE, VAD).
+    stream(&mut s, addr(PEER), t0, 1, 5, &[0x55; 160]);
+    // 10 s later, 2 s of forged audio from another port of its host, paced like a real stream.
+    let forger = addr("192.0.2.10:4002");
+    let forged_at = t0 + Duration::from_secs(10);
+    let mut heard_forged = false;
+    for i in 0..100u16 {
+        let now = forged_at + MS20 * u32::from(i);
+        s.receive(now, forger, &mut rtp(0, 1_000 + i, 160 * u32::from(i), i == 0, &[0x11; 160]));
+        assert_eq!(tick(&mut s, now).expect("a packet every tick").0, addr(PEER), "our audio went to the forger");
+        heard_forged |= s.take_received(now).is_some_and(|frame| frame.octets().contains(&0x11));
+    }
+    assert!(!heard_forged, "the forged audio reached the flow");
+    assert!(!events(&mut s).iter().any(|e| matches!(e, SessionEvent::Latched(_))));
+    let stats = s.stats();
+    assert_eq!((stats.received, stats.foreign, stats.dropped), (5, 100, 0));
+    // The peer resumes: still its call.
+    stream(&mut s, addr(PEER), forged_at + Duration::from_secs(2), 6, 1, &[0x55; 160]);
+    assert_eq!(s.stats().received, 6);
+}
+
+#[test]
+fn a_natd_caller_is_latched_after_its_probation_and_not_before() {
+    let t0 = Instant::now();
+    let nat = addr("203.0.113.9:31000");
+    let mut s = session();
+    // One packet short: we still send where the SDP says, and nothing is played.
+    stream(&mut s, nat, t0, 1, PROBATION as u16 - 1, &[0x55; 160]);
+    let last = t0 + MS20 * (PROBATION - 1);
+    assert!(events(&mut s).is_empty());
+    assert_eq!(tick(&mut s, last).unwrap().0, addr(PEER));
+    assert_eq!(s.stats().received, 0);
+    assert!(s.take_received(last).is_none(), "audio of a source on probation was played");
+    // The run's last packet latches it; the run was the caller's, not foreign.
+    stream(&mut s, nat, last, PROBATION as u16, 1, &[0x55; 160]);
+    assert_eq!(events(&mut s), vec![SessionEvent::Latched(nat)]);
+    assert_eq!(tick(&mut s, last + MS20).unwrap().0, nat);
+    assert_eq!((s.stats().received, s.stats().foreign), (1, 0));
+
+    // Whatever breaks a run starts it over: another source's packet, a gap in the sequence
+    // numbers, another SSRC.
+    let mut s = session();
+    let stranger = addr("198.51.100.66:5000");
+    stream(&mut s, nat, t0, 1, 3, &[0x55; 160]);
+    stream(&mut s, stranger, t0 + MS20 * 3, 500, 1, &[0x11; 160]);
+    stream(&mut s, nat, t0 + MS20 * 4, 4, 3, &[0x55; 160]);
+    // 7 is missing.
+    stream(&mut s, nat, t0 + MS20 * 7, 8, 3, &[0x55; 160]);
+    let other_ssrc = RtpHeader { marker: false, payload_type: 0, sequence: 11, timestamp: 1_760, ssrc: 0x5eed };
+    let mut packet = vec![0u8; 12 + 160];
+    other_ssrc.write(&[0x55; 160], &mut packet).unwrap();
+    s.receive(t0 + MS20 * 10, nat, &mut packet);
+    assert_eq!((s.remote(), s.stats().received), (Some(addr(PEER)), 0), "a broken run latched");
+    assert!(events(&mut s).is_empty());
+
+    // A whole run at once is a burst, not a stream (PROBATION_MIN_SPAN): it starts over, and
+    // the stream that goes on at its pace latches.
+    let mut s = session();
+    for seq in 1..=PROBATION as u16 {
+        s.receive(t0, nat, &mut rtp(0, seq, 160 * u32::from(seq), false, &[0x55; 160]));
+    }
+    assert_eq!(s.remote(), Some(addr(PEER)), "a burst latched");
+    stream(&mut s, nat, t0 + MS20, PROBATION as u16 + 1, PROBATION as u16 - 1, &[0x55; 160]);
+    assert_eq!(events(&mut s), vec![SessionEvent::Latched(nat)]);
+}
+
+#[test]
+fn a_spoofed_packet_before_the_callers_first_does_not_take_the_latch() {
+    let mut s = session();
+    let t0 = Instant::now();
+    let spoofer = addr("198.51.100.66:5000");
+    s.receive(t0, spoofer, &mut rtp(0, 7, 0, true, &[0x11; 160]));
+    assert_eq!(tick(&mut s, t0).unwrap().0, addr(PEER));
+    // The caller's packets, from where its SDP said, latch at once.
+    stream(&mut s, addr(PEER), t0 + MS20, 1, 3, &[0x55; 160]);
+    // The spoofer goes on, as a proper stream now: too late.
+    stream(&mut s, spoofer, t0 + MS20 * 4, 8, 10, &[0x11; 160]);
+    assert!(events(&mut s).is_empty(), "the latch left the SDP's address");
+    assert_eq!(tick(&mut s, t0 + MS20 * 14).unwrap().0, addr(PEER));
+    assert_eq!((s.stats().received, s.stats().foreign), (3, 11));
+}
+
+#[test]
+fn the_sdp_address_takes_the_latch_from_a_stranger_who_passed_the_probation_before_the_caller_spoke() {
+    let mut s = session();
+    let t0 = Instant::now();
+    let (stranger, stranger_rtcp) = (addr("198.51.100.66:5000"), addr("198.51.100.66:5001"));
+    stream(&mut s, stranger, t0, 7, PROBATION as u16, &[0x11; 160]);
+    assert_eq!(events(&mut s), vec![SessionEvent::Latched(stranger)]);
+    let now = t0 + MS20 * PROBATION;
+    let ntp = NtpTime::from_unix(Duration::from_secs(3_900_000_000));
+    s.receive_rtcp(now, ntp, stranger_rtcp, &mut peer_report(0));
+    assert_eq!(s.stats().rtcp_received, 1, "RTCP from the latched source's port + 1");
+    // The caller's first packet, from where its SDP said: the call is its own again, for good,
+    // RTCP included.
+    stream(&mut s, addr(PEER), now, 1, 1, &[0x55; 160]);
+    assert_eq!(events(&mut s), vec![SessionEvent::Latched(addr(PEER))]);
+    stream(&mut s, stranger, now + MS20, 7 + PROBATION as u16, 10, &[0x11; 160]);
+    s.receive_rtcp(now + MS20 * 11, ntp, stranger_rtcp, &mut peer_report(0));
+    assert_eq!(tick(&mut s, now + MS20 * 11).unwrap().0, addr(PEER));
+    let mut out = [0u8; MAX_RTCP];
+    assert_eq!(s.rtcp_tick(now, ntp, &mut out), None, "the first report is due in 2.5 s");
+    let (to, _) = s.rtcp_tick(now + RTCP_INTERVAL, ntp, &mut out).expect("a report");
+    assert_eq!(to, addr("192.0.2.10:4001"), "our reports still went to the stranger");
+    assert!(events(&mut s).is_empty());
+    assert_eq!((s.stats().foreign, s.stats().rtcp_received), (11, 1));
+}
+
+#[test]
+fn a_reinvite_to_a_new_address_starts_latching_over_and_one_to_the_same_address_keeps_the_latch() {
+    let t0 = Instant::now();
+    let (moved, stranger) = (addr("192.0.2.20:5000"), addr("198.51.100.66:5000"));
+    let mut s = session();
+    stream(&mut s, addr(PEER), t0, 1, 5, &[0x55; 160]);
+    s.set_remote(Some(moved));
+    let now = t0 + MS20 * 5;
+    assert_eq!(tick(&mut s, now).unwrap().0, moved, "sent where the new SDP says");
+    // A stranger's packet before the peer's first from its new address does not take it.
+    s.receive(now, stranger, &mut rtp(0, 9, 0, false, &[0x11; 160]));
+    stream(&mut s, moved, now + MS20, 100, 5, &[0x55; 160]);
+    // The old address is a stranger's now.
+    stream(&mut s, addr(PEER), now + MS20 * 6, 6, 5, &[0x55; 160]);
+    assert_eq!(tick(&mut s, now + MS20 * 11).unwrap().0, moved);
+    assert!(events(&mut s).is_empty());
+    assert_eq!((s.stats().received, s.stats().foreign), (10, 6));
+
+    // A NAT'd caller keeps its latch through a re-INVITE that repeats its SDP's address (a
+    // session refresh, hold and resume): no new probation, no audio sent to the SDP's address.
+    let nat = addr("203.0.113.9:31000");
+    let mut s = session();
+    stream(&mut s, nat, t0, 1, PROBATION as u16, &[0x55; 160]);
+    s.set_remote(Some(addr(PEER)));
+    assert_eq!(s.remote(), Some(nat));
+    stream(&mut s, nat, t0 + MS20 * PROBATION, PROBATION as u16 + 1, 1, &[0x55; 160]);
+    assert_eq!(s.stats().received, 2);
+}
+
+#[test]
+fn with_srtp_an_authenticated_packet_latches_at_once_and_a_stranger_never_gets_in() {
+    let a_key = MasterKey::from_concatenated(&[1; 30]);
+    let b_key = MasterKey::from_concatenated(&[2; 30]);
+    let profile = SrtpProfile::from_name("AES_CM_128_HMAC_SHA1_80").unwrap();
+    let keys =
+        |local: &MasterKey, remote: &MasterKey| SrtpKeys { profile, local: local.clone(), remote: remote.clone() };
+    let mut a = MediaSession::new(SessionConfig { srtp: Some(keys(&a_key, &b_key)), ..config() }, FramePool::new(8));
+    let mut b = MediaSession::new(SessionConfig { srtp: Some(keys(&b_key, &a_key)), ..config() }, FramePool::new(8));
+    let t0 = Instant::now();
+    let nat = addr("203.0.113.9:31000");
+    // Not the SDP's address, but only the holder of the key could have sent it: no probation.
+    let first = tick(&mut a, t0).unwrap().1;
+    let mut forged = first.clone();
+    forged[20] ^= 1;
+    b.receive(t0, addr("198.51.100.66:5000"), &mut forged);
+    assert_eq!((b.stats().srtp_failures, b.remote()), (1, Some(addr(PEER))), "a forgery latched");
+    b.receive(t0, nat, &mut first.clone());
+    assert_eq!(events(&mut b), vec![SessionEvent::Latched(nat)]);
+    // An authentic packet sent on from elsewhere (an on-path copy racing the original) is a
+    // stranger's: dropped before it can use up the original's place in the replay window.
+    let second = tick(&mut a, t0 + MS20).unwrap().1;
+    b.receive(t0 + MS20, addr("198.51.100.66:5000"), &mut second.clone());
+    b.receive(t0 + MS20, nat, &mut second.clone());
+    let stats = b.stats();
+    assert_eq!((stats.received, stats.foreign, stats.srtp_failures), (2, 1, 1));
 }
 
 /// RFC 4733 packets for one key press: start, two updates, three end packets.
@@ -436,19 +617,65 @@ impl RtcpRun {
 
 #[test]
 fn reports_go_where_the_sdp_says_until_the_peers_own_rtcp_shows_where_it_is() {
-    let (named, nat) = (addr("192.0.2.10:7777"), addr("198.51.100.9:40001"));
+    let (named, nat) = (addr("192.0.2.10:7777"), addr("198.51.100.9:51234"));
     let mut s = peer_session();
     let mut run = RtcpRun::new();
     assert_eq!(run.next_report(&mut s).0, addr("192.0.2.10:6001"), "no a=rtcp: the RTP port + 1 (RFC 3550 §11)");
     s.set_remote_rtcp(Some(named));
     assert_eq!(run.next_report(&mut s).0, named, "a=rtcp (RFC 3605)");
-    // The peer's reports come from behind a NAT: ours follow them.
-    let (_, mut report) = run.next_report(&mut s);
-    s.receive_rtcp(run.t0, run.ntp, nat, &mut report);
+    // The peer is behind a NAT: its RTP comes from one port of the NAT's address (latched
+    // after the probation), its reports from another one. Ours follow them.
+    let now = run.t0 + MS20 * run.ticks;
+    stream(&mut s, addr("198.51.100.9:40000"), now, 1, PROBATION as u16, &[0x55; 160]);
+    s.receive_rtcp(now, run.ntp, nat, &mut peer_report(0));
+    assert_eq!(s.stats().rtcp_received, 1);
     assert_eq!(run.next_report(&mut s).0, nat);
-    // A new offer names another port: it holds until the peer's RTCP says otherwise again.
+    // A new offer names another port: it holds until the peer's RTCP says otherwise again
+    // (no a=rtcp: the latched RTP port + 1).
     s.set_remote_rtcp(None);
-    assert_eq!(run.next_report(&mut s).0, addr("192.0.2.10:6001"));
+    assert_eq!(run.next_report(&mut s).0, addr("198.51.100.9:40001"));
+}
+
+/// The peer's receiver report (its SSRC, 0xabcd, as [`rtp`]'s) on our stream, with the
+/// fraction of it lost.
+fn peer_report(fraction_lost: u8) -> Vec<u8> {
+    let mut buf = [0u8; MAX_RTCP];
+    let mut writer = RtcpWriter::new(&mut buf);
+    let block = ReportBlock {
+        ssrc: config().ssrc,
+        fraction_lost,
+        cumulative_lost: 0,
+        extended_highest_seq: 0,
+        jitter: 0,
+        last_sr: 0,
+        delay_since_last_sr: 0,
+    };
+    writer.receiver_report(0xabcd, &[block]).unwrap();
+    writer.sdes_cname(0xabcd, b"peer").unwrap();
+    let len = writer.finish();
+    buf[..len].to_vec()
+}
+
+#[test]
+fn rtcp_from_a_stranger_is_counted_and_ignored() {
+    let mut s = peer_session();
+    let mut run = RtcpRun::new();
+    s.receive_rtcp(run.t0, run.ntp, addr("198.51.100.66:6001"), &mut peer_report(200));
+    assert_eq!((s.stats().rtcp_received, s.stats().foreign), (0, 1));
+    assert_eq!(s.quality().remote_fraction_lost, None, "a stranger's report was believed");
+    assert_eq!(run.next_report(&mut s).0, addr("192.0.2.10:6001"), "our reports went to a stranger");
+    // The peer's own, from where its RTCP is expected (the RTP port + 1).
+    s.receive_rtcp(run.t0, run.ntp, addr("192.0.2.10:6001"), &mut peer_report(10));
+    assert_eq!(s.quality().remote_fraction_lost, Some(10));
+    // Once its RTP is latched, a report from another port of its host is taken only when it is
+    // about the peer's stream (its SSRC): not from someone else behind the same NAT.
+    let now = run.t0 + MS20 * run.ticks;
+    stream(&mut s, addr("192.0.2.10:6000"), now, 1, 1, &[0x55; 160]);
+    let mut other = peer_report(99);
+    other[4..8].copy_from_slice(&0x5eed_u32.to_be_bytes());
+    s.receive_rtcp(now, run.ntp, addr("192.0.2.10:7000"), &mut other);
+    assert_eq!((s.stats().rtcp_received, s.stats().foreign), (1, 2));
+    assert_eq!(s.quality().remote_fraction_lost, Some(10));
 }
 
 #[test]

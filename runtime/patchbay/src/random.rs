@@ -31,6 +31,13 @@ pub(crate) fn u64() -> u64 {
     u64::from_le_bytes(bytes)
 }
 
+/// A 256-bit key (for keyed hashes that place what strangers send in fixed tables).
+pub(crate) fn key() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    fill(&mut key);
+    key
+}
+
 /// The key of the SIP user agent's CSPRNG (tags, branches, Call-IDs, cnonces).
 pub(crate) fn rng_key() -> patchbay_sip::ua::RngKey {
     let mut key = patchbay_sip::ua::RngKey([0; 32]);

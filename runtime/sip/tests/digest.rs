@@ -484,9 +484,11 @@ fn legacy_rfc2069_mode() {
 }
 
 #[test]
-fn rfc2617_server_vector_verifies() {
-    // RFC 2617 §3.5 credentials checked by the server math: the nonce is foreign, so a right
-    // digest yields a stale challenge, and a wrong one is rejected.
+fn a_foreign_nonce_is_no_password_oracle() {
+    // RFC 2617 §3.5's credentials (the math itself: `hash::tests::rfc2617_section_3_5_math`)
+    // carry a nonce this server never issued. Right or wrong, the digest is not examined: both
+    // draw a stale challenge, so a guesser that never received a challenge (a spoofed source,
+    // say) learns nothing from the answer.
     let mut server = server_with(|c| {
         c.realm = "testrealm@host.com".into();
         c.algorithms = vec![Algorithm::Md5];
@@ -496,7 +498,24 @@ fn rfc2617_server_vector_verifies() {
     let good = r#"Digest username="Mufasa", realm="testrealm@host.com", nonce="dcd98b7102dd2f0e8b11d0f600bfb0c093", uri="/dir/index.html", qop=auth, nc=00000001, cnonce="0a4f113b", response="6629FAE49393A05397450978507C4EF1""#;
     let bad = good.replace("6629FAE4", "6629FAE5");
     assert!(matches!(server.verify(T0, &get_index(), &[good], &store), Outcome::Challenge { stale: true, .. }));
-    assert_eq!(server.verify(T0, &get_index(), &[&bad], &store), Outcome::Rejected(Rejection::WrongCredentials));
+    assert!(matches!(server.verify(T0, &get_index(), &[&bad], &store), Outcome::Challenge { stale: true, .. }));
+}
+
+#[test]
+fn a_nonce_issued_to_one_address_is_foreign_to_another() {
+    let mut server = server();
+    let users = |u: &str, _: &str, _: Algorithm| (u == "alice").then(|| StoredSecret::Password("wonderland".into()));
+    let mut client = DigestClient::new("alice", "wonderland");
+    let at = |client: &'static [u8]| DigestRequest::new("INVITE", "sip:bob@example.com", b"").from_client(client);
+    let challenges = header_values(&server.verify(T0, &at(b"192.0.2.1"), &[], &users));
+    let header = client.respond(AuthKind::Www, &refs(&challenges), &at(b"192.0.2.1"), &[], "c1").unwrap();
+    // The same credentials sent from elsewhere (a spoofed source, a stolen nonce) are not
+    // examined: a stale challenge, bound to the new address.
+    assert!(matches!(
+        server.verify(T0, &at(b"203.0.113.9"), &[value(&header)], &users),
+        Outcome::Challenge { stale: true, .. }
+    ));
+    assert_eq!(server.verify(T0, &at(b"192.0.2.1"), &[value(&header)], &users), authorized("alice"));
 }
 
 #[test]

@@ -376,6 +376,7 @@ impl Call {
                 peer_lost = ?quality.remote_cumulative_lost,
                 rtt_ms = ?quality.rtt.map(|d| d.as_secs_f64() * 1e3),
                 srtp_failures = stats.srtp_failures,
+                foreign = stats.foreign,
                 "media stopped"
             );
             media.close();

@@ -7,64 +7,140 @@ pub(super) fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Checks an INVITE against its tenant's credentials. `Ok(())` lets the call in; `Err` carries
-/// the status and headers to reject it with (407 + challenge, or 403).
-pub(super) fn authenticate(
-    servers: &mut HashMap<String, DigestServer>,
-    auth: &crate::tenant::TenantAuth,
-    tenant: &str,
-    peer: std::net::SocketAddr,
-    request: &rsip::Request,
-) -> Result<(), (u16, Vec<rsip::Header>)> {
-    if auth.trusted.contains(&peer.ip()) {
-        return Ok(());
+/// Callers' digest authentication: one digest server per tenant (its realm, a nonce key from
+/// the CSPRNG) and one guess throttle across tenants, since a guesser's address is the same
+/// whichever tenant it tries.
+pub(super) struct CallerAuth {
+    servers: HashMap<String, DigestServer>,
+    guesses: GuessThrottle,
+}
+
+impl CallerAuth {
+    pub(super) fn new() -> Self {
+        let guesses = GuessThrottle::new(ThrottleConfig::default(), crate::random::key());
+        Self { servers: HashMap::new(), guesses }
     }
-    let now = unix_now();
-    let server = match servers.entry(tenant.to_owned()) {
-        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(e) => {
-            let mut config = ServerConfig::new(auth.realm.clone(), crate::random::nonce_secret());
-            config.kind = AuthKind::Proxy;
-            if !auth.algorithms.is_empty() {
-                config.algorithms = auth.algorithms.clone();
-            }
-            match DigestServer::new(config, now) {
-                Ok(server) => e.insert(server),
-                Err(err) => {
-                    tracing::error!(%tenant, "digest server: {err}");
-                    return Err((500, Vec::new()));
+
+    /// Checks an INVITE against its tenant's credentials. `Ok(())` lets the call in; `Err`
+    /// carries the status and headers to reject it with (407 + challenge, or 403). Nonces are
+    /// bound to the caller's address, and failures throttled per address and per user
+    /// ([`GuessThrottle`]): a blocked caller gets the 403 a wrong password gets.
+    pub(super) fn authenticate(
+        &mut self,
+        now: std::time::Instant,
+        auth: &crate::tenant::TenantAuth,
+        tenant: &str,
+        peer: std::net::SocketAddr,
+        request: &rsip::Request,
+    ) -> Result<(), (u16, Vec<rsip::Header>)> {
+        if auth.trusted.contains(&peer.ip()) {
+            return Ok(());
+        }
+        let unix = unix_now();
+        let server = match self.servers.entry(tenant.to_owned()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let mut config = ServerConfig::new(auth.realm.clone(), crate::random::nonce_secret());
+                config.kind = AuthKind::Proxy;
+                if !auth.algorithms.is_empty() {
+                    config.algorithms = auth.algorithms.clone();
+                }
+                match DigestServer::new(config, unix) {
+                    Ok(server) => e.insert(server),
+                    Err(err) => {
+                        tracing::error!(%tenant, "digest server: {err}");
+                        return Err((500, Vec::new()));
+                    }
                 }
             }
+        };
+        let credentials: Vec<&str> = request
+            .headers
+            .iter()
+            .filter_map(|h| match h {
+                rsip::Header::ProxyAuthorization(v) => Some(v.value()),
+                _ => None,
+            })
+            .collect();
+        let username = server.username_in(&credentials);
+        let known = username.as_deref().is_some_and(|u| auth.users.contains_key(u));
+        // Users are counted per tenant: alice of one tenant is not alice of another.
+        let user_key = username.as_deref().map(|u| format!("{tenant}\0{u}"));
+        let source = peer.ip();
+        if self.guesses.check(now, source, user_key.as_deref(), known) == Verdict::Refuse {
+            let refused = self.guesses.refused();
+            if refused.is_power_of_two() {
+                tracing::warn!(%tenant, from = %peer, refused, "callers throttled after failed digest attempts");
+            }
+            return Err((403, Vec::new()));
         }
-    };
-    let credentials: Vec<&str> = request
-        .headers
-        .iter()
-        .filter_map(|h| match h {
-            rsip::Header::ProxyAuthorization(v) => Some(v.value()),
-            _ => None,
-        })
-        .collect();
-    let uri = request.uri.to_string();
-    let method = request.method.to_string();
-    let digest_request = DigestRequest::new(&method, &uri, &request.body);
-    let store = |user: &str, _realm: &str, _alg: patchbay_sip::auth::Algorithm| {
-        auth.users.get(user).map(|password| StoredSecret::Password(password.clone()))
-    };
-    match server.verify(now, &digest_request, &credentials, &store) {
-        Outcome::Authorized { username } => {
-            tracing::debug!(%tenant, %username, "caller authenticated");
-            Ok(())
-        }
-        Outcome::Challenge { challenges, .. } => {
-            Err((407, challenges.iter().map(|c| rsip::Header::ProxyAuthenticate(c.to_string().into())).collect()))
-        }
-        Outcome::Rejected(reason) => {
-            tracing::info!(%tenant, from = %peer, ?reason, "caller failed digest authentication");
-            Err((403, Vec::new()))
+        let uri = request.uri.to_string();
+        let method = request.method.to_string();
+        let client = source.to_canonical().to_string();
+        let digest_request = DigestRequest::new(&method, &uri, &request.body).from_client(client.as_bytes());
+        let store = |user: &str, _realm: &str, _alg: patchbay_sip::auth::Algorithm| {
+            auth.users.get(user).map(|password| StoredSecret::Password(password.clone()))
+        };
+        match server.verify(unix, &digest_request, &credentials, &store) {
+            Outcome::Authorized { username } => {
+                tracing::debug!(%tenant, %username, "caller authenticated");
+                self.guesses.succeeded(now, source, &format!("{tenant}\0{username}"));
+                Ok(())
+            }
+            Outcome::Challenge { challenges, .. } => {
+                Err((407, challenges.iter().map(|c| rsip::Header::ProxyAuthenticate(c.to_string().into())).collect()))
+            }
+            Outcome::Rejected(reason) => {
+                tracing::info!(%tenant, from = %peer, ?reason, "caller failed digest authentication");
+                self.guesses.failed(now, source, user_key.as_deref(), known);
+                Err((403, Vec::new()))
+            }
         }
     }
 }
+
+/// The longest caller-controlled text (From, request-URI, flow name, Call-ID) a refused
+/// call's record keeps; a stranger's 60 KB From does not become a 60 KB record.
+const REFUSED_FIELD_BYTES: usize = 256;
+
+/// Records of refused calls, rate-limited: a stranger's flood of INVITEs does not become a
+/// flood of records. Each source (an IPv4 address, an IPv6 /64) gets one record a second
+/// (bursts of two), and all sources together [`RefusalRecords::PER_SEC`]; what is left out is
+/// counted and logged.
+pub(super) struct RefusalRecords {
+    per_source: crate::transport::SourceLimiter,
+    all: crate::transport::SourceLimiter,
+}
+
+impl RefusalRecords {
+    /// Records of refused calls written per second at most, from all sources together.
+    pub(super) const PER_SEC: u32 = 100;
+
+    pub(super) fn new() -> Self {
+        Self {
+            per_source: crate::transport::SourceLimiter::labelled(1, "refused calls: leaving records out (per source)"),
+            all: crate::transport::SourceLimiter::labelled(Self::PER_SEC, "refused calls: leaving records out"),
+        }
+    }
+
+    /// Whether a refusal from `source` gets its record now.
+    fn allow(&mut self, source: std::net::IpAddr, now: std::time::Instant) -> bool {
+        self.per_source.allow(source, now) && self.all.allow(std::net::Ipv4Addr::UNSPECIFIED.into(), now)
+    }
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 impl Endpoint {
     /// An INVITE that starts a call: which tenant and flow it is for (a trunk's DID, else the
     /// request-URI's domain and user), whether the caller may call (digest, the trunk's
@@ -77,7 +153,7 @@ impl Endpoint {
         peer: patchbay_sip::transaction::Peer,
         request: Box<rsip::Request>,
     ) {
-        let Self { ua, calls, digest, engine, registry, routing, services, .. } = self;
+        let Self { ua, calls, digest, engine, registry, routing, services, refusals, .. } = self;
         let host = request.uri.host_with_port.host.to_string();
         let uri_user = request.uri.auth.as_ref().map(|a| a.user.clone()).unwrap_or_default();
         // A carrier's call to one of a trunk's numbers (DIDs): by the request-URI's user,
@@ -134,10 +210,18 @@ impl Endpoint {
         // A call refused once its tenant is known gets a record of its own (no flow ran):
         // the tenant's failed attempts, as a carrier bills and audits them. A digest
         // challenge (407) is not a refusal: the caller answers it with a new INVITE.
-        let refused = |cause: &str, sip_code: u16| {
+        // Rate-limited per source and in all, and with the caller's text bounded.
+        let mut refused = |cause: &str, sip_code: u16| {
+            if !refusals.allow(peer.addr.ip(), now) {
+                return;
+            }
+            let mut info = call_info();
+            for field in [&mut info.call_id, &mut info.flow, &mut info.from, &mut info.to] {
+                *field = bounded(field, REFUSED_FIELD_BYTES);
+            }
             let sip = SipEnd { cause: cause.to_owned(), by: "patchbay", sip_code };
             let flow = FlowEnd { outcome: "not-run", detail: None, vars: Default::default() };
-            if let Some(cdr) = CdrDraft::new(&call_info(), "").close(sip, flow) {
+            if let Some(cdr) = CdrDraft::new(&info, "").close(sip, flow) {
                 routing.cdr.write(cdr);
             }
         };
@@ -145,7 +229,7 @@ impl Endpoint {
             // The carrier calling its own DIDs from its own address.
             (_, Some(_)) => {}
             (Some(auth), None) => {
-                if let Err((status, headers)) = authenticate(digest, auth, &tenant.id, peer.addr, &request) {
+                if let Err((status, headers)) = digest.authenticate(now, auth, &tenant.id, peer.addr, &request) {
                     let _ = ua.reject_with(now, call, status, &headers);
                     if status == 403 {
                         refused("auth-failed", status);
@@ -229,5 +313,34 @@ impl Endpoint {
             instance,
         };
         crate::call::start(calls, services, engine, start);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_calls_leave_records_at_a_bounded_rate() {
+        let mut records = RefusalRecords::new();
+        let now = std::time::Instant::now();
+        let one: std::net::IpAddr = "203.0.113.9".parse().expect("ip");
+        let kept = (0..1_000).filter(|_| records.allow(one, now)).count();
+        assert_eq!(kept, 2, "one source: a burst of two, then one a second");
+        assert!(records.allow(one, now + Duration::from_secs(1)), "and one a second after that");
+        // A spoofed flood from many sources: at most twice the per-second cap in one go.
+        let kept = (0..10_000u32)
+            .filter(|n| records.allow(std::net::IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n)), now))
+            .count();
+        assert!(kept <= 2 * RefusalRecords::PER_SEC as usize, "{kept} records in one instant");
+    }
+
+    #[test]
+    fn a_refused_callers_text_is_cut_at_a_character_boundary() {
+        assert_eq!(bounded("short", 256), "short");
+        let long = "é".repeat(200);
+        let cut = bounded(&long, 255);
+        assert!(cut.len() <= 255 + '…'.len_utf8(), "{}", cut.len());
+        assert!(cut.ends_with('…'));
     }
 }

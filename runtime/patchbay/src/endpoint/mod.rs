@@ -31,7 +31,9 @@ use std::time::Duration;
 
 use patchbay_host::{CallError, CallInfo, Direction, Dtmf, FlowEngine, FlowRegistry, HangupCause, Header};
 use patchbay_media::session::MediaSession;
-use patchbay_sip::auth::{AuthKind, DigestRequest, DigestServer, Outcome, ServerConfig, StoredSecret};
+use patchbay_sip::auth::{
+    AuthKind, DigestRequest, DigestServer, GuessThrottle, Outcome, ServerConfig, StoredSecret, ThrottleConfig, Verdict,
+};
 use patchbay_sip::transaction::TimerConfig;
 use patchbay_sip::ua::{CallRef, EndCause, UaConfig, UaEvent, UaOutput, UserAgent};
 use rsip::headers::UntypedHeader;
@@ -153,7 +155,8 @@ pub async fn run_endpoint(
         calls: HashMap::new(),
         ending: HashMap::new(),
         legs: HashMap::new(),
-        digest: HashMap::new(),
+        digest: inbound::CallerAuth::new(),
+        refusals: inbound::RefusalRecords::new(),
         engine,
         registry,
         routing,
@@ -219,7 +222,10 @@ struct Endpoint {
     ending: HashMap<CallRef, CdrDraft>,
     /// Outbound legs placed by flows' `dial`, and calls placed through the API until answered.
     legs: HashMap<CallRef, Leg>,
-    digest: HashMap<String, DigestServer>,
+    /// Callers' digest authentication and its guess throttle.
+    digest: inbound::CallerAuth,
+    /// Records of refused calls, rate-limited.
+    refusals: inbound::RefusalRecords,
     engine: Arc<FlowEngine>,
     registry: Arc<FlowRegistry>,
     routing: Arc<Routing>,

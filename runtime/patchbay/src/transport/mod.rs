@@ -103,18 +103,15 @@ pub struct SourceLimiter {
     slots: Vec<(f64, Option<Instant>)>,
     hasher: std::collections::hash_map::RandomState,
     dropped: u64,
+    /// What the warning about drops says.
+    what: &'static str,
 }
 
 /// Slots in a limiter's table (65,536 × 24 bytes: 1.5 MiB).
 const SLOTS: usize = 65_536;
 
 /// What identifies a source for rate limiting: an IPv4 address, or an IPv6 address's /64.
-pub(super) fn source_key(source: IpAddr) -> u128 {
-    match source.to_canonical() {
-        IpAddr::V4(v4) => u128::from(u32::from(v4)),
-        IpAddr::V6(v6) => (u128::from(v6) >> 64 << 64) | 1,
-    }
-}
+pub(super) use patchbay_sip::auth::source_prefix as source_key;
 
 impl SourceLimiter {
     /// `per_sec` = 0 turns limiting off.
@@ -124,7 +121,13 @@ impl SourceLimiter {
             slots: Vec::new(),
             hasher: std::collections::hash_map::RandomState::new(),
             dropped: 0,
+            what: "SIP rate limit: dropping messages",
         }
+    }
+
+    /// A limiter whose warning about drops says `what`.
+    pub fn labelled(per_sec: u32, what: &'static str) -> Self {
+        Self { what, ..Self::new(per_sec) }
     }
 
     /// Whether a message from `source` may be processed now.
@@ -148,7 +151,7 @@ impl SourceLimiter {
         } else {
             self.dropped += 1;
             if self.dropped.is_power_of_two() {
-                tracing::warn!(%source, dropped = self.dropped, "SIP rate limit: dropping messages");
+                tracing::warn!(%source, dropped = self.dropped, "{}", self.what);
             }
             false
         }

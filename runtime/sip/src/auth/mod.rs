@@ -46,9 +46,12 @@
 //! ```
 //!
 //! Nonces are self-validating: `base64url(timestamp ‖ sequence ‖ HMAC-SHA256(secret,
-//! timestamp ‖ sequence ‖ realm))`, so the server keeps no per-challenge state. An expired or
-//! foreign nonce with an otherwise correct response yields a new challenge with `stale=TRUE`
-//! (RFC 7616 §3.3). Replay protection keeps the highest `nc` seen per nonce in a bounded table
+//! timestamp ‖ sequence ‖ realm ‖ client))`, so the server keeps no per-challenge state; the
+//! client binding ([`DigestRequest::from_client`]) is optional. An expired nonce with an
+//! otherwise correct response yields a new challenge with `stale=TRUE` (RFC 7616 §3.3); a
+//! foreign one (another secret, another client) yields it without the response being examined,
+//! so that it is no password oracle. [`GuessThrottle`] slows password guessing per source and
+//! per user. Replay protection keeps the highest `nc` seen per nonce in a bounded table
 //! (RFC 7616 §3.4.5, §5.5); responses are compared in constant time, and the `uri` parameter
 //! must match the Request-URI (RFC 7616 §3.4.6). Passwords come from a [`CredentialStore`],
 //! which may return the precomputed HA1 (see [`ha1`]) so that plaintext passwords need not be
@@ -62,10 +65,12 @@ mod hash;
 mod header;
 mod params;
 mod server;
+mod throttle;
 
 pub use client::{CredentialsHeader, DigestClient};
 pub use header::{Challenge, Credentials};
 pub use server::{CredentialStore, DigestServer, Outcome, Rejection, ServerConfig, StoredSecret};
+pub use throttle::{GuessThrottle, ThrottleConfig, Verdict, source_prefix};
 
 use std::fmt;
 
@@ -288,12 +293,25 @@ pub struct DigestRequest<'a> {
     pub uri: &'a str,
     /// The message body; empty when there is none.
     pub body: &'a [u8],
+    /// Who sent it, as the server wants nonces bound to (e.g. the source address's bytes);
+    /// empty binds to nobody. See [`DigestRequest::from_client`].
+    pub client: &'a [u8],
 }
 
 impl<'a> DigestRequest<'a> {
     /// A request description.
     pub fn new(method: &'a str, uri: &'a str, body: &'a [u8]) -> Self {
-        Self { method, uri, body }
+        Self { method, uri, body, client: &[] }
+    }
+
+    /// Binds the server's nonces to `client` (its source address, say): a nonce issued to one
+    /// client is foreign to another, and a response computed with a foreign nonce is not
+    /// examined at all — it draws a fresh `stale` challenge. A password guess then needs a
+    /// challenge received at the address it is sent from, so guesses from spoofed addresses
+    /// are neither checked nor counted against the address they claim (see [`GuessThrottle`]).
+    pub fn from_client(mut self, client: &'a [u8]) -> Self {
+        self.client = client;
+        self
     }
 }
 

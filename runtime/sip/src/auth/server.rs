@@ -167,13 +167,15 @@ pub enum Rejection {
 }
 
 /// What a nonce says about itself once its MAC is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum NonceState {
     /// Ours and fresh.
     Valid { seq: u64 },
     /// Ours but expired, issued before this server started, or its count was forgotten.
     Stale,
-    /// Not ours (another secret, or garbage): a stale challenge if the digest is right
-    /// (RFC 7616 §3.3: "the nonce is invalid but with a valid digest for that nonce").
+    /// Not ours (another secret, another client, or garbage): a stale challenge without the
+    /// digest being examined (RFC 7616 §3.3 has `stale` for a valid digest on an invalid nonce;
+    /// examining it would make every foreign nonce a free password oracle).
     Foreign,
 }
 
@@ -274,7 +276,18 @@ impl DigestServer {
     /// Fresh challenges (one per offered algorithm, sharing one nonce) for a request without
     /// credentials, or after a [`Outcome::Rejected`] the caller wants to turn into a retry.
     pub fn challenge(&mut self, now: u64) -> Vec<Challenge> {
-        self.challenges(now, false)
+        self.challenges(now, false, &[])
+    }
+
+    /// [`DigestServer::challenge`] with the nonce bound to `request`'s client.
+    pub fn challenge_for(&mut self, now: u64, request: &DigestRequest<'_>) -> Vec<Challenge> {
+        self.challenges(now, false, request.client)
+    }
+
+    /// The username credentials for this server's realm name, whether or not they are valid:
+    /// what a [`super::GuessThrottle`] counts attempts against. `None` without such credentials.
+    pub fn username_in(&self, credentials: &[&str]) -> Option<String> {
+        self.find_credentials(credentials).ok().flatten().map(|c| c.username)
     }
 
     /// Checks the credentials of a request (RFC 3261 §22.4, RFC 7616 §3.4).
@@ -291,11 +304,21 @@ impl DigestServer {
     ) -> Outcome {
         let creds = match self.find_credentials(credentials) {
             Ok(Some(creds)) => creds,
-            Ok(None) => return Outcome::Challenge { challenges: self.challenges(now, false), stale: false },
+            Ok(None) => {
+                return Outcome::Challenge { challenges: self.challenges(now, false, request.client), stale: false };
+            }
             Err(e) => return Outcome::Rejected(Rejection::Malformed(e)),
         };
         if let Err(rejection) = self.check_parameters(&creds, request) {
             return Outcome::Rejected(rejection);
+        }
+        // A nonce we did not issue to this client (another secret, a restart, another address)
+        // proves nothing about who answers: the response is not examined, so it is no oracle
+        // for a guesser who never saw a challenge, and a `stale` challenge lets a client that
+        // knows the password retry without asking its user (RFC 7616 §3.3).
+        let nonce = self.nonce_state(now, &creds.nonce, request.client);
+        if nonce == NonceState::Foreign {
+            return self.stale(now, request.client);
         }
         let algorithm = creds.effective_algorithm();
         let Some(secret) = store.lookup(&creds.username, &self.config.realm, algorithm) else {
@@ -306,24 +329,24 @@ impl DigestServer {
         }
         // Only now, with the password proven, does the nonce's state decide between
         // authorisation and a stale challenge (RFC 7616 §3.3).
-        let seq = match self.nonce_state(now, &creds.nonce) {
+        let seq = match nonce {
             NonceState::Valid { seq } => seq,
-            NonceState::Stale | NonceState::Foreign => return self.stale(now),
+            NonceState::Stale | NonceState::Foreign => return self.stale(now, request.client),
         };
         // RFC 2069 mode has no count: each nonce is good for one request.
         match self.counts.check_and_record(seq, creds.nc.unwrap_or(1)) {
             CountCheck::Fresh => Outcome::Authorized { username: creds.username },
             CountCheck::Replay if creds.qop.is_some() => Outcome::Rejected(Rejection::Replay),
-            CountCheck::Replay | CountCheck::Forgotten => self.stale(now),
+            CountCheck::Replay | CountCheck::Forgotten => self.stale(now, request.client),
         }
     }
 
-    fn stale(&mut self, now: u64) -> Outcome {
-        Outcome::Challenge { challenges: self.challenges(now, true), stale: true }
+    fn stale(&mut self, now: u64, client: &[u8]) -> Outcome {
+        Outcome::Challenge { challenges: self.challenges(now, true, client), stale: true }
     }
 
-    fn challenges(&mut self, now: u64, stale: bool) -> Vec<Challenge> {
-        let nonce = self.issue_nonce(now);
+    fn challenges(&mut self, now: u64, stale: bool, client: &[u8]) -> Vec<Challenge> {
+        let nonce = self.issue_nonce(now, client);
         let qop = self.config.qop.preferred().map(|_| self.config.qop);
         self.config
             .algorithms
@@ -339,24 +362,27 @@ impl DigestServer {
             .collect()
     }
 
-    fn issue_nonce(&mut self, now: u64) -> String {
+    fn issue_nonce(&mut self, now: u64, client: &[u8]) -> String {
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
         let mut raw = [0u8; NONCE_BYTES];
         raw[..8].copy_from_slice(&now.to_be_bytes());
         raw[8..16].copy_from_slice(&seq.to_be_bytes());
-        let mac = self.nonce_mac(&raw[..16]);
+        let mac = self.nonce_mac(&raw[..16], client);
         raw[16..].copy_from_slice(&mac[..MAC_BYTES]);
         URL_SAFE_NO_PAD.encode(raw)
     }
 
-    fn nonce_mac(&self, payload: &[u8]) -> [u8; 32] {
+    fn nonce_mac(&self, payload: &[u8], client: &[u8]) -> [u8; 32] {
         // The realm is in the MAC so a nonce of one realm cannot be replayed against another
-        // sharing the secret.
-        hash::hmac_sha256(&self.config.secret, &[NONCE_LABEL, payload, self.config.realm.as_bytes()])
+        // sharing the secret; the client (length first, so realm and client cannot trade
+        // bytes) so that a nonce issued to one address is foreign to every other.
+        let realm = self.config.realm.as_bytes();
+        let client_len = (client.len() as u64).to_be_bytes();
+        hash::hmac_sha256(&self.config.secret, &[NONCE_LABEL, payload, &client_len, client, realm])
     }
 
-    fn nonce_state(&self, now: u64, nonce: &str) -> NonceState {
+    fn nonce_state(&self, now: u64, nonce: &str, client: &[u8]) -> NonceState {
         let mut raw = [0u8; NONCE_BYTES + 3];
         if nonce.len() != 43 {
             return NonceState::Foreign;
@@ -365,7 +391,7 @@ impl DigestServer {
             Ok(NONCE_BYTES) => {}
             _ => return NonceState::Foreign,
         }
-        let mac = self.nonce_mac(&raw[..16]);
+        let mac = self.nonce_mac(&raw[..16], client);
         if !bool::from(mac[..MAC_BYTES].ct_eq(&raw[16..NONCE_BYTES])) {
             return NonceState::Foreign;
         }
@@ -474,12 +500,15 @@ mod tests {
     fn nonce_rejects_tampering() {
         let config = ServerConfig::new("example.com", vec![7u8; 32]);
         let mut server = DigestServer::new(config, 1000).unwrap();
-        let nonce = server.issue_nonce(1000);
-        assert!(matches!(server.nonce_state(1000, &nonce), NonceState::Valid { seq: 0 }));
-        assert!(matches!(server.nonce_state(1301, &nonce), NonceState::Stale));
+        let nonce = server.issue_nonce(1000, b"192.0.2.1");
+        assert!(matches!(server.nonce_state(1000, &nonce, b"192.0.2.1"), NonceState::Valid { seq: 0 }));
+        assert!(matches!(server.nonce_state(1301, &nonce, b"192.0.2.1"), NonceState::Stale));
+        // Issued to one client, foreign to any other.
+        assert!(matches!(server.nonce_state(1000, &nonce, b"192.0.2.10"), NonceState::Foreign));
+        assert!(matches!(server.nonce_state(1000, &nonce, b""), NonceState::Foreign));
         let mut tampered = nonce.into_bytes();
         tampered[3] = if tampered[3] == b'A' { b'B' } else { b'A' };
         let tampered = String::from_utf8(tampered).unwrap();
-        assert!(matches!(server.nonce_state(1000, &tampered), NonceState::Foreign));
+        assert!(matches!(server.nonce_state(1000, &tampered, b"192.0.2.1"), NonceState::Foreign));
     }
 }
