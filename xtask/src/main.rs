@@ -88,8 +88,9 @@ fn ensure_wasm_target() -> Result<(), String> {
 /// Programs the tests drive, with the Debian package that provides each: sipp for the SIP and
 /// RTP interop tests, sox and espeak-ng for the G.711 conformance test (speech, and a reference
 /// encoder), tshark to capture what goes over the wire, baresip (core: no sound system) for
-/// SRTP against an outside implementation.
-const TEST_TOOLS: [(&str, &str, &str); 6] = [
+/// SRTP against an outside implementation, SIPVicious for the scanner and password-guessing
+/// test.
+const TEST_TOOLS: [(&str, &str, &str); 7] = [
     ("sipp", "-v", "sip-tester"),
     // TLS in front of sipp (Debian's sipp is built without TLS) for the trunk tests.
     ("socat", "-V", "socat"),
@@ -97,6 +98,7 @@ const TEST_TOOLS: [(&str, &str, &str); 6] = [
     ("espeak-ng", "--version", "espeak-ng"),
     ("tshark", "--version", "tshark"),
     ("baresip", "-h", "baresip-core"),
+    ("svcrack", "--version", "sipvicious"),
 ];
 
 /// The system benchmark's peers beyond [`TEST_TOOLS`] (sipp, and baresip as a conventional SIP

@@ -868,6 +868,27 @@ impl UserAgent {
         self.reject_as(now, call, code, extra, EndCause::Rejected(code))
     }
 
+    /// [`UserAgent::reject_with`] for a caller that has not shown it is who it claims — a
+    /// digest challenge, a refusal before authentication: over UDP the response goes out once
+    /// and is not retransmitted (RFC 3261 §8.2.7; see
+    /// [`TransactionLayer::send_response_once`](crate::transaction::TransactionLayer::send_response_once)),
+    /// so spoofed INVITEs do not turn us into an amplifier.
+    pub fn reject_unverified(
+        &mut self,
+        now: Instant,
+        call: CallRef,
+        code: u16,
+        extra: &[Header],
+    ) -> Result<(), UaError> {
+        let c = self.incoming(call, "rejecting an answered call")?;
+        let (invite, tx, tag) = (c.invite.clone(), c.invite_tx, c.local_tag.clone());
+        let response = self.response(&invite, code.clamp(300, 699), Some(&tag), extra);
+        let _ = self.layer.send_response_once(now, tx, response);
+        self.finish(call, EndCause::Rejected(code));
+        self.pump(now);
+        Ok(())
+    }
+
     /// Rejects an unanswered inbound call; the call ends with `cause`.
     fn reject_as(
         &mut self,

@@ -171,7 +171,9 @@ impl Endpoint {
         let trusted_trunk = did.as_ref().filter(|(_, trunk, _)| trunk.trusts(peer.addr.ip())).map(|(_, t, _)| t);
         let Some(tenant) = tenant.cloned() else {
             tracing::info!(?call, %host, "no tenant serves this domain");
-            let _ = ua.reject(now, call, 404);
+            // Answered, not silence (RFC 4475 §3.1.1's valid messages all get a response), but
+            // once: a stranger has shown nothing (§8.2.7).
+            let _ = ua.reject_unverified(now, call, 404, &[]);
             return;
         };
         // RFC 3325 §9.1: P-Asserted-Identity is believed only from a trusted element — here
@@ -230,7 +232,8 @@ impl Endpoint {
             (_, Some(_)) => {}
             (Some(auth), None) => {
                 if let Err((status, headers)) = digest.authenticate(now, auth, &tenant.id, peer.addr, &request) {
-                    let _ = ua.reject_with(now, call, status, &headers);
+                    // Challenges and refusals of unverified callers go out once (§8.2.7).
+                    let _ = ua.reject_unverified(now, call, status, &headers);
                     if status == 403 {
                         refused("auth-failed", status);
                     }
@@ -241,7 +244,7 @@ impl Endpoint {
             // with: only the carrier may reach it.
             (None, None) if did.is_some() => {
                 tracing::info!(?call, from = %peer.addr, "a DID called from outside its trunk's addresses: refused");
-                let _ = ua.reject(now, call, 403);
+                let _ = ua.reject_unverified(now, call, 403, &[]);
                 refused("untrusted-source", 403);
                 return;
             }

@@ -559,6 +559,28 @@ impl TransactionLayer {
         Ok(())
     }
 
+    /// Sends a final response statelessly and ends the transaction: for requests from a source
+    /// that has not shown it is who it claims (a digest challenge, a refusal of an
+    /// unauthenticated caller), which RFC 3261 §8.2.7 lets a UAS answer statelessly (Kamailio
+    /// challenges this way). A flood of INVITEs from spoofed sources then makes us send one
+    /// response each towards the victims, not eleven over 32 s (Timer G), and hold nothing for
+    /// them, not a transaction each for Timer H's 32 s. A real caller that lost the response
+    /// retransmits its request and is answered afresh; its ACK matches nothing and is dropped
+    /// (§17.2.3 leaves such an ACK to the core, which finds no dialog).
+    pub fn send_response_once(
+        &mut self,
+        now: Instant,
+        id: TransactionId,
+        response: rsip::Response,
+    ) -> Result<(), TransactionError> {
+        let final_response = response.status_code.kind() != StatusCodeKind::Provisional;
+        self.send_response(now, id, response)?;
+        if final_response {
+            self.terminate(id);
+        }
+        Ok(())
+    }
+
     // ---- input and timers ----------------------------------------------------------------
 
     /// A message arrived from `peer` (already parsed and validated by the message layer).

@@ -297,6 +297,27 @@ fn timer_g_retransmits_a_final_response_until_the_ack_and_timer_i_ends_it() {
 }
 
 #[test]
+fn a_response_to_an_unverified_caller_is_sent_once_yet_answers_retransmissions() {
+    let mut layer = TransactionLayer::new(TimerConfig::default());
+    let t0 = Instant::now();
+    let invite = request("INVITE", "z9hG4bKs", 1);
+    layer.handle_receive(t0, udp(), invite.clone().into());
+    let id = request_id(&mut layer);
+    layer.send_response_once(t0, id, response_to(&invite, 407)).unwrap();
+    let out = drain(&mut layer);
+    assert_eq!(transmits(&out).len(), 1, "the 407 goes out");
+    // Nothing is held for a source that never ACKs, and nothing is sent to it again.
+    assert_eq!(events(&out), vec![Event::Terminated { id }]);
+    assert!(layer.is_empty(), "no transaction kept");
+    let (sent, _) = run_until(&mut layer, t0, secs(40));
+    assert!(sent.is_empty(), "retransmitted at {sent:?}");
+    // A real caller that lost the 407 retransmits its INVITE: the TU sees it anew and answers.
+    layer.handle_receive(t0 + ms(500), udp(), invite.into());
+    let again = request_id(&mut layer);
+    assert_ne!(again, id);
+}
+
+#[test]
 fn timer_h_reports_a_final_response_that_was_never_acked() {
     let mut layer = TransactionLayer::new(TimerConfig::default());
     let t0 = Instant::now();
