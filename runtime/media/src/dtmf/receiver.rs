@@ -201,8 +201,11 @@ impl DtmfReceiver {
                     if report.end {
                         self.release(ReleaseReason::EndBit);
                     }
-                } else if !is_after(ts, active.segment_timestamp) && ts != active.segment_timestamp {
-                    // From an earlier segment of this press, or from before it.
+                } else if !is_after(ts, active.segment_timestamp) {
+                    // From an earlier segment of this press, or from before it; or another event
+                    // code at this segment's timestamp, which identifies the press already
+                    // reported (superseding it would report one timestamp as a new press per
+                    // packet).
                     self.stats.stale += 1;
                 } else if self.is_next_segment(&active, ts, &report, header.marker) {
                     // §2.5.2.3: the same event continues in a new segment.

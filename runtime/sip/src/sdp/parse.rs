@@ -130,6 +130,12 @@ pub(crate) fn parse(text: &str) -> Result<Session<'_>, SdpError> {
         if bytes.len() < 2 || bytes[1] != b'=' || !bytes[0].is_ascii_lowercase() {
             return Err(malformed(number, "line is not <type>=<value> (RFC 4566 §5)"));
         }
+        // No SDP field may hold a NUL or a CR (RFC 4566 §9, byte-string); an answer echoes some
+        // of the offer's text (refused m-lines, the telephone-event fmtp), which must not carry
+        // them into ours.
+        if memchr::memchr2(b'\0', b'\r', bytes).is_some() {
+            return Err(malformed(number, "NUL or CR inside a line (RFC 4566 §9)"));
+        }
         let (kind, value) = (bytes[0], &line[2..]);
         if !saw_version {
             // RFC 4566 §5: "An SDP session description begins with v=0".
