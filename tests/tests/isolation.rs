@@ -648,6 +648,48 @@ fn a_tenant_at_its_call_cap_does_not_stop_another() {
     assert_eq!(a_up, 2, "A's held calls ended by their caller: {cdrs:#?}");
 }
 
+/// A ringing call holds one of `[sip] max_pending_calls` until it is answered: beyond the cap
+/// any tenant's new call gets 503 with Retry-After and a record, and once the ringing call is
+/// answered its place is free again.
+#[test]
+fn calls_beyond_the_cap_on_unanswered_calls_get_503_until_one_is_answered() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("chaos.wasm"), patchbay_stock_flows::fixtures::CHAOS).expect("write fixture");
+    let port = free_port();
+    let config = format!(
+        "[sip]\nlisten = [\"udp:127.0.0.1:{port}\"]\nmax_pending_calls = 1\n\
+         [media]\nrtp_timeout_secs = 0\n[cdr]\npath = \"cdr.jsonl\"\n\
+         [[tenant]]\nid = \"a\"\ndomains = [\"127.0.0.1\"]\n\
+         [[tenant.flow]]\nname = \"ring\"\npath = \"chaos.wasm\"\n\
+         [[tenant]]\nid = \"b\"\ndomains = [\"localhost\"]\n\
+         [[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n"
+    );
+    let pb = launch(dir, port, &config);
+    // A's call rings (the fixture answers after 30 s) and holds the only place.
+    let mut ringing = Phone::new(pb.port, "ring", "127.0.0.1");
+    let ringer = std::thread::spawn(move || {
+        let answer = ringing.invite(Duration::from_secs(60));
+        (ringing, answer)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let mut b = Phone::new(pb.port, "echo", "localhost");
+    let refused = b.invite(Duration::from_secs(10));
+    assert_eq!(refused.code, 503, "B's call while A's rings: {}", refused.response);
+    assert!(header(&refused.response, "Retry-After").is_some(), "no Retry-After: {}", refused.response);
+    let (mut ringing, answer) = ringer.join().expect("the ringing call");
+    assert_eq!(answer.code, 200, "A's call is answered in the end: {}", answer.response);
+    // Answered, it no longer counts: B gets in.
+    let mut again = Phone::new(pb.port, "echo", "localhost");
+    let answer = again.invite(Duration::from_secs(10));
+    assert_eq!(answer.code, 200, "B's call once A's was answered: {}", answer.response);
+    assert_eq!(again.bye(), Some(200));
+    assert_eq!(ringing.bye(), Some(200));
+    let cdrs = pb.settled_cdrs(3, Duration::from_secs(10));
+    let refusal = cdrs.iter().find(|c| c["end_cause"] == "pending-calls").expect("a record of the refusal");
+    assert_eq!((refusal["tenant"].as_str(), refusal["sip_code"].as_u64()), (Some("b"), Some(503)), "{refusal}");
+}
+
 /// Calls `flow` of the tenant at `host` (no answer expected: the fixture's kv modes return
 /// without answering) and returns the call's record.
 fn one_call_record(pb: &Patchbay, flow: &str, host: &str) -> Value {

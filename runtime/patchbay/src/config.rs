@@ -78,6 +78,10 @@ pub struct SipConfig {
     /// Retry-After (a flood from spoofed sources holds no more).
     #[serde(default = "default_max_server_transactions")]
     pub max_server_transactions: usize,
+    /// Inbound calls not yet answered, across tenants; a new one beyond them gets 503 with
+    /// Retry-After.
+    #[serde(default = "default_max_pending_calls")]
+    pub max_pending_calls: usize,
     /// `[sip.tls]`: the certificate `tls:` listeners present.
     pub tls: Option<TlsConfig>,
 }
@@ -105,6 +109,10 @@ fn default_max_connections() -> usize {
 
 fn default_max_connections_per_source() -> usize {
     64
+}
+
+fn default_max_pending_calls() -> usize {
+    1_000
 }
 
 fn default_max_server_transactions() -> usize {

@@ -211,6 +211,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                 trunk_states: Arc::clone(&trunk_states),
                 external_ip: config.sip.external_ip,
                 max_server_transactions: config.sip.max_server_transactions,
+                pending: call::PendingCalls::new(config.sip.max_pending_calls),
                 media: media::MediaEngine::start().context("starting the media clock")?,
                 rtp_bind: config.media.rtp_bind.unwrap_or_else(|| {
                     config

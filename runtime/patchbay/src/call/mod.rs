@@ -109,6 +109,39 @@ pub(crate) struct Services {
     pub(crate) requests: mpsc::UnboundedSender<Request>,
 }
 
+/// Unanswered inbound calls across tenants, capped (`[sip] max_pending_calls`): a caller who
+/// rings and never gets answered holds a place until the call is answered or ends, so a flood
+/// of calls that only ring cannot hold everything the calls that get answered need.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingCalls {
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    max: usize,
+}
+
+/// One unanswered call's place in [`PendingCalls`]; given back when dropped.
+#[derive(Debug)]
+pub(crate) struct PendingSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl PendingCalls {
+    pub(crate) fn new(max: usize) -> Self {
+        Self { open: Arc::default(), max }
+    }
+
+    /// A place for a new unanswered call, or `None` when `max` are pending.
+    pub(crate) fn hold(&self) -> Option<PendingSlot> {
+        use std::sync::atomic::Ordering;
+        let max = self.max;
+        self.open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(PendingSlot(Arc::clone(&self.open)))
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// One call, from the moment its flow starts until its record is written: see the module's
 /// docs.
 pub(crate) struct Call {
@@ -133,6 +166,8 @@ pub(crate) struct Call {
     pub(crate) origination: Option<String>,
     /// The tenant's and trunk's call slots it holds while it is up.
     _slots: crate::trunk::CallSlots,
+    /// Its place among the unanswered calls, until answered.
+    pub(crate) pending: Option<PendingSlot>,
     /// Counts the call in its tenant's live calls while it lasts.
     _live: crate::tenant::LiveCallGuard,
     /// Its flow's task: stopped if the flow has not returned [`FLOW_EXIT_GRACE`] after the
@@ -238,6 +273,8 @@ pub(crate) struct FlowStart {
     pub(crate) slots: crate::trunk::CallSlots,
     /// The call's slot in its tenant's share of the flow instance pool.
     pub(crate) instance: tokio::sync::OwnedSemaphorePermit,
+    /// An inbound call's place among the unanswered calls.
+    pub(crate) pending: Option<PendingSlot>,
 }
 
 /// Makes `start.call` a [`Call`] and runs its flow in a task of its own; the flow's end comes
@@ -248,7 +285,8 @@ pub(crate) fn start(
     engine: &Arc<FlowEngine>,
     start: FlowStart,
 ) {
-    let FlowStart { call, info, flow, tenant, vars, refer, invite, media, cdr, origination, slots, instance } = start;
+    let FlowStart { call, info, flow, tenant, vars, refer, invite, media, cdr, origination, slots, instance, pending } =
+        start;
     let (ended, ended_rx) = watch::channel(false);
     let slot: MediaSlot = Arc::default();
     let (channels, agreed) = match media {
@@ -314,6 +352,7 @@ pub(crate) fn start(
             cdr,
             origination,
             _slots: slots,
+            pending,
             _live: tenant.call_started(),
             flow_task: Some(task.abort_handle()),
             _listed: listed,

@@ -55,6 +55,7 @@ pub(super) fn answer(
             });
             let sdp = negotiated.local_sdp.clone().into_bytes();
             live.agreed = Some((local, negotiated));
+            live.pending = None;
             ua.answer(now, call, sdp).map_err(|_| CallError::Hangup)?;
             live.cdr.answered();
             Ok(())

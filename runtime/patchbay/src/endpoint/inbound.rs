@@ -285,6 +285,13 @@ impl Endpoint {
                 return;
             }
         };
+        // Unanswered calls across tenants (RFC 3261 §21.5.4: 503 with Retry-After).
+        let Some(pending) = routing.pending.hold() else {
+            tracing::warn!(?call, tenant = %tenant.id, "too many unanswered calls: refused");
+            let _ = ua.reject_with(now, call, 503, &[rsip::Header::RetryAfter("5".into())]);
+            refused("pending-calls", 503);
+            return;
+        };
         let _ = ua.ring(now, call);
         let info = call_info();
         tracing::info!(?call, from = %peer.addr, tenant = %info.tenant, flow = %info.flow, version = &flow.version()[..12], "call started");
@@ -314,6 +321,7 @@ impl Endpoint {
             origination: None,
             slots,
             instance,
+            pending: Some(pending),
         };
         crate::call::start(calls, services, engine, start);
     }

@@ -60,6 +60,8 @@ pub struct Routing {
     pub external_ip: Option<std::net::IpAddr>,
     /// SIP server transactions held at once (`[sip] max_server_transactions`).
     pub max_server_transactions: usize,
+    /// Unanswered inbound calls across tenants (`[sip] max_pending_calls`).
+    pub pending: crate::call::PendingCalls,
     /// The media engine (clock thread and frame pool).
     pub media: MediaEngine,
     /// Address RTP sockets bind to.

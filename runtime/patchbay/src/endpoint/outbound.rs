@@ -383,6 +383,7 @@ pub(super) fn origination_answered(
         origination: Some(id),
         slots,
         instance,
+        pending: None,
     };
     crate::call::start(calls, services, engine, start);
 }
