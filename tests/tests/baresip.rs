@@ -7,7 +7,10 @@
 //! - RTCP multiplexed on the RTP port (RFC 5761): baresip offers `a=rtcp-mux`; Patchbay's
 //!   reports must go to baresip's RTP port, none to the port above.
 
-use patchbay_e2e::{Capture, Datagram, correlation, quiet_port, start_patchbay, wav_samples, write_pcm16_wav};
+use patchbay_e2e::{
+    Capture, Datagram, Patchbay, correlation, quiet_port, start_patchbay, start_patchbay_with, wav_samples,
+    write_pcm16_wav,
+};
 use patchbay_media::rtp::{CompoundPacket, RTCP_BYE, RtcpPacket, RtpPacket};
 
 /// What one baresip call to the echo flow left behind.
@@ -27,8 +30,7 @@ struct EchoCall {
 
 /// baresip (`config` lines and `account` parameters added to a minimal set-up) calls the echo
 /// flow for about 7 s playing the stock menu prompt.
-fn baresip_echo_call(config_extra: &str, account_params: &str) -> EchoCall {
-    let pb = start_patchbay();
+fn baresip_echo_call(pb: &Patchbay, config_extra: &str, account_params: &str) -> EchoCall {
     let dir = tempfile::tempdir().expect("tempdir");
     // The stock menu prompt (μ-law speech), as 16-bit PCM.
     let prompt = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/patchbay/prompts/menu.wav"))
@@ -147,8 +149,13 @@ impl EchoCall {
 
 #[test]
 fn baresip_calls_the_echo_flow_over_srtp_and_hears_itself() {
-    // srtp-mand: SRTP or no call (baresip refuses an answer without a=crypto).
-    let call = baresip_echo_call("", ";mediaenc=srtp-mand");
+    // srtp-mand: SRTP or no call (baresip refuses an answer without a=crypto). Over UDP, so SDES
+    // keys in the clear must be allowed (RFC 4568 §8.3; loopback here).
+    let pb = start_patchbay_with(
+        "[media]\nsrtp_over_plain = true\n",
+        "[[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n",
+    );
+    let call = baresip_echo_call(&pb, "", ";mediaenc=srtp-mand");
     assert!(call.log.contains("SRTP is Enabled"), "baresip did not switch SRTP on:\n{}", call.log);
     // On the wire: RTP from Patchbay to baresip is PCMU with the 10-byte tag after 160 octets
     // (AES_CM_128_HMAC_SHA1_80), never plain.
@@ -164,7 +171,7 @@ fn baresip_calls_the_echo_flow_over_srtp_and_hears_itself() {
 
 #[test]
 fn baresip_offering_rtcp_mux_gets_reports_on_its_rtp_port() {
-    let call = baresip_echo_call("rtcp_mux\tyes\n", "");
+    let call = baresip_echo_call(&start_patchbay(), "rtcp_mux\tyes\n", "");
     // Patchbay's sender reports (packet type 200) arrive on baresip's RTP port, none on the
     // port above (RFC 5761 §5.1.3).
     let reports = call

@@ -199,3 +199,54 @@ fn a_call_to_an_extension_the_tenant_lacks_is_refused_with_a_cdr() {
     assert_eq!(cdr["hung_up_by"], "patchbay", "{cdr}");
     assert!(cdr["answer"].is_null() && cdr["billable_ms"] == 0, "{cdr}");
 }
+
+/// Sends one INVITE over UDP with `sdp` to `sip:echo@…` and returns Patchbay's final response
+/// (no ACK: the test ends before the retransmissions matter).
+fn invite_with(port: u16, sdp: &str) -> String {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let local = socket.local_addr().expect("addr");
+    let invite = format!(
+        "INVITE sip:echo@127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK{n};rport\r\n\
+         From: <sip:a@{local}>;tag={n}\r\nTo: <sip:echo@127.0.0.1>\r\nCall-ID: {n}@srtp\r\nCSeq: 1 INVITE\r\n\
+         Contact: <sip:a@{local}>\r\nMax-Forwards: 70\r\nContent-Type: application/sdp\r\n\
+         Content-Length: {len}\r\n\r\n{sdp}",
+        n = local.port(),
+        len = sdp.len(),
+    );
+    socket.send_to(invite.as_bytes(), ("127.0.0.1", port)).expect("send");
+    let mut buf = [0u8; 8192];
+    loop {
+        let (n, _) = socket.recv_from(&mut buf).expect("a final response within 5 s");
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if text.starts_with("SIP/2.0") && !text.starts_with("SIP/2.0 1") {
+            return text;
+        }
+    }
+}
+
+/// RFC 4568 §8.3: SDES keys travel in the SDP, so over plain UDP they are not exchanged unless
+/// `[media] srtp_over_plain` says so: an SRTP-only offer gets 488, a best-effort one plain RTP.
+#[test]
+fn srtp_keys_are_not_exchanged_over_plain_signalling_by_default() {
+    let crypto = "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz\r\n";
+    let offer = |profile: &str| {
+        format!(
+            "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+             m=audio 40000 {profile} 0\r\na=rtpmap:0 PCMU/8000\r\n{crypto}"
+        )
+    };
+    let pb = start_patchbay_with("", "[[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n");
+    let savp = invite_with(pb.port, &offer("RTP/SAVP"));
+    assert!(savp.starts_with("SIP/2.0 488"), "an SRTP-only offer over UDP: {savp}");
+    let avp = invite_with(pb.port, &offer("RTP/AVP"));
+    assert!(avp.starts_with("SIP/2.0 200"), "{avp}");
+    assert!(!avp.contains("a=crypto") && avp.contains("RTP/AVP"), "keys sent over UDP: {avp}");
+    // Allowed explicitly, the same offer gets SRTP and our key.
+    let pb = start_patchbay_with(
+        "[media]\nsrtp_over_plain = true\n",
+        "[[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n",
+    );
+    let avp = invite_with(pb.port, &offer("RTP/AVP"));
+    assert!(avp.starts_with("SIP/2.0 200") && avp.contains("a=crypto:1 AES_CM_128_HMAC_SHA1_80"), "{avp}");
+}

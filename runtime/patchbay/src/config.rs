@@ -140,6 +140,12 @@ pub struct MediaConfig {
     /// Offer SRTP (SDES, RFC 4568) to callers whose offer carries `a=crypto`.
     #[serde(default = "default_true")]
     pub srtp: bool,
+    /// Exchange SDES keys over unencrypted signalling (UDP, TCP) too. SDES puts the SRTP keys
+    /// in the SDP: over plain SIP anyone on the path reads them, so RFC 4568 §8.3 wants the
+    /// signalling protected. Off by default: SRTP is then agreed only on calls signalled over
+    /// TLS (an `RTP/SAVP` offer over UDP gets 488; an `RTP/AVP` one with `a=crypto`, plain RTP).
+    #[serde(default)]
+    pub srtp_over_plain: bool,
     /// Our packetisation interval (`a=ptime`): 10, 20, 30 or 40 ms. A caller's own `a=ptime`
     /// wins when it states one (RFC 4566 §6: ptime is what each side prefers to receive).
     #[serde(default = "default_ptime_ms", deserialize_with = "ptime_ms")]
@@ -169,7 +175,13 @@ fn default_true() -> bool {
 
 impl Default for MediaConfig {
     fn default() -> Self {
-        Self { rtp_timeout_secs: default_rtp_timeout_secs(), rtp_bind: None, srtp: true, ptime_ms: default_ptime_ms() }
+        Self {
+            rtp_timeout_secs: default_rtp_timeout_secs(),
+            rtp_bind: None,
+            srtp: true,
+            srtp_over_plain: false,
+            ptime_ms: default_ptime_ms(),
+        }
     }
 }
 
@@ -697,6 +709,19 @@ impl Config {
             let flows: Option<Vec<String>> =
                 tenant.flows_dir.is_none().then(|| tenant.flows.iter().map(|f| f.get_ref().name.clone()).collect());
             let mut names = std::collections::HashSet::new();
+            for trunk in &tenant.trunks {
+                let t = trunk.get_ref();
+                if t.srtp != SrtpMode::Off && t.transport != TrunkTransport::Tls && !config.media.srtp_over_plain {
+                    return Err(error(
+                        Some(trunk.span()),
+                        format!(
+                            "tenant.trunk.srtp: trunk {:?} would send its SRTP keys (SDES) over {:?} in the clear \
+                             (RFC 4568 §8.3): use transport = \"tls\", srtp = \"off\", or [media] srtp_over_plain = true",
+                            t.name, t.transport
+                        ),
+                    ));
+                }
+            }
             for trunk in &mut tenant.trunks {
                 let span = trunk.span();
                 let t = trunk.get_mut();
@@ -1090,6 +1115,17 @@ mod tests {
     fn with_trunk(trunk: &str) -> Result<Config, String> {
         let text = format!("{TRUNK_TENANT}[[tenant.trunk]]\nname = \"carrier\"\n{trunk}");
         Config::parse(&text, "t.toml", PathBuf::new()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn srtp_keys_over_a_plain_trunk_are_a_config_error_unless_allowed() {
+        let err = with_trunk("gateway = \"sip.carrier.example\"\nsrtp = \"optional\"\n").expect_err("SDES over UDP");
+        assert!(err.starts_with("t.toml:8: tenant.trunk.srtp:") && err.contains("RFC 4568"), "{err}");
+        let text = format!(
+            "{}[[tenant.trunk]]\nname = \"carrier\"\ngateway = \"sip.carrier.example\"\nsrtp = \"optional\"\n",
+            TRUNK_TENANT.replace("listen = []\n", "listen = []\n[media]\nsrtp_over_plain = true\n")
+        );
+        Config::parse(&text, "t.toml", PathBuf::new()).expect("allowed explicitly");
     }
 
     #[test]

@@ -224,6 +224,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                 rtp_timeout: (config.media.rtp_timeout_secs > 0)
                     .then(|| Duration::from_secs(config.media.rtp_timeout_secs)),
                 srtp: config.media.srtp,
+                srtp_over_plain: config.media.srtp_over_plain,
                 ptime_ms: config.media.ptime_ms,
                 cdr: cdr::CdrSink::start(config.cdr.path.as_ref().map(|p| config.base_dir.join(p))),
                 storage: match &config.storage.dir {

@@ -951,7 +951,13 @@ impl UserAgent {
         Ok(())
     }
 
-    /// The Call-ID of one of this user agent's calls.
+    /// Where a call's signalling comes from: transport and address (for TCP/TLS, the
+    /// connection).
+    pub fn peer(&self, call: CallRef) -> Option<Peer> {
+        self.calls.get(&call).map(|c| c.peer)
+    }
+
+    /// The Call-ID of `call`.
     pub fn call_id(&self, call: CallRef) -> Option<&str> {
         self.calls.get(&call).map(|c| c.call_id.as_str())
     }

@@ -32,7 +32,9 @@ pub(super) fn answer(
     local.ptime = routing.ptime_ms;
     // Accept RFC 3389 comfort noise when offered: silence then goes out as CN packets.
     local.comfort_noise = true;
-    if routing.srtp {
+    // SDES keys travel in the SDP: only over TLS unless allowed (RFC 4568 §8.3).
+    let tls = ua.peer(call).is_some_and(|p| p.transport == patchbay_sip::transaction::Transport::Tls);
+    if routing.srtp && (tls || routing.srtp_over_plain) {
         local.srtp = patchbay_sip::sdp::SrtpPolicy::Offer(crate::random::sdes_key());
     }
     match patchbay_sip::sdp::answer(&offer, &local) {

@@ -70,6 +70,8 @@ pub struct Routing {
     pub rtp_timeout: Option<Duration>,
     /// Answer offers carrying `a=crypto` with SRTP.
     pub srtp: bool,
+    /// ... also on calls not signalled over TLS (`[media] srtp_over_plain`).
+    pub srtp_over_plain: bool,
     /// Our ptime in SDP (the peer's own `a=ptime` wins in an answer).
     pub ptime_ms: u16,
     /// Where finished calls' records go.
