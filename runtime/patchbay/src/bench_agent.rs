@@ -99,7 +99,13 @@ pub fn run(calls: usize, seconds: u64, external_agent: Option<String>, clock_lin
         let (played, played_rx) = tokio::sync::watch::channel(0);
         let (inactive, _) = tokio::sync::mpsc::unbounded_channel();
         let _guard = runtime.enter();
-        let call = engine.start_call(session, rtp, None, CallSinks { dtmf, played, inactive })?;
+        let call = engine.start_call(
+            session,
+            crate::media::MediaPeer::ANY,
+            rtp,
+            None,
+            CallSinks { dtmf, played, inactive },
+        )?;
         media.push(Arc::clone(&call));
         let (url, pool, connected) = (agent_url.clone(), engine.pool().clone(), Arc::clone(&connected));
         let probe = Arc::clone(&probe);

@@ -75,7 +75,11 @@ pub fn run(calls: usize, seconds: u64) -> anyhow::Result<()> {
         let (dtmf, _) = tokio::sync::mpsc::channel(1);
         let (inactive, _) = tokio::sync::mpsc::unbounded_channel();
         let sinks = CallSinks { dtmf, played: tokio::sync::watch::channel(0).0, inactive };
-        media.push(engine.start_call(session, socket, None, sinks).context("starting a call's media")?);
+        media.push(
+            engine
+                .start_call(session, crate::media::MediaPeer::ANY, socket, None, sinks)
+                .context("starting a call's media")?,
+        );
     }
     std::thread::sleep(Duration::from_secs(1));
     // Room for every departure up front, so recording them never reallocates on the clock.

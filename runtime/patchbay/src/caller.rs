@@ -190,6 +190,7 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
                                 engine.pool(),
                                 None,
                                 crate::random::u64(),
+                                crate::media::MediaPeer::ANY,
                             );
                             let to_play = prompt.clone().map(|p| (p, 0));
                             let (tx, heard) = tokio::sync::mpsc::channel(crate::media::FLOW_AUDIO_QUEUE * 4);
@@ -198,8 +199,9 @@ pub async fn call(args: CallArgs) -> anyhow::Result<bool> {
                             let sinks =
                                 crate::media::CallSinks { dtmf, played: tokio::sync::watch::channel(0).0, inactive };
                             if let Some((rtp, rtcp)) = sockets.take() {
-                                let started_media =
-                                    engine.start_call(session, rtp, Some(rtcp), sinks).context("starting media")?;
+                                let started_media = engine
+                                    .start_call(session, crate::media::MediaPeer::ANY, rtp, Some(rtcp), sinks)
+                                    .context("starting media")?;
                                 started_media.listen(Some(crate::media::Listener::Frames(tx)));
                                 println!("media: {} with {}", negotiated.codec.name(), negotiated.remote_rtp);
                                 audio = Some(CallAudio {

@@ -139,6 +139,11 @@ impl CdrDraft {
         }
     }
 
+    /// The tenant the call belongs to.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
     /// The record of an outbound leg this call's flow placed now (`call_id` is the leg's).
     /// A leg runs no flow of its own: its flow side is done from the start.
     pub fn leg(&self, call_id: &str, from: &str, to: &str) -> Self {

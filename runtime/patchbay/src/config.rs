@@ -318,6 +318,11 @@ pub struct AllowConfig {
     /// Headers `dial` may set (`X-…`, a trailing `*` for a prefix, and `User-to-User`); absent:
     /// every `X-` header and `User-to-User`.
     pub headers: Option<Vec<Spanned<String>>>,
+    /// Send RTP where an SDP says even when that is a loopback, private or link-local address
+    /// other than the one the signalling came from (a carrier's private media network). Off:
+    /// such a call's RTP goes only where its audio is seen to come from (symmetric RTP).
+    #[serde(default)]
+    pub private_media: bool,
 }
 
 /// `[api]`: the HTTP/JSON control API (`docs/api.md`).

@@ -614,6 +614,8 @@ pub struct Capabilities {
     agents: Vec<AgentRule>,
     /// `None`: the host's own rule only (`X-` headers and `User-to-User`).
     headers: Option<Vec<Vec<Option<char>>>>,
+    /// RTP may go to a private address an SDP names (`[tenant.allow] private_media`).
+    private_media: bool,
 }
 
 /// An entry's error: its span and the message.
@@ -647,12 +649,18 @@ fn header_rule(name: &str) -> Result<Vec<Option<char>>, String> {
 }
 
 impl Capabilities {
+    /// Whether RTP may go to a private address an SDP names that the signalling did not come
+    /// from (`[tenant.allow] private_media`).
+    pub fn private_media(&self) -> bool {
+        self.private_media
+    }
+
     /// The capabilities `[tenant.allow]` gives tenant `tenant`, whose trunks are `trunks`.
     pub fn from_config(tenant: &str, allow: &AllowConfig, trunks: &[&str]) -> Result<Self, EntryError> {
         let dial = parse_entries("dial", &allow.dial, |entry| DialRule::parse(entry, trunks))?;
         let agents = parse_entries("agents", &allow.agents, AgentRule::parse)?;
         let headers = allow.headers.as_ref().map(|h| parse_entries("headers", h, header_rule)).transpose()?;
-        Ok(Self { tenant: tenant.to_owned(), dial, agents, headers })
+        Ok(Self { tenant: tenant.to_owned(), dial, agents, headers, private_media: allow.private_media })
     }
 
     /// A refusal under `rule`.
@@ -810,7 +818,12 @@ mod tests {
 
     fn caps(dial: &[&str], agents: &[&str], headers: Option<&[&str]>) -> Capabilities {
         let spanned = |v: &[&str]| v.iter().map(|s| Spanned::new(0..0, (*s).to_owned())).collect();
-        let allow = AllowConfig { dial: spanned(dial), agents: spanned(agents), headers: headers.map(spanned) };
+        let allow = AllowConfig {
+            dial: spanned(dial),
+            agents: spanned(agents),
+            headers: headers.map(spanned),
+            private_media: false,
+        };
         Capabilities::from_config("acme", &allow, &["carrier"]).expect("valid entries")
     }
 
@@ -986,7 +999,12 @@ mod tests {
     fn bad_entries_are_refused() {
         let parse = |dial: &[&str], agents: &[&str], headers: Option<&[&str]>| {
             let spanned = |v: &[&str]| v.iter().map(|s| Spanned::new(0..0, (*s).to_owned())).collect();
-            let allow = AllowConfig { dial: spanned(dial), agents: spanned(agents), headers: headers.map(spanned) };
+            let allow = AllowConfig {
+                dial: spanned(dial),
+                agents: spanned(agents),
+                headers: headers.map(spanned),
+                private_media: false,
+            };
             Capabilities::from_config("acme", &allow, &["carrier"]).map(|_| ()).map_err(|(_, m)| m)
         };
         for (dial, says) in [

@@ -41,12 +41,16 @@ pub(super) fn answer(
         Ok(negotiated) => {
             let srtp = negotiated.srtp.as_ref().map(|p| p.suite.name()).unwrap_or("off");
             tracing::info!(?call, codec = negotiated.codec.name(), remote = %negotiated.remote_rtp, srtp, "answering");
-            let session = media_session(&negotiated, negotiated.ptime, routing);
+            let peer = crate::media::MediaPeer {
+                signalling: ua.peer(call).map(|p| p.addr.ip()),
+                private_media: routing.tenants.get().get(live.cdr.tenant()).is_some_and(|t| t.allow.private_media()),
+            };
+            let session = media_session(&negotiated, negotiated.ptime, routing, peer);
             let (inactive, mut inactive_rx) = mpsc::unbounded_channel();
             let sinks = CallSinks { dtmf: live.dtmf.clone(), played: live.played.clone(), inactive };
             let media = routing
                 .media
-                .start_call(session, rtp, Some(rtcp), sinks)
+                .start_call(session, peer, rtp, Some(rtcp), sinks)
                 .map_err(|e| CallError::Unavailable(format!("media: {e}")))?;
             let _ = live.media.set(media);
             let requests = requests.clone();
@@ -127,11 +131,13 @@ pub(super) fn apply_negotiated(
         // multiplexing starts a new stream rather than a setter beside `set_remote_rtcp`.
         && negotiated.rtcp_mux == current.rtcp_mux;
     if same_stream {
-        let remote = (!negotiated.remote_rtp.ip().is_unspecified()).then_some(negotiated.remote_rtp);
-        let hold = !negotiated.direction.receives() || remote.is_none();
+        let declared = (!negotiated.remote_rtp.ip().is_unspecified()).then_some(negotiated.remote_rtp);
+        let hold = !negotiated.direction.receives() || declared.is_none();
+        let (remote, remote_rtcp) =
+            (media.peer().destination(declared), media.peer().destination(negotiated.remote_rtcp));
         media.with(|session| {
             session.set_remote(remote);
-            session.set_remote_rtcp(negotiated.remote_rtcp);
+            session.set_remote_rtcp(remote_rtcp);
             session.set_hold(hold);
             session.set_sending(negotiated.direction.sends());
         });
@@ -139,7 +145,7 @@ pub(super) fn apply_negotiated(
         tracing::info!(codec = negotiated.codec.name(), "media renegotiated: new RTP stream");
         // The clock paces the call at the ptime it started with (its steps on the wheel are
         // fixed): the new stream keeps it, whatever the new SDP prefers.
-        let session = media_session(negotiated, media.ptime_ms(), routing);
+        let session = media_session(negotiated, media.ptime_ms(), routing, media.peer());
         // What the old stream still had queued is dropped: report its marks first, so nobody
         // waits for them.
         media.with(MediaSession::clear);
@@ -152,6 +158,14 @@ pub(super) fn media_session(
     negotiated: &patchbay_sip::sdp::Negotiated,
     ptime_ms: u16,
     routing: &Routing,
+    peer: crate::media::MediaPeer,
 ) -> MediaSession {
-    crate::media::session_for(negotiated, ptime_ms, routing.media.pool(), routing.rtp_timeout, crate::random::u64())
+    crate::media::session_for(
+        negotiated,
+        ptime_ms,
+        routing.media.pool(),
+        routing.rtp_timeout,
+        crate::random::u64(),
+        peer,
+    )
 }

@@ -223,6 +223,7 @@ pub(super) fn start_leg_media(
     requests: &mpsc::UnboundedSender<Request>,
     early: bool,
     channels: Option<&CallChannels>,
+    signalling: Option<std::net::IpAddr>,
 ) -> Option<Arc<CallMedia>> {
     let negotiated = match patchbay_sip::sdp::accept_answer(&leg.offer, &String::from_utf8_lossy(sdp)) {
         Ok(negotiated) => negotiated,
@@ -245,9 +246,17 @@ pub(super) fn start_leg_media(
     let played = channels.map_or_else(|| watch::channel(0).0, |c| c.played.clone());
     let sinks = CallSinks { dtmf, played, inactive };
     let timeout = if early { None } else { routing.rtp_timeout };
-    let session =
-        crate::media::session_for(&negotiated, negotiated.ptime, routing.media.pool(), timeout, crate::random::u64());
-    let media = match routing.media.start_call(session, rtp, Some(rtcp), sinks) {
+    let private_media = routing.tenants.get().get(leg.cdr.tenant()).is_some_and(|t| t.allow.private_media());
+    let peer = crate::media::MediaPeer { signalling, private_media };
+    let session = crate::media::session_for(
+        &negotiated,
+        negotiated.ptime,
+        routing.media.pool(),
+        timeout,
+        crate::random::u64(),
+        peer,
+    );
+    let media = match routing.media.start_call(session, peer, rtp, Some(rtcp), sinks) {
         Ok(media) => media,
         Err(e) => {
             tracing::error!(?call, "starting the leg's media: {e}");
@@ -323,7 +332,8 @@ pub(super) fn origination_answered(
     let crate::originate::Origination { id, trunk, flow: flow_name, vars, slots, .. } = *origination;
     let flow = registry.get(&trunk.tenant, &flow_name);
     let tenant = routing.tenants.get().get(&trunk.tenant).cloned();
-    let media = start_leg_media(&mut leg, call, sdp, routing, &services.requests, false, Some(&channels));
+    let signalling = ua.peer(call).map(|p| p.addr.ip());
+    let media = start_leg_media(&mut leg, call, sdp, routing, &services.requests, false, Some(&channels), signalling);
     let instance = tenant.as_ref().and_then(|t| t.instance_slot()).filter(|_| engine.free_slots() > 0);
     let runnable = flow.is_ok() && tenant.is_some() && media.is_some() && leg.agreed.is_some();
     let (Ok(flow), Some(tenant), Some(media), Some(agreed), Some(instance)) =

@@ -168,6 +168,8 @@ impl Listener {
 pub struct CallMedia {
     /// The call's packetisation interval, as the clock paces it.
     ptime_ms: u32,
+    /// Who the call's signalling peer is: what decides where its RTP may go.
+    peer: MediaPeer,
     session: Mutex<MediaSession>,
     socket: std::net::UdpSocket,
     rtcp_socket: Option<std::net::UdpSocket>,
@@ -189,6 +191,11 @@ pub struct CallMedia {
 }
 
 impl CallMedia {
+    /// Who the call's signalling peer is (where its RTP may go).
+    pub fn peer(&self) -> MediaPeer {
+        self.peer
+    }
+
     fn lock(&self) -> MutexGuard<'_, MediaSession> {
         self.session.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -468,6 +475,7 @@ impl MediaEngine {
     pub fn start_call(
         &self,
         session: MediaSession,
+        peer: MediaPeer,
         socket: std::net::UdpSocket,
         rtcp_socket: Option<std::net::UdpSocket>,
         sinks: CallSinks,
@@ -485,6 +493,7 @@ impl MediaEngine {
         let ptime_ms = session.samples_per_frame() / 8;
         let media = Arc::new(CallMedia {
             ptime_ms,
+            peer,
             session: Mutex::new(session),
             socket,
             rtcp_socket,
@@ -559,12 +568,14 @@ pub fn session_for(
     pool: &FramePool,
     inactivity_timeout: Option<Duration>,
     random: u64,
+    peer: MediaPeer,
 ) -> MediaSession {
     let codec = match negotiated.codec.codec {
         patchbay_sip::sdp::AudioCodec::Pcma => Codec::Pcma,
         _ => Codec::Pcmu,
     };
-    let remote = (!negotiated.remote_rtp.ip().is_unspecified()).then_some(negotiated.remote_rtp);
+    let declared = (!negotiated.remote_rtp.ip().is_unspecified()).then_some(negotiated.remote_rtp);
+    let remote = peer.destination(declared);
     let srtp = negotiated.srtp.as_ref().and_then(|p| {
         Some(SrtpKeys {
             profile: patchbay_media::srtp::SrtpProfile::from_name(p.suite.name())?,
@@ -586,15 +597,71 @@ pub fn session_for(
             inactivity_timeout,
             inband_dtmf: negotiated.telephone_event.is_none(),
             rtcp_mux: negotiated.rtcp_mux,
-            remote_rtcp: negotiated.remote_rtcp,
+            remote_rtcp: peer.destination(negotiated.remote_rtcp),
             jitter: Default::default(),
             srtp,
         },
         pool.clone(),
     );
-    session.set_hold(!negotiated.direction.receives() || remote.is_none());
+    session.set_hold(!negotiated.direction.receives() || declared.is_none());
     session.set_sending(negotiated.direction.sends());
     session
+}
+
+/// What decides where a call's RTP and RTCP may go beyond what its SDP says. An SDP is the
+/// peer's word: a stranger's offer naming `127.0.0.1:6379` or `10.0.0.5:53` would otherwise
+/// have us send packets into our own host or network. An internal address (loopback, private,
+/// link-local, shared/CGN, unique-local) is taken only when the signalling came from that same
+/// address, or when the tenant allows it (`[tenant.allow] private_media`, for a carrier's
+/// private media network); otherwise nothing is sent until the peer's own RTP shows where it
+/// is (symmetric RTP: a NAT'd phone whose SDP names its private address keeps working).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MediaPeer {
+    /// Where the call's signalling comes from (or goes to, for a call we placed).
+    pub signalling: Option<std::net::IpAddr>,
+    /// Internal addresses allowed whatever the signalling's.
+    pub private_media: bool,
+}
+
+impl MediaPeer {
+    /// Whatever the SDP says (`patchbay call`, our own test caller, and benchmarks).
+    pub const ANY: Self = Self { signalling: None, private_media: true };
+
+    /// Whether RTP may be sent to `to` on the SDP's word.
+    pub fn allows(&self, to: std::net::SocketAddr) -> bool {
+        let ip = to.ip().to_canonical();
+        self.private_media || self.signalling.is_some_and(|s| s.to_canonical() == ip) || !is_internal(ip)
+    }
+
+    /// `to` if RTP may be sent there on the SDP's word, else `None` (wait for the peer's RTP).
+    pub fn destination(&self, to: Option<std::net::SocketAddr>) -> Option<std::net::SocketAddr> {
+        let allowed = to.filter(|to| self.allows(*to));
+        if let (Some(to), None) = (to, allowed) {
+            tracing::info!(%to, "SDP names an internal address the signalling did not come from: not sending there until the peer's RTP arrives");
+        }
+        allowed
+    }
+}
+
+/// Loopback, private (RFC 1918), link-local, shared (RFC 6598), unspecified, broadcast and
+/// unique-local (RFC 4193) addresses: our own host's and networks', not the internet's.
+fn is_internal(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || (a == 100 && (64..128).contains(&b))
+                || a == 0
+        }
+        std::net::IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            v6.is_loopback() || v6.is_unspecified() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+        }
+    }
 }
 
 /// Binds an RTP socket on an even port and its RTCP socket on the next one (RFC 3550 §11).
@@ -859,6 +926,38 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::{WHEEL_STEPS, Wheel, place, steps_per_tick};
+
+    /// An SDP cannot point our RTP into our own host or network: only the signalling's own
+    /// internal address, or any when the tenant allows it; public addresses as said.
+    #[test]
+    fn rtp_goes_to_an_internal_address_only_where_the_signalling_came_from_or_if_allowed() {
+        use super::MediaPeer;
+        let at = |s: &str| s.parse::<std::net::SocketAddr>().expect("addr");
+        let stranger = MediaPeer { signalling: Some("203.0.113.9".parse().expect("ip")), private_media: false };
+        for internal in [
+            "127.0.0.1:6379",
+            "10.0.0.5:53",
+            "192.168.1.1:80",
+            "169.254.169.254:80",
+            "100.64.0.1:9",
+            "[::1]:6379",
+            "[fd00::1]:9",
+            "[fe80::1]:9",
+            "[::ffff:127.0.0.1]:6379",
+        ] {
+            assert!(!stranger.allows(at(internal)), "{internal}");
+        }
+        assert!(stranger.allows(at("198.51.100.7:40000")), "a public address is the peer's business");
+        // A loopback caller's own address (the tests, a local softphone) and a NAT'd phone's
+        // public one are fine.
+        let local = MediaPeer { signalling: Some("127.0.0.1".parse().expect("ip")), private_media: false };
+        assert!(local.allows(at("127.0.0.1:40000")));
+        assert!(!local.allows(at("127.0.0.2:40000")), "another loopback address than the signalling's");
+        // The tenant's carrier with a private media network.
+        let carrier = MediaPeer { signalling: Some("203.0.113.9".parse().expect("ip")), private_media: true };
+        assert!(carrier.allows(at("10.20.30.40:20000")));
+        assert_eq!(stranger.destination(Some(at("10.0.0.5:53"))), None, "nothing sent until its RTP shows where it is");
+    }
 
     /// The steps at which `call` is served in one turn.
     fn steps(slots: &[Mutex<Vec<u32>>], call: u32) -> Vec<usize> {
