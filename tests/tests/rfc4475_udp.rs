@@ -61,3 +61,51 @@ fn every_torture_message_leaves_the_endpoint_answering() {
         assert!(answered, "no 200 to OPTIONS after {}", file.display());
     }
 }
+
+/// RFC 4475 §3.1.1: the valid messages (however tortured) that are requests each get a
+/// response — a domain or user we do not serve is answered (404), a method we do not take is
+/// answered (405/501) — never silence. The responses go where each message's Via says (a port
+/// nobody listens on), so they are read off the wire.
+#[test]
+fn every_valid_torture_request_gets_a_response() {
+    const VALID_REQUESTS: [&str; 11] = [
+        "wsinv",
+        "intmeth",
+        "esc01",
+        "escnull",
+        "esc02",
+        "lwsdisp",
+        "longreq",
+        "dblreq",
+        "semiuri",
+        "transports",
+        "mpart01",
+    ];
+    let pb = start_patchbay();
+    let capture = patchbay_e2e::Capture::start(&format!("udp src port {}", pb.port));
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/sip/tests/rfc4475");
+    let call_id = |text: &str| -> Option<String> {
+        text.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            let name = name.trim();
+            (name.eq_ignore_ascii_case("Call-ID") || name.eq_ignore_ascii_case("i")).then(|| value.trim().to_owned())
+        })
+    };
+    let mut expected = Vec::new();
+    for name in VALID_REQUESTS {
+        let message = std::fs::read(dir.join(format!("{name}.dat"))).expect("read message");
+        let id = call_id(&String::from_utf8_lossy(&message)).expect("a Call-ID");
+        socket.send_to(&message, ("127.0.0.1", pb.port)).expect("send");
+        expected.push((name, id));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let responses: Vec<String> =
+        capture.finish().into_iter().map(|d| String::from_utf8_lossy(&d.payload).into_owned()).collect();
+    for (name, id) in expected {
+        let answered =
+            responses.iter().any(|r| r.starts_with("SIP/2.0 ") && call_id(r).as_deref() == Some(id.as_str()));
+        assert!(answered, "no response to {name}.dat (Call-ID {id}); responses seen:\n{}", responses.join("\n---\n"));
+    }
+}

@@ -293,7 +293,26 @@ fn parse_params(s: &str) -> Option<Vec<(&str, Option<&str>)>> {
 /// The header parameters of a name-addr or addr-spec header value.
 #[derive(Debug)]
 pub(crate) struct AddrValue<'a> {
+    /// The display name and `<URI>`, or the addr-spec, as written (trimmed).
+    pub head: &'a str,
     pub params: Vec<(&'a str, Option<&'a str>)>,
+}
+
+impl AddrValue<'_> {
+    /// The value with the parameters' optional whitespace dropped (`;tag = x` → `;tag=x`,
+    /// RFC 4475 §3.1.1.1), which the typed headers downstream cannot parse otherwise.
+    pub fn canonical(&self) -> String {
+        let mut out = self.head.to_owned();
+        for (name, value) in &self.params {
+            out.push(';');
+            out.push_str(name);
+            if let Some(value) = value {
+                out.push('=');
+                out.push_str(value);
+            }
+        }
+        out
+    }
 }
 
 /// `( name-addr / addr-spec ) *( SEMI param )` as in From, To, Contact (RFC 3261 §20.10,
@@ -302,6 +321,7 @@ pub(crate) fn parse_addr_value(s: &str, name_addr_only: bool) -> Option<AddrValu
     let mut scan = Scan::new(s);
     scan.skip_ws();
     let start = scan.i;
+    let head_start = start;
     let mut angle = false;
     if scan.peek() == Some(b'"') {
         scan.quoted_string()?;
@@ -345,8 +365,9 @@ pub(crate) fn parse_addr_value(s: &str, name_addr_only: bool) -> Option<AddrValu
         Ok(_) | Err(UriError::OtherScheme) => {}
         Err(UriError::Malformed) => return None,
     }
+    let head = s[head_start..scan.i].trim_end_matches([' ', '\t']);
     let params = parse_params(scan.rest())?;
-    Some(AddrValue { params })
+    Some(AddrValue { head, params })
 }
 
 /// Splits a list header value at commas outside quoted strings and angle brackets.

@@ -150,7 +150,9 @@ fn check_fields(fields: Vec<Field>, start: &StartLine<'_>) -> Result<Checked, K>
             }
             "From" | "To" | "Reply-To" => {
                 seen.once(name)?;
-                grammar::parse_addr_value(value, false).ok_or(K::BadHeader(name))?;
+                let addr = grammar::parse_addr_value(value, false).ok_or(K::BadHeader(name))?;
+                out.push(Field { name: field.name.clone(), value: addr.canonical() });
+                continue;
             }
             "Contact" | "Route" | "Record-Route" => {
                 if name == "Contact" && value == "*" {
@@ -158,8 +160,8 @@ fn check_fields(fields: Vec<Field>, start: &StartLine<'_>) -> Result<Checked, K>
                     continue;
                 }
                 for element in grammar::split_list(value).ok_or(K::BadHeader(name))? {
-                    grammar::parse_addr_value(element, name != "Contact").ok_or(K::BadHeader(name))?;
-                    out.push(Field { name: field.name.clone(), value: element.to_owned() });
+                    let addr = grammar::parse_addr_value(element, name != "Contact").ok_or(K::BadHeader(name))?;
+                    out.push(Field { name: field.name.clone(), value: addr.canonical() });
                 }
                 continue;
             }
