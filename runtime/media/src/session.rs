@@ -326,6 +326,8 @@ pub struct MediaSession {
     hold: bool,
     /// Whether our direction sends (false for `recvonly`/`inactive`, RFC 3264 §5.1).
     sending: bool,
+    /// Whether the peer confirmed the session (the ACK): nothing is sent before.
+    confirmed: bool,
     /// Ticks of pause still owed after a DTMF digit before the next one starts.
     dtmf_pause: u32,
     stats: SessionStats,
@@ -403,6 +405,7 @@ impl MediaSession {
             inactivity_reported: false,
             hold: false,
             sending: true,
+            confirmed: true,
             dtmf_pause: 0,
             stats: SessionStats::default(),
             next_rtcp: None,
@@ -790,6 +793,15 @@ impl MediaSession {
         self.sending = sending;
     }
 
+    /// Holds all sending, RTP and RTCP, until the peer confirms the session — for an answered
+    /// INVITE, its ACK (RFC 3261 §13.3.1.4), which needs our 200's To tag and so proves the
+    /// caller receives at the address it claims. A forged INVITE naming a victim's address then
+    /// makes us send one 200 there, not a stream of RTP. Queued audio waits meanwhile (a
+    /// greeting is not clipped by the ACK's round trip). Sessions start confirmed.
+    pub fn set_confirmed(&mut self, confirmed: bool) {
+        self.confirmed = confirmed;
+    }
+
     /// Frames queued for sending.
     pub fn queued(&self) -> usize {
         self.queue.iter().filter(|o| matches!(o, Out::Frame(_))).count()
@@ -849,6 +861,9 @@ impl MediaSession {
         {
             self.dtmf_rx.handle_timeout(now);
             self.drain_dtmf();
+        }
+        if !self.confirmed {
+            return None;
         }
         let remote = self.remote;
         // DTMF replaces audio while a digit is sent (RFC 4733 §2.5.1.1 leaves it to the sender;
@@ -911,7 +926,7 @@ impl MediaSession {
     /// [`crate::rtp::NtpClock`]).
     pub fn rtcp_tick(&mut self, now: Instant, ntp: NtpTime, out: &mut [u8; MAX_RTCP]) -> Option<(SocketAddr, usize)> {
         let due = *self.next_rtcp.get_or_insert(now + RTCP_INTERVAL / 2);
-        if now < due {
+        if now < due || !self.confirmed {
             return None;
         }
         // §6.3.5: randomise each interval to 0.5–1.5 times the nominal one, so that reports of

@@ -788,3 +788,35 @@ fn with_comfort_noise_negotiated_silence_goes_out_as_cn_every_interval() {
     assert_eq!((audio.payload_type, audio.marker), (0, true));
     assert_eq!(audio.timestamp, first.timestamp.wrapping_add(320));
 }
+
+/// Nothing goes out before the peer confirms the session (its ACK): a forged INVITE naming a
+/// victim's address gets no RTP stream sent there. Queued audio waits and goes out once
+/// confirmed, so a greeting is not clipped.
+#[test]
+fn nothing_is_sent_until_the_session_is_confirmed_and_queued_audio_waits() {
+    let mut s = session();
+    s.set_confirmed(false);
+    let t0 = Instant::now();
+    let voice: Vec<u8> = (0..160).map(|i| (i * 3 % 256) as u8).collect();
+    let mut queued = 0;
+    for i in 0..10u16 {
+        let now = t0 + MS20 * u32::from(i);
+        s.receive(now, addr(PEER), &mut rtp(0, 100 + i, 8_000 + 160 * u32::from(i), i == 0, &voice));
+        if let Some(frame) = s.take_received(now) {
+            assert!(s.play(frame).is_ok());
+            queued += 1;
+        }
+        assert_eq!(tick(&mut s, now), None, "RTP sent before the ACK");
+        let mut rtcp = [0u8; MAX_RTCP];
+        assert_eq!(
+            s.rtcp_tick(now + Duration::from_secs(10), NtpTime::default(), &mut rtcp),
+            None,
+            "RTCP before the ACK"
+        );
+    }
+    assert!(queued > 0, "the test played something");
+    s.set_confirmed(true);
+    let (to, packet) = tick(&mut s, t0 + MS20 * 10).expect("sending once confirmed");
+    assert_eq!(to, addr(PEER));
+    assert_eq!(RtpPacket::parse(&packet).unwrap().payload, &voice[..], "the held audio, not silence");
+}

@@ -45,7 +45,9 @@ pub(super) fn answer(
                 signalling: ua.peer(call).map(|p| p.addr.ip()),
                 private_media: routing.tenants.get().get(live.cdr.tenant()).is_some_and(|t| t.allow.private_media()),
             };
-            let session = media_session(&negotiated, negotiated.ptime, routing, peer);
+            let mut session = media_session(&negotiated, negotiated.ptime, routing, peer);
+            // Nothing is sent before the caller's ACK (see `MediaSession::set_confirmed`).
+            session.set_confirmed(false);
             let (inactive, mut inactive_rx) = mpsc::unbounded_channel();
             let sinks = CallSinks { dtmf: live.dtmf.clone(), played: live.played.clone(), inactive };
             let media = routing

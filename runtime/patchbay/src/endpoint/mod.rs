@@ -461,7 +461,13 @@ impl Endpoint {
         let now = std::time::Instant::now();
         match event {
             UaEvent::IncomingCall { call, peer, request } => self.incoming_call(now, call, peer, request),
-            UaEvent::Confirmed { call } => tracing::debug!(?call, "call confirmed (ACK)"),
+            UaEvent::Confirmed { call } => {
+                tracing::debug!(?call, "call confirmed (ACK)");
+                // The caller receives where it claims: its media may flow now.
+                if let Some(media) = calls.get(&call).and_then(|c| c.media.get()) {
+                    media.with(|session| session.set_confirmed(true));
+                }
+            }
             UaEvent::PingAnswered { ping, status } => {
                 let Some(key) = pings.remove(&ping) else { return };
                 let state = match status {
