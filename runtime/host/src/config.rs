@@ -16,7 +16,9 @@ pub struct HostConfig {
     pub async_stack_size: usize,
     /// Interval of the epoch ticker: the granularity of CPU accounting and of yielding.
     pub epoch_tick: Duration,
-    /// Where precompiled flows are cached (`None`: compile on every load).
+    /// Where precompiled flows are cached (`None`: compile on every load). Entries are
+    /// authenticated with a per-install key kept there (`cache-key`); a cache that cannot be
+    /// read safely or written is logged and skipped, never a reason to refuse a flow.
     pub cache_dir: Option<PathBuf>,
     /// Use the pooling allocator (falls back to on-demand, with a warning, when the address
     /// space is too small).
@@ -58,6 +60,19 @@ pub struct FlowLimits {
     /// Log lines per second a flow may write (bursts up to twice that); the rest are dropped
     /// and counted.
     pub log_lines_per_sec: u32,
+    /// Bytes of log messages a flow may write over the whole run; lines past it are dropped
+    /// and counted like rate-limited ones.
+    pub log_bytes_per_run: usize,
+    /// Longest a run may last, wall clock, whatever the flow is doing: computing, waiting in a
+    /// host call, or blocked in WASI (`poll`, a sleep, a clock wait). At the deadline the
+    /// instance is dropped, its slot freed, and the outcome is
+    /// [`FlowOutcome::WallTimeExceeded`](crate::FlowOutcome::WallTimeExceeded).
+    pub max_wall_time: Duration,
+    /// kv `set`s and `delete`s one run may make; past it they return `limit-exceeded`.
+    pub kv_writes_per_run: u32,
+    /// Bytes (keys plus values) one run may write to kv; past it a write returns
+    /// `limit-exceeded`.
+    pub kv_write_bytes_per_run: usize,
 }
 
 impl Default for FlowLimits {
@@ -68,6 +83,12 @@ impl Default for FlowLimits {
             max_slice: Duration::from_millis(200),
             max_handles: 1_024,
             log_lines_per_sec: 100,
+            log_bytes_per_run: 1 << 20,
+            // A call may be long (a conference, an agent session); this only bounds a flow
+            // that never returns.
+            max_wall_time: Duration::from_secs(4 * 60 * 60),
+            kv_writes_per_run: 1_000,
+            kv_write_bytes_per_run: 4 << 20,
         }
     }
 }

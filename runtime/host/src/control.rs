@@ -83,21 +83,35 @@ pub const MAX_KV_KEY: usize = 256;
 /// A tenant key-value space in process memory with a byte quota (keys + values).
 ///
 /// Enough for one node and for tests; a shared backend implements [`KvStore`] the same way.
+/// The bytes held are kept as a running total, so a write costs the same however many keys
+/// the space holds.
 #[derive(Debug)]
 pub struct MemoryKv {
     quota_bytes: usize,
-    entries: Mutex<HashMap<String, Vec<u8>>>,
+    space: Mutex<Space>,
+}
+
+/// The entries and their size, changed together under one lock.
+#[derive(Debug, Default)]
+struct Space {
+    entries: HashMap<String, Vec<u8>>,
+    /// Sum of `key.len() + value.len()` over `entries`.
+    used_bytes: usize,
+}
+
+fn entry_size(key: &str, value: &[u8]) -> usize {
+    key.len() + value.len()
 }
 
 impl MemoryKv {
     /// An empty space holding at most `quota_bytes` of keys and values.
     pub fn new(quota_bytes: usize) -> Self {
-        Self { quota_bytes, entries: Mutex::new(HashMap::new()) }
+        Self { quota_bytes, space: Mutex::new(Space::default()) }
     }
 
     /// Bytes of keys and values held.
     pub fn used(&self) -> usize {
-        self.entries().iter().map(|(k, v)| k.len() + v.len()).sum()
+        self.space().used_bytes
     }
 
     /// The most it may hold.
@@ -105,10 +119,11 @@ impl MemoryKv {
         self.quota_bytes
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
-        // A panic while holding this lock cannot leave the map half-updated (every update is a
-        // single insert or remove), so a poisoned lock is still safe to use.
-        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn space(&self) -> std::sync::MutexGuard<'_, Space> {
+        // Every update checks first and then changes the map and the total with no fallible
+        // step between them, so a panic cannot leave them disagreeing: a poisoned lock is
+        // still safe to use.
+        self.space.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -123,23 +138,109 @@ fn check_key(key: &str) -> Result<(), CallError> {
 impl KvStore for MemoryKv {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CallError> {
         check_key(key)?;
-        Ok(self.entries().get(key).cloned())
+        Ok(self.space().entries.get(key).cloned())
     }
 
     async fn set(&self, key: &str, value: Vec<u8>) -> Result<(), CallError> {
         check_key(key)?;
-        let mut entries = self.entries();
-        let used: usize = entries.iter().filter(|(k, _)| k.as_str() != key).map(|(k, v)| k.len() + v.len()).sum();
-        if used + key.len() + value.len() > self.quota_bytes {
+        let mut space = self.space();
+        let replaced = space.entries.get(key).map_or(0, |old| entry_size(key, old));
+        let after = space.used_bytes - replaced + entry_size(key, &value);
+        if after > self.quota_bytes {
             return Err(CallError::LimitExceeded(format!("tenant kv quota of {} bytes", self.quota_bytes)));
         }
-        entries.insert(key.to_owned(), value);
+        space.entries.insert(key.to_owned(), value);
+        space.used_bytes = after;
         Ok(())
     }
 
     async fn delete(&self, key: &str) -> Result<(), CallError> {
         check_key(key)?;
-        self.entries().remove(key);
+        let mut space = self.space();
+        if let Some(old) = space.entries.remove(key) {
+            space.used_bytes -= entry_size(key, &old);
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    impl MemoryKv {
+        /// The total recomputed from the entries, the slow way.
+        fn recount(&self) -> usize {
+            self.space().entries.iter().map(|(k, v)| entry_size(k, v)).sum()
+        }
+    }
+
+    /// A small deterministic generator (xorshift), so the sequence is the same on every run.
+    fn next(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[tokio::test]
+    async fn the_running_total_matches_the_entries_through_sets_overwrites_and_deletes() {
+        let kv = MemoryKv::new(4_096);
+        let mut state = 0x9e37_79b9_7f4a_7c15;
+        for step in 0..20_000 {
+            let key = format!("k{}", next(&mut state) % 24);
+            match next(&mut state) % 4 {
+                0 => kv.delete(&key).await.unwrap(),
+                _ => {
+                    let len = usize::try_from(next(&mut state) % 600).unwrap();
+                    let before = kv.used();
+                    match kv.set(&key, vec![0; len]).await {
+                        Ok(()) => {}
+                        // Refused: nothing changed, and it was refused because it would not fit.
+                        Err(CallError::LimitExceeded(_)) => {
+                            assert_eq!(kv.used(), before, "step {step}");
+                            let current = kv.get(&key).await.unwrap().map_or(0, |v| entry_size(&key, &v));
+                            assert!(before - current + key.len() + len > kv.quota(), "step {step}");
+                        }
+                        Err(e) => panic!("step {step}: {e:?}"),
+                    }
+                }
+            }
+            assert_eq!(kv.used(), kv.recount(), "step {step}");
+            assert!(kv.used() <= kv.quota(), "step {step}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_quota_counts_an_overwrite_once() {
+        let kv = MemoryKv::new(10);
+        kv.set("k", vec![0; 9]).await.unwrap();
+        // Replacing the value frees the old one first: 1 + 9 fits again.
+        kv.set("k", vec![1; 9]).await.unwrap();
+        assert!(matches!(kv.set("j", vec![]).await, Err(CallError::LimitExceeded(_))));
+        kv.delete("k").await.unwrap();
+        kv.delete("k").await.unwrap();
+        assert_eq!(kv.used(), 0);
+        kv.set("j", vec![0; 9]).await.unwrap();
+        assert_eq!(kv.used(), 10);
+    }
+
+    #[tokio::test]
+    async fn a_write_into_a_large_space_keeps_the_total_without_recounting() {
+        let kv = MemoryKv::new(usize::MAX);
+        for i in 0..50_000 {
+            kv.set(&format!("key-{i}"), vec![0; 8]).await.unwrap();
+        }
+        let before = kv.used();
+        assert_eq!(before, kv.recount());
+        // One write changes the total by exactly its own size: the bookkeeping is an update
+        // of the running sum, not a walk over 50,000 entries.
+        kv.set("key-7", vec![0; 100]).await.unwrap();
+        assert_eq!(kv.used(), before - 8 + 100);
+        kv.set("new", vec![0; 5]).await.unwrap();
+        assert_eq!(kv.used(), before - 8 + 100 + 3 + 5);
+        assert_eq!(kv.used(), kv.recount());
     }
 }

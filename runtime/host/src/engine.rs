@@ -12,6 +12,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::bindings::{CallError, Flow, FlowError};
+use crate::cache::ArtifactCache;
 use crate::config::{FlowLimits, HostConfig};
 use crate::control::{CallControl, KvStore};
 use crate::error::HostError;
@@ -35,6 +36,8 @@ pub struct FlowEngine {
     /// tenants or names is compiled (or read from the cache) once and shares its code and
     /// pre-instance.
     compiled: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<crate::bindings::FlowPre<FlowState>>>>,
+    /// The precompiled-flow cache of `config.cache_dir`.
+    cache: Option<ArtifactCache>,
     _ticker: EpochTicker,
 }
 
@@ -114,6 +117,7 @@ impl FlowEngine {
             engine,
             linker,
             pooling,
+            cache: config.cache_dir.clone().map(ArtifactCache::new),
             config,
             compiled: Default::default(),
             _ticker: ticker,
@@ -137,6 +141,11 @@ impl FlowEngine {
     /// The configuration the engine was built with.
     pub fn config(&self) -> &HostConfig {
         &self.config
+    }
+
+    /// The precompiled-flow cache, when the configuration names a directory.
+    pub(crate) fn cache(&self) -> Option<&ArtifactCache> {
+        self.cache.as_ref()
     }
 
     /// The loaded pre-instance of `version`, if any flow still holds it.
@@ -163,10 +172,12 @@ impl FlowEngine {
         Arc::clone(&self.slots).try_acquire_owned().map_err(|_| HostError::PoolExhausted(self.config.max_instances))
     }
 
-    /// Runs `flow` for one call until it returns, traps or is stopped, and reports how it ended.
+    /// Runs `flow` for one call until it returns, traps, is stopped by a limit or reaches its
+    /// wall-clock limit ([`FlowLimits::max_wall_time`]), and reports how it ended.
     ///
     /// The store, the instance and its pool slot live exactly as long as this future; dropping
-    /// the future (for example when the call actor shuts down) releases all of them.
+    /// the future (for example when the call actor shuts down) releases all of them. Needs a
+    /// tokio runtime with its timer enabled.
     pub async fn run(&self, flow: &CompiledFlow, call: FlowCall) -> FlowExit {
         let started = Instant::now();
         let limits = call.limits.unwrap_or(self.config.default_limits);
@@ -213,26 +224,40 @@ impl FlowEngine {
             }
         };
         let mut startup = Duration::ZERO;
-        let outcome = match flow.pre().instantiate_async(&mut store).await {
-            Err(e) => {
-                let outcome = classify_trap(store.data(), &e);
-                match outcome {
-                    FlowOutcome::Trapped(detail) => {
-                        FlowOutcome::Refused(HostError::Instantiate { flow: flow.name().into(), detail })
+        let body = async {
+            match flow.pre().instantiate_async(&mut store).await {
+                Err(e) => {
+                    let outcome = classify_trap(store.data(), &e);
+                    match outcome {
+                        FlowOutcome::Trapped(detail) => {
+                            FlowOutcome::Refused(HostError::Instantiate { flow: flow.name().into(), detail })
+                        }
+                        other => other,
                     }
-                    other => other,
+                }
+                Ok(instance) => {
+                    startup = started.elapsed();
+                    store.data_mut().clock.enter(Instant::now());
+                    let borrow = Resource::<CallHandle>::new_borrow(call_handle.rep());
+                    match instance.call_run(&mut store, borrow).await {
+                        Ok(Ok(())) => FlowOutcome::Completed,
+                        Ok(Err(e)) => FlowOutcome::Failed(e),
+                        Err(e) => classify_trap(store.data(), &e),
+                    }
                 }
             }
-            Ok(instance) => {
-                startup = started.elapsed();
-                store.data_mut().clock.enter(Instant::now());
-                let borrow = Resource::<CallHandle>::new_borrow(call_handle.rep());
-                match instance.call_run(&mut store, borrow).await {
-                    Ok(Ok(())) => FlowOutcome::Completed,
-                    Ok(Err(e)) => FlowOutcome::Failed(e),
-                    Err(e) => classify_trap(store.data(), &e),
-                }
-            }
+        };
+        // The CPU budget only counts guest compute; a flow blocked in a WASI wait or in a host
+        // call that never returns spends none. The wall-clock deadline bounds those too:
+        // dropping `body` at the deadline unwinds the guest's fiber (wasmtime resumes it with
+        // an error, so no more guest code runs) and drops whatever host future it waited on.
+        let outcome = match started.checked_add(limits.max_wall_time) {
+            Some(deadline) => match tokio::time::timeout_at(deadline.into(), body).await {
+                Ok(outcome) => outcome,
+                Err(_) => FlowOutcome::WallTimeExceeded { limit: limits.max_wall_time },
+            },
+            // Too far away to represent: no deadline.
+            None => body.await,
         };
         let state = store.data();
         let (_, guest_time) = state.clock.running(Instant::now());
@@ -240,7 +265,7 @@ impl FlowEngine {
             tracing::warn!(
                 flow = flow.name(),
                 dropped = state.log_lines_dropped(),
-                "flow log lines dropped by the rate limit"
+                "flow log lines dropped by the rate limit or the per-run byte cap"
             );
         }
         FlowExit {
@@ -306,6 +331,12 @@ pub enum FlowOutcome {
         /// The cap in bytes.
         limit: usize,
     },
+    /// The run lasted longer than its wall-clock limit (computing, waiting in a host call or
+    /// blocked in WASI) and was dropped.
+    WallTimeExceeded {
+        /// The limit.
+        limit: Duration,
+    },
     /// The flow could not start.
     Refused(HostError),
 }
@@ -321,13 +352,20 @@ impl FlowOutcome {
             Self::Trapped(_) => "flow-trap",
             Self::CpuLimitExceeded { .. } | Self::CpuSliceExceeded { .. } => "cpu-limit-exceeded",
             Self::MemoryLimitExceeded { .. } => "memory-limit-exceeded",
+            Self::WallTimeExceeded { .. } => "wall-time-exceeded",
             Self::Refused(_) => "flow-refused",
         }
     }
 
     /// Whether the flow was stopped by one of its limits (the WIT's `limit-exceeded`).
     pub fn is_limit_exceeded(&self) -> bool {
-        matches!(self, Self::CpuLimitExceeded { .. } | Self::CpuSliceExceeded { .. } | Self::MemoryLimitExceeded { .. })
+        matches!(
+            self,
+            Self::CpuLimitExceeded { .. }
+                | Self::CpuSliceExceeded { .. }
+                | Self::MemoryLimitExceeded { .. }
+                | Self::WallTimeExceeded { .. }
+        )
     }
 }
 

@@ -30,7 +30,8 @@ pub enum HostError {
     /// Every instance slot is in use.
     #[error("all {0} flow instance slots are in use")]
     PoolExhausted(u32),
-    /// The precompiled-flow cache could not be read or written.
+    /// The precompiled-flow cache could not be read or written. The host itself no longer
+    /// fails a load for this: an unusable cache is logged and the flow compiled in memory.
     #[error("flow cache {path}: {source}")]
     Cache {
         /// File or directory involved.

@@ -8,9 +8,11 @@
 //!   thread, and the linker with Patchbay's host functions.
 //! - [`FlowRegistry`]: compiled flows keyed by (tenant, flow name); a version is the SHA-256 of
 //!   the component; precompiled artifacts are cached on disk by content hash and engine
-//!   fingerprint.
+//!   fingerprint, authenticated with a per-install key and loaded only if this install wrote
+//!   them.
 //! - [`FlowEngine::run`]: one `Store` + instance per call from the cached pre-instance, with a
-//!   memory cap, a handle-table cap, a guest CPU budget and a yield every epoch tick.
+//!   memory cap, a handle-table cap, a guest CPU budget, a wall-clock limit, per-run caps on
+//!   kv writes and log bytes, and a yield every epoch tick.
 //! - [`CallControl`]: what host functions call into. The call layer (SIP dialog + media session)
 //!   implements it; tests use a scripted fake.
 //!
@@ -19,6 +21,7 @@
 //! operations return `hangup` instead, so the flow unwinds on its own.
 
 mod bindings;
+mod cache;
 mod config;
 mod control;
 mod engine;

@@ -2,8 +2,7 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::SystemTime;
 
@@ -11,6 +10,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 
 use crate::bindings::FlowPre;
+use crate::cache::ArtifactCache;
 use crate::engine::FlowEngine;
 use crate::error::HostError;
 use crate::state::FlowState;
@@ -56,8 +56,8 @@ impl CompiledFlow {
         if let Some(pre) = engine.loaded(&version) {
             return Ok(Self { name: name.into(), version, pre });
         }
-        let component = match &engine.config().cache_dir {
-            Some(dir) => load_cached(engine, dir, name, &version, bytes)?,
+        let component = match engine.cache() {
+            Some(cache) => load_cached(engine, cache, name, &version, bytes)?,
             None => Component::new(engine.engine(), bytes)
                 .map_err(|e| HostError::Compile { flow: name.into(), detail: format!("{e:#}") })?,
         };
@@ -104,55 +104,38 @@ fn engine_fingerprint(engine: &FlowEngine) -> String {
     hex::encode(&hasher.0.finalize()[..8])
 }
 
-/// Loads the precompiled artifact for these bytes, compiling and writing it first if needed.
-/// The file name holds the content hash and the engine's compatibility hash, so an artifact
-/// made by a differently configured engine is never loaded.
+/// Loads the precompiled artifact for these bytes, compiling and caching it first if needed.
+/// The entry's name holds the content hash and the engine's compatibility hash, so an artifact
+/// made by a differently configured engine is never looked up; the cache hands back only
+/// entries this install wrote (see `cache.rs`).
 fn load_cached(
     engine: &FlowEngine,
-    dir: &Path,
+    cache: &ArtifactCache,
     name: &str,
     version: &str,
     bytes: &[u8],
 ) -> Result<Component, HostError> {
-    let path = dir.join(format!("{version}-{}.cwasm", engine_fingerprint(engine)));
-    // Read the artifact into memory rather than mapping the file: a mapped file truncated by
-    // someone else while the flow is loaded would bring the process down with SIGBUS.
-    if let Ok(artifact) = std::fs::read(&path) {
-        // SAFETY: the file is one this function wrote (its name carries the content hash and
-        // the engine fingerprint, and the directory is Patchbay's own cache). wasmtime checks
-        // the header and the engine compatibility; anything it refuses is recompiled below.
+    let entry = format!("{version}-{}.cwasm", engine_fingerprint(engine));
+    if let Some(artifact) = cache.get(&entry) {
+        // SAFETY: the cache returns an artifact only if its MAC under this install's private
+        // key matches (bound to this entry's name) and its file is ours and writable by no one
+        // else: it is what `precompile_component` produced for these bytes. wasmtime still
+        // checks the header and the engine compatibility; anything it refuses is recompiled.
         match unsafe { Component::deserialize(engine.engine(), &artifact) } {
             Ok(component) => return Ok(component),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "discarding unusable cached flow"),
+            Err(e) => tracing::warn!(entry, error = %e, "discarding unusable cached flow"),
         }
     }
     let artifact = engine
         .engine()
         .precompile_component(bytes)
         .map_err(|e| HostError::Compile { flow: name.into(), detail: format!("{e:#}") })?;
-    if let Err(e) = write_artifact(dir, &path, &artifact) {
-        // The compiled code is in memory: a cache that cannot be written only costs the next
-        // start a compile, so it is no reason to refuse the flow.
-        tracing::warn!(error = %e, "could not cache a compiled flow");
-    }
+    // Best effort: the compiled code is in memory, so a cache that cannot be written only costs
+    // the next start a compile; the cache reports it.
+    cache.put(&entry, &artifact);
     // SAFETY: `artifact` was produced just now by this engine's `precompile_component`.
     unsafe { Component::deserialize(engine.engine(), &artifact) }
         .map_err(|e| HostError::Compile { flow: name.into(), detail: format!("{e:#}") })
-}
-
-/// Writes an artifact under a unique temporary name, then renames it into place, so a crash or
-/// a concurrent writer never leaves a half-written file under the real name.
-fn write_artifact(dir: &Path, path: &Path, artifact: &[u8]) -> Result<(), HostError> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let cache_err = |path: &Path, source| HostError::Cache { path: path.to_owned(), source };
-    std::fs::create_dir_all(dir).map_err(|e| cache_err(dir, e))?;
-    let unique = NEXT.fetch_add(1, Ordering::Relaxed);
-    let tmp = path.with_extension(format!("tmp.{}.{unique}", std::process::id()));
-    std::fs::write(&tmp, artifact).map_err(|e| cache_err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        cache_err(path, e)
-    })
 }
 
 /// The flows every tenant has, swapped atomically: new calls take the current entry, live

@@ -160,32 +160,64 @@ impl ResourceLimiter for FlowLimiter {
     }
 }
 
-/// Token bucket for a flow's log lines.
+/// Token bucket for a flow's log lines, and a cap on the bytes of the whole run.
 #[derive(Debug)]
 struct LogBudget {
     per_sec: f64,
     tokens: f64,
     refilled: Instant,
+    /// Message bytes the run may still write.
+    bytes_left: usize,
     dropped: u64,
 }
 
 impl LogBudget {
-    fn new(per_sec: u32, now: Instant) -> Self {
+    fn new(per_sec: u32, bytes_per_run: usize, now: Instant) -> Self {
         let per_sec = f64::from(per_sec);
-        Self { per_sec, tokens: per_sec * 2.0, refilled: now, dropped: 0 }
+        Self { per_sec, tokens: per_sec * 2.0, refilled: now, bytes_left: bytes_per_run, dropped: 0 }
     }
 
-    fn take(&mut self, now: Instant) -> bool {
+    /// Whether a line of `bytes` may be written at `now`; charges it if so.
+    fn take(&mut self, now: Instant, bytes: usize) -> bool {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.per_sec).min(self.per_sec * 2.0);
         self.refilled = now;
-        if self.tokens >= 1.0 {
+        if self.tokens >= 1.0 && bytes <= self.bytes_left {
             self.tokens -= 1.0;
+            self.bytes_left -= bytes;
             true
         } else {
             self.dropped += 1;
             false
         }
+    }
+}
+
+/// What one run may still write to kv: host work a flow can trigger is bounded per call, not
+/// only by the tenant's store quota (which a flow that keeps rewriting one key never reaches).
+#[derive(Debug)]
+struct KvWriteBudget {
+    writes_left: u32,
+    bytes_left: usize,
+}
+
+impl KvWriteBudget {
+    fn new(limits: &FlowLimits) -> Self {
+        Self { writes_left: limits.kv_writes_per_run, bytes_left: limits.kv_write_bytes_per_run }
+    }
+
+    /// Charges a write of `bytes` (key plus value), or refuses it. A refused write does not
+    /// touch the store; an accepted one is charged even if the store then refuses it.
+    fn charge(&mut self, bytes: usize) -> Result<(), CallError> {
+        if self.writes_left == 0 {
+            return Err(CallError::LimitExceeded("kv writes per call".into()));
+        }
+        if bytes > self.bytes_left {
+            return Err(CallError::LimitExceeded("kv bytes written per call".into()));
+        }
+        self.writes_left -= 1;
+        self.bytes_left -= bytes;
+        Ok(())
     }
 }
 
@@ -202,6 +234,7 @@ pub struct FlowState {
     pub(crate) limits: FlowLimits,
     pub(crate) stopped: Option<Stop>,
     log: LogBudget,
+    kv_writes: KvWriteBudget,
     stream_open: bool,
 }
 
@@ -229,7 +262,8 @@ impl FlowState {
             clock: GuestClock::new(now),
             limits,
             stopped: None,
-            log: LogBudget::new(limits.log_lines_per_sec, now),
+            log: LogBudget::new(limits.log_lines_per_sec, limits.log_bytes_per_run, now),
+            kv_writes: KvWriteBudget::new(&limits),
             stream_open: false,
         }
     }
@@ -489,7 +523,7 @@ impl call::HostCall for FlowState {
 
 impl log::Host for FlowState {
     fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
-        if !self.log.take(Instant::now()) {
+        if !self.log.take(Instant::now(), message.len()) {
             return Ok(());
         }
         let (call_id, tenant, flow) = (&self.info.call_id, &self.info.tenant, &self.info.flow);
@@ -511,12 +545,55 @@ impl kv::Host for FlowState {
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), CallError>> {
+        if let Err(e) = self.kv_writes.charge(key.len() + value.len()) {
+            return Ok(Err(e));
+        }
         let kv = Arc::clone(&self.kv);
         Ok(self.host(|_| async move { kv.set(&key, value).await }).await)
     }
 
     async fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), CallError>> {
+        if let Err(e) = self.kv_writes.charge(key.len()) {
+            return Ok(Err(e));
+        }
         let kv = Arc::clone(&self.kv);
         Ok(self.host(|_| async move { kv.delete(&key).await }).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_bytes_are_capped_over_the_run() {
+        let now = Instant::now();
+        let mut budget = LogBudget::new(1_000, 100, now);
+        assert!(budget.take(now, 60));
+        // Lines are plentiful, bytes are not: 60 + 50 would pass 100.
+        assert!(!budget.take(now, 50));
+        assert!(budget.take(now, 40));
+        assert!(!budget.take(now + Duration::from_secs(3_600), 1), "the byte cap does not refill");
+        assert_eq!(budget.dropped, 2);
+    }
+
+    #[test]
+    fn log_lines_are_still_rate_limited() {
+        let now = Instant::now();
+        let mut budget = LogBudget::new(10, usize::MAX, now);
+        let written = (0..100).filter(|_| budget.take(now, 1)).count();
+        assert_eq!(written, 20, "a burst of twice the rate");
+        assert!(budget.take(now + Duration::from_secs(1), 1));
+    }
+
+    #[test]
+    fn kv_writes_are_capped_by_count_and_bytes() {
+        let limits = FlowLimits { kv_writes_per_run: 3, kv_write_bytes_per_run: 100, ..FlowLimits::default() };
+        let mut budget = KvWriteBudget::new(&limits);
+        assert!(budget.charge(10).is_ok());
+        assert!(matches!(budget.charge(91), Err(CallError::LimitExceeded(m)) if m.contains("bytes")));
+        assert!(budget.charge(90).is_ok());
+        assert!(budget.charge(0).is_ok());
+        assert!(matches!(budget.charge(0), Err(CallError::LimitExceeded(m)) if m.contains("writes")));
     }
 }

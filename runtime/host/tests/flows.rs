@@ -4,6 +4,8 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -14,6 +16,7 @@ use patchbay_host::{
 use patchbay_media::Frame;
 use patchbay_stock_flows::{ECHO, IVR_MENU, fixtures};
 use support::{Cmd, FakeCall, frame};
+use wasmtime::component::Component;
 
 static ENGINE: LazyLock<FlowEngine> = LazyLock::new(|| FlowEngine::new(HostConfig::default()).expect("engine"));
 static ECHO_FLOW: LazyLock<CompiledFlow> = LazyLock::new(|| compile("echo", ECHO.component));
@@ -256,7 +259,12 @@ async fn tenant_kv_round_trips_and_enforces_its_quota() {
     let exit = run(&CHAOS_FLOW, &call, None).await;
     assert!(matches!(exit.outcome, FlowOutcome::Completed), "{:?}", exit.outcome);
     assert_eq!(exit.vars.get("kv").map(String::as_str), Some("hello"));
-    assert!(exit.vars.get("kv-quota").is_some_and(|v| v.contains("LimitExceeded")), "{:?}", exit.vars);
+    // The 1 MiB write is within the per-call caps: the store's 64 KiB quota refuses it.
+    assert!(
+        exit.vars.get("kv-quota").is_some_and(|v| v.contains("LimitExceeded") && v.contains("quota")),
+        "{:?}",
+        exit.vars
+    );
 }
 
 #[test]
@@ -343,20 +351,49 @@ async fn a_full_pool_refuses_new_calls_instead_of_failing_running_ones() {
     assert_eq!(engine.free_slots(), 2);
 }
 
+fn cache_engine(dir: &Path) -> FlowEngine {
+    FlowEngine::new(HostConfig { cache_dir: Some(dir.to_owned()), max_instances: 4, ..HostConfig::default() })
+        .expect("engine")
+}
+
+/// The cache's entries (the key file left out).
+fn cache_entries(dir: &Path) -> Vec<PathBuf> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .expect("cache dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .collect();
+    entries.sort();
+    entries
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// Compiles `bytes` with a cache in `dir` and returns the one entry it leaves there.
+fn cached_entry(engine: &FlowEngine, dir: &Path, bytes: &[u8]) -> PathBuf {
+    drop(CompiledFlow::compile(engine, "flow", bytes).expect("compiles"));
+    let entries = cache_entries(dir);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    entries[0].clone()
+}
+
 #[test]
 fn precompiled_flows_are_cached_by_content_and_engine() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let engine = FlowEngine::new(HostConfig {
-        cache_dir: Some(dir.path().to_owned()),
-        max_instances: 4,
-        ..HostConfig::default()
-    })
-    .expect("engine");
+    let engine = cache_engine(dir.path());
     let first = CompiledFlow::compile(&engine, "echo", ECHO.component).expect("compiles");
-    let files: Vec<_> = std::fs::read_dir(dir.path()).expect("cache dir").map(|e| e.expect("entry").path()).collect();
+    let files = cache_entries(dir.path());
     assert_eq!(files.len(), 1, "{files:?}");
     let name = files[0].file_name().and_then(|n| n.to_str()).expect("utf-8 name").to_owned();
     assert!(name.starts_with(first.version()) && name.ends_with(".cwasm"), "{name}");
+    assert_eq!(mode(&files[0]), 0o600);
+    assert_eq!(mode(&dir.path().join("cache-key")), 0o600);
     let second = CompiledFlow::compile(&engine, "echo", ECHO.component).expect("shares the loaded one");
     assert_eq!(second.version(), first.version());
     // Once no flow holds it, the next load reads the cache; a damaged artifact there is
@@ -365,6 +402,156 @@ fn precompiled_flows_are_cached_by_content_and_engine() {
     std::fs::write(&files[0], b"not an artifact").expect("overwrite");
     CompiledFlow::compile(&engine, "echo", ECHO.component).expect("recompiles");
     assert!(std::fs::read(&files[0]).expect("artifact").len() > 1_000);
+}
+
+#[tokio::test]
+async fn a_tampered_cache_entry_is_recompiled_not_loaded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = cache_engine(dir.path());
+    let entry = cached_entry(&engine, dir.path(), fixtures::CHAOS);
+    let good = std::fs::read(&entry).expect("entry");
+    // Find a one-byte change wasmtime by itself would accept (a byte of machine code, say):
+    // the header and compatibility checks do not catch it, only the MAC does.
+    let tampered = [good.len() / 2, good.len() / 3, good.len() * 2 / 3, good.len() / 4]
+        .into_iter()
+        .map(|at| {
+            let mut bad = good.clone();
+            bad[at] ^= 0x01;
+            bad
+        })
+        // The entry is a 32-byte MAC, then the artifact.
+        // SAFETY: only loads the artifact to see whether wasmtime refuses it; nothing runs.
+        .find(|bad| unsafe { Component::deserialize(engine.engine(), &bad[32..]) }.is_ok())
+        .expect("some flipped byte that wasmtime's own checks accept");
+    std::fs::write(&entry, &tampered).expect("tamper");
+    let flow = CompiledFlow::compile(&engine, "chaos", fixtures::CHAOS).expect("recompiles");
+    let now = std::fs::read(&entry).expect("entry");
+    assert_ne!(now, tampered, "the tampered entry was loaded instead of being replaced");
+    assert_eq!(mode(&entry), 0o600);
+    let exit = engine.run(&flow, call_for(Arc::new(FakeCall::new("ok")), None)).await;
+    assert!(matches!(exit.outcome, FlowOutcome::Completed), "{:?}", exit.outcome);
+}
+
+#[test]
+fn a_cache_entry_others_may_write_is_not_loaded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = cache_engine(dir.path());
+    let entry = cached_entry(&engine, dir.path(), ECHO.component);
+    chmod(&entry, 0o664);
+    drop(CompiledFlow::compile(&engine, "echo", ECHO.component).expect("recompiles"));
+    // Replaced by a fresh private file, which is the only way its mode goes back to 0600.
+    assert_eq!(mode(&entry), 0o600);
+}
+
+#[test]
+fn a_cache_key_others_can_read_or_that_is_not_ours_leaves_the_cache_unused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let entry = cached_entry(&cache_engine(dir.path()), dir.path(), ECHO.component);
+    let key = dir.path().join("cache-key");
+    std::fs::remove_file(&entry).expect("remove entry");
+    chmod(&key, 0o644);
+    // A new engine (the next start) reads the key once: it must refuse it and neither read
+    // nor write entries.
+    drop(CompiledFlow::compile(&cache_engine(dir.path()), "echo", ECHO.component).expect("compiles without cache"));
+    assert_eq!(cache_entries(dir.path()), Vec::<PathBuf>::new());
+    chmod(&key, 0o600);
+    // Another owner: only root can hand a file to someone else; elsewhere the unit tests in
+    // cache.rs check the owner rule with a made-up uid.
+    let uid = std::fs::metadata(&key).expect("key").uid();
+    if std::os::unix::fs::chown(&key, Some(uid + 1), None).is_ok() {
+        drop(CompiledFlow::compile(&cache_engine(dir.path()), "echo", ECHO.component).expect("compiles"));
+        assert_eq!(cache_entries(dir.path()), Vec::<PathBuf>::new());
+        std::os::unix::fs::chown(&key, Some(uid), None).expect("chown back");
+    }
+    // A proper key makes the cache work again.
+    cached_entry(&cache_engine(dir.path()), dir.path(), ECHO.component);
+}
+
+#[tokio::test]
+async fn a_cache_that_cannot_be_written_still_runs_the_flow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let entry = cached_entry(&cache_engine(dir.path()), dir.path(), fixtures::CHAOS);
+    std::fs::remove_file(&entry).expect("remove entry");
+    // A read-only directory stops everyone but root; a non-empty directory where the entry
+    // goes stops the rename for root too.
+    std::fs::create_dir(&entry).expect("obstacle");
+    std::fs::write(entry.join("x"), b"").expect("obstacle content");
+    chmod(dir.path(), 0o500);
+    let engine = cache_engine(dir.path());
+    let flow = CompiledFlow::compile(&engine, "chaos", fixtures::CHAOS);
+    chmod(dir.path(), 0o700);
+    let flow = flow.expect("a cache write failure does not refuse the flow");
+    let exit = engine.run(&flow, call_for(Arc::new(FakeCall::new("ok")), None)).await;
+    assert!(matches!(exit.outcome, FlowOutcome::Completed), "{:?}", exit.outcome);
+    assert!(entry.is_dir());
+}
+
+#[tokio::test]
+async fn a_flow_blocked_past_its_wall_time_limit_is_ended_and_its_slot_freed() {
+    let engine = FlowEngine::new(HostConfig { max_instances: 2, ..HostConfig::default() }).expect("engine");
+    let flow = CompiledFlow::compile(&engine, "chaos", fixtures::CHAOS).expect("compiles");
+    let limit = Duration::from_millis(300);
+    // Blocked in a WASI clock wait for an hour, then in a host call (`sleep`) that outlasts
+    // the limit: neither spends CPU, so only the wall-clock limit can end them.
+    for to in ["wasi-wait", "never-answer"] {
+        let call = Arc::new(FakeCall::new(to));
+        let started = Instant::now();
+        let run = engine.run(&flow, call_for(call, limits(|l| l.max_wall_time = limit)));
+        let exit = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .unwrap_or_else(|_| panic!("{to}: still running 30 s after a {limit:?} wall-clock limit"));
+        assert!(
+            matches!(exit.outcome, FlowOutcome::WallTimeExceeded { limit: l } if l == limit),
+            "{to}: {:?}",
+            exit.outcome
+        );
+        assert_eq!(exit.outcome.cause(), "wall-time-exceeded");
+        assert!(exit.outcome.is_limit_exceeded());
+        assert!(exit.wall_time >= limit, "{to}: {:?}", exit.wall_time);
+        assert!(started.elapsed() < Duration::from_secs(5), "{to}: took {:?}", started.elapsed());
+        assert!(exit.guest_time < limit, "{to}: waiting counted as CPU: {:?}", exit.guest_time);
+        assert_eq!(engine.free_slots(), 2, "{to}: slot not freed");
+    }
+    // The slots are usable again, and a flow that returns in time is not affected.
+    let exit = engine
+        .run(&flow, call_for(Arc::new(FakeCall::new("wasi-sleep:50")), limits(|l| l.max_wall_time = limit)))
+        .await;
+    assert!(matches!(exit.outcome, FlowOutcome::Completed), "{:?}", exit.outcome);
+}
+
+#[tokio::test]
+async fn kv_writes_past_the_per_call_caps_are_limit_exceeded() {
+    // The `kv` mode writes `greeting` (13 bytes), then `big` (1 MiB + 3), which this store's
+    // 4 MiB quota holds: only a per-call cap can refuse it.
+    let cases = [
+        (limits(|l| l.kv_writes_per_run = 1), Some("kv writes per call")),
+        (limits(|l| l.kv_write_bytes_per_run = 64 << 10), Some("kv bytes written per call")),
+        (None, None),
+    ];
+    for (limits, refused) in cases {
+        let call = Arc::new(FakeCall::new("kv"));
+        let kv = Arc::new(MemoryKv::new(4 << 20));
+        let flow_call = FlowCall {
+            control: call as Arc<dyn CallControl>,
+            kv: Arc::clone(&kv) as Arc<dyn patchbay_host::KvStore>,
+            vars: BTreeMap::new(),
+            limits,
+        };
+        let exit = ENGINE.run(&CHAOS_FLOW, flow_call).await;
+        assert!(matches!(exit.outcome, FlowOutcome::Completed), "{:?}", exit.outcome);
+        assert_eq!(exit.vars.get("kv").map(String::as_str), Some("hello"));
+        let result = exit.vars.get("kv-quota").cloned().unwrap_or_default();
+        match refused {
+            Some(why) => {
+                assert!(result.contains("LimitExceeded") && result.contains(why), "{result}");
+                assert_eq!(kv.used(), "greeting".len() + "hello".len());
+            }
+            None => {
+                assert_eq!(result, "Ok(())");
+                assert_eq!(kv.used(), 13 + 3 + (1 << 20));
+            }
+        }
+    }
 }
 
 #[test]

@@ -56,8 +56,8 @@ pub struct Cdr {
     pub billable_secs: u64,
     /// What ended the call (see `docs/calls.md`): `caller-hangup`, `caller-cancel`,
     /// `flow-hangup`, `flow-completed`, `flow-error`, `flow-trap`, `cpu-limit-exceeded`,
-    /// `memory-limit-exceeded`, `transferred`, `rtp-timeout`, `ack-timeout`, `media-refused`,
-    /// `shutdown`, `no-route`, `auth-failed`, ...
+    /// `memory-limit-exceeded`, `wall-time-exceeded`, `transferred`, `rtp-timeout`, `ack-timeout`, `media-refused`,
+    /// `shutdown`, `no-route`, `auth-failed`, `pending-calls`, ...
     pub end_cause: String,
     /// The INVITE's final response: 200 when answered, else the rejection (487 when cancelled).
     pub sip_code: u16,
