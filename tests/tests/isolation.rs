@@ -648,6 +648,39 @@ fn a_tenant_at_its_call_cap_does_not_stop_another() {
     assert_eq!(a_up, 2, "A's held calls ended by their caller: {cdrs:#?}");
 }
 
+/// A BYE, re-INVITE, INFO or NOTIFY carrying the call's whole dialog ID (Call-ID and both
+/// tags, which anyone on the signalling path sees) but sent from another port is answered 481
+/// and leaves the call up; the caller's own BYE then ends it.
+#[test]
+fn forged_in_dialog_requests_from_another_port_never_touch_the_call() {
+    let _serial = serial();
+    let pb = start_two_tenants("", "", &["think"], &[]);
+    let mut phone = Phone::new(pb.port, "think", "127.0.0.1");
+    let answer = phone.invite(Duration::from_secs(10));
+    assert_eq!(answer.code, 200, "{}", answer.response);
+    let attacker = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    attacker.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    let to = phone.to.clone().expect("the dialog's To");
+    for (n, method) in ["BYE", "INVITE", "INFO", "NOTIFY"].into_iter().enumerate() {
+        let forged = phone.request(method, 10 + n as u32, &token(), &to, "");
+        attacker.send_to(forged.as_bytes(), phone.server).expect("send");
+        let mut buf = [0u8; 4096];
+        let code = loop {
+            let (len, _) = attacker.recv_from(&mut buf).expect("an answer to the forged request");
+            let reply = String::from_utf8_lossy(&buf[..len]).into_owned();
+            let code: u16 = reply.get(8..11).and_then(|c| c.parse().ok()).unwrap_or(0);
+            if code >= 200 {
+                break code;
+            }
+        };
+        assert_eq!(code, 481, "forged {method} from another port");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(phone.bye(), Some(200), "the call survived the forgeries and ends by the caller's BYE");
+    let cdrs = pb.settled_cdrs(1, Duration::from_secs(10));
+    assert_eq!(cdrs[0]["end_cause"], "caller-hangup", "{}", cdrs[0]);
+}
+
 /// A ringing call holds one of `[sip] max_pending_calls` until it is answered: beyond the cap
 /// any tenant's new call gets 503 with Retry-After and a record, and once the ringing call is
 /// answered its place is free again.

@@ -191,6 +191,9 @@ pub(super) struct Dialog {
     /// Credentials for challenges to our requests on this call (UAC, or a UAS the peer
     /// challenges on BYE).
     pub(super) digest: Option<DigestClient>,
+    /// Addresses besides the peer's that may send this dialog's requests: a carrier's other
+    /// edge addresses (set by the application from a trunk's configuration).
+    pub(super) also_from: Vec<std::net::IpAddr>,
 }
 
 impl Dialog {
@@ -272,7 +275,29 @@ impl Dialog {
             session_interval: None,
             session_expires: None,
             digest: None,
+            also_from: Vec::new(),
         }
+    }
+
+    /// Whether a request from `from` may act on this dialog: the peer (the INVITE's source,
+    /// or the next hop we dialled), the peer's Contact when it is an address (a caller whose
+    /// INVITE came through a proxy that did not record-route sends its BYE directly), or one
+    /// of `also_from` (any port). Over UDP the port must match too — a UA sends its requests
+    /// from the port it listens on (RFC 3581 symmetric signalling), so another program on the
+    /// caller's host (or a NAT's other mapping) is not the caller; over TCP/TLS each connection
+    /// has a port of its own, so the address decides (a BYE may also come over TCP for a call
+    /// set up over UDP, RFC 3261 §18.1.1).
+    pub(super) fn accepts_from(&self, from: Peer) -> bool {
+        let ip = from.addr.ip().to_canonical();
+        let same = |addr: std::net::SocketAddr| {
+            addr.ip().to_canonical() == ip && (from.transport.is_reliable() || addr.port() == from.addr.port())
+        };
+        let host = self.remote_target.host_with_port.host.to_string();
+        let contact = host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().ok().map(|ip| {
+            let port = self.remote_target.host_with_port.port.map_or(5060, |p| *p.value());
+            std::net::SocketAddr::new(ip, port)
+        });
+        same(self.peer.addr) || contact.is_some_and(same) || self.also_from.iter().any(|a| a.to_canonical() == ip)
     }
 
     /// Which side of the INVITE we are.

@@ -312,6 +312,8 @@ pub struct UserAgent {
     /// it (`contact_host` for a transport without its own listener).
     listeners: HashMap<Transport, String>,
     outputs: VecDeque<UaOutput>,
+    /// See [`UserAgent::foreign_requests`].
+    foreign_requests: u64,
 }
 
 fn reason_phrase(code: u16) -> rsip::StatusCode {
@@ -343,6 +345,7 @@ impl UserAgent {
             counter: 0,
             listeners: HashMap::new(),
             outputs: VecDeque::new(),
+            foreign_requests: 0,
         }
     }
 
@@ -430,6 +433,23 @@ impl UserAgent {
         self.layer.foreign_responses()
     }
 
+    /// In-dialog requests (BYE, re-INVITE, INFO, NOTIFY, REFER, UPDATE, ACK) and CANCELs
+    /// refused so far because they came from an address that is not the dialog's peer's
+    /// (see [`UserAgent::trust_sources`]): forged, or from a carrier edge nobody configured.
+    pub fn foreign_requests(&self) -> u64 {
+        self.foreign_requests
+    }
+
+    /// Lets `sources` send requests in `call`'s dialog besides its peer: a carrier whose edge
+    /// has several addresses (a trunk's `source_ips`). Without it, a BYE, re-INVITE, INFO,
+    /// NOTIFY or REFER that carries the whole dialog ID but comes from another address is
+    /// answered 481 and does not touch the call.
+    pub fn trust_sources(&mut self, call: CallRef, sources: &[std::net::IpAddr]) {
+        if let Some(c) = self.calls.get_mut(&call) {
+            c.also_from = sources.to_vec();
+        }
+    }
+
     /// A message arrived (parsed and validated by [`crate::message`]).
     pub fn handle_receive(&mut self, now: Instant, peer: Peer, message: SipMessage) {
         self.layer.handle_receive(now, peer, message);
@@ -465,8 +485,9 @@ impl UserAgent {
     fn on_event(&mut self, now: Instant, event: Event) {
         match event {
             Event::Request { id, peer, request, cancels } => self.on_request(now, id, peer, request, cancels),
-            Event::Ack { request, .. } => {
+            Event::Ack { peer, request } => {
                 if let Some(call) = self.dialog_of(&request)
+                    && self.from_dialog_peer(call, peer)
                     && self.calls.get_mut(&call).is_some_and(Dialog::ack_received)
                 {
                     self.emit(UaEvent::Confirmed { call });
@@ -536,7 +557,7 @@ impl UserAgent {
         }
         let has_to_tag = request.to_header().ok().and_then(|t| t.tag().ok().flatten()).is_some();
         if has_to_tag {
-            self.in_dialog(now, id, request);
+            self.in_dialog(now, id, peer, request);
             return;
         }
         match request.method {
@@ -547,6 +568,15 @@ impl UserAgent {
             }
             Method::Cancel => {
                 let call = cancels.and_then(|tx| self.by_invite_tx.get(&tx).copied());
+                // A CANCEL goes where its INVITE went, so it comes from where the INVITE came
+                // from (§9.1): one from elsewhere that guessed the branch is not the caller's.
+                if let Some(call) = call
+                    && !self.from_dialog_peer(call, peer)
+                {
+                    let response = self.response(&request, 481, None, &[]);
+                    let _ = self.layer.send_response_once(now, id, response);
+                    return;
+                }
                 match call {
                     Some(call) if self.calls.get(&call).is_some_and(Dialog::is_early) => {
                         // §9.2: 200 for the CANCEL, then 487 for the INVITE.
@@ -621,13 +651,30 @@ impl UserAgent {
         self.emit(UaEvent::IncomingCall { call, peer, request: Box::new(request) });
     }
 
-    fn in_dialog(&mut self, now: Instant, id: TransactionId, request: rsip::Request) {
+    /// Whether `peer` may act on `call`'s dialog (see [`Dialog::accepts_from`]); counts it
+    /// when not.
+    fn from_dialog_peer(&mut self, call: CallRef, peer: Peer) -> bool {
+        let accepted = self.calls.get(&call).is_some_and(|c| c.accepts_from(peer));
+        if !accepted {
+            self.foreign_requests += 1;
+        }
+        accepted
+    }
+
+    fn in_dialog(&mut self, now: Instant, id: TransactionId, peer: Peer, request: rsip::Request) {
         let Some(call) = self.dialog_of(&request) else {
             // §12.2.2: a request for a dialog we do not have.
             let response = self.response(&request, 481, None, &[]);
             let _ = self.layer.send_response(now, id, response);
             return;
         };
+        // Carrying the whole dialog ID is not enough: it must come from the dialog's peer
+        // (or a source trusted for it). Answered as if the dialog did not exist, once.
+        if !self.from_dialog_peer(call, peer) {
+            let response = self.response(&request, 481, None, &[]);
+            let _ = self.layer.send_response_once(now, id, response);
+            return;
+        }
         let cseq = request.cseq_header().ok().and_then(|c| c.typed().ok()).map_or(0, |c| c.seq);
         let Some(c) = self.calls.get_mut(&call) else { return };
         // §12.2.2: a lower CSeq than the last one is out of order: 500.

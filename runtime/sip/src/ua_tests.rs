@@ -466,3 +466,70 @@ fn an_in_dialog_request_with_another_remote_tag_is_not_the_peers() {
     assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![200]);
     assert!(events.iter().any(|e| matches!(e, UaEvent::Ended { call: c, .. } if *c == call)), "{events:?}");
 }
+
+#[test]
+fn in_dialog_requests_from_another_address_do_not_touch_the_call() {
+    // The whole dialog ID (Call-ID and both tags, as an eavesdropper on the signalling path
+    // has them) is not enough: a BYE, re-INVITE, INFO, NOTIFY, REFER or ACK must come from the
+    // dialog's peer. From elsewhere it gets 481 and is counted.
+    let mut ua = ua();
+    let t0 = Instant::now();
+    let (call, tag, _) = answered(&mut ua, t0, "");
+    let mallory = Peer { transport: Transport::Udp, addr: "203.0.113.66:5060".parse().unwrap() };
+    // A forged ACK does not confirm the call.
+    ua.handle_receive(t0, mallory, in_dialog("ACK", 1, "z9hG4bKforgedack", &tag));
+    let (_, events) = drain(&mut ua);
+    assert!(events.is_empty(), "a forged ACK confirmed the call: {events:?}");
+    ua.handle_receive(t0, peer(), in_dialog("ACK", 1, "z9hG4bKack", &tag));
+    let (_, events) = drain(&mut ua);
+    assert!(events.iter().any(|e| matches!(e, UaEvent::Confirmed { .. })), "{events:?}");
+    for (n, method) in ["BYE", "INVITE", "INFO", "NOTIFY", "REFER"].into_iter().enumerate() {
+        ua.handle_receive(t0, mallory, in_dialog(method, 10 + n as u32, &format!("z9hG4bKforged{n}"), &tag));
+        let (sent, events) = drain(&mut ua);
+        let answers: Vec<u16> = sent.iter().map(status).filter(|s| *s != 100).collect();
+        assert_eq!(answers, vec![481], "{method}");
+        assert!(events.is_empty(), "{method}: {events:?}");
+    }
+    // Another port of the caller's own host, over UDP, is not the caller either.
+    let neighbour = Peer { transport: Transport::Udp, addr: "192.0.2.10:5999".parse().unwrap() };
+    ua.handle_receive(t0, neighbour, in_dialog("BYE", 20, "z9hG4bKneighbour", &tag));
+    let (sent, events) = drain(&mut ua);
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![481]);
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(ua.foreign_requests(), 7);
+    // A carrier edge configured for the call may send in its dialog.
+    let edge = Peer { transport: Transport::Udp, addr: "198.51.100.2:5060".parse().unwrap() };
+    ua.trust_sources(call, &[edge.addr.ip()]);
+    ua.handle_receive(t0, edge, in_dialog("BYE", 30, "z9hG4bKedgebye", &tag));
+    let (sent, events) = drain(&mut ua);
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![200]);
+    assert!(events.iter().any(|e| matches!(e, UaEvent::Ended { call: c, .. } if *c == call)), "{events:?}");
+}
+
+#[test]
+fn a_cancel_from_another_address_does_not_cancel_the_call() {
+    let mut ua = ua();
+    let t0 = Instant::now();
+    ua.handle_receive(t0, peer(), invite(""));
+    drain(&mut ua);
+    let cancel = |to_branch: &str| {
+        SipMessage::try_from(
+            format!(
+                "CANCEL sip:echo@192.0.2.1 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.10:5060;branch={to_branch}\r\n\
+                 Max-Forwards: 70\r\nFrom: <sip:alice@192.0.2.10>;tag=a1\r\nTo: <sip:echo@192.0.2.1>\r\n\
+                 Call-ID: c1@192.0.2.10\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+            )
+            .as_str(),
+        )
+        .unwrap()
+    };
+    let mallory = Peer { transport: Transport::Udp, addr: "203.0.113.66:5060".parse().unwrap() };
+    ua.handle_receive(t0, mallory, cancel("z9hG4bKinv"));
+    let (sent, events) = drain(&mut ua);
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![481]);
+    assert!(events.is_empty(), "{events:?}");
+    // The caller's own CANCEL works: 200 for it, 487 for the INVITE.
+    ua.handle_receive(t0, peer(), cancel("z9hG4bKinv"));
+    let (sent, _) = drain(&mut ua);
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![200, 487]);
+}

@@ -292,6 +292,10 @@ impl Endpoint {
             refused("pending-calls", 503);
             return;
         };
+        if let Some(trunk) = trusted_trunk {
+            // The carrier's other edge addresses may send in the call's dialog.
+            ua.trust_sources(call, &trunk.source_ips);
+        }
         let _ = ua.ring(now, call);
         let info = call_info();
         tracing::info!(?call, from = %peer.addr, tenant = %info.tenant, flow = %info.flow, version = &flow.version()[..12], "call started");

@@ -116,6 +116,10 @@ impl Endpoint {
         // The leg's record, billed to the flow that places it (its Call-ID is set below).
         let mut cdr = live.cdr.leg("", &from_uri, &target.uri.to_string());
         let leg = self.ua.dial(now, dial);
+        if let Some((trunk, _)) = &target.trunk {
+            // The carrier's other edge addresses may send in the leg's dialog.
+            self.ua.trust_sources(leg, &trunk.source_ips);
+        }
         tracing::info!(call = ?owner, ?leg, to = %target.peer, "dialling");
         cdr.set_call_id(self.ua.call_id(leg).unwrap_or_default());
         let slots = std::mem::take(&mut target.slots);
@@ -163,6 +167,7 @@ impl Endpoint {
         };
         let (from, to) = (trunk.identity(&origination.caller_id), dial.target.to_string());
         let leg = self.ua.dial(now, dial);
+        self.ua.trust_sources(leg, &trunk.source_ips);
         let call_id = self.ua.call_id(leg).unwrap_or_default().to_owned();
         tracing::info!(id = %origination.id, ?leg, trunk = %trunk.name, to = %peer.addr, "originating");
         let info = CallInfo {
