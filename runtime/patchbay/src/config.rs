@@ -495,9 +495,10 @@ pub struct AuthConfig {
     pub realm: Option<String>,
     /// User name → password.
     pub users: std::collections::BTreeMap<String, String>,
-    /// Source addresses whose calls are not challenged (a carrier's signalling IPs).
+    /// Sources whose calls are not challenged (a carrier's signalling addresses):
+    /// `[tcp:|tls:]ADDRESS[/PREFIX]` (see [`crate::policy::TrustedSource`]).
     #[serde(default)]
-    pub trusted: Vec<std::net::IpAddr>,
+    pub trusted: Vec<crate::policy::TrustedSource>,
     /// Algorithms offered, one challenge each, in this order (`SHA-256`, `MD5`, and their
     /// `-sess` forms). Default `["SHA-256", "MD5"]` (RFC 7616 §3.7 / RFC 8760). Many SIP
     /// devices answer only the first challenge and know only MD5: list `MD5` alone for them.
@@ -1098,7 +1099,10 @@ mod tests {
         let config = Config::parse(good, "t.toml", PathBuf::new()).expect("valid auth");
         let auth = config.tenants[0].auth.as_ref().expect("auth");
         assert_eq!(auth.users.get("alice").map(String::as_str), Some("pw"));
-        assert_eq!(auth.trusted, vec!["192.0.2.1".parse::<std::net::IpAddr>().expect("ip")]);
+        assert_eq!(auth.trusted, vec!["192.0.2.1".parse::<crate::policy::TrustedSource>().expect("source")]);
+        let bad = good.replace("192.0.2.1", "192.0.2.0/33");
+        let err = Config::parse(&bad, "t.toml", PathBuf::new()).expect_err("bad prefix").to_string();
+        assert!(err.starts_with("t.toml:7: ") && err.contains("prefix"), "{err}");
         let bad = good.replace("[\"MD5\"]", "[\"MD4\"]");
         let err = Config::parse(&bad, "t.toml", PathBuf::new()).expect_err("unknown algorithm").to_string();
         assert!(err.starts_with("t.toml:8: tenant.auth.algorithms: unknown algorithm \"MD4\""), "{err}");

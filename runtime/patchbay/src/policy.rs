@@ -1040,3 +1040,112 @@ mod tests {
         assert!(!local.contains("198.51.100.1:5070".parse().expect("a")));
     }
 }
+
+/// A source trusted without credentials (`[tenant.auth] trusted`): `ADDRESS`, `ADDRESS/PREFIX`
+/// (a network), optionally behind `tcp:` or `tls:`. Over UDP a source address proves nothing —
+/// anyone who can reach us can write any address into a datagram — so a plain entry is safe
+/// only for a network whose edge drops packets claiming it from outside (ingress filtering,
+/// BCP 38). `tcp:` trusts only TCP or TLS connections from it (the handshake proves the
+/// address can receive), `tls:` only TLS.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct TrustedSource {
+    /// What the connection must be: `None` any transport; `Some(Tcp)` TCP or TLS; `Some(Tls)` TLS.
+    over: Option<patchbay_sip::transaction::Transport>,
+    network: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl TrustedSource {
+    /// Whether a request from `from` comes from this source.
+    pub fn matches(&self, from: patchbay_sip::transaction::Peer) -> bool {
+        use patchbay_sip::transaction::Transport;
+        let over = match self.over {
+            None => true,
+            Some(Transport::Tls) => from.transport == Transport::Tls,
+            Some(_) => from.transport.is_reliable(),
+        };
+        over && in_network(from.addr.ip(), self.network, self.prefix)
+    }
+}
+
+fn in_network(ip: std::net::IpAddr, network: std::net::IpAddr, prefix: u8) -> bool {
+    match (ip.to_canonical(), network) {
+        (std::net::IpAddr::V4(ip), std::net::IpAddr::V4(net)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            u32::from(ip) & mask == u32::from(net) & mask
+        }
+        (std::net::IpAddr::V6(ip), std::net::IpAddr::V6(net)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            u128::from(ip) & mask == u128::from(net) & mask
+        }
+        _ => false,
+    }
+}
+
+impl std::str::FromStr for TrustedSource {
+    type Err = String;
+
+    fn from_str(entry: &str) -> Result<Self, String> {
+        use patchbay_sip::transaction::Transport;
+        let (over, rest) = match entry.split_once(':') {
+            Some(("tcp", rest)) => (Some(Transport::Tcp), rest),
+            Some(("tls", rest)) => (Some(Transport::Tls), rest),
+            _ => (None, entry),
+        };
+        let (address, prefix) = match rest.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (rest, None),
+        };
+        let network: std::net::IpAddr =
+            address.parse().map_err(|_| format!("{entry:?}: not [tcp:|tls:]ADDRESS[/PREFIX]"))?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
+                format!("{entry:?}: the prefix must be 0 to {max}")
+            })?,
+        };
+        Ok(Self { over, network, prefix })
+    }
+}
+
+impl TryFrom<String> for TrustedSource {
+    type Error = String;
+
+    fn try_from(entry: String) -> Result<Self, String> {
+        entry.parse()
+    }
+}
+
+#[cfg(test)]
+mod trusted_tests {
+    use patchbay_sip::transaction::{Peer, Transport};
+
+    use super::TrustedSource;
+
+    fn peer(transport: Transport, addr: &str) -> Peer {
+        Peer { transport, addr: addr.parse().expect("addr") }
+    }
+
+    #[test]
+    fn trusted_sources_by_network_and_by_connection() {
+        let net: TrustedSource = "10.1.0.0/16".parse().expect("network");
+        assert!(net.matches(peer(Transport::Udp, "10.1.200.3:5060")));
+        assert!(!net.matches(peer(Transport::Udp, "10.2.0.1:5060")));
+        let one: TrustedSource = "203.0.113.5".parse().expect("address");
+        assert!(one.matches(peer(Transport::Udp, "203.0.113.5:5060")));
+        assert!(!one.matches(peer(Transport::Udp, "203.0.113.6:5060")));
+        // By connection: a spoofed datagram claiming the address is not enough.
+        let tcp: TrustedSource = "tcp:203.0.113.5".parse().expect("tcp");
+        assert!(!tcp.matches(peer(Transport::Udp, "203.0.113.5:5060")));
+        assert!(tcp.matches(peer(Transport::Tcp, "203.0.113.5:40000")));
+        assert!(tcp.matches(peer(Transport::Tls, "203.0.113.5:40000")));
+        let tls: TrustedSource = "tls:2001:db8::/32".parse().expect("tls network");
+        assert!(tls.matches(peer(Transport::Tls, "[2001:db8:1::5]:5061")));
+        assert!(!tls.matches(peer(Transport::Tcp, "[2001:db8:1::5]:5061")));
+        for bad in ["10.0.0.0/33", "tcp:", "udp:1.2.3.4", "1.2.3.4/x"] {
+            assert!(bad.parse::<TrustedSource>().is_err(), "{bad}");
+        }
+    }
+}

@@ -85,7 +85,7 @@ pub struct TenantAuth {
     /// User name → password.
     pub users: BTreeMap<String, String>,
     /// Sources not challenged.
-    pub trusted: Vec<std::net::IpAddr>,
+    pub trusted: Vec<crate::policy::TrustedSource>,
     /// Algorithms offered, in order (empty: the digest server's default).
     pub algorithms: Vec<patchbay_sip::auth::Algorithm>,
 }

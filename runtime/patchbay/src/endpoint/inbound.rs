@@ -30,12 +30,13 @@ impl CallerAuth {
         now: std::time::Instant,
         auth: &crate::tenant::TenantAuth,
         tenant: &str,
-        peer: std::net::SocketAddr,
+        from: patchbay_sip::transaction::Peer,
         request: &rsip::Request,
     ) -> Result<(), (u16, Vec<rsip::Header>)> {
-        if auth.trusted.contains(&peer.ip()) {
+        if auth.trusted.iter().any(|t| t.matches(from)) {
             return Ok(());
         }
+        let peer = from.addr;
         let unix = unix_now();
         let server = match self.servers.entry(tenant.to_owned()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -231,7 +232,7 @@ impl Endpoint {
             // The carrier calling its own DIDs from its own address.
             (_, Some(_)) => {}
             (Some(auth), None) => {
-                if let Err((status, headers)) = digest.authenticate(now, auth, &tenant.id, peer.addr, &request) {
+                if let Err((status, headers)) = digest.authenticate(now, auth, &tenant.id, peer, &request) {
                     // Challenges and refusals of unverified callers go out once (§8.2.7).
                     let _ = ua.reject_unverified(now, call, status, &headers);
                     if status == 403 {
