@@ -175,6 +175,18 @@ def parse_action(spec: str) -> Optional[tuple[str, str]]:
     return None
 
 
+_RUN = re.compile(r"[A-Za-z0-9+._~-]*")
+
+
+def listed(patterns: str, target: str) -> bool:
+    """Whether `target` (sent by the agent, so from the network) is one of the comma-separated
+    `patterns`; `*` stands for a run of letters, digits and `+-._~` (as ivr-menu's `listed`)."""
+    for pattern in (p.strip() for p in patterns.split(",")):
+        if pattern and re.fullmatch(_RUN.pattern.join(map(re.escape, pattern.split("*"))), target, re.ASCII):
+            return True
+    return False
+
+
 def debug_str(text: str) -> str:
     """Quotes a string the way Rust's `{:?}` does, so log lines and CDR messages read the same
     as those of `ivr-menu`."""
@@ -219,6 +231,11 @@ def run_menu(call: Call) -> None:
         case ("agent", url):
             info(f"python-menu: key {key} -> agent {url}")
             match call.agent(url, []):
+                case AgentEnd_TransferRequested(value=target) if not listed(
+                    call.get_var("menu.transfer-targets") or "", target
+                ):
+                    warn(f"python-menu: transfer to {target} refused: not in menu.transfer-targets")
+                    call.set_var("menu.transfer-refused", "not in menu.transfer-targets")
                 case AgentEnd_TransferRequested(value=target):
                     call.transfer(target)
                 case _:

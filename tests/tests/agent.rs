@@ -67,7 +67,8 @@ fn menu_agent_transfer(source: &str) {
 
     let flows = format!(
         "[[tenant.flow]]\nname = \"menu\"\n{source}\n[tenant.flow.vars]\n\
-         \"menu.2\" = \"agent:ws://127.0.0.1:{agent_port}/agent\"\n{}",
+         \"menu.2\" = \"agent:ws://127.0.0.1:{agent_port}/agent\"\n\
+         \"menu.transfer-targets\" = \"sip:human@127.0.0.1:{human_port}\"\n{}",
         allow(&[&format!("sip:human@127.0.0.1:{human_port}")], &[&format!("ws://127.0.0.1:{agent_port}")])
     );
     let pb = start_patchbay_with("", &flows);
@@ -198,19 +199,20 @@ fn the_demo_agent_greets_and_repeats_what_the_caller_says() {
 
 /// The stock agent-handoff flow talking to the agent on `agent_port`, with the human on
 /// `human_port` as its fallback, and a tenant that allows both.
-fn handoff_flow(agent_port: u16, human_port: u16) -> String {
+fn handoff_flow(agent_port: u16, human_port: u16, transfer_targets: &str) -> String {
     format!(
         "[[tenant.flow]]\nname = \"agent\"\nstock = \"agent\"\n[tenant.flow.vars]\n\
          \"agent.url\" = \"ws://127.0.0.1:{agent_port}/agent\"\n\
-         \"agent.fallback\" = \"sip:human@127.0.0.1:{human_port}\"\n{}",
+         \"agent.fallback\" = \"sip:human@127.0.0.1:{human_port}\"\n\
+         \"agent.transfer-targets\" = \"{transfer_targets}\"\n{}",
         allow(&[&format!("sip:human@127.0.0.1:{human_port}")], &[&format!("ws://127.0.0.1:{agent_port}")])
     )
 }
 
 /// Calls the agent-handoff flow (agent at `agent_port`, human fallback at `human_port`) for 9 s
 /// and returns the records of the call and its leg once the human (a sipp UAS) took the call.
-fn call_the_handoff_flow(agent_port: u16, human_port: u16) -> Vec<serde_json::Value> {
-    let pb = start_patchbay_with("", &handoff_flow(agent_port, human_port));
+fn call_the_handoff_flow(agent_port: u16, human_port: u16, transfer_targets: &str) -> Vec<serde_json::Value> {
+    let pb = start_patchbay_with("", &handoff_flow(agent_port, human_port, transfer_targets));
     let sipp_dir = tempfile::tempdir().expect("tempdir");
     let human = human(human_port, sipp_dir.path());
     let dir = tempfile::tempdir().expect("tempdir");
@@ -231,7 +233,7 @@ fn call_the_handoff_flow(agent_port: u16, human_port: u16) -> Vec<serde_json::Va
 fn agent_handoff_falls_back_to_a_human_when_the_agent_is_unreachable() {
     let human_port = free_port();
     let dead_agent = free_port();
-    let cdrs = call_the_handoff_flow(dead_agent, human_port);
+    let cdrs = call_the_handoff_flow(dead_agent, human_port, "");
     let call = cdrs.iter().find(|c| c["direction"] == "inbound").unwrap_or_else(|| panic!("{cdrs:?}"));
     assert_eq!(call["vars"]["agent.end"], "unavailable", "{call}");
     let leg = cdrs.iter().find(|c| c["direction"] == "outbound").unwrap_or_else(|| panic!("{cdrs:?}"));
@@ -244,6 +246,21 @@ fn agent_handoff_falls_back_to_a_human_when_the_agent_is_unreachable() {
 /// sent there, and the flow hands the caller to its human fallback instead.
 #[test]
 fn agent_handoff_does_not_transfer_where_the_tenant_does_not_allow() {
+    agent_transfer_refused(true);
+}
+
+/// What an agent asks for is network data: the flow follows a transfer only to a target its
+/// `agent.transfer-targets` lists, whatever the tenant would allow (toll fraud through an agent
+/// talked into "transfer me to +1 900 …").
+#[test]
+fn agent_handoff_does_not_follow_an_agents_transfer_to_a_target_it_does_not_list() {
+    agent_transfer_refused(false);
+}
+
+/// The agent asks to transfer the caller somewhere; with `listed`, the flow lists it (and the
+/// tenant's `allow.dial` refuses it), else the flow itself refuses. Either way nothing is sent
+/// there and the caller goes to the human fallback.
+fn agent_transfer_refused(listed: bool) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio");
     let human_port = free_port();
     // Where the agent asks to send the caller: a socket that must hear nothing.
@@ -257,14 +274,16 @@ fn agent_handoff_does_not_transfer_where_the_tenant_does_not_allow() {
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind the agent");
     let agent_port = listener.local_addr().expect("agent address").port();
     runtime.spawn(agent.serve(listener));
-    let cdrs = call_the_handoff_flow(agent_port, human_port);
+    let cdrs = call_the_handoff_flow(agent_port, human_port, if listed { &refused_target } else { "" });
     let call = cdrs.iter().find(|c| c["direction"] == "inbound").unwrap_or_else(|| panic!("{cdrs:?}"));
     assert_eq!(call["vars"]["agent.end"], format!("transfer-requested:{refused_target}"), "{call}");
     let why = call["vars"]["agent.transfer-refused"].as_str().unwrap_or_default();
-    assert!(
-        why.contains(&format!("transfer target {refused_target} is not in tenant test's allow.dial")),
-        "the refusal names the rule: {call}"
-    );
+    let rule = if listed {
+        format!("transfer target {refused_target} is not in tenant test's allow.dial")
+    } else {
+        "not in agent.transfer-targets".to_owned()
+    };
+    assert!(why.contains(&rule), "the refusal names the rule ({rule}): {call}");
     let legs: Vec<_> = cdrs.iter().filter(|c| c["direction"] == "outbound").collect();
     assert_eq!(legs.len(), 1, "one leg, to the human: {cdrs:?}");
     assert_eq!(legs[0]["to"], format!("sip:human@127.0.0.1:{human_port}"), "{}", legs[0]);

@@ -12,10 +12,11 @@
 //! | `menu.<id>.timeout-ms` | time for a key after the prompt | `5000` |
 //! | `menu.<id>.<key>` | the key's action (below) | see [`DEFAULT_ROUTES`] for `main` |
 //! | `menu.ring-ms` | how long a `dial:` destination may ring | `30000` |
+//! | `menu.transfer-targets` | where an agent may send the caller: targets, comma-separated (`*`: letters, digits, `+-._~`) | none: no transfers |
 //!
 //! Actions: `menu:<id>` (a sub-menu), `dial:<sip-uri>`, `agent:<ws-url>` (an AI agent; when it
-//! asks for a transfer the caller is transferred if the tenant's capabilities allow the target,
-//! else `menu.transfer-refused` says why and the call ends), `voicemail` (take a message, see the
+//! asks for a transfer the caller is transferred if `menu.transfer-targets` lists the target and
+//! the tenant's capabilities allow it, else `menu.transfer-refused` says why and the call ends), `voicemail` (take a message, see the
 //! voicemail flow's `voicemail.*` variables), `transfer:<sip-uri>` (blind transfer) and
 //! `hangup`. Each choice is recorded as the call variable `menu.path` (for example `main:2`).
 
@@ -76,6 +77,22 @@ fn setting_or<T: std::str::FromStr>(call: &Call, id: &str, name: &str, default: 
     setting(call, id, name).and_then(|v| v.trim().parse().ok()).unwrap_or(default)
 }
 
+/// Whether `target` (sent by the agent, so from the network) is one of the comma-separated
+/// `patterns` the flow's configuration lists. In a pattern `*` stands for a run of letters,
+/// digits and `+-._~` (never `@`, `:`, `;`, `/`), so it cannot reach another host or port.
+fn listed(patterns: &str, target: &str) -> bool {
+    fn glob(p: &[u8], t: &[u8]) -> bool {
+        match p.split_first() {
+            None => t.is_empty(),
+            Some((b'*', rest)) => (0..=t.len())
+                .take_while(|&i| i == 0 || t[i - 1].is_ascii_alphanumeric() || b"+-._~".contains(&t[i - 1]))
+                .any(|i| glob(rest, &t[i..])),
+            Some((c, rest)) => t.first() == Some(c) && glob(rest, &t[1..]),
+        }
+    }
+    patterns.split(',').map(str::trim).any(|p| !p.is_empty() && glob(p.as_bytes(), target.as_bytes()))
+}
+
 struct IvrMenu;
 
 impl Flow for IvrMenu {
@@ -116,6 +133,12 @@ impl Flow for IvrMenu {
                 Some(Action::Agent(url)) => {
                     info(&format!("ivr-menu: key {key} -> agent {url}"));
                     match call.agent(&url, &[])? {
+                        AgentEnd::TransferRequested(target)
+                            if !listed(&call.get_var("menu.transfer-targets").unwrap_or_default(), &target) =>
+                        {
+                            warn(&format!("ivr-menu: transfer to {target} refused: not in menu.transfer-targets"));
+                            let _ = call.set_var("menu.transfer-refused", "not in menu.transfer-targets");
+                        }
                         AgentEnd::TransferRequested(target) => {
                             info(&format!("ivr-menu: the agent transfers the caller to {target}"));
                             match call.transfer(&target) {
@@ -157,3 +180,25 @@ impl Flow for IvrMenu {
 }
 
 export_flow!(IvrMenu);
+
+#[cfg(test)]
+mod tests {
+    use super::listed;
+
+    #[test]
+    fn only_listed_transfer_targets_pass() {
+        let list = "sip:human@pbx.example.com, sip:*@desk.example.com:5070";
+        assert!(listed(list, "sip:human@pbx.example.com"));
+        assert!(listed(list, "sip:+4930123@desk.example.com:5070"));
+        for target in [
+            "sip:human@pbx.example.com:5080",
+            "sip:x@evil.example;a=@desk.example.com:5070",
+            "sip:x@evil.example:5070@desk.example.com:5070",
+            "trunk:carrier/+19005550100",
+            "tel:+19005550100",
+        ] {
+            assert!(!listed(list, target), "{target}");
+        }
+        assert!(!listed("", "sip:human@pbx.example.com"), "no list: nothing passes");
+    }
+}

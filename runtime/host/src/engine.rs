@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::{HasSelf, Linker, Resource};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
-use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::bindings::{CallError, Flow, FlowError};
 use crate::cache::ArtifactCache;
@@ -108,7 +107,7 @@ impl FlowEngine {
             None => Engine::new(&base_config(&config)).map_err(|e| HostError::Config(e.to_string()))?,
         };
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| HostError::Config(e.to_string()))?;
+        crate::wasi::add_to_linker(&mut linker).map_err(|e| HostError::Config(e.to_string()))?;
         Flow::add_to_linker::<FlowState, HasSelf<FlowState>>(&mut linker, |s| s)
             .map_err(|e| HostError::Config(e.to_string()))?;
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
@@ -186,10 +185,9 @@ impl FlowEngine {
             Ok(slot) => slot,
             Err(e) => return FlowExit::refused(e, started),
         };
-        let mut wasi = WasiCtxBuilder::new();
-        // Flows get no filesystem, no environment, no sockets: only what the WIT grants.
-        wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
-        let state = FlowState::new(call.control, call.kv, call.vars, limits, wasi.build());
+        // The store's WASI context comes from `wasi::context`: no files, no environment, no
+        // sockets, stdout and stderr into the flow's log.
+        let state = FlowState::new(call.control, call.kv, call.vars, limits);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
         // Three ticks: the guest's clock is read at every tick it runs through; anything longer

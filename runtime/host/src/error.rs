@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 /// What went wrong loading or starting a flow. Who caused it is in the variant: the flow's
-/// author (`Compile`, `WorldMismatch`), the local side (`Config`, `PoolExhausted`, `Cache`) or
-/// the engine.
+/// author (`Compile`, `WorldMismatch`, `UnsupportedImport`), the local side (`Config`,
+/// `PoolExhausted`, `Cache`) or the engine.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HostError {
@@ -26,6 +26,16 @@ pub enum HostError {
         flow: String,
         /// What is missing or mistyped, as the linker reported it.
         detail: String,
+    },
+    /// The component imports a WASI interface flows do not get (sockets and files are
+    /// stubbed, not refused; see `docs/flow-host.md` for the list). Caused by the flow's
+    /// author: rebuild without it.
+    #[error("flow {flow:?} imports {import}, which Patchbay does not provide to flows")]
+    UnsupportedImport {
+        /// Flow name.
+        flow: String,
+        /// The import, as the component names it (for example `wasi:http/types@0.2.0`).
+        import: String,
     },
     /// Every instance slot is in use.
     #[error("all {0} flow instance slots are in use")]

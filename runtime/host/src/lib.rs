@@ -5,7 +5,8 @@
 //!
 //! - [`FlowEngine`]: one long-lived wasmtime engine with the pooling allocator (a semaphore
 //!   below the pool size, an address-space fallback), epoch interruption driven by one ticker
-//!   thread, and the linker with Patchbay's host functions.
+//!   thread, and the linker with Patchbay's host functions and the part of WASI flows need
+//!   (`wasi.rs`: clocks, random, stdout/stderr into the flow's log; no sockets, no files).
 //! - [`FlowRegistry`]: compiled flows keyed by (tenant, flow name); a version is the SHA-256 of
 //!   the component; precompiled artifacts are cached on disk by content hash and engine
 //!   fingerprint, authenticated with a per-install key and loaded only if this install wrote
@@ -28,6 +29,7 @@ mod engine;
 mod error;
 mod registry;
 mod state;
+mod wasi;
 
 pub use bindings::{
     AgentEnd, AudioFormat, BridgeEnd, CallError, CallInfo, CollectEnd, CollectOptions, Collected, DialOptions,

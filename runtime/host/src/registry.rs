@@ -62,7 +62,7 @@ impl CompiledFlow {
                 .map_err(|e| HostError::Compile { flow: name.into(), detail: format!("{e:#}") })?,
         };
         let mismatch = |e: wasmtime::Error| HostError::WorldMismatch { flow: name.into(), detail: format!("{e:#}") };
-        let instance_pre = engine.linker().instantiate_pre(&component).map_err(mismatch)?;
+        let instance_pre = crate::wasi::instantiate_pre(engine.engine(), engine.linker(), name, &component)?;
         let pre = Arc::new(FlowPre::new(instance_pre).map_err(mismatch)?);
         engine.remember(&version, &pre);
         Ok(Self { name: name.into(), version, pre })

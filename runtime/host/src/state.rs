@@ -1,8 +1,8 @@
 //! Per-call store data and the WIT host functions.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use patchbay_media::{AudioEncoding, Frame};
@@ -193,6 +193,71 @@ impl LogBudget {
     }
 }
 
+/// Which of a flow's standard output streams a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stdio {
+    Stdout,
+    Stderr,
+}
+
+/// A flow's log: lines from the `log` interface and from the flow's stdout and stderr, under
+/// one budget. The WASI context owns the stdout/stderr streams, hence the `Arc` and the lock
+/// (taken once per line, never across an await).
+#[derive(Debug)]
+pub(crate) struct FlowLog {
+    tenant: String,
+    flow: String,
+    call_id: String,
+    budget: Mutex<LogBudget>,
+}
+
+impl FlowLog {
+    fn new(info: &CallInfo, limits: &FlowLimits, now: Instant) -> Self {
+        Self {
+            tenant: info.tenant.clone(),
+            flow: info.flow.clone(),
+            call_id: info.call_id.clone(),
+            budget: Mutex::new(LogBudget::new(limits.log_lines_per_sec, limits.log_bytes_per_run, now)),
+        }
+    }
+
+    fn take(&self, bytes: usize) -> bool {
+        self.budget.lock().unwrap_or_else(PoisonError::into_inner).take(Instant::now(), bytes)
+    }
+
+    fn dropped(&self) -> u64 {
+        self.budget.lock().unwrap_or_else(PoisonError::into_inner).dropped
+    }
+
+    /// A line the flow logged through the `log` interface.
+    fn write(&self, level: Level, message: &str) {
+        if !self.take(message.len()) {
+            return;
+        }
+        let (call_id, tenant, flow) = (&self.call_id, &self.tenant, &self.flow);
+        match level {
+            Level::Trace => tracing::trace!(target: "flow", %tenant, %flow, %call_id, "{message}"),
+            Level::Debug => tracing::debug!(target: "flow", %tenant, %flow, %call_id, "{message}"),
+            Level::Info => tracing::info!(target: "flow", %tenant, %flow, %call_id, "{message}"),
+            Level::Warn => tracing::warn!(target: "flow", %tenant, %flow, %call_id, "{message}"),
+            Level::Error => tracing::error!(target: "flow", %tenant, %flow, %call_id, "{message}"),
+        }
+    }
+
+    /// A line the flow wrote to stdout (logged at info) or stderr (at warn: a Rust panic
+    /// message or a Python traceback lands there).
+    pub(crate) fn write_stdio(&self, stream: Stdio, line: &str) {
+        if !self.take(line.len()) {
+            return;
+        }
+        let (call_id, tenant, flow) = (&self.call_id, &self.tenant, &self.flow);
+        match stream {
+            Stdio::Stdout => tracing::info!(target: "flow", %tenant, %flow, %call_id, stream = "stdout", "{line}"),
+            Stdio::Stderr => tracing::warn!(target: "flow", %tenant, %flow, %call_id, stream = "stderr", "{line}"),
+        }
+    }
+}
+
 /// What one run may still write to kv: host work a flow can trigger is bounded per call, not
 /// only by the tenant's store quota (which a flow that keeps rewriting one key never reaches).
 #[derive(Debug)]
@@ -233,7 +298,7 @@ pub struct FlowState {
     pub(crate) clock: GuestClock,
     pub(crate) limits: FlowLimits,
     pub(crate) stopped: Option<Stop>,
-    log: LogBudget,
+    log: Arc<FlowLog>,
     kv_writes: KvWriteBudget,
     stream_open: bool,
 }
@@ -244,25 +309,26 @@ impl FlowState {
         kv: Arc<dyn KvStore>,
         vars: BTreeMap<String, String>,
         limits: FlowLimits,
-        wasi: WasiCtx,
     ) -> Self {
         let now = Instant::now();
+        let info = control.info();
+        let log = Arc::new(FlowLog::new(&info, &limits, now));
         let mut table = ResourceTable::new();
         table.set_max_capacity(limits.max_handles);
         let inner =
             StoreLimitsBuilder::new().memory_size(limits.memory_bytes).instances(64).tables(64).memories(16).build();
         Self {
             table,
-            wasi,
+            wasi: crate::wasi::context(&log),
             limiter: FlowLimiter { inner, memory_refused: false },
-            info: control.info(),
+            info,
             control,
             kv,
             vars,
             clock: GuestClock::new(now),
             limits,
             stopped: None,
-            log: LogBudget::new(limits.log_lines_per_sec, limits.log_bytes_per_run, now),
+            log,
             kv_writes: KvWriteBudget::new(&limits),
             stream_open: false,
         }
@@ -273,7 +339,7 @@ impl FlowState {
     }
 
     pub(crate) fn log_lines_dropped(&self) -> u64 {
-        self.log.dropped
+        self.log.dropped()
     }
 
     /// Runs an async host operation with the guest clock stopped.
@@ -523,17 +589,7 @@ impl call::HostCall for FlowState {
 
 impl log::Host for FlowState {
     fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
-        if !self.log.take(Instant::now(), message.len()) {
-            return Ok(());
-        }
-        let (call_id, tenant, flow) = (&self.info.call_id, &self.info.tenant, &self.info.flow);
-        match level {
-            Level::Trace => tracing::trace!(target: "flow", %tenant, %flow, %call_id, "{message}"),
-            Level::Debug => tracing::debug!(target: "flow", %tenant, %flow, %call_id, "{message}"),
-            Level::Info => tracing::info!(target: "flow", %tenant, %flow, %call_id, "{message}"),
-            Level::Warn => tracing::warn!(target: "flow", %tenant, %flow, %call_id, "{message}"),
-            Level::Error => tracing::error!(target: "flow", %tenant, %flow, %call_id, "{message}"),
-        }
+        self.log.write(level, &message);
         Ok(())
     }
 }

@@ -62,6 +62,8 @@ pub(crate) struct Leg {
     pub dtmf_sink: Option<mpsc::Sender<Dtmf>>,
     /// The leg's own call detail record.
     pub cdr: crate::cdr::CdrDraft,
+    /// Where its signalling goes (what decides where its RTP may go, `media::MediaPeer`).
+    pub signalling: Option<std::net::IpAddr>,
     /// The trunk's and tenant's call slots it holds while it is up (a leg through a trunk):
     /// dropped with it.
     #[allow(dead_code, reason = "held, never read: the slots go back when the leg is dropped")]
@@ -92,6 +94,7 @@ impl Leg {
             dtmf: None,
             dtmf_sink: None,
             cdr,
+            signalling: None,
             slots: Default::default(),
             origination: None,
         }

@@ -1102,9 +1102,11 @@ impl std::str::FromStr for TrustedSource {
         let max = if network.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
-            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
-                format!("{entry:?}: the prefix must be 0 to {max}")
-            })?,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{entry:?}: the prefix must be 0 to {max}"))?,
         };
         Ok(Self { over, network, prefix })
     }

@@ -487,7 +487,7 @@ impl UserAgent {
             Event::Request { id, peer, request, cancels } => self.on_request(now, id, peer, request, cancels),
             Event::Ack { peer, request } => {
                 if let Some(call) = self.dialog_of(&request)
-                    && self.from_dialog_peer(call, peer)
+                    && self.sent_by_dialog_peer(call, peer)
                     && self.calls.get_mut(&call).is_some_and(Dialog::ack_received)
                 {
                     self.emit(UaEvent::Confirmed { call });
@@ -571,7 +571,7 @@ impl UserAgent {
                 // A CANCEL goes where its INVITE went, so it comes from where the INVITE came
                 // from (§9.1): one from elsewhere that guessed the branch is not the caller's.
                 if let Some(call) = call
-                    && !self.from_dialog_peer(call, peer)
+                    && !self.sent_by_dialog_peer(call, peer)
                 {
                     let response = self.response(&request, 481, None, &[]);
                     let _ = self.layer.send_response_once(now, id, response);
@@ -653,7 +653,7 @@ impl UserAgent {
 
     /// Whether `peer` may act on `call`'s dialog (see [`Dialog::accepts_from`]); counts it
     /// when not.
-    fn from_dialog_peer(&mut self, call: CallRef, peer: Peer) -> bool {
+    fn sent_by_dialog_peer(&mut self, call: CallRef, peer: Peer) -> bool {
         let accepted = self.calls.get(&call).is_some_and(|c| c.accepts_from(peer));
         if !accepted {
             self.foreign_requests += 1;
@@ -670,7 +670,7 @@ impl UserAgent {
         };
         // Carrying the whole dialog ID is not enough: it must come from the dialog's peer
         // (or a source trusted for it). Answered as if the dialog did not exist, once.
-        if !self.from_dialog_peer(call, peer) {
+        if !self.sent_by_dialog_peer(call, peer) {
             let response = self.response(&request, 481, None, &[]);
             let _ = self.layer.send_response_once(now, id, response);
             return;

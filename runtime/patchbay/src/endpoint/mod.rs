@@ -532,8 +532,7 @@ impl Endpoint {
                 tracing::debug!(?call, status, early_media = sdp.is_some(), "outbound leg progress");
                 let early = match sdp {
                     Some(sdp) if leg.media.is_none() => {
-                        let signalling = ua.peer(call).map(|p| p.addr.ip());
-                        start_leg_media(leg, call, &sdp, routing, &services.requests, true, None, signalling)
+                        start_leg_media(leg, call, &sdp, routing, &services.requests, true, None)
                     }
                     _ => None,
                 };
@@ -550,8 +549,7 @@ impl Endpoint {
                 tracing::info!(?call, owner = ?leg.owner, "outbound leg answered");
                 leg.cdr.answered();
                 if leg.media.is_none() {
-                    let signalling = ua.peer(call).map(|p| p.addr.ip());
-                    start_leg_media(leg, call, &sdp, routing, &services.requests, false, None, signalling);
+                    start_leg_media(leg, call, &sdp, routing, &services.requests, false, None);
                 } else if let (Some(media), Some((_, current))) = (&leg.media, leg.agreed.as_mut()) {
                     // Without reliable provisionals the 2xx's answer is the one that counts
                     // (RFC 3261 §13.2.1): it may point elsewhere than the early media did.

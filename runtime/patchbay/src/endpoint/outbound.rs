@@ -123,7 +123,8 @@ impl Endpoint {
         tracing::info!(call = ?owner, ?leg, to = %target.peer, "dialling");
         cdr.set_call_id(self.ua.call_id(leg).unwrap_or_default());
         let slots = std::mem::take(&mut target.slots);
-        self.legs.insert(leg, Leg { slots, ..Leg::new(owner, events, offer, local, (rtp, rtcp), cdr) });
+        let signalling = Some(target.peer.ip());
+        self.legs.insert(leg, Leg { slots, signalling, ..Leg::new(owner, events, offer, local, (rtp, rtcp), cdr) });
         Ok(leg)
     }
 
@@ -187,6 +188,7 @@ impl Endpoint {
             Leg {
                 // No flow owns it (its own starts on answer), and nobody listens to its events.
                 origination: Some((origination, CallChannels::new())),
+                signalling: Some(peer.addr.ip()),
                 ..Leg::new(leg, mpsc::unbounded_channel().0, offer, local, (rtp, rtcp), cdr)
             },
         );
@@ -228,7 +230,6 @@ pub(super) fn start_leg_media(
     requests: &mpsc::UnboundedSender<Request>,
     early: bool,
     channels: Option<&CallChannels>,
-    signalling: Option<std::net::IpAddr>,
 ) -> Option<Arc<CallMedia>> {
     let negotiated = match patchbay_sip::sdp::accept_answer(&leg.offer, &String::from_utf8_lossy(sdp)) {
         Ok(negotiated) => negotiated,
@@ -252,7 +253,7 @@ pub(super) fn start_leg_media(
     let sinks = CallSinks { dtmf, played, inactive };
     let timeout = if early { None } else { routing.rtp_timeout };
     let private_media = routing.tenants.get().get(leg.cdr.tenant()).is_some_and(|t| t.allow.private_media());
-    let peer = crate::media::MediaPeer { signalling, private_media };
+    let peer = crate::media::MediaPeer { signalling: leg.signalling, private_media };
     let session = crate::media::session_for(
         &negotiated,
         negotiated.ptime,
@@ -337,8 +338,7 @@ pub(super) fn origination_answered(
     let crate::originate::Origination { id, trunk, flow: flow_name, vars, slots, .. } = *origination;
     let flow = registry.get(&trunk.tenant, &flow_name);
     let tenant = routing.tenants.get().get(&trunk.tenant).cloned();
-    let signalling = ua.peer(call).map(|p| p.addr.ip());
-    let media = start_leg_media(&mut leg, call, sdp, routing, &services.requests, false, Some(&channels), signalling);
+    let media = start_leg_media(&mut leg, call, sdp, routing, &services.requests, false, Some(&channels));
     let instance = tenant.as_ref().and_then(|t| t.instance_slot()).filter(|_| engine.free_slots() > 0);
     let runnable = flow.is_ok() && tenant.is_some() && media.is_some() && leg.agreed.is_some();
     let (Ok(flow), Some(tenant), Some(media), Some(agreed), Some(instance)) =
