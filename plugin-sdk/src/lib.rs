@@ -270,3 +270,65 @@ pub fn agent_end_text(end: &AgentEnd) -> String {
         AgentEnd::Disconnected(detail) => format!("disconnected:{detail}"),
     }
 }
+
+/// Whether `target` — an address from the network, such as the transfer an AI agent asks for —
+/// is one of the comma-separated `patterns` a flow's configuration lists (`agent.transfer-targets`,
+/// `menu.transfer-targets`). In a pattern `*` stands for a run of letters, digits and `+-._~`,
+/// never `@`, `:`, `;` or `/`, so it cannot reach another host, port or parameter. An empty
+/// list lets nothing through. Linear in the target's length per pattern (no backtracking: a
+/// long target sent to a flow costs it little).
+pub fn target_listed(patterns: &str, target: &str) -> bool {
+    patterns.split(',').map(str::trim).any(|p| !p.is_empty() && glob(p.as_bytes(), target.as_bytes()))
+}
+
+/// `*`-glob where `*` matches only [`target_listed`]'s run characters, by dynamic programming
+/// over the pattern (one row of states per target byte).
+fn glob(pattern: &[u8], target: &[u8]) -> bool {
+    let run = |b: u8| b.is_ascii_alphanumeric() || b"+-._~".contains(&b);
+    // `at[i]`: the first `i` pattern bytes match what has been read of the target.
+    let mut at = vec![false; pattern.len() + 1];
+    at[0] = true;
+    for i in 0..pattern.len() {
+        at[i + 1] = at[i] && pattern[i] == b'*';
+    }
+    for &byte in target {
+        let mut next = vec![false; pattern.len() + 1];
+        for i in 0..pattern.len() {
+            next[i + 1] = match pattern[i] {
+                // `*` takes this byte (staying at `*`) or, empty, lets the next byte match on.
+                b'*' => (at[i + 1] && run(byte)) || next[i],
+                c => at[i] && c == byte,
+            };
+        }
+        at = next;
+    }
+    at[pattern.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::target_listed;
+
+    #[test]
+    fn only_listed_targets_pass() {
+        let list = "sip:human@pbx.example.com, sip:*@desk.example.com:5070";
+        assert!(target_listed(list, "sip:human@pbx.example.com"));
+        assert!(target_listed(list, "sip:+4930123@desk.example.com:5070"));
+        for target in [
+            "sip:human@pbx.example.com:5080",
+            "sip:x@evil.example;a=@desk.example.com:5070",
+            "sip:x@evil.example:5070@desk.example.com:5070",
+            "sip:@desk.example.com:5070x",
+            "trunk:carrier/+19005550100",
+            "tel:+19005550100",
+        ] {
+            assert!(!target_listed(list, target), "{target}");
+        }
+        assert!(target_listed("sip:*@desk.example.com:5070", "sip:@desk.example.com:5070"), "* may be empty");
+        assert!(target_listed("*", "abc") && !target_listed("*", "a@b"));
+        assert!(!target_listed("", "sip:human@pbx.example.com"), "no list: nothing passes");
+        // Many stars against a long target: linear, not exponential.
+        let long = "a".repeat(100_000);
+        assert!(!target_listed("*a*a*a*a*a*a*a*a*b", &long));
+    }
+}

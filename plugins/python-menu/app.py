@@ -180,7 +180,7 @@ _RUN = re.compile(r"[A-Za-z0-9+._~-]*")
 
 def listed(patterns: str, target: str) -> bool:
     """Whether `target` (sent by the agent, so from the network) is one of the comma-separated
-    `patterns`; `*` stands for a run of letters, digits and `+-._~` (as ivr-menu's `listed`)."""
+    `patterns`; `*` stands for a run of letters, digits and `+-._~` (as the Rust SDK's `target_listed`)."""
     for pattern in (p.strip() for p in patterns.split(",")):
         if pattern and re.fullmatch(_RUN.pattern.join(map(re.escape, pattern.split("*"))), target, re.ASCII):
             return True

@@ -159,6 +159,50 @@ pub fn start_patchbay_with(extra: &str, flows: &str) -> Patchbay {
     launch(dir, port, &config)
 }
 
+/// Starts Patchbay serving `echo` to tenant `secure` on 127.0.0.1, which challenges every
+/// caller (digest, realm `patchbay.test`, user `alice` with password `s3cret`, MD5 only: sipp
+/// and SIPVicious know nothing else) and writes CDRs to `cdr.jsonl`.
+pub fn start_challenging_patchbay() -> Patchbay {
+    let port = free_port();
+    let config = format!(
+        "[sip]\nlisten = [\"udp:127.0.0.1:{port}\"]\n\
+         [cdr]\npath = \"cdr.jsonl\"\n\
+         [[tenant]]\nid = \"secure\"\ndomains = [\"127.0.0.1\"]\n\
+         [tenant.auth]\nrealm = \"patchbay.test\"\nusers = {{ alice = \"s3cret\" }}\n\
+         # sipp answers only the first challenge and knows only MD5.\n\
+         algorithms = [\"MD5\"]\n\
+         [[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n"
+    );
+    launch(tempfile::tempdir().expect("tempdir"), port, &config)
+}
+
+/// One sipp call to [`start_challenging_patchbay`]'s `echo` as `alice` with `password`, sent
+/// from `local_ip` (any 127.0.0.0/8 address: a source of its own). Returns whether sipp
+/// succeeded, and its output.
+pub fn sipp_digest_call(pb: &Patchbay, local_ip: &str, password: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new("sipp")
+        .current_dir(dir.path())
+        .args(["-sf", &scenario("uac_digest.xml"), &format!("127.0.0.1:{}", pb.port)])
+        .args(["-s", "echo", "-i", local_ip, "-p", &free_port().to_string()])
+        .args(["-mp", &free_port().to_string(), "-m", "1", "-timeout", "30", "-timeout_error", "-nostdin"])
+        // sipp's digest `uri` defaults to host:port; the server checks it against the
+        // Request-URI (RFC 7616 §3.4.6), so give sipp the real one.
+        .args(["-au", "alice", "-ap", password, "-auth_uri", &format!("echo@127.0.0.1:{}", pb.port)])
+        .args(["-trace_err"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sipp (Debian package sip-tester; `cargo xtask test` installs it)");
+    let mut log = String::from_utf8_lossy(&out.stdout).into_owned();
+    log.push_str(&String::from_utf8_lossy(&out.stderr));
+    for entry in std::fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+        if entry.path().to_string_lossy().ends_with("_errors.log") {
+            log.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+        }
+    }
+    (out.status.success(), log)
+}
+
 /// A `[tenant.allow]` table for [`start_patchbay_with`]'s `flows`: the `dial` and `agents`
 /// entries given.
 pub fn allow(dial: &[&str], agents: &[&str]) -> String {

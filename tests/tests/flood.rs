@@ -6,10 +6,9 @@
 //! (`cargo test --test flood -- --nocapture`) and recorded in docs/security.md.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use patchbay_e2e::{Patchbay, free_port, launch, scenario};
+use patchbay_e2e::{sipp_digest_call, start_challenging_patchbay};
 
 const INVITES: u32 = 100_000;
 
@@ -26,21 +25,9 @@ fn memory_kib(pid: u32) -> (u64, u64) {
     (field("VmHWM:"), field("VmRSS:"))
 }
 
-fn start() -> Patchbay {
-    let port = free_port();
-    let config = format!(
-        "[sip]\nlisten = [\"udp:127.0.0.1:{port}\"]\n\
-         [cdr]\npath = \"cdr.jsonl\"\n\
-         [[tenant]]\nid = \"secure\"\ndomains = [\"127.0.0.1\"]\n\
-         [tenant.auth]\nrealm = \"patchbay.test\"\nusers = {{ alice = \"s3cret\" }}\nalgorithms = [\"MD5\"]\n\
-         [[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n"
-    );
-    launch(tempfile::tempdir().expect("tempdir"), port, &config)
-}
-
 #[test]
 fn a_spoofed_source_invite_flood_leaves_memory_bounded_and_the_next_call_working() {
-    let pb = start();
+    let pb = start_challenging_patchbay();
     std::thread::sleep(Duration::from_secs(1));
     let (_, before) = memory_kib(pb.pid());
     let target = SocketAddr::from(([127, 0, 0, 1], pb.port));
@@ -83,16 +70,6 @@ fn a_spoofed_source_invite_flood_leaves_memory_bounded_and_the_next_call_working
     // stateless challenge, would have held hundreds of MiB.)
     assert!(peak < before + 128 * 1024, "peak {peak} KiB against {before} KiB before the flood");
     // The next caller, from an address of its own, gets through.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let call = Command::new("sipp")
-        .current_dir(dir.path())
-        .args(["-sf", &scenario("uac_digest.xml"), &format!("127.0.0.1:{}", pb.port)])
-        .args(["-s", "echo", "-i", "127.0.0.2", "-p", &free_port().to_string()])
-        .args(["-mp", &free_port().to_string(), "-m", "1", "-timeout", "30", "-timeout_error", "-nostdin"])
-        .args(["-au", "alice", "-ap", "s3cret", "-auth_uri", &format!("echo@127.0.0.1:{}", pb.port)])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run sipp");
-    let log = String::from_utf8_lossy(&call.stdout).into_owned() + &String::from_utf8_lossy(&call.stderr);
-    assert!(call.status.success(), "the call after the flood failed:\n{log}");
+    let (ok, log) = sipp_digest_call(&pb, "127.0.0.2", "s3cret");
+    assert!(ok, "the call after the flood failed:\n{log}");
 }

@@ -5,7 +5,7 @@
 //! sipp scenario against it. sipp's exit status is the verdict: 0 means every message of the
 //! scenario arrived as written (wrong responses, missing BYEs or timeouts fail it).
 
-use patchbay_e2e::{Patchbay, free_port, launch, run_sipp, scenario, start_patchbay};
+use patchbay_e2e::{Patchbay, run_sipp, scenario, sipp_digest_call, start_challenging_patchbay, start_patchbay};
 
 fn sipp(pb: &Patchbay, service: &str, scenario_args: &[&str], calls: u32, extra: &[&str]) -> (bool, String) {
     run_sipp(pb.port, service, scenario_args, calls, extra)
@@ -57,29 +57,10 @@ fn hold_and_resume_by_reinvite() {
     assert_scenario("echo", "uac_hold_resume.xml");
 }
 
-/// Patchbay serving `echo` to a tenant that challenges every caller (no trusted sources).
-fn start_challenging_patchbay() -> Patchbay {
-    let port = free_port();
-    let config = format!(
-        "[sip]\nlisten = [\"udp:127.0.0.1:{port}\"]\n\
-         [cdr]\npath = \"cdr.jsonl\"\n\
-         [[tenant]]\nid = \"secure\"\ndomains = [\"127.0.0.1\"]\n\
-         [tenant.auth]\nrealm = \"patchbay.test\"\nusers = {{ alice = \"s3cret\" }}\n\
-         # sipp answers only the first challenge and knows only MD5.\n\
-         algorithms = [\"MD5\"]\n\
-         [[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n"
-    );
-    launch(tempfile::tempdir().expect("tempdir"), port, &config)
-}
-
 #[test]
 fn digest_challenge_then_authorised_call() {
     let pb = start_challenging_patchbay();
-    let xml = scenario("uac_digest.xml");
-    // sipp's digest `uri` defaults to host:port; the server checks it against the
-    // Request-URI (RFC 7616 §3.4.6), so give sipp the real one.
-    let auth_uri = format!("echo@127.0.0.1:{}", pb.port);
-    let (ok, log) = sipp(&pb, "echo", &["-sf", &xml], 1, &["-au", "alice", "-ap", "s3cret", "-auth_uri", &auth_uri]);
+    let (ok, log) = sipp_digest_call(&pb, "127.0.0.1", "s3cret");
     assert!(ok, "{log}");
 }
 
@@ -88,9 +69,7 @@ fn a_wrong_password_is_refused() {
     // The second INVITE carries credentials for the wrong password: it must get 403, which
     // sipp reports as an unexpected message.
     let pb = start_challenging_patchbay();
-    let xml = scenario("uac_digest.xml");
-    let auth_uri = format!("echo@127.0.0.1:{}", pb.port);
-    let (ok, log) = sipp(&pb, "echo", &["-sf", &xml], 1, &["-au", "alice", "-ap", "wrong", "-auth_uri", &auth_uri]);
+    let (ok, log) = sipp_digest_call(&pb, "127.0.0.1", "wrong");
     assert!(!ok, "a wrong password must not get the call through:\n{log}");
     assert!(log.contains("403 Forbidden"), "{log}");
     // One record, for the refusal; the 407 challenge before it writes none.

@@ -7,23 +7,10 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use patchbay_e2e::{Patchbay, free_port, launch, scenario};
+use patchbay_e2e::{Patchbay, free_port, sipp_digest_call, start_challenging_patchbay};
 
+/// `alice`'s password in [`start_challenging_patchbay`].
 const PASSWORD: &str = "s3cret";
-
-fn start() -> Patchbay {
-    let port = free_port();
-    let config = format!(
-        "[sip]\nlisten = [\"udp:127.0.0.1:{port}\"]\n\
-         [cdr]\npath = \"cdr.jsonl\"\n\
-         [[tenant]]\nid = \"secure\"\ndomains = [\"127.0.0.1\"]\n\
-         [tenant.auth]\nrealm = \"patchbay.test\"\nusers = {{ alice = \"{PASSWORD}\" }}\n\
-         # sipp and svcrack know only MD5: the attacker's best case.\n\
-         algorithms = [\"MD5\"]\n\
-         [[tenant.flow]]\nname = \"echo\"\nstock = \"echo\"\n"
-    );
-    launch(tempfile::tempdir().expect("tempdir"), port, &config)
-}
 
 /// Runs a SIPVicious tool for at most `limit`, from its own local port; returns its output.
 fn sipvicious(tool: &str, args: &[&str], pb: &Patchbay, limit: Duration) -> String {
@@ -50,7 +37,7 @@ fn wordlist(dir: &std::path::Path, name: &str, words: usize, password_at: usize)
 
 #[test]
 fn sipvicious_finds_no_user_and_no_password_and_callers_still_get_through() {
-    let pb = start();
+    let pb = start_challenging_patchbay();
     let dir = tempfile::tempdir().expect("tempdir");
 
     // svmap finds a SIP server (that is no secret: it answers OPTIONS).
@@ -83,15 +70,6 @@ fn sipvicious_finds_no_user_and_no_password_and_callers_still_get_through() {
     assert!(!log.contains("User not found") && !log.contains("The password for"), "svcrack got through:\n{log}");
 
     // The real user, calling from another address, is not locked out by the attack on her name.
-    let call = Command::new("sipp")
-        .current_dir(dir.path())
-        .args(["-sf", &scenario("uac_digest.xml"), &format!("127.0.0.1:{}", pb.port)])
-        .args(["-s", "echo", "-i", "127.0.0.2", "-p", &free_port().to_string()])
-        .args(["-mp", &free_port().to_string(), "-m", "1", "-timeout", "30", "-timeout_error", "-nostdin"])
-        .args(["-au", "alice", "-ap", PASSWORD, "-auth_uri", &format!("echo@127.0.0.1:{}", pb.port)])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run sipp");
-    let log = String::from_utf8_lossy(&call.stdout).into_owned() + &String::from_utf8_lossy(&call.stderr);
-    assert!(call.status.success(), "the real user's call failed after the attack:\n{log}");
+    let (ok, log) = sipp_digest_call(&pb, "127.0.0.2", PASSWORD);
+    assert!(ok, "the real user's call failed after the attack:\n{log}");
 }

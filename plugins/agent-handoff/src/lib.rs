@@ -24,7 +24,7 @@
 
 use patchbay_plugin_sdk::{
     AgentEnd, Call, CallError, DialOptions, Flow, FlowError, PlayOptions, agent_end_text, export_flow, finish, info,
-    var_or, warn,
+    target_listed, var_or, warn,
 };
 
 /// Variables passed to the agent as custom parameters: `agent.param.<name>`.
@@ -59,22 +59,6 @@ fn to_human(call: &Call) -> Result<(), FlowError> {
     Ok(())
 }
 
-/// Whether `target` (sent by the agent, so from the network) is one of the comma-separated
-/// `patterns` the flow's configuration lists. In a pattern `*` stands for a run of letters,
-/// digits and `+-._~` (never `@`, `:`, `;`, `/`), so it cannot reach another host or port.
-fn listed(patterns: &str, target: &str) -> bool {
-    fn glob(p: &[u8], t: &[u8]) -> bool {
-        match p.split_first() {
-            None => t.is_empty(),
-            Some((b'*', rest)) => (0..=t.len())
-                .take_while(|&i| i == 0 || t[i - 1].is_ascii_alphanumeric() || b"+-._~".contains(&t[i - 1]))
-                .any(|i| glob(rest, &t[i..])),
-            Some((c, rest)) => t.first() == Some(c) && glob(rest, &t[1..]),
-        }
-    }
-    patterns.split(',').map(str::trim).any(|p| !p.is_empty() && glob(p.as_bytes(), target.as_bytes()))
-}
-
 const DEFAULT_FALLBACK: &str = "sip:operator@127.0.0.1:5070";
 
 struct AgentHandoff;
@@ -104,7 +88,7 @@ impl Flow for AgentHandoff {
                 Ok(())
             }
             AgentEnd::TransferRequested(target) => {
-                if !listed(&call.get_var("agent.transfer-targets").unwrap_or_default(), &target) {
+                if !target_listed(&call.get_var("agent.transfer-targets").unwrap_or_default(), &target) {
                     warn(&format!("agent-handoff: transfer to {target} refused: not in agent.transfer-targets"));
                     let _ = call.set_var("agent.transfer-refused", "not in agent.transfer-targets");
                     return to_human(call);
@@ -129,25 +113,3 @@ impl Flow for AgentHandoff {
 }
 
 export_flow!(AgentHandoff);
-
-#[cfg(test)]
-mod tests {
-    use super::listed;
-
-    #[test]
-    fn only_listed_transfer_targets_pass() {
-        let list = "sip:human@pbx.example.com, sip:*@desk.example.com:5070";
-        assert!(listed(list, "sip:human@pbx.example.com"));
-        assert!(listed(list, "sip:+4930123@desk.example.com:5070"));
-        for target in [
-            "sip:human@pbx.example.com:5080",
-            "sip:x@evil.example;a=@desk.example.com:5070",
-            "sip:x@evil.example:5070@desk.example.com:5070",
-            "trunk:carrier/+19005550100",
-            "tel:+19005550100",
-        ] {
-            assert!(!listed(list, target), "{target}");
-        }
-        assert!(!listed("", "sip:human@pbx.example.com"), "no list: nothing passes");
-    }
-}

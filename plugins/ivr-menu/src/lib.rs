@@ -22,7 +22,7 @@
 
 use patchbay_plugin_sdk::{
     AgentEnd, Call, CallError, DialOptions, Flow, FlowError, MenuOptions, VoicemailOptions, export_flow, finish, info,
-    menu, var_or, voicemail, warn,
+    menu, target_listed, var_or, voicemail, warn,
 };
 
 /// The root menu's actions when the call has no variables for them.
@@ -77,22 +77,6 @@ fn setting_or<T: std::str::FromStr>(call: &Call, id: &str, name: &str, default: 
     setting(call, id, name).and_then(|v| v.trim().parse().ok()).unwrap_or(default)
 }
 
-/// Whether `target` (sent by the agent, so from the network) is one of the comma-separated
-/// `patterns` the flow's configuration lists. In a pattern `*` stands for a run of letters,
-/// digits and `+-._~` (never `@`, `:`, `;`, `/`), so it cannot reach another host or port.
-fn listed(patterns: &str, target: &str) -> bool {
-    fn glob(p: &[u8], t: &[u8]) -> bool {
-        match p.split_first() {
-            None => t.is_empty(),
-            Some((b'*', rest)) => (0..=t.len())
-                .take_while(|&i| i == 0 || t[i - 1].is_ascii_alphanumeric() || b"+-._~".contains(&t[i - 1]))
-                .any(|i| glob(rest, &t[i..])),
-            Some((c, rest)) => t.first() == Some(c) && glob(rest, &t[1..]),
-        }
-    }
-    patterns.split(',').map(str::trim).any(|p| !p.is_empty() && glob(p.as_bytes(), target.as_bytes()))
-}
-
 struct IvrMenu;
 
 impl Flow for IvrMenu {
@@ -134,7 +118,7 @@ impl Flow for IvrMenu {
                     info(&format!("ivr-menu: key {key} -> agent {url}"));
                     match call.agent(&url, &[])? {
                         AgentEnd::TransferRequested(target)
-                            if !listed(&call.get_var("menu.transfer-targets").unwrap_or_default(), &target) =>
+                            if !target_listed(&call.get_var("menu.transfer-targets").unwrap_or_default(), &target) =>
                         {
                             warn(&format!("ivr-menu: transfer to {target} refused: not in menu.transfer-targets"));
                             let _ = call.set_var("menu.transfer-refused", "not in menu.transfer-targets");
@@ -180,25 +164,3 @@ impl Flow for IvrMenu {
 }
 
 export_flow!(IvrMenu);
-
-#[cfg(test)]
-mod tests {
-    use super::listed;
-
-    #[test]
-    fn only_listed_transfer_targets_pass() {
-        let list = "sip:human@pbx.example.com, sip:*@desk.example.com:5070";
-        assert!(listed(list, "sip:human@pbx.example.com"));
-        assert!(listed(list, "sip:+4930123@desk.example.com:5070"));
-        for target in [
-            "sip:human@pbx.example.com:5080",
-            "sip:x@evil.example;a=@desk.example.com:5070",
-            "sip:x@evil.example:5070@desk.example.com:5070",
-            "trunk:carrier/+19005550100",
-            "tel:+19005550100",
-        ] {
-            assert!(!listed(list, target), "{target}");
-        }
-        assert!(!listed("", "sip:human@pbx.example.com"), "no list: nothing passes");
-    }
-}

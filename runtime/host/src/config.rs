@@ -86,7 +86,7 @@ impl Default for FlowLimits {
             log_bytes_per_run: 1 << 20,
             // A call may be long (a conference, an agent session); this only bounds a flow
             // that never returns.
-            max_wall_time: Duration::from_secs(4 * 60 * 60),
+            max_wall_time: Duration::from_secs(24 * 60 * 60),
             kv_writes_per_run: 1_000,
             kv_write_bytes_per_run: 4 << 20,
         }

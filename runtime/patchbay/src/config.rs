@@ -256,6 +256,9 @@ pub struct TenantConfig {
     pub memory_mb: Option<u32>,
     /// Per-call guest CPU budget in ms.
     pub cpu_budget_ms: Option<u64>,
+    /// Longest a call's flow may run, wall clock, in hours (default 24): a flow blocked
+    /// anywhere is ended then (CDR `wall-time-exceeded`). Raise it for calls that last days.
+    pub max_flow_hours: Option<u32>,
     /// The tenant's flows.
     #[serde(rename = "flow", default)]
     pub flows: Vec<Spanned<FlowConfig>>,

@@ -1097,8 +1097,14 @@ impl std::str::FromStr for TrustedSource {
             Some((address, prefix)) => (address, Some(prefix)),
             None => (rest, None),
         };
-        let network: std::net::IpAddr =
+        let written: std::net::IpAddr =
             address.parse().map_err(|_| format!("{entry:?}: not [tcp:|tls:]ADDRESS[/PREFIX]"))?;
+        // `::ffff:a.b.c.d` is an IPv4 address (sources are compared canonicalised); its prefix
+        // then counts IPv4 bits.
+        let network = written.to_canonical();
+        if written.is_ipv6() && network.is_ipv4() && prefix.is_some() {
+            return Err(format!("{entry:?}: write an IPv4 network as a.b.c.d/n"));
+        }
         let max = if network.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
@@ -1146,7 +1152,9 @@ mod trusted_tests {
         let tls: TrustedSource = "tls:2001:db8::/32".parse().expect("tls network");
         assert!(tls.matches(peer(Transport::Tls, "[2001:db8:1::5]:5061")));
         assert!(!tls.matches(peer(Transport::Tcp, "[2001:db8:1::5]:5061")));
-        for bad in ["10.0.0.0/33", "tcp:", "udp:1.2.3.4", "1.2.3.4/x"] {
+        let mapped: TrustedSource = "::ffff:203.0.113.5".parse().expect("mapped");
+        assert!(mapped.matches(peer(Transport::Udp, "203.0.113.5:5060")), "an IPv4-mapped entry is the IPv4 address");
+        for bad in ["10.0.0.0/33", "tcp:", "udp:1.2.3.4", "1.2.3.4/x", "::ffff:10.0.0.0/104"] {
             assert!(bad.parse::<TrustedSource>().is_err(), "{bad}");
         }
     }

@@ -103,6 +103,9 @@ impl Tenant {
         let limits = FlowLimits {
             memory_bytes: config.memory_mb.map_or(defaults.memory_bytes, |mb| (mb as usize) << 20),
             cpu_budget: config.cpu_budget_ms.map_or(defaults.cpu_budget, Duration::from_millis),
+            max_wall_time: config
+                .max_flow_hours
+                .map_or(defaults.max_wall_time, |h| Duration::from_secs(u64::from(h.max(1)) * 3_600)),
             ..defaults
         };
         let trunks = config

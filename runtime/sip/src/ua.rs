@@ -663,9 +663,10 @@ impl UserAgent {
 
     fn in_dialog(&mut self, now: Instant, id: TransactionId, peer: Peer, request: rsip::Request) {
         let Some(call) = self.dialog_of(&request) else {
-            // §12.2.2: a request for a dialog we do not have.
+            // §12.2.2: a request for a dialog we do not have; answered once, holding nothing
+            // (anyone can send these).
             let response = self.response(&request, 481, None, &[]);
-            let _ = self.layer.send_response(now, id, response);
+            let _ = self.layer.send_response_once(now, id, response);
             return;
         };
         // Carrying the whole dialog ID is not enough: it must come from the dialog's peer

@@ -533,3 +533,32 @@ fn a_cancel_from_another_address_does_not_cancel_the_call() {
     let (sent, _) = drain(&mut ua);
     assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![200, 487]);
 }
+
+#[test]
+fn a_forged_ack_leaves_the_2xx_retransmissions_and_the_ack_timeout_running() {
+    // The transaction layer stops retransmitting the 200 only for an ACK from where the INVITE
+    // came from: a forged one must not silence the call (no ACK timeout, media never released).
+    let mut ua = ua();
+    let t0 = Instant::now();
+    let (call, tag, _) = answered(&mut ua, t0, "");
+    let mallory = Peer { transport: Transport::Udp, addr: "203.0.113.66:5060".parse().unwrap() };
+    ua.handle_receive(t0, mallory, in_dialog("ACK", 1, "z9hG4bKforgedack", &tag));
+    drain(&mut ua);
+    // 200 OK retransmissions go on (T1, 2·T1, …).
+    let mut retransmitted = 0;
+    let mut now = t0;
+    while let Some(at) = ua.poll_timeout() {
+        if at > t0 + Duration::from_secs(40) {
+            break;
+        }
+        now = at;
+        ua.handle_timeout(at);
+        let (sent, events) = drain(&mut ua);
+        retransmitted += sent.iter().filter(|m| status(m) == 200).count();
+        if events.iter().any(|e| matches!(e, UaEvent::Ended { call: c, .. } if *c == call)) {
+            break;
+        }
+    }
+    assert!(retransmitted >= 5, "the 200 was retransmitted {retransmitted} times");
+    assert!(now >= t0 + Duration::from_secs(30), "the call ended by the ACK timeout (64·T1), not before");
+}

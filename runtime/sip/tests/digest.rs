@@ -499,6 +499,15 @@ fn a_foreign_nonce_is_no_password_oracle() {
     let bad = good.replace("6629FAE4", "6629FAE5");
     assert!(matches!(server.verify(T0, &get_index(), &[good], &store), Outcome::Challenge { stale: true, .. }));
     assert!(matches!(server.verify(T0, &get_index(), &[&bad], &store), Outcome::Challenge { stale: true, .. }));
+    // Nor are its other parameters: a spoofed request with a wrong `uri` or algorithm is not a
+    // rejection that could be counted against the address it claims.
+    let wrong_uri = good.replace("uri=\"/dir/index.html\"", "uri=\"/elsewhere\"");
+    assert!(matches!(server.verify(T0, &get_index(), &[&wrong_uri], &store), Outcome::Challenge { stale: true, .. }));
+    let wrong_algorithm = good.replace("qop=auth,", "algorithm=SHA-512-256, qop=auth,");
+    assert!(matches!(
+        server.verify(T0, &get_index(), &[&wrong_algorithm], &store),
+        Outcome::Challenge { stale: true, .. } | Outcome::Rejected(Rejection::Malformed(_))
+    ));
 }
 
 #[test]

@@ -93,7 +93,11 @@ impl CallerAuth {
             }
             Outcome::Rejected(reason) => {
                 tracing::info!(%tenant, from = %peer, ?reason, "caller failed digest authentication");
-                self.guesses.failed(now, source, user_key.as_deref(), known);
+                // Credentials that do not even parse carry no nonce proving where they came
+                // from (the source may be spoofed): refused, not counted against it.
+                if !matches!(reason, patchbay_sip::auth::Rejection::Malformed(_)) {
+                    self.guesses.failed(now, source, user_key.as_deref(), known);
+                }
                 Err((403, Vec::new()))
             }
         }
@@ -289,7 +293,8 @@ impl Endpoint {
         // Unanswered calls across tenants (RFC 3261 §21.5.4: 503 with Retry-After).
         let Some(pending) = routing.pending.hold() else {
             tracing::warn!(?call, tenant = %tenant.id, "too many unanswered calls: refused");
-            let _ = ua.reject_with(now, call, 503, &[rsip::Header::RetryAfter("5".into())]);
+            // Once, not retransmitted: a flood that fills the cap may come from spoofed sources.
+            let _ = ua.reject_unverified(now, call, 503, &[rsip::Header::RetryAfter("5".into())]);
             refused("pending-calls", 503);
             return;
         };

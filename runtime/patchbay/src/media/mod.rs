@@ -658,8 +658,22 @@ fn is_internal(ip: std::net::IpAddr) -> bool {
                 || a == 0
         }
         std::net::IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
-            v6.is_loopback() || v6.is_unspecified() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+            let segments = v6.segments();
+            let first = segments[0];
+            // IPv4 inside IPv6: NAT64 (64:ff9b::/96) and 6to4 (2002::/16) reach the IPv4
+            // address they carry.
+            let embedded = match segments {
+                [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => {
+                    Some(std::net::Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)))
+                }
+                [0x2002, hi, lo, ..] => Some(std::net::Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo))),
+                _ => None,
+            };
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || embedded.is_some_and(|v4| is_internal(std::net::IpAddr::V4(v4)))
         }
     }
 }
@@ -935,6 +949,8 @@ mod tests {
         let at = |s: &str| s.parse::<std::net::SocketAddr>().expect("addr");
         let stranger = MediaPeer { signalling: Some("203.0.113.9".parse().expect("ip")), private_media: false };
         for internal in [
+            "[64:ff9b::a00:5]:53",
+            "[2002:c0a8:101::1]:80",
             "127.0.0.1:6379",
             "10.0.0.5:53",
             "192.168.1.1:80",

@@ -436,10 +436,13 @@ impl Streams {
                             let _ = replies.try_send(b"\r\n".to_vec());
                         }
                         buf.drain(..len);
+                        deadline = None;
                     }
                     StreamFrame::Complete { len } => {
                         let endpoint_alive = self.on_message(&buf[..len], peer, replies).await;
                         buf.drain(..len);
+                        // The deadline is per message: the next one's starts with its bytes.
+                        deadline = None;
                         if !endpoint_alive {
                             return;
                         }

@@ -309,16 +309,19 @@ impl DigestServer {
             }
             Err(e) => return Outcome::Rejected(Rejection::Malformed(e)),
         };
-        if let Err(rejection) = self.check_parameters(&creds, request) {
-            return Outcome::Rejected(rejection);
-        }
         // A nonce we did not issue to this client (another secret, a restart, another address)
-        // proves nothing about who answers: the response is not examined, so it is no oracle
-        // for a guesser who never saw a challenge, and a `stale` challenge lets a client that
-        // knows the password retry without asking its user (RFC 7616 §3.3).
+        // proves nothing about who answers: nothing else is examined — not the response, not
+        // the other parameters — so it is no oracle for a guesser who never saw a challenge,
+        // and no rejection can be pinned on an address by spoofing it (every `Rejected` below
+        // comes from a client that received a challenge where it claims to be). A `stale`
+        // challenge lets a client that knows the password retry without asking its user
+        // (RFC 7616 §3.3).
         let nonce = self.nonce_state(now, &creds.nonce, request.client);
         if nonce == NonceState::Foreign {
             return self.stale(now, request.client);
+        }
+        if let Err(rejection) = self.check_parameters(&creds, request) {
+            return Outcome::Rejected(rejection);
         }
         let algorithm = creds.effective_algorithm();
         let Some(secret) = store.lookup(&creds.username, &self.config.realm, algorithm) else {

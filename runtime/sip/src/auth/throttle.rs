@@ -8,9 +8,11 @@
 //!   [`ThrottleConfig::free_failures`] failures pass; each one after that blocks the source for
 //!   twice as long as the last (1 s, 2 s, 4 s … up to [`ThrottleConfig::max_block`]), and a
 //!   blocked source's attempts are refused without being checked — a right password from it
-//!   is refused too, so the guesser learns nothing while blocked. A source's failures are
-//!   forgotten [`ThrottleConfig::forget_after`] after its last failure or block, and when it
-//!   authenticates.
+//!   is refused too, so the guesser learns nothing while blocked — except for a user that
+//!   authenticated from that address before (one phone with an old password does not lock out
+//!   the rest of an office behind the same NAT). A source's failures are forgotten
+//!   [`ThrottleConfig::forget_after`] after its last failure or block; authenticating (as
+//!   whoever) does not wash them out.
 //! - **Per user**: a bucket of [`ThrottleConfig::user_burst`] failures refilled one per
 //!   [`ThrottleConfig::user_refill`]. With it empty, an attempt on that user is refused
 //!   unchecked — unless it comes from an address that user authenticated from before, or from
@@ -138,7 +140,10 @@ impl GuessThrottle {
     pub fn check(&mut self, now: Instant, source: IpAddr, user: Option<&str>, known_user: bool) -> Verdict {
         let source = source_prefix(source);
         let record = self.source(source).copied();
-        if record.and_then(|r| r.blocked_until).is_some_and(|until| now < until) {
+        // The user's own address (it authenticated from it before) is not blocked by others'
+        // failures there: one phone with an old password does not lock out a whole office NAT.
+        let own_address = user.and_then(|u| self.users.get(u)).is_some_and(|r| r.known.contains(&source));
+        if !own_address && record.and_then(|r| r.blocked_until).is_some_and(|until| now < until) {
             self.refused += 1;
             return Verdict::Refuse;
         }
@@ -186,15 +191,11 @@ impl GuessThrottle {
         }
     }
 
-    /// The credentials were checked and were right: the source's failures are forgotten and
-    /// it becomes one of the user's known addresses.
+    /// The credentials were checked and were right: the source becomes one of the user's known
+    /// addresses (its failures stand: an account of one's own must not wash out guesses at
+    /// someone else's).
     pub fn succeeded(&mut self, now: Instant, source: IpAddr, user: &str) {
         let key = source_prefix(source);
-        let slot = self.slot(key);
-        if let Some(record) = self.sources.get_mut(slot).and_then(Option::as_mut).filter(|r| r.source == key) {
-            record.failures = 0;
-            record.blocked_until = None;
-        }
         let (burst, limit) = (self.config.user_burst, self.config.known_sources);
         let record = self.users.entry(user.to_owned()).or_insert_with(|| UserRecord {
             tokens: f64::from(burst),
@@ -284,6 +285,18 @@ mod tests {
         assert_eq!(throttle.check(now, attacker, None, false), Verdict::Refuse, "blocked whatever it sends");
         // Alice's own phone is not locked out by the attack on her name.
         assert_eq!(throttle.check(now, phone, Some("alice"), true), Verdict::Check);
+        // Authenticating as someone else from the attacker's address washes nothing out.
+        throttle.succeeded(now, attacker, "mallory");
+        assert_eq!(throttle.check(now, attacker, Some("alice"), true), Verdict::Refuse);
+        // Bob, who authenticated from the same (shared, NAT'd) address before, is not blocked
+        // by the failures there.
+        let mut shared = GuessThrottle::new(ThrottleConfig::default(), [7; 32]);
+        shared.succeeded(now, attacker, "bob");
+        for _ in 0..6 {
+            shared.failed(now, attacker, Some("alice"), true);
+        }
+        assert_eq!(shared.check(now, attacker, Some("alice"), true), Verdict::Refuse);
+        assert_eq!(shared.check(now, attacker, Some("bob"), true), Verdict::Check);
         // The block ends (1 s for the first failure over the free five).
         assert_eq!(throttle.check(now + Duration::from_secs(2), attacker, Some("alice"), true), Verdict::Check);
     }

@@ -164,6 +164,13 @@ const OVERLOAD_RETRY_AFTER_SECS: u32 = 5;
 
 /// Whether a response from `from` can answer a request sent to `to`: same transport, same
 /// address and port (IPv4-mapped IPv6 addresses compare as IPv4).
+/// Whether a request comes from the same sender as another: its address, and over UDP its port
+/// (over TCP/TLS a sender may open a new connection).
+fn same_sender(first: Peer, then: Peer) -> bool {
+    first.addr.ip().to_canonical() == then.addr.ip().to_canonical()
+        && (then.transport.is_reliable() || first.addr.port() == then.addr.port())
+}
+
 fn same_peer(to: Peer, from: Peer) -> bool {
     to.transport == from.transport
         && to.addr.port() == from.addr.port()
@@ -403,8 +410,17 @@ impl TransactionLayer {
             return;
         }
         if request.method == Method::Ack {
-            // No INVITE transaction: the ACK for a 2xx (§17.2.3 / §13.3.1.4).
-            if let Some(id) = dialog_ack_key(&request).ok().and_then(|k| self.awaiting_ack.remove(&k)) {
+            // No INVITE transaction: the ACK for a 2xx (§17.2.3 / §13.3.1.4). It stops the 2xx
+            // retransmissions only when it comes from where the INVITE did: an ACK from
+            // elsewhere (forged, or a source only the core may accept) leaves them and the ACK
+            // timeout running, and the core decides what it means.
+            let awaited = dialog_ack_key(&request).ok().and_then(|k| self.awaiting_ack.get(&k).map(|id| (k, *id)));
+            let from_invites_peer = awaited
+                .as_ref()
+                .and_then(|(_, id)| self.transactions.get(id))
+                .is_some_and(|tx| same_sender(tx.peer, peer));
+            if let Some((key, id)) = awaited.filter(|_| from_invites_peer) {
+                self.awaiting_ack.remove(&key);
                 if let Some(tx) = self.transactions.get_mut(&id) {
                     tx.retransmit_at = None;
                     tx.ack_key = None;
@@ -476,7 +492,12 @@ impl TransactionLayer {
             }
             State::InviteServer(InviteServerState::Accepted) if request.method == Method::Ack => {
                 // An RFC 2543 peer's ACK for our 2xx matches the INVITE's key (no branch to tell
-                // them apart): stop the 2xx retransmissions and pass it up (RFC 6026 §8.7).
+                // them apart): stop the 2xx retransmissions and pass it up (RFC 6026 §8.7) —
+                // when it comes from where the INVITE did (see `receive_request`).
+                if !same_sender(tx.peer, peer) {
+                    self.outputs.push_back(Output::Event(Event::Ack { peer, request }));
+                    return;
+                }
                 tx.retransmit_at = None;
                 if let Some((at, _)) = tx.deadline {
                     tx.deadline = Some((at, Deadline::End));
