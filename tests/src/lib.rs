@@ -211,6 +211,25 @@ pub fn allow(dial: &[&str], agents: &[&str]) -> String {
 }
 
 impl Patchbay {
+    /// Waits up to `timeout` for the process to exit by itself; its status, or `None` if it is
+    /// still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Sends SIGTERM, as an orchestrator stopping the service does.
+    pub fn terminate(&self) {
+        let status = Command::new("kill").arg(self.child.id().to_string()).status().expect("kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
     /// The process id (for /proc figures).
     pub fn pid(&self) -> u32 {
         self.child.id()

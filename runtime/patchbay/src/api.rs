@@ -55,6 +55,10 @@ pub struct ApiState {
     pub trunk_states: crate::trunk::TrunkStates,
     /// TLS for `https://` webhooks (public roots).
     pub webhook_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Set while draining (`/readyz`).
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Asks the process to drain (`POST /v1/drain`), as SIGTERM does.
+    pub drain: Arc<tokio::sync::Notify>,
 }
 
 /// The routes, ready to serve.
@@ -65,6 +69,9 @@ pub fn router(state: Arc<ApiState>) -> axum::Router {
         .route("/v1/cdrs", get(query_cdrs))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/reload", post(reload))
+        .route("/v1/drain", post(drain))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/v1/trunks", get(list_trunks))
         .route("/v1/flows", get(list_flows))
         .route("/v1/tenants", get(list_tenants))
@@ -493,6 +500,31 @@ async fn reload(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Resul
     }
 }
 
+/// `POST /v1/drain` (admin token): stop taking calls and exit once the calls up have ended, as
+/// SIGTERM does (`docs/operations.md`). Answered at once; `/readyz` turns 503.
+async fn drain(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if !matches!(authenticate(&state, &headers)?, Caller::Admin) {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "only the admin token drains"));
+    }
+    state.drain.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "draining": true }))).into_response())
+}
+
+/// `GET /healthz` (no token): the process is up and serving this listener.
+async fn healthz() -> Response {
+    (StatusCode::OK, "ok\n").into_response()
+}
+
+/// `GET /readyz` (no token): 200 while taking calls (listeners bound and flows loaded: the
+/// API starts after both), 503 while draining — for load balancers and orchestrators.
+async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
 /// `GET /v1/openapi.json`: the API described as OpenAPI 3.1 (no token needed).
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
@@ -695,6 +727,8 @@ mod tests {
             cdr: CdrSink::start(None),
             trunk_states: Default::default(),
             webhook_tls: None,
+            draining: Arc::default(),
+            drain: Arc::default(),
         })
     }
 

@@ -82,6 +82,9 @@ pub struct SipConfig {
     /// Retry-After.
     #[serde(default = "default_max_pending_calls")]
     pub max_pending_calls: usize,
+    /// Seconds a drain (SIGTERM, `POST /v1/drain`) lets the calls up run before ending them.
+    #[serde(default = "default_drain_timeout_secs")]
+    pub drain_timeout_secs: u64,
     /// `[sip.tls]`: the certificate `tls:` listeners present.
     pub tls: Option<TlsConfig>,
 }
@@ -109,6 +112,10 @@ fn default_max_connections() -> usize {
 
 fn default_max_connections_per_source() -> usize {
     64
+}
+
+fn default_drain_timeout_secs() -> u64 {
+    300
 }
 
 fn default_max_pending_calls() -> usize {

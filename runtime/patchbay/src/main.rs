@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use patchbay_host::{FlowEngine, FlowLimits, FlowRegistry, HostConfig};
+use patchbay_host::{FlowEngine, FlowRegistry, HostConfig};
 
 use crate::config::{Config, parse_listen};
 use toml::Spanned;
@@ -212,6 +212,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                 external_ip: config.sip.external_ip,
                 max_server_transactions: config.sip.max_server_transactions,
                 pending: call::PendingCalls::new(config.sip.max_pending_calls),
+                draining: Arc::default(),
                 media: media::MediaEngine::start().context("starting the media clock")?,
                 rtp_bind: config.media.rtp_bind.unwrap_or_else(|| {
                     config
@@ -296,6 +297,9 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
             }
             let cdrs = routing.cdr.clone();
             let (commands, command_rx) = tokio::sync::mpsc::unbounded_channel();
+            let drain_commands = commands.clone();
+            let drain_asked = Arc::new(tokio::sync::Notify::new());
+            let drain_timeout = Duration::from_secs(config.sip.drain_timeout_secs);
             // Each trunk's gate releases its queued originations; a tenant's cap on calls up at
             // once is shared by its trunks.
             for tenant in tenants.iter() {
@@ -323,6 +327,8 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                     cdr: routing.cdr.clone(),
                     trunk_states,
                     webhook_tls: transport::tls_client_config(None).ok(),
+                    draining: Arc::clone(&routing.draining),
+                    drain: Arc::clone(&drain_asked),
                 });
                 tokio::spawn(api::serve(listener, state));
             }
@@ -340,7 +346,25 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                 );
                 tokio::spawn(endpoint);
             }
-            wait_for_shutdown(&reloader).await;
+            let mut signals = Signals::install();
+            println!("Press Ctrl-C to stop.");
+            signals.stop(&reloader, &drain_asked).await;
+            // Drain: no new calls; the calls up end by themselves, until the deadline or a
+            // second signal (docs/operations.md).
+            let (done, drained) = tokio::sync::oneshot::channel();
+            if drain_commands.send(endpoint::Command::Drain { done }).is_ok() {
+                tracing::info!(
+                    deadline_secs = drain_timeout.as_secs(),
+                    "draining: new calls get 503; a second SIGTERM ends the calls up now"
+                );
+                let never = tokio::sync::Notify::new();
+                tokio::select! {
+                    _ = drained => {}
+                    () = tokio::time::sleep(drain_timeout) => tracing::warn!("drain deadline reached: ending the calls still up"),
+                    () = signals.stop(&reloader, &never) => tracing::info!("second signal: ending the calls up now"),
+                }
+            }
+            tracing::info!("shutting down");
             // Hang up every call and let their records be written before exiting.
             let (done, all_ended) = tokio::sync::oneshot::channel();
             if shutdown.send(done).is_ok() {
@@ -365,7 +389,7 @@ fn report(config: &Config, engine: &FlowEngine, registry: &FlowRegistry) {
     for (key, flow) in registry.list() {
         let tenant = config.tenants.iter().find(|t| t.id == key.tenant);
         let domain = tenant.and_then(|t| t.domains.first()).map_or("127.0.0.1", String::as_str);
-        let limits = tenant.map(tenant_limits).unwrap_or_default();
+        let limits = tenant.map(tenant::limits_of).unwrap_or_default();
         println!(
             "  tenant {:<8} flow {:<8} version {}  ->  sip:{}@{}:{}  (memory {} MiB, cpu budget {:?})",
             key.tenant,
@@ -453,52 +477,54 @@ fn default_storage_dir() -> PathBuf {
     }
 }
 
-/// The per-call limits a tenant's configuration asks for.
-fn tenant_limits(tenant: &config::TenantConfig) -> FlowLimits {
-    let defaults = FlowLimits::default();
-    FlowLimits {
-        memory_bytes: tenant.memory_mb.map_or(defaults.memory_bytes, |mb| (mb as usize) << 20),
-        cpu_budget: tenant.cpu_budget_ms.map_or(defaults.cpu_budget, Duration::from_millis),
-        ..defaults
-    }
+/// The signals that stop the process (SIGTERM, SIGINT) and reload it (SIGHUP).
+struct Signals {
+    terminate: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
-async fn wait_for_shutdown(reloader: &reload::Reloader) {
-    use tokio::signal::unix::{SignalKind, signal};
-    // The handlers are installed before saying we are ready: a SIGTERM (or SIGHUP) sent as soon
-    // as the line appears must find them (the default action would kill the process).
-    let watch = |kind: SignalKind, name: &str| match signal(kind) {
-        Ok(signal) => Some(signal),
-        Err(e) => {
-            tracing::warn!("cannot watch {name}: {e}");
-            None
-        }
-    };
-    let mut terminate = watch(SignalKind::terminate(), "SIGTERM");
-    let mut hangup = watch(SignalKind::hangup(), "SIGHUP");
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    println!("Press Ctrl-C to stop.");
-    async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
-        match signal.as_mut() {
-            Some(signal) => {
-                signal.recv().await;
+impl Signals {
+    /// Installed before saying we are ready: a SIGTERM (or SIGHUP) sent as soon as the line
+    /// appears must find them (the default action would kill the process).
+    fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let watch = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(signal) => Some(signal),
+            Err(e) => {
+                tracing::warn!("cannot watch {name}: {e}");
+                None
             }
-            None => std::future::pending::<()>().await,
+        };
+        Self {
+            terminate: watch(SignalKind::terminate(), "SIGTERM"),
+            interrupt: watch(SignalKind::interrupt(), "SIGINT"),
+            hangup: watch(SignalKind::hangup(), "SIGHUP"),
         }
     }
-    loop {
-        tokio::select! {
-            _ = &mut ctrl_c => break,
-            () = next(&mut terminate) => break,
-            () = next(&mut hangup) => {
-                // SIGHUP: reload the configuration, all or nothing (docs/tenants.md).
-                match reloader.reload().await {
-                    Ok(_) => {}
-                    Err(e) => tracing::error!("reload refused, the running configuration stays: {e}"),
+
+    /// Waits for SIGTERM or SIGINT, or for `asked` (the API's drain), reloading on SIGHUP
+    /// meanwhile (all or nothing, docs/tenants.md).
+    async fn stop(&mut self, reloader: &reload::Reloader, asked: &tokio::sync::Notify) {
+        async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal.as_mut() {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+        loop {
+            tokio::select! {
+                () = next(&mut self.terminate) => return,
+                () = next(&mut self.interrupt) => return,
+                () = asked.notified() => return,
+                () = next(&mut self.hangup) => {
+                    if let Err(e) = reloader.reload().await {
+                        tracing::error!("reload refused, the running configuration stays: {e}");
+                    }
                 }
             }
         }
     }
-    tracing::info!("shutting down");
 }

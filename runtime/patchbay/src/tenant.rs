@@ -99,15 +99,7 @@ impl Tenant {
         default_instances: u32,
     ) -> anyhow::Result<Self> {
         let max_instances = config.max_instances.unwrap_or(default_instances);
-        let defaults = FlowLimits::default();
-        let limits = FlowLimits {
-            memory_bytes: config.memory_mb.map_or(defaults.memory_bytes, |mb| (mb as usize) << 20),
-            cpu_budget: config.cpu_budget_ms.map_or(defaults.cpu_budget, Duration::from_millis),
-            max_wall_time: config
-                .max_flow_hours
-                .map_or(defaults.max_wall_time, |h| Duration::from_secs(u64::from(h.max(1)) * 3_600)),
-            ..defaults
-        };
+        let limits = limits_of(config);
         let trunks = config
             .trunks
             .iter()
@@ -310,6 +302,19 @@ impl Tenant {
         if self.max_instances == old.max_instances {
             self.instances = Arc::clone(&old.instances);
         }
+    }
+}
+
+/// The per-call flow limits a tenant's configuration asks for (memory, CPU budget, wall time).
+pub fn limits_of(config: &TenantConfig) -> FlowLimits {
+    let defaults = FlowLimits::default();
+    FlowLimits {
+        memory_bytes: config.memory_mb.map_or(defaults.memory_bytes, |mb| (mb as usize) << 20),
+        cpu_budget: config.cpu_budget_ms.map_or(defaults.cpu_budget, Duration::from_millis),
+        max_wall_time: config
+            .max_flow_hours
+            .map_or(defaults.max_wall_time, |h| Duration::from_secs(u64::from(h.max(1)) * 3_600)),
+        ..defaults
     }
 }
 

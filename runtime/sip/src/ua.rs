@@ -314,6 +314,8 @@ pub struct UserAgent {
     outputs: VecDeque<UaOutput>,
     /// See [`UserAgent::foreign_requests`].
     foreign_requests: u64,
+    /// See [`UserAgent::set_draining`].
+    draining: bool,
 }
 
 fn reason_phrase(code: u16) -> rsip::StatusCode {
@@ -346,6 +348,7 @@ impl UserAgent {
             listeners: HashMap::new(),
             outputs: VecDeque::new(),
             foreign_requests: 0,
+            draining: false,
         }
     }
 
@@ -420,6 +423,13 @@ impl UserAgent {
     /// [`crate::transaction::MAX_SERVER_TRANSACTIONS`]); beyond it requests get a stateless 503.
     pub fn set_max_server_transactions(&mut self, max: usize) {
         self.layer.set_max_server_transactions(max);
+    }
+
+    /// While draining, an out-of-dialog OPTIONS (a load balancer's health probe) is answered
+    /// `503` with `Retry-After`, so the balancer sends new calls elsewhere; everything in
+    /// dialogs goes on. (New INVITEs are the application's to refuse.)
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
     }
 
     /// Requests answered 503 so far because the server transactions were at their cap.
@@ -562,6 +572,12 @@ impl UserAgent {
         }
         match request.method {
             Method::Invite => self.new_call(now, id, peer, request),
+            Method::Options if self.draining => {
+                // A load balancer's probe (Kamailio's dispatcher pings with OPTIONS): not ready.
+                let retry = Header::RetryAfter("60".into());
+                let response = self.response(&request, 503, None, &[retry]);
+                let _ = self.layer.send_response_once(now, id, response);
+            }
             Method::Options => {
                 let response = self.response(&request, 200, None, &[]);
                 let _ = self.layer.send_response(now, id, response);

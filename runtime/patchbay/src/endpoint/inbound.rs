@@ -158,7 +158,7 @@ impl Endpoint {
         peer: patchbay_sip::transaction::Peer,
         request: Box<rsip::Request>,
     ) {
-        let Self { ua, calls, digest, engine, registry, routing, services, refusals, .. } = self;
+        let Self { ua, calls, digest, engine, registry, routing, services, refusals, draining, .. } = self;
         let host = request.uri.host_with_port.host.to_string();
         let uri_user = request.uri.auth.as_ref().map(|a| a.user.clone()).unwrap_or_default();
         // A carrier's call to one of a trunk's numbers (DIDs): by the request-URI's user,
@@ -232,6 +232,12 @@ impl Endpoint {
                 routing.cdr.write(cdr);
             }
         };
+        // Draining (SIGTERM, `POST /v1/drain`): new calls go elsewhere (RFC 3261 §21.5.4).
+        if *draining {
+            let _ = ua.reject_unverified(now, call, 503, &[rsip::Header::RetryAfter("60".into())]);
+            refused("draining", 503);
+            return;
+        }
         match (tenant.auth.as_ref(), trusted_trunk) {
             // The carrier calling its own DIDs from its own address.
             (_, Some(_)) => {}

@@ -62,6 +62,8 @@ pub struct Routing {
     pub max_server_transactions: usize,
     /// Unanswered inbound calls across tenants (`[sip] max_pending_calls`).
     pub pending: crate::call::PendingCalls,
+    /// Set while draining (`/readyz` answers 503).
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// The media engine (clock thread and frame pool).
     pub media: MediaEngine,
     /// Address RTP sockets bind to.
@@ -102,6 +104,9 @@ pub(crate) enum Command {
     },
     /// A trunk's registration or keep-alive.
     Trunk(crate::trunk::TrunkRequest),
+    /// Take no new calls (503 to INVITE and OPTIONS, trunks unregistered) and report once the
+    /// calls up now have ended and their records are written (`docs/operations.md`, drain).
+    Drain { done: oneshot::Sender<()> },
     /// Hang up every call and report when their records are written (or the grace is over).
     Shutdown { done: oneshot::Sender<()> },
 }
@@ -167,6 +172,8 @@ pub async fn run_endpoint(
         commands,
         services,
         shutdown: None,
+        drain: None,
+        draining: false,
         registrations: HashMap::new(),
         pings: HashMap::new(),
     };
@@ -179,6 +186,7 @@ pub async fn run_endpoint(
             }
         }
         endpoint.check_shutdown_done();
+        endpoint.check_drain_done();
         let deadline = endpoint.ua.poll_timeout().map(tokio::time::Instant::from_std);
         let grace = endpoint.shutdown.as_ref().map(|(_, at)| tokio::time::Instant::from_std(*at));
         tokio::select! {
@@ -238,6 +246,10 @@ struct Endpoint {
     services: crate::call::Services,
     /// Set by `Command::Shutdown`: whom to tell, and when to stop waiting.
     shutdown: Option<(oneshot::Sender<()>, std::time::Instant)>,
+    /// Set by `Command::Drain`: whom to tell once the calls up have ended.
+    drain: Option<oneshot::Sender<()>>,
+    /// Draining: new calls are refused.
+    draining: bool,
     /// Trunks' registrations: which (tenant, trunk) each is.
     registrations: HashMap<patchbay_sip::ua::RegRef, crate::trunk::TrunkKey>,
     /// Trunks' keep-alives waiting for an answer.
@@ -254,13 +266,13 @@ impl Endpoint {
                 }
                 self.bye(now, call);
             }
-            Command::Originate { origination, .. } if self.shutdown.is_some() => {
-                self.origination_failed(&origination.id, "Patchbay is shutting down".into());
+            Command::Originate { origination, .. } if self.shutdown.is_some() || self.draining => {
+                self.origination_failed(&origination.id, "Patchbay is draining or shutting down".into());
             }
             Command::Originate { origination, peer } => self.originate(now, origination, peer),
             Command::OriginationFailed { origination, reason } => self.origination_failed(&origination.id, reason),
             Command::HangupOrigination { id, reason } => self.hangup_origination(now, &id, reason),
-            Command::Trunk(TrunkRequest::Register { trunk, peer }) if self.shutdown.is_none() => {
+            Command::Trunk(TrunkRequest::Register { trunk, peer }) if self.shutdown.is_none() && !self.draining => {
                 self.register_trunk(now, &trunk, peer)
             }
             Command::Trunk(TrunkRequest::Register { .. }) => {}
@@ -268,15 +280,17 @@ impl Endpoint {
                 let ping = self.ua.ping(now, *ping);
                 self.pings.insert(ping, key);
             }
+            Command::Drain { done } => {
+                tracing::info!(calls = self.calls.len(), "draining: no new calls; waiting for the calls up to end");
+                self.draining = true;
+                self.routing.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.ua.set_draining(true);
+                self.unregister_trunks(now);
+                self.drain = Some(done);
+            }
             Command::Shutdown { done } => {
                 tracing::info!(calls = self.calls.len(), "shutting down: hanging up every call");
-                // Take our bindings off the carriers' registrars (RFC 3261 §10.2.2).
-                let registrations: Vec<_> = self.registrations.keys().copied().collect();
-                for reg in registrations {
-                    if let Err(e) = self.ua.unregister(now, reg) {
-                        tracing::debug!(?reg, "unregister: {e}");
-                    }
-                }
+                self.unregister_trunks(now);
                 let live: Vec<CallRef> = self.calls.keys().copied().collect();
                 for call in live {
                     if let Some(live) = self.calls.get_mut(&call) {
@@ -400,6 +414,30 @@ impl Endpoint {
             }
             Ok(()) => {}
             Err(e) => tracing::debug!(?call, "hangup: {e}"),
+        }
+    }
+
+    /// Takes our bindings off the carriers' registrars (RFC 3261 §10.2.2), so they send us no
+    /// new calls.
+    fn unregister_trunks(&mut self, now: std::time::Instant) {
+        let registrations: Vec<_> = self.registrations.keys().copied().collect();
+        for reg in registrations {
+            if let Err(e) = self.ua.unregister(now, reg) {
+                tracing::debug!(?reg, "unregister: {e}");
+            }
+        }
+    }
+
+    /// A drain is over once every call up when it began has ended and its record is written.
+    pub(super) fn check_drain_done(&mut self) {
+        if self.drain.is_some()
+            && self.calls.is_empty()
+            && self.ending.is_empty()
+            && self.legs.is_empty()
+            && let Some(done) = self.drain.take()
+        {
+            tracing::info!("drained: no calls left");
+            let _ = done.send(());
         }
     }
 
