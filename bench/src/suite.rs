@@ -151,8 +151,14 @@ impl Process {
 
     pub(crate) async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
-            // SIGTERM first: Patchbay hangs up and flushes.
+            // SIGTERM twice: the first starts a drain (calls up would be left to end on their
+            // own), the second makes Patchbay hang up at once and flush its records.
             // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            // SAFETY: as above.
             unsafe {
                 libc::kill(pid as libc::pid_t, libc::SIGTERM);
             }

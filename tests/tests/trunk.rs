@@ -587,9 +587,13 @@ fn a_queued_call_is_cancelled_by_delete_and_shutdown_leaves_one_record_per_call(
     // DELETE while it waits: cancelled at once, and never placed.
     let (status, _, cancelled) = http("DELETE", api, &format!("/v1/calls/{}", ids[1]), TOKEN, None);
     assert_eq!((status, cancelled["status"].as_str()), (200, Some("canceled")), "{cancelled}");
-    // SIGTERM: the ringing call is cancelled, the queued one refused; one record each.
+    // SIGTERM twice: the first drains (the ringing call would be left to ring out), the second
+    // shuts down at once: the ringing call is cancelled, the queued one refused; one record each.
     let pid = i32::try_from(pb.pid()).expect("pid");
     // SAFETY: sends a signal to the child this test started; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let cdrs = pb.settled_cdrs(3, Duration::from_secs(10));
     for id in &ids {
