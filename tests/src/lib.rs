@@ -94,14 +94,24 @@ impl Drop for Patchbay {
 /// Starts Patchbay with `config` (TOML text) written into `dir`, serving on `port`, and waits
 /// until it is ready.
 pub fn launch(dir: tempfile::TempDir, port: u16, config: &str) -> Patchbay {
+    spawn(dir, port, config, Stdio::inherit(), "warn")
+}
+
+/// [`launch`] with its log (stderr), at `info` level, going to `log`.
+pub fn launch_logging(dir: tempfile::TempDir, port: u16, config: &str, log: Stdio) -> Patchbay {
+    spawn(dir, port, config, log, "info")
+}
+
+fn spawn(dir: tempfile::TempDir, port: u16, config: &str, log: Stdio, level: &str) -> Patchbay {
     let path = dir.path().join("patchbay.toml");
     std::fs::write(&path, config).expect("write config");
     let mut child = patchbay(dir.path())
+        .env("RUST_LOG", level)
         .arg("run")
         .arg("--config")
         .arg(&path)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(log)
         .spawn()
         .expect("start patchbay");
     let stdout = child.stdout.take().expect("stdout");
@@ -147,6 +157,12 @@ pub fn start_patchbay() -> Patchbay {
 /// own flows, see [`allow`]; `{port}` in them is replaced by Patchbay's own port). `extra` is
 /// added before the tenant (top-level tables such as `[demo_agent]`).
 pub fn start_patchbay_with(extra: &str, flows: &str) -> Patchbay {
+    start_patchbay_logging(extra, flows, false)
+}
+
+/// [`start_patchbay_with`], its log (stderr) written to `patchbay.log` in its directory when
+/// `to_file` (see [`Patchbay::log`]).
+pub fn start_patchbay_logging(extra: &str, flows: &str, to_file: bool) -> Patchbay {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("chaos.wasm"), patchbay_stock_flows::fixtures::CHAOS).expect("write fixture");
     let port = free_port();
@@ -156,7 +172,11 @@ pub fn start_patchbay_with(extra: &str, flows: &str) -> Patchbay {
          [cdr]\npath = \"cdr.jsonl\"\n[storage]\ndir = \"storage\"\n{extra}\n\
          [[tenant]]\nid = \"test\"\ndomains = [\"127.0.0.1\"]\n{flows}\n"
     );
-    launch(dir, port, &config)
+    if !to_file {
+        return launch(dir, port, &config);
+    }
+    let log = std::fs::File::create(dir.path().join("patchbay.log")).expect("create the log file");
+    launch_logging(dir, port, &config, Stdio::from(log))
 }
 
 /// Starts Patchbay serving `echo` to tenant `secure` on 127.0.0.1, which challenges every
@@ -233,6 +253,11 @@ impl Patchbay {
     /// The process id (for /proc figures).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// What it logged so far, when started with its log going to a file.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("patchbay.log")).unwrap_or_default()
     }
 
     /// The call detail records written so far (one JSON object per line of `cdr.jsonl`).

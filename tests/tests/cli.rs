@@ -27,8 +27,11 @@ fn check_with_the_embedded_config_loads_the_stock_flows_and_says_what_is_missing
         assert!(stdout.contains(&format!("sip:{flow}@127.0.0.1:5060")), "{stdout}");
     }
     assert!(stdout.contains("SIP on udp:127.0.0.1:5060, tcp:127.0.0.1:5060."), "{stdout}");
-    // The embedded config has no trunks and no API: nothing about them is claimed.
-    assert!(!stdout.contains("trunk") && !stdout.contains("control API"), "{stdout}");
+    // The embedded config has no trunks (nothing about them is claimed) and serves the API's
+    // health checks and metrics on loopback.
+    assert!(!stdout.contains("trunk"), "{stdout}");
+    assert!(stdout.contains("control API on http://127.0.0.1:8080/v1/"), "{stdout}");
+    assert!(stdout.contains("metrics on http://127.0.0.1:8080/metrics"), "{stdout}");
     // The precompiled flows were cached for the next start.
     // (Beside them the install's cache key, `cache-key`.)
     let cached = std::fs::read_dir(dir.path().join("patchbay/flows"))
@@ -92,8 +95,26 @@ fn run_serves_until_sigterm() {
         }
     }
     assert!(seen.iter().any(|l| l.contains("Press Ctrl-C")), "{seen:?}");
+    // The embedded default serves the health checks and the metrics on 127.0.0.1:8080.
+    for (path, expect) in [("/healthz", "ok"), ("/readyz", "ready"), ("/metrics", "# EOF")] {
+        let (status, body) = get(8080, path);
+        assert_eq!(status, 200, "GET {path}: {body}");
+        assert!(body.contains(expect), "GET {path}: {body}");
+    }
     let status = std::process::Command::new("kill").arg(child.id().to_string()).status().expect("kill");
     assert!(status.success());
     let exit = child.wait().expect("wait");
     assert!(exit.success(), "{exit:?}");
+}
+
+/// `GET path` on 127.0.0.1:`port`: the status and the body.
+fn get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
 }

@@ -217,7 +217,7 @@ fn scan_of(path: &str, source: &str) -> Scan {
 /// `config` validates with the parsers of the types it builds (a trunk's address, a
 /// capability), which read their own configuration tables.
 const BINARY_LAYERS: &[&[&str]] = &[
-    &["cdr", "prompts", "recording", "random", "transport", "media"],
+    &["cdr", "metrics", "prompts", "recording", "random", "transport", "media"],
     &["config", "policy", "trunk", "resolve"],
     &["originate", "tenant", "webhook", "deploy"],
     &["agent", "dial", "reload"],

@@ -89,8 +89,8 @@ fn ensure_wasm_target() -> Result<(), String> {
 /// RTP interop tests, sox and espeak-ng for the G.711 conformance test (speech, and a reference
 /// encoder), tshark to capture what goes over the wire, baresip (core: no sound system) for
 /// SRTP against an outside implementation, SIPVicious for the scanner and password-guessing
-/// test.
-const TEST_TOOLS: [(&str, &str, &str); 7] = [
+/// test, Kamailio's dispatcher for the scale-out test.
+const TEST_TOOLS: [(&str, &str, &str); 8] = [
     ("sipp", "-v", "sip-tester"),
     // TLS in front of sipp (Debian's sipp is built without TLS) for the trunk tests.
     ("socat", "-V", "socat"),
@@ -99,6 +99,8 @@ const TEST_TOOLS: [(&str, &str, &str); 7] = [
     ("tshark", "--version", "tshark"),
     ("baresip", "-h", "baresip-core"),
     ("svcrack", "--version", "sipvicious"),
+    // The SIP load balancer in front of two nodes in the scale-out test.
+    ("kamailio", "-v", "kamailio"),
 ];
 
 /// The system benchmark's peers beyond [`TEST_TOOLS`] (sipp, and baresip as a conventional SIP

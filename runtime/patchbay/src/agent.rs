@@ -34,6 +34,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+
+use crate::metrics::METRICS;
 use std::time::{Duration, Instant};
 
 use patchbay_agent::{AgentEvent, AgentStream, ConnectOptions, StartInfo};
@@ -138,9 +140,11 @@ pub async fn run(
     if call.clock_link && endpoint.get(..5).is_some_and(|scheme| scheme.eq_ignore_ascii_case("ws://")) {
         return run_linked(call, endpoint, start, &options, caller_gone).await;
     }
-    let stream = patchbay_agent::connect_with(endpoint, start, &options)
-        .await
-        .map_err(|e| CallError::Unavailable(format!("agent {endpoint}: {e}")))?;
+    let stream = patchbay_agent::connect_with(endpoint, start, &options).await.map_err(|e| {
+        METRICS.agent_failures.inc();
+        CallError::Unavailable(format!("agent {endpoint}: {e}"))
+    })?;
+    METRICS.agent_sessions.inc();
     tracing::info!(%endpoint, stream_sid = %start.stream_sid, "agent connected");
     let sender = stream.sender();
     let AgentCall { media, pool, dtmf, played, marks, probe, .. } = call;
@@ -195,9 +199,11 @@ async fn run_linked(
     options: &ConnectOptions,
     caller_gone: impl Future<Output = ()>,
 ) -> Result<AgentEnd, CallError> {
-    let link = patchbay_agent::connect_link(endpoint, start, options)
-        .await
-        .map_err(|e| CallError::Unavailable(format!("agent {endpoint}: {e}")))?;
+    let link = patchbay_agent::connect_link(endpoint, start, options).await.map_err(|e| {
+        METRICS.agent_failures.inc();
+        CallError::Unavailable(format!("agent {endpoint}: {e}"))
+    })?;
+    METRICS.agent_sessions.inc();
     tracing::info!(%endpoint, stream_sid = %start.stream_sid, "agent connected (on the media clock)");
     let AgentCall { media, pool, dtmf, mut played, marks, probe, .. } = call;
     let wake = Arc::new(tokio::sync::Notify::new());

@@ -72,6 +72,7 @@ pub fn router(state: Arc<ApiState>) -> axum::Router {
         .route("/v1/drain", post(drain))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/trunks", get(list_trunks))
         .route("/v1/flows", get(list_flows))
         .route("/v1/tenants", get(list_tenants))
@@ -525,6 +526,51 @@ async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
     }
 }
 
+/// `GET /metrics` (no token): Prometheus metrics in the OpenMetrics text format
+/// (docs/operations.md, "Metrics"). Encoded off the async workers: with thousands of label
+/// sets it is a few milliseconds of work.
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    let encoded = tokio::task::spawn_blocking(move || {
+        use crate::metrics::{Scraped, TenantFigures, TrunkFigures};
+        let tenants = state.tenants.get();
+        let trunks = state.trunk_states.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Scraped {
+            flows: state.registry.records(None),
+            tenants: tenants
+                .iter()
+                .map(|t| TenantFigures {
+                    id: t.id.clone(),
+                    calls: t.live_calls(),
+                    instances_in_use: t.instances_in_use(),
+                    instance_slots: t.max_instances as usize,
+                })
+                .collect(),
+            // Registering trunks have a registration state; the others are not listed.
+            trunks: trunks
+                .iter()
+                .filter(|(_, state)| state.registration.is_some())
+                .map(|(key, state)| TrunkFigures {
+                    tenant: key.tenant.clone(),
+                    trunk: key.name.clone(),
+                    registered: state.registered,
+                })
+                .collect(),
+            draining: state.draining.load(std::sync::atomic::Ordering::Relaxed),
+        };
+        drop(trunks);
+        crate::metrics::METRICS.encode(&now)
+    })
+    .await;
+    match encoded {
+        Ok(text) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+            .into_response(),
+        Err(e) => {
+            tracing::error!("encoding the metrics: {e}");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
 /// `GET /v1/openapi.json`: the API described as OpenAPI 3.1 (no token needed).
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
@@ -724,7 +770,7 @@ mod tests {
             cdr_path: None,
             originations: Arc::default(),
             commands,
-            cdr: CdrSink::start(None),
+            cdr: CdrSink::start(crate::cdr::CdrOutput::default()),
             trunk_states: Default::default(),
             webhook_tls: None,
             draining: Arc::default(),

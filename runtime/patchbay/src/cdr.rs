@@ -113,21 +113,32 @@ pub struct CdrDraft {
     local_reason: Option<(String, &'static str)>,
     ended: Option<(SystemTime, Instant, SipEnd)>,
     flow_end: Option<FlowEnd>,
+    /// Counts the call in `patchbay_calls_active` while the draft lives (a call refused before
+    /// it reached a flow is not counted: what it asked for is no label).
+    _active: Option<crate::metrics::ActiveCall>,
 }
 
 impl CdrDraft {
     /// A call that has just been routed to a flow.
     pub fn new(info: &patchbay_host::CallInfo, flow_version: &str) -> Self {
+        let direction = match info.direction {
+            patchbay_host::Direction::Inbound => "inbound",
+            patchbay_host::Direction::Outbound => "outbound",
+        };
         Self {
+            _active: (!flow_version.is_empty()).then(|| {
+                crate::metrics::ActiveCall::start(crate::metrics::CallLabels {
+                    tenant: info.tenant.clone(),
+                    flow: info.flow.clone(),
+                    direction,
+                })
+            }),
             id: None,
             call_id: info.call_id.clone(),
             tenant: info.tenant.clone(),
             flow: info.flow.clone(),
             flow_version: flow_version.to_owned(),
-            direction: match info.direction {
-                patchbay_host::Direction::Inbound => "inbound",
-                patchbay_host::Direction::Outbound => "outbound",
-            },
+            direction,
             from: info.from.clone(),
             to: info.to.clone(),
             parent_call_id: None,
@@ -144,10 +155,25 @@ impl CdrDraft {
         &self.tenant
     }
 
+    /// The flow it was routed to.
+    pub fn flow(&self) -> &str {
+        &self.flow
+    }
+
+    /// Its SIP Call-ID.
+    pub fn call_id(&self) -> &str {
+        &self.call_id
+    }
+
     /// The record of an outbound leg this call's flow placed now (`call_id` is the leg's).
     /// A leg runs no flow of its own: its flow side is done from the start.
     pub fn leg(&self, call_id: &str, from: &str, to: &str) -> Self {
         Self {
+            _active: Some(crate::metrics::ActiveCall::start(crate::metrics::CallLabels {
+                tenant: self.tenant.clone(),
+                flow: self.flow.clone(),
+                direction: "outbound",
+            })),
             id: None,
             call_id: call_id.to_owned(),
             tenant: self.tenant.clone(),
@@ -182,7 +208,14 @@ impl CdrDraft {
 
     /// The call was answered now.
     pub fn answered(&mut self) {
-        self.answered.get_or_insert((SystemTime::now(), Instant::now()));
+        if self.answered.is_none() {
+            let at = Instant::now();
+            crate::metrics::METRICS
+                .call_setup
+                .get_or_create(&crate::metrics::DirectionLabel { direction: self.direction })
+                .observe(at.saturating_duration_since(self.started.1).as_secs_f64());
+            self.answered = Some((SystemTime::now(), at));
+        }
     }
 
     /// Whether the call was answered.
@@ -275,25 +308,111 @@ enum ToWriter {
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
+/// Where records go besides the log (`[cdr]`).
+#[derive(Debug, Clone, Default)]
+pub struct CdrOutput {
+    /// The JSON-lines file (none: records are only logged).
+    pub path: Option<PathBuf>,
+    /// Rotate the file once it holds this many bytes (0: never by size).
+    pub rotate_bytes: u64,
+    /// Rotate the file once it is this old (none: never by age).
+    pub rotate_every: Option<std::time::Duration>,
+    /// Each written line is also offered here (the webhook delivery), never waiting: when the
+    /// queue is full the line is only in the file, and counted.
+    pub tap: Option<mpsc::Sender<std::sync::Arc<str>>>,
+}
+
+/// The open CDR file and when it must be rotated.
+struct CdrFile {
+    path: PathBuf,
+    file: Option<tokio::fs::File>,
+    written: u64,
+    opened: Instant,
+    rotate_bytes: u64,
+    rotate_every: Option<std::time::Duration>,
+}
+
+impl CdrFile {
+    async fn open(path: PathBuf, rotate_bytes: u64, rotate_every: Option<std::time::Duration>) -> Self {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Err(e) = tokio::fs::create_dir_all(dir).await
+        {
+            tracing::error!(path = %path.display(), "cannot create the CDR directory: {e}");
+        }
+        let mut this = Self { path, file: None, written: 0, opened: Instant::now(), rotate_bytes, rotate_every };
+        this.reopen().await;
+        this
+    }
+
+    async fn reopen(&mut self) {
+        match tokio::fs::OpenOptions::new().create(true).append(true).open(&self.path).await {
+            Ok(f) => {
+                self.written = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+                self.file = Some(f);
+            }
+            Err(e) => {
+                self.file = None;
+                tracing::error!(path = %self.path.display(), "cannot open the CDR file (CDRs only logged): {e}");
+            }
+        }
+        self.opened = Instant::now();
+    }
+
+    /// Appends one line (flushed), rotating first when the file is due.
+    async fn append(&mut self, line: &str) -> std::io::Result<()> {
+        let by_size =
+            self.rotate_bytes > 0 && self.written > 0 && self.written + line.len() as u64 + 1 > self.rotate_bytes;
+        let by_age = self.rotate_every.is_some_and(|every| self.opened.elapsed() >= every) && self.written > 0;
+        if by_size || by_age {
+            self.rotate().await;
+        }
+        let Some(f) = self.file.as_mut() else {
+            return Err(std::io::Error::other("the CDR file is not open"));
+        };
+        // One write of the whole line: a reader never sees half of it after a crash mid-call
+        // of write(2) on a local file system.
+        let mut bytes = Vec::with_capacity(line.len() + 1);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+        f.write_all(&bytes).await?;
+        f.flush().await?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Renames the file to `NAME.<UTC time>.EXT` (the time it was rotated; `-2`, `-3` … when
+    /// that name is taken) and opens a fresh one. Lines are written by this task only, between
+    /// rotations, so none is lost or split across two files.
+    async fn rotate(&mut self) {
+        if let Some(mut f) = self.file.take() {
+            let _ = f.flush().await;
+        }
+        let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace([':', '-'], "");
+        let stem = self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let ext = self.path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+        let mut target = self.path.with_file_name(format!("{stem}.{stamp}{ext}"));
+        let mut n = 2;
+        while tokio::fs::try_exists(&target).await.unwrap_or(false) {
+            target = self.path.with_file_name(format!("{stem}.{stamp}-{n}{ext}"));
+            n += 1;
+        }
+        match tokio::fs::rename(&self.path, &target).await {
+            Ok(()) => tracing::info!(to = %target.display(), "CDR file rotated"),
+            Err(e) => tracing::error!(path = %self.path.display(), "rotating the CDR file: {e}"),
+        }
+        self.reopen().await;
+    }
+}
+
 impl CdrSink {
-    /// Starts the writer task. `path`: the file to append to (none: log only).
-    pub fn start(path: Option<PathBuf>) -> Self {
+    /// Starts the writer task: records go to the log, the file (rotated) and the tap.
+    pub fn start(output: CdrOutput) -> Self {
         let (records, mut rx) = mpsc::unbounded_channel::<ToWriter>();
         tokio::spawn(async move {
-            let mut file = None;
-            if let Some(path) = &path {
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-                    && let Err(e) = tokio::fs::create_dir_all(dir).await
-                {
-                    tracing::error!(path = %path.display(), "cannot create the CDR directory: {e}");
-                }
-                match tokio::fs::OpenOptions::new().create(true).append(true).open(path).await {
-                    Ok(f) => file = Some(f),
-                    Err(e) => {
-                        tracing::error!(path = %path.display(), "cannot open the CDR file (CDRs only logged): {e}")
-                    }
-                }
-            }
+            let mut file = match output.path {
+                Some(path) => Some(CdrFile::open(path, output.rotate_bytes, output.rotate_every).await),
+                None => None,
+            };
             while let Some(message) = rx.recv().await {
                 let cdr = match message {
                     ToWriter::Record(cdr) => cdr,
@@ -309,16 +428,19 @@ impl CdrSink {
                         continue;
                     }
                 };
-                tracing::info!(target: "patchbay::cdr", "{line}");
-                if let Some(f) = file.as_mut() {
-                    let written = async {
-                        f.write_all(line.as_bytes()).await?;
-                        f.write_all(b"\n").await?;
-                        f.flush().await
-                    };
-                    if let Err(e) = written.await {
-                        tracing::error!(call_id = %cdr.call_id, "writing the CDR failed: {e}");
-                    }
+                tracing::info!(target: "patchbay::cdr", tenant = %cdr.tenant, flow = %cdr.flow, call_id = %cdr.call_id, "{line}");
+                crate::metrics::METRICS.record_ended(&cdr);
+                crate::metrics::METRICS.cdrs_written.inc();
+                if let Some(file) = file.as_mut()
+                    && let Err(e) = file.append(&line).await
+                {
+                    crate::metrics::METRICS.cdr_failures.inc();
+                    tracing::error!(call_id = %cdr.call_id, "writing the CDR failed: {e}");
+                }
+                if let Some(tap) = &output.tap
+                    && tap.try_send(line.into()).is_err()
+                {
+                    crate::metrics::METRICS.cdr_deliveries_dropped.inc();
                 }
             }
         });

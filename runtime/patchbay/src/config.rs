@@ -40,6 +40,9 @@ pub struct Config {
     pub demo_agent: DemoAgentConfig,
     /// The HTTP control API (off without this table).
     pub api: Option<ApiConfig>,
+    /// Log format and SIP message tracing.
+    #[serde(default)]
+    pub log: LogConfig,
     /// Tenants; at least one.
     #[serde(rename = "tenant", default)]
     pub tenants: Vec<TenantConfig>,
@@ -221,12 +224,88 @@ impl Default for FlowsConfig {
 }
 
 /// `[cdr]`: one JSON line per call.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CdrConfig {
     /// Append CDRs to this file (relative to the config file). Without it they are logged
     /// (target `patchbay::cdr`) only.
     pub path: Option<PathBuf>,
+    /// Rotate the file when it would grow beyond this many KiB (0: never by size). Default
+    /// 102400 (100 MiB).
+    #[serde(default = "default_rotate_kb")]
+    pub rotate_kb: u64,
+    /// Rotate the file once it is this many hours old (0, the default: never by age).
+    #[serde(default)]
+    pub rotate_hours: u64,
+    /// Also `POST` each record (its JSON line) to this `http://` or `https://` URL, retried
+    /// with back-off (docs/calls.md, "CDR delivery").
+    pub webhook: Option<Spanned<String>>,
+    /// Signs each delivery (`X-Patchbay-Signature: sha256=HMAC`) ...
+    pub webhook_secret: Option<Secret>,
+    /// ... or the environment variable that holds the secret.
+    pub webhook_secret_env: Option<Spanned<String>>,
+}
+
+fn default_rotate_kb() -> u64 {
+    102_400
+}
+
+impl Default for CdrConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            rotate_kb: default_rotate_kb(),
+            rotate_hours: 0,
+            webhook: None,
+            webhook_secret: None,
+            webhook_secret_env: None,
+        }
+    }
+}
+
+/// `[log]`: how the log is written (docs/operations.md, "Logs").
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `plain` (default: one human-readable line per event, coloured only on a terminal) or
+    /// `json` (one JSON object per line).
+    #[serde(default)]
+    pub format: LogFormat,
+    /// Log every SIP message sent and received, whole (target `patchbay::sip_trace`, at info
+    /// level), with credentials masked.
+    #[serde(default)]
+    pub sip_trace: bool,
+    /// With `sip_trace`: only messages to or from these (`[tcp:|tls:]ADDR[/PREFIX]`); empty
+    /// traces every peer.
+    #[serde(default)]
+    pub sip_trace_sources: Vec<crate::policy::TrustedSource>,
+}
+
+/// `[log] format`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The `[log]` table of the file at `path` (the embedded default's without one), read before
+/// the whole file is (the log is set up first, so that loading can log). A file that does not
+/// parse gives the default here; loading it whole then reports the error with its line.
+pub fn log_settings(path: Option<&std::path::Path>) -> LogConfig {
+    #[derive(Deserialize)]
+    struct OnlyLog {
+        #[serde(default)]
+        log: LogConfig,
+    }
+    let text = match path {
+        Some(path) => std::fs::read_to_string(path).unwrap_or_default(),
+        None => DEFAULT.to_owned(),
+    };
+    toml::from_str::<OnlyLog>(&text).map(|only| only.log).unwrap_or_default()
 }
 
 /// `[storage]`.
@@ -672,6 +751,24 @@ impl Config {
                             ),
                         ));
                     }
+                }
+            }
+        }
+        {
+            let cdr = &mut config.cdr;
+            secret_from_env(&mut cdr.webhook_secret, &cdr.webhook_secret_env, "cdr.webhook_secret")
+                .map_err(|(span, m)| error(span, m))?;
+            if let Some(url) = &cdr.webhook {
+                let text = url.get_ref();
+                let parsed = text.parse::<hyper::Uri>().ok().filter(|u| {
+                    matches!(u.scheme_str(), Some("http" | "https"))
+                        && u.authority().is_some_and(|a| !a.as_str().contains('@'))
+                });
+                if parsed.is_none() {
+                    return Err(error(
+                        Some(url.span()),
+                        format!("cdr.webhook: {text:?} is not an http:// or https:// URL"),
+                    ));
                 }
             }
         }

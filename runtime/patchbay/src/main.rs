@@ -23,6 +23,7 @@ mod dial;
 mod endpoint;
 mod flows_cli;
 mod media;
+mod metrics;
 mod originate;
 mod policy;
 mod prompts;
@@ -117,13 +118,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let log = match &cli.command {
+        Command::Run { config } | Command::Check { config } => config::log_settings(config.as_deref()),
+        _ => config::LogConfig::default(),
+    };
+    init_log(log.format);
     let result = match cli.command {
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT);
@@ -157,6 +156,21 @@ fn main() -> ExitCode {
             eprintln!("patchbay: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// The log: to stderr, filtered by `RUST_LOG` (default `info`); plain lines (coloured only
+/// when stderr is a terminal, so a file or journald gets no escape codes) or JSON objects, one
+/// per line, each with the fields of the spans it is in (a flow's lines: the call's tenant,
+/// flow and Call-ID).
+fn init_log(format: config::LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        config::LogFormat::Plain => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        config::LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
     }
 }
 
@@ -227,11 +241,27 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                 srtp: config.media.srtp,
                 srtp_over_plain: config.media.srtp_over_plain,
                 ptime_ms: config.media.ptime_ms,
-                cdr: cdr::CdrSink::start(config.cdr.path.as_ref().map(|p| config.base_dir.join(p))),
+                cdr: cdr::CdrSink::start(cdr::CdrOutput {
+                    path: config.cdr.path.as_ref().map(|p| config.base_dir.join(p)),
+                    rotate_bytes: config.cdr.rotate_kb.saturating_mul(1024),
+                    rotate_every: (config.cdr.rotate_hours > 0)
+                        .then(|| Duration::from_secs(config.cdr.rotate_hours.saturating_mul(3600))),
+                    tap: match &config.cdr.webhook {
+                        Some(url) => {
+                            let url = url.get_ref();
+                            let tls = transport::tls_client_config(None).ok();
+                            let hook = webhook::Webhook::new(url, std::slice::from_ref(url), config.cdr.webhook_secret.clone(), tls)
+                                .context("[cdr] webhook")?;
+                            Some(webhook::deliver_cdrs(hook))
+                        }
+                        None => None,
+                    },
+                }),
                 storage: match &config.storage.dir {
                     Some(dir) => config.base_dir.join(dir),
                     None => default_storage_dir(),
                 },
+                sip_trace: endpoint::SipTrace::new(config.log.sip_trace, config.log.sip_trace_sources.clone()),
             });
             let (inbound, inbound_rx) = tokio::sync::mpsc::channel(config.sip.queue_depth);
             let streams = transport::Streams::new(
@@ -422,6 +452,10 @@ fn report(config: &Config, engine: &FlowEngine, registry: &FlowRegistry) {
     }
     if let Some(api) = &config.api {
         println!("control API on http://{}/v1/ (see docs/api.md)", api.listen);
+        println!(
+            "metrics on http://{0}/metrics, health checks on http://{0}/healthz and /readyz (see docs/operations.md)",
+            api.listen
+        );
     }
     println!(
         "Media: G.711 (PCMU/PCMA) over RTP or SRTP (SDES), RFC 4733 / in-band / SIP INFO DTMF, prompts, recording, \

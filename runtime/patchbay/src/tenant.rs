@@ -171,6 +171,11 @@ impl Tenant {
         self.live.load(Ordering::Relaxed)
     }
 
+    /// Flow instance slots of its share held now.
+    pub fn instances_in_use(&self) -> usize {
+        (self.max_instances as usize).saturating_sub(self.instances.available_permits())
+    }
+
     /// Whether a request-URI's host names this tenant.
     pub fn serves_domain(&self, host: &str) -> bool {
         self.domains.iter().any(|d| d.eq_ignore_ascii_case(host))

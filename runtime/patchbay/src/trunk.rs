@@ -40,6 +40,9 @@ use crate::config::{Secret, SrtpMode, TrunkConfig, TrunkTransport};
 pub struct TrunkState {
     /// `registering`, `registered for …`, `failed: 403 Forbidden, next attempt in …`.
     pub registration: Option<String>,
+    /// Whether the registration holds now (the `patchbay_trunk_registered` metric).
+    #[serde(skip)]
+    pub registered: bool,
     /// The last OPTIONS keep-alive: `answered 200` or `unanswered`.
     pub keepalive: Option<String>,
     /// The registrar's Service-Route (RFC 3608): preloaded as Route on the trunk's calls.

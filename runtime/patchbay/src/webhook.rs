@@ -182,6 +182,45 @@ where
     Ok(status)
 }
 
+/// Records queued for the CDR webhook; beyond it a record is only in the file (counted in
+/// `patchbay_cdr_deliveries_dropped_total`).
+pub const CDR_QUEUE: usize = 10_000;
+/// Tries per record before it is given up (counted in `patchbay_cdr_delivery_failures_total`):
+/// 1 s, 2 s, 4 s … apart, at most [`CDR_BACKOFF_MAX`], about ten minutes in all.
+const CDR_ATTEMPTS: u32 = 15;
+const CDR_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// Delivers CDRs (`[cdr] webhook`): each record's JSON line is `POST`ed, in order, one at a
+/// time, until the receiver answers 2xx, tried [`CDR_ATTEMPTS`] times with doubling back-off.
+/// At least once: a delivery whose answer was lost is sent again, so receivers deduplicate by
+/// the record's `id`. Returns where the CDR writer offers lines (see `CdrOutput::tap`).
+pub fn deliver_cdrs(hook: Webhook) -> mpsc::Sender<Arc<str>> {
+    let (lines, mut queue) = mpsc::channel::<Arc<str>>(CDR_QUEUE);
+    tokio::spawn(async move {
+        while let Some(line) = queue.recv().await {
+            let mut wait = Duration::from_secs(1);
+            for attempt in 1..=CDR_ATTEMPTS {
+                match tokio::time::timeout(TIMEOUT, hook.post(line.as_bytes())).await {
+                    Ok(Ok(())) => {
+                        crate::metrics::METRICS.cdr_deliveries.inc();
+                        break;
+                    }
+                    Ok(Err(e)) => tracing::warn!(attempt, "CDR {e}"),
+                    Err(_) => tracing::warn!(attempt, to = %hook.shown(), "CDR delivery timed out"),
+                }
+                if attempt == CDR_ATTEMPTS {
+                    crate::metrics::METRICS.cdr_delivery_failures.inc();
+                    tracing::error!(to = %hook.shown(), "CDR not delivered after {CDR_ATTEMPTS} tries (it is in the CDR file)");
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(CDR_BACKOFF_MAX);
+            }
+        }
+    });
+    lines
+}
+
 /// `sha256=HEX` of the HMAC-SHA256 of `body` under `secret`.
 pub fn signature(secret: &str, body: &[u8]) -> String {
     // HMAC takes a key of any length (RFC 2104 §2): this cannot fail.

@@ -437,6 +437,11 @@ impl UserAgent {
         self.layer.overloaded()
     }
 
+    /// Live transactions, server and client.
+    pub fn transactions(&self) -> usize {
+        self.layer.len()
+    }
+
     /// Responses dropped so far because they did not come from where their request went
     /// (RFC 3261 §18.1.2; forged or misdirected).
     pub fn foreign_responses(&self) -> u64 {

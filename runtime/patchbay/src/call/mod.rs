@@ -35,6 +35,7 @@ mod handle;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use patchbay_host::{
     CallError, CallInfo, Direction, Dtmf, FlowCall, FlowEngine, FlowError, FlowOutcome, HangupCause, Header,
@@ -313,6 +314,9 @@ pub(crate) fn start(
     };
     let listed = services.live.add(call, summary);
     let answered = agreed.is_some();
+    // What the flow's task logs (and the host logs for it, the flow's own `log` lines
+    // included) carries the call's tenant, flow and Call-ID.
+    let span = tracing::info_span!("call", tenant = %info.tenant, flow = %info.flow, call_id = %info.call_id);
     let handle = Arc::new(CallHandle {
         call,
         info,
@@ -334,11 +338,14 @@ pub(crate) fn start(
     // stopped after its call, the call still gets its FlowDone (and so its hang-up and its
     // record). The tenant's instance slot is held for as long as the instance lives.
     let engine = Arc::clone(engine);
-    let task = tokio::spawn(async move {
-        let exit = engine.run(&flow, flow_call).await;
-        drop(instance);
-        exit
-    });
+    let task = tokio::spawn(
+        async move {
+            let exit = engine.run(&flow, flow_call).await;
+            drop(instance);
+            exit
+        }
+        .instrument(span),
+    );
     calls.insert(
         call,
         Call {

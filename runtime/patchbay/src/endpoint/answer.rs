@@ -40,7 +40,15 @@ pub(super) fn answer(
     match patchbay_sip::sdp::answer(&offer, &local) {
         Ok(negotiated) => {
             let srtp = negotiated.srtp.as_ref().map(|p| p.suite.name()).unwrap_or("off");
-            tracing::info!(?call, codec = negotiated.codec.name(), remote = %negotiated.remote_rtp, srtp, "answering");
+            tracing::info!(
+                tenant = live.cdr.tenant(),
+                flow = live.cdr.flow(),
+                call_id = live.cdr.call_id(),
+                codec = negotiated.codec.name(),
+                remote = %negotiated.remote_rtp,
+                srtp,
+                "answering"
+            );
             let peer = crate::media::MediaPeer {
                 signalling: ua.peer(call).map(|p| p.addr.ip()),
                 private_media: routing.tenants.get().get(live.cdr.tenant()).is_some_and(|t| t.allow.private_media()),

@@ -23,6 +23,9 @@
 mod answer;
 mod inbound;
 mod outbound;
+mod trace;
+
+pub use trace::SipTrace;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -80,6 +83,8 @@ pub struct Routing {
     pub cdr: CdrSink,
     /// Tenants' recordings: `storage/<tenant>/recordings/`.
     pub storage: std::path::PathBuf,
+    /// `[log] sip_trace`: which peers' SIP messages are logged whole.
+    pub sip_trace: SipTrace,
     /// Calls placed through the API, and their progress.
     pub originations: Arc<crate::originate::Originations>,
     /// Every call up now, for the API.
@@ -181,10 +186,15 @@ pub async fn run_endpoint(
         // What the last input made the user agent send.
         while let Some(output) = endpoint.ua.poll_output() {
             match output {
-                UaOutput::Transmit { peer, message } => outbound.send(peer, message.to_string().into_bytes()).await,
+                UaOutput::Transmit { peer, message } => {
+                    crate::metrics::METRICS.sip_message("out", peer.transport, &message);
+                    endpoint.routing.sip_trace.log("out", peer, &message);
+                    outbound.send(peer, message.to_string().into_bytes()).await;
+                }
                 UaOutput::Event(event) => endpoint.on_event(event),
             }
         }
+        crate::metrics::METRICS.sip_core(&endpoint.ua);
         endpoint.check_shutdown_done();
         endpoint.check_drain_done();
         let deadline = endpoint.ua.poll_timeout().map(tokio::time::Instant::from_std);
@@ -192,6 +202,8 @@ pub async fn run_endpoint(
         tokio::select! {
             received = inbound.recv() => {
                 let Some(Inbound { peer, message }) = received else { return };
+                crate::metrics::METRICS.sip_message("in", peer.transport, &message);
+                endpoint.routing.sip_trace.log("in", peer, &message);
                 endpoint.ua.handle_receive(std::time::Instant::now(), peer, message);
             }
             Some(command) = command_rx.recv() => endpoint.on_command(command),
@@ -534,8 +546,10 @@ impl Endpoint {
                     patchbay_sip::ua::RegistrationState::Registered { service_route, .. } => service_route.clone(),
                     _ => Vec::new(),
                 };
+                let registered = matches!(state, patchbay_sip::ua::RegistrationState::Registered { .. });
                 crate::trunk::set_state(&routing.trunk_states, key, |t| {
                     t.registration = Some(shown);
+                    t.registered = registered;
                     t.service_route = service_route;
                 });
                 if matches!(state, patchbay_sip::ua::RegistrationState::Unregistered) {

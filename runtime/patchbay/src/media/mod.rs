@@ -302,6 +302,7 @@ impl CallMedia {
     /// reports go.
     fn goodbye(&self, now: Instant, ntp: &NtpClock, out: &mut Buffers) {
         let mut session = self.lock();
+        crate::metrics::METRICS.media_ended(&session.stats(), &session.quality());
         let Some(socket) = self.rtcp_out(session.rtcp_mux()) else { return };
         if let Some((to, len)) = session.rtcp_bye(now, ntp.at(now), &mut out.rtcp) {
             let _ = socket.send_to(&out.rtcp[..len], to);
@@ -365,6 +366,7 @@ impl CallMedia {
                 Ok(_) => true,
                 Err(_) => {
                     stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::METRICS.rtp_send_errors.inc();
                     false
                 }
             },
@@ -884,6 +886,7 @@ fn clock(wheel: &Wheel, stats: &ClockStats, index: usize, threads: usize) {
             let Some(step) = wheel.claim(now) else { break };
             let late = now.saturating_duration_since(wheel.deadline(step)).as_micros() as u64;
             stats.max_late_us.fetch_max(late, Ordering::Relaxed);
+            crate::metrics::METRICS.clock_step(Duration::from_micros(late));
             if late > 1_000 {
                 stats.late_ticks.fetch_add(1, Ordering::Relaxed);
             }

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use crate::metrics::METRICS;
 use patchbay_sip::message::{Limits, Parsed, StreamFrame, StreamFramer, parse_stream_message};
 use patchbay_sip::transaction::{Peer, Transport};
 use rsip::SipMessage;
@@ -506,6 +507,7 @@ impl Streams {
                     return;
                 }
                 () = whole_message => {
+                    METRICS.sip_drop("too-slow");
                     tracing::info!(peer = %peer.addr, buffered = buf.len(), "SIP message not complete in time (slow sender): closing");
                     return;
                 }
@@ -523,6 +525,7 @@ impl Streams {
             .unwrap_or_else(PoisonError::into_inner)
             .allow(peer.addr.ip(), std::time::Instant::now());
         if !allowed {
+            METRICS.sip_drop("rate-limit");
             return true;
         }
         let message = match parse_stream_message(bytes, &self.settings.limits) {
@@ -536,6 +539,7 @@ impl Streams {
             }
             Ok(_) => return true,
             Err(error) => {
+                METRICS.sip_drop("parse-error");
                 // The framing held, so the stream goes on after a bad message.
                 tracing::debug!(from = %peer.addr, "bad SIP message: {error}");
                 let mut out = Vec::new();

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::metrics::METRICS;
 use patchbay_sip::message::{Limits, Parsed, parse_datagram};
 use patchbay_sip::transaction::{Peer, Transport};
 use rsip::SipMessage;
@@ -29,6 +30,7 @@ pub async fn udp_receiver(socket: Arc<UdpSocket>, endpoint: mpsc::Sender<Inbound
             }
         };
         if !limiter.allow(from.ip(), Instant::now()) {
+            METRICS.sip_drop("rate-limit");
             continue;
         }
         let message = match parse_datagram(&buf[..len], &limits) {
@@ -42,6 +44,7 @@ pub async fn udp_receiver(socket: Arc<UdpSocket>, endpoint: mpsc::Sender<Inbound
             }
             Ok(_) => continue,
             Err(error) => {
+                METRICS.sip_drop("parse-error");
                 tracing::debug!(%from, "bad SIP message: {error}");
                 out.clear();
                 if error.write_response(None, &mut out) {
@@ -60,6 +63,7 @@ pub async fn udp_receiver(socket: Arc<UdpSocket>, endpoint: mpsc::Sender<Inbound
             }
         };
         if endpoint.try_send(inbound).is_err() {
+            METRICS.sip_drop("queue-full");
             tracing::warn!("SIP endpoint busy: datagram dropped (the peer will retransmit)");
         }
     }

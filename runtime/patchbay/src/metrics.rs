@@ -1,0 +1,501 @@
+//! Prometheus metrics (`GET /metrics` on the control API's listener; docs/operations.md lists
+//! every metric and what an alert on it means).
+//!
+//! Two kinds of figures:
+//!
+//! - **Events** (calls set up and ended, SIP messages, drops, RTP totals, clock lateness, agent
+//!   sessions, CDR writes) are counted where they happen, in [`METRICS`]: one process-wide set,
+//!   as `tracing`'s dispatcher is one process-wide logger, so the transports, the endpoint, the
+//!   media clock threads and the CDR writer count without a handle threaded through each.
+//!   Counting is an atomic add (a histogram: a short uncontended lock).
+//! - **State** that already has an owner (flows loaded and swapped in the flow registry, trunk
+//!   registrations, each tenant's live calls and instance slots, draining) is read from that
+//!   owner when scraped ([`Metrics::encode`]), not mirrored.
+//!
+//! Labels are bounded by the configuration: `tenant`, `flow` (a configured flow's name; a call
+//! refused before it reached a flow has `flow=""`), `trunk`, `direction`, and fixed vocabularies
+//! (`cause`, `reason`, `class`, `transport`). Never call ids, URIs or addresses.
+//!
+//! The exposition is OpenMetrics text (`prometheus-client`, the Prometheus project's own Rust
+//! client), which Prometheus scrapes natively.
+
+use std::sync::LazyLock;
+use std::sync::atomic::AtomicI64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The process's metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// A call's labels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CallLabels {
+    pub tenant: String,
+    pub flow: String,
+    pub direction: &'static str,
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct EndLabels {
+    pub tenant: String,
+    pub flow: String,
+    pub direction: &'static str,
+    pub cause: String,
+}
+
+/// How a flow's run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FlowRunLabels {
+    pub tenant: String,
+    pub flow: String,
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct MessageLabels {
+    /// `in` or `out`.
+    pub direction: &'static str,
+    /// `udp`, `tcp` or `tls`.
+    pub transport: &'static str,
+    /// `request` or `response`.
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ResponseLabels {
+    /// `in` (answers to our requests) or `out` (our answers).
+    pub direction: &'static str,
+    /// `2xx` … `6xx`.
+    pub class: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TenantLabel {
+    pub tenant: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TrunkLabels {
+    pub tenant: String,
+    pub trunk: String,
+}
+
+/// Every event metric, and the registry that encodes them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Calls up now.
+    pub calls_active: Family<CallLabels, Gauge>,
+    /// Calls set up (routed to a flow, or an outbound leg placed).
+    pub calls_started: Family<CallLabels, Counter>,
+    /// Calls ended (one per CDR, refused calls included).
+    pub calls_ended: Family<EndLabels, Counter>,
+    /// INVITE → answer.
+    pub call_setup: Family<DirectionLabel, Histogram>,
+    /// Flow runs by outcome.
+    pub flow_runs: Family<FlowRunLabels, Counter>,
+    /// SIP messages received and sent.
+    pub sip_messages: Family<MessageLabels, Counter>,
+    /// Final responses by class.
+    pub sip_responses: Family<ResponseLabels, Counter>,
+    /// SIP input dropped before the endpoint.
+    pub sip_dropped: Family<ReasonLabel, Counter>,
+    /// Server and client transactions alive.
+    pub sip_transactions: Gauge,
+    /// Dialogs (calls and legs) alive in the SIP core.
+    pub sip_dialogs: Gauge,
+    /// Requests the SIP core refused or dropped: `overload` (stateless 503 beyond the
+    /// transaction cap), `foreign-response`, `foreign-request` (set from the core's counters).
+    pub sip_refused: Family<ReasonLabel, Counter>,
+    /// RTP packets received and sent, counted when each call's media ends.
+    pub rtp_packets: Family<DirectionLabel, Counter>,
+    /// Datagrams on RTP ports not played: `invalid` (not RTP, or a payload type not agreed),
+    /// `foreign` (not from the latched peer), `srtp` (failed authentication or replayed).
+    pub rtp_dropped: Family<ReasonLabel, Counter>,
+    /// Packets the peer never sent us (sequence gaps).
+    pub rtp_lost: Counter,
+    /// Frames played as concealment (nothing arrived in time).
+    pub rtp_concealed: Counter,
+    /// Each call's interarrival jitter (RFC 3550 §6.4.1) when its media ended.
+    pub rtp_jitter: Histogram,
+    /// How late each step of the media clock started.
+    pub clock_lateness: Histogram,
+    /// Steps that started more than 1 ms late.
+    pub clock_missed: Counter,
+    /// RTP sends that failed.
+    pub rtp_send_errors: Counter,
+    /// Agent sessions connected.
+    pub agent_sessions: Counter,
+    /// Agent connections that failed.
+    pub agent_failures: Counter,
+    /// CDRs written / failed to write.
+    pub cdrs_written: Counter,
+    pub cdr_failures: Counter,
+    /// CDR webhook: records delivered, given up after every retry, and not queued (full).
+    pub cdr_deliveries: Counter,
+    pub cdr_delivery_failures: Counter,
+    pub cdr_deliveries_dropped: Counter,
+    /// Scraped state, set from its owners by [`Metrics::encode`].
+    state: State,
+}
+
+/// Gauges and counters whose values have an owner elsewhere, copied in at scrape time.
+#[derive(Debug)]
+struct State {
+    flows_loaded: Family<TenantLabel, Gauge>,
+    flow_swaps: Family<TenantLabel, Counter>,
+    flow_deploy_failures: Family<TenantLabel, Counter>,
+    tenant_calls: Family<TenantLabel, Gauge>,
+    tenant_instances: Family<TenantLabel, Gauge>,
+    tenant_instance_limit: Family<TenantLabel, Gauge>,
+    trunk_registered: Family<TrunkLabels, Gauge>,
+    draining: Gauge,
+    /// Serialises scrapes: each one clears and refills the state families.
+    scrape: std::sync::Mutex<()>,
+}
+
+/// Histogram buckets in seconds: 1 ms … ~16 s, doubling.
+fn seconds_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15)
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("patchbay");
+        let setup_buckets = || Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
+        let metrics = Self {
+            calls_active: Family::default(),
+            calls_started: Family::default(),
+            calls_ended: Family::default(),
+            call_setup: Family::new_with_constructor(setup_buckets),
+            flow_runs: Family::default(),
+            sip_messages: Family::default(),
+            sip_responses: Family::default(),
+            sip_dropped: Family::default(),
+            sip_transactions: Gauge::default(),
+            sip_dialogs: Gauge::default(),
+            sip_refused: Family::default(),
+            rtp_packets: Family::default(),
+            rtp_dropped: Family::default(),
+            rtp_lost: Counter::default(),
+            rtp_concealed: Counter::default(),
+            rtp_jitter: Histogram::new(seconds_buckets()),
+            // 50 µs … ~100 ms: a step is 0.5 ms, a ptime 20 ms.
+            clock_lateness: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.000_05, 2.0, 12,
+            )),
+            clock_missed: Counter::default(),
+            rtp_send_errors: Counter::default(),
+            agent_sessions: Counter::default(),
+            agent_failures: Counter::default(),
+            cdrs_written: Counter::default(),
+            cdr_failures: Counter::default(),
+            cdr_deliveries: Counter::default(),
+            cdr_delivery_failures: Counter::default(),
+            cdr_deliveries_dropped: Counter::default(),
+            state: State {
+                flows_loaded: Family::default(),
+                flow_swaps: Family::default(),
+                flow_deploy_failures: Family::default(),
+                tenant_calls: Family::default(),
+                tenant_instances: Family::default(),
+                tenant_instance_limit: Family::default(),
+                trunk_registered: Family::default(),
+                draining: Gauge::default(),
+                scrape: std::sync::Mutex::new(()),
+            },
+            registry: Registry::default(),
+        };
+        let mut metrics = metrics;
+        let m = &metrics;
+        let r = &mut registry;
+        r.register("calls_active", "Calls up now", m.calls_active.clone());
+        r.register(
+            "calls_started",
+            "Calls set up: routed to a flow, or an outbound leg placed",
+            m.calls_started.clone(),
+        );
+        r.register(
+            "calls_ended",
+            "Calls ended, by end cause (one per CDR, refused calls included)",
+            m.calls_ended.clone(),
+        );
+        r.register("call_setup_seconds", "From the INVITE to the answer", m.call_setup.clone());
+        r.register("flow_runs", "Flow runs ended, by outcome", m.flow_runs.clone());
+        r.register("sip_messages", "SIP messages received (in) and sent (out)", m.sip_messages.clone());
+        r.register("sip_final_responses", "Final SIP responses by class", m.sip_responses.clone());
+        r.register("sip_dropped", "SIP input dropped before the endpoint, by reason", m.sip_dropped.clone());
+        r.register("sip_transactions", "SIP transactions alive", m.sip_transactions.clone());
+        r.register("sip_dialogs", "Calls and legs alive in the SIP core", m.sip_dialogs.clone());
+        r.register("sip_refused", "SIP messages the core refused or dropped, by reason", m.sip_refused.clone());
+        r.register(
+            "rtp_packets",
+            "RTP packets received (in) and sent (out), counted as each call's media ends",
+            m.rtp_packets.clone(),
+        );
+        r.register("rtp_dropped", "RTP packets received but not played, by reason", m.rtp_dropped.clone());
+        r.register("rtp_lost", "RTP packets the peer sent that never arrived (sequence gaps)", m.rtp_lost.clone());
+        r.register(
+            "rtp_concealed_frames",
+            "Frames played as concealment because nothing arrived in time",
+            m.rtp_concealed.clone(),
+        );
+        r.register(
+            "rtp_jitter_seconds",
+            "Each call's interarrival jitter (RFC 3550) when its media ended",
+            m.rtp_jitter.clone(),
+        );
+        r.register(
+            "media_clock_lateness_seconds",
+            "How late each 0.5 ms step of the media clock started",
+            m.clock_lateness.clone(),
+        );
+        r.register(
+            "media_clock_missed_steps",
+            "Media clock steps that started more than 1 ms late",
+            m.clock_missed.clone(),
+        );
+        r.register("rtp_send_errors", "RTP/RTCP sends that failed", m.rtp_send_errors.clone());
+        r.register("agent_sessions", "AI agent sessions connected", m.agent_sessions.clone());
+        r.register("agent_connect_failures", "AI agent connections that failed", m.agent_failures.clone());
+        r.register("cdrs_written", "CDRs written to the CDR file or log", m.cdrs_written.clone());
+        r.register("cdr_write_failures", "CDRs that could not be written to the file", m.cdr_failures.clone());
+        r.register("cdr_deliveries", "CDRs delivered to the CDR webhook", m.cdr_deliveries.clone());
+        r.register(
+            "cdr_delivery_failures",
+            "CDRs the webhook did not take after every retry",
+            m.cdr_delivery_failures.clone(),
+        );
+        r.register(
+            "cdr_deliveries_dropped",
+            "CDRs not queued for the webhook (queue full)",
+            m.cdr_deliveries_dropped.clone(),
+        );
+        let s = &m.state;
+        r.register("flows_loaded", "Flows serving new calls", s.flows_loaded.clone());
+        r.register("flow_swaps", "Times a new version replaced a serving flow (hot swap)", s.flow_swaps.clone());
+        r.register("flow_deploy_failures", "Deploys refused (did not compile or link)", s.flow_deploy_failures.clone());
+        r.register("tenant_calls", "A tenant's live calls", s.tenant_calls.clone());
+        r.register("tenant_instances_in_use", "A tenant's flow instance slots in use", s.tenant_instances.clone());
+        r.register(
+            "tenant_instance_slots",
+            "A tenant's share of the flow instance pool",
+            s.tenant_instance_limit.clone(),
+        );
+        r.register("trunk_registered", "1 while a registering trunk is registered", s.trunk_registered.clone());
+        r.register("draining", "1 while draining (no new calls)", s.draining.clone());
+        metrics.registry = registry;
+        metrics
+    }
+
+    /// A finished call's record: calls ended and flow outcomes.
+    pub fn record_ended(&self, cdr: &crate::cdr::Cdr) {
+        // A call refused before it reached a flow names what was asked for in `flow`: not a label.
+        let flow = if cdr.flow_version.is_empty() { String::new() } else { cdr.flow.clone() };
+        self.calls_ended
+            .get_or_create(&EndLabels {
+                tenant: cdr.tenant.clone(),
+                flow: flow.clone(),
+                direction: cdr.direction,
+                cause: cdr.end_cause.clone(),
+            })
+            .inc();
+        if !flow.is_empty() && cdr.flow_outcome != "outbound-leg" {
+            self.flow_runs
+                .get_or_create(&FlowRunLabels { tenant: cdr.tenant.clone(), flow, outcome: cdr.flow_outcome.clone() })
+                .inc();
+        }
+    }
+
+    /// A SIP message in or out.
+    pub fn sip_message(
+        &self,
+        direction: &'static str,
+        transport: patchbay_sip::transaction::Transport,
+        message: &rsip::SipMessage,
+    ) {
+        use patchbay_sip::transaction::Transport;
+        let transport = match transport {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        };
+        let kind = match message {
+            rsip::SipMessage::Request(_) => "request",
+            rsip::SipMessage::Response(response) => {
+                let class = match response.status_code.code() {
+                    200..=299 => Some("2xx"),
+                    300..=399 => Some("3xx"),
+                    400..=499 => Some("4xx"),
+                    500..=599 => Some("5xx"),
+                    600..=699 => Some("6xx"),
+                    _ => None,
+                };
+                if let Some(class) = class {
+                    self.sip_responses.get_or_create(&ResponseLabels { direction, class }).inc();
+                }
+                "response"
+            }
+        };
+        self.sip_messages.get_or_create(&MessageLabels { direction, transport, kind }).inc();
+    }
+
+    /// SIP input dropped before the endpoint: `rate-limit`, `parse-error`, `queue-full`,
+    /// `too-slow` (a message not complete within its deadline).
+    pub fn sip_drop(&self, reason: &'static str) {
+        self.sip_dropped.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// The SIP core's own figures, after each of its turns.
+    pub fn sip_core(&self, ua: &patchbay_sip::ua::UserAgent) {
+        self.sip_transactions.set(i64::try_from(ua.transactions()).unwrap_or(i64::MAX));
+        self.sip_dialogs.set(i64::try_from(ua.calls()).unwrap_or(i64::MAX));
+        for (reason, value) in [
+            ("overload", ua.overloaded()),
+            ("foreign-response", ua.foreign_responses()),
+            ("foreign-request", ua.foreign_requests()),
+        ] {
+            // The core's counters only grow: copied, not added.
+            self.sip_refused
+                .get_or_create(&ReasonLabel { reason })
+                .inner()
+                .store(value, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// A call's media has ended: its RTP totals.
+    pub fn media_ended(
+        &self,
+        stats: &patchbay_media::session::SessionStats,
+        quality: &patchbay_media::session::QualityStats,
+    ) {
+        self.rtp_packets.get_or_create(&DirectionLabel { direction: "in" }).inc_by(stats.received);
+        self.rtp_packets.get_or_create(&DirectionLabel { direction: "out" }).inc_by(stats.sent);
+        for (reason, n) in [("invalid", stats.dropped), ("foreign", stats.foreign), ("srtp", stats.srtp_failures)] {
+            if n > 0 {
+                self.rtp_dropped.get_or_create(&ReasonLabel { reason }).inc_by(n);
+            }
+        }
+        self.rtp_lost.inc_by(u64::try_from(quality.local_cumulative_lost).unwrap_or(0));
+        self.rtp_concealed.inc_by(stats.concealed);
+        if stats.received > 0 {
+            self.rtp_jitter.observe(quality.local_jitter.as_secs_f64());
+        }
+    }
+
+    /// One step of the media clock started `late`.
+    pub fn clock_step(&self, late: Duration) {
+        self.clock_lateness.observe(late.as_secs_f64());
+        if late > Duration::from_millis(1) {
+            self.clock_missed.inc();
+        }
+    }
+
+    /// Copies the scraped state in from its owners and encodes everything (OpenMetrics text).
+    pub fn encode(&self, now: &Scraped) -> String {
+        let _one_at_a_time = self.state.scrape.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let s = &self.state;
+        // Cleared first: a tenant or trunk removed by a reload leaves the exposition.
+        for family in [&s.flows_loaded, &s.tenant_calls, &s.tenant_instances, &s.tenant_instance_limit] {
+            family.clear();
+        }
+        s.flow_swaps.clear();
+        s.flow_deploy_failures.clear();
+        s.trunk_registered.clear();
+        for record in &now.flows {
+            let tenant = TenantLabel { tenant: record.key.tenant.clone() };
+            if record.version.is_some() {
+                s.flows_loaded.get_or_create(&tenant).inc();
+            }
+            s.flow_swaps.get_or_create(&tenant).inc_by(record.swaps);
+            s.flow_deploy_failures.get_or_create(&tenant).inc_by(record.failures);
+        }
+        for tenant in &now.tenants {
+            let label = TenantLabel { tenant: tenant.id.clone() };
+            s.tenant_calls.get_or_create(&label).set(gauge(tenant.calls));
+            s.tenant_instances.get_or_create(&label).set(gauge(tenant.instances_in_use));
+            s.tenant_instance_limit.get_or_create(&label).set(gauge(tenant.instance_slots));
+        }
+        for trunk in &now.trunks {
+            s.trunk_registered
+                .get_or_create(&TrunkLabels { tenant: trunk.tenant.clone(), trunk: trunk.trunk.clone() })
+                .set(i64::from(trunk.registered));
+        }
+        s.draining.set(i64::from(now.draining));
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!("encoding the metrics: {e}");
+        }
+        out
+    }
+}
+
+/// The scraped state, as read from its owners (the API gathers it).
+#[derive(Debug, Default)]
+pub struct Scraped {
+    /// The flow registry's records.
+    pub flows: Vec<patchbay_host::FlowRecord>,
+    pub tenants: Vec<TenantFigures>,
+    /// Registering trunks.
+    pub trunks: Vec<TrunkFigures>,
+    pub draining: bool,
+}
+
+/// A tenant's live figures.
+#[derive(Debug)]
+pub struct TenantFigures {
+    pub id: String,
+    pub calls: usize,
+    pub instances_in_use: usize,
+    pub instance_slots: usize,
+}
+
+/// A registering trunk's state.
+#[derive(Debug)]
+pub struct TrunkFigures {
+    pub tenant: String,
+    pub trunk: String,
+    pub registered: bool,
+}
+
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Keeps a call counted in `calls_active` until dropped (it lives in the call's record draft,
+/// which every call has from its routing to its record).
+#[derive(Debug)]
+pub struct ActiveCall(Gauge<i64, AtomicI64>);
+
+impl ActiveCall {
+    /// Counts a call set up now.
+    pub fn start(labels: CallLabels) -> Self {
+        METRICS.calls_started.get_or_create(&labels).inc();
+        let gauge = METRICS.calls_active.get_or_create(&labels).clone();
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for ActiveCall {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
