@@ -1126,6 +1126,35 @@ mod tests {
     }
 
     #[test]
+    fn log_and_cdr_settings_are_read_and_bad_ones_named() {
+        let tenant = "[[tenant]]\nid = \"t\"\n";
+        let text = format!(
+            "[sip]\nlisten = []\n[log]\nformat = \"json\"\nsip_trace = true\nsip_trace_sources = [\"tcp:192.0.2.0/24\"]\n\
+             [cdr]\npath = \"c.jsonl\"\nrotate_kb = 64\nwebhook = \"https://billing.example/cdr\"\n{tenant}"
+        );
+        let config = Config::parse(&text, "t.toml", PathBuf::new()).expect("valid");
+        assert_eq!(
+            (config.log.format, config.log.sip_trace, config.log.sip_trace_sources.len()),
+            (LogFormat::Json, true, 1)
+        );
+        assert_eq!((config.cdr.rotate_kb, config.cdr.rotate_hours), (64, 0));
+        let defaults =
+            Config::parse(&format!("[sip]\nlisten = []\n{tenant}"), "t.toml", PathBuf::new()).expect("valid");
+        assert_eq!((defaults.log.format, defaults.cdr.rotate_kb), (LogFormat::Plain, 102_400));
+        for (bad, line, field) in [
+            ("[log]\nformat = \"xml\"\n", 4, "xml"),
+            ("[log]\nsip_trace_sources = [\"not an address\"]\n", 4, "not an address"),
+            ("[cdr]\nwebhook = \"ftp://billing.example/\"\n", 4, "cdr.webhook"),
+        ] {
+            let err = Config::parse(&format!("[sip]\nlisten = []\n{bad}{tenant}"), "t.toml", PathBuf::new())
+                .expect_err(bad)
+                .to_string();
+            assert!(err.starts_with(&format!("t.toml:{line}: ")) && err.contains(field), "{bad}: {err}");
+        }
+        assert_eq!(log_settings(None).format, LogFormat::Plain, "the embedded default logs plain lines");
+    }
+
+    #[test]
     fn an_unknown_field_names_its_line_and_field() {
         let text = "[sip]\nlisten = []\n\n[flows]\nmax_instance = 3\n";
         let err = Config::parse(text, "test.toml", PathBuf::new()).expect_err("unknown field").to_string();

@@ -276,13 +276,15 @@ mod tests {
         assert_eq!(sig, "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
     }
 
-    #[tokio::test]
-    async fn events_are_posted_in_order_with_their_signature() {
+    /// A receiver on a free port: answers its requests with `statuses` in turn (then 204), and
+    /// hands each request (head and body) over.
+    async fn receiver(statuses: Vec<u16>) -> (u16, mpsc::UnboundedReceiver<String>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let (got, mut received) = mpsc::unbounded_channel();
+        let (got, received) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut statuses = statuses.into_iter();
             loop {
                 let Ok((mut stream, _)) = listener.accept().await else { return };
                 let mut buf = Vec::new();
@@ -308,10 +310,18 @@ mod tests {
                         }
                     }
                 };
-                let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").await;
+                let status = statuses.next().unwrap_or(204);
+                let answer = format!("HTTP/1.1 {status} Whatever\r\ncontent-length: 0\r\n\r\n");
+                let _ = stream.write_all(answer.as_bytes()).await;
                 let _ = got.send(request);
             }
         });
+        (port, received)
+    }
+
+    #[tokio::test]
+    async fn events_are_posted_in_order_with_their_signature() {
+        let (port, mut received) = receiver(Vec::new()).await;
         let allowed = vec![format!("http://127.0.0.1:{port}/")];
         let secret = Some(crate::config::Secret::from("s3cret".to_owned()));
         let hook = Webhook::new(&format!("http://127.0.0.1:{port}/hook"), &allowed, secret, None).expect("allowed");
@@ -344,5 +354,34 @@ mod tests {
             let expected = signature("s3cret", body.as_bytes());
             assert!(head.to_ascii_lowercase().contains(&format!("x-patchbay-signature: {expected}")), "{head}");
         }
+    }
+
+    #[tokio::test]
+    async fn cdrs_are_retried_until_taken_and_go_in_order() {
+        // The receiver is down for the first try (503), then takes everything.
+        let (port, mut received) = receiver(vec![503]).await;
+        let url = format!("http://127.0.0.1:{port}/cdr");
+        let secret = Some(crate::config::Secret::from("k".to_owned()));
+        let hook = Webhook::new(&url, std::slice::from_ref(&url), secret, None).expect("its own URL");
+        let lines = deliver_cdrs(hook);
+        for id in ["one", "two"] {
+            lines.try_send(format!("{{\"id\":\"{id}\"}}").into()).expect("queued");
+        }
+        let mut bodies = Vec::new();
+        for _ in 0..3 {
+            let request = tokio::time::timeout(Duration::from_secs(5), received.recv())
+                .await
+                .expect("delivered")
+                .expect("request");
+            let (head, body) = request.split_once("\r\n\r\n").expect("head and body");
+            assert!(head.starts_with("POST /cdr HTTP/1.1"), "{head}");
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains(&format!("x-patchbay-signature: {}", signature("k", body.as_bytes())))
+            );
+            bodies.push(body.to_owned());
+        }
+        // The first record again after the 503, before the second.
+        assert_eq!(bodies, ["{\"id\":\"one\"}", "{\"id\":\"one\"}", "{\"id\":\"two\"}"]);
     }
 }
