@@ -9,6 +9,10 @@
 //! The request-URI host picks the tenant; Patchbay never resolves it (sipp sends everything to
 //! Patchbay's address).
 //!
+//! With `--scrape-ms N` (a list; 0 = none) Patchbay also serves its control API and a task in
+//! the load generator fetches `GET /metrics` every N ms through the run, as Prometheus would:
+//! `--scrape-ms 0,1000` measures what a 1-second scrape costs (docs/operations.md, "Metrics").
+//!
 //! Reported per run: calls completed and failed (sipp's counters), the rate achieved (calls
 //! over the span from the first INVITE to the last), INVITE → 200 OK as sipp measures it
 //! (`-trace_rtt`, whole milliseconds) and, when `dumpcap` is installed, as the loopback
@@ -52,6 +56,12 @@ pub struct SetupRateArgs {
     /// `RUST_LOG` for Patchbay.
     #[arg(long, default_value = "warn")]
     pub patchbay_log: String,
+    /// Scrape `GET /metrics` every this many ms during each run (a list; 0: no scrape).
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub scrape_ms: Vec<u64>,
+    /// Runs of each combination (they alternate, so drift hits each alike).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: u32,
     /// Results directory.
     #[arg(long, default_value = "target/bench-setup-rate")]
     pub out: PathBuf,
@@ -62,7 +72,7 @@ impl SetupRateArgs {
         let list = |v: Vec<String>| v.join(",");
         format!(
             "target/release/patchbay-loadgen setup-rate --patchbay {} --tenants {} --rates {} --seconds {} --call-ms {} \
-             --capture {} --patchbay-log {} --out {}",
+             --capture {} --patchbay-log {} --scrape-ms {} --rounds {} --out {}",
             self.patchbay.display(),
             list(self.tenants.iter().map(ToString::to_string).collect()),
             list(self.rates.iter().map(ToString::to_string).collect()),
@@ -70,6 +80,8 @@ impl SetupRateArgs {
             self.call_ms,
             self.capture,
             self.patchbay_log,
+            list(self.scrape_ms.iter().map(ToString::to_string).collect()),
+            self.rounds,
             self.out.display()
         )
     }
@@ -82,6 +94,11 @@ pub struct RateRun {
     pub tenants: usize,
     /// Calls per second asked of sipp.
     pub rate: u32,
+    /// `GET /metrics` every this many ms (0: none).
+    pub scrape_ms: u64,
+    /// Scrapes answered, and the largest exposition's size in bytes.
+    pub scrapes: u64,
+    pub scrape_bytes: usize,
     /// Calls placed.
     pub calls: u64,
     /// sipp: completed.
@@ -181,12 +198,15 @@ const SCENARIO: &str = r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
 </scenario>
 "#;
 
-fn config_text(tenants: usize, sip_port: u16, cache: &Path) -> String {
+fn config_text(tenants: usize, sip_port: u16, cache: &Path, api: Option<u16>) -> String {
     let mut text = format!(
         "# Written by patchbay-loadgen setup-rate.\n[sip]\nlisten = [\"udp:127.0.0.1:{sip_port}\"]\n\n\
          [flows]\ncache_dir = \"{}\"\n\n[media]\nrtp_timeout_secs = 0\n",
         cache.display()
     );
+    if let Some(port) = api {
+        let _ = write!(text, "\n[api]\nlisten = \"127.0.0.1:{port}\"\n");
+    }
     for t in 0..tenants {
         let _ = write!(
             text,
@@ -360,13 +380,41 @@ impl Capture {
     }
 }
 
-async fn one_run(args: &SetupRateArgs, bin: &Path, out: &Path, tenants: usize, rate: u32) -> anyhow::Result<RateRun> {
-    let dir = out.join(format!("t{tenants}-r{rate}"));
+/// Fetches `GET /metrics` from `port` every `every` until stopped; (answers, largest body).
+async fn scrape(port: u16, every: Duration, stop: tokio::sync::watch::Receiver<bool>) -> (u64, usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut answered, mut largest) = (0, 0);
+    let mut tick = tokio::time::interval(every);
+    while !*stop.borrow() {
+        tick.tick().await;
+        let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { continue };
+        let request = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+        let mut response = Vec::new();
+        if stream.write_all(request).await.is_ok()
+            && stream.read_to_end(&mut response).await.is_ok()
+            && response.starts_with(b"HTTP/1.1 200")
+        {
+            answered += 1;
+            largest = largest.max(response.len());
+        }
+    }
+    (answered, largest)
+}
+
+async fn one_run(
+    args: &SetupRateArgs,
+    bin: &Path,
+    out: &Path,
+    (tenants, rate, scrape_ms, round): (usize, u32, u64, u32),
+) -> anyhow::Result<RateRun> {
+    let dir = out.join(format!("t{tenants}-r{rate}-s{scrape_ms}-{round}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).context("creating the run's directory")?;
     let sip_port = super::free_udp_port()?;
+    let api = if scrape_ms > 0 { Some(super::free_tcp_port()?) } else { None };
     let config = dir.join("patchbay.toml");
-    std::fs::write(&config, config_text(tenants, sip_port, &out.join("cache"))).context("writing patchbay.toml")?;
+    std::fs::write(&config, config_text(tenants, sip_port, &out.join("cache"), api))
+        .context("writing patchbay.toml")?;
     std::fs::write(dir.join("uac_tenants.xml"), SCENARIO).context("writing the scenario")?;
     std::fs::write(dir.join("tenants.csv"), injection(tenants)).context("writing the injection file")?;
     let patchbay =
@@ -402,15 +450,22 @@ async fn one_run(args: &SetupRateArgs, bin: &Path, out: &Path, tenants: usize, r
         "-rtt_freq".into(),
         "1".into(),
     ];
-    eprintln!("loadgen: {calls} calls at {rate}/s over {tenants} tenant(s)");
+    eprintln!("loadgen: {calls} calls at {rate}/s over {tenants} tenant(s), scraping every {scrape_ms} ms (0: never)");
     let machine = Machine::now();
     let before = procstat::sample(patchbay.pid);
     let started = Instant::now();
+    let (stop_scraping, stop) = tokio::sync::watch::channel(false);
+    let scraper = api.map(|port| tokio::spawn(scrape(port, Duration::from_millis(scrape_ms), stop)));
     let sipp = Sipp::start(&dir, &sipp_args)?;
     let stat = sipp.stat.clone();
     sipp.wait(Duration::from_secs(u64::from(args.seconds) + 90)).await;
     let seconds = started.elapsed().as_secs_f64();
     let after = procstat::sample(patchbay.pid);
+    let _ = stop_scraping.send(true);
+    let (scrapes, scrape_bytes) = match scraper {
+        Some(task) => task.await.unwrap_or_default(),
+        None => (0, 0),
+    };
     let (steal, busy) = (machine.steal_percent(), machine.busy_percent_of_a_core());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let wire = match capture {
@@ -428,6 +483,9 @@ async fn one_run(args: &SetupRateArgs, bin: &Path, out: &Path, tenants: usize, r
     let mut run = RateRun {
         tenants,
         rate,
+        scrape_ms,
+        scrapes,
+        scrape_bytes,
         calls,
         succeeded: super::counter(&counters, "SuccessfulCall(C)"),
         failed: super::counter(&counters, "FailedCall(C)"),
@@ -455,9 +513,13 @@ async fn one_run(args: &SetupRateArgs, bin: &Path, out: &Path, tenants: usize, r
 
 fn print_run(r: &RateRun) {
     println!(
-        "  {} tenant(s), {} calls/s: {} calls, {} completed, {} failed{}, {} retransmissions; achieved {:.1} calls/s",
+        "  {} tenant(s), {} calls/s, scrape every {} ms ({} scrapes, up to {} bytes): {} calls, {} completed, {} failed{}, \
+         {} retransmissions; achieved {:.1} calls/s",
         r.tenants,
         r.rate,
+        r.scrape_ms,
+        r.scrapes,
+        r.scrape_bytes,
         r.calls,
         r.succeeded,
         r.failed,
@@ -490,24 +552,29 @@ pub async fn run(args: SetupRateArgs) -> anyhow::Result<()> {
     super::print_header(&args.command_line(), &bin);
     let whole = Machine::now();
     let mut runs = Vec::new();
-    for &rate in &args.rates {
-        for &tenants in &args.tenants {
-            runs.push(one_run(&args, &bin, &out, tenants, rate).await?);
-            tokio::time::sleep(Duration::from_secs(1)).await;
+    for round in 1..=args.rounds.max(1) {
+        for &rate in &args.rates {
+            for &tenants in &args.tenants {
+                for &scrape_ms in &args.scrape_ms {
+                    runs.push(one_run(&args, &bin, &out, (tenants, rate, scrape_ms, round)).await?);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
         }
     }
     println!();
     println!(
-        "| tenants | rate | calls | completed | failed | achieved calls/s | INVITE→200 sipp p50/p99/max ms | \
+        "| tenants | rate | scrape ms | calls | completed | failed | achieved calls/s | INVITE→200 sipp p50/p99/max ms | \
          INVITE→200 wire p50/p99/max ms | patchbay CPU µs/call | steal % |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in &runs {
         let wire = r.wire.map_or("—".into(), |w| format!("{:.2}/{:.2}/{:.2}", w.p50_ms, w.p99_ms, w.max_ms));
         println!(
-            "| {} | {} | {} | {} | {} | {:.1} | {:.0}/{:.0}/{:.0} | {wire} | {:.0} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.0}/{:.0}/{:.0} | {wire} | {:.0} | {} |",
             r.tenants,
             r.rate,
+            r.scrape_ms,
             r.calls,
             r.succeeded,
             r.failed,
@@ -574,8 +641,11 @@ mod tests {
     #[test]
     fn injection_lists_every_domain() {
         assert_eq!(injection(2), "SEQUENTIAL\nt0.bench.test;\nt1.bench.test;\n");
-        let c = config_text(3, 5070, Path::new("/c"));
+        let c = config_text(3, 5070, Path::new("/c"), None);
         assert_eq!(c.matches("[[tenant]]").count(), 3);
         assert!(c.contains("domains = [\"t2.bench.test\"]"));
+        assert!(!c.contains("[api]"), "no API unless scraped");
+        let scraped = config_text(1, 5070, Path::new("/c"), Some(8099));
+        assert!(scraped.contains("[api]\nlisten = \"127.0.0.1:8099\""), "{scraped}");
     }
 }
