@@ -124,6 +124,8 @@ fn a_call_moves_the_counters_and_histograms_it_should() {
     assert_eq!(v("patchbay_calls_ended_total", &[("flow", "echo"), ("cause", "caller-hangup")]), 1.0);
     assert_eq!(v("patchbay_calls_ended_total", &[("tenant", "test"), ("flow", ""), ("cause", "no-route")]), 1.0);
     assert_eq!(v("patchbay_flow_runs_total", &[("tenant", "test"), ("flow", "echo")]), 1.0);
+    assert_eq!(v("patchbay_flow_run_seconds_count", &[("tenant", "test"), ("flow", "echo")]), 1.0);
+    assert_eq!(v("patchbay_agent_sessions_total", &[]), 0.0);
     assert_eq!(v("patchbay_call_setup_seconds_count", &[("direction", "inbound")]), 1.0);
     let setup = v("patchbay_call_setup_seconds_sum", &[("direction", "inbound")]);
     assert!(setup > 0.0 && setup < 5.0, "set-up took {setup} s");
@@ -166,7 +168,11 @@ fn json_logs_parse_and_carry_the_call_and_the_sip_trace_shows_its_messages() {
     // The call's own lines name it: the answer and the record.
     let about_call: Vec<&serde_json::Value> =
         lines.iter().filter(|l| l["fields"]["call_id"] == call_id.as_str()).collect();
-    assert!(about_call.iter().any(|l| l["fields"]["message"] == "answering"), "{about_call:#?}");
+    for said in ["call started", "answering", "call ended"] {
+        assert!(about_call.iter().any(|l| l["fields"]["message"] == said), "{said}: {about_call:#?}");
+    }
+    // The flow's task's lines carry the call in their span.
+    assert!(lines.iter().any(|l| l["span"]["name"] == "call" && l["span"]["call_id"] == call_id.as_str()), "{text}");
     assert!(about_call.iter().any(|l| l["target"] == "patchbay::cdr"), "{about_call:#?}");
     assert!(
         about_call.iter().all(|l| l["fields"]["tenant"] == "test" && l["fields"]["flow"] == "echo"),

@@ -319,7 +319,16 @@ pub struct CdrOutput {
     pub rotate_every: Option<std::time::Duration>,
     /// Each written line is also offered here (the webhook delivery), never waiting: when the
     /// queue is full the line is only in the file, and counted.
-    pub tap: Option<mpsc::Sender<std::sync::Arc<str>>>,
+    pub tap: Option<mpsc::Sender<Tapped>>,
+}
+
+/// What the CDR writer hands its tap.
+#[derive(Debug)]
+pub enum Tapped {
+    /// A record's JSON line.
+    Line(std::sync::Arc<str>),
+    /// Answer once every line before it has been dealt with (at shutdown).
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 /// The open CDR file and when it must be rotated.
@@ -417,7 +426,16 @@ impl CdrSink {
                 let cdr = match message {
                     ToWriter::Record(cdr) => cdr,
                     ToWriter::Flush(done) => {
-                        let _ = done.send(());
+                        // With a tap, the flush is answered once the tap has dealt with every
+                        // line before it (the webhook delivered them or gave up).
+                        match &output.tap {
+                            Some(tap) => {
+                                let _ = tap.send(Tapped::Flush(done)).await;
+                            }
+                            None => {
+                                let _ = done.send(());
+                            }
+                        }
                         continue;
                     }
                 };
@@ -438,7 +456,7 @@ impl CdrSink {
                     tracing::error!(call_id = %cdr.call_id, "writing the CDR failed: {e}");
                 }
                 if let Some(tap) = &output.tap
-                    && tap.try_send(line.into()).is_err()
+                    && tap.try_send(Tapped::Line(line.into())).is_err()
                 {
                     crate::metrics::METRICS.cdr_deliveries_dropped.inc();
                 }

@@ -400,7 +400,12 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
             if shutdown.send(done).is_ok() {
                 let _ = tokio::time::timeout(Duration::from_secs(5), all_ended).await;
             }
-            let _ = tokio::time::timeout(Duration::from_secs(2), cdrs.flush()).await;
+            // The records are written (and, with a CDR webhook, delivered: up to 10 s more for
+            // it; what is still queued then is only in the file, see docs/calls.md).
+            let wait = if config.cdr.webhook.is_some() { 12 } else { 2 };
+            if tokio::time::timeout(Duration::from_secs(wait), cdrs.flush()).await.is_err() {
+                tracing::warn!("exiting before every record was written or delivered");
+            }
         }
         Ok(all_loaded)
     })

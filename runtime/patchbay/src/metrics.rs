@@ -50,6 +50,13 @@ pub struct EndLabels {
     pub cause: String,
 }
 
+/// A flow.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FlowLabels {
+    pub tenant: String,
+    pub flow: String,
+}
+
 /// How a flow's run ended.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct FlowRunLabels {
@@ -111,6 +118,8 @@ pub struct Metrics {
     pub call_setup: Family<DirectionLabel, Histogram>,
     /// Flow runs by outcome.
     pub flow_runs: Family<FlowRunLabels, Counter>,
+    /// How long each flow run took (instantiation to return), wall clock.
+    pub flow_run_time: Family<FlowLabels, Histogram>,
     /// SIP messages received and sent.
     pub sip_messages: Family<MessageLabels, Counter>,
     /// Final responses by class.
@@ -139,7 +148,7 @@ pub struct Metrics {
     pub clock_lateness: Histogram,
     /// Steps that started more than 1 ms late.
     pub clock_missed: Counter,
-    /// RTP sends that failed.
+    /// RTP sends that failed (socket buffer full, unreachable).
     pub rtp_send_errors: Counter,
     /// Agent sessions connected.
     pub agent_sessions: Counter,
@@ -186,6 +195,9 @@ impl Metrics {
             calls_ended: Family::default(),
             call_setup: Family::new_with_constructor(setup_buckets),
             flow_runs: Family::default(),
+            flow_run_time: Family::new_with_constructor(|| {
+                Histogram::new([0.01, 0.1, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0])
+            }),
             sip_messages: Family::default(),
             sip_responses: Family::default(),
             sip_dropped: Family::default(),
@@ -239,6 +251,7 @@ impl Metrics {
         );
         r.register("call_setup_seconds", "From the INVITE to the answer", m.call_setup.clone());
         r.register("flow_runs", "Flow runs ended, by outcome", m.flow_runs.clone());
+        r.register("flow_run_seconds", "How long each flow run took, wall clock", m.flow_run_time.clone());
         r.register("sip_messages", "SIP messages received (in) and sent (out)", m.sip_messages.clone());
         r.register("sip_final_responses", "Final SIP responses by class", m.sip_responses.clone());
         r.register("sip_dropped", "SIP input dropped before the endpoint, by reason", m.sip_dropped.clone());
@@ -272,7 +285,7 @@ impl Metrics {
             "Media clock steps that started more than 1 ms late",
             m.clock_missed.clone(),
         );
-        r.register("rtp_send_errors", "RTP/RTCP sends that failed", m.rtp_send_errors.clone());
+        r.register("rtp_send_errors", "RTP sends that failed", m.rtp_send_errors.clone());
         r.register("agent_sessions", "AI agent sessions connected", m.agent_sessions.clone());
         r.register("agent_connect_failures", "AI agent connections that failed", m.agent_failures.clone());
         r.register("cdrs_written", "CDRs written to the CDR file or log", m.cdrs_written.clone());

@@ -194,10 +194,17 @@ const CDR_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// time, until the receiver answers 2xx, tried [`CDR_ATTEMPTS`] times with doubling back-off.
 /// At least once: a delivery whose answer was lost is sent again, so receivers deduplicate by
 /// the record's `id`. Returns where the CDR writer offers lines (see `CdrOutput::tap`).
-pub fn deliver_cdrs(hook: Webhook) -> mpsc::Sender<Arc<str>> {
-    let (lines, mut queue) = mpsc::channel::<Arc<str>>(CDR_QUEUE);
+pub fn deliver_cdrs(hook: Webhook) -> mpsc::Sender<crate::cdr::Tapped> {
+    let (lines, mut queue) = mpsc::channel::<crate::cdr::Tapped>(CDR_QUEUE);
     tokio::spawn(async move {
-        while let Some(line) = queue.recv().await {
+        while let Some(tapped) = queue.recv().await {
+            let line = match tapped {
+                crate::cdr::Tapped::Line(line) => line,
+                crate::cdr::Tapped::Flush(done) => {
+                    let _ = done.send(());
+                    continue;
+                }
+            };
             let mut wait = Duration::from_secs(1);
             for attempt in 1..=CDR_ATTEMPTS {
                 match tokio::time::timeout(TIMEOUT, hook.post(line.as_bytes())).await {
@@ -365,8 +372,10 @@ mod tests {
         let hook = Webhook::new(&url, std::slice::from_ref(&url), secret, None).expect("its own URL");
         let lines = deliver_cdrs(hook);
         for id in ["one", "two"] {
-            lines.try_send(format!("{{\"id\":\"{id}\"}}").into()).expect("queued");
+            lines.try_send(crate::cdr::Tapped::Line(format!("{{\"id\":\"{id}\"}}").into())).expect("queued");
         }
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        lines.try_send(crate::cdr::Tapped::Flush(done)).expect("queued");
         let mut bodies = Vec::new();
         for _ in 0..3 {
             let request = tokio::time::timeout(Duration::from_secs(5), received.recv())
@@ -383,5 +392,7 @@ mod tests {
         }
         // The first record again after the 503, before the second.
         assert_eq!(bodies, ["{\"id\":\"one\"}", "{\"id\":\"one\"}", "{\"id\":\"two\"}"]);
+        // A flush behind them is answered once both are delivered.
+        tokio::time::timeout(Duration::from_secs(5), flushed).await.expect("flushed").expect("answered");
     }
 }

@@ -94,6 +94,22 @@ pub(crate) enum Request {
     RingTimeout { call: CallRef },
 }
 
+impl Request {
+    /// The call (or, for `HangupLeg`, the leg) it is about.
+    pub(crate) fn call(&self) -> CallRef {
+        match self {
+            Self::Answer { call, .. }
+            | Self::Hangup { call, .. }
+            | Self::FlowDone { call, .. }
+            | Self::Transfer { call, .. }
+            | Self::MediaTimeout { call }
+            | Self::Dial { call, .. }
+            | Self::RingTimeout { call } => *call,
+            Self::HangupLeg { leg, .. } => *leg,
+        }
+    }
+}
+
 /// What a call's flow reaches beyond its own call, the same for every call: every tenant (for
 /// calls between tenants), the frame pool, where recordings go, and the list of calls up.
 #[derive(Clone)]
@@ -176,6 +192,10 @@ pub(crate) struct Call {
     flow_task: Option<tokio::task::AbortHandle>,
     /// Its entry in the API's list of calls up now.
     _listed: Listed,
+    /// `call{tenant, flow, call_id}`: the flow's task runs in it, and the endpoint enters it
+    /// while it handles the call's (and its legs') events, so every line about the call says
+    /// which call.
+    pub(crate) span: tracing::Span,
 }
 
 impl Call {
@@ -317,6 +337,9 @@ pub(crate) fn start(
     // What the flow's task logs (and the host logs for it, the flow's own `log` lines
     // included) carries the call's tenant, flow and Call-ID.
     let span = tracing::info_span!("call", tenant = %info.tenant, flow = %info.flow, call_id = %info.call_id);
+    let watcher_span = span.clone();
+    let call_span = span.clone();
+    let run_labels = crate::metrics::FlowLabels { tenant: info.tenant.clone(), flow: info.flow.clone() };
     let handle = Arc::new(CallHandle {
         call,
         info,
@@ -340,7 +363,9 @@ pub(crate) fn start(
     let engine = Arc::clone(engine);
     let task = tokio::spawn(
         async move {
+            let started = std::time::Instant::now();
             let exit = engine.run(&flow, flow_call).await;
+            crate::metrics::METRICS.flow_run_time.get_or_create(&run_labels).observe(started.elapsed().as_secs_f64());
             drop(instance);
             exit
         }
@@ -363,6 +388,7 @@ pub(crate) fn start(
             _live: tenant.call_started(),
             flow_task: Some(task.abort_handle()),
             _listed: listed,
+            span: call_span,
         },
     );
     if !answered {
@@ -372,10 +398,13 @@ pub(crate) fn start(
             let _ = requests.send(Request::RingTimeout { call });
         });
     }
-    tokio::spawn(async move {
-        let end = flow_end(call, task.await);
-        let _ = requests.send(Request::FlowDone { call, end });
-    });
+    tokio::spawn(
+        async move {
+            let end = flow_end(call, task.await);
+            let _ = requests.send(Request::FlowDone { call, end });
+        }
+        .instrument(watcher_span),
+    );
 }
 
 /// How a flow's task ended, for the record.
@@ -460,7 +489,14 @@ impl Call {
             EndCause::SessionExpired => ("session-expired".to_owned(), "network", 200),
         };
         let sip_code = if answered { 200 } else { sip_code };
-        tracing::info!(?call, cause = %cause, hung_up_by = by, "call ended");
+        tracing::info!(
+            tenant = draft.tenant(),
+            flow = draft.flow(),
+            call_id = draft.call_id(),
+            cause = %cause,
+            hung_up_by = by,
+            "call ended"
+        );
         draft.sip_ended(SipEnd { cause, by, sip_code });
         draft
     }

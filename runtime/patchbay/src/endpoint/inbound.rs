@@ -310,7 +310,14 @@ impl Endpoint {
         }
         let _ = ua.ring(now, call);
         let info = call_info();
-        tracing::info!(?call, from = %peer.addr, tenant = %info.tenant, flow = %info.flow, version = &flow.version()[..12], "call started");
+        tracing::info!(
+            from = %peer.addr,
+            tenant = %info.tenant,
+            flow = %info.flow,
+            call_id = %info.call_id,
+            version = &flow.version()[..12],
+            "call started"
+        );
         // RFC 3261 §20.5: no Allow says nothing about REFER; an Allow without it says no.
         let allows: Vec<&str> = request
             .headers

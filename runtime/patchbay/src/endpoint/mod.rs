@@ -332,6 +332,7 @@ impl Endpoint {
 
     /// A call's request (its flow's, or its timers').
     pub(super) fn on_request(&mut self, request: Request) {
+        let _in_call = self.call_span(request.call()).entered();
         let now = std::time::Instant::now();
         let ua = &mut self.ua;
         match request {
@@ -504,7 +505,25 @@ impl Endpoint {
 }
 
 impl Endpoint {
+    /// The span of `call`, or of the call whose flow placed leg `call` (none for others).
+    fn call_span(&self, call: CallRef) -> tracing::Span {
+        let owner = self.legs.get(&call).map_or(call, |leg| leg.owner);
+        self.calls.get(&owner).map_or_else(tracing::Span::none, |c| c.span.clone())
+    }
+
     fn on_event(&mut self, event: UaEvent) {
+        let about = match &event {
+            UaEvent::Progress { call, .. }
+            | UaEvent::Answered { call, .. }
+            | UaEvent::ReInviteAnswered { call, .. }
+            | UaEvent::Confirmed { call }
+            | UaEvent::ReInvite { call, .. }
+            | UaEvent::Transfer { call, .. }
+            | UaEvent::InfoDtmf { call, .. }
+            | UaEvent::Ended { call, .. } => Some(*call),
+            _ => None,
+        };
+        let _in_call = about.map(|call| self.call_span(call).entered());
         let Self {
             ua, calls, ending, legs, engine, registry, routing, commands, services, registrations, pings, ..
         } = self;

@@ -921,8 +921,9 @@ fn clock(wheel: &Wheel, stats: &ClockStats, index: usize, threads: usize) {
 
 /// Asks the kernel to run the clock thread with a real-time priority (`SCHED_FIFO`), as media
 /// servers do (FreeSWITCH's `-rp`): then the flows' threads, logging or a busy tokio worker
-/// cannot preempt it mid-tick. Needs `CAP_SYS_NICE` (or root); without it the clock runs at the
-/// normal priority and says so once.
+/// cannot preempt it mid-tick. Needs an `RLIMIT_RTPRIO` of at least 10 (systemd's
+/// `LimitRTPRIO=10`, as in `packaging/patchbay.service`), `CAP_SYS_NICE` or root; without it
+/// the clock runs at the normal priority and says so once.
 fn realtime_priority() {
     let param = libc::sched_param { sched_priority: 10 };
     // SAFETY: sets the calling thread's scheduling policy; `param` outlives the call.
@@ -931,7 +932,8 @@ fn realtime_priority() {
         tracing::debug!("media clock runs with real-time priority (SCHED_FIFO 10)");
     } else {
         tracing::info!(
-            "media clock runs at normal priority (no permission for SCHED_FIFO; grant CAP_SYS_NICE for steadier pacing)"
+            "media clock runs at normal priority (no permission for SCHED_FIFO; for steadier pacing raise RLIMIT_RTPRIO \
+             to 10, e.g. systemd LimitRTPRIO=10, or grant CAP_SYS_NICE)"
         );
     }
 }
