@@ -339,6 +339,9 @@ struct CdrFile {
     opened: Instant,
     rotate_bytes: u64,
     rotate_every: Option<std::time::Duration>,
+    /// After a rotation failed (the directory not writable, say): not tried again before then,
+    /// so that a full file is not renamed in vain, and logged, at every record.
+    retry_rotation_at: Option<Instant>,
 }
 
 impl CdrFile {
@@ -348,7 +351,15 @@ impl CdrFile {
         {
             tracing::error!(path = %path.display(), "cannot create the CDR directory: {e}");
         }
-        let mut this = Self { path, file: None, written: 0, opened: Instant::now(), rotate_bytes, rotate_every };
+        let mut this = Self {
+            path,
+            file: None,
+            written: 0,
+            opened: Instant::now(),
+            rotate_bytes,
+            rotate_every,
+            retry_rotation_at: None,
+        };
         this.reopen().await;
         this
     }
@@ -372,14 +383,15 @@ impl CdrFile {
         let by_size =
             self.rotate_bytes > 0 && self.written > 0 && self.written + line.len() as u64 + 1 > self.rotate_bytes;
         let by_age = self.rotate_every.is_some_and(|every| self.opened.elapsed() >= every) && self.written > 0;
-        if by_size || by_age {
+        let may = self.retry_rotation_at.is_none_or(|at| Instant::now() >= at);
+        if (by_size || by_age) && may {
             self.rotate().await;
         }
         let Some(f) = self.file.as_mut() else {
             return Err(std::io::Error::other("the CDR file is not open"));
         };
-        // One write of the whole line: a reader never sees half of it after a crash mid-call
-        // of write(2) on a local file system.
+        // The whole line in one write: lines never interleave, and a line is not left without
+        // its newline by a failure between two writes.
         let mut bytes = Vec::with_capacity(line.len() + 1);
         bytes.extend_from_slice(line.as_bytes());
         bytes.push(b'\n');
@@ -406,8 +418,15 @@ impl CdrFile {
             n += 1;
         }
         match tokio::fs::rename(&self.path, &target).await {
-            Ok(()) => tracing::info!(to = %target.display(), "CDR file rotated"),
-            Err(e) => tracing::error!(path = %self.path.display(), "rotating the CDR file: {e}"),
+            Ok(()) => {
+                self.retry_rotation_at = None;
+                tracing::info!(to = %target.display(), "CDR file rotated");
+            }
+            Err(e) => {
+                // Records go on into the same file; rotation is tried again in a minute.
+                self.retry_rotation_at = Some(Instant::now() + std::time::Duration::from_secs(60));
+                tracing::error!(path = %self.path.display(), "rotating the CDR file (writing on into it): {e}");
+            }
         }
         self.reopen().await;
     }
@@ -549,5 +568,38 @@ mod tests {
         draft.ending("rtp-timeout", "patchbay");
         draft.ending("flow-completed", "flow");
         assert_eq!(draft.local_reason(), Some(("rtp-timeout", "patchbay")));
+    }
+
+    #[tokio::test]
+    async fn the_file_rotates_by_size_and_keeps_every_line_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cdr.jsonl");
+        // Lines of 40 bytes with their newline: two fit in 100 bytes, the third rotates.
+        let mut file = CdrFile::open(path.clone(), 100, None).await;
+        let lines: Vec<String> = (0..7).map(|n| format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(23))).collect();
+        for line in &lines {
+            assert_eq!(line.len() + 1, 40);
+            file.append(line).await.expect("written");
+        }
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        // Rotated files are `cdr.<time>[-N].jsonl`; the current one keeps its name.
+        assert!(names.len() >= 3, "{names:?}");
+        assert!(names.iter().all(|n| n.starts_with("cdr.") && n.ends_with(".jsonl")), "{names:?}");
+        let mut seen: Vec<String> = Vec::new();
+        for name in &names {
+            let text = std::fs::read_to_string(dir.path().join(name)).expect("read");
+            assert!(text.len() <= 100, "{name}: {} bytes", text.len());
+            assert!(text.ends_with('\n'), "{name}");
+            seen.extend(text.lines().map(str::to_owned));
+        }
+        seen.sort();
+        let mut want = lines.clone();
+        want.sort();
+        assert_eq!(seen, want, "every line once, whole");
     }
 }
