@@ -106,6 +106,9 @@ fn a_call_moves_the_counters_and_histograms_it_should() {
     assert_eq!(value(&during, "patchbay_calls_active", &echo_in), 1.0, "the call is up");
     assert_eq!(value(&during, "patchbay_tenant_calls", &[("tenant", "test")]), 1.0);
     assert_eq!(value(&during, "patchbay_sip_dialogs", &[]), 1.0);
+    // RTP is counted while the call lasts (about once a second), not only at its end.
+    assert!(value(&during, "patchbay_rtp_packets_total", &[("direction", "in")]) > 0.0, "live RTP counters");
+    assert!(value(&during, "patchbay_rtp_packets_total", &[("direction", "out")]) > 0.0, "live RTP counters");
     let (ok, log) = call.join().expect("sipp");
     assert!(ok, "{log}");
     pb.wait_for_cdrs(1, Duration::from_secs(10));

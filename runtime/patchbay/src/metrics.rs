@@ -133,7 +133,7 @@ pub struct Metrics {
     /// Requests the SIP core refused or dropped: `overload` (stateless 503 beyond the
     /// transaction cap), `foreign-response`, `foreign-request` (set from the core's counters).
     pub sip_refused: Family<ReasonLabel, Counter>,
-    /// RTP packets received and sent, counted when each call's media ends.
+    /// RTP packets received and sent (each call's added about once a second and at its end).
     pub rtp_packets: Family<DirectionLabel, Counter>,
     /// Datagrams on RTP ports not played: `invalid` (not RTP, or a payload type not agreed),
     /// `foreign` (not from the latched peer), `srtp` (failed authentication or replayed).
@@ -258,11 +258,7 @@ impl Metrics {
         r.register("sip_transactions", "SIP transactions alive", m.sip_transactions.clone());
         r.register("sip_dialogs", "Calls and legs alive in the SIP core", m.sip_dialogs.clone());
         r.register("sip_refused", "SIP messages the core refused or dropped, by reason", m.sip_refused.clone());
-        r.register(
-            "rtp_packets",
-            "RTP packets received (in) and sent (out), counted as each call's media ends",
-            m.rtp_packets.clone(),
-        );
+        r.register("rtp_packets", "RTP packets received (in) and sent (out)", m.rtp_packets.clone());
         r.register("rtp_dropped", "RTP packets received but not played, by reason", m.rtp_dropped.clone());
         r.register("rtp_lost", "RTP packets the peer sent that never arrived (sequence gaps)", m.rtp_lost.clone());
         r.register(
@@ -393,21 +389,43 @@ impl Metrics {
         }
     }
 
-    /// A call's media has ended: its RTP totals.
-    pub fn media_ended(
+    /// A call's media counters now: what they moved since `counted` is added (about once a
+    /// second while the call lasts, so the RTP figures are live).
+    pub fn media_progress(
         &self,
+        counted: &mut MediaCounted,
         stats: &patchbay_media::session::SessionStats,
         quality: &patchbay_media::session::QualityStats,
     ) {
-        self.rtp_packets.get_or_create(&DirectionLabel { direction: "in" }).inc_by(stats.received);
-        self.rtp_packets.get_or_create(&DirectionLabel { direction: "out" }).inc_by(stats.sent);
-        for (reason, n) in [("invalid", stats.dropped), ("foreign", stats.foreign), ("srtp", stats.srtp_failures)] {
-            if n > 0 {
-                self.rtp_dropped.get_or_create(&ReasonLabel { reason }).inc_by(n);
+        let add = |counter: &Counter, now: u64, before: &mut u64| {
+            counter.inc_by(now.saturating_sub(*before));
+            *before = (*before).max(now);
+        };
+        let before = &mut counted.stats;
+        add(&self.rtp_packets.get_or_create(&DirectionLabel { direction: "in" }), stats.received, &mut before.received);
+        add(&self.rtp_packets.get_or_create(&DirectionLabel { direction: "out" }), stats.sent, &mut before.sent);
+        for (reason, now, was) in [
+            ("invalid", stats.dropped, &mut before.dropped),
+            ("foreign", stats.foreign, &mut before.foreign),
+            ("srtp", stats.srtp_failures, &mut before.srtp_failures),
+        ] {
+            if now > *was {
+                add(&self.rtp_dropped.get_or_create(&ReasonLabel { reason }), now, was);
             }
         }
-        self.rtp_lost.inc_by(u64::try_from(quality.local_cumulative_lost).unwrap_or(0));
-        self.rtp_concealed.inc_by(stats.concealed);
+        add(&self.rtp_concealed, stats.concealed, &mut before.concealed);
+        let lost = u64::try_from(quality.local_cumulative_lost).unwrap_or(0);
+        add(&self.rtp_lost, lost, &mut counted.lost);
+    }
+
+    /// A call's media has ended: the rest of its counters, and its jitter.
+    pub fn media_ended(
+        &self,
+        counted: &mut MediaCounted,
+        stats: &patchbay_media::session::SessionStats,
+        quality: &patchbay_media::session::QualityStats,
+    ) {
+        self.media_progress(counted, stats, quality);
         if stats.received > 0 {
             self.rtp_jitter.observe(quality.local_jitter.as_secs_f64());
         }
@@ -492,6 +510,13 @@ fn gauge(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// What of one call's media counters has been added to the metrics.
+#[derive(Debug, Default)]
+pub struct MediaCounted {
+    stats: patchbay_media::session::SessionStats,
+    lost: u64,
+}
+
 /// Keeps a call counted in `calls_active` until dropped (it lives in the call's record draft,
 /// which every call has from its routing to its record).
 #[derive(Debug)]
@@ -510,5 +535,38 @@ impl ActiveCall {
 impl Drop for ActiveCall {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_counters_are_added_as_they_move_and_the_rest_at_the_end() {
+        let metrics = Metrics::new();
+        let mut counted = MediaCounted::default();
+        let mut stats = patchbay_media::session::SessionStats { received: 50, sent: 48, ..Default::default() };
+        let mut quality = patchbay_media::session::QualityStats { local_cumulative_lost: 2, ..Default::default() };
+        metrics.media_progress(&mut counted, &stats, &quality);
+        let packets = |direction| metrics.rtp_packets.get_or_create(&DirectionLabel { direction }).get();
+        assert_eq!((packets("in"), packets("out"), metrics.rtp_lost.get()), (50, 48, 2));
+        // A second later: only what moved is added. A loss count that went down (a late packet
+        // filled a gap) is not taken back.
+        stats.received = 100;
+        stats.sent = 98;
+        stats.concealed = 3;
+        quality.local_cumulative_lost = 1;
+        metrics.media_progress(&mut counted, &stats, &quality);
+        assert_eq!((packets("in"), packets("out"), metrics.rtp_lost.get()), (100, 98, 2));
+        assert_eq!(metrics.rtp_concealed.get(), 3);
+        // The end adds what is left, and the call's jitter.
+        stats.received = 120;
+        quality.local_jitter = Duration::from_millis(3);
+        metrics.media_ended(&mut counted, &stats, &quality);
+        assert_eq!(packets("in"), 120);
+        let exposition = metrics.encode(&Scraped::default());
+        assert!(exposition.contains("patchbay_rtp_jitter_seconds_count 1"), "{exposition}");
+        assert!(exposition.contains("patchbay_rtp_packets_total{direction=\"in\"} 120"), "{exposition}");
     }
 }

@@ -188,6 +188,9 @@ pub struct CallMedia {
     /// call in the order the session raised them (the clock thread and the flow's commands
     /// both deliver).
     dispatching: Mutex<()>,
+    /// What of the session's counters the metrics have been given so far (they are added
+    /// about once a second and at the end, [`COUNT_EVERY`]).
+    counted: Mutex<crate::metrics::MediaCounted>,
 }
 
 impl CallMedia {
@@ -302,7 +305,11 @@ impl CallMedia {
     /// reports go.
     fn goodbye(&self, now: Instant, ntp: &NtpClock, out: &mut Buffers) {
         let mut session = self.lock();
-        crate::metrics::METRICS.media_ended(&session.stats(), &session.quality());
+        crate::metrics::METRICS.media_ended(
+            &mut self.counted.lock().unwrap_or_else(PoisonError::into_inner),
+            &session.stats(),
+            &session.quality(),
+        );
         let Some(socket) = self.rtcp_out(session.rtcp_mux()) else { return };
         if let Some((to, len)) = session.rtcp_bye(now, ntp.at(now), &mut out.rtcp) {
             let _ = socket.send_to(&out.rtcp[..len], to);
@@ -319,7 +326,8 @@ impl CallMedia {
     /// A call with an agent on the clock ([`AgentLink`]) takes the agent's answers in before
     /// its packet is made (an answer that arrived by this step goes out in it) and writes the
     /// caller's frame to the agent after. `step` is when this step was due.
-    fn tick(&self, ntp: &NtpClock, out: &mut Buffers, stats: &ClockStats, rtcp_due: bool, step: Instant) -> bool {
+    fn tick(&self, ntp: &NtpClock, out: &mut Buffers, stats: &ClockStats, due: Due, step: Instant) -> bool {
+        let Due { rtcp: rtcp_due, count: count_due } = due;
         let mut agent_slot =
             self.has_agent.load(Ordering::Relaxed).then(|| self.agent.lock().unwrap_or_else(PoisonError::into_inner));
         let mut agent = agent_slot.as_deref_mut().and_then(Option::as_mut);
@@ -354,6 +362,13 @@ impl CallMedia {
                 Some(socket) => session.rtcp_tick(now, ntp.at(now), &mut out.rtcp).map(|report| (socket, report)),
                 None => None,
             };
+            if count_due {
+                crate::metrics::METRICS.media_progress(
+                    &mut self.counted.lock().unwrap_or_else(PoisonError::into_inner),
+                    &session.stats(),
+                    &session.quality(),
+                );
+            }
             // The jitter buffer's playout runs on this clock whether or not anybody listens.
             (packet, report, session.take_received(now), session.has_events(), now)
         };
@@ -506,6 +521,7 @@ impl MediaEngine {
             has_agent: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             dispatching: Mutex::new(()),
+            counted: Mutex::default(),
         });
         self.wheel.0.place(Arc::clone(&media));
         Ok(media)
@@ -517,6 +533,10 @@ const INBOX: usize = 8;
 
 /// The peer's RTCP is read every this many turns of the wheel (240 ms).
 const RTCP_EVERY: u64 = 2;
+
+/// Each call's RTP counters go to the metrics every this many turns of the wheel (960 ms), at
+/// its first step of the turn, and when it ends.
+const COUNT_EVERY: u64 = 8;
 
 /// Feeds everything waiting on `socket` to `deliver` with its arrival time (the kernel's stamp,
 /// else `now`). A backlog larger than the inbox (after a stall) takes a few reads.
@@ -816,7 +836,8 @@ impl Wheel {
     fn serve(&self, step: u64, now: Instant, clock: &mut ClockThread, stats: &ClockStats) {
         let slot = (step % WHEEL_STEPS as u64) as usize;
         // The peer's RTCP is read every RTCP_EVERY-th turn, at a call's first step of the turn.
-        let rtcp_turn = (step / WHEEL_STEPS as u64).is_multiple_of(RTCP_EVERY);
+        let turn = step / WHEEL_STEPS as u64;
+        let (rtcp_turn, count_turn) = (turn.is_multiple_of(RTCP_EVERY), turn.is_multiple_of(COUNT_EVERY));
         let record = stats.record_departures.load(Ordering::Relaxed);
         let due = self.deadline(step);
         let mut calls = self.steps[slot].lock().unwrap_or_else(PoisonError::into_inner);
@@ -832,7 +853,8 @@ impl Wheel {
         });
         for call in calls.iter() {
             let first = slot < steps_per_tick(call.ptime_ms);
-            if call.tick(&self.ntp, &mut clock.out, stats, rtcp_turn && first, due) && record {
+            let turn_due = Due { rtcp: rtcp_turn && first, count: count_turn && first };
+            if call.tick(&self.ntp, &mut clock.out, stats, turn_due, due) && record {
                 clock.departures.push((Arc::as_ptr(call) as usize, Instant::now()));
             }
         }
@@ -846,6 +868,15 @@ impl Wheel {
             stats.departures.lock().unwrap_or_else(PoisonError::into_inner).append(&mut clock.departures);
         }
     }
+}
+
+/// What falls due at a call's step besides its packet.
+#[derive(Debug, Clone, Copy)]
+struct Due {
+    /// Read the peer's RTCP (on its own port).
+    rtcp: bool,
+    /// Hand the call's RTP counters to the metrics.
+    count: bool,
 }
 
 /// What one clock thread keeps between steps.
