@@ -85,7 +85,19 @@ fn a_call_moves_the_counters_and_histograms_it_should() {
     assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");
     let before = parse(&body);
     assert_eq!(value(&before, "patchbay_flows_loaded", &[("tenant", "test")]), 1.0);
-    assert_eq!(value(&before, "patchbay_calls_started_total", &[]), 0.0);
+    // The series with fixed labels are there from the start, at 0 (alerts need no `or vector(0)`).
+    for (name, labels) in [
+        ("patchbay_sip_messages_total", [("direction", "in"), ("kind", "request")]),
+        ("patchbay_sip_dropped_total", [("reason", "queue-full"), ("reason", "queue-full")]),
+        ("patchbay_sip_final_responses_total", [("direction", "out"), ("class", "5xx")]),
+        ("patchbay_rtp_packets_total", [("direction", "in"), ("direction", "in")]),
+    ] {
+        let present = before
+            .iter()
+            .any(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v)));
+        assert!(present, "{name} {labels:?} in the exposition from the start:\n{body}");
+        assert_eq!(value(&before, name, &labels), 0.0);
+    }
     assert_eq!(value(&before, "patchbay_draining", &[]), 0.0);
     // (Label families appear with their first series; the others from the start.)
     for family in [
@@ -212,6 +224,7 @@ fn cdr_files_rotate_under_200_calls_per_second_without_losing_a_line() {
     let read_all = || {
         let mut files = Vec::new();
         let mut records = Vec::new();
+        let mut record_ids = Vec::new();
         for entry in std::fs::read_dir(pb.dir.path()).expect("read dir").flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with("cdr") && name.ends_with(".jsonl") {
@@ -221,16 +234,17 @@ fn cdr_files_rotate_under_200_calls_per_second_without_losing_a_line() {
                     let record: serde_json::Value = serde_json::from_str(line)
                         .unwrap_or_else(|e| panic!("{name}: not a whole record ({e}): {line}"));
                     records.push(record["call_id"].as_str().unwrap_or_default().to_owned());
+                    record_ids.push(record["record_id"].as_str().unwrap_or_default().to_owned());
                 }
                 files.push(name);
             }
         }
-        (files, records)
+        (files, records, record_ids)
     };
-    let (files, mut records) = loop {
-        let (files, records) = read_all();
+    let (files, mut records, mut record_ids) = loop {
+        let (files, records, record_ids) = read_all();
         if records.len() >= calls as usize || started.elapsed() > Duration::from_secs(20) {
-            break (files, records);
+            break (files, records, record_ids);
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -239,5 +253,9 @@ fn cdr_files_rotate_under_200_calls_per_second_without_losing_a_line() {
     records.sort();
     records.dedup();
     assert_eq!(records.len(), calls as usize, "no record written twice");
+    record_ids.sort();
+    record_ids.dedup();
+    assert!(record_ids.iter().all(|id| id.len() == 32), "record ids are 128-bit hex");
+    assert_eq!(record_ids.len(), calls as usize, "every record has its own record_id");
     assert!(!pb.log().contains('\u{1b}'), "a plain log written to a file has no colour codes");
 }

@@ -6,6 +6,7 @@
 //! from its OPTIONS probe (503) or from an INVITE the draining node refused with 503.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,8 +21,19 @@ struct Kamailio {
 }
 
 impl Drop for Kamailio {
+    /// Kamailio forks its workers, which outlive a SIGKILL of the main process (and would go
+    /// on probing ports later tests reuse): the whole process group is stopped.
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        let stopped = (0..40).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        if !stopped {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 }
@@ -31,8 +43,10 @@ fn example(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Starts Kamailio on a free port with the two nodes as its dispatcher set, and waits until it
-/// has found both nodes up (its probes answered 200).
+/// Starts Kamailio on a free port with the two nodes as its dispatcher set, and gives it 3 s
+/// to start and probe both nodes (ds_ping_interval 1 s). A node it has not yet found up would
+/// still get calls (dispatcher destinations start active), so the wait is a margin, not a
+/// condition the test depends on.
 fn start_kamailio(nodes: [u16; 2]) -> Kamailio {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
@@ -52,6 +66,8 @@ fn start_kamailio(nodes: [u16; 2]) -> Kamailio {
     let run = dir.path().join("run");
     std::fs::create_dir_all(&run).expect("run dir");
     let mut child = Command::new("kamailio")
+        // Its own process group, so that dropping it stops every worker.
+        .process_group(0)
         .arg("-f")
         .arg(&cfg)
         .args(["-DD", "-E", "-m", "64", "-M", "8", "-Y"])

@@ -217,7 +217,10 @@ async fn create_call(
             answered: None,
             ended: None,
         };
-        if error.status != StatusCode::TOO_MANY_REQUESTS && error.code != "shutting-down" {
+        // A tenant nobody configured gets no record (as a call to a domain no tenant serves):
+        // there is no tenant to attribute it to, and the name is the caller's.
+        if error.status != StatusCode::TOO_MANY_REQUESTS && !matches!(error.code, "shutting-down" | "tenant-not-found")
+        {
             crate::originate::write_refused(&state.cdr, &view, error.code);
         }
     })
@@ -311,6 +314,7 @@ async fn place(state: &Arc<ApiState>, tenant_id: String, request: CreateCall) ->
         slots: Default::default(),
         fallback: Vec::new(),
         ringing: false,
+        attempted: false,
     };
     let (commands, originations) = (state.commands.clone(), Arc::clone(&state.originations));
     let job = Box::new(move |slots| {
@@ -527,8 +531,8 @@ async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
 }
 
 /// `GET /metrics` (no token): Prometheus metrics in the OpenMetrics text format
-/// (docs/operations.md, "Metrics"). Encoded off the async workers: with thousands of label
-/// sets it is a few milliseconds of work.
+/// (docs/operations.md, "Metrics"). Encoded off the async workers: the work grows with the
+/// label sets (tenants × flows).
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     let encoded = tokio::task::spawn_blocking(move || {
         use crate::metrics::{Scraped, TenantFigures, TrunkFigures};

@@ -23,6 +23,10 @@ use tokio::sync::mpsc;
 /// One finished call, as written (field names are the JSON keys).
 #[derive(Debug, Clone, Serialize)]
 pub struct Cdr {
+    /// This record's own id (128 bits from the CSPRNG, hex): unique across records, nodes and
+    /// restarts, unlike `id` — a Call-ID refused by a draining node and answered by another
+    /// has two records. Receivers of the CDR webhook deduplicate by it.
+    pub record_id: String,
     /// The call's id: for a call placed through the API, the id `POST /v1/calls` answered
     /// with; else the SIP Call-ID.
     pub id: String,
@@ -121,17 +125,21 @@ pub struct CdrDraft {
 impl CdrDraft {
     /// A call that has just been routed to a flow.
     pub fn new(info: &patchbay_host::CallInfo, flow_version: &str) -> Self {
+        Self::attempt(info, flow_version, true)
+    }
+
+    /// [`CdrDraft::new`] for one attempt at a call: a call placed again at another target
+    /// (`first` false) is not counted as started a second time.
+    pub fn attempt(info: &patchbay_host::CallInfo, flow_version: &str, first: bool) -> Self {
         let direction = match info.direction {
             patchbay_host::Direction::Inbound => "inbound",
             patchbay_host::Direction::Outbound => "outbound",
         };
         Self {
             _active: (!flow_version.is_empty()).then(|| {
-                crate::metrics::ActiveCall::start(crate::metrics::CallLabels {
-                    tenant: info.tenant.clone(),
-                    flow: info.flow.clone(),
-                    direction,
-                })
+                let labels =
+                    crate::metrics::CallLabels { tenant: info.tenant.clone(), flow: info.flow.clone(), direction };
+                crate::metrics::ActiveCall::start(labels, first)
             }),
             id: None,
             call_id: info.call_id.clone(),
@@ -169,11 +177,14 @@ impl CdrDraft {
     /// A leg runs no flow of its own: its flow side is done from the start.
     pub fn leg(&self, call_id: &str, from: &str, to: &str) -> Self {
         Self {
-            _active: Some(crate::metrics::ActiveCall::start(crate::metrics::CallLabels {
-                tenant: self.tenant.clone(),
-                flow: self.flow.clone(),
-                direction: "outbound",
-            })),
+            _active: Some(crate::metrics::ActiveCall::start(
+                crate::metrics::CallLabels {
+                    tenant: self.tenant.clone(),
+                    flow: self.flow.clone(),
+                    direction: "outbound",
+                },
+                true,
+            )),
             id: None,
             call_id: call_id.to_owned(),
             tenant: self.tenant.clone(),
@@ -260,6 +271,7 @@ impl CdrDraft {
         let billable_ms = self.answered.map_or(0, |(_, at)| millis(end_at.saturating_duration_since(at)));
         let call_id = std::mem::take(&mut self.call_id);
         Some(Cdr {
+            record_id: format!("{:016x}{:016x}", crate::random::u64(), crate::random::u64()),
             id: self.id.take().unwrap_or_else(|| call_id.clone()),
             call_id,
             tenant: std::mem::take(&mut self.tenant),

@@ -197,6 +197,11 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
             Arc::new(resolve::SystemResolver::from_system_conf().context("reading the DNS configuration")?);
         let tenants = Arc::new(tenant::Tenants::build(&config, &resolver)?);
         let all_loaded = deploy::load_all(&config, &tenants, &engine, &registry).await;
+        // The CDR webhook is checked by `check` too (what `run` would refuse, `check` must).
+        let cdr_hook = match &config.cdr.webhook {
+            Some(url) => Some(webhook::Webhook::for_cdrs(url.get_ref(), config.cdr.webhook_secret.clone())?),
+            None => None,
+        };
         report(&config, &engine, &registry);
         if serve {
             let watchers = deploy::Watchers::start(&tenants, &engine, &registry)?;
@@ -246,16 +251,7 @@ fn run(config_path: Option<PathBuf>, serve: bool) -> anyhow::Result<bool> {
                     rotate_bytes: config.cdr.rotate_kb.saturating_mul(1024),
                     rotate_every: (config.cdr.rotate_hours > 0)
                         .then(|| Duration::from_secs(config.cdr.rotate_hours.saturating_mul(3600))),
-                    tap: match &config.cdr.webhook {
-                        Some(url) => {
-                            let url = url.get_ref();
-                            let tls = transport::tls_client_config(None).ok();
-                            let hook = webhook::Webhook::new(url, std::slice::from_ref(url), config.cdr.webhook_secret.clone(), tls)
-                                .context("[cdr] webhook")?;
-                            Some(webhook::deliver_cdrs(hook))
-                        }
-                        None => None,
-                    },
+                    tap: cdr_hook.map(webhook::deliver_cdrs),
                 }),
                 storage: match &config.storage.dir {
                     Some(dir) => config.base_dir.join(dir),

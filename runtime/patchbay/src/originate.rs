@@ -98,6 +98,9 @@ pub struct Origination {
     pub fallback: Vec<patchbay_sip::transaction::Peer>,
     /// A provisional answer came: the ring timeout runs.
     pub ringing: bool,
+    /// A target has been tried already: the next is the same call (counted once in the
+    /// metrics' calls started).
+    pub attempted: bool,
 }
 
 /// Finished originations kept for `GET` after they end; the oldest go first.

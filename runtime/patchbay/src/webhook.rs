@@ -31,6 +31,10 @@ pub enum WebhookError {
     /// Not `http://` or `https://` with a host, or not under one of the tenant's prefixes.
     #[error("webhook {0:?} is not allowed for this tenant (see `webhooks` in its configuration)")]
     NotAllowed(String),
+    /// `[cdr] webhook` is not an `http://` or `https://` URL with a host (and no user info, dot
+    /// segments or control characters).
+    #[error("[cdr] webhook {0:?}: not a usable http:// or https:// URL")]
+    NotUsable(String),
     /// The receiver could not be reached or answered with an error.
     #[error("webhook delivery to {url}: {reason}")]
     Delivery {
@@ -90,6 +94,17 @@ impl Webhook {
             _ => None,
         };
         Ok(Self { url: parsed, secret, tls })
+    }
+
+    /// The CDR webhook (`[cdr] webhook`): the configured URL is its own allowed prefix (its
+    /// query, which often carries the receiver's token, left out of the comparison).
+    pub fn for_cdrs(url: &str, secret: Option<crate::config::Secret>) -> Result<Self, WebhookError> {
+        let prefix = url.split_once('?').map_or(url, |(before, _)| before).to_owned();
+        let tls = crate::transport::tls_client_config(None).ok();
+        Self::new(url, &[prefix], secret, tls).map_err(|e| match e {
+            WebhookError::NotAllowed(url) => WebhookError::NotUsable(url),
+            other => other,
+        })
     }
 
     /// Starts delivering: returns where to send the call's views; the task ends when the
@@ -274,6 +289,13 @@ mod tests {
             assert!(Webhook::new(bad, &allowed(), None, tls()).is_err(), "{bad}");
         }
         assert!(Webhook::new("http://127.0.0.1:9000/", &[], None, tls()).is_err(), "deny by default");
+    }
+
+    #[test]
+    fn the_cdr_webhook_takes_its_own_url_with_a_query_but_no_dot_segments() {
+        assert!(Webhook::for_cdrs("https://billing.example/cdr?token=abc", None).is_ok());
+        assert!(Webhook::for_cdrs("http://127.0.0.1:9000/cdr", None).is_ok());
+        assert!(Webhook::for_cdrs("https://billing.example/a/../admin", None).is_err());
     }
 
     #[test]

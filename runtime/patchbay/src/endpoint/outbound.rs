@@ -133,7 +133,7 @@ impl Endpoint {
     pub(super) fn originate(
         &mut self,
         now: std::time::Instant,
-        origination: Box<crate::originate::Origination>,
+        mut origination: Box<crate::originate::Origination>,
         peer: patchbay_sip::transaction::Peer,
     ) {
         // Cancelled while it was on its way here: its record is written, nothing to place.
@@ -180,7 +180,9 @@ impl Endpoint {
             direction: Direction::Outbound,
             headers: Vec::new(),
         };
-        let mut cdr = CdrDraft::new(&info, flow.version());
+        // At the trunk's next target it is the same call: counted as started once.
+        let mut cdr = CdrDraft::attempt(&info, flow.version(), !origination.attempted);
+        origination.attempted = true;
         cdr.set_id(&origination.id);
         self.routing.originations.placed(&origination.id, leg);
         self.legs.insert(

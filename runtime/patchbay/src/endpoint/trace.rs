@@ -43,9 +43,9 @@ pub fn mask(text: &str) -> String {
     for line in text.split_inclusive('\n') {
         let lower = line.to_ascii_lowercase();
         if lower.starts_with("authorization:") || lower.starts_with("proxy-authorization:") {
-            out.push_str(&mask_param(line, "response="));
+            out.push_str(&mask_param(line, "response", '='));
         } else if lower.starts_with("a=crypto:") {
-            out.push_str(&mask_param(line, "inline:"));
+            out.push_str(&mask_param(line, "inline", ':'));
         } else {
             out.push_str(line);
         }
@@ -53,23 +53,32 @@ pub fn mask(text: &str) -> String {
     out
 }
 
-/// `line` with the value after each `key` (case-insensitive; quoted or up to `,` `;` `|` or
-/// white space) replaced by `***`.
-fn mask_param(line: &str, key: &str) -> String {
+/// `line` with the value of each `name` `sep` `value` (the name case-insensitive and not the
+/// tail of a longer word; white space allowed around `sep`, RFC 3261 §25.1 `EQUAL`; the value
+/// quoted, or up to `,` `;` `|` or white space) replaced by `***`.
+fn mask_param(line: &str, name: &str, sep: char) -> String {
     let lower = line.to_ascii_lowercase();
     let mut out = String::with_capacity(line.len());
     let mut at = 0;
-    while let Some(found) = lower[at..].find(key) {
-        let value_start = at + found + key.len();
-        out.push_str(&line[at..value_start]);
-        let rest = &line[value_start..];
-        let value_len = if let Some(quoted) = rest.strip_prefix('"') {
-            quoted.find('"').map_or(rest.len(), |end| end + 2)
+    let mut from = 0;
+    while let Some(found) = lower[from..].find(name) {
+        let start = from + found;
+        from = start + name.len();
+        let word_start = start == 0 || !lower.as_bytes()[start - 1].is_ascii_alphanumeric();
+        let after = &line[from..];
+        let spaced = after.trim_start_matches([' ', '\t']);
+        let Some(value) = spaced.strip_prefix(sep).filter(|_| word_start) else { continue };
+        let value = value.trim_start_matches([' ', '\t']);
+        let value_start = line.len() - value.len();
+        let value_len = if let Some(quoted) = value.strip_prefix('"') {
+            quoted.find('"').map_or(value.len(), |end| end + 2)
         } else {
-            rest.find([',', ';', '|', ' ', '\t', '\r', '\n']).unwrap_or(rest.len())
+            value.find([',', ';', '|', ' ', '\t', '\r', '\n']).unwrap_or(value.len())
         };
-        out.push_str(if rest.starts_with('"') { "\"***\"" } else { "***" });
+        out.push_str(&line[at..value_start]);
+        out.push_str(if value.starts_with('"') { "\"***\"" } else { "***" });
         at = value_start + value_len;
+        from = at;
     }
     out.push_str(&line[at..]);
     out
@@ -84,11 +93,14 @@ mod tests {
         let message = "INVITE sip:echo@example.com SIP/2.0\r\n\
             Proxy-Authorization: Digest username=\"alice\", realm=\"x\", nonce=\"abc\", uri=\"sip:echo@example.com\", response=\"6629fae49393a05397450978507c4ef1\", algorithm=MD5\r\n\
             authorization: Digest username=\"bob\",response=deadbeef,cnonce=\"c\"\r\n\
+            Authorization: Digest username=\"carol\", response = \"c0ffee42\", qop=auth\r\n\
             Content-Length: 0\r\n\r\n\
             a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz|2^20|1:4\r\n";
         let masked = mask(message);
         assert!(!masked.contains("6629fae4"), "{masked}");
         assert!(!masked.contains("deadbeef"), "{masked}");
+        assert!(!masked.contains("c0ffee42"), "white space around `=` (RFC 3261 §25.1): {masked}");
+        assert!(masked.contains("response = \"***\", qop=auth"), "{masked}");
         assert!(!masked.contains("WVNfX19z"), "{masked}");
         assert!(masked.contains("response=\"***\", algorithm=MD5"), "{masked}");
         assert!(masked.contains("response=***,cnonce=\"c\""), "{masked}");
