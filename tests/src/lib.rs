@@ -547,6 +547,13 @@ pub fn parse_pcap(bytes: &[u8]) -> Vec<Datagram> {
 /// One HTTP/1.1 request to `127.0.0.1:port` (the control API), with a bearer token; returns
 /// the status code, the headers and the body parsed as JSON (`Null` when empty or not JSON).
 pub fn http(method: &str, port: u16, path: &str, token: &str, body: Option<&str>) -> (u16, String, serde_json::Value) {
+    let (status, head, body) = http_raw(method, port, path, token, body);
+    (status, head, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+}
+
+/// [`http`] with the body as text (the metrics' exposition, the health checks'): the status,
+/// the head and the body.
+pub fn http_raw(method: &str, port: u16, path: &str, token: &str, body: Option<&str>) -> (u16, String, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the API");
     stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
@@ -561,5 +568,5 @@ pub fn http(method: &str, port: u16, path: &str, token: &str, body: Option<&str>
     stream.read_to_string(&mut response).expect("read the response");
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, head.to_owned(), serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+    (status, head.to_owned(), body.to_owned())
 }

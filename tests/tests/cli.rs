@@ -97,7 +97,7 @@ fn run_serves_until_sigterm() {
     assert!(seen.iter().any(|l| l.contains("Press Ctrl-C")), "{seen:?}");
     // The embedded default serves the health checks and the metrics on 127.0.0.1:8080.
     for (path, expect) in [("/healthz", "ok"), ("/readyz", "ready"), ("/metrics", "# EOF")] {
-        let (status, body) = get(8080, path);
+        let (status, _, body) = patchbay_e2e::http_raw("GET", 8080, path, "", None);
         assert_eq!(status, 200, "GET {path}: {body}");
         assert!(body.contains(expect), "GET {path}: {body}");
     }
@@ -105,16 +105,4 @@ fn run_serves_until_sigterm() {
     assert!(status.success());
     let exit = child.wait().expect("wait");
     assert!(exit.success(), "{exit:?}");
-}
-
-/// `GET path` on 127.0.0.1:`port`: the status and the body.
-fn get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
 }

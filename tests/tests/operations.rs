@@ -4,27 +4,20 @@
 //! without its extension becoming a label — JSON logs with the call's fields and masked SIP
 //! traces, and CDR files rotated under load without losing a line.
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
-use patchbay_e2e::{free_port, launch_logging, run_sipp, scenario, start_patchbay_logging, start_patchbay_with};
+use patchbay_e2e::{
+    free_port, http_raw, launch_logging, run_sipp, scenario, start_patchbay_logging, start_patchbay_with,
+};
 
 /// `GET /metrics`: the status, content type and body.
 fn scrape(api: u16) -> (u16, String, String) {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", api)).expect("connect to the API");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .expect("send the request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read the response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let (status, head, body) = http_raw("GET", api, "/metrics", "", None);
     let content_type = head
         .lines()
         .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-type:").map(|v| v.trim().to_owned()))
         .unwrap_or_default();
-    (status, content_type, body.to_owned())
+    (status, content_type, body)
 }
 
 /// One sample line of the exposition: name, labels, value.

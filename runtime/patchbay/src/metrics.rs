@@ -186,6 +186,8 @@ struct Hot {
     dropped: Vec<Counter>,
     /// By [`REFUSALS`].
     refused: Vec<Counter>,
+    /// RTP packets by [`DIRECTIONS`].
+    rtp: Vec<Counter>,
 }
 
 /// Gauges and counters whose values have an owner elsewhere, copied in at scrape time.
@@ -276,7 +278,7 @@ impl Metrics {
             metrics.hot.dropped.push(metrics.sip_dropped.get_or_create(&ReasonLabel { reason }).clone());
         }
         for direction in DIRECTIONS {
-            let _ = metrics.rtp_packets.get_or_create(&DirectionLabel { direction });
+            metrics.hot.rtp.push(metrics.rtp_packets.get_or_create(&DirectionLabel { direction }).clone());
         }
         for reason in REFUSALS {
             metrics.hot.refused.push(metrics.sip_refused.get_or_create(&ReasonLabel { reason }).clone());
@@ -449,8 +451,8 @@ impl Metrics {
             *before = (*before).max(now);
         };
         let before = &mut counted.stats;
-        add(&self.rtp_packets.get_or_create(&DirectionLabel { direction: "in" }), stats.received, &mut before.received);
-        add(&self.rtp_packets.get_or_create(&DirectionLabel { direction: "out" }), stats.sent, &mut before.sent);
+        add(&self.hot.rtp[0], stats.received, &mut before.received);
+        add(&self.hot.rtp[1], stats.sent, &mut before.sent);
         for (reason, now, was) in [
             ("invalid", stats.dropped, &mut before.dropped),
             ("foreign", stats.foreign, &mut before.foreign),

@@ -120,21 +120,32 @@ impl Webhook {
                         continue;
                     }
                 };
-                for attempt in 1..=ATTEMPTS {
-                    match tokio::time::timeout(TIMEOUT, self.post(&body)).await {
-                        Ok(Ok(())) => break,
-                        Ok(Err(e)) => tracing::warn!(id = %view.id, attempt, "{e}"),
-                        Err(_) => {
-                            tracing::warn!(id = %view.id, attempt, to = %self.shown(), "webhook delivery timed out")
-                        }
-                    }
-                    if attempt < ATTEMPTS {
-                        tokio::time::sleep(Duration::from_secs(4u64.pow(attempt as u32 - 1))).await;
-                    }
+                // 1 s, then 4 s between the tries.
+                let waits = (0..ATTEMPTS as u32 - 1).map(|n| Duration::from_secs(4u64.pow(n)));
+                if !self.post_until_taken(&body, waits, &view.id).await {
+                    tracing::warn!(id = %view.id, to = %self.shown(), "webhook event not delivered after {ATTEMPTS} tries");
                 }
             }
         });
         events
+    }
+
+    /// Posts `body` until the receiver takes it (2xx), waiting each of `waits` between two
+    /// tries: one try more than there are waits. Returns whether it was taken.
+    async fn post_until_taken(&self, body: &[u8], waits: impl Iterator<Item = Duration>, what: &str) -> bool {
+        let mut waits = waits.peekable();
+        for attempt in 1.. {
+            match tokio::time::timeout(TIMEOUT, self.post(body)).await {
+                Ok(Ok(())) => return true,
+                Ok(Err(e)) => tracing::warn!(what, attempt, "{e}"),
+                Err(_) => tracing::warn!(what, attempt, to = %self.shown(), "webhook delivery timed out"),
+            }
+            match waits.next() {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => return false,
+            }
+        }
+        false
     }
 
     /// The URL without its query, for logs (a query often carries the receiver's token).
@@ -220,23 +231,14 @@ pub fn deliver_cdrs(hook: Webhook) -> mpsc::Sender<crate::cdr::Tapped> {
                     continue;
                 }
             };
-            let mut wait = Duration::from_secs(1);
-            for attempt in 1..=CDR_ATTEMPTS {
-                match tokio::time::timeout(TIMEOUT, hook.post(line.as_bytes())).await {
-                    Ok(Ok(())) => {
-                        crate::metrics::METRICS.cdr_deliveries.inc();
-                        break;
-                    }
-                    Ok(Err(e)) => tracing::warn!(attempt, "CDR {e}"),
-                    Err(_) => tracing::warn!(attempt, to = %hook.shown(), "CDR delivery timed out"),
-                }
-                if attempt == CDR_ATTEMPTS {
-                    crate::metrics::METRICS.cdr_delivery_failures.inc();
-                    tracing::error!(to = %hook.shown(), "CDR not delivered after {CDR_ATTEMPTS} tries (it is in the CDR file)");
-                    break;
-                }
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(CDR_BACKOFF_MAX);
+            // 1 s, 2 s, 4 s … at most CDR_BACKOFF_MAX between the tries.
+            let waits =
+                (0..CDR_ATTEMPTS - 1).map(|n| (Duration::from_secs(1) * 2u32.saturating_pow(n)).min(CDR_BACKOFF_MAX));
+            if hook.post_until_taken(line.as_bytes(), waits, "CDR").await {
+                crate::metrics::METRICS.cdr_deliveries.inc();
+            } else {
+                crate::metrics::METRICS.cdr_delivery_failures.inc();
+                tracing::error!(to = %hook.shown(), "CDR not delivered after {CDR_ATTEMPTS} tries (it is in the CDR file)");
             }
         }
     });
